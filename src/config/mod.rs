@@ -1,0 +1,922 @@
+//! Configuration in two phases: [`raw`] mirrors the TOML files; this module validates
+//! them once into typed values (parsed identities, endpoints, Arrow types, durations,
+//! compiled access rules), collecting every problem with its file and key.
+
+pub mod raw;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use sha2::{Digest, Sha256};
+
+use crate::identity::{self, Kind, Principal};
+use crate::policy::{AccessLevel, AccessRule};
+use raw::*;
+
+/// The implicit column of every canonical dataset naming the answering member.
+pub const MEMBER_COLUMN: &str = "member";
+
+/// One configuration problem, located by file and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// The key path inside it, e.g. `mappings[1].fields.county_code`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+/// All problems found in a configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Problems(pub Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, file: &Path, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            file: file.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// True when nothing is wrong.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+impl From<Problems> for crate::Error {
+    fn from(p: Problems) -> Self {
+        crate::Error::Config(p.to_string())
+    }
+}
+
+/// The validated region file.
+#[derive(Debug)]
+pub struct Region {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Region name.
+    pub name: String,
+    /// The CA bundle path.
+    pub ca_path: PathBuf,
+    /// Members in file order.
+    pub members: Vec<Member>,
+    /// Canonical datasets in file order.
+    pub datasets: Vec<Dataset>,
+    /// Hash of the file's bytes.
+    pub digest: String,
+    by_identity: HashMap<Principal, usize>,
+}
+
+/// A validated member entry.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Short name.
+    pub name: String,
+    /// City, county or office.
+    pub kind: Kind,
+    /// Certificate identity.
+    pub principal: Principal,
+    /// Its gateway, if it runs one.
+    pub endpoint: Option<Endpoint>,
+    /// Datasets its gateway serves.
+    pub serves: BTreeSet<String>,
+}
+
+/// A gateway endpoint.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// `https://host:port`.
+    pub url: String,
+    /// The host part, for TLS server-name checks.
+    pub host: String,
+    /// The port.
+    pub port: u16,
+}
+
+/// A canonical dataset.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// Table name.
+    pub name: String,
+    /// What it holds.
+    pub description: String,
+    /// Its declared fields (without `member`).
+    pub fields: Vec<CanonicalField>,
+    /// Arrow schema: the fields, all nullable, then `member` (not null).
+    pub schema: SchemaRef,
+}
+
+/// A field of a canonical dataset.
+#[derive(Debug, Clone)]
+pub struct CanonicalField {
+    /// Column name.
+    pub name: String,
+    /// Arrow type.
+    pub data_type: DataType,
+    /// Description.
+    pub description: String,
+    /// Unit.
+    pub unit: String,
+}
+
+impl Region {
+    /// Looks up a member by name.
+    pub fn member(&self, name: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.name == name)
+    }
+
+    /// Looks up the member a principal belongs to.
+    pub fn member_by_principal(&self, p: &Principal) -> Option<&Member> {
+        self.by_identity.get(p).map(|&i| &self.members[i])
+    }
+
+    /// Looks up a canonical dataset.
+    pub fn dataset(&self, name: &str) -> Option<&Dataset> {
+        self.datasets.iter().find(|d| d.name == name)
+    }
+
+    /// Members whose gateways serve `dataset`, in file order.
+    pub fn servers_of<'a>(&'a self, dataset: &'a str) -> impl Iterator<Item = &'a Member> + 'a {
+        self.members.iter().filter(move |m| m.serves.contains(dataset))
+    }
+
+    /// Reads and validates a region file.
+    pub fn load(path: &Path) -> Result<Region, Problems> {
+        let mut problems = Problems::default();
+        let text = read_file(path, &mut problems)?;
+        let raw: RawRegion = parse_toml(path, &text, &mut problems)?;
+        let region = Region::validate(path, &text, raw, &mut problems);
+        match region {
+            Some(r) if problems.is_empty() => Ok(r),
+            _ => Err(problems),
+        }
+    }
+
+    fn validate(path: &Path, text: &str, raw: RawRegion, pr: &mut Problems) -> Option<Region> {
+        if !valid_name(&raw.region) {
+            pr.add(path, "region", "must be lowercase letters, digits, '-' or '_'");
+        }
+        let ca_path = resolve(path, &raw.ca);
+        if !ca_path.is_file() {
+            pr.add(path, "ca", format!("CA bundle {} does not exist", ca_path.display()));
+        }
+        let mut datasets = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, d) in raw.datasets.iter().enumerate() {
+            let key = format!("datasets[{i}]");
+            if !valid_name(&d.name) {
+                pr.add(path, format!("{key}.name"), format!("{:?} is not a valid table name (lowercase letters, digits, '_')", d.name));
+            }
+            if !seen.insert(d.name.clone()) {
+                pr.add(path, format!("{key}.name"), format!("dataset {:?} is declared twice", d.name));
+            }
+            let mut fields = Vec::new();
+            let mut fseen = BTreeSet::new();
+            for (j, f) in d.fields.iter().enumerate() {
+                let fkey = format!("{key}.fields[{j}]");
+                if f.name == MEMBER_COLUMN {
+                    pr.add(path, format!("{fkey}.name"), "`member` is implicit in every dataset and cannot be declared");
+                } else if !valid_name(&f.name) {
+                    pr.add(path, format!("{fkey}.name"), format!("{:?} is not a valid column name", f.name));
+                }
+                if !fseen.insert(f.name.clone()) {
+                    pr.add(path, format!("{fkey}.name"), format!("field {:?} is declared twice", f.name));
+                }
+                match parse_type(&f.data_type) {
+                    Some(t) => fields.push(CanonicalField {
+                        name: f.name.clone(),
+                        data_type: t,
+                        description: f.description.clone(),
+                        unit: f.unit.clone(),
+                    }),
+                    None => pr.add(path, format!("{fkey}.type"), format!("unknown type {:?}; use utf8, int64, float64, boolean or date", f.data_type)),
+                }
+            }
+            if d.fields.is_empty() {
+                pr.add(path, format!("{key}.fields"), "a dataset needs at least one field");
+            }
+            datasets.push(Dataset {
+                name: d.name.clone(),
+                description: d.description.clone(),
+                schema: canonical_schema(&fields),
+                fields,
+            });
+        }
+        let mut members = Vec::new();
+        let mut by_identity = HashMap::new();
+        let mut names = BTreeSet::new();
+        for (i, m) in raw.members.iter().enumerate() {
+            let key = format!("members[{i}]");
+            if !names.insert(m.name.clone()) {
+                pr.add(path, format!("{key}.name"), format!("member {:?} is listed twice", m.name));
+            }
+            let Some(kind) = Kind::parse(&m.kind) else {
+                pr.add(path, format!("{key}.kind"), format!("unknown kind {:?}; use city, county or office", m.kind));
+                continue;
+            };
+            let principal = match &m.identity {
+                Some(uri) => Principal::parse(uri),
+                None => Principal::new(&raw.region, kind, &m.name),
+            };
+            let principal = match principal {
+                Ok(p) if p.region() != raw.region => {
+                    pr.add(path, format!("{key}.identity"), format!("identity {p} is not in region {:?}", raw.region));
+                    continue;
+                }
+                Ok(p) => p,
+                Err(e) => {
+                    pr.add(path, format!("{key}.identity"), e.to_string());
+                    continue;
+                }
+            };
+            let endpoint = match &m.endpoint {
+                None => None,
+                Some(url) => match parse_endpoint(url) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        pr.add(path, format!("{key}.endpoint"), e);
+                        None
+                    }
+                },
+            };
+            if endpoint.is_none() && !m.serves.is_empty() {
+                pr.add(path, format!("{key}.serves"), "a member that serves datasets needs an endpoint");
+            }
+            for s in &m.serves {
+                if !seen.contains(s) {
+                    pr.add(path, format!("{key}.serves"), format!("unknown dataset {s:?}"));
+                }
+            }
+            if by_identity.insert(principal.clone(), members.len()).is_some() {
+                pr.add(path, format!("{key}.identity"), format!("identity {principal} is used by two members"));
+            }
+            members.push(Member {
+                name: m.name.clone(),
+                kind,
+                principal,
+                endpoint,
+                serves: m.serves.iter().cloned().collect(),
+            });
+        }
+        Some(Region {
+            path: path.to_path_buf(),
+            name: raw.region,
+            ca_path,
+            members,
+            datasets,
+            digest: hex::encode(Sha256::digest(text.as_bytes())),
+            by_identity,
+        })
+    }
+}
+
+/// Limits of a gateway, with defaults applied.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Deadline for queries that state none.
+    pub default_timeout: Duration,
+    /// Longest deadline a caller may ask for.
+    pub max_timeout: Duration,
+    /// Queries coordinated at once.
+    pub max_concurrent_queries: usize,
+    /// Sub-queries answered for peers at once.
+    pub max_concurrent_subqueries: usize,
+    /// Most hops a sub-query may have taken.
+    pub max_hops: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(300),
+            max_concurrent_queries: 64,
+            max_concurrent_subqueries: 128,
+            max_hops: 3,
+        }
+    }
+}
+
+/// A local source.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Name used by mappings.
+    pub name: String,
+    /// File format.
+    pub format: SourceFormat,
+    /// Absolute or config-relative resolved path.
+    pub path: PathBuf,
+    /// CSV delimiter.
+    pub delimiter: u8,
+}
+
+/// Supported local file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceFormat {
+    /// Comma-separated values with a header row; every column is read as text.
+    Csv,
+    /// Apache Parquet; column types are the file's.
+    Parquet,
+}
+
+/// A code table.
+#[derive(Debug, Clone)]
+pub struct CodeTable {
+    /// Name used by mappings.
+    pub name: String,
+    /// Normalized key to code (file entries and aliases).
+    pub entries: BTreeMap<String, String>,
+}
+
+/// How one canonical field is computed from local columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldMapping {
+    /// SQL expression over local columns giving the raw value.
+    pub expr: String,
+    /// Translate through this code table.
+    pub code_table: Option<String>,
+    /// Parse as a date with this format.
+    pub date_format: Option<String>,
+}
+
+/// A mapping from a local source onto a canonical dataset.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    /// Canonical dataset.
+    pub dataset: String,
+    /// Local source name.
+    pub source: String,
+    /// Optional predicate over local columns.
+    pub filter: Option<String>,
+    /// Canonical field name to mapping, in canonical field order.
+    pub fields: Vec<(String, FieldMapping)>,
+    /// Index in the member file (for problem keys).
+    pub index: usize,
+}
+
+/// A member's validated configuration, with its region.
+#[derive(Debug)]
+pub struct MemberConfig {
+    /// The member file path.
+    pub path: PathBuf,
+    /// The region.
+    pub region: Arc<Region>,
+    /// This member's entry in the region.
+    pub member: Member,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Certificate path.
+    pub cert_path: PathBuf,
+    /// Key path.
+    pub key_path: PathBuf,
+    /// Limits.
+    pub limits: Limits,
+    /// Local sources.
+    pub sources: Vec<Source>,
+    /// Code tables.
+    pub code_tables: Vec<CodeTable>,
+    /// Mappings.
+    pub mappings: Vec<Mapping>,
+    /// Access rules, in file order (the first match decides).
+    pub access: Vec<AccessRule>,
+    /// Version: a hash of the region and member files.
+    pub version: String,
+}
+
+impl MemberConfig {
+    /// Reads and validates a member file together with its region file.
+    pub fn load(path: &Path) -> Result<MemberConfig, Problems> {
+        let mut pr = Problems::default();
+        let text = read_file(path, &mut pr)?;
+        let raw: RawMemberConfig = parse_toml(path, &text, &mut pr)?;
+        let region_path = resolve(path, &raw.region);
+        let region = match Region::load(&region_path) {
+            Ok(r) => Arc::new(r),
+            Err(mut p) => {
+                pr.0.append(&mut p.0);
+                return Err(pr);
+            }
+        };
+        let cfg = Self::validate(path, &text, raw, region, &mut pr);
+        match cfg {
+            Some(c) if pr.is_empty() => Ok(c),
+            _ => Err(pr),
+        }
+    }
+
+    fn validate(
+        path: &Path,
+        text: &str,
+        raw: RawMemberConfig,
+        region: Arc<Region>,
+        pr: &mut Problems,
+    ) -> Option<MemberConfig> {
+        let Some(member) = region.member(&raw.member).cloned() else {
+            pr.add(path, "member", format!("{:?} is not a member of region {:?} ({})", raw.member, region.name, region.path.display()));
+            return None;
+        };
+        if member.endpoint.is_none() {
+            pr.add(path, "member", format!("member {:?} has no endpoint in the region file, so it cannot run a gateway", member.name));
+        }
+        let listen = match raw.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                pr.add(path, "listen", format!("{:?} is not host:port: {e}", raw.listen));
+                None
+            }
+        };
+        let cert_path = resolve(path, &raw.cert);
+        let key_path = resolve(path, &raw.key);
+        for (k, p) in [("cert", &cert_path), ("key", &key_path)] {
+            if !p.is_file() {
+                pr.add(path, k, format!("{} does not exist", p.display()));
+            }
+        }
+        let limits = validate_limits(path, &raw.limits, pr);
+
+        let mut sources = Vec::new();
+        let mut source_names = BTreeSet::new();
+        for (i, s) in raw.sources.iter().enumerate() {
+            let key = format!("sources[{i}]");
+            if !valid_name(&s.name) {
+                pr.add(path, format!("{key}.name"), format!("{:?} is not a valid name", s.name));
+            }
+            if !source_names.insert(s.name.clone()) {
+                pr.add(path, format!("{key}.name"), format!("source {:?} is declared twice", s.name));
+            }
+            let format = match s.format.as_str() {
+                "csv" => SourceFormat::Csv,
+                "parquet" => SourceFormat::Parquet,
+                other => {
+                    pr.add(path, format!("{key}.format"), format!("unknown format {other:?}; use csv or parquet"));
+                    continue;
+                }
+            };
+            let delimiter = match s.delimiter.as_deref() {
+                None => b',',
+                Some(d) if d.len() == 1 => d.as_bytes()[0],
+                Some(d) => {
+                    pr.add(path, format!("{key}.delimiter"), format!("{d:?} must be one ASCII character"));
+                    b','
+                }
+            };
+            let p = resolve(path, &s.path);
+            if !p.is_file() {
+                pr.add(path, format!("{key}.path"), format!("{} does not exist", p.display()));
+            }
+            sources.push(Source { name: s.name.clone(), format, path: p, delimiter });
+        }
+
+        let mut code_tables = Vec::new();
+        for (i, t) in raw.code_tables.iter().enumerate() {
+            let key = format!("code_tables[{i}]");
+            if !valid_name(&t.name) {
+                pr.add(path, format!("{key}.name"), format!("{:?} is not a valid name", t.name));
+            }
+            let mut entries = BTreeMap::new();
+            if let Some(p) = &t.path {
+                let p = resolve(path, p);
+                let kc = t.key_column.as_deref().unwrap_or("name");
+                let cc = t.code_column.as_deref().unwrap_or("code");
+                match read_code_file(&p, kc, cc) {
+                    Ok(rows) => {
+                        for (k, v) in rows {
+                            entries.insert(normalize_key(&k), v);
+                        }
+                    }
+                    Err(e) => pr.add(path, format!("{key}.path"), e),
+                }
+            }
+            for (alias, code) in &t.aliases {
+                entries.insert(normalize_key(alias), code.clone());
+            }
+            if entries.is_empty() {
+                pr.add(path, key.clone(), "code table has no entries (give a path or aliases)");
+            }
+            code_tables.push(CodeTable { name: t.name.clone(), entries });
+        }
+
+        let mut mappings = Vec::new();
+        let mut mapped = BTreeSet::new();
+        for (i, m) in raw.mappings.iter().enumerate() {
+            let key = format!("mappings[{i}]");
+            let Some(ds) = region.dataset(&m.dataset) else {
+                pr.add(path, format!("{key}.dataset"), format!("{:?} is not a canonical dataset of the region", m.dataset));
+                continue;
+            };
+            mapped.insert(m.dataset.clone());
+            if !source_names.contains(&m.source) {
+                pr.add(path, format!("{key}.source"), format!("unknown source {:?}", m.source));
+            }
+            for f in m.fields.keys() {
+                if f == MEMBER_COLUMN {
+                    pr.add(path, format!("{key}.fields.{f}"), "`member` is set by fedgate and cannot be mapped");
+                } else if !ds.fields.iter().any(|c| &c.name == f) {
+                    pr.add(path, format!("{key}.fields.{f}"), format!("dataset {} has no field {f:?}", ds.name));
+                }
+            }
+            let mut fields = Vec::new();
+            for cf in &ds.fields {
+                let fkey = format!("{key}.fields.{}", cf.name);
+                let Some(rf) = m.fields.get(&cf.name) else {
+                    pr.add(path, fkey, format!("canonical field {:?} is not mapped (map it to \"NULL\" if the source has no value)", cf.name));
+                    continue;
+                };
+                match field_mapping(rf, &code_tables, &cf.data_type) {
+                    Ok(fm) => fields.push((cf.name.clone(), fm)),
+                    Err(e) => pr.add(path, fkey, e),
+                }
+            }
+            mappings.push(Mapping {
+                dataset: m.dataset.clone(),
+                source: m.source.clone(),
+                filter: m.filter.clone(),
+                fields,
+                index: i,
+            });
+        }
+        if mapped != member.serves {
+            let declared: Vec<_> = member.serves.iter().cloned().collect();
+            let have: Vec<_> = mapped.iter().cloned().collect();
+            pr.add(path, "mappings", format!("the region file says member {} serves {:?}, but this file maps {:?}", member.name, declared, have));
+        }
+
+        let mut access = Vec::new();
+        for (i, a) in raw.access.iter().enumerate() {
+            let key = format!("access[{i}]");
+            for p in &a.principals {
+                if let Err(e) = identity::validate_pattern(p) {
+                    pr.add(path, format!("{key}.principals"), e);
+                }
+            }
+            for d in &a.datasets {
+                if d != "*" && region.dataset(d).is_none() {
+                    pr.add(path, format!("{key}.datasets"), format!("unknown dataset {d:?}"));
+                }
+            }
+            let level = match a.level.as_str() {
+                "rows" => AccessLevel::Rows,
+                "deny" => AccessLevel::Deny,
+                other => {
+                    pr.add(path, format!("{key}.level"), format!("unknown level {other:?}; use rows or deny"));
+                    continue;
+                }
+            };
+            access.push(AccessRule {
+                index: i,
+                principals: a.principals.clone(),
+                datasets: a.datasets.clone(),
+                level,
+            });
+        }
+
+        let version = {
+            let mut h = Sha256::new();
+            h.update(region.digest.as_bytes());
+            h.update(text.as_bytes());
+            hex::encode(&h.finalize()[..6])
+        };
+        Some(MemberConfig {
+            path: path.to_path_buf(),
+            member,
+            listen: listen?,
+            cert_path,
+            key_path,
+            limits,
+            sources,
+            code_tables,
+            mappings,
+            access,
+            version,
+            region,
+        })
+    }
+}
+
+fn validate_limits(path: &Path, raw: &RawLimits, pr: &mut Problems) -> Limits {
+    let mut l = Limits::default();
+    let mut dur = |key: &str, v: &Option<String>, slot: &mut Duration| {
+        if let Some(s) = v {
+            match humantime::parse_duration(s) {
+                Ok(d) if !d.is_zero() => *slot = d,
+                Ok(_) => pr.add(path, format!("limits.{key}"), "must be greater than zero"),
+                Err(e) => pr.add(path, format!("limits.{key}"), format!("{s:?} is not a duration like \"30s\": {e}")),
+            }
+        }
+    };
+    dur("default_timeout", &raw.default_timeout, &mut l.default_timeout);
+    dur("max_timeout", &raw.max_timeout, &mut l.max_timeout);
+    if l.default_timeout > l.max_timeout {
+        pr.add(path, "limits.default_timeout", "is longer than limits.max_timeout");
+    }
+    if let Some(n) = raw.max_concurrent_queries {
+        l.max_concurrent_queries = n.max(1);
+    }
+    if let Some(n) = raw.max_concurrent_subqueries {
+        l.max_concurrent_subqueries = n.max(1);
+    }
+    if let Some(n) = raw.max_hops {
+        l.max_hops = n.max(1);
+    }
+    l
+}
+
+fn field_mapping(
+    raw: &RawFieldMapping,
+    tables: &[CodeTable],
+    target: &DataType,
+) -> Result<FieldMapping, String> {
+    let detail = match raw {
+        RawFieldMapping::Expr(e) => RawFieldDetail {
+            expr: Some(e.clone()),
+            ..Default::default()
+        },
+        RawFieldMapping::Detailed(d) => d.clone(),
+    };
+    let expr = match (&detail.column, &detail.expr) {
+        (Some(c), None) => quote_ident(c),
+        (None, Some(e)) if !e.trim().is_empty() => e.clone(),
+        (None, Some(_)) => return Err("expression is empty".into()),
+        (Some(_), Some(_)) => return Err("give either column or expr, not both".into()),
+        (None, None) => return Err("give a column or an expr".into()),
+    };
+    if let Some(t) = &detail.code_table {
+        if !tables.iter().any(|c| &c.name == t) {
+            return Err(format!("unknown code table {t:?}"));
+        }
+        if target != &DataType::Utf8 {
+            return Err(format!("a code table yields text, but the field is {target}"));
+        }
+    }
+    if let Some(f) = &detail.date_format {
+        if target != &DataType::Date32 {
+            return Err(format!("date_format is only for date fields, this one is {target}"));
+        }
+        if detail.code_table.is_some() {
+            return Err("a field cannot use both code_table and date_format".into());
+        }
+        if f.is_empty() {
+            return Err("date_format is empty".into());
+        }
+    }
+    Ok(FieldMapping {
+        expr,
+        code_table: detail.code_table,
+        date_format: detail.date_format,
+    })
+}
+
+/// Builds the Arrow schema of a canonical dataset: its fields (nullable, since a
+/// member may lack a value) followed by the non-null `member` column.
+pub fn canonical_schema(fields: &[CanonicalField]) -> SchemaRef {
+    let mut v: Vec<Field> = fields
+        .iter()
+        .map(|f| Field::new(&f.name, f.data_type.clone(), true))
+        .collect();
+    v.push(Field::new(MEMBER_COLUMN, DataType::Utf8, false));
+    Arc::new(Schema::new(v))
+}
+
+/// Parses a canonical type name.
+pub fn parse_type(s: &str) -> Option<DataType> {
+    Some(match s {
+        "utf8" | "string" | "text" => DataType::Utf8,
+        "int64" | "bigint" => DataType::Int64,
+        "float64" | "double" => DataType::Float64,
+        "boolean" | "bool" => DataType::Boolean,
+        "date" | "date32" => DataType::Date32,
+        _ => return None,
+    })
+}
+
+/// Normalizes a code-table key: surrounding and inner white space (including the
+/// full-width space U+3000) is removed, because published lists write "丰 县" for "丰县".
+pub fn normalize_key(s: &str) -> String {
+    s.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+/// Quotes an SQL identifier (any characters) for DataFusion.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn valid_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && s.len() <= 64
+}
+
+fn parse_endpoint(url: &str) -> Result<Endpoint, String> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{url:?} must start with https:// (every port is mutual TLS)"))?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+        let (h, p) = r.split_once("]:").ok_or_else(|| format!("{url:?} needs a port"))?;
+        (h.to_string(), p)
+    } else {
+        let (h, p) = rest.rsplit_once(':').ok_or_else(|| format!("{url:?} needs a port"))?;
+        (h.to_string(), p)
+    };
+    let port: u16 = port.parse().map_err(|_| format!("{url:?} has a bad port"))?;
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("{url:?} has a bad host"));
+    }
+    Ok(Endpoint {
+        url: format!("https://{rest}"),
+        host,
+        port,
+    })
+}
+
+/// Resolves `p` relative to the directory of the file `base`.
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+fn read_file(path: &Path, pr: &mut Problems) -> Result<String, Problems> {
+    std::fs::read_to_string(path).map_err(|e| {
+        pr.add(path, "", format!("cannot read: {e}"));
+        std::mem::take(pr)
+    })
+}
+
+fn parse_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+    pr: &mut Problems,
+) -> Result<T, Problems> {
+    toml::from_str(text).map_err(|e| {
+        let key = e
+            .span()
+            .map(|s| {
+                let line = text[..s.start].lines().count().max(1);
+                format!("line {line}")
+            })
+            .unwrap_or_default();
+        pr.add(path, key, e.message().to_string());
+        std::mem::take(pr)
+    })
+}
+
+fn read_code_file(path: &Path, key_col: &str, code_col: &str) -> Result<Vec<(String, String)>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    use arrow::array::Array;
+    let mut rdr = arrow::csv::reader::Format::default().with_header(true);
+    rdr = rdr.with_delimiter(b',');
+    let (schema, _) = rdr
+        .infer_schema(&file, Some(0))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let text_schema = Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| Field::new(f.name(), DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ));
+    let ki = text_schema
+        .index_of(key_col)
+        .map_err(|_| format!("{} has no column {key_col:?}", path.display()))?;
+    let ci = text_schema
+        .index_of(code_col)
+        .map_err(|_| format!("{} has no column {code_col:?}", path.display()))?;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let reader = arrow::csv::ReaderBuilder::new(text_schema)
+        .with_header(true)
+        .build(file)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| format!("{}: {e}", path.display()))?;
+        let k = arrow::array::cast::as_string_array(batch.column(ki));
+        let c = arrow::array::cast::as_string_array(batch.column(ci));
+        for i in 0..batch.num_rows() {
+            if k.is_valid(i) && c.is_valid(i) {
+                out.push((k.value(i).to_string(), c.value(i).to_string()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const REGION: &str = r#"
+region = "yrd"
+ca = "ca.crt"
+[[members]]
+name = "hefei"
+kind = "city"
+endpoint = "https://127.0.0.1:7000"
+serves = ["census"]
+[[members]]
+name = "coordination"
+kind = "office"
+[[datasets]]
+name = "census"
+fields = [ { name = "county_code", type = "utf8" }, { name = "pop", type = "int64" } ]
+"#;
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ca.crt", "x");
+        let p = write(dir.path(), "region.toml", &REGION.replace("kind = \"office\"", "kind = \"office\"\ncolour = \"red\""));
+        let e = Region::load(&p).unwrap_err().to_string();
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        assert!(e.contains("line 12"), "{e}");
+    }
+
+    #[test]
+    fn member_problems_are_all_reported_with_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ca.crt", "x");
+        write(dir.path(), "region.toml", REGION);
+        let p = write(dir.path(), "hefei.toml", r#"
+member = "hefei"
+region = "region.toml"
+listen = "127.0.0.1:7000"
+cert = "missing.crt"
+key = "missing.key"
+[limits]
+default_timeout = "soon"
+[[sources]]
+name = "census"
+format = "xlsx"
+path = "nope.csv"
+[[mappings]]
+dataset = "census"
+source = "census"
+fields = { county_code = { column = "code", code_table = "nope" }, extra = "1" }
+[[access]]
+principals = ["fedgate://yrd/town/*"]
+datasets = ["*"]
+level = "rows"
+"#);
+        let e = MemberConfig::load(&p).unwrap_err().to_string();
+        for want in [
+            "cert: ", "missing.crt does not exist",
+            "limits.default_timeout", "sources[0].format: unknown format \"xlsx\"",
+            "mappings[0].fields.extra: dataset census has no field \"extra\"",
+            "mappings[0].fields.county_code: unknown code table \"nope\"",
+            "mappings[0].fields.pop: canonical field \"pop\" is not mapped",
+            "access[0].principals",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn endpoints_and_keys_parse() {
+        assert_eq!(parse_endpoint("https://127.0.0.1:7001").unwrap().port, 7001);
+        assert_eq!(parse_endpoint("https://[::1]:7001").unwrap().host, "::1");
+        assert!(parse_endpoint("http://127.0.0.1:7001").is_err());
+        assert!(parse_endpoint("https://127.0.0.1").is_err());
+        assert_eq!(normalize_key(" 丰 县\u{3000}"), "丰县");
+    }
+}

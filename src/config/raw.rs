@@ -1,0 +1,238 @@
+//! The serde mirror of the configuration files: what TOML says, before validation.
+//!
+//! Every struct rejects unknown keys, so a misspelt key is an error that names it
+//! instead of a setting silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// `region.toml`: the same file at every member.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegion {
+    /// Region name, the first segment of every identity (`fedgate://<region>/...`).
+    pub region: String,
+    /// CA bundle (PEM) that all members' and clients' certificates chain to.
+    pub ca: PathBuf,
+    /// Members and known clients.
+    #[serde(default)]
+    pub members: Vec<RawMember>,
+    /// Canonical datasets.
+    #[serde(default)]
+    pub datasets: Vec<RawDataset>,
+}
+
+/// A region member: a gateway (with an endpoint) or a client-only identity.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMember {
+    /// Short name, unique in the region.
+    pub name: String,
+    /// `city`, `county` or `office`.
+    pub kind: String,
+    /// Certificate identity; defaults to `fedgate://<region>/<kind>/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// `https://host:port` of its gateway; absent for client-only members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Canonical datasets its gateway serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub serves: Vec<String>,
+}
+
+/// A canonical dataset of the region.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDataset {
+    /// Table name in SQL.
+    pub name: String,
+    /// What the dataset holds.
+    #[serde(default)]
+    pub description: String,
+    /// Its fields (the implicit `member` column is added by fedgate).
+    pub fields: Vec<RawField>,
+}
+
+/// A field of a canonical dataset.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawField {
+    /// Column name.
+    pub name: String,
+    /// `utf8`, `int64`, `float64`, `boolean` or `date`.
+    #[serde(rename = "type")]
+    pub data_type: String,
+    /// What the field means.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Unit of measure, if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unit: String,
+}
+
+/// One member's own file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMemberConfig {
+    /// This gateway's member name in the region file.
+    pub member: String,
+    /// Path of the region file (relative to this file).
+    pub region: PathBuf,
+    /// Address to listen on, `host:port`.
+    pub listen: String,
+    /// This gateway's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// Limits.
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// Local data sources.
+    #[serde(default)]
+    pub sources: Vec<RawSource>,
+    /// Code tables used by mappings.
+    #[serde(default)]
+    pub code_tables: Vec<RawCodeTable>,
+    /// Mappings from local sources onto canonical datasets.
+    #[serde(default)]
+    pub mappings: Vec<RawMapping>,
+    /// Access rules for this member's data.
+    #[serde(default)]
+    pub access: Vec<RawAccessRule>,
+}
+
+/// Limits of a gateway.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Deadline for queries that state none, e.g. `"30s"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_timeout: Option<String>,
+    /// Longest deadline a caller may ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_timeout: Option<String>,
+    /// Queries this gateway coordinates at once; more are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_queries: Option<usize>,
+    /// Sub-queries this gateway answers for peers at once; more are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_subqueries: Option<usize>,
+    /// Most gateway-to-gateway hops a sub-query may have taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_hops: Option<u32>,
+}
+
+/// A local data source.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// Name used by mappings.
+    pub name: String,
+    /// `csv` or `parquet`.
+    pub format: String,
+    /// File path (relative to the member file).
+    pub path: PathBuf,
+    /// CSV field delimiter, one character; default `,`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delimiter: Option<String>,
+}
+
+/// A code table: local names to canonical codes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCodeTable {
+    /// Name used by mappings.
+    pub name: String,
+    /// CSV file with a key column and a code column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Key column in the file; default `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_column: Option<String>,
+    /// Code column in the file; default `code`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_column: Option<String>,
+    /// Extra keys (misspellings, abolished names) and the code they stand for.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub aliases: BTreeMap<String, String>,
+}
+
+/// How one local source becomes (part of) a canonical dataset.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMapping {
+    /// Canonical dataset.
+    pub dataset: String,
+    /// Local source.
+    pub source: String,
+    /// Optional SQL predicate over local columns selecting the rows that belong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// Canonical field name to its definition.
+    pub fields: BTreeMap<String, RawFieldMapping>,
+}
+
+/// A field definition: an SQL expression over local columns, or a table.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum RawFieldMapping {
+    /// An SQL expression over local columns.
+    Expr(String),
+    /// A column or expression with a conversion.
+    Detailed(RawFieldDetail),
+}
+
+/// A field definition with a conversion.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFieldDetail {
+    /// A local column, taken as is (any characters; quoting is done for you).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    /// An SQL expression over local columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expr: Option<String>,
+    /// Translate the value through this code table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_table: Option<String>,
+    /// Parse the value as a date with this chrono format, e.g. `"%Y/%m/%d"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date_format: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for RawFieldMapping {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Hand-written rather than `untagged` so that a bad key inside the table form
+        // is reported as such, not as "did not match any variant".
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawFieldMapping;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an SQL expression string or a table with column/expr/code_table/date_format")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(RawFieldMapping::Expr(s.to_string()))
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, m: M) -> Result<Self::Value, M::Error> {
+                RawFieldDetail::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(RawFieldMapping::Detailed)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// An access rule at the data owner.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessRule {
+    /// Principal patterns: an identity, `fedgate://yrd/county/*`, or `*`.
+    pub principals: Vec<String>,
+    /// Canonical datasets, or `*`.
+    pub datasets: Vec<String>,
+    /// `rows` or `deny`.
+    pub level: String,
+}

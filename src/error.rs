@@ -1,0 +1,256 @@
+//! Typed errors, classified by who is at fault and whether a retry can help.
+//!
+//! Every error a gateway can return to a caller is an [`Error`]. The conversion to a
+//! gRPC status happens in exactly one place, [`Error::to_status`], so callers see the
+//! same code and wording for the same problem wherever it arose.
+
+use std::time::Duration;
+
+/// Who caused an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The caller sent something wrong (bad SQL, unknown table, no permission).
+    Caller,
+    /// Another gateway (a member) failed or could not be reached.
+    Peer,
+    /// Configuration on this gateway is wrong.
+    Config,
+    /// A bug or resource failure inside this gateway.
+    Internal,
+}
+
+/// Result alias for the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How a member failed to answer its sub-query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberFailure {
+    /// It could not be reached at all.
+    Unavailable,
+    /// It did not answer within its share of the deadline.
+    TimedOut,
+    /// It refused under its own access rules.
+    Denied,
+    /// It answered with an error.
+    Failed,
+}
+
+/// Every error the library reports.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller's certificate is fine, but its identity is not one the region knows.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+
+    /// The caller may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+
+    /// The request itself is malformed (bad SQL, unknown table or column, bad option).
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+
+    /// A member did not answer its sub-query.
+    #[error("member {member} {}: {reason}", failure_words(*.failure))]
+    Member {
+        /// The member's name.
+        member: String,
+        /// How it failed.
+        failure: MemberFailure,
+        /// What it or the transport said.
+        reason: String,
+    },
+
+    /// The query did not finish within its deadline.
+    #[error("deadline of {0:?} exceeded")]
+    DeadlineExceeded(Duration),
+
+    /// The gateway is at its limit; the caller may retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+
+    /// A configuration problem (reported by `fedgate check` with file and key).
+    #[error("configuration: {0}")]
+    Config(String),
+
+    /// A TLS or certificate problem on this gateway's side.
+    #[error("tls: {0}")]
+    Tls(String),
+
+    /// A failure inside the gateway that the caller cannot fix.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn failure_words(f: MemberFailure) -> &'static str {
+    match f {
+        MemberFailure::Unavailable => "is unavailable",
+        MemberFailure::TimedOut => "timed out",
+        MemberFailure::Denied => "denied the request",
+        MemberFailure::Failed => "failed",
+    }
+}
+
+impl Error {
+    /// Who is at fault.
+    pub fn fault(&self) -> Fault {
+        match self {
+            Error::Unauthenticated(_) | Error::PermissionDenied(_) | Error::InvalidQuery(_) => {
+                Fault::Caller
+            }
+            Error::Member { .. } => Fault::Peer,
+            Error::DeadlineExceeded(_) => Fault::Peer,
+            Error::Overloaded(_) | Error::Internal(_) => Fault::Internal,
+            Error::Config(_) | Error::Tls(_) => Fault::Config,
+        }
+    }
+
+    /// Whether sending the same request again may succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Error::Member { failure, .. } => {
+                matches!(failure, MemberFailure::Unavailable | MemberFailure::TimedOut)
+            }
+            Error::DeadlineExceeded(_) | Error::Overloaded(_) => true,
+            _ => false,
+        }
+    }
+
+    /// The one place where library errors become gRPC statuses.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self {
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::InvalidQuery(_) => Code::InvalidArgument,
+            Error::Member { failure, .. } => match failure {
+                MemberFailure::Unavailable => Code::Unavailable,
+                MemberFailure::TimedOut => Code::DeadlineExceeded,
+                MemberFailure::Denied => Code::PermissionDenied,
+                MemberFailure::Failed => Code::Aborted,
+            },
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::Overloaded(_) => Code::ResourceExhausted,
+            Error::Config(_) | Error::Tls(_) | Error::Internal(_) => Code::Internal,
+        };
+        tonic::Status::new(code, self.to_string())
+    }
+
+    /// Classifies an error from the query engine. Errors that carry a [`Error`] (for
+    /// example a member failure raised inside a scan) keep their meaning; planning
+    /// errors are the caller's fault; execution errors are internal.
+    pub fn from_datafusion(e: datafusion::error::DataFusionError) -> Error {
+        use datafusion::error::DataFusionError as D;
+        if let Some(inner) = find_fedgate_error(&e) {
+            return inner;
+        }
+        match e.find_root() {
+            D::SQL(..) | D::Plan(..) | D::SchemaError(..) | D::NotImplemented(..) => {
+                Error::InvalidQuery(strip_df_prefix(&e.find_root().to_string()))
+            }
+            D::ResourcesExhausted(m) => Error::Overloaded(m.clone()),
+            other => Error::Internal(other.to_string()),
+        }
+    }
+
+    /// Wraps this error for transport through the query engine.
+    pub fn into_datafusion(self) -> datafusion::error::DataFusionError {
+        datafusion::error::DataFusionError::External(Box::new(self))
+    }
+
+    /// A copy of this error (errors cross task boundaries inside the engine by value).
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
+            Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
+            Error::InvalidQuery(m) => Error::InvalidQuery(m.clone()),
+            Error::Member {
+                member,
+                failure,
+                reason,
+            } => Error::Member {
+                member: member.clone(),
+                failure: *failure,
+                reason: reason.clone(),
+            },
+            Error::DeadlineExceeded(d) => Error::DeadlineExceeded(*d),
+            Error::Overloaded(m) => Error::Overloaded(m.clone()),
+            Error::Config(m) => Error::Config(m.clone()),
+            Error::Tls(m) => Error::Tls(m.clone()),
+            Error::Internal(m) => Error::Internal(m.clone()),
+        }
+    }
+}
+
+/// Finds a fedgate error wrapped anywhere inside a DataFusion error.
+fn find_fedgate_error(e: &datafusion::error::DataFusionError) -> Option<Error> {
+    use datafusion::error::DataFusionError as D;
+    match e {
+        D::External(inner) => inner.downcast_ref::<Error>().map(Error::duplicate),
+        D::Context(_, inner) => find_fedgate_error(inner),
+        D::Shared(inner) => find_fedgate_error(inner),
+        D::Collection(errs) => errs.iter().find_map(find_fedgate_error),
+        D::ArrowError(inner, _) => match inner.as_ref() {
+            arrow::error::ArrowError::ExternalError(x) => x.downcast_ref::<Error>().map(Error::duplicate),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// DataFusion prefixes messages with its own category ("Error during planning: ");
+/// the caller is told the category by the status code, so keep only the message.
+fn strip_df_prefix(s: &str) -> String {
+    for p in [
+        "Error during planning: ",
+        "SQL error: ",
+        "Schema error: ",
+        "This feature is not implemented: ",
+    ] {
+        if let Some(rest) = s.strip_prefix(p) {
+            return rest.to_string();
+        }
+    }
+    s.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_errors_name_the_member_and_map_to_codes() {
+        let e = Error::Member {
+            member: "hefei".into(),
+            failure: MemberFailure::Unavailable,
+            reason: "connection refused".into(),
+        };
+        assert_eq!(e.to_string(), "member hefei is unavailable: connection refused");
+        assert_eq!(e.to_status().code(), tonic::Code::Unavailable);
+        assert!(e.retryable());
+        assert_eq!(e.fault(), Fault::Peer);
+    }
+
+    #[test]
+    fn wrapped_errors_survive_the_engine() {
+        let e = Error::Member {
+            member: "suzhou".into(),
+            failure: MemberFailure::TimedOut,
+            reason: "no answer in 2s".into(),
+        };
+        let df = datafusion::error::DataFusionError::Context(
+            "while scanning".into(),
+            Box::new(e.into_datafusion()),
+        );
+        let back = Error::from_datafusion(df);
+        assert!(matches!(back, Error::Member { failure: MemberFailure::TimedOut, .. }));
+    }
+
+    #[test]
+    fn planning_errors_are_the_callers_fault() {
+        let df = datafusion::error::DataFusionError::Plan("table 'x' not found".into());
+        let e = Error::from_datafusion(df);
+        assert_eq!(e.fault(), Fault::Caller);
+        assert_eq!(e.to_string(), "invalid query: table 'x' not found");
+    }
+}

@@ -1,0 +1,173 @@
+//! The coordinator: plans a canonical SQL query as a union of member scans, runs the
+//! member scans concurrently and merges their answers.
+//!
+//! Per query: a DataFusion session whose tables are the region's canonical datasets
+//! ([`table::FederatedTable`]), carrying the query's [`state::QueryState`] as a config
+//! extension so every member scan can report its outcome. The final aggregation,
+//! sorting and limits run here, on the rows the members returned.
+
+pub mod client;
+pub mod state;
+pub mod table;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::prelude::SessionContext;
+use datafusion::common::TableReference;
+
+use crate::config::MemberConfig;
+use crate::error::{Error, Result};
+use crate::identity::Principal;
+use crate::member::{MemberEngine, query_only, session_config};
+use crate::proto::v1::peer_client::PeerClient;
+use crate::tls::{Connector, TlsMaterial};
+use client::MemberClient;
+use state::QueryState;
+use table::FederatedTable;
+
+/// Options a caller sets on a query.
+#[derive(Debug, Clone)]
+pub struct QueryOptions {
+    /// Return the answering members' rows when some members fail.
+    pub allow_partial: bool,
+    /// The whole query's time budget.
+    pub timeout: Duration,
+}
+
+/// A query whose plan is built and whose member scans start as the stream is read.
+pub struct RunningQuery {
+    /// The answer's schema.
+    pub schema: SchemaRef,
+    /// The merged answer.
+    pub stream: SendableRecordBatchStream,
+    /// Per-member outcomes, complete once the stream has ended.
+    pub state: Arc<QueryState>,
+}
+
+/// Plans and runs federated queries at one gateway.
+pub struct Coordinator {
+    config: Arc<MemberConfig>,
+    tables: Vec<(String, Arc<FederatedTable>)>,
+}
+
+/// Share of a query's budget kept for merging after the members' deadline.
+fn merge_reserve(total: Duration) -> Duration {
+    (total / 10).clamp(Duration::from_millis(20), Duration::from_secs(2))
+}
+
+impl Coordinator {
+    /// Builds clients for every member gateway and one table per canonical dataset.
+    pub fn new(
+        config: Arc<MemberConfig>,
+        local: Option<Arc<MemberEngine>>,
+        tls: &TlsMaterial,
+    ) -> Result<Coordinator> {
+        let region = config.region.clone();
+        let client_cfg = tls.client_config()?;
+        let mut clients = HashMap::new();
+        for m in &region.members {
+            let Some(ep) = &m.endpoint else { continue };
+            if m.name == config.member.name {
+                if let Some(engine) = &local {
+                    clients.insert(
+                        m.name.clone(),
+                        MemberClient::Local {
+                            name: m.name.clone(),
+                            engine: engine.clone(),
+                            me: config.member.principal.clone(),
+                        },
+                    );
+                }
+                continue;
+            }
+            let channel = Connector::new(client_cfg.clone(), &ep.host, ep.port, Some(m.principal.clone()))
+                .channel(Duration::from_secs(5))?;
+            clients.insert(
+                m.name.clone(),
+                MemberClient::Remote {
+                    name: m.name.clone(),
+                    endpoint: ep.url.clone(),
+                    client: PeerClient::new(channel)
+                        .max_decoding_message_size(16 * 1024 * 1024),
+                },
+            );
+        }
+        let clients = Arc::new(clients);
+        let tables = region
+            .datasets
+            .iter()
+            .map(|d| {
+                let servers = region.servers_of(&d.name).map(|m| m.name.clone()).collect();
+                (
+                    d.name.clone(),
+                    Arc::new(FederatedTable::new(d.clone(), servers, clients.clone())),
+                )
+            })
+            .collect();
+        Ok(Coordinator { config, tables })
+    }
+
+    /// The configuration this coordinator runs under.
+    pub fn config(&self) -> &Arc<MemberConfig> {
+        &self.config
+    }
+
+    fn context(&self, state: Arc<QueryState>) -> Result<SessionContext> {
+        let cfg = session_config().with_extension(state);
+        let ctx = SessionContext::new_with_config(cfg);
+        for (name, t) in &self.tables {
+            ctx.register_table(TableReference::bare(name.as_str()), t.clone())
+                .map_err(|e| Error::Internal(e.to_string()))?;
+        }
+        Ok(ctx)
+    }
+
+    /// Plans `sql` for `origin` and returns the running query.
+    pub async fn query(&self, origin: Principal, sql: &str, opts: QueryOptions) -> Result<RunningQuery> {
+        let member_budget = opts.timeout.saturating_sub(merge_reserve(opts.timeout));
+        let state = Arc::new(QueryState::new(
+            uuid::Uuid::new_v4().to_string(),
+            origin,
+            self.config.member.principal.clone(),
+            member_budget,
+            opts.allow_partial,
+            self.config.region.members.iter().map(|m| m.name.clone()).collect(),
+        ));
+        let ctx = self.context(state.clone())?;
+        let df = ctx
+            .sql_with_options(sql, query_only())
+            .await
+            .map_err(Error::from_datafusion)?;
+        let stream = df.execute_stream().await.map_err(Error::from_datafusion)?;
+        Ok(RunningQuery {
+            schema: stream.schema(),
+            stream,
+            state,
+        })
+    }
+
+    /// The physical plan of `sql` as text, with the SQL each member would receive.
+    pub async fn explain(&self, origin: Principal, sql: &str) -> Result<String> {
+        let state = Arc::new(QueryState::new(
+            "explain".into(),
+            origin,
+            self.config.member.principal.clone(),
+            Duration::from_secs(1),
+            true,
+            self.config.region.members.iter().map(|m| m.name.clone()).collect(),
+        ));
+        let ctx = self.context(state)?;
+        let df = ctx
+            .sql_with_options(sql, query_only())
+            .await
+            .map_err(Error::from_datafusion)?;
+        let plan = df.create_physical_plan().await.map_err(Error::from_datafusion)?;
+        Ok(datafusion::physical_plan::displayable(plan.as_ref())
+            .indent(true)
+            .to_string())
+    }
+}

@@ -1,0 +1,201 @@
+//! Per-query state shared by the member scans of one query: who was asked, who
+//! answered, with how many rows, and why the others did not.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, MemberFailure};
+use crate::identity::Principal;
+use crate::proto::v1::{MemberState, MemberStatus};
+
+/// Everything a query's member scans need to know and report.
+#[derive(Debug)]
+pub struct QueryState {
+    /// Correlates logs at the coordinator and at members.
+    pub query_id: String,
+    /// The original caller.
+    pub origin: Principal,
+    /// This gateway's own identity (the first element of every forwarded path).
+    pub coordinator: Principal,
+    /// When the query started.
+    pub started: Instant,
+    /// When member answers must be complete (leaves time to merge before the
+    /// caller's deadline).
+    pub member_deadline: Instant,
+    /// Whether missing members are reported instead of failing the query.
+    pub allow_partial: bool,
+    /// Region member names in file order, for a stable summary.
+    order: Vec<String>,
+    members: Mutex<BTreeMap<String, Entry>>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    state: MemberState,
+    rows: u64,
+    elapsed: Duration,
+    reason: String,
+    datasets: BTreeSet<String>,
+}
+
+/// Severity of a state: when one member gets several sub-queries, the summary
+/// shows the worst outcome.
+fn severity(s: MemberState) -> u8 {
+    match s {
+        MemberState::Unspecified => 0,
+        MemberState::Pruned => 1,
+        MemberState::Ok => 2,
+        MemberState::Denied => 3,
+        MemberState::TimedOut => 4,
+        MemberState::Unavailable => 5,
+        MemberState::Error => 6,
+    }
+}
+
+impl QueryState {
+    /// Starts a query's state.
+    pub fn new(
+        query_id: String,
+        origin: Principal,
+        coordinator: Principal,
+        member_budget: Duration,
+        allow_partial: bool,
+        order: Vec<String>,
+    ) -> QueryState {
+        let started = Instant::now();
+        QueryState {
+            query_id,
+            origin,
+            coordinator,
+            started,
+            member_deadline: started + member_budget,
+            allow_partial,
+            order,
+            members: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn update(&self, member: &str, dataset: &str, f: impl FnOnce(&mut Entry)) {
+        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(member.to_string()).or_insert_with(|| Entry {
+            state: MemberState::Unspecified,
+            rows: 0,
+            elapsed: Duration::ZERO,
+            reason: String::new(),
+            datasets: BTreeSet::new(),
+        });
+        e.datasets.insert(dataset.to_string());
+        f(e);
+    }
+
+    fn set_state(e: &mut Entry, s: MemberState, reason: String) {
+        if severity(s) >= severity(e.state) {
+            if severity(s) > severity(e.state) || e.reason.is_empty() {
+                e.reason = reason;
+            }
+            e.state = s;
+        }
+    }
+
+    /// Records that `member` was not asked for `dataset` because the query's filter
+    /// on `member` excludes it.
+    pub fn pruned(&self, member: &str, dataset: &str) {
+        self.update(member, dataset, |e| {
+            Self::set_state(e, MemberState::Pruned, "excluded by the query's filter on member".into())
+        });
+    }
+
+    /// Records a completed sub-query.
+    pub fn answered(&self, member: &str, dataset: &str, rows: u64, elapsed: Duration) {
+        self.update(member, dataset, |e| {
+            e.rows += rows;
+            e.elapsed = e.elapsed.max(elapsed);
+            Self::set_state(e, MemberState::Ok, String::new());
+        });
+    }
+
+    /// Records a failed sub-query.
+    pub fn failed(&self, member: &str, dataset: &str, err: &Error, rows: u64, elapsed: Duration) {
+        let state = match err {
+            Error::Member { failure, .. } => match failure {
+                MemberFailure::Unavailable => MemberState::Unavailable,
+                MemberFailure::TimedOut => MemberState::TimedOut,
+                MemberFailure::Denied => MemberState::Denied,
+                MemberFailure::Failed => MemberState::Error,
+            },
+            _ => MemberState::Error,
+        };
+        let reason = match err {
+            Error::Member { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        };
+        self.update(member, dataset, |e| {
+            e.rows += rows;
+            e.elapsed = e.elapsed.max(elapsed);
+            Self::set_state(e, state, reason);
+        });
+    }
+
+    /// True when any member that should have answered did not.
+    pub fn is_partial(&self) -> bool {
+        let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        m.values()
+            .any(|e| !matches!(e.state, MemberState::Ok | MemberState::Pruned))
+    }
+
+    /// One status per member asked or pruned, in region order.
+    pub fn statuses(&self) -> Vec<MemberStatus> {
+        let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let pos = |n: &str| self.order.iter().position(|o| o == n).unwrap_or(usize::MAX);
+        let mut v: Vec<_> = m
+            .iter()
+            .map(|(name, e)| MemberStatus {
+                member: name.clone(),
+                state: e.state as i32,
+                rows: e.rows,
+                elapsed_us: e.elapsed.as_micros() as u64,
+                reason: e.reason.clone(),
+                datasets: e.datasets.iter().cloned().collect(),
+            })
+            .collect();
+        v.sort_by_key(|s| (pos(&s.member), s.member.clone()));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> QueryState {
+        let p = Principal::parse("fedgate://yrd/office/coordination").unwrap();
+        let c = Principal::parse("fedgate://yrd/city/shanghai").unwrap();
+        QueryState::new("q".into(), p, c, Duration::from_secs(1), true, vec!["shanghai".into(), "hefei".into()])
+    }
+
+    #[test]
+    fn the_worst_outcome_of_a_member_is_reported() {
+        let s = state();
+        s.answered("hefei", "census", 12, Duration::from_millis(3));
+        let err = Error::Member { member: "hefei".into(), failure: MemberFailure::TimedOut, reason: "slow".into() };
+        s.failed("hefei", "divisions", &err, 0, Duration::from_millis(9));
+        s.answered("shanghai", "census", 16, Duration::from_millis(2));
+        let st = s.statuses();
+        assert_eq!(st[0].member, "shanghai");
+        assert_eq!(st[1].state, MemberState::TimedOut as i32);
+        assert_eq!(st[1].rows, 12);
+        assert_eq!(st[1].reason, "slow");
+        assert_eq!(st[1].datasets, vec!["census", "divisions"]);
+        assert!(s.is_partial());
+    }
+
+    #[test]
+    fn pruned_members_do_not_make_an_answer_partial() {
+        let s = state();
+        s.pruned("hefei", "census");
+        s.answered("shanghai", "census", 16, Duration::from_millis(2));
+        assert!(!s.is_partial());
+        assert_eq!(s.statuses()[1].state, MemberState::Pruned as i32);
+    }
+}

@@ -1,0 +1,474 @@
+//! Canonical datasets as DataFusion tables at the coordinator.
+//!
+//! A [`FederatedTable`] is one canonical dataset. DataFusion plans a query against it
+//! and hands [`FederatedTable::scan`] the projection, the filters and the limit; the
+//! scan turns them into one canonical SQL sub-query, drops the members the filters on
+//! `member` exclude, and returns a [`FederatedScanExec`] with one partition per member
+//! (a union of member scans that DataFusion runs concurrently).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, RecordBatchOptions, StringArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::Session;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchema};
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+    ReplaceChildrenOptions,
+};
+use futures::future::BoxFuture;
+use futures::{FutureExt, Stream, StreamExt};
+
+use super::client::{MemberClient, MemberStream, SubQuery};
+use super::state::QueryState;
+use crate::config::{Dataset, MEMBER_COLUMN, quote_ident};
+use crate::error::{Error, MemberFailure, Result};
+
+/// A canonical dataset served by the members listed in the region file.
+#[derive(Debug)]
+pub struct FederatedTable {
+    dataset: Dataset,
+    /// Members that serve the dataset, in region order.
+    servers: Vec<String>,
+    clients: Arc<HashMap<String, MemberClient>>,
+}
+
+impl fmt::Debug for MemberClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MemberClient({})", self.name())
+    }
+}
+
+impl FederatedTable {
+    /// A table for `dataset` served by `servers`.
+    pub fn new(
+        dataset: Dataset,
+        servers: Vec<String>,
+        clients: Arc<HashMap<String, MemberClient>>,
+    ) -> Self {
+        FederatedTable {
+            dataset,
+            servers,
+            clients,
+        }
+    }
+}
+
+/// Removes table qualifiers: member sub-queries name the dataset itself, whatever
+/// alias the caller's query gave it.
+fn unqualify(e: &Expr) -> DfResult<Expr> {
+    e.clone()
+        .transform(|e| {
+            Ok(match e {
+                Expr::Column(c) if c.relation.is_some() => {
+                    Transformed::yes(Expr::Column(Column::new_unqualified(c.name)))
+                }
+                other => Transformed::no(other),
+            })
+        })
+        .map(|t| t.data)
+}
+
+fn to_sql(e: &Expr) -> DfResult<String> {
+    let e = unqualify(e)?;
+    Ok(datafusion::sql::unparser::Unparser::default()
+        .expr_to_sql(&e)?
+        .to_string())
+}
+
+/// True when `e` references only the `member` column.
+fn only_member(e: &Expr) -> bool {
+    let mut cols = 0;
+    let mut other = false;
+    let _ = e.apply(|n| {
+        if let Expr::Column(c) = n {
+            cols += 1;
+            other |= c.name != MEMBER_COLUMN;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    cols > 0 && !other
+}
+
+/// Evaluates the filters that mention only `member` for one member's name; a filter
+/// that is false or NULL there excludes the member without asking it.
+fn excluded(state: &dyn Session, filters: &[Expr], member: &str) -> DfResult<bool> {
+    let schema = Arc::new(Schema::new(vec![Field::new(MEMBER_COLUMN, DataType::Utf8, false)]));
+    let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+    let batch = RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec![member]))])?;
+    for f in filters.iter().filter(|f| only_member(f)) {
+        let pe = state.create_physical_expr(unqualify(f)?, &df_schema)?;
+        let v = pe.evaluate(&batch)?.into_array(1)?;
+        let keep = v
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::BooleanArray>()
+            .map(|b| b.is_valid(0) && b.value(0))
+            .unwrap_or(true);
+        if !keep {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[async_trait]
+impl TableProvider for FederatedTable {
+    fn schema(&self) -> SchemaRef {
+        self.dataset.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        // A filter the unparser can write as SQL is evaluated exactly by every
+        // member (they run the same engine); anything else stays at the coordinator.
+        Ok(filters
+            .iter()
+            .map(|f| match to_sql(f) {
+                Ok(_) => TableProviderFilterPushDown::Exact,
+                Err(_) => TableProviderFilterPushDown::Unsupported,
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let qs = state
+            .config()
+            .get_extension::<QueryState>()
+            .ok_or_else(|| DataFusionError::Internal("query state missing".into()))?;
+        let full = &self.dataset.schema;
+        let indices: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..full.fields().len()).collect(),
+        };
+        let schema = Arc::new(full.project(&indices)?);
+        // With no columns wanted (count(*)), ask for `member` and keep only the row count.
+        let cols: Vec<String> = if indices.is_empty() {
+            vec![MEMBER_COLUMN.to_string()]
+        } else {
+            indices.iter().map(|&i| quote_ident(full.field(i).name())).collect()
+        };
+        let mut sql = format!(
+            "SELECT {} FROM {}",
+            cols.join(", "),
+            quote_ident(&self.dataset.name)
+        );
+        let conds: Vec<String> = filters.iter().map(to_sql).collect::<DfResult<_>>()?;
+        if !conds.is_empty() {
+            let parts: Vec<String> = conds.iter().map(|c| format!("({c})")).collect();
+            sql.push_str(&format!(" WHERE {}", parts.join(" AND ")));
+        }
+        if let Some(n) = limit {
+            sql.push_str(&format!(" LIMIT {n}"));
+        }
+        let mut targets = Vec::new();
+        for m in &self.servers {
+            if excluded(state, filters, m)? {
+                qs.pruned(m, &self.dataset.name);
+                continue;
+            }
+            let client = self.clients.get(m).cloned().ok_or_else(|| {
+                DataFusionError::Internal(format!("no client for member {m}"))
+            })?;
+            targets.push(client);
+        }
+        Ok(Arc::new(FederatedScanExec::new(
+            self.dataset.name.clone(),
+            schema,
+            sql,
+            targets,
+            qs,
+        )))
+    }
+}
+
+/// Scans one canonical dataset at several members, one partition per member.
+pub struct FederatedScanExec {
+    dataset: String,
+    schema: SchemaRef,
+    sql: String,
+    targets: Vec<MemberClient>,
+    state: Arc<QueryState>,
+    properties: Arc<PlanProperties>,
+}
+
+impl FederatedScanExec {
+    fn new(
+        dataset: String,
+        schema: SchemaRef,
+        sql: String,
+        targets: Vec<MemberClient>,
+        state: Arc<QueryState>,
+    ) -> Self {
+        let partitions = targets.len().max(1);
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(partitions),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        ));
+        FederatedScanExec {
+            dataset,
+            schema,
+            sql,
+            targets,
+            state,
+            properties,
+        }
+    }
+
+    /// The SQL each member receives.
+    pub fn member_sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// The members asked.
+    pub fn members(&self) -> Vec<&str> {
+        self.targets.iter().map(|t| t.name()).collect()
+    }
+}
+
+impl fmt::Debug for FederatedScanExec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FederatedScanExec({})", self.dataset)
+    }
+}
+
+impl DisplayAs for FederatedScanExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "FederatedScanExec: dataset={}, members=[{}], member_sql={}",
+            self.dataset,
+            self.members().join(", "),
+            self.sql
+        )
+    }
+}
+
+impl ExecutionPlan for FederatedScanExec {
+    fn name(&self) -> &str {
+        "FederatedScanExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
+    ) -> DfResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        _: Vec<Arc<dyn ExecutionPlan>>,
+        _: ReplaceChildrenOptions,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(&self, partition: usize, _ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
+        let Some(target) = self.targets.get(partition).cloned() else {
+            // No member to ask (all pruned): an empty partition.
+            return Ok(Box::pin(RecordBatchStreamAdapter::new(
+                self.schema.clone(),
+                futures::stream::empty(),
+            )));
+        };
+        let now = Instant::now();
+        let budget = self.state.member_deadline.saturating_duration_since(now);
+        let q = SubQuery {
+            sql: self.sql.clone(),
+            origin: self.state.origin.clone(),
+            query_id: self.state.query_id.clone(),
+            budget,
+            path: vec![self.state.coordinator.uri()],
+        };
+        let member = target.name().to_string();
+        tracing::debug!(query_id = %self.state.query_id, %member, dataset = %self.dataset, sql = %self.sql, "Member scan");
+        let connect = async move { target.run(q).await }.boxed();
+        let stream = ScanStream {
+            phase: Phase::Connecting(connect),
+            deadline: Box::pin(tokio::time::sleep_until(self.state.member_deadline.into())),
+            member,
+            dataset: self.dataset.clone(),
+            state: self.state.clone(),
+            schema: self.schema.clone(),
+            rows: 0,
+            started: now,
+        };
+        Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream)))
+    }
+}
+
+enum Phase {
+    Connecting(BoxFuture<'static, Result<MemberStream>>),
+    Streaming(MemberStream),
+    Done,
+}
+
+/// One member's part of a scan: records the member's outcome in the query state,
+/// enforces the member deadline, and shapes batches to the expected schema.
+struct ScanStream {
+    phase: Phase,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    member: String,
+    dataset: String,
+    state: Arc<QueryState>,
+    schema: SchemaRef,
+    rows: u64,
+    started: Instant,
+}
+
+impl ScanStream {
+    fn fail(&mut self, e: Error) -> Poll<Option<DfResult<RecordBatch>>> {
+        self.phase = Phase::Done;
+        self.state
+            .failed(&self.member, &self.dataset, &e, self.rows, self.started.elapsed());
+        tracing::warn!(query_id = %self.state.query_id, member = %self.member, error = %e, "Member did not answer");
+        if self.state.allow_partial {
+            Poll::Ready(None)
+        } else {
+            Poll::Ready(Some(Err(e.into_datafusion())))
+        }
+    }
+
+    /// Casts a member's batch to the canonical types and drops columns not asked for.
+    fn shape(&self, b: RecordBatch) -> Result<RecordBatch> {
+        if self.schema.fields().is_empty() {
+            let opts = RecordBatchOptions::new().with_row_count(Some(b.num_rows()));
+            return RecordBatch::try_new_with_options(self.schema.clone(), vec![], &opts)
+                .map_err(|e| Error::Internal(e.to_string()));
+        }
+        if b.schema() == self.schema {
+            return Ok(b);
+        }
+        if b.num_columns() != self.schema.fields().len() {
+            return Err(Error::Member {
+                member: self.member.clone(),
+                failure: MemberFailure::Failed,
+                reason: format!(
+                    "answered {} columns, expected {}",
+                    b.num_columns(),
+                    self.schema.fields().len()
+                ),
+            });
+        }
+        let cols = b
+            .columns()
+            .iter()
+            .zip(self.schema.fields())
+            .map(|(c, f)| cast(c, f.data_type()))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Member {
+                member: self.member.clone(),
+                failure: MemberFailure::Failed,
+                reason: format!("answer does not fit the canonical schema: {e}"),
+            })?;
+        RecordBatch::try_new(self.schema.clone(), cols).map_err(|e| Error::Member {
+            member: self.member.clone(),
+            failure: MemberFailure::Failed,
+            reason: format!("answer does not fit the canonical schema: {e}"),
+        })
+    }
+}
+
+impl Stream for ScanStream {
+    type Item = DfResult<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.phase {
+                Phase::Done => return Poll::Ready(None),
+                Phase::Connecting(f) => match f.poll_unpin(cx) {
+                    Poll::Ready(Ok(s)) => this.phase = Phase::Streaming(s),
+                    Poll::Ready(Err(e)) => return this.fail(e),
+                    Poll::Pending => break,
+                },
+                Phase::Streaming(s) => match s.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(b))) => match this.shape(b) {
+                        Ok(b) => {
+                            this.rows += b.num_rows() as u64;
+                            return Poll::Ready(Some(Ok(b)));
+                        }
+                        Err(e) => return this.fail(e),
+                    },
+                    Poll::Ready(Some(Err(e))) => return this.fail(e),
+                    Poll::Ready(None) => {
+                        this.phase = Phase::Done;
+                        this.state
+                            .answered(&this.member, &this.dataset, this.rows, this.started.elapsed());
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending => break,
+                },
+            }
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            let e = Error::Member {
+                member: this.member.clone(),
+                failure: MemberFailure::TimedOut,
+                reason: format!(
+                    "no complete answer within its budget of {:?}",
+                    this.state.member_deadline.saturating_duration_since(this.started)
+                ),
+            };
+            return this.fail(e);
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for ScanStream {
+    fn drop(&mut self) {
+        // Dropped before the end: the coordinator needed no more rows (a LIMIT was
+        // met) or the query ended for another reason. The member was not at fault.
+        if !matches!(self.phase, Phase::Done) {
+            self.state
+                .answered(&self.member, &self.dataset, self.rows, self.started.elapsed());
+        }
+    }
+}
+

@@ -1,0 +1,440 @@
+//! The gRPC services of a gateway and the one builder that assembles them.
+//!
+//! Stack, outermost first: TLS edge ([`crate::tls::incoming`], principal) -> identity
+//! check (the principal must be a region member or known client) -> services:
+//! `Federation` (admission, then the [`Coordinator`]), `Peer` (the data owner's
+//! [`MemberEngine`]) and `grpc.health.v1.Health`.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::arrow_ipc;
+use crate::config::{MemberConfig, Region};
+use crate::error::{Error, Result};
+use crate::federation::{Coordinator, QueryOptions};
+use crate::identity::Principal;
+use crate::member::MemberEngine;
+use crate::proto::v1::federation_server::{Federation, FederationServer};
+use crate::proto::v1::peer_server::{Peer, PeerServer};
+use crate::proto::v1::*;
+use crate::tls::{PeerInfo, TlsMaterial};
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
+
+/// The caller's principal, put there by the TLS edge.
+fn caller<T>(req: &Request<T>) -> std::result::Result<Principal, Status> {
+    req.extensions()
+        .get::<PeerInfo>()
+        .map(|i| i.principal.clone())
+        .ok_or_else(|| Error::Internal("connection without TLS identity".into()).to_status())
+}
+
+/// The deadline a gRPC caller set, if any (`grpc-timeout` header).
+fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The client-facing service.
+pub struct FederationService {
+    coordinator: Arc<Coordinator>,
+    admission: Arc<Semaphore>,
+}
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    type QueryStream = ResponseStream<QueryResponse>;
+
+    async fn query(&self, req: Request<QueryRequest>) -> std::result::Result<Response<Self::QueryStream>, Status> {
+        let origin = caller(&req)?;
+        let limits = &self.coordinator.config().limits;
+        let grpc = grpc_timeout(&req);
+        let q = req.into_inner();
+        let asked = (q.timeout_ms > 0).then(|| Duration::from_millis(q.timeout_ms));
+        let timeout = [asked, grpc]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(limits.default_timeout)
+            .min(limits.max_timeout);
+        let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
+            Error::Overloaded(format!(
+                "this gateway is already running {} queries; retry shortly",
+                limits.max_concurrent_queries
+            ))
+            .to_status()
+        })?;
+        let started = Instant::now();
+        tracing::info!(%origin, sql = %q.sql, allow_partial = q.allow_partial, ?timeout, "Query");
+        let running = self
+            .coordinator
+            .query(origin, &q.sql, QueryOptions { allow_partial: q.allow_partial, timeout })
+            .await
+            .map_err(|e| e.to_status())?;
+        let state = running.state.clone();
+        let version = self.coordinator.config().version.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<QueryResponse, Status>>(8);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let rows = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let counted = rows.clone();
+            let batches = running.stream.map(move |r| {
+                r.inspect(|b| {
+                    counted.fetch_add(b.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
+                })
+                .map_err(Error::from_datafusion)
+            });
+            let mut chunks = Box::pin(arrow_ipc::encode(running.schema, batches));
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let mut failure = None;
+            loop {
+                tokio::select! {
+                    next = chunks.next() => match next {
+                        Some(Ok(c)) => {
+                            let msg = QueryResponse { payload: Some(query_response::Payload::Arrow(c)) };
+                            if tx.send(Ok(msg)).await.is_err() {
+                                return; // The caller went away; dropping the stream cancels the members.
+                            }
+                        }
+                        Some(Err(e)) => { failure = Some(e); break; }
+                        None => break,
+                    },
+                    _ = &mut deadline => { failure = Some(Error::DeadlineExceeded(timeout)); break; }
+                }
+            }
+            drop(chunks);
+            let summary = QuerySummary {
+                query_id: state.query_id.clone(),
+                rows: rows.load(std::sync::atomic::Ordering::Relaxed),
+                elapsed_us: started.elapsed().as_micros() as u64,
+                partial: state.is_partial() || failure.is_some(),
+                config_version: version,
+                members: state.statuses(),
+            };
+            tracing::info!(query_id = %summary.query_id, rows = summary.rows, partial = summary.partial, elapsed_us = summary.elapsed_us, "Query done");
+            let _ = tx
+                .send(Ok(QueryResponse { payload: Some(query_response::Payload::Summary(summary)) }))
+                .await;
+            if let Some(e) = failure {
+                tracing::warn!(error = %e, "Query failed");
+                let _ = tx.send(Err(e.to_status())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn describe(&self, req: Request<DescribeRequest>) -> std::result::Result<Response<DescribeResponse>, Status> {
+        let who = caller(&req)?;
+        let cfg = self.coordinator.config();
+        let region = &cfg.region;
+        Ok(Response::new(DescribeResponse {
+            region: region.name.clone(),
+            config_version: cfg.version.clone(),
+            caller: who.uri(),
+            datasets: region
+                .datasets
+                .iter()
+                .map(|d| DatasetInfo {
+                    name: d.name.clone(),
+                    description: d.description.clone(),
+                    fields: d
+                        .fields
+                        .iter()
+                        .map(|f| FieldInfo {
+                            name: f.name.clone(),
+                            data_type: f.data_type.to_string(),
+                            nullable: true,
+                            description: f.description.clone(),
+                            unit: f.unit.clone(),
+                        })
+                        .chain(std::iter::once(FieldInfo {
+                            name: crate::config::MEMBER_COLUMN.into(),
+                            data_type: "Utf8".into(),
+                            nullable: false,
+                            description: "the member that answered this row".into(),
+                            unit: String::new(),
+                        }))
+                        .collect(),
+                    members: region.servers_of(&d.name).map(|m| m.name.clone()).collect(),
+                })
+                .collect(),
+            members: region
+                .members
+                .iter()
+                .map(|m| MemberInfo {
+                    name: m.name.clone(),
+                    kind: m.kind.to_string(),
+                    identity: m.principal.uri(),
+                    endpoint: m.endpoint.as_ref().map(|e| e.url.clone()).unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// The gateway-to-gateway service at the data owner.
+pub struct PeerService {
+    config: Arc<MemberConfig>,
+    engine: Option<Arc<MemberEngine>>,
+    admission: Arc<Semaphore>,
+}
+
+impl PeerService {
+    /// Checks the calling gateway, the origin and the hop path.
+    fn admit(&self, via: &Principal, q: &ExecuteRequest) -> Result<Principal> {
+        let region = &self.config.region;
+        match region.member_by_principal(via) {
+            Some(m) if m.endpoint.is_some() => {}
+            _ => {
+                return Err(Error::PermissionDenied(format!(
+                    "{via} is not a member gateway of region {}; only member gateways may call Peer",
+                    region.name
+                )));
+            }
+        }
+        let origin = Principal::parse(&q.origin).map_err(|e| Error::InvalidQuery(e.to_string()))?;
+        if region.member_by_principal(&origin).is_none() {
+            return Err(Error::PermissionDenied(format!(
+                "origin {origin} is not a member or known client of region {}",
+                region.name
+            )));
+        }
+        if q.hops == 0 || q.hops as usize != q.path.len() {
+            return Err(Error::InvalidQuery(format!(
+                "hop count {} does not match the path of {} gateways",
+                q.hops,
+                q.path.len()
+            )));
+        }
+        if q.hops > self.config.limits.max_hops {
+            return Err(Error::InvalidQuery(format!(
+                "sub-query has taken {} hops, more than this member's limit of {}",
+                q.hops, self.config.limits.max_hops
+            )));
+        }
+        if q.path.iter().any(|p| p == &self.config.member.principal.uri()) {
+            return Err(Error::InvalidQuery(format!(
+                "sub-query has already passed through {} (loop in path {:?})",
+                self.config.member.name, q.path
+            )));
+        }
+        Ok(origin)
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    type ExecuteStream = ResponseStream<ExecuteResponse>;
+
+    async fn execute(&self, req: Request<ExecuteRequest>) -> std::result::Result<Response<Self::ExecuteStream>, Status> {
+        let via = caller(&req)?;
+        let grpc = grpc_timeout(&req);
+        let q = req.into_inner();
+        let origin = self.admit(&via, &q).map_err(|e| e.to_status())?;
+        let engine = self.engine.clone().ok_or_else(|| {
+            Error::InvalidQuery(format!("member {} serves no datasets", self.config.member.name)).to_status()
+        })?;
+        let budget = [(q.budget_ms > 0).then(|| Duration::from_millis(q.budget_ms)), grpc]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.config.limits.default_timeout)
+            .min(self.config.limits.max_timeout);
+        let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
+            Error::Overloaded(format!("member {} is answering its maximum of sub-queries", self.config.member.name)).to_status()
+        })?;
+        let started = Instant::now();
+        tracing::info!(query_id = %q.query_id, %via, %origin, sql = %q.sql, "Sub-query");
+        let stream = tokio::time::timeout(budget, engine.serve(&via, &origin, &q.sql))
+            .await
+            .map_err(|_| Error::DeadlineExceeded(budget).to_status())?
+            .map_err(|e| {
+                tracing::warn!(query_id = %q.query_id, error = %e, "Sub-query refused");
+                e.to_status()
+            })?;
+        let version = self.config.version.clone();
+        let schema = stream.schema();
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let rows = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let counted = rows.clone();
+            let batches = stream.map(move |r| {
+                r.inspect(|b| {
+                    counted.fetch_add(b.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
+                })
+                .map_err(Error::from_datafusion)
+            });
+            let chunks = arrow_ipc::encode(schema, batches);
+            tokio::pin!(chunks);
+            let deadline = tokio::time::sleep(budget);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    next = chunks.next() => match next {
+                        Some(Ok(c)) => {
+                            if tx.send(Ok(ExecuteResponse { payload: Some(execute_response::Payload::Arrow(c)) })).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => { let _ = tx.send(Err(e.to_status())).await; return; }
+                        None => break,
+                    },
+                    _ = &mut deadline => {
+                        let _ = tx.send(Err(Error::DeadlineExceeded(budget).to_status())).await;
+                        return;
+                    }
+                }
+            }
+            let summary = ExecuteSummary {
+                rows: rows.load(std::sync::atomic::Ordering::Relaxed),
+                elapsed_us: started.elapsed().as_micros() as u64,
+                config_version: version,
+            };
+            let _ = tx.send(Ok(ExecuteResponse { payload: Some(execute_response::Payload::Summary(summary)) })).await;
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn catalog(&self, req: Request<CatalogRequest>) -> std::result::Result<Response<CatalogResponse>, Status> {
+        let via = caller(&req)?;
+        if self.config.region.member_by_principal(&via).is_none() {
+            return Err(Error::PermissionDenied(format!("{via} is not a region member")).to_status());
+        }
+        Ok(Response::new(CatalogResponse {
+            member: self.config.member.name.clone(),
+            config_version: self.config.version.clone(),
+            datasets: self.config.member.serves.iter().cloned().collect(),
+        }))
+    }
+}
+
+/// Refuses callers whose (CA-verified) identity the region does not know.
+fn identity_check(region: Arc<Region>) -> impl tonic::service::Interceptor + Clone {
+    move |req: Request<()>| -> std::result::Result<Request<()>, Status> {
+        let p = caller(&req)?;
+        if region.member_by_principal(&p).is_none() {
+            tracing::warn!(principal = %p, "Unknown identity refused");
+            return Err(Error::Unauthenticated(format!(
+                "certificate identity {p} is not a member or known client of region {}",
+                region.name
+            ))
+            .to_status());
+        }
+        Ok(req)
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// This gateway's member name.
+    pub member: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+}
+
+impl Gateway {
+    /// Starts a gateway. `listener` lets tests and the demo bind ports first; without
+    /// it the configured listen address is bound.
+    pub async fn start(config: Arc<MemberConfig>, listener: Option<TcpListener>) -> Result<Gateway> {
+        let tls = TlsMaterial::load(&config.region.ca_path, &config.cert_path, &config.key_path)?;
+        if tls.principal != config.member.principal {
+            return Err(Error::Config(format!(
+                "{}: certificate identity {} does not match member {} ({})",
+                config.cert_path.display(),
+                tls.principal,
+                config.member.name,
+                config.member.principal
+            )));
+        }
+        let engine = if config.member.serves.is_empty() {
+            None
+        } else {
+            Some(Arc::new(MemberEngine::build(config.clone()).await?))
+        };
+        let coordinator = Arc::new(Coordinator::new(config.clone(), engine.clone(), &tls)?);
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(config.listen)
+                .await
+                .map_err(|e| Error::Config(format!("listen {}: {e}", config.listen)))?,
+        };
+        let addr = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+        let incoming = crate::tls::incoming(listener, tls.server_config()?);
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<FederationServer<FederationService>>().await;
+        health.set_serving::<PeerServer<PeerService>>().await;
+
+        let federation = FederationService {
+            coordinator,
+            admission: Arc::new(Semaphore::new(config.limits.max_concurrent_queries)),
+        };
+        let peer = PeerService {
+            config: config.clone(),
+            engine,
+            admission: Arc::new(Semaphore::new(config.limits.max_concurrent_subqueries)),
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let router = tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(identity_check(config.region.clone())))
+            .add_service(health_service)
+            .add_service(FederationServer::new(federation).max_decoding_message_size(16 * 1024 * 1024))
+            .add_service(PeerServer::new(peer).max_decoding_message_size(16 * 1024 * 1024));
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = rx.await;
+        }));
+        tracing::info!(member = %config.member.name, %addr, version = %config.version, "Gateway serving");
+        Ok(Gateway {
+            addr,
+            member: config.member.name.clone(),
+            shutdown: Some(tx),
+            task,
+        })
+    }
+
+    /// Stops accepting, lets in-flight calls finish, and waits.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until the server stops on its own (an error).
+    pub async fn wait(&mut self) -> Result<()> {
+        match (&mut self.task).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Internal(e.to_string())),
+            Err(e) => Err(Error::Internal(e.to_string())),
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
