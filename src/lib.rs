@@ -11,6 +11,8 @@
 //! ([`policy`] permit, [`mapping`] views over [`source`]s).
 
 pub mod arrow_ipc;
+pub mod check;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -1,1 +1,424 @@
-fn main() {}
+//! The `fedgate` command line: serve, query, check, pki, demo.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use datafusion::arrow::record_batch::RecordBatch;
+
+use fedgate::client::{Answer, Client, format_summary};
+use fedgate::config::MemberConfig;
+use fedgate::config::raw::RawRegion;
+use fedgate::identity::Principal;
+use fedgate::pki::{self, Ca};
+use fedgate::server::Gateway;
+
+/// Exit code of a query whose answer is partial (some members are missing).
+const EXIT_PARTIAL: u8 = 3;
+
+#[derive(Parser)]
+#[command(name = "fedgate", version, about = "A regional cross-city federation gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `fedgate=debug`.
+    #[arg(long, global = true, env = "FEDGATE_LOG")]
+    log: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a member gateway.
+    Serve {
+        /// The member config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a SQL query through a gateway and print rows and the per-member summary.
+    Query {
+        #[command(flatten)]
+        conn: Connection,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Return the answering members' rows even if some members fail.
+        #[arg(long)]
+        allow_partial: bool,
+        /// Time budget for the whole query, e.g. `2s`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// The SQL (canonical datasets; DataFusion dialect).
+        sql: String,
+    },
+    /// List the canonical datasets, their fields and the members serving them.
+    Describe {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Validate a member config with its region file, certificates and sources.
+    Check {
+        /// The member config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// A development certificate authority.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Start the bundled sample region on loopback and run the example queries.
+    Demo {
+        /// Keep the generated region (certificates and configs) in this folder.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Run the example queries and exit.
+        #[arg(long)]
+        once: bool,
+        /// First port to use (default: the ports in the templates, 7101 and up).
+        #[arg(long)]
+        port_base: Option<u16>,
+        /// The sample region's templates.
+        #[arg(long, default_value_os_t = fedgate::demo::default_source())]
+        source: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct Connection {
+    /// Gateway URL, e.g. https://127.0.0.1:7101.
+    #[arg(long, env = "FEDGATE_GATEWAY")]
+    gateway: String,
+    /// The region CA bundle (PEM).
+    #[arg(long, env = "FEDGATE_CA")]
+    ca: PathBuf,
+    /// This client's certificate (PEM).
+    #[arg(long, env = "FEDGATE_CERT")]
+    cert: PathBuf,
+    /// This client's private key (PEM).
+    #[arg(long, env = "FEDGATE_KEY")]
+    key: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a region CA (`ca.crt`, `ca.key`) in a folder.
+    Init {
+        /// Output folder.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Region name.
+        #[arg(long)]
+        region: String,
+    },
+    /// Issue a member or client certificate signed by the region CA.
+    Issue {
+        /// Folder holding `ca.crt` and `ca.key`.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Identity URI, e.g. fedgate://yrd/city/hangzhou.
+        #[arg(long)]
+        identity: String,
+        /// Host names or IP addresses the certificate is valid for as a server
+        /// (default: localhost, 127.0.0.1, ::1).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Days of validity.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        /// Output folder (default: the CA folder); files are `<name>.crt`/`.key`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+fn init_logging(filter: Option<&str>, default: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or(default))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log = match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    };
+    init_logging(cli.log.as_deref(), default_log, cli.log_json);
+    match run(cli.command).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Command) -> Result<ExitCode> {
+    match cmd {
+        Command::Serve { config } => serve(&config).await,
+        Command::Query { conn, format, allow_partial, timeout, sql } => {
+            let client = connect(&conn)?;
+            query(&client, &sql, allow_partial, timeout, format).await
+        }
+        Command::Describe { conn } => {
+            let client = connect(&conn)?;
+            let d = client
+                .describe()
+                .await
+                .map_err(|s| anyhow!(fedgate::client::describe_status(&s)))?;
+            println!("region {} (config {}), you are {}", d.region, d.config_version, d.caller);
+            for ds in d.datasets {
+                println!("\n{} — {}\n  served by: {}", ds.name, ds.description, ds.members.join(", "));
+                for f in ds.fields {
+                    let unit = if f.unit.is_empty() { String::new() } else { format!(" [{}]", f.unit) };
+                    println!("  {:<22} {:<8}{unit} {}", f.name, f.data_type, f.description);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config } => check(&config).await,
+        Command::Pki { command } => pki_command(command),
+        Command::Demo { dir, once, port_base, source } => demo(dir, once, port_base, &source).await,
+    }
+}
+
+fn connect(c: &Connection) -> Result<Client> {
+    Ok(Client::connect(&c.gateway, &c.ca, &c.cert, &c.key)?)
+}
+
+async fn serve(config: &Path) -> Result<ExitCode> {
+    let cfg = MemberConfig::load(config).map_err(|p| anyhow!("invalid configuration:\n{p}"))?;
+    let mut gw = Gateway::start(Arc::new(cfg), None).await?;
+    eprintln!("fedgate: member {} serving on https://{}", gw.member, gw.addr);
+    tokio::select! {
+        r = gw.wait() => { r?; }
+        _ = shutdown_signal() => {
+            eprintln!("fedgate: shutting down, letting in-flight queries finish");
+            gw.shutdown().await;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn query(
+    client: &Client,
+    sql: &str,
+    allow_partial: bool,
+    timeout: Option<Duration>,
+    format: Format,
+) -> Result<ExitCode> {
+    match client.query(sql, allow_partial, timeout).await {
+        Ok(answer) => {
+            print_answer(&answer, format)?;
+            Ok(if answer.summary.partial { ExitCode::from(EXIT_PARTIAL) } else { ExitCode::SUCCESS })
+        }
+        Err(f) => {
+            if let Some(s) = &f.summary {
+                eprint!("{}", format_summary(s));
+            }
+            bail!("query failed: {f}")
+        }
+    }
+}
+
+fn print_answer(a: &Answer, format: Format) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Table => {
+            let batches = with_schema(a);
+            writeln!(out, "{}", datafusion::arrow::util::pretty::pretty_format_batches(&batches)?)?;
+            write!(out, "{}", format_summary(&a.summary))?;
+        }
+        Format::Csv => {
+            let mut w = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+            for b in with_schema(a) {
+                w.write(&b)?;
+            }
+            drop(w);
+            eprint!("{}", format_summary(&a.summary));
+        }
+        Format::Json => {
+            let mut w = datafusion::arrow::json::ArrayWriter::new(&mut out);
+            for b in &a.batches {
+                w.write(b)?;
+            }
+            w.finish()?;
+            drop(w);
+            writeln!(out)?;
+            eprint!("{}", format_summary(&a.summary));
+        }
+    }
+    Ok(())
+}
+
+/// The batches, or one empty batch so that an empty answer still shows its columns.
+fn with_schema(a: &Answer) -> Vec<RecordBatch> {
+    if a.batches.is_empty() {
+        vec![RecordBatch::new_empty(a.schema.clone())]
+    } else {
+        a.batches.clone()
+    }
+}
+
+async fn check(config: &Path) -> Result<ExitCode> {
+    let r = fedgate::check::check(config).await;
+    for c in &r.checked {
+        println!("ok: {c}");
+    }
+    for w in &r.warnings {
+        println!("warning: {w}");
+    }
+    for e in &r.errors {
+        println!("error: {e}");
+    }
+    if r.errors.is_empty() {
+        println!("{}: valid ({} warnings)", config.display(), r.warnings.len());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{}: {} errors, {} warnings", config.display(), r.errors.len(), r.warnings.len());
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn pki_command(cmd: PkiCommand) -> Result<ExitCode> {
+    match cmd {
+        PkiCommand::Init { dir, region } => {
+            Principal::new(&region, fedgate::identity::Kind::Office, "x").context("region name")?;
+            if dir.join("ca.key").exists() {
+                bail!("{} already holds a CA key; refusing to overwrite it", dir.display());
+            }
+            let ca = Ca::generate(&region)?;
+            let (crt, key) = pki::write_ca(&ca, &dir)?;
+            println!("created {} and {}", crt.display(), key.display());
+        }
+        PkiCommand::Issue { ca_dir, identity, hosts, days, out } => {
+            let principal = Principal::parse(&identity)?;
+            let ca = Ca::load(&ca_dir.join("ca.crt"), &ca_dir.join("ca.key"))?;
+            let hosts = if hosts.is_empty() { pki::default_hosts() } else { hosts };
+            let issued = ca.issue(&principal, &hosts, days)?;
+            let out = out.unwrap_or(ca_dir);
+            let (crt, key) = pki::write_issued(&issued, &out, principal.name())?;
+            println!("issued {principal}: {} and {}", crt.display(), key.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn demo(dir: Option<PathBuf>, once: bool, port_base: Option<u16>, source: &Path) -> Result<ExitCode> {
+    let region_path = source.join("region.toml");
+    let text = std::fs::read_to_string(&region_path)
+        .with_context(|| format!("reading the sample region {}", region_path.display()))?;
+    let template: RawRegion = toml::from_str(&text)?;
+    // Bind every gateway's port first, so the configs written name ports that are ours.
+    let mut listeners = BTreeMap::new();
+    let mut ports = BTreeMap::new();
+    for (i, m) in template.members.iter().filter(|m| m.endpoint.is_some()).enumerate() {
+        let wanted = match port_base {
+            Some(b) => b.checked_add(i as u16).ok_or_else(|| anyhow!("--port-base too high"))?,
+            None => m.endpoint.as_deref().and_then(|e| e.rsplit(':').next()?.parse().ok()).unwrap_or(0),
+        };
+        let l = match tokio::net::TcpListener::bind(("127.0.0.1", wanted)).await {
+            Ok(l) => l,
+            Err(e) if port_base.is_none() => {
+                eprintln!("note: port {wanted} is taken ({e}); using a free port for {}", m.name);
+                tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?
+            }
+            Err(e) => bail!("cannot listen on 127.0.0.1:{wanted}: {e}"),
+        };
+        ports.insert(m.name.clone(), l.local_addr()?.port());
+        listeners.insert(m.name.clone(), l);
+    }
+    let (dir, _temp) = match dir {
+        Some(d) => (d, None),
+        None => {
+            let t = tempfile::Builder::new().prefix("fedgate-demo-").tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let region = fedgate::demo::materialize(source, &dir, &|name, _| ports[name])?;
+    let mut gateways = Vec::new();
+    for (name, path, _) in &region.gateways {
+        let cfg = MemberConfig::load(path).map_err(|p| anyhow!("invalid configuration:\n{p}"))?;
+        let l = listeners.remove(name).ok_or_else(|| anyhow!("no listener for {name}"))?;
+        gateways.push(Gateway::start(Arc::new(cfg), Some(l)).await?);
+    }
+    println!("fedgate demo: region yrd in {}", dir.display());
+    for (name, path, endpoint) in &region.gateways {
+        println!("  {name:<9} {endpoint}   (fedgate serve --config {})", path.display());
+    }
+    let (client_name, cert, key) = region
+        .clients
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow!("the sample region has no client identity"))?;
+    let gateway = region.gateways[0].2.clone();
+    println!("\nQuery the region as the regional office ({client_name}):");
+    println!("  export FEDGATE_GATEWAY={gateway}");
+    println!("  export FEDGATE_CA={}", region.ca.display());
+    println!("  export FEDGATE_CERT={}", cert.display());
+    println!("  export FEDGATE_KEY={}", key.display());
+    println!("  fedgate query \"SELECT member, count(*) FROM fever_clinics GROUP BY member\"");
+
+    let client = Client::connect(&gateway, &region.ca, &cert, &key)?;
+    let mut failures = 0;
+    for (title, sql) in fedgate::demo::EXAMPLES {
+        println!("\n== {title}\n{sql}");
+        match client.query(sql, false, Some(Duration::from_secs(30))).await {
+            Ok(a) => print_answer(&a, Format::Table)?,
+            Err(f) => {
+                failures += 1;
+                println!("query failed: {f}");
+            }
+        }
+    }
+    if once {
+        for g in gateways {
+            g.shutdown().await;
+        }
+        if failures > 0 {
+            bail!("{failures} example queries failed");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("\nServing until interrupted (Ctrl-C).");
+    shutdown_signal().await;
+    for g in gateways {
+        g.shutdown().await;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -152,6 +152,11 @@ impl MemberEngine {
         })
     }
 
+    /// A permit for this member's own operator reading its own data (`fedgate check`).
+    pub fn owner_permit(&self, p: &Prepared) -> Permit {
+        policy::owner_permit(&self.config.member.principal, &p.datasets)
+    }
+
     /// Runs a prepared sub-query under a permit that covers it.
     pub async fn execute(&self, permit: &Permit, p: Prepared) -> Result<SendableRecordBatchStream> {
         if !p.datasets.is_subset(permit.datasets()) {

@@ -118,6 +118,16 @@ pub fn authorize(
     })
 }
 
+/// The data owner reading its own data on its own machine (`fedgate check`). This is
+/// not reachable from the network: gRPC handlers only call [`authorize`].
+pub fn owner_permit(owner: &Principal, datasets: &BTreeSet<String>) -> Permit {
+    Permit {
+        origin: owner.clone(),
+        via: owner.clone(),
+        datasets: datasets.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,6 +72,18 @@ impl TlsMaterial {
         Ok(m)
     }
 
+    /// Checks that this party's own certificate chains to the region CA and is valid
+    /// now, the way peers will check it.
+    pub fn verify_own_certificate(&self) -> Result<()> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
+        verifier
+            .verify_client_cert(&self.chain[0], &self.chain[1..], rustls_pki_types::UnixTime::now())
+            .map_err(|e| Error::Tls(format!("certificate of {} is not accepted by the region CA: {e}", self.principal)))?;
+        Ok(())
+    }
+
     /// A TLS 1.3 server config that requires a client certificate from the region CA.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())

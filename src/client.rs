@@ -1,0 +1,224 @@
+//! A client for a gateway's `Federation` service over mutual TLS, used by the CLI,
+//! the demo and the tests.
+
+use std::path::Path;
+use std::time::Duration;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use futures::StreamExt;
+use tonic::transport::Channel;
+
+use crate::arrow_ipc::{self, Decoded};
+use crate::error::{Error, Result};
+use crate::proto::v1::federation_client::FederationClient;
+use crate::proto::v1::{
+    DescribeRequest, DescribeResponse, MemberState, QueryRequest, QuerySummary, query_response,
+};
+use crate::tls::{Connector, TlsMaterial};
+
+/// A connected client.
+#[derive(Clone)]
+pub struct Client {
+    inner: FederationClient<Channel>,
+    gateway: String,
+}
+
+/// A query's complete answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// The schema (also when there are no rows).
+    pub schema: SchemaRef,
+    /// The rows.
+    pub batches: Vec<RecordBatch>,
+    /// The per-member summary.
+    pub summary: QuerySummary,
+}
+
+/// A failed query: the status, and the summary if the gateway sent one.
+#[derive(Debug)]
+pub struct Failure {
+    /// The gRPC status.
+    pub status: tonic::Status,
+    /// Per-member outcomes, when the gateway got as far as planning.
+    pub summary: Option<QuerySummary>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", describe_status(&self.status))
+    }
+}
+
+/// The message of a status, with transport failures explained.
+pub fn describe_status(s: &tonic::Status) -> String {
+    let mut text = s.message().to_string();
+    let mut src = std::error::Error::source(s);
+    while let Some(e) = src {
+        let t = e.to_string();
+        if !text.contains(&t) {
+            text = format!("{text}: {t}");
+        }
+        src = e.source();
+    }
+    format!("{:?}: {}", s.code(), crate::tls::explain_transport_error(&text))
+}
+
+/// Splits `https://host:port` into host and port.
+pub fn parse_gateway(url: &str) -> Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| Error::InvalidQuery(format!("gateway {url:?} must be https://host:port")))?
+        .trim_end_matches('/');
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| Error::InvalidQuery(format!("gateway {url:?} needs a port")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port
+        .parse()
+        .map_err(|_| Error::InvalidQuery(format!("gateway {url:?} has a bad port")))?;
+    Ok((host.to_string(), port))
+}
+
+impl Client {
+    /// Connects (lazily) to `gateway` with the given CA, certificate and key.
+    pub fn connect(gateway: &str, ca: &Path, cert: &Path, key: &Path) -> Result<Client> {
+        let tls = TlsMaterial::load(ca, cert, key)?;
+        let (host, port) = parse_gateway(gateway)?;
+        let channel = Connector::new(tls.client_config()?, &host, port, None)
+            .channel(Duration::from_secs(5))?;
+        Ok(Client {
+            inner: FederationClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            gateway: gateway.to_string(),
+        })
+    }
+
+    /// The gateway URL.
+    pub fn gateway(&self) -> &str {
+        &self.gateway
+    }
+
+    /// Runs a query and collects the answer.
+    pub async fn query(
+        &self,
+        sql: &str,
+        allow_partial: bool,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<Answer, Failure> {
+        let mut req = tonic::Request::new(QueryRequest {
+            sql: sql.to_string(),
+            allow_partial,
+            timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+        });
+        if let Some(t) = timeout {
+            // A little over the query's own budget, so the gateway can report first.
+            req.set_timeout(t + Duration::from_millis(500));
+        }
+        let stream = self
+            .inner
+            .clone()
+            .query(req)
+            .await
+            .map_err(|status| Failure { status, summary: None })?
+            .into_inner();
+        let summary = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let seen = summary.clone();
+        let status = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let failed = status.clone();
+        let chunks = stream
+            .take_while(move |r| {
+                let keep = match r {
+                    Ok(_) => true,
+                    Err(s) => {
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+                        false
+                    }
+                };
+                futures::future::ready(keep)
+            })
+            .filter_map(move |r| {
+                let seen = seen.clone();
+                async move {
+                    match r.ok()?.payload? {
+                        query_response::Payload::Arrow(c) => Some(Ok(c)),
+                        query_response::Payload::Summary(s) => {
+                            *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                            None
+                        }
+                    }
+                }
+            });
+        let mut decoded = Box::pin(arrow_ipc::decode(chunks));
+        let mut schema = None;
+        let mut batches = Vec::new();
+        let mut decode_error = None;
+        while let Some(d) = decoded.next().await {
+            match d {
+                Ok(Decoded::Schema(s)) => schema = Some(s),
+                Ok(Decoded::Batch(b)) => batches.push(b),
+                Err(e) => {
+                    decode_error = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(decoded);
+        let summary = summary.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(s) = status.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(Failure { status: s, summary });
+        }
+        if let Some(e) = decode_error {
+            return Err(Failure { status: e.to_status(), summary });
+        }
+        match (schema, summary) {
+            (Some(schema), Some(summary)) => Ok(Answer { schema, batches, summary }),
+            (_, summary) => Err(Failure {
+                status: tonic::Status::data_loss("the answer ended without its schema or summary"),
+                summary,
+            }),
+        }
+    }
+
+    /// Lists the canonical datasets.
+    pub async fn describe(&self) -> std::result::Result<DescribeResponse, tonic::Status> {
+        Ok(self.inner.clone().describe(DescribeRequest {}).await?.into_inner())
+    }
+}
+
+/// The lowercase word for a member state.
+pub fn state_word(state: i32) -> &'static str {
+    match MemberState::try_from(state).unwrap_or(MemberState::Unspecified) {
+        MemberState::Ok => "ok",
+        MemberState::Pruned => "pruned",
+        MemberState::Unavailable => "unavailable",
+        MemberState::TimedOut => "timed out",
+        MemberState::Denied => "denied",
+        MemberState::Error => "error",
+        MemberState::Unspecified => "unknown",
+    }
+}
+
+/// The per-member summary as a small text table.
+pub fn format_summary(s: &QuerySummary) -> String {
+    let mut out = format!(
+        "query {} · {} rows · {:.1} ms · config {}{}\n",
+        s.query_id,
+        s.rows,
+        s.elapsed_us as f64 / 1000.0,
+        s.config_version,
+        if s.partial { " · PARTIAL ANSWER" } else { "" }
+    );
+    let w = s.members.iter().map(|m| m.member.len()).max().unwrap_or(6).max(6);
+    out.push_str(&format!("  {:<w$}  {:<11}  {:>7}  {:>9}  reason\n", "member", "status", "rows", "ms"));
+    for m in &s.members {
+        out.push_str(&format!(
+            "  {:<w$}  {:<11}  {:>7}  {:>9.1}  {}\n",
+            m.member,
+            state_word(m.state),
+            m.rows,
+            m.elapsed_us as f64 / 1000.0,
+            m.reason
+        ));
+    }
+    out
+}
