@@ -100,15 +100,26 @@ mod tests {
             ],
         )
         .unwrap();
-        let chunks: Vec<_> = encode(schema.clone(), futures::stream::iter(vec![Ok(batch.clone())]))
-            .collect()
-            .await;
-        let out: Vec<_> = decode(futures::stream::iter(chunks)).try_collect().await.unwrap();
+        let chunks: Vec<_> = encode(
+            schema.clone(),
+            futures::stream::iter(vec![Ok(batch.clone())]),
+        )
+        .collect()
+        .await;
+        let out: Vec<_> = decode(futures::stream::iter(chunks))
+            .try_collect()
+            .await
+            .unwrap();
         assert!(matches!(&out[0], Decoded::Schema(s) if s == &schema));
         assert!(matches!(&out[1], Decoded::Batch(b) if b == &batch));
 
-        let chunks: Vec<_> = encode(schema.clone(), futures::stream::empty()).collect().await;
-        let out: Vec<_> = decode(futures::stream::iter(chunks)).try_collect().await.unwrap();
+        let chunks: Vec<_> = encode(schema.clone(), futures::stream::empty())
+            .collect()
+            .await;
+        let out: Vec<_> = decode(futures::stream::iter(chunks))
+            .try_collect()
+            .await
+            .unwrap();
         assert_eq!(out.len(), 1);
         assert!(matches!(&out[0], Decoded::Schema(s) if s == &schema));
     }

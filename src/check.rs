@@ -41,14 +41,20 @@ pub async fn check(path: &std::path::Path) -> Report {
     match TlsMaterial::load(&cfg.region.ca_path, &cfg.cert_path, &cfg.key_path) {
         Ok(tls) => {
             if tls.principal != cfg.member.principal {
-                r.errors.push(problem("cert", format!(
-                    "certificate identity {} is not this member's identity {}",
-                    tls.principal, cfg.member.principal
-                )));
+                r.errors.push(problem(
+                    "cert",
+                    format!(
+                        "certificate identity {} is not this member's identity {}",
+                        tls.principal, cfg.member.principal
+                    ),
+                ));
             } else if let Err(e) = tls.verify_own_certificate() {
                 r.errors.push(problem("cert", e.to_string()));
             } else {
-                r.checked.push(format!("certificate {} chains to the region CA", cfg.cert_path.display()));
+                r.checked.push(format!(
+                    "certificate {} chains to the region CA",
+                    cfg.cert_path.display()
+                ));
             }
         }
         Err(e) => r.errors.push(problem("cert", e.to_string())),
@@ -62,11 +68,15 @@ pub async fn check(path: &std::path::Path) -> Report {
     };
     for ds in engine.datasets() {
         // Reading every row proves the sources parse and every expression evaluates.
-        let sql = format!("SELECT count(*) FROM {}", crate::config::quote_ident(&ds.name));
+        let sql = format!(
+            "SELECT count(*) FROM {}",
+            crate::config::quote_ident(&ds.name)
+        );
         let rows = match engine_count(&engine, &sql).await {
             Ok(n) => n,
             Err(e) => {
-                r.errors.push(problem("mappings", format!("dataset {}: {e}", ds.name)));
+                r.errors
+                    .push(problem("mappings", format!("dataset {}: {e}", ds.name)));
                 continue;
             }
         };
@@ -82,7 +92,11 @@ pub async fn check(path: &std::path::Path) -> Report {
                             .take(20)
                             .map(|(v, n)| format!("{v:?} ({n})"))
                             .collect();
-                        let more = if u.values.len() > 20 { format!(" and {} more", u.values.len() - 20) } else { String::new() };
+                        let more = if u.values.len() > 20 {
+                            format!(" and {} more", u.values.len() - 20)
+                        } else {
+                            String::new()
+                        };
                         r.warnings.push(problem(
                             &format!("mappings[{}].fields.{}", m.index, u.field),
                             format!(
@@ -103,7 +117,10 @@ pub async fn check(path: &std::path::Path) -> Report {
 async fn engine_count(engine: &MemberEngine, sql: &str) -> Result<i64, String> {
     let prepared = engine.prepare(sql).await.map_err(|e| e.to_string())?;
     let permit = engine.owner_permit(&prepared);
-    let stream = engine.execute(&permit, prepared).await.map_err(|e| e.to_string())?;
+    let stream = engine
+        .execute(&permit, prepared)
+        .await
+        .map_err(|e| e.to_string())?;
     let batches: Vec<_> = futures::TryStreamExt::try_collect(stream)
         .await
         .map_err(|e| e.to_string())?;

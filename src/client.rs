@@ -61,7 +61,11 @@ pub fn describe_status(s: &tonic::Status) -> String {
         }
         src = e.source();
     }
-    format!("{:?}: {}", s.code(), crate::tls::explain_transport_error(&text))
+    format!(
+        "{:?}: {}",
+        s.code(),
+        crate::tls::explain_transport_error(&text)
+    )
 }
 
 /// Splits `https://host:port` into host and port.
@@ -119,7 +123,10 @@ impl Client {
             .clone()
             .query(req)
             .await
-            .map_err(|status| Failure { status, summary: None })?
+            .map_err(|status| Failure {
+                status,
+                summary: None,
+            })?
             .into_inner();
         let summary = std::sync::Arc::new(std::sync::Mutex::new(None));
         let seen = summary.clone();
@@ -168,10 +175,17 @@ impl Client {
             return Err(Failure { status: s, summary });
         }
         if let Some(e) = decode_error {
-            return Err(Failure { status: e.to_status(), summary });
+            return Err(Failure {
+                status: e.to_status(),
+                summary,
+            });
         }
         match (schema, summary) {
-            (Some(schema), Some(summary)) => Ok(Answer { schema, batches, summary }),
+            (Some(schema), Some(summary)) => Ok(Answer {
+                schema,
+                batches,
+                summary,
+            }),
             (_, summary) => Err(Failure {
                 status: tonic::Status::data_loss("the answer ended without its schema or summary"),
                 summary,
@@ -181,7 +195,12 @@ impl Client {
 
     /// Lists the canonical datasets.
     pub async fn describe(&self) -> std::result::Result<DescribeResponse, tonic::Status> {
-        Ok(self.inner.clone().describe(DescribeRequest {}).await?.into_inner())
+        Ok(self
+            .inner
+            .clone()
+            .describe(DescribeRequest {})
+            .await?
+            .into_inner())
     }
 }
 
@@ -208,8 +227,17 @@ pub fn format_summary(s: &QuerySummary) -> String {
         s.config_version,
         if s.partial { " · PARTIAL ANSWER" } else { "" }
     );
-    let w = s.members.iter().map(|m| m.member.len()).max().unwrap_or(6).max(6);
-    out.push_str(&format!("  {:<w$}  {:<11}  {:>7}  {:>9}  reason\n", "member", "status", "rows", "ms"));
+    let w = s
+        .members
+        .iter()
+        .map(|m| m.member.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    out.push_str(&format!(
+        "  {:<w$}  {:<11}  {:>7}  {:>9}  reason\n",
+        "member", "status", "rows", "ms"
+    ));
     for m in &s.members {
         out.push_str(&format!(
             "  {:<w$}  {:<11}  {:>7}  {:>9.1}  {}\n",

@@ -61,8 +61,14 @@ pub struct Materialized {
 
 /// Copies the templates in `src` to `dst`, giving each gateway the port `port(name,
 /// template_port)` on 127.0.0.1, and creates a CA with a certificate for every member.
-pub fn materialize(src: &Path, dst: &Path, port: &dyn Fn(&str, u16) -> u16) -> Result<Materialized> {
-    let io = |what: &str, p: &Path, e: std::io::Error| Error::Config(format!("{what} {}: {e}", p.display()));
+pub fn materialize(
+    src: &Path,
+    dst: &Path,
+    port: &dyn Fn(&str, u16) -> u16,
+) -> Result<Materialized> {
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        Error::Config(format!("{what} {}: {e}", p.display()))
+    };
     std::fs::create_dir_all(dst).map_err(|e| io("creating", dst, e))?;
     let region_src = src.join("region.toml");
     let text = std::fs::read_to_string(&region_src).map_err(|e| io("reading", &region_src, e))?;
@@ -71,36 +77,59 @@ pub fn materialize(src: &Path, dst: &Path, port: &dyn Fn(&str, u16) -> u16) -> R
     let mut ports = BTreeMap::new();
     for m in &mut region.members {
         if let Some(ep) = &m.endpoint {
-            let template = ep.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            let template = ep
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
             let p = port(&m.name, template);
             m.endpoint = Some(format!("https://127.0.0.1:{p}"));
             ports.insert(m.name.clone(), p);
         }
     }
     let region_dst = dst.join("region.toml");
-    write(&region_dst, &toml::to_string_pretty(&region).map_err(|e| Error::Internal(e.to_string()))?)?;
+    write(
+        &region_dst,
+        &toml::to_string_pretty(&region).map_err(|e| Error::Internal(e.to_string()))?,
+    )?;
 
     let mut gateways = Vec::new();
     let mut entries: Vec<_> = std::fs::read_dir(src)
         .map_err(|e| io("reading", src, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.file_name() != Some("region.toml".as_ref()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "toml")
+                && p.file_name() != Some("region.toml".as_ref())
+        })
         .collect();
     entries.sort();
     for p in entries {
         let text = std::fs::read_to_string(&p).map_err(|e| io("reading", &p, e))?;
         let mut m: RawMemberConfig =
             toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
-        let port = *ports
-            .get(&m.member)
-            .ok_or_else(|| Error::Config(format!("{}: member {} has no endpoint", p.display(), m.member)))?;
+        let port = *ports.get(&m.member).ok_or_else(|| {
+            Error::Config(format!(
+                "{}: member {} has no endpoint",
+                p.display(),
+                m.member
+            ))
+        })?;
         m.listen = format!("127.0.0.1:{port}");
         let out = dst.join(p.file_name().unwrap_or_default());
-        write(&out, &toml::to_string_pretty(&m).map_err(|e| Error::Internal(e.to_string()))?)?;
+        write(
+            &out,
+            &toml::to_string_pretty(&m).map_err(|e| Error::Internal(e.to_string()))?,
+        )?;
         gateways.push((m.member.clone(), out, format!("https://127.0.0.1:{port}")));
     }
     // Region order, so the first gateway is the first member of the region file.
-    let order = |n: &str| region.members.iter().position(|m| m.name == n).unwrap_or(usize::MAX);
+    let order = |n: &str| {
+        region
+            .members
+            .iter()
+            .position(|m| m.name == n)
+            .unwrap_or(usize::MAX)
+    };
     gateways.sort_by_key(|(n, _, _)| order(n));
     copy_dir(&src.join("data"), &dst.join("data"))?;
 
@@ -109,7 +138,8 @@ pub fn materialize(src: &Path, dst: &Path, port: &dyn Fn(&str, u16) -> u16) -> R
     let (ca_path, _) = pki::write_ca(&ca, &certs)?;
     let mut clients = Vec::new();
     for m in &region.members {
-        let kind = Kind::parse(&m.kind).ok_or_else(|| Error::Config(format!("member {}: bad kind", m.name)))?;
+        let kind = Kind::parse(&m.kind)
+            .ok_or_else(|| Error::Config(format!("member {}: bad kind", m.name)))?;
         let principal = match &m.identity {
             Some(uri) => Principal::parse(uri)?,
             None => Principal::new(&region.region, kind, &m.name)?,

@@ -109,7 +109,10 @@ impl Error {
     pub fn retryable(&self) -> bool {
         match self {
             Error::Member { failure, .. } => {
-                matches!(failure, MemberFailure::Unavailable | MemberFailure::TimedOut)
+                matches!(
+                    failure,
+                    MemberFailure::Unavailable | MemberFailure::TimedOut
+                )
             }
             Error::DeadlineExceeded(_) | Error::Overloaded(_) => true,
             _ => false,
@@ -191,7 +194,9 @@ fn find_fedgate_error(e: &datafusion::error::DataFusionError) -> Option<Error> {
         D::Shared(inner) => find_fedgate_error(inner),
         D::Collection(errs) => errs.iter().find_map(find_fedgate_error),
         D::ArrowError(inner, _) => match inner.as_ref() {
-            arrow::error::ArrowError::ExternalError(x) => x.downcast_ref::<Error>().map(Error::duplicate),
+            arrow::error::ArrowError::ExternalError(x) => {
+                x.downcast_ref::<Error>().map(Error::duplicate)
+            }
             _ => None,
         },
         _ => None,
@@ -225,7 +230,10 @@ mod tests {
             failure: MemberFailure::Unavailable,
             reason: "connection refused".into(),
         };
-        assert_eq!(e.to_string(), "member hefei is unavailable: connection refused");
+        assert_eq!(
+            e.to_string(),
+            "member hefei is unavailable: connection refused"
+        );
         assert_eq!(e.to_status().code(), tonic::Code::Unavailable);
         assert!(e.retryable());
         assert_eq!(e.fault(), Fault::Peer);
@@ -243,7 +251,13 @@ mod tests {
             Box::new(e.into_datafusion()),
         );
         let back = Error::from_datafusion(df);
-        assert!(matches!(back, Error::Member { failure: MemberFailure::TimedOut, .. }));
+        assert!(matches!(
+            back,
+            Error::Member {
+                failure: MemberFailure::TimedOut,
+                ..
+            }
+        ));
     }
 
     #[test]

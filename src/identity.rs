@@ -82,7 +82,9 @@ impl Principal {
                 "identity {uri:?} is not of the form fedgate://<region>/<city|county|office>/<name>: {why}"
             ))
         };
-        let rest = uri.strip_prefix(SCHEME).ok_or_else(|| bad("wrong scheme"))?;
+        let rest = uri
+            .strip_prefix(SCHEME)
+            .ok_or_else(|| bad("wrong scheme"))?;
         let parts: Vec<&str> = rest.split('/').collect();
         let [region, kind, name] = parts[..] else {
             return Err(bad("expected three path segments"));
@@ -174,7 +176,9 @@ pub fn validate_pattern(pattern: &str) -> std::result::Result<(), String> {
         return Ok(());
     }
     let Some(rest) = pattern.strip_prefix(SCHEME) else {
-        return Err(format!("pattern {pattern:?} must start with {SCHEME} or be \"*\""));
+        return Err(format!(
+            "pattern {pattern:?} must start with {SCHEME} or be \"*\""
+        ));
     };
     let segs: Vec<&str> = rest.split('/').collect();
     if segs.is_empty() || segs.len() > 3 {
@@ -193,7 +197,9 @@ pub fn validate_pattern(pattern: &str) -> std::result::Result<(), String> {
         }
     }
     if segs.len() < 3 && segs.last() != Some(&"*") {
-        return Err(format!("pattern {pattern:?} must name a principal or end in /*"));
+        return Err(format!(
+            "pattern {pattern:?} must name a principal or end in /*"
+        ));
     }
     Ok(())
 }

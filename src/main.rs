@@ -21,7 +21,11 @@ use fedgate::server::Gateway;
 const EXIT_PARTIAL: u8 = 3;
 
 #[derive(Parser)]
-#[command(name = "fedgate", version, about = "A regional cross-city federation gateway")]
+#[command(
+    name = "fedgate",
+    version,
+    about = "A regional cross-city federation gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -148,7 +152,9 @@ enum Format {
 fn init_logging(filter: Option<&str>, default: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or(default))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -176,7 +182,13 @@ async fn main() -> ExitCode {
 async fn run(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Serve { config } => serve(&config).await,
-        Command::Query { conn, format, allow_partial, timeout, sql } => {
+        Command::Query {
+            conn,
+            format,
+            allow_partial,
+            timeout,
+            sql,
+        } => {
             let client = connect(&conn)?;
             query(&client, &sql, allow_partial, timeout, format).await
         }
@@ -186,19 +198,39 @@ async fn run(cmd: Command) -> Result<ExitCode> {
                 .describe()
                 .await
                 .map_err(|s| anyhow!(fedgate::client::describe_status(&s)))?;
-            println!("region {} (config {}), you are {}", d.region, d.config_version, d.caller);
+            println!(
+                "region {} (config {}), you are {}",
+                d.region, d.config_version, d.caller
+            );
             for ds in d.datasets {
-                println!("\n{} — {}\n  served by: {}", ds.name, ds.description, ds.members.join(", "));
+                println!(
+                    "\n{} — {}\n  served by: {}",
+                    ds.name,
+                    ds.description,
+                    ds.members.join(", ")
+                );
                 for f in ds.fields {
-                    let unit = if f.unit.is_empty() { String::new() } else { format!(" [{}]", f.unit) };
-                    println!("  {:<22} {:<8}{unit} {}", f.name, f.data_type, f.description);
+                    let unit = if f.unit.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" [{}]", f.unit)
+                    };
+                    println!(
+                        "  {:<22} {:<8}{unit} {}",
+                        f.name, f.data_type, f.description
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => check(&config).await,
         Command::Pki { command } => pki_command(command),
-        Command::Demo { dir, once, port_base, source } => demo(dir, once, port_base, &source).await,
+        Command::Demo {
+            dir,
+            once,
+            port_base,
+            source,
+        } => demo(dir, once, port_base, &source).await,
     }
 }
 
@@ -209,7 +241,10 @@ fn connect(c: &Connection) -> Result<Client> {
 async fn serve(config: &Path) -> Result<ExitCode> {
     let cfg = MemberConfig::load(config).map_err(|p| anyhow!("invalid configuration:\n{p}"))?;
     let mut gw = Gateway::start(Arc::new(cfg), None).await?;
-    eprintln!("fedgate: member {} serving on https://{}", gw.member, gw.addr);
+    eprintln!(
+        "fedgate: member {} serving on https://{}",
+        gw.member, gw.addr
+    );
     tokio::select! {
         r = gw.wait() => { r?; }
         _ = shutdown_signal() => {
@@ -244,7 +279,11 @@ async fn query(
     match client.query(sql, allow_partial, timeout).await {
         Ok(answer) => {
             print_answer(&answer, format)?;
-            Ok(if answer.summary.partial { ExitCode::from(EXIT_PARTIAL) } else { ExitCode::SUCCESS })
+            Ok(if answer.summary.partial {
+                ExitCode::from(EXIT_PARTIAL)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Err(f) => {
             if let Some(s) = &f.summary {
@@ -261,11 +300,17 @@ fn print_answer(a: &Answer, format: Format) -> Result<()> {
     match format {
         Format::Table => {
             let batches = with_schema(a);
-            writeln!(out, "{}", datafusion::arrow::util::pretty::pretty_format_batches(&batches)?)?;
+            writeln!(
+                out,
+                "{}",
+                datafusion::arrow::util::pretty::pretty_format_batches(&batches)?
+            )?;
             write!(out, "{}", format_summary(&a.summary))?;
         }
         Format::Csv => {
-            let mut w = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+            let mut w = datafusion::arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
             for b in with_schema(a) {
                 w.write(&b)?;
             }
@@ -307,10 +352,19 @@ async fn check(config: &Path) -> Result<ExitCode> {
         println!("error: {e}");
     }
     if r.errors.is_empty() {
-        println!("{}: valid ({} warnings)", config.display(), r.warnings.len());
+        println!(
+            "{}: valid ({} warnings)",
+            config.display(),
+            r.warnings.len()
+        );
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("{}: {} errors, {} warnings", config.display(), r.errors.len(), r.warnings.len());
+        println!(
+            "{}: {} errors, {} warnings",
+            config.display(),
+            r.errors.len(),
+            r.warnings.len()
+        );
         Ok(ExitCode::FAILURE)
     }
 }
@@ -320,26 +374,48 @@ fn pki_command(cmd: PkiCommand) -> Result<ExitCode> {
         PkiCommand::Init { dir, region } => {
             Principal::new(&region, fedgate::identity::Kind::Office, "x").context("region name")?;
             if dir.join("ca.key").exists() {
-                bail!("{} already holds a CA key; refusing to overwrite it", dir.display());
+                bail!(
+                    "{} already holds a CA key; refusing to overwrite it",
+                    dir.display()
+                );
             }
             let ca = Ca::generate(&region)?;
             let (crt, key) = pki::write_ca(&ca, &dir)?;
             println!("created {} and {}", crt.display(), key.display());
         }
-        PkiCommand::Issue { ca_dir, identity, hosts, days, out } => {
+        PkiCommand::Issue {
+            ca_dir,
+            identity,
+            hosts,
+            days,
+            out,
+        } => {
             let principal = Principal::parse(&identity)?;
             let ca = Ca::load(&ca_dir.join("ca.crt"), &ca_dir.join("ca.key"))?;
-            let hosts = if hosts.is_empty() { pki::default_hosts() } else { hosts };
+            let hosts = if hosts.is_empty() {
+                pki::default_hosts()
+            } else {
+                hosts
+            };
             let issued = ca.issue(&principal, &hosts, days)?;
             let out = out.unwrap_or(ca_dir);
             let (crt, key) = pki::write_issued(&issued, &out, principal.name())?;
-            println!("issued {principal}: {} and {}", crt.display(), key.display());
+            println!(
+                "issued {principal}: {} and {}",
+                crt.display(),
+                key.display()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn demo(dir: Option<PathBuf>, once: bool, port_base: Option<u16>, source: &Path) -> Result<ExitCode> {
+async fn demo(
+    dir: Option<PathBuf>,
+    once: bool,
+    port_base: Option<u16>,
+    source: &Path,
+) -> Result<ExitCode> {
     let region_path = source.join("region.toml");
     let text = std::fs::read_to_string(&region_path)
         .with_context(|| format!("reading the sample region {}", region_path.display()))?;
@@ -347,15 +423,29 @@ async fn demo(dir: Option<PathBuf>, once: bool, port_base: Option<u16>, source: 
     // Bind every gateway's port first, so the configs written name ports that are ours.
     let mut listeners = BTreeMap::new();
     let mut ports = BTreeMap::new();
-    for (i, m) in template.members.iter().filter(|m| m.endpoint.is_some()).enumerate() {
+    for (i, m) in template
+        .members
+        .iter()
+        .filter(|m| m.endpoint.is_some())
+        .enumerate()
+    {
         let wanted = match port_base {
-            Some(b) => b.checked_add(i as u16).ok_or_else(|| anyhow!("--port-base too high"))?,
-            None => m.endpoint.as_deref().and_then(|e| e.rsplit(':').next()?.parse().ok()).unwrap_or(0),
+            Some(b) => b
+                .checked_add(i as u16)
+                .ok_or_else(|| anyhow!("--port-base too high"))?,
+            None => m
+                .endpoint
+                .as_deref()
+                .and_then(|e| e.rsplit(':').next()?.parse().ok())
+                .unwrap_or(0),
         };
         let l = match tokio::net::TcpListener::bind(("127.0.0.1", wanted)).await {
             Ok(l) => l,
             Err(e) if port_base.is_none() => {
-                eprintln!("note: port {wanted} is taken ({e}); using a free port for {}", m.name);
+                eprintln!(
+                    "note: port {wanted} is taken ({e}); using a free port for {}",
+                    m.name
+                );
                 tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?
             }
             Err(e) => bail!("cannot listen on 127.0.0.1:{wanted}: {e}"),
@@ -374,12 +464,17 @@ async fn demo(dir: Option<PathBuf>, once: bool, port_base: Option<u16>, source: 
     let mut gateways = Vec::new();
     for (name, path, _) in &region.gateways {
         let cfg = MemberConfig::load(path).map_err(|p| anyhow!("invalid configuration:\n{p}"))?;
-        let l = listeners.remove(name).ok_or_else(|| anyhow!("no listener for {name}"))?;
+        let l = listeners
+            .remove(name)
+            .ok_or_else(|| anyhow!("no listener for {name}"))?;
         gateways.push(Gateway::start(Arc::new(cfg), Some(l)).await?);
     }
     println!("fedgate demo: region yrd in {}", dir.display());
     for (name, path, endpoint) in &region.gateways {
-        println!("  {name:<9} {endpoint}   (fedgate serve --config {})", path.display());
+        println!(
+            "  {name:<9} {endpoint}   (fedgate serve --config {})",
+            path.display()
+        );
     }
     let (client_name, cert, key) = region
         .clients
@@ -398,7 +493,10 @@ async fn demo(dir: Option<PathBuf>, once: bool, port_base: Option<u16>, source: 
     let mut failures = 0;
     for (title, sql) in fedgate::demo::EXAMPLES {
         println!("\n== {title}\n{sql}");
-        match client.query(sql, false, Some(Duration::from_secs(30))).await {
+        match client
+            .query(sql, false, Some(Duration::from_secs(30)))
+            .await
+        {
             Ok(a) => print_answer(&a, Format::Table)?,
             Err(f) => {
                 failures += 1;

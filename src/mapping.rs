@@ -101,22 +101,52 @@ pub struct Unmapped {
     pub values: Vec<(String, u64)>,
 }
 
-/// Counts, for each converted field of `m`, the non-NULL raw values that became NULL.
+/// Counts, for each field of `m`, the rows whose source columns all have values but
+/// whose canonical value is NULL: a code that did not translate, a date or number that
+/// did not parse, a CASE with no matching branch. Each is reported with the source
+/// values that produced it.
 pub async fn unmapped_values(
     ctx: &SessionContext,
     ds: &Dataset,
     m: &Mapping,
 ) -> Result<Vec<Unmapped>, String> {
+    let source = ctx
+        .table(quote_ident(&m.source))
+        .await
+        .map_err(|e| format!("source {}: {e}", m.source))?;
+    let schema = source.schema().clone();
     let mut out = Vec::new();
     for (f, (_, fm)) in ds.fields.iter().zip(&m.fields) {
-        let raw = format!("({})", fm.expr);
-        let converted = field_sql(f, fm);
-        let mut cond = format!("{raw} IS NOT NULL AND {converted} IS NULL");
+        let parsed = ctx
+            .parse_sql_expr(&fm.expr, &schema)
+            .map_err(|e| format!("field {}: {e}", f.name))?;
+        let mut cols: Vec<String> = parsed
+            .column_refs()
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        cols.sort();
+        cols.dedup();
+        if cols.is_empty() {
+            continue; // A constant: nothing from the source can go missing.
+        }
+        let quoted: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+        let present = quoted
+            .iter()
+            .map(|c| format!("{c} IS NOT NULL"))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let value = if quoted.len() == 1 {
+            format!("CAST({} AS VARCHAR)", quoted[0])
+        } else {
+            format!("concat_ws(' | ', {})", quoted.join(", "))
+        };
+        let mut cond = format!("{present} AND {} IS NULL", field_sql(f, fm));
         if let Some(filter) = &m.filter {
             cond = format!("({filter}) AND {cond}");
         }
         let sql = format!(
-            "SELECT CAST({raw} AS VARCHAR) AS v, count(*) AS n FROM {} WHERE {cond} GROUP BY 1 ORDER BY n DESC, v",
+            "SELECT {value} AS v, count(*) AS n FROM {} WHERE {cond} GROUP BY 1 ORDER BY n DESC, v",
             quote_ident(&m.source)
         );
         let batches = ctx
@@ -128,7 +158,9 @@ pub async fn unmapped_values(
             .map_err(|e| format!("field {}: {e}", f.name))?;
         let mut values = Vec::new();
         for b in &batches {
-            let v = as_string_array(b.column(0)).map_err(|e| e.to_string())?;
+            let v = datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8)
+                .map_err(|e| e.to_string())?;
+            let v = as_string_array(&v).map_err(|e| e.to_string())?;
             let n = b
                 .column(1)
                 .as_any()
@@ -201,7 +233,10 @@ struct ParseDate {
 impl ParseDate {
     fn new() -> Self {
         ParseDate {
-            signature: Signature::exact(vec![DataType::Utf8, DataType::Utf8], Volatility::Immutable),
+            signature: Signature::exact(
+                vec![DataType::Utf8, DataType::Utf8],
+                Volatility::Immutable,
+            ),
         }
     }
 }
@@ -243,42 +278,84 @@ impl ScalarUDFImpl for ParseDate {
 mod tests {
     use super::*;
     use crate::config::canonical_schema;
+    use datafusion::arrow::record_batch::RecordBatch;
     use datafusion::arrow::util::pretty::pretty_format_batches;
     use datafusion::datasource::MemTable;
-    use datafusion::arrow::record_batch::RecordBatch;
 
     fn dataset() -> Dataset {
         let fields = vec![
-            CanonicalField { name: "county_code".into(), data_type: DataType::Utf8, description: String::new(), unit: String::new() },
-            CanonicalField { name: "pop".into(), data_type: DataType::Int64, description: String::new(), unit: String::new() },
-            CanonicalField { name: "published_on".into(), data_type: DataType::Date32, description: String::new(), unit: String::new() },
+            CanonicalField {
+                name: "county_code".into(),
+                data_type: DataType::Utf8,
+                description: String::new(),
+                unit: String::new(),
+            },
+            CanonicalField {
+                name: "pop".into(),
+                data_type: DataType::Int64,
+                description: String::new(),
+                unit: String::new(),
+            },
+            CanonicalField {
+                name: "published_on".into(),
+                data_type: DataType::Date32,
+                description: String::new(),
+                unit: String::new(),
+            },
         ];
-        Dataset { name: "t".into(), description: String::new(), schema: canonical_schema(&fields), fields }
+        Dataset {
+            name: "t".into(),
+            description: String::new(),
+            schema: canonical_schema(&fields),
+            fields,
+        }
     }
 
     fn fm(expr: &str, code: Option<&str>, date: Option<&str>) -> FieldMapping {
-        FieldMapping { expr: expr.into(), code_table: code.map(Into::into), date_format: date.map(Into::into) }
+        FieldMapping {
+            expr: expr.into(),
+            code_table: code.map(Into::into),
+            date_format: date.map(Into::into),
+        }
     }
 
     async fn ctx_with(rows: &[(&str, &str, &str)]) -> SessionContext {
-        let ctx = SessionContext::new();
+        let ctx = SessionContext::new_with_config(crate::member::session_config());
         let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
             datafusion::arrow::datatypes::Field::new("区县", DataType::Utf8, true),
             datafusion::arrow::datatypes::Field::new("人口_万人", DataType::Utf8, true),
             datafusion::arrow::datatypes::Field::new("日期", DataType::Utf8, true),
         ]));
         let col = |i: usize| -> ArrayRef {
-            Arc::new(StringArray::from(rows.iter().map(|r| {
-                let v = [r.0, r.1, r.2][i];
-                if v.is_empty() { None } else { Some(v.to_string()) }
-            }).collect::<Vec<_>>()))
+            Arc::new(StringArray::from(
+                rows.iter()
+                    .map(|r| {
+                        let v = [r.0, r.1, r.2][i];
+                        if v.is_empty() {
+                            None
+                        } else {
+                            Some(v.to_string())
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            ))
         };
         let batch = RecordBatch::try_new(schema.clone(), vec![col(0), col(1), col(2)]).unwrap();
-        ctx.register_table("src", Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap())).unwrap();
+        ctx.register_table(
+            "src",
+            Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+        )
+        .unwrap();
         let mut entries = BTreeMap::new();
         entries.insert("西湖区".to_string(), "330106".to_string());
         entries.insert(normalize_key("下城区"), "330105".to_string());
-        register_functions(&ctx, &[CodeTable { name: "district".into(), entries }]);
+        register_functions(
+            &ctx,
+            &[CodeTable {
+                name: "district".into(),
+                entries,
+            }],
+        );
         ctx
     }
 
@@ -289,8 +366,18 @@ mod tests {
             filter: None,
             fields: vec![
                 ("county_code".into(), fm("\"区县\"", Some("district"), None)),
-                ("pop".into(), fm("round(CAST(\"人口_万人\" AS DOUBLE) * 10000)", None, None)),
-                ("published_on".into(), fm("\"日期\"", None, Some("%Y/%m/%d"))),
+                (
+                    "pop".into(),
+                    fm(
+                        "round(TRY_CAST(\"人口_万人\" AS DOUBLE) * 10000)",
+                        None,
+                        None,
+                    ),
+                ),
+                (
+                    "published_on".into(),
+                    fm("\"日期\"", None, Some("%Y/%m/%d")),
+                ),
             ],
             index: 0,
         }
@@ -303,7 +390,8 @@ mod tests {
             (" 下城 区", "52.6096", "2020/1/23"),
             ("钱塘新区", "bad", "22.01.2020"),
             ("", "", ""),
-        ]).await;
+        ])
+        .await;
         let sql = mapping_sql(&dataset(), &mapping(), "hangzhou");
         let out = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
         let text = pretty_format_batches(&out).unwrap().to_string();
@@ -326,11 +414,15 @@ mod tests {
             ("钱塘新区", "x", "2020-01-22"),
             ("钱塘新区", "2", "2020/01/22"),
             ("市直", "3", "2020/01/22"),
-        ]).await;
+        ])
+        .await;
         let un = unmapped_values(&ctx, &dataset(), &mapping()).await.unwrap();
         assert_eq!(un.len(), 3, "{un:?}");
         assert_eq!(un[0].field, "county_code");
-        assert_eq!(un[0].values, vec![("钱塘新区".to_string(), 2), ("市直".to_string(), 1)]);
+        assert_eq!(
+            un[0].values,
+            vec![("钱塘新区".to_string(), 2), ("市直".to_string(), 1)]
+        );
         assert_eq!(un[1].field, "pop");
         assert_eq!(un[1].values, vec![("x".to_string(), 1)]);
         assert_eq!(un[2].values, vec![("2020-01-22".to_string(), 1)]);

@@ -13,10 +13,10 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use datafusion::catalog::view::ViewTable;
+use datafusion::common::TableReference;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use datafusion::common::TableReference;
 
 use crate::config::{Dataset, MemberConfig};
 use crate::error::{Error, Result};
@@ -70,7 +70,11 @@ impl MemberEngine {
                 .region
                 .dataset(ds)
                 .ok_or_else(|| Error::Config(format!("unknown dataset {ds}")))?;
-            let maps: Vec<_> = config.mappings.iter().filter(|m| &m.dataset == ds).collect();
+            let maps: Vec<_> = config
+                .mappings
+                .iter()
+                .filter(|m| &m.dataset == ds)
+                .collect();
             let sql = mapping::view_sql(dataset, &maps, &config.member.name);
             let plan = private
                 .sql(&sql)
@@ -160,7 +164,9 @@ impl MemberEngine {
     /// Runs a prepared sub-query under a permit that covers it.
     pub async fn execute(&self, permit: &Permit, p: Prepared) -> Result<SendableRecordBatchStream> {
         if !p.datasets.is_subset(permit.datasets()) {
-            return Err(Error::Internal("permit does not cover the query's datasets".into()));
+            return Err(Error::Internal(
+                "permit does not cover the query's datasets".into(),
+            ));
         }
         tracing::debug!(origin = %permit.origin(), via = %permit.via(), datasets = ?p.datasets, "Sub-query permitted");
         let df = self

@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -206,6 +206,12 @@ mod tests {
         let (crt, key) = write_ca(&ca, dir.path()).unwrap();
         let loaded = Ca::load(&crt, &key).unwrap();
         let p = Principal::parse("fedgate://yrd/office/coordination").unwrap();
-        assert!(loaded.issue(&p, &[], 1).unwrap().cert_pem.contains("BEGIN CERTIFICATE"));
+        assert!(
+            loaded
+                .issue(&p, &[], 1)
+                .unwrap()
+                .cert_pem
+                .contains("BEGIN CERTIFICATE")
+        );
     }
 }

@@ -81,7 +81,11 @@ impl std::fmt::Display for Denial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.rule {
             Some(i) => write!(f, "dataset {} is denied by access[{i}]", self.dataset),
-            None => write!(f, "dataset {} is not shared with this caller (no access rule grants it)", self.dataset),
+            None => write!(
+                f,
+                "dataset {} is not shared with this caller (no access rule grants it)",
+                self.dataset
+            ),
         }
     }
 }

@@ -62,7 +62,10 @@ pub struct FederationService {
 impl Federation for FederationService {
     type QueryStream = ResponseStream<QueryResponse>;
 
-    async fn query(&self, req: Request<QueryRequest>) -> std::result::Result<Response<Self::QueryStream>, Status> {
+    async fn query(
+        &self,
+        req: Request<QueryRequest>,
+    ) -> std::result::Result<Response<Self::QueryStream>, Status> {
         let origin = caller(&req)?;
         let limits = &self.coordinator.config().limits;
         let grpc = grpc_timeout(&req);
@@ -85,7 +88,14 @@ impl Federation for FederationService {
         tracing::info!(%origin, sql = %q.sql, allow_partial = q.allow_partial, ?timeout, "Query");
         let running = self
             .coordinator
-            .query(origin, &q.sql, QueryOptions { allow_partial: q.allow_partial, timeout })
+            .query(
+                origin,
+                &q.sql,
+                QueryOptions {
+                    allow_partial: q.allow_partial,
+                    timeout,
+                },
+            )
             .await
             .map_err(|e| e.to_status())?;
         let state = running.state.clone();
@@ -131,17 +141,24 @@ impl Federation for FederationService {
             };
             tracing::info!(query_id = %summary.query_id, rows = summary.rows, partial = summary.partial, elapsed_us = summary.elapsed_us, "Query done");
             let _ = tx
-                .send(Ok(QueryResponse { payload: Some(query_response::Payload::Summary(summary)) }))
+                .send(Ok(QueryResponse {
+                    payload: Some(query_response::Payload::Summary(summary)),
+                }))
                 .await;
             if let Some(e) = failure {
                 tracing::warn!(error = %e, "Query failed");
                 let _ = tx.send(Err(e.to_status())).await;
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn describe(&self, req: Request<DescribeRequest>) -> std::result::Result<Response<DescribeResponse>, Status> {
+    async fn describe(
+        &self,
+        req: Request<DescribeRequest>,
+    ) -> std::result::Result<Response<DescribeResponse>, Status> {
         let who = caller(&req)?;
         let cfg = self.coordinator.config();
         let region = &cfg.region;
@@ -183,7 +200,11 @@ impl Federation for FederationService {
                     name: m.name.clone(),
                     kind: m.kind.to_string(),
                     identity: m.principal.uri(),
-                    endpoint: m.endpoint.as_ref().map(|e| e.url.clone()).unwrap_or_default(),
+                    endpoint: m
+                        .endpoint
+                        .as_ref()
+                        .map(|e| e.url.clone())
+                        .unwrap_or_default(),
                 })
                 .collect(),
         }))
@@ -230,7 +251,10 @@ impl PeerService {
                 q.hops, self.config.limits.max_hops
             )));
         }
-        if q.path.iter().any(|p| p == &self.config.member.principal.uri()) {
+        if q.path
+            .iter()
+            .any(|p| p == &self.config.member.principal.uri())
+        {
             return Err(Error::InvalidQuery(format!(
                 "sub-query has already passed through {} (loop in path {:?})",
                 self.config.member.name, q.path
@@ -244,22 +268,36 @@ impl PeerService {
 impl Peer for PeerService {
     type ExecuteStream = ResponseStream<ExecuteResponse>;
 
-    async fn execute(&self, req: Request<ExecuteRequest>) -> std::result::Result<Response<Self::ExecuteStream>, Status> {
+    async fn execute(
+        &self,
+        req: Request<ExecuteRequest>,
+    ) -> std::result::Result<Response<Self::ExecuteStream>, Status> {
         let via = caller(&req)?;
         let grpc = grpc_timeout(&req);
         let q = req.into_inner();
         let origin = self.admit(&via, &q).map_err(|e| e.to_status())?;
         let engine = self.engine.clone().ok_or_else(|| {
-            Error::InvalidQuery(format!("member {} serves no datasets", self.config.member.name)).to_status()
+            Error::InvalidQuery(format!(
+                "member {} serves no datasets",
+                self.config.member.name
+            ))
+            .to_status()
         })?;
-        let budget = [(q.budget_ms > 0).then(|| Duration::from_millis(q.budget_ms)), grpc]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(self.config.limits.default_timeout)
-            .min(self.config.limits.max_timeout);
+        let budget = [
+            (q.budget_ms > 0).then(|| Duration::from_millis(q.budget_ms)),
+            grpc,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.config.limits.default_timeout)
+        .min(self.config.limits.max_timeout);
         let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
-            Error::Overloaded(format!("member {} is answering its maximum of sub-queries", self.config.member.name)).to_status()
+            Error::Overloaded(format!(
+                "member {} is answering its maximum of sub-queries",
+                self.config.member.name
+            ))
+            .to_status()
         })?;
         let started = Instant::now();
         tracing::info!(query_id = %q.query_id, %via, %origin, sql = %q.sql, "Sub-query");
@@ -272,7 +310,8 @@ impl Peer for PeerService {
             })?;
         let version = self.config.version.clone();
         let schema = stream.schema();
-        let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
         tokio::spawn(async move {
             let _permit = permit;
             let rows = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -309,15 +348,26 @@ impl Peer for PeerService {
                 elapsed_us: started.elapsed().as_micros() as u64,
                 config_version: version,
             };
-            let _ = tx.send(Ok(ExecuteResponse { payload: Some(execute_response::Payload::Summary(summary)) })).await;
+            let _ = tx
+                .send(Ok(ExecuteResponse {
+                    payload: Some(execute_response::Payload::Summary(summary)),
+                }))
+                .await;
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn catalog(&self, req: Request<CatalogRequest>) -> std::result::Result<Response<CatalogResponse>, Status> {
+    async fn catalog(
+        &self,
+        req: Request<CatalogRequest>,
+    ) -> std::result::Result<Response<CatalogResponse>, Status> {
         let via = caller(&req)?;
         if self.config.region.member_by_principal(&via).is_none() {
-            return Err(Error::PermissionDenied(format!("{via} is not a region member")).to_status());
+            return Err(
+                Error::PermissionDenied(format!("{via} is not a region member")).to_status(),
+            );
         }
         Ok(Response::new(CatalogResponse {
             member: self.config.member.name.clone(),
@@ -356,7 +406,10 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway. `listener` lets tests and the demo bind ports first; without
     /// it the configured listen address is bound.
-    pub async fn start(config: Arc<MemberConfig>, listener: Option<TcpListener>) -> Result<Gateway> {
+    pub async fn start(
+        config: Arc<MemberConfig>,
+        listener: Option<TcpListener>,
+    ) -> Result<Gateway> {
         let tls = TlsMaterial::load(&config.region.ca_path, &config.cert_path, &config.key_path)?;
         if tls.principal != config.member.principal {
             return Err(Error::Config(format!(
@@ -379,11 +432,15 @@ impl Gateway {
                 .await
                 .map_err(|e| Error::Config(format!("listen {}: {e}", config.listen)))?,
         };
-        let addr = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Internal(e.to_string()))?;
         let incoming = crate::tls::incoming(listener, tls.server_config()?);
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<FederationServer<FederationService>>().await;
+        health
+            .set_serving::<FederationServer<FederationService>>()
+            .await;
         health.set_serving::<PeerServer<PeerService>>().await;
 
         let federation = FederationService {
@@ -397,9 +454,13 @@ impl Gateway {
         };
         let (tx, rx) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
-            .layer(tonic::service::InterceptorLayer::new(identity_check(config.region.clone())))
+            .layer(tonic::service::InterceptorLayer::new(identity_check(
+                config.region.clone(),
+            )))
             .add_service(health_service)
-            .add_service(FederationServer::new(federation).max_decoding_message_size(16 * 1024 * 1024))
+            .add_service(
+                FederationServer::new(federation).max_decoding_message_size(16 * 1024 * 1024),
+            )
             .add_service(PeerServer::new(peer).max_decoding_message_size(16 * 1024 * 1024));
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = rx.await;

@@ -79,8 +79,17 @@ impl TlsMaterial {
             .build()
             .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
         verifier
-            .verify_client_cert(&self.chain[0], &self.chain[1..], rustls_pki_types::UnixTime::now())
-            .map_err(|e| Error::Tls(format!("certificate of {} is not accepted by the region CA: {e}", self.principal)))?;
+            .verify_client_cert(
+                &self.chain[0],
+                &self.chain[1..],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .map_err(|e| {
+                Error::Tls(format!(
+                    "certificate of {} is not accepted by the region CA: {e}",
+                    self.principal
+                ))
+            })?;
         Ok(())
     }
 
@@ -121,7 +130,10 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(Error::Tls(format!("{} holds no certificate", path.display())));
+        return Err(Error::Tls(format!(
+            "{} holds no certificate",
+            path.display()
+        )));
     }
     Ok(certs)
 }
@@ -149,13 +161,21 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -164,7 +184,11 @@ impl AsyncWrite for TlsConn {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -201,7 +225,8 @@ pub fn incoming(
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::warn!(%remote, error = %e, "TLS handshake refused");
@@ -212,7 +237,11 @@ pub fn incoming(
                         return;
                     }
                 };
-                let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first().cloned());
+                let cert = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first().cloned());
                 let principal = match cert.map(|c| principal_from_cert(&c)) {
                     Some(Ok(p)) => p,
                     Some(Err(e)) => {
@@ -224,7 +253,12 @@ pub fn incoming(
                         return;
                     }
                 };
-                let _ = tx.send(Ok(TlsConn { io: tls, info: PeerInfo { remote, principal } })).await;
+                let _ = tx
+                    .send(Ok(TlsConn {
+                        io: tls,
+                        info: PeerInfo { remote, principal },
+                    }))
+                    .await;
             });
         }
     });
@@ -242,7 +276,12 @@ pub struct Connector {
 
 impl Connector {
     /// A connector for `host:port` that expects the server to be `expected` (when given).
-    pub fn new(config: Arc<ClientConfig>, host: &str, port: u16, expected: Option<Principal>) -> Self {
+    pub fn new(
+        config: Arc<ClientConfig>,
+        host: &str,
+        port: u16,
+        expected: Option<Principal>,
+    ) -> Self {
         Connector {
             config,
             host: host.to_string(),
@@ -272,13 +311,21 @@ impl Connector {
         tcp.set_nodelay(true)?;
         let name = ServerName::try_from(self.host.clone())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let tls = TlsConnector::from(self.config.clone()).connect(name, tcp).await?;
+        let tls = TlsConnector::from(self.config.clone())
+            .connect(name, tcp)
+            .await?;
         if let Some(want) = &self.expected {
-            let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first().cloned());
+            let cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first().cloned());
             let got = cert
                 .map(|c| principal_from_cert(&c))
                 .transpose()
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
+                .map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+                })?;
             if got.as_ref() != Some(want) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
@@ -314,12 +361,33 @@ impl tower::Service<http::Uri> for Connector {
 /// alone ("UnknownCA") is cryptic.
 pub fn explain_transport_error(text: &str) -> String {
     let hints = [
-        ("UnknownCA", "the gateway refused this certificate: it does not chain to the region CA"),
-        ("UnknownIssuer", "the gateway's certificate does not chain to the CA given with --ca"),
-        ("CertificateExpired", "the gateway refused this certificate: it has expired (or is not yet valid)"),
+        (
+            "UnknownCA",
+            "the gateway refused this certificate: it does not chain to the region CA",
+        ),
+        // A CA with the region CA's name but another key: the chain is found, and its
+        // signature fails.
+        (
+            "DecryptError",
+            "the gateway refused this certificate: it does not chain to the region CA (signature check failed)",
+        ),
+        (
+            "UnknownIssuer",
+            "the gateway's certificate does not chain to the CA given with --ca",
+        ),
+        (
+            "CertificateExpired",
+            "the gateway refused this certificate: it has expired (or is not yet valid)",
+        ),
         ("Expired", "a certificate has expired (or is not yet valid)"),
-        ("CertificateRequired", "the gateway requires a client certificate (give --cert and --key)"),
-        ("NotValidForName", "the gateway's certificate is not valid for the address dialled"),
+        (
+            "CertificateRequired",
+            "the gateway requires a client certificate (give --cert and --key)",
+        ),
+        (
+            "NotValidForName",
+            "the gateway's certificate is not valid for the address dialled",
+        ),
         ("BadCertificate", "the gateway refused this certificate"),
         ("Connection refused", "nothing is listening at that address"),
     ];

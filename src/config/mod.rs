@@ -169,7 +169,9 @@ impl Region {
 
     /// Members whose gateways serve `dataset`, in file order.
     pub fn servers_of<'a>(&'a self, dataset: &'a str) -> impl Iterator<Item = &'a Member> + 'a {
-        self.members.iter().filter(move |m| m.serves.contains(dataset))
+        self.members
+            .iter()
+            .filter(move |m| m.serves.contains(dataset))
     }
 
     /// Reads and validates a region file.
@@ -186,33 +188,64 @@ impl Region {
 
     fn validate(path: &Path, text: &str, raw: RawRegion, pr: &mut Problems) -> Option<Region> {
         if !valid_name(&raw.region) {
-            pr.add(path, "region", "must be lowercase letters, digits, '-' or '_'");
+            pr.add(
+                path,
+                "region",
+                "must be lowercase letters, digits, '-' or '_'",
+            );
         }
         let ca_path = resolve(path, &raw.ca);
         if !ca_path.is_file() {
-            pr.add(path, "ca", format!("CA bundle {} does not exist", ca_path.display()));
+            pr.add(
+                path,
+                "ca",
+                format!("CA bundle {} does not exist", ca_path.display()),
+            );
         }
         let mut datasets = Vec::new();
         let mut seen = BTreeSet::new();
         for (i, d) in raw.datasets.iter().enumerate() {
             let key = format!("datasets[{i}]");
             if !valid_name(&d.name) {
-                pr.add(path, format!("{key}.name"), format!("{:?} is not a valid table name (lowercase letters, digits, '_')", d.name));
+                pr.add(
+                    path,
+                    format!("{key}.name"),
+                    format!(
+                        "{:?} is not a valid table name (lowercase letters, digits, '_')",
+                        d.name
+                    ),
+                );
             }
             if !seen.insert(d.name.clone()) {
-                pr.add(path, format!("{key}.name"), format!("dataset {:?} is declared twice", d.name));
+                pr.add(
+                    path,
+                    format!("{key}.name"),
+                    format!("dataset {:?} is declared twice", d.name),
+                );
             }
             let mut fields = Vec::new();
             let mut fseen = BTreeSet::new();
             for (j, f) in d.fields.iter().enumerate() {
                 let fkey = format!("{key}.fields[{j}]");
                 if f.name == MEMBER_COLUMN {
-                    pr.add(path, format!("{fkey}.name"), "`member` is implicit in every dataset and cannot be declared");
+                    pr.add(
+                        path,
+                        format!("{fkey}.name"),
+                        "`member` is implicit in every dataset and cannot be declared",
+                    );
                 } else if !valid_name(&f.name) {
-                    pr.add(path, format!("{fkey}.name"), format!("{:?} is not a valid column name", f.name));
+                    pr.add(
+                        path,
+                        format!("{fkey}.name"),
+                        format!("{:?} is not a valid column name", f.name),
+                    );
                 }
                 if !fseen.insert(f.name.clone()) {
-                    pr.add(path, format!("{fkey}.name"), format!("field {:?} is declared twice", f.name));
+                    pr.add(
+                        path,
+                        format!("{fkey}.name"),
+                        format!("field {:?} is declared twice", f.name),
+                    );
                 }
                 match parse_type(&f.data_type) {
                     Some(t) => fields.push(CanonicalField {
@@ -221,11 +254,22 @@ impl Region {
                         description: f.description.clone(),
                         unit: f.unit.clone(),
                     }),
-                    None => pr.add(path, format!("{fkey}.type"), format!("unknown type {:?}; use utf8, int64, float64, boolean or date", f.data_type)),
+                    None => pr.add(
+                        path,
+                        format!("{fkey}.type"),
+                        format!(
+                            "unknown type {:?}; use utf8, int64, float64, boolean or date",
+                            f.data_type
+                        ),
+                    ),
                 }
             }
             if d.fields.is_empty() {
-                pr.add(path, format!("{key}.fields"), "a dataset needs at least one field");
+                pr.add(
+                    path,
+                    format!("{key}.fields"),
+                    "a dataset needs at least one field",
+                );
             }
             datasets.push(Dataset {
                 name: d.name.clone(),
@@ -240,10 +284,18 @@ impl Region {
         for (i, m) in raw.members.iter().enumerate() {
             let key = format!("members[{i}]");
             if !names.insert(m.name.clone()) {
-                pr.add(path, format!("{key}.name"), format!("member {:?} is listed twice", m.name));
+                pr.add(
+                    path,
+                    format!("{key}.name"),
+                    format!("member {:?} is listed twice", m.name),
+                );
             }
             let Some(kind) = Kind::parse(&m.kind) else {
-                pr.add(path, format!("{key}.kind"), format!("unknown kind {:?}; use city, county or office", m.kind));
+                pr.add(
+                    path,
+                    format!("{key}.kind"),
+                    format!("unknown kind {:?}; use city, county or office", m.kind),
+                );
                 continue;
             };
             let principal = match &m.identity {
@@ -252,7 +304,11 @@ impl Region {
             };
             let principal = match principal {
                 Ok(p) if p.region() != raw.region => {
-                    pr.add(path, format!("{key}.identity"), format!("identity {p} is not in region {:?}", raw.region));
+                    pr.add(
+                        path,
+                        format!("{key}.identity"),
+                        format!("identity {p} is not in region {:?}", raw.region),
+                    );
                     continue;
                 }
                 Ok(p) => p,
@@ -272,15 +328,30 @@ impl Region {
                 },
             };
             if endpoint.is_none() && !m.serves.is_empty() {
-                pr.add(path, format!("{key}.serves"), "a member that serves datasets needs an endpoint");
+                pr.add(
+                    path,
+                    format!("{key}.serves"),
+                    "a member that serves datasets needs an endpoint",
+                );
             }
             for s in &m.serves {
                 if !seen.contains(s) {
-                    pr.add(path, format!("{key}.serves"), format!("unknown dataset {s:?}"));
+                    pr.add(
+                        path,
+                        format!("{key}.serves"),
+                        format!("unknown dataset {s:?}"),
+                    );
                 }
             }
-            if by_identity.insert(principal.clone(), members.len()).is_some() {
-                pr.add(path, format!("{key}.identity"), format!("identity {principal} is used by two members"));
+            if by_identity
+                .insert(principal.clone(), members.len())
+                .is_some()
+            {
+                pr.add(
+                    path,
+                    format!("{key}.identity"),
+                    format!("identity {principal} is used by two members"),
+                );
             }
             members.push(Member {
                 name: m.name.clone(),
@@ -444,16 +515,36 @@ impl MemberConfig {
         pr: &mut Problems,
     ) -> Option<MemberConfig> {
         let Some(member) = region.member(&raw.member).cloned() else {
-            pr.add(path, "member", format!("{:?} is not a member of region {:?} ({})", raw.member, region.name, region.path.display()));
+            pr.add(
+                path,
+                "member",
+                format!(
+                    "{:?} is not a member of region {:?} ({})",
+                    raw.member,
+                    region.name,
+                    region.path.display()
+                ),
+            );
             return None;
         };
         if member.endpoint.is_none() {
-            pr.add(path, "member", format!("member {:?} has no endpoint in the region file, so it cannot run a gateway", member.name));
+            pr.add(
+                path,
+                "member",
+                format!(
+                    "member {:?} has no endpoint in the region file, so it cannot run a gateway",
+                    member.name
+                ),
+            );
         }
         let listen = match raw.listen.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(e) => {
-                pr.add(path, "listen", format!("{:?} is not host:port: {e}", raw.listen));
+                pr.add(
+                    path,
+                    "listen",
+                    format!("{:?} is not host:port: {e}", raw.listen),
+                );
                 None
             }
         };
@@ -471,16 +562,28 @@ impl MemberConfig {
         for (i, s) in raw.sources.iter().enumerate() {
             let key = format!("sources[{i}]");
             if !valid_name(&s.name) {
-                pr.add(path, format!("{key}.name"), format!("{:?} is not a valid name", s.name));
+                pr.add(
+                    path,
+                    format!("{key}.name"),
+                    format!("{:?} is not a valid name", s.name),
+                );
             }
             if !source_names.insert(s.name.clone()) {
-                pr.add(path, format!("{key}.name"), format!("source {:?} is declared twice", s.name));
+                pr.add(
+                    path,
+                    format!("{key}.name"),
+                    format!("source {:?} is declared twice", s.name),
+                );
             }
             let format = match s.format.as_str() {
                 "csv" => SourceFormat::Csv,
                 "parquet" => SourceFormat::Parquet,
                 other => {
-                    pr.add(path, format!("{key}.format"), format!("unknown format {other:?}; use csv or parquet"));
+                    pr.add(
+                        path,
+                        format!("{key}.format"),
+                        format!("unknown format {other:?}; use csv or parquet"),
+                    );
                     continue;
                 }
             };
@@ -488,22 +591,39 @@ impl MemberConfig {
                 None => b',',
                 Some(d) if d.len() == 1 => d.as_bytes()[0],
                 Some(d) => {
-                    pr.add(path, format!("{key}.delimiter"), format!("{d:?} must be one ASCII character"));
+                    pr.add(
+                        path,
+                        format!("{key}.delimiter"),
+                        format!("{d:?} must be one ASCII character"),
+                    );
                     b','
                 }
             };
             let p = resolve(path, &s.path);
             if !p.is_file() {
-                pr.add(path, format!("{key}.path"), format!("{} does not exist", p.display()));
+                pr.add(
+                    path,
+                    format!("{key}.path"),
+                    format!("{} does not exist", p.display()),
+                );
             }
-            sources.push(Source { name: s.name.clone(), format, path: p, delimiter });
+            sources.push(Source {
+                name: s.name.clone(),
+                format,
+                path: p,
+                delimiter,
+            });
         }
 
         let mut code_tables = Vec::new();
         for (i, t) in raw.code_tables.iter().enumerate() {
             let key = format!("code_tables[{i}]");
             if !valid_name(&t.name) {
-                pr.add(path, format!("{key}.name"), format!("{:?} is not a valid name", t.name));
+                pr.add(
+                    path,
+                    format!("{key}.name"),
+                    format!("{:?} is not a valid name", t.name),
+                );
             }
             let mut entries = BTreeMap::new();
             if let Some(p) = &t.path {
@@ -523,9 +643,16 @@ impl MemberConfig {
                 entries.insert(normalize_key(alias), code.clone());
             }
             if entries.is_empty() {
-                pr.add(path, key.clone(), "code table has no entries (give a path or aliases)");
+                pr.add(
+                    path,
+                    key.clone(),
+                    "code table has no entries (give a path or aliases)",
+                );
             }
-            code_tables.push(CodeTable { name: t.name.clone(), entries });
+            code_tables.push(CodeTable {
+                name: t.name.clone(),
+                entries,
+            });
         }
 
         let mut mappings = Vec::new();
@@ -533,18 +660,34 @@ impl MemberConfig {
         for (i, m) in raw.mappings.iter().enumerate() {
             let key = format!("mappings[{i}]");
             let Some(ds) = region.dataset(&m.dataset) else {
-                pr.add(path, format!("{key}.dataset"), format!("{:?} is not a canonical dataset of the region", m.dataset));
+                pr.add(
+                    path,
+                    format!("{key}.dataset"),
+                    format!("{:?} is not a canonical dataset of the region", m.dataset),
+                );
                 continue;
             };
             mapped.insert(m.dataset.clone());
             if !source_names.contains(&m.source) {
-                pr.add(path, format!("{key}.source"), format!("unknown source {:?}", m.source));
+                pr.add(
+                    path,
+                    format!("{key}.source"),
+                    format!("unknown source {:?}", m.source),
+                );
             }
             for f in m.fields.keys() {
                 if f == MEMBER_COLUMN {
-                    pr.add(path, format!("{key}.fields.{f}"), "`member` is set by fedgate and cannot be mapped");
+                    pr.add(
+                        path,
+                        format!("{key}.fields.{f}"),
+                        "`member` is set by fedgate and cannot be mapped",
+                    );
                 } else if !ds.fields.iter().any(|c| &c.name == f) {
-                    pr.add(path, format!("{key}.fields.{f}"), format!("dataset {} has no field {f:?}", ds.name));
+                    pr.add(
+                        path,
+                        format!("{key}.fields.{f}"),
+                        format!("dataset {} has no field {f:?}", ds.name),
+                    );
                 }
             }
             let mut fields = Vec::new();
@@ -570,7 +713,14 @@ impl MemberConfig {
         if mapped != member.serves {
             let declared: Vec<_> = member.serves.iter().cloned().collect();
             let have: Vec<_> = mapped.iter().cloned().collect();
-            pr.add(path, "mappings", format!("the region file says member {} serves {:?}, but this file maps {:?}", member.name, declared, have));
+            pr.add(
+                path,
+                "mappings",
+                format!(
+                    "the region file says member {} serves {:?}, but this file maps {:?}",
+                    member.name, declared, have
+                ),
+            );
         }
 
         let mut access = Vec::new();
@@ -583,14 +733,22 @@ impl MemberConfig {
             }
             for d in &a.datasets {
                 if d != "*" && region.dataset(d).is_none() {
-                    pr.add(path, format!("{key}.datasets"), format!("unknown dataset {d:?}"));
+                    pr.add(
+                        path,
+                        format!("{key}.datasets"),
+                        format!("unknown dataset {d:?}"),
+                    );
                 }
             }
             let level = match a.level.as_str() {
                 "rows" => AccessLevel::Rows,
                 "deny" => AccessLevel::Deny,
                 other => {
-                    pr.add(path, format!("{key}.level"), format!("unknown level {other:?}; use rows or deny"));
+                    pr.add(
+                        path,
+                        format!("{key}.level"),
+                        format!("unknown level {other:?}; use rows or deny"),
+                    );
                     continue;
                 }
             };
@@ -632,14 +790,26 @@ fn validate_limits(path: &Path, raw: &RawLimits, pr: &mut Problems) -> Limits {
             match humantime::parse_duration(s) {
                 Ok(d) if !d.is_zero() => *slot = d,
                 Ok(_) => pr.add(path, format!("limits.{key}"), "must be greater than zero"),
-                Err(e) => pr.add(path, format!("limits.{key}"), format!("{s:?} is not a duration like \"30s\": {e}")),
+                Err(e) => pr.add(
+                    path,
+                    format!("limits.{key}"),
+                    format!("{s:?} is not a duration like \"30s\": {e}"),
+                ),
             }
         }
     };
-    dur("default_timeout", &raw.default_timeout, &mut l.default_timeout);
+    dur(
+        "default_timeout",
+        &raw.default_timeout,
+        &mut l.default_timeout,
+    );
     dur("max_timeout", &raw.max_timeout, &mut l.max_timeout);
     if l.default_timeout > l.max_timeout {
-        pr.add(path, "limits.default_timeout", "is longer than limits.max_timeout");
+        pr.add(
+            path,
+            "limits.default_timeout",
+            "is longer than limits.max_timeout",
+        );
     }
     if let Some(n) = raw.max_concurrent_queries {
         l.max_concurrent_queries = n.max(1);
@@ -677,12 +847,16 @@ fn field_mapping(
             return Err(format!("unknown code table {t:?}"));
         }
         if target != &DataType::Utf8 {
-            return Err(format!("a code table yields text, but the field is {target}"));
+            return Err(format!(
+                "a code table yields text, but the field is {target}"
+            ));
         }
     }
     if let Some(f) = &detail.date_format {
         if target != &DataType::Date32 {
-            return Err(format!("date_format is only for date fields, this one is {target}"));
+            return Err(format!(
+                "date_format is only for date fields, this one is {target}"
+            ));
         }
         if detail.code_table.is_some() {
             return Err("a field cannot use both code_table and date_format".into());
@@ -745,13 +919,19 @@ fn parse_endpoint(url: &str) -> Result<Endpoint, String> {
         .ok_or_else(|| format!("{url:?} must start with https:// (every port is mutual TLS)"))?;
     let rest = rest.trim_end_matches('/');
     let (host, port) = if let Some(r) = rest.strip_prefix('[') {
-        let (h, p) = r.split_once("]:").ok_or_else(|| format!("{url:?} needs a port"))?;
+        let (h, p) = r
+            .split_once("]:")
+            .ok_or_else(|| format!("{url:?} needs a port"))?;
         (h.to_string(), p)
     } else {
-        let (h, p) = rest.rsplit_once(':').ok_or_else(|| format!("{url:?} needs a port"))?;
+        let (h, p) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{url:?} needs a port"))?;
         (h.to_string(), p)
     };
-    let port: u16 = port.parse().map_err(|_| format!("{url:?} has a bad port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{url:?} has a bad port"))?;
     if host.is_empty() || host.contains('/') {
         return Err(format!("{url:?} has a bad host"));
     }
@@ -787,7 +967,7 @@ fn parse_toml<T: serde::de::DeserializeOwned>(
         let key = e
             .span()
             .map(|s| {
-                let line = text[..s.start].lines().count().max(1);
+                let line = text[..s.start].matches('\n').count() + 1;
                 format!("line {line}")
             })
             .unwrap_or_default();
@@ -796,7 +976,11 @@ fn parse_toml<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn read_code_file(path: &Path, key_col: &str, code_col: &str) -> Result<Vec<(String, String)>, String> {
+fn read_code_file(
+    path: &Path,
+    key_col: &str,
+    code_col: &str,
+) -> Result<Vec<(String, String)>, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     use arrow::array::Array;
     let mut rdr = arrow::csv::reader::Format::default().with_header(true);
@@ -866,7 +1050,11 @@ fields = [ { name = "county_code", type = "utf8" }, { name = "pop", type = "int6
     fn unknown_keys_are_rejected_with_their_name_and_line() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "ca.crt", "x");
-        let p = write(dir.path(), "region.toml", &REGION.replace("kind = \"office\"", "kind = \"office\"\ncolour = \"red\""));
+        let p = write(
+            dir.path(),
+            "region.toml",
+            &REGION.replace("kind = \"office\"", "kind = \"office\"\ncolour = \"red\""),
+        );
         let e = Region::load(&p).unwrap_err().to_string();
         assert!(e.contains("unknown field `colour`"), "{e}");
         assert!(e.contains("line 12"), "{e}");
@@ -877,7 +1065,10 @@ fields = [ { name = "county_code", type = "utf8" }, { name = "pop", type = "int6
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "ca.crt", "x");
         write(dir.path(), "region.toml", REGION);
-        let p = write(dir.path(), "hefei.toml", r#"
+        let p = write(
+            dir.path(),
+            "hefei.toml",
+            r#"
 member = "hefei"
 region = "region.toml"
 listen = "127.0.0.1:7000"
@@ -897,11 +1088,14 @@ fields = { county_code = { column = "code", code_table = "nope" }, extra = "1" }
 principals = ["fedgate://yrd/town/*"]
 datasets = ["*"]
 level = "rows"
-"#);
+"#,
+        );
         let e = MemberConfig::load(&p).unwrap_err().to_string();
         for want in [
-            "cert: ", "missing.crt does not exist",
-            "limits.default_timeout", "sources[0].format: unknown format \"xlsx\"",
+            "cert: ",
+            "missing.crt does not exist",
+            "limits.default_timeout",
+            "sources[0].format: unknown format \"xlsx\"",
             "mappings[0].fields.extra: dataset census has no field \"extra\"",
             "mappings[0].fields.county_code: unknown code table \"nope\"",
             "mappings[0].fields.pop: canonical field \"pop\" is not mapped",

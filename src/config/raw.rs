@@ -211,12 +211,17 @@ impl<'de> Deserialize<'de> for RawFieldMapping {
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = RawFieldMapping;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an SQL expression string or a table with column/expr/code_table/date_format")
+                f.write_str(
+                    "an SQL expression string or a table with column/expr/code_table/date_format",
+                )
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
                 Ok(RawFieldMapping::Expr(s.to_string()))
             }
-            fn visit_map<M: serde::de::MapAccess<'de>>(self, m: M) -> Result<Self::Value, M::Error> {
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                m: M,
+            ) -> Result<Self::Value, M::Error> {
                 RawFieldDetail::deserialize(serde::de::value::MapAccessDeserializer::new(m))
                     .map(RawFieldMapping::Detailed)
             }

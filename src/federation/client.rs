@@ -95,7 +95,10 @@ fn status_error(member: &str, endpoint: &str, s: tonic::Status) -> Error {
         src = e.source();
     }
     if failure == MemberFailure::Unavailable {
-        reason = format!("{endpoint}: {}", crate::tls::explain_transport_error(&reason));
+        reason = format!(
+            "{endpoint}: {}",
+            crate::tls::explain_transport_error(&reason)
+        );
     }
     Error::Member {
         member: member.into(),
@@ -144,7 +147,11 @@ impl MemberClient {
                     .execute(req)
                     .await
                     .map_err(|s| status_error(name, endpoint, s))?;
-                Ok(remote_batches(name.clone(), endpoint.clone(), response.into_inner()))
+                Ok(remote_batches(
+                    name.clone(),
+                    endpoint.clone(),
+                    response.into_inner(),
+                ))
             }
         }
     }

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::TableReference;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
-use datafusion::common::TableReference;
 
 use crate::config::MemberConfig;
 use crate::error::{Error, Result};
@@ -84,15 +84,19 @@ impl Coordinator {
                 }
                 continue;
             }
-            let channel = Connector::new(client_cfg.clone(), &ep.host, ep.port, Some(m.principal.clone()))
-                .channel(Duration::from_secs(5))?;
+            let channel = Connector::new(
+                client_cfg.clone(),
+                &ep.host,
+                ep.port,
+                Some(m.principal.clone()),
+            )
+            .channel(Duration::from_secs(5))?;
             clients.insert(
                 m.name.clone(),
                 MemberClient::Remote {
                     name: m.name.clone(),
                     endpoint: ep.url.clone(),
-                    client: PeerClient::new(channel)
-                        .max_decoding_message_size(16 * 1024 * 1024),
+                    client: PeerClient::new(channel).max_decoding_message_size(16 * 1024 * 1024),
                 },
             );
         }
@@ -127,7 +131,12 @@ impl Coordinator {
     }
 
     /// Plans `sql` for `origin` and returns the running query.
-    pub async fn query(&self, origin: Principal, sql: &str, opts: QueryOptions) -> Result<RunningQuery> {
+    pub async fn query(
+        &self,
+        origin: Principal,
+        sql: &str,
+        opts: QueryOptions,
+    ) -> Result<RunningQuery> {
         let member_budget = opts.timeout.saturating_sub(merge_reserve(opts.timeout));
         let state = Arc::new(QueryState::new(
             uuid::Uuid::new_v4().to_string(),
@@ -135,7 +144,12 @@ impl Coordinator {
             self.config.member.principal.clone(),
             member_budget,
             opts.allow_partial,
-            self.config.region.members.iter().map(|m| m.name.clone()).collect(),
+            self.config
+                .region
+                .members
+                .iter()
+                .map(|m| m.name.clone())
+                .collect(),
         ));
         let ctx = self.context(state.clone())?;
         let df = ctx
@@ -158,14 +172,22 @@ impl Coordinator {
             self.config.member.principal.clone(),
             Duration::from_secs(1),
             true,
-            self.config.region.members.iter().map(|m| m.name.clone()).collect(),
+            self.config
+                .region
+                .members
+                .iter()
+                .map(|m| m.name.clone())
+                .collect(),
         ));
         let ctx = self.context(state)?;
         let df = ctx
             .sql_with_options(sql, query_only())
             .await
             .map_err(Error::from_datafusion)?;
-        let plan = df.create_physical_plan().await.map_err(Error::from_datafusion)?;
+        let plan = df
+            .create_physical_plan()
+            .await
+            .map_err(Error::from_datafusion)?;
         Ok(datafusion::physical_plan::displayable(plan.as_ref())
             .indent(true)
             .to_string())

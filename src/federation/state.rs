@@ -102,7 +102,11 @@ impl QueryState {
     /// on `member` excludes it.
     pub fn pruned(&self, member: &str, dataset: &str) {
         self.update(member, dataset, |e| {
-            Self::set_state(e, MemberState::Pruned, "excluded by the query's filter on member".into())
+            Self::set_state(
+                e,
+                MemberState::Pruned,
+                "excluded by the query's filter on member".into(),
+            )
         });
     }
 
@@ -171,14 +175,25 @@ mod tests {
     fn state() -> QueryState {
         let p = Principal::parse("fedgate://yrd/office/coordination").unwrap();
         let c = Principal::parse("fedgate://yrd/city/shanghai").unwrap();
-        QueryState::new("q".into(), p, c, Duration::from_secs(1), true, vec!["shanghai".into(), "hefei".into()])
+        QueryState::new(
+            "q".into(),
+            p,
+            c,
+            Duration::from_secs(1),
+            true,
+            vec!["shanghai".into(), "hefei".into()],
+        )
     }
 
     #[test]
     fn the_worst_outcome_of_a_member_is_reported() {
         let s = state();
         s.answered("hefei", "census", 12, Duration::from_millis(3));
-        let err = Error::Member { member: "hefei".into(), failure: MemberFailure::TimedOut, reason: "slow".into() };
+        let err = Error::Member {
+            member: "hefei".into(),
+            failure: MemberFailure::TimedOut,
+            reason: "slow".into(),
+        };
         s.failed("hefei", "divisions", &err, 0, Duration::from_millis(9));
         s.answered("shanghai", "census", 16, Duration::from_millis(2));
         let st = s.statuses();

@@ -109,7 +109,11 @@ fn only_member(e: &Expr) -> bool {
 /// Evaluates the filters that mention only `member` for one member's name; a filter
 /// that is false or NULL there excludes the member without asking it.
 fn excluded(state: &dyn Session, filters: &[Expr], member: &str) -> DfResult<bool> {
-    let schema = Arc::new(Schema::new(vec![Field::new(MEMBER_COLUMN, DataType::Utf8, false)]));
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        MEMBER_COLUMN,
+        DataType::Utf8,
+        false,
+    )]));
     let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
     let batch = RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec![member]))])?;
     for f in filters.iter().filter(|f| only_member(f)) {
@@ -173,7 +177,10 @@ impl TableProvider for FederatedTable {
         let cols: Vec<String> = if indices.is_empty() {
             vec![MEMBER_COLUMN.to_string()]
         } else {
-            indices.iter().map(|&i| quote_ident(full.field(i).name())).collect()
+            indices
+                .iter()
+                .map(|&i| quote_ident(full.field(i).name()))
+                .collect()
         };
         let mut sql = format!(
             "SELECT {} FROM {}",
@@ -194,9 +201,10 @@ impl TableProvider for FederatedTable {
                 qs.pruned(m, &self.dataset.name);
                 continue;
             }
-            let client = self.clients.get(m).cloned().ok_or_else(|| {
-                DataFusionError::Internal(format!("no client for member {m}"))
-            })?;
+            let client =
+                self.clients.get(m).cloned().ok_or_else(|| {
+                    DataFusionError::Internal(format!("no client for member {m}"))
+                })?;
             targets.push(client);
         }
         Ok(Arc::new(FederatedScanExec::new(
@@ -308,7 +316,11 @@ impl ExecutionPlan for FederatedScanExec {
         Ok(self)
     }
 
-    fn execute(&self, partition: usize, _ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
+    fn execute(
+        &self,
+        partition: usize,
+        _ctx: Arc<TaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
         let Some(target) = self.targets.get(partition).cloned() else {
             // No member to ask (all pruned): an empty partition.
             return Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -338,7 +350,10 @@ impl ExecutionPlan for FederatedScanExec {
             rows: 0,
             started: now,
         };
-        Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream)))
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            stream,
+        )))
     }
 }
 
@@ -364,8 +379,13 @@ struct ScanStream {
 impl ScanStream {
     fn fail(&mut self, e: Error) -> Poll<Option<DfResult<RecordBatch>>> {
         self.phase = Phase::Done;
-        self.state
-            .failed(&self.member, &self.dataset, &e, self.rows, self.started.elapsed());
+        self.state.failed(
+            &self.member,
+            &self.dataset,
+            &e,
+            self.rows,
+            self.started.elapsed(),
+        );
         tracing::warn!(query_id = %self.state.query_id, member = %self.member, error = %e, "Member did not answer");
         if self.state.allow_partial {
             Poll::Ready(None)
@@ -438,8 +458,12 @@ impl Stream for ScanStream {
                     Poll::Ready(Some(Err(e))) => return this.fail(e),
                     Poll::Ready(None) => {
                         this.phase = Phase::Done;
-                        this.state
-                            .answered(&this.member, &this.dataset, this.rows, this.started.elapsed());
+                        this.state.answered(
+                            &this.member,
+                            &this.dataset,
+                            this.rows,
+                            this.started.elapsed(),
+                        );
                         return Poll::Ready(None);
                     }
                     Poll::Pending => break,
@@ -452,7 +476,9 @@ impl Stream for ScanStream {
                 failure: MemberFailure::TimedOut,
                 reason: format!(
                     "no complete answer within its budget of {:?}",
-                    this.state.member_deadline.saturating_duration_since(this.started)
+                    this.state
+                        .member_deadline
+                        .saturating_duration_since(this.started)
                 ),
             };
             return this.fail(e);
@@ -466,9 +492,12 @@ impl Drop for ScanStream {
         // Dropped before the end: the coordinator needed no more rows (a LIMIT was
         // met) or the query ended for another reason. The member was not at fault.
         if !matches!(self.phase, Phase::Done) {
-            self.state
-                .answered(&self.member, &self.dataset, self.rows, self.started.elapsed());
+            self.state.answered(
+                &self.member,
+                &self.dataset,
+                self.rows,
+                self.started.elapsed(),
+            );
         }
     }
 }
-

@@ -1,0 +1,101 @@
+//! Bad queries and bad configs: each a clear error naming the problem, and the
+//! gateway keeps serving.
+
+use crate::support::{Region, read_csv};
+
+#[tokio::test]
+async fn bad_queries_are_refused_by_name_and_the_gateway_keeps_serving() {
+    let region = Region::start().await;
+    let client = region.client("suzhou");
+    let cases = [
+        ("SELEC * FROM census", "SELEC"),
+        ("SELECT * FROM hospitals", "hospitals"),
+        ("SELECT no_such_column FROM census", "no_such_column"),
+        ("CREATE TABLE t AS SELECT 1", "not supported"),
+        ("SELECT 1; SELECT 2", "single SQL statement"),
+    ];
+    for (sql, needle) in cases {
+        let f = client.query(sql, false, None).await.unwrap_err();
+        assert_eq!(f.status.code(), tonic::Code::InvalidArgument, "{sql}: {f}");
+        assert!(f.status.message().contains(needle), "{sql}: {f}");
+    }
+    let a = client
+        .query("SELECT count(*) AS n FROM divisions", false, None)
+        .await
+        .unwrap();
+    assert_eq!(a.summary.members.len(), 5);
+}
+
+#[tokio::test]
+async fn config_with_unknown_keys_or_missing_files_is_reported_with_file_and_key() {
+    let region = Region::start_only(Some(&[])).await;
+    let path = region.layout.dir.join("anji.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+
+    std::fs::write(&path, format!("colour = \"green\"\n{text}")).unwrap();
+    let r = fedgate::check::check(&path).await;
+    let all: Vec<String> = r.errors.iter().map(|p| p.to_string()).collect();
+    assert!(
+        all.iter()
+            .any(|e| e.contains("anji.toml") && e.contains("unknown field `colour`")),
+        "{all:?}"
+    );
+
+    std::fs::write(
+        &path,
+        text.replace("data/anji/census_2020.csv", "data/anji/missing.csv"),
+    )
+    .unwrap();
+    let r = fedgate::check::check(&path).await;
+    let all: Vec<String> = r.errors.iter().map(|p| p.to_string()).collect();
+    assert!(
+        all.iter()
+            .any(|e| e.contains("sources[1].path") && e.contains("missing.csv does not exist")),
+        "{all:?}"
+    );
+
+    std::fs::write(
+        &path,
+        text.replace("pop_total = \"rk\"", "pop_total = \"no_such_column\""),
+    )
+    .unwrap();
+    let r = fedgate::check::check(&path).await;
+    let all: Vec<String> = r.errors.iter().map(|p| p.to_string()).collect();
+    assert!(all.iter().any(|e| e.contains("no_such_column")), "{all:?}");
+}
+
+#[tokio::test]
+async fn values_a_code_table_cannot_map_are_counted_by_check() {
+    let region = Region::start_only(Some(&[])).await;
+    let path = region.layout.dir.join("hangzhou.toml");
+    // Without its aliases, Hangzhou's abolished district names no longer map.
+    let mut cfg: fedgate::config::raw::RawMemberConfig =
+        toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for t in &mut cfg.code_tables {
+        t.aliases.clear();
+    }
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let r = fedgate::check::check(&path).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let (h, rows) = read_csv(&region.data().join("hangzhou/fever_clinics.csv"));
+    let i = h.iter().position(|c| c == "district").unwrap();
+    let count = |name: &str| rows.iter().filter(|r| r[i] == name).count();
+    let w: Vec<String> = r.warnings.iter().map(|p| p.to_string()).collect();
+    let field = w
+        .iter()
+        .find(|x| x.contains("fields.county_code"))
+        .unwrap_or_else(|| panic!("{w:?}"));
+    for name in ["下城区", "江干区", "钱塘新区"] {
+        assert!(
+            field.contains(&format!("\"{name}\" ({})", count(name))),
+            "{field}"
+        );
+    }
+    assert!(
+        field.contains(&format!(
+            "{} rows",
+            count("下城区") + count("江干区") + count("钱塘新区")
+        )),
+        "{field}"
+    );
+}

@@ -1,0 +1,40 @@
+//! Every configuration shipped in `federation-configs/` passes `fedgate check`.
+
+#[tokio::test]
+async fn every_shipped_config_passes_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("federation-configs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let src = entry.unwrap().path();
+        if !src.join("region.toml").is_file() {
+            continue;
+        }
+        // Certificates are generated per run, never committed.
+        let dir = tempfile::tempdir().unwrap();
+        let m = fedgate::demo::materialize(&src, dir.path(), &|_, p| p).unwrap();
+        for (name, path, _) in &m.gateways {
+            let r = fedgate::check::check(path).await;
+            assert!(
+                r.errors.is_empty(),
+                "{}/{name}: {:?}",
+                src.display(),
+                r.errors
+            );
+            assert!(
+                r.warnings.is_empty(),
+                "{}/{name}: {:?}",
+                src.display(),
+                r.warnings
+            );
+            assert!(
+                r.checked
+                    .iter()
+                    .any(|c| c.contains("chains to the region CA")),
+                "{:?}",
+                r.checked
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5, "only {checked} member configs found");
+}

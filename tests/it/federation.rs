@@ -1,0 +1,429 @@
+//! Federated answers over a real region, checked against values computed here from
+//! the members' own files (never from fedgate's output).
+
+use std::collections::BTreeMap;
+
+use fedgate::proto::v1::MemberState;
+
+use crate::support::{Region, column_strings, read_csv};
+
+fn count_rows(region: &Region, member: &str, file: &str) -> usize {
+    read_csv(&region.data().join(member).join(file)).1.len()
+}
+
+fn column(region: &Region, member: &str, file: &str, col: &str) -> Vec<String> {
+    let (h, rows) = read_csv(&region.data().join(member).join(file));
+    let i = h.iter().position(|c| c == col).unwrap();
+    rows.into_iter().map(|r| r[i].clone()).collect()
+}
+
+/// Parses a population written in 万人 with exactly four decimals, by moving the
+/// decimal point in the text (no floating point).
+fn wan_to_persons(s: &str) -> i64 {
+    let (int, frac) = s.split_once('.').unwrap();
+    assert_eq!(frac.len(), 4, "{s}");
+    format!("{int}{frac}").parse().unwrap()
+}
+
+fn states(summary: &fedgate::proto::v1::QuerySummary) -> BTreeMap<String, MemberState> {
+    summary
+        .members
+        .iter()
+        .map(|m| (m.member.clone(), MemberState::try_from(m.state).unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn hospitals_per_member_match_the_source_files_and_hefei_is_not_asked() {
+    let region = Region::start().await;
+    let answer = region
+        .client("shanghai")
+        .query(
+            "SELECT member, count(*) AS n FROM fever_clinics GROUP BY member ORDER BY member",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    let members = column_strings(&answer.batches, "member");
+    let counts = column_strings(&answer.batches, "n");
+    let got: BTreeMap<_, _> = members.into_iter().zip(counts).collect();
+    let mut want = BTreeMap::new();
+    for m in ["anji", "hangzhou", "shanghai", "suzhou"] {
+        want.insert(
+            m.to_string(),
+            count_rows(&region, m, "fever_clinics.csv").to_string(),
+        );
+    }
+    assert_eq!(got, want);
+    let st = states(&answer.summary);
+    assert!(
+        !st.contains_key("hefei"),
+        "hefei serves no hospital list and must not be asked: {st:?}"
+    );
+    assert_eq!(st.len(), 4);
+    assert!(st.values().all(|s| *s == MemberState::Ok), "{st:?}");
+    assert!(!answer.summary.partial);
+    let rows: u64 = answer.summary.members.iter().map(|m| m.rows).sum();
+    assert_eq!(
+        rows as usize,
+        want.values()
+            .map(|v| v.parse::<usize>().unwrap())
+            .sum::<usize>()
+    );
+}
+
+#[tokio::test]
+async fn census_totals_match_independent_sums_at_every_gateway() {
+    let region = Region::start().await;
+    let sum = |m: &str, col: &str| -> i64 {
+        column(&region, m, "census_2020.csv", col)
+            .iter()
+            .map(|v| v.parse::<i64>().unwrap())
+            .sum()
+    };
+    let mut want = BTreeMap::new();
+    want.insert("shanghai".to_string(), sum("shanghai", "pop_total"));
+    want.insert(
+        "hangzhou".to_string(),
+        column(&region, "hangzhou", "census_2020.csv", "常住人口_万人")
+            .iter()
+            .map(|v| wan_to_persons(v))
+            .sum(),
+    );
+    want.insert("suzhou".to_string(), sum("suzhou", "总人口"));
+    want.insert("hefei".to_string(), sum("hefei", "population"));
+    want.insert("anji".to_string(), sum("anji", "rk"));
+
+    let sql = "SELECT member, sum(pop_total) AS pop FROM census GROUP BY member";
+    let mut answers = Vec::new();
+    // The same canonical query gives the same answer at any gateway, city or county.
+    for gateway in ["hangzhou", "anji"] {
+        let a = region
+            .client(gateway)
+            .query(sql, false, None)
+            .await
+            .unwrap();
+        let got: BTreeMap<String, i64> = column_strings(&a.batches, "member")
+            .into_iter()
+            .zip(
+                column_strings(&a.batches, "pop")
+                    .iter()
+                    .map(|v| v.parse().unwrap()),
+            )
+            .collect();
+        answers.push(got);
+    }
+    assert_eq!(answers[0], want);
+    assert_eq!(answers[1], want);
+}
+
+#[tokio::test]
+async fn a_filter_on_member_prunes_the_others_before_any_call() {
+    let region = Region::start().await;
+    let a = region
+        .client("suzhou")
+        .query(
+            "SELECT member, county_code FROM census WHERE member IN ('hangzhou', 'hefei') AND pop_total > 0",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    let members: std::collections::BTreeSet<_> =
+        column_strings(&a.batches, "member").into_iter().collect();
+    assert_eq!(
+        members.into_iter().collect::<Vec<_>>(),
+        vec!["hangzhou", "hefei"]
+    );
+    assert_eq!(
+        a.summary.rows as usize,
+        count_rows(&region, "hangzhou", "census_2020.csv")
+            + count_rows(&region, "hefei", "census_2020.csv")
+    );
+    let st = states(&a.summary);
+    assert_eq!(st["hangzhou"], MemberState::Ok);
+    assert_eq!(st["hefei"], MemberState::Ok);
+    for m in ["shanghai", "suzhou", "anji"] {
+        assert_eq!(st[m], MemberState::Pruned, "{m}");
+    }
+    let pruned = a
+        .summary
+        .members
+        .iter()
+        .find(|m| m.member == "anji")
+        .unwrap();
+    assert_eq!(pruned.rows, 0);
+}
+
+#[tokio::test]
+async fn code_tables_translate_abolished_and_informal_names() {
+    let region = Region::start().await;
+    let a = region
+        .client("hefei")
+        .query(
+            "SELECT county_published, county_code, count(*) AS n FROM fever_clinics \
+             WHERE member IN ('hangzhou', 'suzhou') AND county_published IN ('下城区', '江干区', '工业园区', '高新区') \
+             GROUP BY county_published, county_code ORDER BY county_published",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    let names = column_strings(&a.batches, "county_published");
+    let codes = column_strings(&a.batches, "county_code");
+    let got: BTreeMap<_, _> = names.into_iter().zip(codes).collect();
+    let want: BTreeMap<String, String> = [
+        ("下城区", "330105"),
+        ("江干区", "330102"),
+        ("工业园区", "320576"),
+        ("高新区", "320505"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(got, want);
+
+    // Joined with divisions, 拱墅区 counts its own hospitals and those published
+    // under the abolished 下城区.
+    let a = region
+        .client("shanghai")
+        .query(
+            "SELECT d.name, count(*) AS n FROM fever_clinics f JOIN divisions d ON f.county_code = d.code \
+             WHERE d.code = '330105' GROUP BY d.name",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    let published = column(&region, "hangzhou", "fever_clinics.csv", "district");
+    let expected = published
+        .iter()
+        .filter(|d| *d == "拱墅区" || *d == "下城区")
+        .count();
+    assert_eq!(column_strings(&a.batches, "name"), vec!["拱墅区"]);
+    assert_eq!(column_strings(&a.batches, "n"), vec![expected.to_string()]);
+}
+
+#[tokio::test]
+async fn units_dates_and_booleans_are_converted() {
+    let region = Region::start().await;
+    let a = region
+        .client("anji")
+        .query(
+            "SELECT pop_total FROM census WHERE county_code = '330106'",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    let codes = column(&region, "hangzhou", "census_2020.csv", "区划代码");
+    let wan = column(&region, "hangzhou", "census_2020.csv", "常住人口_万人");
+    let i = codes.iter().position(|c| c == "330106").unwrap();
+    assert_eq!(
+        column_strings(&a.batches, "pop_total"),
+        vec![wan_to_persons(&wan[i]).to_string()]
+    );
+
+    let a = region
+        .client("anji")
+        .query(
+            "SELECT member, min(published_on) AS first, max(published_on) AS last, \
+             sum(CASE WHEN is_designated THEN 1 ELSE 0 END) AS designated \
+             FROM fever_clinics WHERE member IN ('suzhou', 'hangzhou') GROUP BY member ORDER BY member",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    let designated_hz = column(&region, "hangzhou", "fever_clinics.csv", "designated")
+        .iter()
+        .filter(|v| *v == "是")
+        .count();
+    let designated_sz = column(&region, "suzhou", "fever_clinics.csv", "is_designated")
+        .iter()
+        .filter(|v| *v == "1")
+        .count();
+    assert_eq!(
+        column_strings(&a.batches, "designated"),
+        vec![designated_hz.to_string(), designated_sz.to_string()]
+    );
+    let to_iso = |s: &str| s.replace('/', "-");
+    let hz_dates = column(&region, "hangzhou", "fever_clinics.csv", "notice_date");
+    let mut hz: Vec<String> = hz_dates.iter().map(|d| to_iso(d)).collect();
+    hz.sort();
+    let sz_dates = column(&region, "suzhou", "fever_clinics.csv", "date");
+    let mut sz: Vec<String> = sz_dates
+        .iter()
+        .map(|d| format!("{}-{}-{}", &d[..4], &d[4..6], &d[6..]))
+        .collect();
+    sz.sort();
+    assert_eq!(
+        column_strings(&a.batches, "first"),
+        vec![hz[0].clone(), sz[0].clone()]
+    );
+    assert_eq!(
+        column_strings(&a.batches, "last"),
+        vec![hz.last().unwrap().clone(), sz.last().unwrap().clone()]
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_member_fails_the_query_by_name_unless_partial_is_allowed() {
+    let mut region = Region::start().await;
+    region.stop("hefei").await;
+    let client = region.client("shanghai");
+    let sql = "SELECT member, count(*) AS n FROM census GROUP BY member ORDER BY member";
+
+    let f = client.query(sql, false, None).await.unwrap_err();
+    assert_eq!(f.status.code(), tonic::Code::Unavailable, "{f}");
+    assert!(
+        f.status.message().contains("member hefei is unavailable"),
+        "{f}"
+    );
+    let summary = f.summary.expect("a failed query still reports its members");
+    assert_eq!(states(&summary)["hefei"], MemberState::Unavailable);
+
+    let a = client.query(sql, true, None).await.unwrap();
+    assert!(a.summary.partial);
+    let members = column_strings(&a.batches, "member");
+    assert_eq!(members, vec!["anji", "hangzhou", "shanghai", "suzhou"]);
+    let hefei = a
+        .summary
+        .members
+        .iter()
+        .find(|m| m.member == "hefei")
+        .unwrap();
+    assert_eq!(hefei.state, MemberState::Unavailable as i32);
+    assert!(!hefei.reason.is_empty());
+    assert_eq!(hefei.rows, 0);
+    // A query that does not need Hefei is unaffected.
+    let a = client
+        .query("SELECT count(*) AS n FROM fever_clinics", false, None)
+        .await
+        .unwrap();
+    assert!(!a.summary.partial);
+}
+
+#[tokio::test]
+async fn describe_lists_datasets_fields_and_servers() {
+    let region = Region::start().await;
+    let d = region.client("anji").describe().await.unwrap();
+    assert_eq!(d.region, "yrd");
+    assert_eq!(d.caller, "fedgate://yrd/office/coordination");
+    let fc = d
+        .datasets
+        .iter()
+        .find(|x| x.name == "fever_clinics")
+        .unwrap();
+    assert_eq!(fc.members, vec!["shanghai", "hangzhou", "suzhou", "anji"]);
+    assert!(
+        fc.fields
+            .iter()
+            .any(|f| f.name == "published_on" && f.data_type == "Date32")
+    );
+    assert_eq!(fc.fields.last().unwrap().name, "member");
+    let census = d.datasets.iter().find(|x| x.name == "census").unwrap();
+    assert!(census.members.contains(&"hefei".to_string()));
+}
+
+#[tokio::test]
+async fn peers_only_answer_member_gateways_and_only_over_canonical_datasets() {
+    use fedgate::proto::v1::ExecuteRequest;
+    use fedgate::proto::v1::peer_client::PeerClient;
+    use fedgate::tls::{Connector, TlsMaterial};
+    let region = Region::start().await;
+    let port = |m: &str| {
+        region
+            .endpoint(m)
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    };
+    let certs = region.layout.dir.join("certs");
+    let peer_as = |who: &str| {
+        let tls = TlsMaterial::load(
+            &region.layout.ca,
+            &certs.join(format!("{who}.crt")),
+            &certs.join(format!("{who}.key")),
+        )
+        .unwrap();
+        let ch = Connector::new(
+            tls.client_config().unwrap(),
+            "127.0.0.1",
+            port("hangzhou"),
+            None,
+        )
+        .channel(std::time::Duration::from_secs(5))
+        .unwrap();
+        PeerClient::new(ch)
+    };
+    let req = |sql: &str, path: Vec<&str>| ExecuteRequest {
+        sql: sql.into(),
+        origin: "fedgate://yrd/office/coordination".into(),
+        hops: path.len() as u32,
+        path: path.into_iter().map(String::from).collect(),
+        budget_ms: 5000,
+        query_id: "t".into(),
+    };
+    let via = vec!["fedgate://yrd/city/shanghai"];
+
+    // An office is a known client but not a gateway: it may not call Peer.
+    let e = peer_as("coordination")
+        .execute(req("SELECT * FROM census", via.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("only member gateways may call Peer"),
+        "{e:?}"
+    );
+
+    let mut peer = peer_as("shanghai");
+    // Local source tables are not reachable, only canonical datasets.
+    let e = peer
+        .execute(req("SELECT * FROM clinics", via.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("does not serve dataset \"clinics\""),
+        "{e:?}"
+    );
+    // Statements other than queries are refused.
+    let e = peer
+        .execute(req("CREATE TABLE x AS SELECT 1", via.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    // A path that already passed through this member is a loop.
+    let e = peer
+        .execute(req(
+            "SELECT 1 FROM census",
+            vec!["fedgate://yrd/city/shanghai", "fedgate://yrd/city/hangzhou"],
+        ))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("loop"), "{e:?}");
+    // A well-formed sub-query is answered.
+    let mut s = peer
+        .execute(req("SELECT county_code FROM census", via))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut chunks = 0;
+    let mut summary = None;
+    while let Some(m) = s.message().await.unwrap() {
+        match m.payload.unwrap() {
+            fedgate::proto::v1::execute_response::Payload::Arrow(_) => chunks += 1,
+            fedgate::proto::v1::execute_response::Payload::Summary(x) => summary = Some(x),
+        }
+    }
+    assert!(chunks >= 2, "schema and at least one batch");
+    assert_eq!(
+        summary.unwrap().rows as usize,
+        count_rows(&region, "hangzhou", "census_2020.csv")
+    );
+}

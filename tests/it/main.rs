@@ -1,0 +1,10 @@
+//! fedgate's integration tests: real gateways over real mutual TLS on loopback.
+//!
+//! One test binary (modules below) so the crate links once.
+
+mod support;
+
+mod bad_input;
+mod configs;
+mod federation;
+mod tls;

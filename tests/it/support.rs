@@ -1,0 +1,144 @@
+//! Starting a sample region in process, on ephemeral loopback ports.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fedgate::client::Client;
+use fedgate::config::MemberConfig;
+use fedgate::demo::Materialized;
+use fedgate::server::Gateway;
+
+/// A running region and the folder holding its configs and certificates.
+pub struct Region {
+    pub dir: tempfile::TempDir,
+    pub layout: Materialized,
+    pub gateways: BTreeMap<String, Gateway>,
+}
+
+impl Region {
+    /// Materializes the bundled sample region and starts every gateway in it.
+    pub async fn start() -> Region {
+        Self::start_only(None).await
+    }
+
+    /// Starts only the named gateways (all when `None`); the others' ports stay
+    /// reserved in the region file but nothing listens there.
+    pub async fn start_only(only: Option<&[&str]>) -> Region {
+        let dir = tempfile::tempdir().unwrap();
+        let mut listeners = BTreeMap::new();
+        let template: fedgate::config::raw::RawRegion = toml::from_str(
+            &std::fs::read_to_string(fedgate::demo::default_source().join("region.toml")).unwrap(),
+        )
+        .unwrap();
+        for m in template.members.iter().filter(|m| m.endpoint.is_some()) {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            listeners.insert(m.name.clone(), l);
+        }
+        let ports: BTreeMap<String, u16> = listeners
+            .iter()
+            .map(|(n, l)| (n.clone(), l.local_addr().unwrap().port()))
+            .collect();
+        let layout =
+            fedgate::demo::materialize(&fedgate::demo::default_source(), dir.path(), &|name, _| {
+                ports[name]
+            })
+            .unwrap();
+        let mut gateways = BTreeMap::new();
+        for (name, path, _) in &layout.gateways {
+            let l = listeners.remove(name).unwrap();
+            if only.is_some_and(|o| !o.contains(&name.as_str())) {
+                drop(l);
+                continue;
+            }
+            let cfg = MemberConfig::load(path).unwrap_or_else(|p| panic!("{p}"));
+            gateways.insert(
+                name.clone(),
+                Gateway::start(Arc::new(cfg), Some(l)).await.unwrap(),
+            );
+        }
+        Region {
+            dir,
+            layout,
+            gateways,
+        }
+    }
+
+    /// The endpoint of a member gateway.
+    pub fn endpoint(&self, member: &str) -> String {
+        self.layout
+            .gateways
+            .iter()
+            .find(|(n, _, _)| n == member)
+            .map(|(_, _, e)| e.clone())
+            .unwrap()
+    }
+
+    /// The regional office's certificate and key.
+    pub fn office(&self) -> (PathBuf, PathBuf) {
+        let (_, c, k) = self.layout.clients[0].clone();
+        (c, k)
+    }
+
+    /// A client of `member`'s gateway as the regional office.
+    pub fn client(&self, member: &str) -> Client {
+        let (cert, key) = self.office();
+        Client::connect(&self.endpoint(member), &self.layout.ca, &cert, &key).unwrap()
+    }
+
+    /// The CA of the region, for issuing extra certificates.
+    pub fn ca(&self) -> fedgate::pki::Ca {
+        let certs = self.layout.dir.join("certs");
+        fedgate::pki::Ca::load(&certs.join("ca.crt"), &certs.join("ca.key")).unwrap()
+    }
+
+    /// Stops one gateway.
+    pub async fn stop(&mut self, member: &str) {
+        if let Some(g) = self.gateways.remove(member) {
+            g.shutdown().await;
+        }
+    }
+
+    /// The demo's data folder (the member files the answers come from).
+    pub fn data(&self) -> PathBuf {
+        self.layout.dir.join("data")
+    }
+}
+
+/// Reads a CSV file with the `csv`-free reader used by the tests: header names and
+/// rows of fields. The demo files need no quoting (the data script checks that), so
+/// splitting on commas is exact here and independent of the gateway's reader.
+pub fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    let rows: Vec<Vec<String>> = lines
+        .filter(|l| !l.is_empty())
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect();
+    for r in &rows {
+        assert_eq!(
+            r.len(),
+            header.len(),
+            "{}: quoted field in {r:?}",
+            path.display()
+        );
+    }
+    (header, rows)
+}
+
+/// All values of one column of a batch list, as display strings.
+pub fn column_strings(
+    batches: &[datafusion::arrow::record_batch::RecordBatch],
+    name: &str,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in batches {
+        let i = b.schema().index_of(name).unwrap();
+        let c = b.column(i);
+        for r in 0..b.num_rows() {
+            out.push(datafusion::arrow::util::display::array_value_to_string(c, r).unwrap());
+        }
+    }
+    out
+}

@@ -1,0 +1,178 @@
+//! Mutual TLS at the edge: every bad certificate is refused with a clear error.
+
+use std::time::Duration;
+
+use fedgate::client::Client;
+use fedgate::identity::Principal;
+use fedgate::pki::{self, Ca};
+use time::OffsetDateTime;
+
+use crate::support::Region;
+
+fn write_cert(
+    dir: &std::path::Path,
+    name: &str,
+    issued: &pki::Issued,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    pki::write_issued(issued, dir, name).unwrap()
+}
+
+async fn query_error(region: &Region, cert: &std::path::Path, key: &std::path::Path) -> String {
+    let client =
+        Client::connect(&region.endpoint("hangzhou"), &region.layout.ca, cert, key).unwrap();
+    let f = client
+        .query(
+            "SELECT count(*) FROM census",
+            false,
+            Some(Duration::from_secs(5)),
+        )
+        .await
+        .expect_err("the gateway must refuse this client");
+    f.to_string()
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused() {
+    let region = Region::start_only(Some(&["hangzhou"])).await;
+    let p = Principal::parse("fedgate://yrd/office/coordination").unwrap();
+    // A CA of another region, and one that copies this region CA's name.
+    for (region_name, file) in [("elsewhere", "foreign"), ("yrd", "lookalike")] {
+        let other = Ca::generate(region_name).unwrap();
+        let (c, k) = write_cert(region.dir.path(), file, &other.issue(&p, &[], 1).unwrap());
+        let e = query_error(&region, &c, &k).await;
+        assert!(e.contains("does not chain to the region CA"), "{file}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_refused() {
+    let region = Region::start_only(Some(&["hangzhou"])).await;
+    let p = Principal::parse("fedgate://yrd/office/coordination").unwrap();
+    let now = OffsetDateTime::now_utc();
+    let issued = region
+        .ca()
+        .issue_with_validity(
+            &p,
+            &[],
+            now - time::Duration::days(30),
+            now - time::Duration::days(1),
+        )
+        .unwrap();
+    let (c, k) = write_cert(region.dir.path(), "expired", &issued);
+    let e = query_error(&region, &c, &k).await;
+    assert!(e.contains("expired"), "{e}");
+}
+
+#[tokio::test]
+async fn an_identity_the_region_does_not_know_is_refused() {
+    let region = Region::start_only(Some(&["hangzhou"])).await;
+    let p = Principal::parse("fedgate://yrd/city/nanjing").unwrap();
+    let (c, k) = write_cert(
+        region.dir.path(),
+        "nanjing",
+        &region.ca().issue(&p, &[], 1).unwrap(),
+    );
+    let e = query_error(&region, &c, &k).await;
+    assert!(e.contains("Unauthenticated"), "{e}");
+    assert!(
+        e.contains("fedgate://yrd/city/nanjing is not a member or known client of region yrd"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused() {
+    use fedgate::proto::v1::DescribeRequest;
+    use fedgate::proto::v1::federation_client::FederationClient;
+    let region = Region::start_only(Some(&["hangzhou"])).await;
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(&region.layout.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let port: u16 = region
+        .endpoint("hangzhou")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ch = fedgate::tls::Connector::new(std::sync::Arc::new(cfg), "127.0.0.1", port, None)
+        .channel(Duration::from_secs(5))
+        .unwrap();
+    let e = FederationClient::new(ch)
+        .describe(DescribeRequest {})
+        .await
+        .unwrap_err();
+    let text = fedgate::client::describe_status(&e);
+    assert!(text.contains("requires a client certificate"), "{text}");
+}
+
+#[tokio::test]
+async fn a_gateway_presenting_another_members_identity_is_not_trusted() {
+    // A coordinator dials hangzhou's address expecting hangzhou; a valid certificate of
+    // another member there (a misrouted or hijacked address) must not be accepted.
+    let region = Region::start_only(Some(&["suzhou"])).await;
+    let certs = region.layout.dir.join("certs");
+    let tls = fedgate::tls::TlsMaterial::load(
+        &region.layout.ca,
+        &certs.join("shanghai.crt"),
+        &certs.join("shanghai.key"),
+    )
+    .unwrap();
+    let port: u16 = region
+        .endpoint("suzhou")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let expected = Principal::parse("fedgate://yrd/city/hangzhou").unwrap();
+    let ch = fedgate::tls::Connector::new(
+        tls.client_config().unwrap(),
+        "127.0.0.1",
+        port,
+        Some(expected),
+    )
+    .channel(Duration::from_secs(5))
+    .unwrap();
+    let e = fedgate::proto::v1::peer_client::PeerClient::new(ch)
+        .catalog(fedgate::proto::v1::CatalogRequest {})
+        .await
+        .unwrap_err();
+    let text = fedgate::client::describe_status(&e);
+    assert!(
+        text.contains(
+            "presented identity fedgate://yrd/city/suzhou, expected fedgate://yrd/city/hangzhou"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_member_certificate_that_does_not_match_its_config_does_not_start() {
+    let region = Region::start_only(Some(&[])).await;
+    let path = region.layout.dir.join("hefei.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("certs/hefei.", "certs/anji.");
+    std::fs::write(&path, text).unwrap();
+    let cfg = fedgate::config::MemberConfig::load(&path).unwrap();
+    let e = fedgate::server::Gateway::start(std::sync::Arc::new(cfg), None)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string()
+            .contains("certificate identity fedgate://yrd/county/anji does not match member hefei"),
+        "{e}"
+    );
+}
