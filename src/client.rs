@@ -213,6 +213,7 @@ pub fn state_word(state: i32) -> &'static str {
         MemberState::TimedOut => "timed out",
         MemberState::Denied => "denied",
         MemberState::Error => "error",
+        MemberState::Cancelled => "cancelled",
         MemberState::Unspecified => "unknown",
     }
 }

@@ -32,6 +32,18 @@ pub fn query_only() -> datafusion::execution::context::SQLOptions {
         .with_allow_statements(false)
 }
 
+/// Refuses anything but a single query (SELECT, WITH, VALUES), before planning.
+pub fn only_query(stmt: &datafusion::sql::parser::Statement) -> Result<()> {
+    use datafusion::sql::parser::Statement;
+    use datafusion::sql::sqlparser::ast::Statement as Sql;
+    match stmt {
+        Statement::Statement(s) if matches!(**s, Sql::Query(_)) => Ok(()),
+        _ => Err(Error::InvalidQuery(
+            "only queries (SELECT) are accepted; statements that define or change data are not supported".into(),
+        )),
+    }
+}
+
 /// The session settings shared by every context fedgate builds.
 pub fn session_config() -> SessionConfig {
     let mut cfg = SessionConfig::new()
@@ -118,6 +130,7 @@ impl MemberEngine {
         let stmt = state
             .sql_to_statement(sql, &state.config().options().sql_parser.dialect)
             .map_err(Error::from_datafusion)?;
+        only_query(&stmt)?;
         let refs = state
             .resolve_table_references(&stmt)
             .map_err(Error::from_datafusion)?;

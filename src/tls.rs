@@ -392,6 +392,9 @@ pub fn explain_transport_error(text: &str) -> String {
         ("Connection refused", "nothing is listening at that address"),
     ];
     for (needle, hint) in hints {
+        if text.contains(hint) {
+            return text.to_string();
+        }
         if text.contains(needle) {
             return format!("{hint} ({text})");
         }

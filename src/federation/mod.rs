@@ -130,6 +130,43 @@ impl Coordinator {
         Ok(ctx)
     }
 
+    /// Plans a caller's SQL. Table names are checked against the canonical datasets
+    /// first, so an unknown name is reported with the names that exist.
+    async fn plan(
+        &self,
+        ctx: &SessionContext,
+        sql: &str,
+    ) -> Result<datafusion::dataframe::DataFrame> {
+        let state = ctx.state();
+        let stmt = state
+            .sql_to_statement(sql, &state.config().options().sql_parser.dialect)
+            .map_err(Error::from_datafusion)?;
+        crate::member::only_query(&stmt)?;
+        for r in state
+            .resolve_table_references(&stmt)
+            .map_err(Error::from_datafusion)?
+        {
+            let known = matches!(&r, TableReference::Bare { table } if self.tables.iter().any(|(n, _)| n.as_str() == table.as_ref()));
+            if !known {
+                let names: Vec<&str> = self.tables.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(Error::InvalidQuery(format!(
+                    "unknown dataset {r}; the region's canonical datasets are: {}",
+                    names.join(", ")
+                )));
+            }
+        }
+        let plan = state
+            .statement_to_plan(stmt)
+            .await
+            .map_err(Error::from_datafusion)?;
+        query_only()
+            .verify_plan(&plan)
+            .map_err(|e| Error::InvalidQuery(e.to_string()))?;
+        ctx.execute_logical_plan(plan)
+            .await
+            .map_err(Error::from_datafusion)
+    }
+
     /// Plans `sql` for `origin` and returns the running query.
     pub async fn query(
         &self,
@@ -152,10 +189,7 @@ impl Coordinator {
                 .collect(),
         ));
         let ctx = self.context(state.clone())?;
-        let df = ctx
-            .sql_with_options(sql, query_only())
-            .await
-            .map_err(Error::from_datafusion)?;
+        let df = self.plan(&ctx, sql).await?;
         let stream = df.execute_stream().await.map_err(Error::from_datafusion)?;
         Ok(RunningQuery {
             schema: stream.schema(),
@@ -180,10 +214,7 @@ impl Coordinator {
                 .collect(),
         ));
         let ctx = self.context(state)?;
-        let df = ctx
-            .sql_with_options(sql, query_only())
-            .await
-            .map_err(Error::from_datafusion)?;
+        let df = self.plan(&ctx, sql).await?;
         let plan = df
             .create_physical_plan()
             .await

@@ -45,6 +45,7 @@ fn severity(s: MemberState) -> u8 {
     match s {
         MemberState::Unspecified => 0,
         MemberState::Pruned => 1,
+        MemberState::Cancelled => 2,
         MemberState::Ok => 2,
         MemberState::Denied => 3,
         MemberState::TimedOut => 4,
@@ -90,11 +91,13 @@ impl QueryState {
     }
 
     fn set_state(e: &mut Entry, s: MemberState, reason: String) {
-        if severity(s) >= severity(e.state) {
-            if severity(s) > severity(e.state) || e.reason.is_empty() {
-                e.reason = reason;
-            }
+        // A member asked for several datasets shows its worst outcome. Ok and
+        // Cancelled rank equal: a later definite outcome replaces a pending one.
+        if severity(s) > severity(e.state)
+            || (severity(s) == severity(e.state) && s == MemberState::Ok)
+        {
             e.state = s;
+            e.reason = reason;
         }
     }
 
@@ -106,6 +109,31 @@ impl QueryState {
                 e,
                 MemberState::Pruned,
                 "excluded by the query's filter on member".into(),
+            )
+        });
+    }
+
+    /// Records that `member` is asked for `dataset`; until an outcome is recorded the
+    /// member counts as cancelled (the query ended before it finished).
+    pub fn asked(&self, member: &str, dataset: &str) {
+        self.update(member, dataset, |e| {
+            Self::set_state(
+                e,
+                MemberState::Cancelled,
+                "the query ended before this member's answer was complete".into(),
+            )
+        });
+    }
+
+    /// Records a sub-query stopped before its end by the coordinator.
+    pub fn stopped(&self, member: &str, dataset: &str, rows: u64, elapsed: std::time::Duration) {
+        self.update(member, dataset, |e| {
+            e.rows += rows;
+            e.elapsed = e.elapsed.max(elapsed);
+            Self::set_state(
+                e,
+                MemberState::Cancelled,
+                "stopped early: the query needed no more rows, or ended".into(),
             )
         });
     }
@@ -144,8 +172,12 @@ impl QueryState {
     /// True when any member that should have answered did not.
     pub fn is_partial(&self) -> bool {
         let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
-        m.values()
-            .any(|e| !matches!(e.state, MemberState::Ok | MemberState::Pruned))
+        m.values().any(|e| {
+            !matches!(
+                e.state,
+                MemberState::Ok | MemberState::Pruned | MemberState::Cancelled
+            )
+        })
     }
 
     /// One status per member asked or pruned, in region order.
@@ -203,6 +235,19 @@ mod tests {
         assert_eq!(st[1].reason, "slow");
         assert_eq!(st[1].datasets, vec!["census", "divisions"]);
         assert!(s.is_partial());
+    }
+
+    #[test]
+    fn members_asked_but_never_finished_are_reported_cancelled() {
+        let s = state();
+        s.asked("shanghai", "census");
+        s.asked("hefei", "census");
+        s.answered("hefei", "census", 12, Duration::from_millis(3));
+        let st = s.statuses();
+        assert_eq!(st[0].state, MemberState::Cancelled as i32);
+        assert!(st[0].reason.contains("ended before"));
+        assert_eq!(st[1].state, MemberState::Ok as i32);
+        assert!(!s.is_partial());
     }
 
     #[test]

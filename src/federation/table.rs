@@ -205,6 +205,7 @@ impl TableProvider for FederatedTable {
                 self.clients.get(m).cloned().ok_or_else(|| {
                     DataFusionError::Internal(format!("no client for member {m}"))
                 })?;
+            qs.asked(m, &self.dataset.name);
             targets.push(client);
         }
         Ok(Arc::new(FederatedScanExec::new(

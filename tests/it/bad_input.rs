@@ -9,7 +9,10 @@ async fn bad_queries_are_refused_by_name_and_the_gateway_keeps_serving() {
     let client = region.client("suzhou");
     let cases = [
         ("SELEC * FROM census", "SELEC"),
-        ("SELECT * FROM hospitals", "hospitals"),
+        (
+            "SELECT * FROM hospitals",
+            "unknown dataset hospitals; the region's canonical datasets are: divisions, census, fever_clinics",
+        ),
         ("SELECT no_such_column FROM census", "no_such_column"),
         ("CREATE TABLE t AS SELECT 1", "not supported"),
         ("SELECT 1; SELECT 2", "single SQL statement"),

@@ -282,7 +282,17 @@ async fn a_stopped_member_fails_the_query_by_name_unless_partial_is_allowed() {
         "{f}"
     );
     let summary = f.summary.expect("a failed query still reports its members");
-    assert_eq!(states(&summary)["hefei"], MemberState::Unavailable);
+    let st = states(&summary);
+    assert_eq!(st["hefei"], MemberState::Unavailable);
+    // Every member asked appears, whether it finished before the failure or not.
+    assert_eq!(st.len(), 5, "{st:?}");
+    assert!(
+        st.values().all(|s| matches!(
+            s,
+            MemberState::Ok | MemberState::Cancelled | MemberState::Unavailable
+        )),
+        "{st:?}"
+    );
 
     let a = client.query(sql, true, None).await.unwrap();
     assert!(a.summary.partial);
