@@ -74,8 +74,8 @@ fn member_error(member: &str, e: Error) -> Error {
     }
 }
 
-/// Classifies a gRPC status from a member.
-fn status_error(member: &str, endpoint: &str, s: tonic::Status) -> Error {
+/// Classifies a gRPC status from a member that had `budget` to answer.
+fn status_error(member: &str, endpoint: &str, budget: Duration, s: tonic::Status) -> Error {
     use tonic::Code;
     let failure = match s.code() {
         Code::Unavailable => MemberFailure::Unavailable,
@@ -94,11 +94,17 @@ fn status_error(member: &str, endpoint: &str, s: tonic::Status) -> Error {
         }
         src = e.source();
     }
-    if failure == MemberFailure::Unavailable {
-        reason = format!(
-            "{endpoint}: {}",
-            crate::tls::explain_transport_error(&reason)
-        );
+    match failure {
+        MemberFailure::Unavailable => {
+            reason = format!(
+                "{endpoint}: {}",
+                crate::tls::explain_transport_error(&reason)
+            );
+        }
+        MemberFailure::TimedOut => {
+            reason = format!("no complete answer within its budget of {budget:?} ({reason})");
+        }
+        _ => {}
     }
     Error::Member {
         member: member.into(),
@@ -133,6 +139,7 @@ impl MemberClient {
                 endpoint,
                 client,
             } => {
+                let budget = q.budget;
                 let mut req = tonic::Request::new(ExecuteRequest {
                     sql: q.sql,
                     origin: q.origin.uri(),
@@ -141,15 +148,16 @@ impl MemberClient {
                     budget_ms: q.budget.as_millis() as u64,
                     query_id: q.query_id,
                 });
-                req.set_timeout(q.budget);
+                req.set_timeout(budget);
                 let response = client
                     .clone()
                     .execute(req)
                     .await
-                    .map_err(|s| status_error(name, endpoint, s))?;
+                    .map_err(|s| status_error(name, endpoint, budget, s))?;
                 Ok(remote_batches(
                     name.clone(),
                     endpoint.clone(),
+                    budget,
                     response.into_inner(),
                 ))
             }
@@ -163,13 +171,14 @@ impl MemberClient {
 fn remote_batches(
     name: String,
     endpoint: String,
+    budget: Duration,
     responses: tonic::Streaming<crate::proto::v1::ExecuteResponse>,
 ) -> MemberStream {
     let summary: Arc<Mutex<Option<ExecuteSummary>>> = Arc::default();
     let seen = summary.clone();
     let (n1, e1) = (name.clone(), endpoint.clone());
     let chunks = responses
-        .map_err(move |s| status_error(&n1, &e1, s))
+        .map_err(move |s| status_error(&n1, &e1, budget, s))
         .try_filter_map(move |r| {
             let seen = seen.clone();
             async move {

@@ -395,6 +395,20 @@ impl ScanStream {
         }
     }
 
+    fn timed_out(&mut self) -> Poll<Option<DfResult<RecordBatch>>> {
+        let e = Error::Member {
+            member: self.member.clone(),
+            failure: MemberFailure::TimedOut,
+            reason: format!(
+                "no complete answer within its budget of {:?}",
+                self.state
+                    .member_deadline
+                    .saturating_duration_since(self.started)
+            ),
+        };
+        self.fail(e)
+    }
+
     /// Casts a member's batch to the canonical types and drops columns not asked for.
     fn shape(&self, b: RecordBatch) -> Result<RecordBatch> {
         if self.schema.fields().is_empty() {
@@ -440,6 +454,11 @@ impl Stream for ScanStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        // Past its budget a member is cancelled, even if its answer is ready now:
+        // the time left belongs to the merge.
+        if !matches!(this.phase, Phase::Done) && Instant::now() >= this.state.member_deadline {
+            return this.timed_out();
+        }
         loop {
             match &mut this.phase {
                 Phase::Done => return Poll::Ready(None),

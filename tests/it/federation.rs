@@ -437,3 +437,59 @@ async fn peers_only_answer_member_gateways_and_only_over_canonical_datasets() {
         count_rows(&region, "hangzhou", "census_2020.csv")
     );
 }
+
+#[tokio::test]
+async fn members_past_their_share_of_the_deadline_are_timed_out_not_waited_for() {
+    let region = Region::start().await;
+    let client = region.client("hangzhou");
+    // A budget smaller than the coordinator's merge reserve leaves members nothing.
+    let t = std::time::Duration::from_millis(5);
+    let sql = "SELECT count(*) FROM census";
+    let f = client.query(sql, false, Some(t)).await.unwrap_err();
+    assert_eq!(f.status.code(), tonic::Code::DeadlineExceeded, "{f}");
+    assert!(f.status.message().contains("timed out"), "{f}");
+    let a = client.query(sql, true, Some(t)).await.unwrap();
+    assert!(a.summary.partial);
+    assert!(
+        a.summary
+            .members
+            .iter()
+            .all(|m| m.state == MemberState::TimedOut as i32),
+        "{:?}",
+        a.summary.members
+    );
+}
+
+#[tokio::test]
+async fn gateways_answer_the_standard_health_check() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let region = Region::start_only(Some(&["hefei"])).await;
+    let (cert, key) = region.office();
+    let tls = fedgate::tls::TlsMaterial::load(&region.layout.ca, &cert, &key).unwrap();
+    let port: u16 = region
+        .endpoint("hefei")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ch = fedgate::tls::Connector::new(tls.client_config().unwrap(), "127.0.0.1", port, None)
+        .channel(std::time::Duration::from_secs(5))
+        .unwrap();
+    let mut h = HealthClient::new(ch);
+    for service in ["fedgate.v1.Federation", "fedgate.v1.Peer"] {
+        let r = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+}

@@ -7,4 +7,5 @@ mod support;
 mod bad_input;
 mod configs;
 mod federation;
+mod sources;
 mod tls;
