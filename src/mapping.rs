@@ -15,7 +15,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, ArrayRef, Date32Builder, StringArray};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::cast::as_string_array;
-use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::error::Result as DfResult;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
@@ -185,6 +185,18 @@ pub fn sql_string(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// The code for `key` (white space ignored), if the table has one.
+pub fn lookup<'a>(entries: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
+    entries.get(&normalize_key(key)).map(String::as_str)
+}
+
+/// Days since 1970-01-01 of `text` read with the chrono `format`, or `None`.
+pub fn parse_date(text: &str, format: &str) -> Option<i32> {
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    let d = chrono::NaiveDate::parse_from_str(text.trim(), format).ok()?;
+    i32::try_from((d - epoch).num_days()).ok()
+}
+
 /// `code_<table>(text)`: the code for a (normalized) key, or NULL.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct CodeLookup {
@@ -218,7 +230,7 @@ impl ScalarUDFImpl for CodeLookup {
         let input = as_string_array(&input)?;
         let out: StringArray = input
             .iter()
-            .map(|v| v.and_then(|s| self.entries.get(&normalize_key(s)).map(String::as_str)))
+            .map(|v| v.and_then(|s| lookup(&self.entries, s)))
             .collect();
         Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
     }
@@ -257,18 +269,13 @@ impl ScalarUDFImpl for ParseDate {
         let text = as_string_array(&text)?;
         let fmt = args.args[1].to_array(n)?;
         let fmt = as_string_array(&fmt)?;
-        let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)
-            .ok_or_else(|| DataFusionError::Internal("epoch".into()))?;
         let mut b = Date32Builder::with_capacity(n);
         for i in 0..n {
             if text.is_null(i) || fmt.is_null(i) {
                 b.append_null();
                 continue;
             }
-            match chrono::NaiveDate::parse_from_str(text.value(i).trim(), fmt.value(i)) {
-                Ok(d) => b.append_value((d - epoch).num_days() as i32),
-                Err(_) => b.append_null(),
-            }
+            b.append_option(parse_date(text.value(i), fmt.value(i)));
         }
         Ok(ColumnarValue::Array(Arc::new(b.finish())))
     }
@@ -405,6 +412,35 @@ mod tests {
 |             |         |              | hangzhou |
 +-------------+---------+--------------+----------+";
         assert_eq!(text, expected);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn white_space_anywhere_in_a_name_does_not_change_its_code(
+            name in "[\u{4e00}-\u{9fa5}]{1,6}",
+            spaces in proptest::collection::vec((0usize..7, proptest::sample::select(vec![' ', '\u{3000}', '\t'])), 0..4),
+        ) {
+            let mut entries = BTreeMap::new();
+            entries.insert(normalize_key(&name), "330106".to_string());
+            let mut spaced: Vec<char> = name.chars().collect();
+            for (at, c) in spaces {
+                spaced.insert(at.min(spaced.len()), c);
+            }
+            let spaced: String = spaced.into_iter().collect();
+            proptest::prop_assert_eq!(lookup(&entries, &spaced), Some("330106"));
+            proptest::prop_assert_eq!(lookup(&entries, &format!("{name}市")), None);
+        }
+
+        #[test]
+        fn every_published_date_format_round_trips(
+            days in -20_000i32..40_000,
+            format in proptest::sample::select(vec!["%Y-%m-%d", "%Y/%m/%d", "%Y%m%d", "%Y年%m月%d日"]),
+        ) {
+            let date = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap() + chrono::Duration::days(days as i64);
+            let text = date.format(format).to_string();
+            proptest::prop_assert_eq!(parse_date(&text, format), Some(days));
+            proptest::prop_assert_eq!(parse_date(&format!("{text}x"), format), None);
+        }
     }
 
     #[tokio::test]
