@@ -13,7 +13,8 @@ use crate::arrow_ipc::{self, Decoded};
 use crate::error::{Error, Result};
 use crate::proto::v1::federation_client::FederationClient;
 use crate::proto::v1::{
-    DescribeRequest, DescribeResponse, MemberState, QueryRequest, QuerySummary, query_response,
+    DescribeRequest, DescribeResponse, ExplainRequest, ExplainResponse, MemberState, QueryRequest,
+    QuerySummary, query_response,
 };
 use crate::tls::{Connector, TlsMaterial};
 
@@ -191,6 +192,16 @@ impl Client {
                 summary,
             }),
         }
+    }
+
+    /// How the gateway would run `sql`.
+    pub async fn explain(&self, sql: &str) -> std::result::Result<ExplainResponse, tonic::Status> {
+        Ok(self
+            .inner
+            .clone()
+            .explain(ExplainRequest { sql: sql.into() })
+            .await?
+            .into_inner())
     }
 
     /// Lists the canonical datasets.

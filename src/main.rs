@@ -61,6 +61,13 @@ enum Command {
         /// The SQL (canonical datasets; DataFusion dialect).
         sql: String,
     },
+    /// Show the coordinator's plan and the exact SQL each member would receive.
+    Explain {
+        #[command(flatten)]
+        conn: Connection,
+        /// The SQL.
+        sql: String,
+    },
     /// List the canonical datasets, their fields and the members serving them.
     Describe {
         #[command(flatten)]
@@ -191,6 +198,18 @@ async fn run(cmd: Command) -> Result<ExitCode> {
         } => {
             let client = connect(&conn)?;
             query(&client, &sql, allow_partial, timeout, format).await
+        }
+        Command::Explain { conn, sql } => {
+            let client = connect(&conn)?;
+            let e = client
+                .explain(&sql)
+                .await
+                .map_err(|s| anyhow!(fedgate::client::describe_status(&s)))?;
+            println!("coordinator plan:\n{}", e.plan);
+            for s in e.subqueries {
+                println!("{} -> [{}]:\n  {}", s.dataset, s.members.join(", "), s.sql);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Describe { conn } => {
             let client = connect(&conn)?;

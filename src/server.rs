@@ -155,6 +155,30 @@ impl Federation for FederationService {
         )))
     }
 
+    async fn explain(
+        &self,
+        req: Request<ExplainRequest>,
+    ) -> std::result::Result<Response<ExplainResponse>, Status> {
+        let origin = caller(&req)?;
+        let e = self
+            .coordinator
+            .explain(origin, &req.into_inner().sql)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(ExplainResponse {
+            plan: e.plan,
+            subqueries: e
+                .subqueries
+                .into_iter()
+                .map(|(dataset, members, sql)| MemberSubquery {
+                    dataset,
+                    members,
+                    sql,
+                })
+                .collect(),
+        }))
+    }
+
     async fn describe(
         &self,
         req: Request<DescribeRequest>,

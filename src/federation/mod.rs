@@ -7,6 +7,7 @@
 //! sorting and limits run here, on the rows the members returned.
 
 pub mod client;
+pub mod pushdown;
 pub mod state;
 pub mod table;
 
@@ -46,6 +47,32 @@ pub struct RunningQuery {
     pub stream: SendableRecordBatchStream,
     /// Per-member outcomes, complete once the stream has ended.
     pub state: Arc<QueryState>,
+}
+
+/// How a query would run.
+#[derive(Debug, Clone)]
+pub struct Explained {
+    /// The coordinator's physical plan.
+    pub plan: String,
+    /// Each member scan: dataset, members asked, SQL.
+    pub subqueries: Vec<(String, Vec<String>, String)>,
+}
+
+fn collect_scans(
+    plan: &dyn datafusion::physical_plan::ExecutionPlan,
+    out: &mut Vec<(String, Vec<String>, String)>,
+) {
+    let any: &dyn std::any::Any = plan;
+    if let Some(scan) = any.downcast_ref::<table::FederatedScanExec>() {
+        out.push((
+            scan.dataset().to_string(),
+            scan.members().into_iter().map(String::from).collect(),
+            scan.member_sql().to_string(),
+        ));
+    }
+    for child in plan.children() {
+        collect_scans(child.as_ref(), out);
+    }
 }
 
 /// Plans and runs federated queries at one gateway.
@@ -123,6 +150,7 @@ impl Coordinator {
     fn context(&self, state: Arc<QueryState>) -> Result<SessionContext> {
         let cfg = session_config().with_extension(state);
         let ctx = SessionContext::new_with_config(cfg);
+        ctx.add_optimizer_rule(Arc::new(pushdown::MemberPushdown));
         for (name, t) in &self.tables {
             ctx.register_table(TableReference::bare(name.as_str()), t.clone())
                 .map_err(|e| Error::Internal(e.to_string()))?;
@@ -199,7 +227,7 @@ impl Coordinator {
     }
 
     /// The physical plan of `sql` as text, with the SQL each member would receive.
-    pub async fn explain(&self, origin: Principal, sql: &str) -> Result<String> {
+    pub async fn explain(&self, origin: Principal, sql: &str) -> Result<Explained> {
         let state = Arc::new(QueryState::new(
             "explain".into(),
             origin,
@@ -219,8 +247,13 @@ impl Coordinator {
             .create_physical_plan()
             .await
             .map_err(Error::from_datafusion)?;
-        Ok(datafusion::physical_plan::displayable(plan.as_ref())
-            .indent(true)
-            .to_string())
+        let mut subqueries = Vec::new();
+        collect_scans(plan.as_ref(), &mut subqueries);
+        Ok(Explained {
+            plan: datafusion::physical_plan::displayable(plan.as_ref())
+                .indent(true)
+                .to_string(),
+            subqueries,
+        })
     }
 }

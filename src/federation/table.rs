@@ -163,10 +163,6 @@ impl TableProvider for FederatedTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let qs = state
-            .config()
-            .get_extension::<QueryState>()
-            .ok_or_else(|| DataFusionError::Internal("query state missing".into()))?;
         let full = &self.dataset.schema;
         let indices: Vec<usize> = match projection {
             Some(p) => p.clone(),
@@ -195,6 +191,31 @@ impl TableProvider for FederatedTable {
         if let Some(n) = limit {
             sql.push_str(&format!(" LIMIT {n}"));
         }
+        self.member_exec(state, filters, schema, sql, None)
+    }
+}
+
+impl FederatedTable {
+    /// The canonical dataset.
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
+    /// A scan of this dataset's members that sends each the same `sql`, whose
+    /// answer has `schema` once `projection` (of the answer's columns) is applied.
+    /// Members that `filters` on `member` exclude are pruned and recorded as such.
+    pub fn member_exec(
+        &self,
+        state: &dyn Session,
+        filters: &[Expr],
+        schema: SchemaRef,
+        sql: String,
+        projection: Option<Vec<usize>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let qs = state
+            .config()
+            .get_extension::<QueryState>()
+            .ok_or_else(|| DataFusionError::Internal("query state missing".into()))?;
         let mut targets = Vec::new();
         for m in &self.servers {
             if excluded(state, filters, m)? {
@@ -214,6 +235,7 @@ impl TableProvider for FederatedTable {
             sql,
             targets,
             qs,
+            projection,
         )))
     }
 }
@@ -226,6 +248,8 @@ pub struct FederatedScanExec {
     targets: Vec<MemberClient>,
     state: Arc<QueryState>,
     properties: Arc<PlanProperties>,
+    /// Columns of the members' answers to keep (all when `None`).
+    projection: Option<Vec<usize>>,
 }
 
 impl FederatedScanExec {
@@ -235,6 +259,7 @@ impl FederatedScanExec {
         sql: String,
         targets: Vec<MemberClient>,
         state: Arc<QueryState>,
+        projection: Option<Vec<usize>>,
     ) -> Self {
         let partitions = targets.len().max(1);
         let properties = Arc::new(PlanProperties::new(
@@ -250,7 +275,13 @@ impl FederatedScanExec {
             targets,
             state,
             properties,
+            projection,
         }
+    }
+
+    /// The dataset scanned.
+    pub fn dataset(&self) -> &str {
+        &self.dataset
     }
 
     /// The SQL each member receives.
@@ -348,6 +379,7 @@ impl ExecutionPlan for FederatedScanExec {
             dataset: self.dataset.clone(),
             state: self.state.clone(),
             schema: self.schema.clone(),
+            projection: self.projection.clone(),
             rows: 0,
             started: now,
         };
@@ -373,6 +405,7 @@ struct ScanStream {
     dataset: String,
     state: Arc<QueryState>,
     schema: SchemaRef,
+    projection: Option<Vec<usize>>,
     rows: u64,
     started: Instant,
 }
@@ -411,6 +444,14 @@ impl ScanStream {
 
     /// Casts a member's batch to the canonical types and drops columns not asked for.
     fn shape(&self, b: RecordBatch) -> Result<RecordBatch> {
+        let b = match &self.projection {
+            Some(p) if !p.is_empty() => b.project(p).map_err(|e| Error::Member {
+                member: self.member.clone(),
+                failure: MemberFailure::Failed,
+                reason: format!("answer lacks expected columns: {e}"),
+            })?,
+            _ => b,
+        };
         if self.schema.fields().is_empty() {
             let opts = RecordBatchOptions::new().with_row_count(Some(b.num_rows()));
             return RecordBatch::try_new_with_options(self.schema.clone(), vec![], &opts)

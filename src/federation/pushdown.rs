@@ -1,0 +1,435 @@
+//! Pushing work beyond projection and filters into member sub-queries.
+//!
+//! [`MemberPushdown`] is a DataFusion optimizer rule. It looks for a part of the
+//! logical plan that reads one canonical dataset through nothing but projections,
+//! filters and aliases, topped by an aggregate or by a sort with a limit, and cuts it
+//! in two: the part each member can run alone, written back to SQL with DataFusion's
+//! unparser and sent to every member, and the part that must see all members' rows,
+//! kept at the coordinator.
+//!
+//! - `GROUP BY` that includes `member`: no group spans two members, so each member
+//!   runs the whole aggregate (any function) and the coordinator only unions.
+//! - Other aggregates: members compute partial aggregates (COUNT, SUM, MIN, MAX; AVG
+//!   as a sum and a count), grouped by the query's keys plus the arguments of
+//!   DISTINCT aggregates; the coordinator combines the partials (a sum of counts, a
+//!   sum of sums, a min of mins, ...) and computes DISTINCT aggregates over the
+//!   members' distinct values, which is exact.
+//! - `ORDER BY ... LIMIT k`: each member returns its own top k; the coordinator
+//!   takes the top k of those.
+//!
+//! Anything else (other aggregate functions, joins across datasets, subqueries)
+//! stays at the coordinator over the members' filtered rows: correct first.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::Session;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, Result as DfResult, ScalarValue};
+use datafusion::datasource::{TableProvider, TableType, provider_as_source, source_as_provider};
+use datafusion::functions_aggregate::count::count_udaf;
+use datafusion::functions_aggregate::min_max::{max_udaf, min_udaf};
+use datafusion::functions_aggregate::sum::sum_udaf;
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{
+    Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, Projection, Sort, TableScan, cast, col, lit,
+};
+use datafusion::optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule};
+use datafusion::physical_plan::ExecutionPlan;
+
+use super::table::FederatedTable;
+use crate::config::MEMBER_COLUMN;
+
+/// The optimizer rule. Disabled, it leaves plans as they are (for comparisons).
+#[derive(Debug, Default)]
+pub struct MemberPushdown;
+
+impl OptimizerRule for MemberPushdown {
+    fn name(&self) -> &str {
+        "fedgate_member_pushdown"
+    }
+
+    fn apply_order(&self) -> Option<ApplyOrder> {
+        Some(ApplyOrder::TopDown)
+    }
+
+    fn supports_rewrite(&self) -> bool {
+        true
+    }
+
+    fn rewrite(
+        &self,
+        plan: LogicalPlan,
+        _config: &dyn OptimizerConfig,
+    ) -> DfResult<Transformed<LogicalPlan>> {
+        let rewritten = match &plan {
+            LogicalPlan::Aggregate(agg) => push_aggregate(agg)?,
+            LogicalPlan::Sort(sort) if sort.fetch.is_some() => push_top_k(sort)?,
+            _ => None,
+        };
+        Ok(match rewritten {
+            Some(p) => Transformed::yes(p),
+            None => Transformed::no(plan),
+        })
+    }
+}
+
+/// The federated scan under `plan` when `plan` is only projections, filters and
+/// aliases over it, with no subqueries.
+fn single_dataset(plan: &LogicalPlan) -> Option<(&TableScan, Arc<FederatedTable>)> {
+    let exprs_ok = |exprs: &[Expr]| exprs.iter().all(|e| !has_subquery(e));
+    match plan {
+        LogicalPlan::Projection(p) if exprs_ok(&p.expr) => single_dataset(&p.input),
+        LogicalPlan::Filter(f) if !has_subquery(&f.predicate) => single_dataset(&f.input),
+        LogicalPlan::SubqueryAlias(a) => single_dataset(&a.input),
+        LogicalPlan::TableScan(scan) if scan.fetch.is_none() && exprs_ok(&scan.filters) => {
+            let provider = source_as_provider(&scan.source).ok()?;
+            let any: Arc<dyn std::any::Any + Send + Sync> = provider;
+            let table = any.downcast::<FederatedTable>().ok()?;
+            Some((scan, table))
+        }
+        _ => None,
+    }
+}
+
+fn has_subquery(e: &Expr) -> bool {
+    let mut found = false;
+    let _ = e.apply(|n| {
+        if matches!(
+            n,
+            Expr::ScalarSubquery(_)
+                | Expr::Exists(_)
+                | Expr::InSubquery(_)
+                | Expr::OuterReferenceColumn(..)
+        ) {
+            found = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// True when `e` is the dataset's own `member` column, passed through unchanged.
+fn is_member_column(e: &Expr, input: &LogicalPlan) -> bool {
+    let Expr::Column(c) = e else { return false };
+    if c.name != MEMBER_COLUMN {
+        return false;
+    }
+    // Every projection on the way down must pass `member` through as a column.
+    let mut plan = input;
+    loop {
+        match plan {
+            LogicalPlan::Projection(p) => {
+                let passes = p.expr.iter().any(|x| match x {
+                    Expr::Column(inner) => inner.name == MEMBER_COLUMN,
+                    _ => false,
+                });
+                if !passes {
+                    return false;
+                }
+                plan = &p.input;
+            }
+            LogicalPlan::Filter(f) => plan = &f.input,
+            LogicalPlan::SubqueryAlias(a) => plan = &a.input,
+            LogicalPlan::TableScan(_) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The member-side plan as SQL, and the schema of its answer with columns named
+/// `c0, c1, ...` by position. With `alias`, the SQL itself names its columns so (an
+/// aggregate's output names are long expressions); without it, the plan is written as
+/// is (a sort must stay outermost so that its LIMIT stays in the same query).
+fn member_sql(plan: LogicalPlan, alias: bool) -> DfResult<(String, SchemaRef)> {
+    let fields = plan.schema().fields().clone();
+    let plan = if alias {
+        let exprs: Vec<Expr> = (0..fields.len())
+            .map(|i| {
+                let (q, f) = plan.schema().qualified_field(i);
+                Expr::Column(Column::new(q.cloned(), f.name())).alias(format!("c{i}"))
+            })
+            .collect();
+        LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan))?)
+    } else {
+        plan
+    };
+    let sql = datafusion::sql::unparser::Unparser::default()
+        .plan_to_sql(&plan)?
+        .to_string();
+    let schema = Arc::new(Schema::new(
+        fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    ));
+    Ok((sql, schema))
+}
+
+/// A scan of the pushed part, followed by a projection restoring the replaced
+/// plan's column names and qualifiers (`like`), so the rest of the plan is unchanged.
+fn pushed_scan(
+    table: Arc<FederatedTable>,
+    scan: &TableScan,
+    sql: String,
+    schema: SchemaRef,
+) -> DfResult<LogicalPlanBuilder> {
+    let pruning: Vec<Expr> = scan.filters.clone();
+    let provider = PushedTable {
+        table,
+        sql,
+        schema,
+        pruning,
+    };
+    LogicalPlanBuilder::scan("pushed", provider_as_source(Arc::new(provider)), None)
+}
+
+fn restore_names(
+    builder: LogicalPlanBuilder,
+    like: &LogicalPlan,
+    from: &[String],
+) -> DfResult<LogicalPlan> {
+    let exprs: Vec<Expr> = from
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let (q, f) = like.schema().qualified_field(i);
+            col(Column::new_unqualified(name)).alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    builder.project(exprs)?.build()
+}
+
+fn push_top_k(sort: &Sort) -> DfResult<Option<LogicalPlan>> {
+    let Some((scan, table)) = single_dataset(&sort.input) else {
+        return Ok(None);
+    };
+    let member_plan = LogicalPlan::Sort(sort.clone());
+    let Ok((sql, schema)) = member_sql(member_plan, false) else {
+        return Ok(None);
+    };
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let restored = restore_names(pushed_scan(table, scan, sql, schema)?, &sort.input, &names)?;
+    Ok(Some(
+        LogicalPlanBuilder::from(restored)
+            .sort_with_limit(sort.expr.clone(), sort.fetch)?
+            .build()?,
+    ))
+}
+
+fn unalias(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => unalias(&a.expr),
+        other => other,
+    }
+}
+
+fn agg(
+    func: Arc<datafusion::logical_expr::AggregateUDF>,
+    args: Vec<Expr>,
+    filter: Option<Box<Expr>>,
+) -> Expr {
+    Expr::AggregateFunction(AggregateFunction::new_udf(
+        func,
+        args,
+        false,
+        filter,
+        vec![],
+        None,
+    ))
+}
+
+/// How the coordinator combines the partial columns of one aggregate.
+enum Final {
+    /// `coalesce(sum(p), 0)`: counts.
+    SumOfCounts(usize),
+    /// `sum(p)`.
+    Sum(usize),
+    /// `min(p)` / `max(p)`.
+    Min(usize),
+    Max(usize),
+    /// `sum(s) / sum(c)` as a double: averages.
+    Avg(usize, usize),
+    /// The original DISTINCT aggregate over the distinct values in group column `k`.
+    Distinct(AggregateFunction, usize),
+}
+
+fn push_aggregate(a: &Aggregate) -> DfResult<Option<LogicalPlan>> {
+    let Some((scan, table)) = single_dataset(&a.input) else {
+        return Ok(None);
+    };
+    if a.group_expr
+        .iter()
+        .any(|e| matches!(e, Expr::GroupingSet(_)))
+    {
+        return Ok(None);
+    }
+    let plan = LogicalPlan::Aggregate(a.clone());
+    // Grouped by member: each member computes the whole aggregate.
+    if a.group_expr.iter().any(|g| is_member_column(g, &a.input)) {
+        let Ok((sql, schema)) = member_sql(plan.clone(), true) else {
+            return Ok(None);
+        };
+        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        return Ok(Some(restore_names(
+            pushed_scan(table, scan, sql, schema)?,
+            &plan,
+            &names,
+        )?));
+    }
+
+    // Partial aggregates at the members, grouped by the query's keys plus the
+    // arguments of DISTINCT aggregates.
+    let mut groups = a.group_expr.clone();
+    let mut partials: Vec<Expr> = Vec::new();
+    let mut finals = Vec::new();
+    for e in &a.aggr_expr {
+        let Expr::AggregateFunction(f) = unalias(e) else {
+            return Ok(None);
+        };
+        let p = &f.params;
+        if !p.order_by.is_empty() || p.null_treatment.is_some() {
+            return Ok(None);
+        }
+        if p.distinct {
+            if p.args.len() != 1 || p.filter.is_some() {
+                return Ok(None);
+            }
+            let k = match groups.iter().position(|g| g == &p.args[0]) {
+                Some(k) => k,
+                None => {
+                    groups.push(p.args[0].clone());
+                    groups.len() - 1
+                }
+            };
+            finals.push(Final::Distinct(f.clone(), k));
+            continue;
+        }
+        let arg = |i: usize| p.args.get(i).cloned();
+        let filter = p.filter.clone();
+        let n = partials.len();
+        match f.func.name() {
+            "count" => {
+                partials.push(unalias(e).clone());
+                finals.push(Final::SumOfCounts(n));
+            }
+            "sum" => {
+                partials.push(unalias(e).clone());
+                finals.push(Final::Sum(n));
+            }
+            "min" => {
+                partials.push(unalias(e).clone());
+                finals.push(Final::Min(n));
+            }
+            "max" => {
+                partials.push(unalias(e).clone());
+                finals.push(Final::Max(n));
+            }
+            "avg" if p.args.len() == 1 => {
+                let x = arg(0).unwrap_or_else(|| lit(ScalarValue::Null));
+                partials.push(agg(
+                    sum_udaf(),
+                    vec![cast(x.clone(), DataType::Float64)],
+                    filter.clone(),
+                ));
+                partials.push(agg(count_udaf(), vec![x], filter));
+                finals.push(Final::Avg(n, n + 1));
+            }
+            _ => return Ok(None),
+        }
+    }
+    // Partial columns need unique names for the member's aggregate.
+    let partials: Vec<Expr> = partials
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| e.alias(format!("p{i}")))
+        .collect();
+    let member_agg = match Aggregate::try_new(a.input.clone(), groups.clone(), partials) {
+        Ok(m) => LogicalPlan::Aggregate(m),
+        Err(_) => return Ok(None),
+    };
+    let Ok((sql, schema)) = member_sql(member_agg, true) else {
+        return Ok(None);
+    };
+    let g = groups.len();
+    let c = |i: usize| col(Column::new_unqualified(format!("c{i}")));
+    let final_groups: Vec<Expr> = (0..a.group_expr.len()).map(c).collect();
+    let final_aggs: Vec<Expr> = finals
+        .into_iter()
+        .enumerate()
+        .map(|(j, f)| {
+            let e = match f {
+                Final::SumOfCounts(i) => datafusion::functions::expr_fn::coalesce(vec![
+                    agg(sum_udaf(), vec![c(g + i)], None),
+                    lit(0i64),
+                ]),
+                Final::Sum(i) => agg(sum_udaf(), vec![c(g + i)], None),
+                Final::Min(i) => agg(min_udaf(), vec![c(g + i)], None),
+                Final::Max(i) => agg(max_udaf(), vec![c(g + i)], None),
+                Final::Avg(s, n) => {
+                    let total = agg(sum_udaf(), vec![c(g + s)], None);
+                    let count = cast(agg(sum_udaf(), vec![c(g + n)], None), DataType::Float64);
+                    total / datafusion::functions::expr_fn::nullif(count, lit(0f64))
+                }
+                Final::Distinct(orig, k) => Expr::AggregateFunction(AggregateFunction::new_udf(
+                    orig.func.clone(),
+                    vec![c(k)],
+                    true,
+                    None,
+                    vec![],
+                    None,
+                )),
+            };
+            e.alias(format!("f{j}"))
+        })
+        .collect();
+    let combined = pushed_scan(table, scan, sql, schema)?.aggregate(final_groups, final_aggs)?;
+    let mut names: Vec<String> = (0..a.group_expr.len()).map(|i| format!("c{i}")).collect();
+    names.extend((0..a.aggr_expr.len()).map(|j| format!("f{j}")));
+    Ok(Some(restore_names(combined, &plan, &names)?))
+}
+
+/// A member sub-query decided by the planner: the same SQL at every member serving
+/// the dataset, with a fixed answer schema.
+#[derive(Debug)]
+pub struct PushedTable {
+    table: Arc<FederatedTable>,
+    sql: String,
+    schema: SchemaRef,
+    /// Filters of the original scan, used to prune members by `member`.
+    pruning: Vec<Expr>,
+}
+
+#[async_trait]
+impl TableProvider for PushedTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let schema = match projection {
+            Some(p) => Arc::new(self.schema.project(p)?),
+            None => self.schema.clone(),
+        };
+        self.table.member_exec(
+            state,
+            &self.pruning,
+            schema,
+            self.sql.clone(),
+            projection.cloned(),
+        )
+    }
+}
