@@ -149,8 +149,21 @@ impl Coordinator {
 
     fn context(&self, state: Arc<QueryState>) -> Result<SessionContext> {
         let cfg = session_config().with_extension(state);
-        let ctx = SessionContext::new_with_config(cfg);
-        ctx.add_optimizer_rule(Arc::new(pushdown::MemberPushdown));
+        // The pushdown rule runs after filters are pushed into scans and before
+        // common-subexpression elimination, whose generated projections make the
+        // member SQL harder to read (and have tripped members' own optimizers).
+        let mut rules = datafusion::optimizer::Optimizer::new().rules;
+        let at = rules
+            .iter()
+            .position(|r| r.name() == "common_sub_expression_eliminate")
+            .unwrap_or(rules.len());
+        rules.insert(at, Arc::new(pushdown::MemberPushdown));
+        let session = datafusion::execution::SessionStateBuilder::new()
+            .with_config(cfg)
+            .with_default_features()
+            .with_optimizer_rules(rules)
+            .build();
+        let ctx = SessionContext::new_with_state(session);
         for (name, t) in &self.tables {
             ctx.register_table(TableReference::bare(name.as_str()), t.clone())
                 .map_err(|e| Error::Internal(e.to_string()))?;

@@ -6,6 +6,8 @@ mod support;
 
 mod bad_input;
 mod configs;
+mod differential;
 mod federation;
+mod planner;
 mod sources;
 mod tls;

@@ -25,6 +25,11 @@ impl Region {
     /// Starts only the named gateways (all when `None`); the others' ports stay
     /// reserved in the region file but nothing listens there.
     pub async fn start_only(only: Option<&[&str]>) -> Region {
+        Self::start_patched(only, &|_| {}).await
+    }
+
+    /// Like [`Region::start_only`], after `patch` has edited the materialized files.
+    pub async fn start_patched(only: Option<&[&str]>, patch: &dyn Fn(&Materialized)) -> Region {
         let dir = tempfile::tempdir().unwrap();
         let mut listeners = BTreeMap::new();
         let template: fedgate::config::raw::RawRegion = toml::from_str(
@@ -44,6 +49,7 @@ impl Region {
                 ports[name]
             })
             .unwrap();
+        patch(&layout);
         let mut gateways = BTreeMap::new();
         for (name, path, _) in &layout.gateways {
             let l = listeners.remove(name).unwrap();

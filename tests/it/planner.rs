@@ -1,0 +1,128 @@
+//! What the planner pushes to members, read back through `Explain`, so pushdown
+//! cannot silently regress.
+
+use crate::support::Region;
+
+async fn explain(region: &Region, sql: &str) -> fedgate::proto::v1::ExplainResponse {
+    region.client("shanghai").explain(sql).await.unwrap()
+}
+
+#[tokio::test]
+async fn member_sub_queries_carry_the_pushable_work() {
+    let region = Region::start().await;
+
+    // Partial aggregation: members group and sum; the coordinator combines.
+    let e = explain(&region, "SELECT county_code, sum(pop_total), avg(share_65_plus_pct), count(*) FROM census WHERE pop_total > 100000 GROUP BY county_code").await;
+    assert_eq!(e.subqueries.len(), 1);
+    let s = &e.subqueries[0];
+    assert_eq!(
+        s.members,
+        vec!["shanghai", "hangzhou", "suzhou", "hefei", "anji"]
+    );
+    for part in [
+        "sum(census.pop_total)",
+        "count(",
+        "GROUP BY census.county_code",
+        "WHERE (census.pop_total > 100000)",
+    ] {
+        assert!(s.sql.contains(part), "{part} missing in {}", s.sql);
+    }
+    assert!(e.plan.contains("AggregateExec"), "{}", e.plan);
+
+    // Grouped by member: the whole aggregate, even one that cannot be split.
+    let e = explain(
+        &region,
+        "SELECT member, median(pop_total) FROM census GROUP BY member",
+    )
+    .await;
+    assert!(
+        e.subqueries[0]
+            .sql
+            .contains("median(CAST(census.pop_total AS DOUBLE))"),
+        "{}",
+        e.subqueries[0].sql
+    );
+    assert!(!e.plan.contains("AggregateExec"), "{}", e.plan);
+
+    // Not splittable and not grouped by member: rows come, the median is computed here.
+    let e = explain(&region, "SELECT median(pop_total) FROM census").await;
+    assert!(
+        !e.subqueries[0].sql.contains("median"),
+        "{}",
+        e.subqueries[0].sql
+    );
+    assert!(
+        !e.subqueries[0].sql.contains("GROUP BY"),
+        "{}",
+        e.subqueries[0].sql
+    );
+
+    // Top-k: each member sends its own top 3.
+    let e = explain(
+        &region,
+        "SELECT county_name, pop_total FROM census ORDER BY pop_total DESC LIMIT 3",
+    )
+    .await;
+    let sql = &e.subqueries[0].sql;
+    assert!(
+        sql.contains("ORDER BY census.pop_total DESC") && sql.ends_with("LIMIT 3"),
+        "{sql}"
+    );
+
+    // A plain LIMIT without order is pushed as is.
+    let e = explain(&region, "SELECT county_name FROM census LIMIT 2").await;
+    assert!(
+        e.subqueries[0].sql.ends_with("LIMIT 2"),
+        "{}",
+        e.subqueries[0].sql
+    );
+
+    // Pruning by member and by catalog.
+    let e = explain(
+        &region,
+        "SELECT * FROM census WHERE member IN ('hangzhou', 'anji')",
+    )
+    .await;
+    assert_eq!(e.subqueries[0].members, vec!["hangzhou", "anji"]);
+    let e = explain(&region, "SELECT count(*) FROM fever_clinics").await;
+    assert!(!e.subqueries[0].members.contains(&"hefei".to_string()));
+
+    // A join across datasets: one sub-query per dataset, the join at the coordinator.
+    let e = explain(&region, "SELECT d.name, count(*) FROM fever_clinics f JOIN divisions d ON f.county_code = d.code GROUP BY d.name").await;
+    let datasets: Vec<&str> = e.subqueries.iter().map(|s| s.dataset.as_str()).collect();
+    assert!(
+        datasets.contains(&"fever_clinics") && datasets.contains(&"divisions"),
+        "{datasets:?}"
+    );
+    assert!(e.plan.contains("HashJoinExec"), "{}", e.plan);
+}
+
+#[tokio::test]
+async fn an_aggregate_moves_one_row_per_group_not_every_row() {
+    let region = Region::start().await;
+    let a = region
+        .client("hefei")
+        .query("SELECT count(*), sum(pop_total) FROM census", false, None)
+        .await
+        .unwrap();
+    assert!(
+        a.summary.members.iter().all(|m| m.rows == 1),
+        "{:?}",
+        a.summary.members
+    );
+    let a = region
+        .client("hefei")
+        .query(
+            "SELECT substr(county_code, 1, 4) AS city, sum(pop_total) FROM census GROUP BY 1",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    // Every member's counties share one city prefix: one partial row each.
+    assert!(
+        a.summary.members.iter().all(|m| m.rows == 1),
+        "{:?}",
+        a.summary.members
+    );
+}
