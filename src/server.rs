@@ -94,11 +94,13 @@ impl Federation for FederationService {
                 QueryOptions {
                     allow_partial: q.allow_partial,
                     timeout,
+                    ..QueryOptions::default()
                 },
             )
             .await
             .map_err(|e| e.to_status())?;
         let state = running.state.clone();
+        let plan_cached = running.plan_cached;
         let version = self.coordinator.config().version.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<QueryResponse, Status>>(8);
         tokio::spawn(async move {
@@ -138,6 +140,8 @@ impl Federation for FederationService {
                 partial: state.is_partial() || failure.is_some(),
                 config_version: version,
                 members: state.statuses(),
+                bytes_received: state.bytes_received(),
+                plan_cached,
             };
             tracing::info!(query_id = %summary.query_id, rows = summary.rows, partial = summary.partial, elapsed_us = summary.elapsed_us, "Query done");
             let _ = tx

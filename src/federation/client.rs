@@ -30,6 +30,8 @@ pub struct SubQuery {
     pub budget: Duration,
     /// Gateways passed so far (the coordinator first).
     pub path: Vec<String>,
+    /// Counts the Arrow IPC bytes received for this sub-query.
+    pub received: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Batches from a member, each error already a member error naming it.
@@ -158,6 +160,7 @@ impl MemberClient {
                     name.clone(),
                     endpoint.clone(),
                     budget,
+                    q.received,
                     response.into_inner(),
                 ))
             }
@@ -172,6 +175,7 @@ fn remote_batches(
     name: String,
     endpoint: String,
     budget: Duration,
+    received: Arc<std::sync::atomic::AtomicU64>,
     responses: tonic::Streaming<crate::proto::v1::ExecuteResponse>,
 ) -> MemberStream {
     let summary: Arc<Mutex<Option<ExecuteSummary>>> = Arc::default();
@@ -181,9 +185,16 @@ fn remote_batches(
         .map_err(move |s| status_error(&n1, &e1, budget, s))
         .try_filter_map(move |r| {
             let seen = seen.clone();
+            let received = received.clone();
             async move {
                 match r.payload {
-                    Some(execute_response::Payload::Arrow(c)) => Ok(Some(c)),
+                    Some(execute_response::Payload::Arrow(c)) => {
+                        received.fetch_add(
+                            (c.header.len() + c.body.len()) as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                        Ok(Some(c))
+                    }
                     Some(execute_response::Payload::Summary(s)) => {
                         *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
                         Ok(None)

@@ -18,6 +18,7 @@ use std::time::Duration;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::TableReference;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 
 use crate::config::MemberConfig;
@@ -37,6 +38,30 @@ pub struct QueryOptions {
     pub allow_partial: bool,
     /// The whole query's time budget.
     pub timeout: Duration,
+    /// Push aggregates and top-k into member sub-queries (off only to compare).
+    pub pushdown: bool,
+    /// Reuse plans of earlier identical queries (off only to compare).
+    pub plan_cache: bool,
+}
+
+impl Default for QueryOptions {
+    fn default() -> Self {
+        QueryOptions {
+            allow_partial: false,
+            timeout: Duration::from_secs(30),
+            pushdown: true,
+            plan_cache: true,
+        }
+    }
+}
+
+/// What a cached plan depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PlanKey {
+    sql: String,
+    version: String,
+    scope: String,
+    pushdown: bool,
 }
 
 /// A query whose plan is built and whose member scans start as the stream is read.
@@ -47,6 +72,8 @@ pub struct RunningQuery {
     pub stream: SendableRecordBatchStream,
     /// Per-member outcomes, complete once the stream has ended.
     pub state: Arc<QueryState>,
+    /// Whether the plan came from the plan cache.
+    pub plan_cached: bool,
 }
 
 /// How a query would run.
@@ -79,6 +106,7 @@ fn collect_scans(
 pub struct Coordinator {
     config: Arc<MemberConfig>,
     tables: Vec<(String, Arc<FederatedTable>)>,
+    plans: moka::future::Cache<PlanKey, Arc<LogicalPlan>>,
 }
 
 /// Share of a query's budget kept for merging after the members' deadline.
@@ -139,7 +167,14 @@ impl Coordinator {
                 )
             })
             .collect();
-        Ok(Coordinator { config, tables })
+        Ok(Coordinator {
+            config,
+            tables,
+            plans: moka::future::Cache::builder()
+                .max_capacity(1024)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
+        })
     }
 
     /// The configuration this coordinator runs under.
@@ -147,17 +182,19 @@ impl Coordinator {
         &self.config
     }
 
-    fn context(&self, state: Arc<QueryState>) -> Result<SessionContext> {
+    fn context(&self, state: Arc<QueryState>, pushdown: bool) -> Result<SessionContext> {
         let cfg = session_config().with_extension(state);
-        // The pushdown rule runs after filters are pushed into scans and before
-        // common-subexpression elimination, whose generated projections make the
-        // member SQL harder to read (and have tripped members' own optimizers).
         let mut rules = datafusion::optimizer::Optimizer::new().rules;
-        let at = rules
-            .iter()
-            .position(|r| r.name() == "common_sub_expression_eliminate")
-            .unwrap_or(rules.len());
-        rules.insert(at, Arc::new(pushdown::MemberPushdown));
+        if pushdown {
+            // After filters are pushed into scans and before common-subexpression
+            // elimination, whose generated projections make member SQL harder to
+            // read (and have tripped members' own optimizers).
+            let at = rules
+                .iter()
+                .position(|r| r.name() == "common_sub_expression_eliminate")
+                .unwrap_or(rules.len());
+            rules.insert(at, Arc::new(pushdown::MemberPushdown));
+        }
         let session = datafusion::execution::SessionStateBuilder::new()
             .with_config(cfg)
             .with_default_features()
@@ -171,13 +208,17 @@ impl Coordinator {
         Ok(ctx)
     }
 
-    /// Plans a caller's SQL. Table names are checked against the canonical datasets
-    /// first, so an unknown name is reported with the names that exist.
+    /// Plans a caller's SQL into an optimized logical plan, from the plan cache when
+    /// the same normalized query was planned under the same configuration for the
+    /// same caller. Table names are checked against the canonical datasets first, so
+    /// an unknown name is reported with the names that exist.
     async fn plan(
         &self,
         ctx: &SessionContext,
+        origin: &Principal,
         sql: &str,
-    ) -> Result<datafusion::dataframe::DataFrame> {
+        opts: &QueryOptions,
+    ) -> Result<(Arc<LogicalPlan>, bool)> {
         let state = ctx.state();
         let stmt = state
             .sql_to_statement(sql, &state.config().options().sql_parser.dialect)
@@ -196,6 +237,20 @@ impl Coordinator {
                 )));
             }
         }
+        // The key holds everything that changes the plan: the query as parsed (so
+        // spacing and letter case of keywords do not matter), the configuration, the
+        // caller (whose access scope the plan is made for) and the planner options.
+        let key = PlanKey {
+            sql: stmt.to_string(),
+            version: self.config.version.clone(),
+            scope: origin.uri(),
+            pushdown: opts.pushdown,
+        };
+        if opts.plan_cache
+            && let Some(p) = self.plans.get(&key).await
+        {
+            return Ok((p, true));
+        }
         let plan = state
             .statement_to_plan(stmt)
             .await
@@ -203,21 +258,36 @@ impl Coordinator {
         query_only()
             .verify_plan(&plan)
             .map_err(|e| Error::InvalidQuery(e.to_string()))?;
-        ctx.execute_logical_plan(plan)
+        let plan = Arc::new(state.optimize(&plan).map_err(Error::from_datafusion)?);
+        if opts.plan_cache {
+            self.plans.insert(key, plan.clone()).await;
+        }
+        Ok((plan, false))
+    }
+
+    /// The physical plan of an optimized logical plan (not optimized again).
+    async fn physical(
+        &self,
+        ctx: &SessionContext,
+        plan: &LogicalPlan,
+    ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        let state = ctx.state();
+        state
+            .query_planner()
+            .create_physical_plan(plan, &state)
             .await
             .map_err(Error::from_datafusion)
     }
 
-    /// Plans `sql` for `origin` and returns the running query.
-    pub async fn query(
+    fn new_state(
         &self,
+        query_id: String,
         origin: Principal,
-        sql: &str,
-        opts: QueryOptions,
-    ) -> Result<RunningQuery> {
+        opts: &QueryOptions,
+    ) -> Arc<QueryState> {
         let member_budget = opts.timeout.saturating_sub(merge_reserve(opts.timeout));
-        let state = Arc::new(QueryState::new(
-            uuid::Uuid::new_v4().to_string(),
+        Arc::new(QueryState::new(
+            query_id,
             origin,
             self.config.member.principal.clone(),
             member_budget,
@@ -228,38 +298,37 @@ impl Coordinator {
                 .iter()
                 .map(|m| m.name.clone())
                 .collect(),
-        ));
-        let ctx = self.context(state.clone())?;
-        let df = self.plan(&ctx, sql).await?;
-        let stream = df.execute_stream().await.map_err(Error::from_datafusion)?;
+        ))
+    }
+
+    /// Plans `sql` for `origin` and returns the running query.
+    pub async fn query(
+        &self,
+        origin: Principal,
+        sql: &str,
+        opts: QueryOptions,
+    ) -> Result<RunningQuery> {
+        let state = self.new_state(uuid::Uuid::new_v4().to_string(), origin.clone(), &opts);
+        let ctx = self.context(state.clone(), opts.pushdown)?;
+        let (plan, plan_cached) = self.plan(&ctx, &origin, sql, &opts).await?;
+        let physical = self.physical(&ctx, &plan).await?;
+        let stream = datafusion::physical_plan::execute_stream(physical, ctx.task_ctx())
+            .map_err(Error::from_datafusion)?;
         Ok(RunningQuery {
             schema: stream.schema(),
             stream,
             state,
+            plan_cached,
         })
     }
 
     /// The physical plan of `sql` as text, with the SQL each member would receive.
     pub async fn explain(&self, origin: Principal, sql: &str) -> Result<Explained> {
-        let state = Arc::new(QueryState::new(
-            "explain".into(),
-            origin,
-            self.config.member.principal.clone(),
-            Duration::from_secs(1),
-            true,
-            self.config
-                .region
-                .members
-                .iter()
-                .map(|m| m.name.clone())
-                .collect(),
-        ));
-        let ctx = self.context(state)?;
-        let df = self.plan(&ctx, sql).await?;
-        let plan = df
-            .create_physical_plan()
-            .await
-            .map_err(Error::from_datafusion)?;
+        let opts = QueryOptions::default();
+        let state = self.new_state("explain".into(), origin.clone(), &opts);
+        let ctx = self.context(state, opts.pushdown)?;
+        let (logical, _) = self.plan(&ctx, &origin, sql, &opts).await?;
+        let plan = self.physical(&ctx, &logical).await?;
         let mut subqueries = Vec::new();
         collect_scans(plan.as_ref(), &mut subqueries);
         Ok(Explained {

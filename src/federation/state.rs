@@ -34,6 +34,7 @@ pub struct QueryState {
 struct Entry {
     state: MemberState,
     rows: u64,
+    bytes: u64,
     elapsed: Duration,
     reason: String,
     datasets: BTreeSet<String>,
@@ -82,6 +83,7 @@ impl QueryState {
         let e = m.entry(member.to_string()).or_insert_with(|| Entry {
             state: MemberState::Unspecified,
             rows: 0,
+            bytes: 0,
             elapsed: Duration::ZERO,
             reason: String::new(),
             datasets: BTreeSet::new(),
@@ -169,6 +171,17 @@ impl QueryState {
         });
     }
 
+    /// Adds Arrow IPC bytes received from `member`.
+    pub fn received(&self, member: &str, dataset: &str, bytes: u64) {
+        self.update(member, dataset, |e| e.bytes += bytes);
+    }
+
+    /// Total Arrow IPC bytes received from members.
+    pub fn bytes_received(&self) -> u64 {
+        let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        m.values().map(|e| e.bytes).sum()
+    }
+
     /// True when any member that should have answered did not.
     pub fn is_partial(&self) -> bool {
         let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
@@ -193,6 +206,7 @@ impl QueryState {
                 elapsed_us: e.elapsed.as_micros() as u64,
                 reason: e.reason.clone(),
                 datasets: e.datasets.iter().cloned().collect(),
+                bytes_received: e.bytes,
             })
             .collect();
         v.sort_by_key(|s| (pos(&s.member), s.member.clone()));

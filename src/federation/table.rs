@@ -362,12 +362,14 @@ impl ExecutionPlan for FederatedScanExec {
         };
         let now = Instant::now();
         let budget = self.state.member_deadline.saturating_duration_since(now);
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let q = SubQuery {
             sql: self.sql.clone(),
             origin: self.state.origin.clone(),
             query_id: self.state.query_id.clone(),
             budget,
             path: vec![self.state.coordinator.uri()],
+            received: received.clone(),
         };
         let member = target.name().to_string();
         tracing::debug!(query_id = %self.state.query_id, %member, dataset = %self.dataset, sql = %self.sql, "Member scan");
@@ -380,6 +382,7 @@ impl ExecutionPlan for FederatedScanExec {
             state: self.state.clone(),
             schema: self.schema.clone(),
             projection: self.projection.clone(),
+            received,
             rows: 0,
             started: now,
         };
@@ -406,13 +409,25 @@ struct ScanStream {
     state: Arc<QueryState>,
     schema: SchemaRef,
     projection: Option<Vec<usize>>,
+    received: Arc<std::sync::atomic::AtomicU64>,
     rows: u64,
     started: Instant,
 }
 
 impl ScanStream {
+    /// Moves the byte count into the query state (once, when the scan ends).
+    fn record_bytes(&self) {
+        let n = self.received.swap(0, std::sync::atomic::Ordering::Relaxed);
+        if n > 0 {
+            self.state.received(&self.member, &self.dataset, n);
+        }
+    }
+}
+
+impl ScanStream {
     fn fail(&mut self, e: Error) -> Poll<Option<DfResult<RecordBatch>>> {
         self.phase = Phase::Done;
+        self.record_bytes();
         self.state.failed(
             &self.member,
             &self.dataset,
@@ -519,6 +534,7 @@ impl Stream for ScanStream {
                     Poll::Ready(Some(Err(e))) => return this.fail(e),
                     Poll::Ready(None) => {
                         this.phase = Phase::Done;
+                        this.record_bytes();
                         this.state.answered(
                             &this.member,
                             &this.dataset,
@@ -553,6 +569,7 @@ impl Drop for ScanStream {
         // Dropped before the end: the coordinator needed no more rows (a LIMIT was
         // met) or the query ended for another reason. The member was not at fault.
         if !matches!(self.phase, Phase::Done) {
+            self.record_bytes();
             self.state.answered(
                 &self.member,
                 &self.dataset,

@@ -126,3 +126,56 @@ async fn an_aggregate_moves_one_row_per_group_not_every_row() {
         a.summary.members
     );
 }
+
+#[tokio::test]
+async fn plans_are_reused_for_the_same_query_config_and_caller_only() {
+    let region = Region::start().await;
+    let office = region.client("suzhou");
+    let sql = "SELECT member, sum(pop_total) FROM census GROUP BY member";
+    let first = office.query(sql, false, None).await.unwrap();
+    assert!(!first.summary.plan_cached);
+    // Spacing and keyword case do not make a different query.
+    let again = office
+        .query(
+            "select member,\n   sum(pop_total) from census  group by member",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(again.summary.plan_cached);
+    let rows = |a: &fedgate::client::Answer| {
+        let mut v: Vec<(String, String)> = crate::support::column_strings(&a.batches, "member")
+            .into_iter()
+            .zip(crate::support::column_strings(
+                &a.batches,
+                "sum(census.pop_total)",
+            ))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(rows(&first), rows(&again));
+    assert_eq!(rows(&first).len(), 5);
+    // Another caller gets its own plan (plans are made per access scope).
+    let certs = region.layout.dir.join("certs");
+    let as_hefei = fedgate::client::Client::connect(
+        &region.endpoint("suzhou"),
+        &region.layout.ca,
+        &certs.join("hefei.crt"),
+        &certs.join("hefei.key"),
+    )
+    .unwrap();
+    let other = as_hefei.query(sql, false, None).await.unwrap();
+    assert!(!other.summary.plan_cached);
+    // A different query is planned anew.
+    let different = office
+        .query(
+            "SELECT member, max(pop_total) FROM census GROUP BY member",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(!different.summary.plan_cached);
+}
