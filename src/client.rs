@@ -110,11 +110,19 @@ impl Client {
         allow_partial: bool,
         timeout: Option<Duration>,
     ) -> std::result::Result<Answer, Failure> {
-        let mut req = tonic::Request::new(QueryRequest {
+        self.query_with(QueryRequest {
             sql: sql.to_string(),
             allow_partial,
             timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
-        });
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Runs a query with every request option and collects the answer.
+    pub async fn query_with(&self, q: QueryRequest) -> std::result::Result<Answer, Failure> {
+        let timeout = (q.timeout_ms > 0).then(|| Duration::from_millis(q.timeout_ms));
+        let mut req = tonic::Request::new(q);
         if let Some(t) = timeout {
             // A little over the query's own budget, so the gateway can report first.
             req.set_timeout(t + Duration::from_millis(500));

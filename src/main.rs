@@ -58,6 +58,12 @@ enum Command {
         /// Time budget for the whole query, e.g. `2s`.
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
+        /// Diagnosis: do not push aggregates and top-k into member sub-queries.
+        #[arg(long)]
+        no_pushdown: bool,
+        /// Diagnosis: plan anew even if the plan is cached.
+        #[arg(long)]
+        no_plan_cache: bool,
         /// The SQL (canonical datasets; DataFusion dialect).
         sql: String,
     },
@@ -194,10 +200,19 @@ async fn run(cmd: Command) -> Result<ExitCode> {
             format,
             allow_partial,
             timeout,
+            no_pushdown,
+            no_plan_cache,
             sql,
         } => {
             let client = connect(&conn)?;
-            query(&client, &sql, allow_partial, timeout, format).await
+            let req = fedgate::proto::v1::QueryRequest {
+                sql,
+                allow_partial,
+                timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+                no_pushdown,
+                no_plan_cache,
+            };
+            query(&client, req, format).await
         }
         Command::Explain { conn, sql } => {
             let client = connect(&conn)?;
@@ -290,12 +305,10 @@ async fn shutdown_signal() {
 
 async fn query(
     client: &Client,
-    sql: &str,
-    allow_partial: bool,
-    timeout: Option<Duration>,
+    req: fedgate::proto::v1::QueryRequest,
     format: Format,
 ) -> Result<ExitCode> {
-    match client.query(sql, allow_partial, timeout).await {
+    match client.query_with(req).await {
         Ok(answer) => {
             print_answer(&answer, format)?;
             Ok(if answer.summary.partial {

@@ -94,7 +94,8 @@ impl Federation for FederationService {
                 QueryOptions {
                     allow_partial: q.allow_partial,
                     timeout,
-                    ..QueryOptions::default()
+                    pushdown: !q.no_pushdown,
+                    plan_cache: !q.no_plan_cache,
                 },
             )
             .await

@@ -1,0 +1,231 @@
+//! Planner benchmark: aggregate pushdown and the plan cache, side by side.
+//!
+//! Builds a region on loopback with four data members (250,000 generated rows each,
+//! Parquet, 100 county codes) and a coordinator that serves no data, all real
+//! gateways over mutual TLS, and a client calling the coordinator over gRPC. Then,
+//! interleaving the variants in every round (A B, then B A, ...):
+//!
+//! - bytes the coordinator receives from members, and latency, for
+//!   `SELECT county_code, sum(x) ... GROUP BY county_code` with and without
+//!   aggregate pushdown;
+//! - latency of a small query with its plan cached and planned anew.
+//!
+//! Prints medians of per-round ratios as Markdown. Run: `cargo bench --bench pushdown`
+//! (`-- --rounds N` for more rounds).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{Int64Array, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::record_batch::RecordBatch;
+use fedgate::client::Client;
+use fedgate::config::MemberConfig;
+use fedgate::identity::{Kind, Principal};
+use fedgate::pki::{self, Ca};
+use fedgate::proto::v1::QueryRequest;
+use fedgate::server::Gateway;
+
+const MEMBERS: usize = 4;
+const ROWS_PER_MEMBER: usize = 250_000;
+const COUNTIES: usize = 100;
+
+fn write_parquet(path: &Path, member: usize) {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("county_code", DataType::Utf8, false),
+        Field::new("x", DataType::Int64, false),
+    ]));
+    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(path).unwrap(),
+        schema.clone(),
+        None,
+    )
+    .unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ member as u64;
+    for chunk in 0..(ROWS_PER_MEMBER / 50_000) {
+        let n = 50_000;
+        let codes: Vec<String> = (0..n)
+            .map(|i| format!("33{:04}", (chunk * n + i) % COUNTIES))
+            .collect();
+        let xs: Vec<i64> = (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed % 10_000) as i64
+            })
+            .collect();
+        let b = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(codes)),
+                Arc::new(Int64Array::from(xs)),
+            ],
+        )
+        .unwrap();
+        w.write(&b).unwrap();
+    }
+    w.close().unwrap();
+}
+
+async fn start(dir: &Path) -> (Vec<Gateway>, Client) {
+    let ca = Ca::generate("bench").unwrap();
+    let certs = dir.join("certs");
+    let (ca_path, _) = pki::write_ca(&ca, &certs).unwrap();
+    let mut listeners = Vec::new();
+    for _ in 0..=MEMBERS {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let port = |i: usize| listeners[i].local_addr().unwrap().port();
+    let mut region = format!("region = \"bench\"\nca = \"{}\"\n", ca_path.display());
+    region.push_str(&format!(
+        "[[members]]\nname = \"hub\"\nkind = \"city\"\nendpoint = \"https://127.0.0.1:{}\"\n",
+        port(0)
+    ));
+    for m in 1..=MEMBERS {
+        region.push_str(&format!(
+            "[[members]]\nname = \"m{m}\"\nkind = \"city\"\nendpoint = \"https://127.0.0.1:{}\"\nserves = [\"readings\"]\n",
+            port(m)
+        ));
+    }
+    region.push_str("[[members]]\nname = \"analyst\"\nkind = \"office\"\n");
+    region.push_str("[[datasets]]\nname = \"readings\"\nfields = [ { name = \"county_code\", type = \"utf8\" }, { name = \"x\", type = \"int64\" } ]\n");
+    std::fs::write(dir.join("region.toml"), region).unwrap();
+    for name in ["hub", "m1", "m2", "m3", "m4", "analyst"] {
+        let kind = if name == "analyst" {
+            Kind::Office
+        } else {
+            Kind::City
+        };
+        let p = Principal::new("bench", kind, name).unwrap();
+        pki::write_issued(
+            &ca.issue(&p, &pki::default_hosts(), 2).unwrap(),
+            &certs,
+            name,
+        )
+        .unwrap();
+    }
+    let mut gateways = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        let name = if i == 0 {
+            "hub".to_string()
+        } else {
+            format!("m{i}")
+        };
+        let mut cfg = format!(
+            "member = \"{name}\"\nregion = \"region.toml\"\nlisten = \"127.0.0.1:{}\"\ncert = \"certs/{name}.crt\"\nkey = \"certs/{name}.key\"\n",
+            port_of(&l)
+        );
+        if i > 0 {
+            let data = dir.join(format!("{name}.parquet"));
+            write_parquet(&data, i);
+            cfg.push_str(&format!(
+                "[[sources]]\nname = \"readings\"\nformat = \"parquet\"\npath = \"{}\"\n\
+                 [[mappings]]\ndataset = \"readings\"\nsource = \"readings\"\nfields.county_code = \"county_code\"\nfields.x = \"x\"\n\
+                 [[access]]\nprincipals = [\"fedgate://bench/*\"]\ndatasets = [\"*\"]\nlevel = \"rows\"\n",
+                data.display()
+            ));
+        }
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, cfg).unwrap();
+        let cfg = MemberConfig::load(&path).unwrap_or_else(|p| panic!("{p}"));
+        gateways.push(Gateway::start(Arc::new(cfg), Some(l)).await.unwrap());
+    }
+    let client = Client::connect(
+        &format!("https://127.0.0.1:{}", gateways[0].addr.port()),
+        &ca_path,
+        &certs.join("analyst.crt"),
+        &certs.join("analyst.key"),
+    )
+    .unwrap();
+    (gateways, client)
+}
+
+fn port_of(l: &tokio::net::TcpListener) -> u16 {
+    l.local_addr().unwrap().port()
+}
+
+struct Run {
+    elapsed: Duration,
+    bytes: u64,
+    rows: usize,
+}
+
+async fn run(client: &Client, sql: &str, no_pushdown: bool, no_plan_cache: bool) -> Run {
+    let t = Instant::now();
+    let a = client
+        .query_with(QueryRequest {
+            sql: sql.into(),
+            timeout_ms: 120_000,
+            no_pushdown,
+            no_plan_cache,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|f| panic!("{f}"));
+    Run {
+        elapsed: t.elapsed(),
+        bytes: a.summary.bytes_received,
+        rows: a.batches.iter().map(|b| b.num_rows()).sum(),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .skip_while(|a| a != "--rounds")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(7);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_gateways, client) = start(dir.path()).await;
+        let agg = "SELECT county_code, sum(x) AS total FROM readings GROUP BY county_code";
+        let small = "SELECT count(*) FROM readings WHERE member = 'm1' AND x < 10";
+        // Warm up both paths (connections, file caches).
+        run(&client, agg, false, false).await;
+        run(&client, agg, true, false).await;
+
+        let (mut byte_ratio, mut time_ratio) = (Vec::new(), Vec::new());
+        let (mut with_bytes, mut without_bytes) = (0, 0);
+        let mut plan_ratio = Vec::new();
+        for r in 0..rounds {
+            let (a, b) = if r % 2 == 0 {
+                let a = run(&client, agg, false, false).await;
+                (a, run(&client, agg, true, false).await)
+            } else {
+                let b = run(&client, agg, true, false).await;
+                (run(&client, agg, false, false).await, b)
+            };
+            assert_eq!(a.rows, COUNTIES);
+            assert_eq!(b.rows, COUNTIES);
+            with_bytes = a.bytes;
+            without_bytes = b.bytes;
+            byte_ratio.push(a.bytes as f64 / b.bytes as f64);
+            time_ratio.push(a.elapsed.as_secs_f64() / b.elapsed.as_secs_f64());
+
+            // Plan cache: 20 cached and 20 uncached runs of a small query, interleaved.
+            let (mut hit, mut miss) = (Duration::ZERO, Duration::ZERO);
+            for _ in 0..20 {
+                hit += run(&client, small, false, false).await.elapsed;
+                miss += run(&client, small, false, true).await.elapsed;
+            }
+            plan_ratio.push(hit.as_secs_f64() / miss.as_secs_f64());
+        }
+        println!("| measure (medians of {rounds} interleaved rounds) | ratio |");
+        println!("|---|---:|");
+        println!(
+            "| bytes received, GROUP BY over {} rows in {MEMBERS} members: with pushdown / without ({with_bytes} B / {without_bytes} B in the last round) | {:.5} |",
+            MEMBERS * ROWS_PER_MEMBER,
+            median(byte_ratio)
+        );
+        println!("| latency of that query: with pushdown / without | {:.3} |", median(time_ratio));
+        println!("| latency of a small query: plan cached / planned anew | {:.3} |", median(plan_ratio));
+    });
+}
