@@ -258,7 +258,14 @@ impl Coordinator {
         query_only()
             .verify_plan(&plan)
             .map_err(|e| Error::InvalidQuery(e.to_string()))?;
-        let plan = Arc::new(state.optimize(&plan).map_err(Error::from_datafusion)?);
+        let mut plan = state.optimize(&plan).map_err(Error::from_datafusion)?;
+        if opts.pushdown
+            && let Some(whole) =
+                pushdown::push_whole_query(&state, &plan, sql).map_err(Error::from_datafusion)?
+        {
+            plan = whole;
+        }
+        let plan = Arc::new(plan);
         if opts.plan_cache {
             self.plans.insert(key, plan.clone()).await;
         }

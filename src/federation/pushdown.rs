@@ -183,6 +183,7 @@ fn pushed_scan(
         sql,
         schema,
         pruning,
+        whole: None,
     };
     LogicalPlanBuilder::scan("pushed", provider_as_source(Arc::new(provider)), None)
 }
@@ -392,8 +393,71 @@ fn push_aggregate(a: &Aggregate) -> DfResult<Option<LogicalPlan>> {
     Ok(Some(restore_names(combined, &plan, &names)?))
 }
 
+/// Sends the whole query to one member when every dataset it reads is answered by
+/// that member alone (after pruning by `member` and by the catalog): the member runs
+/// joins, sorts and everything else itself, and only the final rows travel.
+pub fn push_whole_query(
+    state: &dyn Session,
+    plan: &LogicalPlan,
+    sql: &str,
+) -> DfResult<Option<LogicalPlan>> {
+    let mut scans: Vec<(Arc<FederatedTable>, Vec<String>)> = Vec::new();
+    let mut unsupported = false;
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            let provider = source_as_provider(&scan.source)?;
+            let any: Arc<dyn std::any::Any + Send + Sync> = provider;
+            match any.downcast::<FederatedTable>() {
+                Ok(t) => {
+                    let targets = t.targets(state, &scan.filters)?;
+                    scans.push((t, targets));
+                }
+                Err(any) => match any.downcast::<PushedTable>() {
+                    Ok(p) => {
+                        let targets = p.table.targets(state, &p.pruning)?;
+                        scans.push((p.table.clone(), targets));
+                    }
+                    Err(_) => unsupported = true,
+                },
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    let Some((first, targets)) = scans.first() else {
+        return Ok(None);
+    };
+    if unsupported || targets.len() != 1 || scans.iter().any(|(_, t)| t != targets) {
+        return Ok(None);
+    }
+    let member = targets[0].clone();
+    let mut datasets: Vec<String> = scans
+        .iter()
+        .map(|(t, _)| t.dataset().name.clone())
+        .collect();
+    datasets.sort();
+    datasets.dedup();
+    let schema = Arc::new(Schema::new(
+        plan.schema()
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    ));
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let provider = PushedTable {
+        table: first.clone(),
+        sql: sql.to_string(),
+        schema,
+        pruning: vec![],
+        whole: Some((member, datasets.join("+"))),
+    };
+    let scan = LogicalPlanBuilder::scan("pushed", provider_as_source(Arc::new(provider)), None)?;
+    Ok(Some(restore_names(scan, plan, &names)?))
+}
+
 /// A member sub-query decided by the planner: the same SQL at every member serving
-/// the dataset, with a fixed answer schema.
+/// the dataset (or, for a whole query, at one member), with a fixed answer schema.
 #[derive(Debug)]
 pub struct PushedTable {
     table: Arc<FederatedTable>,
@@ -401,6 +465,8 @@ pub struct PushedTable {
     schema: SchemaRef,
     /// Filters of the original scan, used to prune members by `member`.
     pruning: Vec<Expr>,
+    /// For a whole query: the one member and the datasets it reads.
+    whole: Option<(String, String)>,
 }
 
 #[async_trait]
@@ -424,12 +490,13 @@ impl TableProvider for PushedTable {
             Some(p) => Arc::new(self.schema.project(p)?),
             None => self.schema.clone(),
         };
-        self.table.member_exec(
+        self.table.member_exec_for(
             state,
             &self.pruning,
             schema,
             self.sql.clone(),
             projection.cloned(),
+            self.whole.as_ref().map(|(m, l)| (m.as_str(), l.as_str())),
         )
     }
 }

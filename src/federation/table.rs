@@ -108,7 +108,7 @@ fn only_member(e: &Expr) -> bool {
 
 /// Evaluates the filters that mention only `member` for one member's name; a filter
 /// that is false or NULL there excludes the member without asking it.
-fn excluded(state: &dyn Session, filters: &[Expr], member: &str) -> DfResult<bool> {
+pub(crate) fn excluded(state: &dyn Session, filters: &[Expr], member: &str) -> DfResult<bool> {
     let schema = Arc::new(Schema::new(vec![Field::new(
         MEMBER_COLUMN,
         DataType::Utf8,
@@ -212,12 +212,47 @@ impl FederatedTable {
         sql: String,
         projection: Option<Vec<usize>>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        self.member_exec_for(state, filters, schema, sql, projection, None)
+    }
+
+    /// The members that serve this dataset and that `filters` on `member` keep.
+    pub fn targets(&self, state: &dyn Session, filters: &[Expr]) -> DfResult<Vec<String>> {
+        let mut v = Vec::new();
+        for m in &self.servers {
+            if !excluded(state, filters, m)? {
+                v.push(m.clone());
+            }
+        }
+        Ok(v)
+    }
+
+    /// Like [`FederatedTable::member_exec`]; with `whole`, the sub-query is a whole
+    /// query (named by that label in the summary) sent to one member only.
+    pub fn member_exec_for(
+        &self,
+        state: &dyn Session,
+        filters: &[Expr],
+        schema: SchemaRef,
+        sql: String,
+        projection: Option<Vec<usize>>,
+        whole: Option<(&str, &str)>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let qs = state
             .config()
             .get_extension::<QueryState>()
             .ok_or_else(|| DataFusionError::Internal("query state missing".into()))?;
+        let label = whole
+            .map(|(_, l)| l)
+            .unwrap_or(&self.dataset.name)
+            .to_string();
         let mut targets = Vec::new();
         for m in &self.servers {
+            if let Some((only, _)) = whole
+                && m != only
+            {
+                qs.pruned(m, &label);
+                continue;
+            }
             if excluded(state, filters, m)? {
                 qs.pruned(m, &self.dataset.name);
                 continue;
@@ -226,16 +261,11 @@ impl FederatedTable {
                 self.clients.get(m).cloned().ok_or_else(|| {
                     DataFusionError::Internal(format!("no client for member {m}"))
                 })?;
-            qs.asked(m, &self.dataset.name);
+            qs.asked(m, &label);
             targets.push(client);
         }
         Ok(Arc::new(FederatedScanExec::new(
-            self.dataset.name.clone(),
-            schema,
-            sql,
-            targets,
-            qs,
-            projection,
+            label, schema, sql, targets, qs, projection,
         )))
     }
 }

@@ -87,6 +87,28 @@ async fn member_sub_queries_carry_the_pushable_work() {
     let e = explain(&region, "SELECT count(*) FROM fever_clinics").await;
     assert!(!e.subqueries[0].members.contains(&"hefei".to_string()));
 
+    // Every dataset answered by one member alone: that member gets the whole query.
+    let whole = "SELECT d.name, c.pop_total FROM census c JOIN divisions d ON c.county_code = d.code \
+                 WHERE c.member = 'hangzhou' AND d.member = 'hangzhou' ORDER BY c.pop_total DESC LIMIT 3";
+    let e = explain(&region, whole).await;
+    assert_eq!(e.subqueries.len(), 1, "{:?}", e.subqueries);
+    assert_eq!(e.subqueries[0].members, vec!["hangzhou"]);
+    assert_eq!(e.subqueries[0].sql, whole);
+    assert_eq!(e.subqueries[0].dataset, "census+divisions");
+    let a = region
+        .client("anji")
+        .query(whole, false, None)
+        .await
+        .unwrap();
+    assert_eq!(a.summary.rows, 3);
+    let hz = a
+        .summary
+        .members
+        .iter()
+        .find(|m| m.member == "hangzhou")
+        .unwrap();
+    assert_eq!(hz.rows, 3, "only the final rows travel");
+
     // A join across datasets: one sub-query per dataset, the join at the coordinator.
     let e = explain(&region, "SELECT d.name, count(*) FROM fever_clinics f JOIN divisions d ON f.county_code = d.code GROUP BY d.name").await;
     let datasets: Vec<&str> = e.subqueries.iter().map(|s| s.dataset.as_str()).collect();
