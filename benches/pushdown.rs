@@ -8,7 +8,8 @@
 //! - bytes the coordinator receives from members, and latency, for
 //!   `SELECT county_code, sum(x) ... GROUP BY county_code` with and without
 //!   aggregate pushdown;
-//! - latency of a small query with its plan cached and planned anew.
+//! - planning time (SQL text to physical plan, as the gateway reports it) and latency
+//!   of a small query with its plan cached and planned anew.
 //!
 //! Prints medians of per-round ratios as Markdown. Run: `cargo bench --bench pushdown`
 //! (`-- --rounds N` for more rounds).
@@ -150,6 +151,8 @@ struct Run {
     elapsed: Duration,
     bytes: u64,
     rows: usize,
+    planning_us: u64,
+    cached: bool,
 }
 
 async fn run(client: &Client, sql: &str, no_pushdown: bool, no_plan_cache: bool) -> Run {
@@ -168,6 +171,8 @@ async fn run(client: &Client, sql: &str, no_pushdown: bool, no_plan_cache: bool)
         elapsed: t.elapsed(),
         bytes: a.summary.bytes_received,
         rows: a.batches.iter().map(|b| b.num_rows()).sum(),
+        planning_us: a.summary.planning_us,
+        cached: a.summary.plan_cached,
     }
 }
 
@@ -191,10 +196,12 @@ fn main() {
         // Warm up both paths (connections, file caches).
         run(&client, agg, false, false).await;
         run(&client, agg, true, false).await;
+        run(&client, small, false, false).await;
 
         let (mut byte_ratio, mut time_ratio) = (Vec::new(), Vec::new());
         let (mut with_bytes, mut without_bytes) = (0, 0);
         let mut plan_ratio = Vec::new();
+        let (mut warm, mut cold) = (Vec::new(), Vec::new());
         for r in 0..rounds {
             let (a, b) = if r % 2 == 0 {
                 let a = run(&client, agg, false, false).await;
@@ -213,8 +220,13 @@ fn main() {
             // Plan cache: 20 cached and 20 uncached runs of a small query, interleaved.
             let (mut hit, mut miss) = (Duration::ZERO, Duration::ZERO);
             for _ in 0..20 {
-                hit += run(&client, small, false, false).await.elapsed;
-                miss += run(&client, small, false, true).await.elapsed;
+                let h = run(&client, small, false, false).await;
+                let m = run(&client, small, false, true).await;
+                assert!(h.cached && !m.cached);
+                hit += h.elapsed;
+                miss += m.elapsed;
+                warm.push(h.planning_us as f64);
+                cold.push(m.planning_us as f64);
             }
             plan_ratio.push(hit.as_secs_f64() / miss.as_secs_f64());
         }
@@ -227,5 +239,7 @@ fn main() {
         );
         println!("| latency of that query: with pushdown / without | {:.3} |", median(time_ratio));
         println!("| latency of a small query: plan cached / planned anew | {:.3} |", median(plan_ratio));
+        let (warm, cold) = (median(warm), median(cold));
+        println!("| planning time of that query, warm cache / cold ({warm:.0} µs / {cold:.0} µs, medians of {} each) | {:.3} |", rounds * 20, warm / cold);
     });
 }

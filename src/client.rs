@@ -240,10 +240,11 @@ pub fn state_word(state: i32) -> &'static str {
 /// The per-member summary as a small text table.
 pub fn format_summary(s: &QuerySummary) -> String {
     let mut out = format!(
-        "query {} · {} rows · {:.1} ms · {} bytes from members · config {}{}{}\n",
+        "query {} · {} rows · {:.1} ms (planning {} µs) · {} bytes from members · config {}{}{}\n",
         s.query_id,
         s.rows,
         s.elapsed_us as f64 / 1000.0,
+        s.planning_us,
         s.bytes_received,
         s.config_version,
         if s.plan_cached { " · cached plan" } else { "" },

@@ -102,6 +102,7 @@ impl Federation for FederationService {
             .map_err(|e| e.to_status())?;
         let state = running.state.clone();
         let plan_cached = running.plan_cached;
+        let planning_us = running.planning.as_micros() as u64;
         let version = self.coordinator.config().version.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<QueryResponse, Status>>(8);
         tokio::spawn(async move {
@@ -143,6 +144,7 @@ impl Federation for FederationService {
                 members: state.statuses(),
                 bytes_received: state.bytes_received(),
                 plan_cached,
+                planning_us,
             };
             tracing::info!(query_id = %summary.query_id, rows = summary.rows, partial = summary.partial, elapsed_us = summary.elapsed_us, "Query done");
             let _ = tx

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::TableReference;
-use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::{SendableRecordBatchStream, SessionState};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 
@@ -74,6 +74,21 @@ pub struct RunningQuery {
     pub state: Arc<QueryState>,
     /// Whether the plan came from the plan cache.
     pub plan_cached: bool,
+    /// Time from SQL text to a physical plan.
+    pub planning: Duration,
+}
+
+tokio::task_local! {
+    /// The query being planned. Physical planning calls back into
+    /// [`table::FederatedTable::scan`], which has no parameter for per-query data;
+    /// the planning future runs inside this scope so the scan can record, for this
+    /// query, which members it asks and which it prunes.
+    static QUERY: Arc<QueryState>;
+}
+
+/// The query being planned on this task, if any.
+pub(crate) fn current_query() -> Option<Arc<QueryState>> {
+    QUERY.try_with(|q| q.clone()).ok()
 }
 
 /// How a query would run.
@@ -106,7 +121,38 @@ fn collect_scans(
 pub struct Coordinator {
     config: Arc<MemberConfig>,
     tables: Vec<(String, Arc<FederatedTable>)>,
+    /// Planning sessions with the pushdown rule and without it.
+    sessions: [SessionState; 2],
     plans: moka::future::Cache<PlanKey, Arc<LogicalPlan>>,
+}
+
+/// A planning session over the canonical tables, with or without the pushdown rule.
+fn planning_session(
+    tables: &[(String, Arc<FederatedTable>)],
+    pushdown: bool,
+) -> Result<SessionState> {
+    let mut rules = datafusion::optimizer::Optimizer::new().rules;
+    if pushdown {
+        // After filters are pushed into scans and before common-subexpression
+        // elimination, whose generated projections make member SQL harder to read
+        // (and have tripped members' own optimizers).
+        let at = rules
+            .iter()
+            .position(|r| r.name() == "common_sub_expression_eliminate")
+            .unwrap_or(rules.len());
+        rules.insert(at, Arc::new(pushdown::MemberPushdown));
+    }
+    let state = datafusion::execution::SessionStateBuilder::new()
+        .with_config(session_config())
+        .with_default_features()
+        .with_optimizer_rules(rules)
+        .build();
+    let ctx = SessionContext::new_with_state(state);
+    for (name, t) in tables {
+        ctx.register_table(TableReference::bare(name.as_str()), t.clone())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+    }
+    Ok(ctx.state())
 }
 
 /// Share of a query's budget kept for merging after the members' deadline.
@@ -156,7 +202,7 @@ impl Coordinator {
             );
         }
         let clients = Arc::new(clients);
-        let tables = region
+        let tables: Vec<(String, Arc<FederatedTable>)> = region
             .datasets
             .iter()
             .map(|d| {
@@ -167,9 +213,14 @@ impl Coordinator {
                 )
             })
             .collect();
+        let sessions = [
+            planning_session(&tables, true)?,
+            planning_session(&tables, false)?,
+        ];
         Ok(Coordinator {
             config,
             tables,
+            sessions,
             plans: moka::future::Cache::builder()
                 .max_capacity(1024)
                 .time_to_idle(Duration::from_secs(3600))
@@ -182,30 +233,15 @@ impl Coordinator {
         &self.config
     }
 
-    fn context(&self, state: Arc<QueryState>, pushdown: bool) -> Result<SessionContext> {
-        let cfg = session_config().with_extension(state);
-        let mut rules = datafusion::optimizer::Optimizer::new().rules;
+    /// The planning session, with or without the pushdown rule. Built once per
+    /// coordinator and shared by every query; per-query state travels in
+    /// [`QUERY`] instead, so nothing is rebuilt per query.
+    fn session(&self, pushdown: bool) -> &SessionState {
         if pushdown {
-            // After filters are pushed into scans and before common-subexpression
-            // elimination, whose generated projections make member SQL harder to
-            // read (and have tripped members' own optimizers).
-            let at = rules
-                .iter()
-                .position(|r| r.name() == "common_sub_expression_eliminate")
-                .unwrap_or(rules.len());
-            rules.insert(at, Arc::new(pushdown::MemberPushdown));
+            &self.sessions[0]
+        } else {
+            &self.sessions[1]
         }
-        let session = datafusion::execution::SessionStateBuilder::new()
-            .with_config(cfg)
-            .with_default_features()
-            .with_optimizer_rules(rules)
-            .build();
-        let ctx = SessionContext::new_with_state(session);
-        for (name, t) in &self.tables {
-            ctx.register_table(TableReference::bare(name.as_str()), t.clone())
-                .map_err(|e| Error::Internal(e.to_string()))?;
-        }
-        Ok(ctx)
     }
 
     /// Plans a caller's SQL into an optimized logical plan, from the plan cache when
@@ -214,12 +250,11 @@ impl Coordinator {
     /// an unknown name is reported with the names that exist.
     async fn plan(
         &self,
-        ctx: &SessionContext,
         origin: &Principal,
         sql: &str,
         opts: &QueryOptions,
     ) -> Result<(Arc<LogicalPlan>, bool)> {
-        let state = ctx.state();
+        let state = self.session(opts.pushdown);
         let stmt = state
             .sql_to_statement(sql, &state.config().options().sql_parser.dialect)
             .map_err(Error::from_datafusion)?;
@@ -261,7 +296,7 @@ impl Coordinator {
         let mut plan = state.optimize(&plan).map_err(Error::from_datafusion)?;
         if opts.pushdown
             && let Some(whole) =
-                pushdown::push_whole_query(&state, &plan, sql).map_err(Error::from_datafusion)?
+                pushdown::push_whole_query(state, &plan, sql).map_err(Error::from_datafusion)?
         {
             plan = whole;
         }
@@ -275,13 +310,16 @@ impl Coordinator {
     /// The physical plan of an optimized logical plan (not optimized again).
     async fn physical(
         &self,
-        ctx: &SessionContext,
+        query: Arc<QueryState>,
         plan: &LogicalPlan,
+        pushdown: bool,
     ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
-        let state = ctx.state();
-        state
-            .query_planner()
-            .create_physical_plan(plan, &state)
+        let state = self.session(pushdown);
+        QUERY
+            .scope(
+                query,
+                state.query_planner().create_physical_plan(plan, state),
+            )
             .await
             .map_err(Error::from_datafusion)
     }
@@ -316,16 +354,21 @@ impl Coordinator {
         opts: QueryOptions,
     ) -> Result<RunningQuery> {
         let state = self.new_state(uuid::Uuid::new_v4().to_string(), origin.clone(), &opts);
-        let ctx = self.context(state.clone(), opts.pushdown)?;
-        let (plan, plan_cached) = self.plan(&ctx, &origin, sql, &opts).await?;
-        let physical = self.physical(&ctx, &plan).await?;
-        let stream = datafusion::physical_plan::execute_stream(physical, ctx.task_ctx())
+        let started = std::time::Instant::now();
+        let (plan, plan_cached) = self.plan(&origin, sql, &opts).await?;
+        let physical = self.physical(state.clone(), &plan, opts.pushdown).await?;
+        let planning = started.elapsed();
+        let task = Arc::new(datafusion::execution::TaskContext::from(
+            self.session(opts.pushdown),
+        ));
+        let stream = datafusion::physical_plan::execute_stream(physical, task)
             .map_err(Error::from_datafusion)?;
         Ok(RunningQuery {
             schema: stream.schema(),
             stream,
             state,
             plan_cached,
+            planning,
         })
     }
 
@@ -333,9 +376,8 @@ impl Coordinator {
     pub async fn explain(&self, origin: Principal, sql: &str) -> Result<Explained> {
         let opts = QueryOptions::default();
         let state = self.new_state("explain".into(), origin.clone(), &opts);
-        let ctx = self.context(state, opts.pushdown)?;
-        let (logical, _) = self.plan(&ctx, &origin, sql, &opts).await?;
-        let plan = self.physical(&ctx, &logical).await?;
+        let (logical, _) = self.plan(&origin, sql, &opts).await?;
+        let plan = self.physical(state, &logical, opts.pushdown).await?;
         let mut subqueries = Vec::new();
         collect_scans(plan.as_ref(), &mut subqueries);
         Ok(Explained {

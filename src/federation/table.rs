@@ -237,9 +237,7 @@ impl FederatedTable {
         projection: Option<Vec<usize>>,
         whole: Option<(&str, &str)>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let qs = state
-            .config()
-            .get_extension::<QueryState>()
+        let qs = super::current_query()
             .ok_or_else(|| DataFusionError::Internal("query state missing".into()))?;
         let label = whole
             .map(|(_, l)| l)
