@@ -259,19 +259,6 @@ impl Coordinator {
             .sql_to_statement(sql, &state.config().options().sql_parser.dialect)
             .map_err(Error::from_datafusion)?;
         crate::member::only_query(&stmt)?;
-        for r in state
-            .resolve_table_references(&stmt)
-            .map_err(Error::from_datafusion)?
-        {
-            let known = matches!(&r, TableReference::Bare { table } if self.tables.iter().any(|(n, _)| n.as_str() == table.as_ref()));
-            if !known {
-                let names: Vec<&str> = self.tables.iter().map(|(n, _)| n.as_str()).collect();
-                return Err(Error::InvalidQuery(format!(
-                    "unknown dataset {r}; the region's canonical datasets are: {}",
-                    names.join(", ")
-                )));
-            }
-        }
         // The key holds everything that changes the plan: the query as parsed (so
         // spacing and letter case of keywords do not matter), the configuration, the
         // caller (whose access scope the plan is made for) and the planner options.
@@ -285,6 +272,20 @@ impl Coordinator {
             && let Some(p) = self.plans.get(&key).await
         {
             return Ok((p, true));
+        }
+        // A cached plan passed these checks when it was made.
+        for r in state
+            .resolve_table_references(&stmt)
+            .map_err(Error::from_datafusion)?
+        {
+            let known = matches!(&r, TableReference::Bare { table } if self.tables.iter().any(|(n, _)| n.as_str() == table.as_ref()));
+            if !known {
+                let names: Vec<&str> = self.tables.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(Error::InvalidQuery(format!(
+                    "unknown dataset {r}; the region's canonical datasets are: {}",
+                    names.join(", ")
+                )));
+            }
         }
         let plan = state
             .statement_to_plan(stmt)
