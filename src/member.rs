@@ -44,6 +44,33 @@ pub fn only_query(stmt: &datafusion::sql::parser::Statement) -> Result<()> {
     }
 }
 
+/// Parses a caller's SQL: exactly one query statement.
+pub fn parse_query(
+    state: &datafusion::execution::SessionState,
+    sql: &str,
+) -> Result<datafusion::sql::parser::Statement> {
+    let stmt = state
+        .sql_to_statement(sql, &state.config().options().sql_parser.dialect)
+        .map_err(Error::from_datafusion)?;
+    only_query(&stmt)?;
+    Ok(stmt)
+}
+
+/// Plans a parsed query, refusing anything that is not read-only.
+pub async fn plan_query(
+    state: &datafusion::execution::SessionState,
+    stmt: datafusion::sql::parser::Statement,
+) -> Result<LogicalPlan> {
+    let plan = state
+        .statement_to_plan(stmt)
+        .await
+        .map_err(Error::from_datafusion)?;
+    query_only()
+        .verify_plan(&plan)
+        .map_err(|e| Error::InvalidQuery(e.to_string()))?;
+    Ok(plan)
+}
+
 /// The session settings shared by every context fedgate builds.
 pub fn session_config() -> SessionConfig {
     let mut cfg = SessionConfig::new()
@@ -127,10 +154,7 @@ impl MemberEngine {
     /// Parses a sub-query and finds the canonical datasets it reads.
     pub async fn prepare(&self, sql: &str) -> Result<Prepared> {
         let state = self.public.state();
-        let stmt = state
-            .sql_to_statement(sql, &state.config().options().sql_parser.dialect)
-            .map_err(Error::from_datafusion)?;
-        only_query(&stmt)?;
+        let stmt = parse_query(&state, sql)?;
         let refs = state
             .resolve_table_references(&stmt)
             .map_err(Error::from_datafusion)?;
@@ -152,13 +176,7 @@ impl MemberEngine {
             }
             datasets.insert(name);
         }
-        let plan = state
-            .statement_to_plan(stmt)
-            .await
-            .map_err(Error::from_datafusion)?;
-        query_only()
-            .verify_plan(&plan)
-            .map_err(|e| Error::InvalidQuery(e.to_string()))?;
+        let plan = plan_query(&state, stmt).await?;
         Ok(Prepared { plan, datasets })
     }
 

@@ -28,6 +28,25 @@ use crate::tls::{PeerInfo, TlsMaterial};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
 
+/// Encodes a result stream as Arrow IPC chunks, counting its rows as they pass.
+fn counted_chunks(
+    stream: datafusion::execution::SendableRecordBatchStream,
+) -> (
+    impl Stream<Item = Result<ArrowChunk>> + Send,
+    Arc<std::sync::atomic::AtomicU64>,
+) {
+    let rows = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = rows.clone();
+    let schema = stream.schema();
+    let batches = stream.map(move |r| {
+        r.inspect(|b| {
+            counted.fetch_add(b.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
+        })
+        .map_err(Error::from_datafusion)
+    });
+    (arrow_ipc::encode(schema, batches), rows)
+}
+
 /// The caller's principal, put there by the TLS edge.
 fn caller<T>(req: &Request<T>) -> std::result::Result<Principal, Status> {
     req.extensions()
@@ -107,15 +126,8 @@ impl Federation for FederationService {
         let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<QueryResponse, Status>>(8);
         tokio::spawn(async move {
             let _permit = permit;
-            let rows = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let counted = rows.clone();
-            let batches = running.stream.map(move |r| {
-                r.inspect(|b| {
-                    counted.fetch_add(b.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
-                })
-                .map_err(Error::from_datafusion)
-            });
-            let mut chunks = Box::pin(arrow_ipc::encode(running.schema, batches));
+            let (chunks, rows) = counted_chunks(running.stream);
+            let mut chunks = Box::pin(chunks);
             let deadline = tokio::time::sleep(timeout);
             tokio::pin!(deadline);
             let mut failure = None;
@@ -340,20 +352,11 @@ impl Peer for PeerService {
                 e.to_status()
             })?;
         let version = self.config.version.clone();
-        let schema = stream.schema();
         let (tx, rx) =
             tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
         tokio::spawn(async move {
             let _permit = permit;
-            let rows = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let counted = rows.clone();
-            let batches = stream.map(move |r| {
-                r.inspect(|b| {
-                    counted.fetch_add(b.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
-                })
-                .map_err(Error::from_datafusion)
-            });
-            let chunks = arrow_ipc::encode(schema, batches);
+            let (chunks, rows) = counted_chunks(stream);
             tokio::pin!(chunks);
             let deadline = tokio::time::sleep(budget);
             tokio::pin!(deadline);

@@ -24,7 +24,7 @@ use datafusion::prelude::SessionContext;
 use crate::config::MemberConfig;
 use crate::error::{Error, Result};
 use crate::identity::Principal;
-use crate::member::{MemberEngine, query_only, session_config};
+use crate::member::{MemberEngine, session_config};
 use crate::proto::v1::peer_client::PeerClient;
 use crate::tls::{Connector, TlsMaterial};
 use client::MemberClient;
@@ -255,10 +255,7 @@ impl Coordinator {
         opts: &QueryOptions,
     ) -> Result<(Arc<LogicalPlan>, bool)> {
         let state = self.session(opts.pushdown);
-        let stmt = state
-            .sql_to_statement(sql, &state.config().options().sql_parser.dialect)
-            .map_err(Error::from_datafusion)?;
-        crate::member::only_query(&stmt)?;
+        let stmt = crate::member::parse_query(state, sql)?;
         // The key holds everything that changes the plan: the query as parsed (so
         // spacing and letter case of keywords do not matter), the configuration, the
         // caller (whose access scope the plan is made for) and the planner options.
@@ -287,13 +284,7 @@ impl Coordinator {
                 )));
             }
         }
-        let plan = state
-            .statement_to_plan(stmt)
-            .await
-            .map_err(Error::from_datafusion)?;
-        query_only()
-            .verify_plan(&plan)
-            .map_err(|e| Error::InvalidQuery(e.to_string()))?;
+        let plan = crate::member::plan_query(state, stmt).await?;
         let mut plan = state.optimize(&plan).map_err(Error::from_datafusion)?;
         if opts.pushdown
             && let Some(whole) =
