@@ -439,24 +439,45 @@ async fn peers_only_answer_member_gateways_and_only_over_canonical_datasets() {
 
 #[tokio::test]
 async fn members_past_their_share_of_the_deadline_are_timed_out_not_waited_for() {
+    use fedgate::proto::v1::QuerySummary;
     let region = Region::start().await;
     let client = region.client("hangzhou");
-    // A budget smaller than the coordinator's merge reserve leaves members nothing.
-    let t = std::time::Duration::from_millis(5);
+    // A budget smaller than the coordinator's merge reserve (20 ms) leaves members
+    // nothing: each is cut off at once instead of being waited for. The query's own
+    // deadline (19 ms after planning) normally comes later; on a loaded machine it may
+    // come first, and then the members are reported as cut off by it.
+    let t = std::time::Duration::from_millis(19);
     let sql = "SELECT count(*) FROM census";
+    let cut_off = |s: &QuerySummary| {
+        s.partial
+            && s.members.len() == 5
+            && s.members.iter().all(|m| {
+                m.state == MemberState::TimedOut as i32 || m.state == MemberState::Cancelled as i32
+            })
+    };
     let f = client.query(sql, false, Some(t)).await.unwrap_err();
     assert_eq!(f.status.code(), tonic::Code::DeadlineExceeded, "{f}");
-    assert!(f.status.message().contains("timed out"), "{f}");
-    let a = client.query(sql, true, Some(t)).await.unwrap();
-    assert!(a.summary.partial);
-    assert!(
-        a.summary
-            .members
-            .iter()
-            .all(|m| m.state == MemberState::TimedOut as i32),
-        "{:?}",
-        a.summary.members
-    );
+    assert!(cut_off(f.summary.as_ref().unwrap()), "{:?}", f.summary);
+    match client.query(sql, true, Some(t)).await {
+        Ok(a) => {
+            assert!(cut_off(&a.summary), "{:?}", a.summary);
+            assert!(
+                a.summary
+                    .members
+                    .iter()
+                    .all(|m| m.state == MemberState::TimedOut as i32)
+            );
+            assert!(
+                a.summary.members[0].reason.contains("budget"),
+                "{:?}",
+                a.summary.members
+            );
+        }
+        Err(f) => {
+            assert_eq!(f.status.code(), tonic::Code::DeadlineExceeded, "{f}");
+            assert!(cut_off(f.summary.as_ref().unwrap()), "{:?}", f.summary);
+        }
+    }
 }
 
 #[tokio::test]
