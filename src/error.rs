@@ -36,7 +36,7 @@ pub enum MemberFailure {
 }
 
 /// Every error the library reports.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The caller's certificate is fine, but its identity is not one the region knows.
     #[error("unauthenticated: {0}")]
@@ -160,42 +160,19 @@ impl Error {
     pub fn into_datafusion(self) -> datafusion::error::DataFusionError {
         datafusion::error::DataFusionError::External(Box::new(self))
     }
-
-    /// A copy of this error (errors cross task boundaries inside the engine by value).
-    pub fn duplicate(&self) -> Error {
-        match self {
-            Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
-            Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
-            Error::InvalidQuery(m) => Error::InvalidQuery(m.clone()),
-            Error::Member {
-                member,
-                failure,
-                reason,
-            } => Error::Member {
-                member: member.clone(),
-                failure: *failure,
-                reason: reason.clone(),
-            },
-            Error::DeadlineExceeded(d) => Error::DeadlineExceeded(*d),
-            Error::Overloaded(m) => Error::Overloaded(m.clone()),
-            Error::Config(m) => Error::Config(m.clone()),
-            Error::Tls(m) => Error::Tls(m.clone()),
-            Error::Internal(m) => Error::Internal(m.clone()),
-        }
-    }
 }
 
 /// Finds a fedgate error wrapped anywhere inside a DataFusion error.
 fn find_fedgate_error(e: &datafusion::error::DataFusionError) -> Option<Error> {
     use datafusion::error::DataFusionError as D;
     match e {
-        D::External(inner) => inner.downcast_ref::<Error>().map(Error::duplicate),
+        D::External(inner) => inner.downcast_ref::<Error>().map(Error::clone),
         D::Context(_, inner) => find_fedgate_error(inner),
         D::Shared(inner) => find_fedgate_error(inner),
         D::Collection(errs) => errs.iter().find_map(find_fedgate_error),
         D::ArrowError(inner, _) => match inner.as_ref() {
             arrow::error::ArrowError::ExternalError(x) => {
-                x.downcast_ref::<Error>().map(Error::duplicate)
+                x.downcast_ref::<Error>().map(Error::clone)
             }
             _ => None,
         },
