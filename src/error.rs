@@ -166,14 +166,12 @@ impl Error {
 fn find_fedgate_error(e: &datafusion::error::DataFusionError) -> Option<Error> {
     use datafusion::error::DataFusionError as D;
     match e {
-        D::External(inner) => inner.downcast_ref::<Error>().map(Error::clone),
+        D::External(inner) => inner.downcast_ref::<Error>().cloned(),
         D::Context(_, inner) => find_fedgate_error(inner),
         D::Shared(inner) => find_fedgate_error(inner),
         D::Collection(errs) => errs.iter().find_map(find_fedgate_error),
         D::ArrowError(inner, _) => match inner.as_ref() {
-            arrow::error::ArrowError::ExternalError(x) => {
-                x.downcast_ref::<Error>().map(Error::clone)
-            }
+            arrow::error::ArrowError::ExternalError(x) => x.downcast_ref::<Error>().cloned(),
             _ => None,
         },
         _ => None,
