@@ -41,7 +41,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use super::table::FederatedTable;
 use crate::config::MEMBER_COLUMN;
 
-/// The optimizer rule. Disabled, it leaves plans as they are (for comparisons).
+/// The optimizer rule. Planning without it (for comparisons) leaves the splitting out.
 #[derive(Debug, Default)]
 pub struct MemberPushdown;
 
