@@ -20,6 +20,11 @@ Outputs (under federation-configs/demo/data/):
   UNMAPPED.md       county values that do not match the member's code table
   expected.md       facts for tests, computed directly from the source files
 
+ORIGIN.md and expected.md end with a section that scripts/build_enrollment_data.py
+writes (the SYNTHETIC enrollment data, hangzhou/ybcb.csv and suzhou/insured.csv);
+this script keeps that section as it is. Run it before build_enrollment_data.py,
+which reads the code tables written here.
+
 The files are generated: do not edit them by hand, re-run this script.
 Output is deterministic (no timestamps, source order kept, sorted reports),
 so re-running yields byte-identical files.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -613,6 +619,12 @@ hand**: change the script and re-run it
 (`python3 scripts/build_demo_data.py [--shared DIR]`). The output is
 deterministic; re-running yields byte-identical files.
 
+**Exception:** `hangzhou/ybcb.csv` and `suzhou/insured.csv` (dataset
+`enrollment`) are SYNTHETIC: generated people, made by
+`scripts/build_enrollment_data.py`; see "enrollment (SYNTHETIC)" at the end.
+Everything said below about real data and unchanged values is about the
+other files.
+
 No value is invented, cleaned or corrected. The script changes only the layout:
 which columns are kept, their names and order, units (hangzhou population in
 万人, hefei 65+ share as a percent string), the spelling of booleans and the
@@ -709,6 +721,31 @@ need them. hefei has none (its data is code-based).
 # Main
 # --------------------------------------------------------------------------
 
+# Files under the output directory that another script writes (not stray).
+OTHER_SCRIPTS_FILES = {
+    "hangzhou/ybcb.csv": "scripts/build_enrollment_data.py",
+    "suzhou/insured.csv": "scripts/build_enrollment_data.py",
+}
+
+# Sections another script keeps in ORIGIN.md and expected.md, between
+# "<!-- BEGIN <name>: ..." and "<!-- END <name> -->" lines (the enrollment
+# section of scripts/build_enrollment_data.py).
+OTHER_SECTION = re.compile(r"<!-- BEGIN (\S+?):.*?<!-- END \1 -->\n?", re.DOTALL)
+
+
+def keep_other_sections(path: Path, content: str) -> str:
+    """`content`, followed by the marked sections other scripts wrote into the
+    existing `path`, unchanged and in their order, so that re-running this
+    script does not drop them."""
+    if not path.exists():
+        return content
+    old = path.read_text(encoding="utf-8")
+    kept = [m.group(0).rstrip("\n") + "\n" for m in OTHER_SECTION.finditer(old)]
+    if not kept:
+        return content
+    return content.rstrip("\n") + "\n\n" + "\n\n".join(kept)
+
+
 def cross_check(src: Source, facts: dict[str, dict[str, int]]) -> None:
     """The builders (code-based selection) and expected.md (name-based
     selection) must agree; a mismatch means one of the selections is wrong."""
@@ -740,9 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     expected_md, facts = expected_facts(args.shared)
     cross_check(src, facts)
 
-    w.text("ORIGIN.md", ORIGIN_MD)
+    w.text("ORIGIN.md", keep_other_sections(args.out / "ORIGIN.md", ORIGIN_MD))
     w.text("UNMAPPED.md", unmapped_report(src))
-    w.text("expected.md", expected_md)
+    w.text("expected.md", keep_other_sections(args.out / "expected.md", expected_md))
 
     for rel, n in sorted(w.written.items()):
         print(f"{rel}: {n} rows" if n >= 0 else rel)
@@ -751,7 +788,9 @@ def main(argv: list[str] | None = None) -> int:
     # hefei/fever_clinics.csv: they would not be reproducible.
     stray = sorted(p.relative_to(args.out).as_posix()
                    for p in args.out.rglob("*")
-                   if p.is_file() and p.relative_to(args.out).as_posix() not in w.written)
+                   if p.is_file()
+                   and p.relative_to(args.out).as_posix() not in w.written
+                   and p.relative_to(args.out).as_posix() not in OTHER_SCRIPTS_FILES)
     for rel in stray:
         print(f"warning: {rel} was not written by this script", file=sys.stderr)
     return 0

@@ -11,7 +11,7 @@ async fn bad_queries_are_refused_by_name_and_the_gateway_keeps_serving() {
         ("SELEC * FROM census", "SELEC"),
         (
             "SELECT * FROM hospitals",
-            "unknown dataset hospitals; the region's canonical datasets are: divisions, census, fever_clinics",
+            "unknown dataset hospitals; the region's canonical datasets are: divisions, census, fever_clinics, enrollment",
         ),
         ("SELECT no_such_column FROM census", "no_such_column"),
         ("CREATE TABLE t AS SELECT 1", "not supported"),
