@@ -11,6 +11,7 @@
 //! ([`policy`] permit, [`mapping`] views over [`source`]s).
 
 pub mod arrow_ipc;
+pub mod audit;
 pub mod check;
 pub mod client;
 pub mod config;

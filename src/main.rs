@@ -1,4 +1,4 @@
-//! The `fedgate` command line: serve, query, check, pki, demo.
+//! The `fedgate` command line: serve, query, check, pki, audit, demo.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use datafusion::arrow::record_batch::RecordBatch;
 
+use fedgate::audit::Receipt;
 use fedgate::client::{Answer, Client, format_summary};
 use fedgate::config::MemberConfig;
 use fedgate::config::raw::RawRegion;
@@ -90,6 +91,11 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Work with a gateway's tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Start the bundled sample region on loopback and run the example queries.
     Demo {
         /// Keep the generated region (certificates and configs) in this folder.
@@ -152,6 +158,19 @@ enum PkiCommand {
         /// Output folder (default: the CA folder); files are `<name>.crt`/`.key`.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check an audit log's hash chain without changing it; exits 1 if it is broken.
+    Verify {
+        /// The audit log file.
+        file: PathBuf,
+        /// A receipt kept elsewhere, `SEQ:HASH`: the log must still hold that record
+        /// with that hash. Without one, records cut from the end cannot be noticed.
+        #[arg(long, value_parser = parse_receipt)]
+        head: Option<Receipt>,
     },
 }
 
@@ -259,6 +278,9 @@ async fn run(cmd: Command) -> Result<ExitCode> {
         }
         Command::Check { config } => check(&config).await,
         Command::Pki { command } => pki_command(command),
+        Command::Audit {
+            command: AuditCommand::Verify { file, head },
+        } => audit_verify(&file, head.as_ref()),
         Command::Demo {
             dir,
             once,
@@ -440,6 +462,51 @@ fn pki_command(cmd: PkiCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Parses `SEQ:HASH` as printed by `fedgate audit verify`.
+fn parse_receipt(s: &str) -> Result<Receipt, String> {
+    let (seq, hash) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}` is not SEQ:HASH"))?;
+    let seq = seq
+        .trim()
+        .parse()
+        .map_err(|e| format!("`{seq}` is not a record number: {e}"))?;
+    let hash = hash.trim().to_ascii_lowercase();
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("`{hash}` is not a SHA-256 hash (64 hex digits)"));
+    }
+    Ok(Receipt { seq, hash })
+}
+
+fn audit_verify(file: &Path, head: Option<&Receipt>) -> Result<ExitCode> {
+    let report = match head {
+        Some(h) => fedgate::audit::verify_against(file, h)?,
+        None => fedgate::audit::verify(file)?,
+    };
+    let verified = match report.records {
+        0 => "no record verifies".to_string(),
+        1 => "1 record verifies".to_string(),
+        n => format!("{n} records verify"),
+    };
+    match &report.broken {
+        None => {
+            println!(
+                "ok: {verified}; head seq {} hash {}",
+                report.head.seq, report.head.hash
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(b) => {
+            println!("broken: record {} (line {}): {}", b.seq, b.line, b.problem);
+            println!(
+                "{verified} before it (last good: seq {} hash {})",
+                report.head.seq, report.head.hash
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 async fn demo(
