@@ -311,33 +311,26 @@ fn push_aggregate(a: &Aggregate) -> DfResult<Option<LogicalPlan>> {
         }
         let arg = |i: usize| p.args.get(i).cloned();
         let filter = p.filter.clone();
-        let n = partials.len();
+        // The member plans its aggregate before applying our aliases, and DataFusion
+        // names an aggregate without its casts: `sum(x)` and `sum(CAST(x AS DOUBLE))`
+        // would clash there. AVG's partials are therefore written over `x * 1.0`,
+        // which is x as a double exactly (multiplying by 1.0 does not round) and
+        // null where x is, under names of their own.
+        let mut partial = |e: Expr| {
+            partials.push(e);
+            partials.len() - 1
+        };
         match f.func.name() {
-            "count" => {
-                partials.push(unalias(e).clone());
-                finals.push(Final::SumOfCounts(n));
-            }
-            "sum" => {
-                partials.push(unalias(e).clone());
-                finals.push(Final::Sum(n));
-            }
-            "min" => {
-                partials.push(unalias(e).clone());
-                finals.push(Final::Min(n));
-            }
-            "max" => {
-                partials.push(unalias(e).clone());
-                finals.push(Final::Max(n));
-            }
+            "count" => finals.push(Final::SumOfCounts(partial(unalias(e).clone()))),
+            "sum" => finals.push(Final::Sum(partial(unalias(e).clone()))),
+            "min" => finals.push(Final::Min(partial(unalias(e).clone()))),
+            "max" => finals.push(Final::Max(partial(unalias(e).clone()))),
             "avg" if p.args.len() == 1 => {
                 let x = arg(0).unwrap_or_else(|| lit(ScalarValue::Null));
-                partials.push(agg(
-                    sum_udaf(),
-                    vec![cast(x.clone(), DataType::Float64)],
-                    filter.clone(),
-                ));
-                partials.push(agg(count_udaf(), vec![x], filter));
-                finals.push(Final::Avg(n, n + 1));
+                let x = cast(x, DataType::Float64) * lit(1.0f64);
+                let s = partial(agg(sum_udaf(), vec![x.clone()], filter.clone()));
+                let c = partial(agg(count_udaf(), vec![x], filter));
+                finals.push(Final::Avg(s, c));
             }
             _ => return Ok(None),
         }

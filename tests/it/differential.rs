@@ -45,7 +45,7 @@ async fn setup() -> (Region, SessionContext) {
                 .await
                 .unwrap();
             let permit = engine.owner_permit(&prepared);
-            let stream = engine.execute(&permit, prepared).await.unwrap();
+            let stream = engine.execute(&permit, prepared).await.unwrap().stream;
             let batches: Vec<RecordBatch> =
                 futures::TryStreamExt::try_collect(stream).await.unwrap();
             schemas.insert(ds.name.clone(), ds.schema.clone());
@@ -134,6 +134,9 @@ const HAND_WRITTEN: &[&str] = &[
     "SELECT count(*) FILTER (WHERE is_designated), count(*) FROM fever_clinics",
     "SELECT member, sum(pop_total) FILTER (WHERE share_65_plus_pct > 15) FROM census GROUP BY member",
     "SELECT avg(pop_rural) FILTER (WHERE pop_rural > 0), count(pop_rural) FROM census",
+    // SUM, AVG and COUNT of one column: the members' partials must not clash by name.
+    "SELECT county_code, sum(pop_total), avg(pop_total), count(pop_total) FROM census GROUP BY county_code",
+    "SELECT sum(share_65_plus_pct), avg(share_65_plus_pct), count(share_65_plus_pct), count(*) FROM census",
     "SELECT sum(DISTINCT family_households), avg(DISTINCT avg_years_schooling) FROM census",
     "SELECT member, array_length(array_agg(county_code)) FROM census GROUP BY member",
     "SELECT max(county_name), min(county_name) FROM census WHERE member IN ('hangzhou', 'suzhou')",
