@@ -468,11 +468,12 @@ def facts_of(rows: list[dict[str, object]]) -> dict[str, object]:
     }
 
 
-def check_people(member: str, people: list[Person]) -> None:
+def check_people(member: str, people: list[Person], moved: set[str] = frozenset()) -> None:
     """The rules every generated person obeys."""
     for p in people:
         assert id_is_valid(p.id_number), p.id_number
-        assert p.id_number[:6] == p.county_code
+        # People who moved keep the ID of the county where it was issued.
+        assert p.id_number[:6] == p.county_code or p.id_number in moved
         assert p.id_number[6:14] == p.birth.strftime("%Y%m%d")
         assert (int(p.id_number[16]) % 2 == 1) == (p.sex == "male")
         assert BIRTH_FIRST <= p.birth <= BIRTH_LAST
@@ -551,6 +552,10 @@ def origin_section(fixed: dict[str, dict[str, object]],
         "equal a real one: do not use them to contact or identify anybody.",
         "Re-run with `python3 scripts/build_enrollment_data.py` after",
         "`build_demo_data.py`; the output is byte-identical.",
+        "",
+        f"The last {MOVERS} people of `suzhou/insured.csv` moved there from Hangzhou and",
+        "are enrolled in both cities: they keep the Hangzhou ID (so its first six digits",
+        "are a Hangzhou county), name and mobile number; the case a duplicate check finds.",
         "",
         "How each person is made:",
         "",
@@ -660,6 +665,28 @@ def expected_section(facts: dict[str, dict[str, object]],
     return "\n".join(lines)
 
 
+# People who moved from Hangzhou to Suzhou and are enrolled in both cities (the
+# case a duplicate check looks for): they keep their Hangzhou ID, name and phone.
+MOVERS = 24
+
+
+def movers(hangzhou: list[Person], suzhou_counties: list[tuple[str, str]]) -> list[Person]:
+    rng = random.Random(f"{SEED}:movers")
+    codes = [c for _, c in suzhou_counties]
+    weights = COUNTY_WEIGHTS["suzhou"]
+    out = []
+    for p in rng.sample(hangzhou[1:], MOVERS):
+        scheme = "employee" if rng.random() < 0.6 else "resident"
+        first_day = max(add_years(p.birth, 16) + dt.timedelta(days=1), SCHEME_START[scheme],
+                        p.enrolled_on or SCHEME_START[scheme])
+        out.append(Person(
+            id_number=p.id_number, name=p.name, phone=p.phone,
+            county_code=weighted(rng, codes, [weights[c][0] for c in codes]),
+            sex=p.sex, birth=p.birth, scheme=scheme, status="active",
+            enrolled_on=random_date(rng, first_day, LAST_DAY)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
@@ -678,8 +705,14 @@ def main(argv: list[str] | None = None) -> int:
         code_names[member] = code_to_name
 
         people = generate(member, table)
+        moved: set[str] = set()
+        if member == "hangzhou":
+            hangzhou_people = people
+        else:
+            people = people[:-MOVERS] + movers(hangzhou_people, table)
+            moved = {p.id_number for p in people[-MOVERS:]}
         rows, chosen = local_rows(member, people, code_to_name)
-        check_people(member, people)
+        check_people(member, people, moved)
         write_text(args.out / FILES[member], csv_text(HEADERS[member], rows))
 
         canonical = [p.canonical() for p in people]

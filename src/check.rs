@@ -120,7 +120,8 @@ async fn engine_count(engine: &MemberEngine, sql: &str) -> Result<i64, String> {
     let stream = engine
         .execute(&permit, prepared)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .stream;
     let batches: Vec<_> = futures::TryStreamExt::try_collect(stream)
         .await
         .map_err(|e| e.to_string())?;

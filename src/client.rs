@@ -213,11 +213,16 @@ impl Client {
     }
 
     /// Lists the canonical datasets.
-    pub async fn describe(&self) -> std::result::Result<DescribeResponse, tonic::Status> {
+    pub async fn describe(
+        &self,
+        purpose: Option<&str>,
+    ) -> std::result::Result<DescribeResponse, tonic::Status> {
         Ok(self
             .inner
             .clone()
-            .describe(DescribeRequest {})
+            .describe(DescribeRequest {
+                purpose: purpose.unwrap_or_default().to_string(),
+            })
             .await?
             .into_inner())
     }
@@ -262,13 +267,19 @@ pub fn format_summary(s: &QuerySummary) -> String {
         "member", "status", "rows", "ms"
     ));
     for m in &s.members {
+        // An answer says how the member shared the data; anything else says why not.
+        let note = if m.reason.is_empty() {
+            &m.access
+        } else {
+            &m.reason
+        };
         out.push_str(&format!(
             "  {:<w$}  {:<11}  {:>7}  {:>9.1}  {}\n",
             m.member,
             state_word(m.state),
             m.rows,
             m.elapsed_us as f64 / 1000.0,
-            m.reason
+            note
         ));
     }
     out

@@ -39,6 +39,96 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ),
 ];
 
+/// One example of the data owners' access rules at work.
+pub struct AccessExample {
+    /// What it shows.
+    pub title: &'static str,
+    /// Whose certificate the query is sent with (a member or client name).
+    pub caller: &'static str,
+    /// The gateway it is sent to.
+    pub gateway: &'static str,
+    /// The purpose stated, or empty.
+    pub purpose: &'static str,
+    /// The SQL.
+    pub sql: &'static str,
+    /// Whether the owners refuse it.
+    pub refused: bool,
+}
+
+/// The access examples `fedgate demo` runs: enrollment (generated people) is served by
+/// Hangzhou and Suzhou, whose rules differ by caller and purpose.
+pub const ACCESS_EXAMPLES: &[AccessExample] = &[
+    AccessExample {
+        title: "aggregate(k=10) for the regional office: enrolled people per county and scheme",
+        caller: "coordination",
+        gateway: "shanghai",
+        purpose: "",
+        sql: "SELECT member, county_code, scheme, count(*) AS people FROM enrollment \
+              GROUP BY member, county_code, scheme ORDER BY member, county_code, scheme LIMIT 8",
+        refused: false,
+    },
+    AccessExample {
+        title: "aggregate(k=10): the office cannot read records",
+        caller: "coordination",
+        gateway: "shanghai",
+        purpose: "",
+        sql: "SELECT name, phone FROM enrollment LIMIT 3",
+        refused: true,
+    },
+    AccessExample {
+        title: "masked for Anji handling an insurance transfer (purpose required)",
+        caller: "anji",
+        gateway: "anji",
+        purpose: "insurance-transfer: AJ-2026-0117",
+        sql: "SELECT member, id_number, name, phone, county_code, scheme FROM enrollment \
+              WHERE name LIKE '欧阳%' ORDER BY member, id_number LIMIT 4",
+        refused: false,
+    },
+    AccessExample {
+        title: "masked: a filter on the hidden digits finds nothing (it sees the masked value)",
+        caller: "anji",
+        gateway: "anji",
+        purpose: "insurance-transfer: AJ-2026-0117",
+        sql: "SELECT count(*) AS matches FROM enrollment WHERE id_number LIKE '3301061987%'",
+        refused: false,
+    },
+    AccessExample {
+        title: "denied: the same caller without a purpose",
+        caller: "anji",
+        gateway: "anji",
+        purpose: "",
+        sql: "SELECT count(*) FROM enrollment",
+        refused: true,
+    },
+    AccessExample {
+        title: "verify for another city: is this ID enrolled, and where? (1 = yes)",
+        caller: "hefei",
+        gateway: "hefei",
+        purpose: "",
+        sql: "SELECT member, count(*) AS enrolled FROM enrollment \
+              WHERE id_number = '330106198703151232' GROUP BY member",
+        refused: false,
+    },
+    AccessExample {
+        title: "verify: the record itself is refused",
+        caller: "hefei",
+        gateway: "hefei",
+        purpose: "",
+        sql: "SELECT name, phone FROM enrollment WHERE id_number = '330106198703151232'",
+        refused: true,
+    },
+    AccessExample {
+        title: "keyed hashes for a duplicate check: people enrolled in both cities, IDs unreadable",
+        caller: "shanghai",
+        gateway: "shanghai",
+        purpose: "duplicate-check: SH-2026-0042",
+        sql: "SELECT h.id_number AS hashed_id, h.county_code AS hangzhou_county, s.county_code AS suzhou_county \
+              FROM enrollment h JOIN enrollment s ON h.id_number = s.id_number \
+              WHERE h.member = 'hangzhou' AND s.member = 'suzhou' ORDER BY hashed_id LIMIT 3",
+        refused: false,
+    },
+];
+
 /// Where the sample region's templates live in a source checkout.
 pub fn default_source() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("federation-configs/demo")
@@ -115,6 +205,23 @@ pub fn materialize(
             ))
         })?;
         m.listen = format!("127.0.0.1:{port}");
+        if let Some(key) = &m.hmac_key {
+            // A fresh secret per materialized region, never one kept in the
+            // repository; members naming the same file share it (so their keyed
+            // hashes of the same value agree and can be joined).
+            let path = dst.join(key);
+            if !path.exists() {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
+                }
+                let secret = format!(
+                    "{}{}\n",
+                    uuid::Uuid::new_v4().simple(),
+                    uuid::Uuid::new_v4().simple()
+                );
+                write(&path, &secret)?;
+            }
+        }
         let out = dst.join(p.file_name().unwrap_or_default());
         write(
             &out,

@@ -65,6 +65,10 @@ enum Command {
         /// Diagnosis: plan anew even if the plan is cached.
         #[arg(long)]
         no_plan_cache: bool,
+        /// Why the data is needed: a purpose code, optionally with a case number
+        /// (`epidemic-response: HZ-2026-0042`). Members may require one and record it.
+        #[arg(long)]
+        purpose: Option<String>,
         /// The SQL (canonical datasets; DataFusion dialect).
         sql: String,
     },
@@ -75,10 +79,14 @@ enum Command {
         /// The SQL.
         sql: String,
     },
-    /// List the canonical datasets, their fields and the members serving them.
+    /// List the canonical datasets, their fields, the members serving them, and what
+    /// each member lets you do with each dataset and field.
     Describe {
         #[command(flatten)]
         conn: Connection,
+        /// Describe access as it would be for queries stating this purpose.
+        #[arg(long)]
+        purpose: Option<String>,
     },
     /// Validate a member config with its region file, certificates and sources.
     Check {
@@ -221,6 +229,7 @@ async fn run(cmd: Command) -> Result<ExitCode> {
             timeout,
             no_pushdown,
             no_plan_cache,
+            purpose,
             sql,
         } => {
             let client = connect(&conn)?;
@@ -230,6 +239,7 @@ async fn run(cmd: Command) -> Result<ExitCode> {
                 timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
                 no_pushdown,
                 no_plan_cache,
+                purpose: purpose.unwrap_or_default(),
             };
             query(&client, req, format).await
         }
@@ -245,10 +255,10 @@ async fn run(cmd: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Describe { conn } => {
+        Command::Describe { conn, purpose } => {
             let client = connect(&conn)?;
             let d = client
-                .describe()
+                .describe(purpose.as_deref())
                 .await
                 .map_err(|s| anyhow!(fedgate::client::describe_status(&s)))?;
             println!(
@@ -272,6 +282,43 @@ async fn run(cmd: Command) -> Result<ExitCode> {
                         "  {:<22} {:<8}{unit} {}",
                         f.name, f.data_type, f.description
                     );
+                }
+                if !ds.access.is_empty() {
+                    println!("  your access:");
+                }
+                for a in &ds.access {
+                    let level = if a.level == "aggregate" {
+                        format!("aggregate(k={})", a.min_group)
+                    } else {
+                        a.level.clone()
+                    };
+                    let special: Vec<String> = a
+                        .fields
+                        .iter()
+                        .filter(|f| {
+                            f.access != "rows" && f.access != "denied"
+                                || a.level != "denied" && f.access == "denied"
+                        })
+                        .map(|f| format!("{}={}", f.field, f.access))
+                        .collect();
+                    let rule = if a.rule.is_empty() {
+                        "default deny".to_string()
+                    } else {
+                        a.rule.clone()
+                    };
+                    println!(
+                        "    {:<12} {:<16} {rule}{}",
+                        a.member,
+                        level,
+                        if special.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  fields: {}", special.join(", "))
+                        }
+                    );
+                    if a.level == "denied" || a.level == "unknown" {
+                        println!("    {:<12} {}", "", a.reason);
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -598,6 +645,50 @@ async fn demo(
         {
             Ok(a) => print_answer(&a, Format::Table)?,
             Err(f) => {
+                failures += 1;
+                println!("query failed: {f}");
+            }
+        }
+    }
+    println!("\n\n### The data owners' access rules at work (enrollment: generated people)");
+    for ex in fedgate::demo::ACCESS_EXAMPLES {
+        let certs = dir.join("certs");
+        let endpoint = region
+            .gateways
+            .iter()
+            .find(|(n, _, _)| n == ex.gateway)
+            .map(|(_, _, e)| e.clone())
+            .ok_or_else(|| anyhow!("no gateway {}", ex.gateway))?;
+        let client = Client::connect(
+            &endpoint,
+            &region.ca,
+            &certs.join(format!("{}.crt", ex.caller)),
+            &certs.join(format!("{}.key", ex.caller)),
+        )?;
+        let purpose = if ex.purpose.is_empty() {
+            String::new()
+        } else {
+            format!(" --purpose '{}'", ex.purpose)
+        };
+        println!(
+            "\n== {}\n(as {} via {}{purpose})\n{}",
+            ex.title, ex.caller, ex.gateway, ex.sql
+        );
+        let req = fedgate::proto::v1::QueryRequest {
+            sql: ex.sql.to_string(),
+            purpose: ex.purpose.to_string(),
+            timeout_ms: 30_000,
+            ..Default::default()
+        };
+        match (client.query_with(req).await, ex.refused) {
+            (Ok(a), false) => print_answer(&a, Format::Table)?,
+            (Err(f), true) => println!("refused, as the rules say: {f}"),
+            (Ok(a), true) => {
+                failures += 1;
+                print_answer(&a, Format::Table)?;
+                println!("UNEXPECTED: this should have been refused");
+            }
+            (Err(f), false) => {
                 failures += 1;
                 println!("query failed: {f}");
             }

@@ -7,10 +7,11 @@
 //! else: local tables, files and DDL are unreachable from it.
 //!
 //! Flow: [`MemberEngine::prepare`] (parse, resolve datasets) -> [`crate::policy::authorize`]
-//! -> [`MemberEngine::execute`] (which takes the [`Permit`]).
+//! -> [`MemberEngine::execute`] (which takes the [`Permit`], plans the query among
+//! views that apply the permit's grants, and checks it with [`crate::guard`]).
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use datafusion::catalog::view::ViewTable;
 use datafusion::common::TableReference;
@@ -18,11 +19,14 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-use crate::config::{Dataset, MemberConfig};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Dataset, MEMBER_COLUMN, MemberConfig, quote_ident};
 use crate::error::{Error, Result};
 use crate::identity::Principal;
 use crate::mapping;
-use crate::policy::{self, Permit};
+use crate::masking::Mask;
+use crate::policy::{self, AccessLevel, Grant, Permit};
 
 /// SQL options for anything a caller sends: queries only.
 pub fn query_only() -> datafusion::execution::context::SQLOptions {
@@ -85,17 +89,37 @@ pub fn session_config() -> SessionConfig {
 
 /// A parsed sub-query and the canonical datasets it reads.
 pub struct Prepared {
-    plan: LogicalPlan,
+    statement: datafusion::sql::parser::Statement,
     /// Datasets the query reads.
     pub datasets: BTreeSet<String>,
 }
+
+/// A sub-query running under a permit.
+pub struct Executed {
+    /// Its answer.
+    pub stream: SendableRecordBatchStream,
+    /// SHA-256 (hex) of the plan as run: the caller's query after the rewrite its
+    /// grants imposed, with the grants themselves.
+    pub plan_sha256: String,
+}
+
+/// Views planned for one combination of grants: (dataset, deciding rule) pairs.
+type GrantKey = Vec<(String, usize)>;
 
 /// A member's local engine.
 pub struct MemberEngine {
     config: Arc<MemberConfig>,
     public: SessionContext,
     private: SessionContext,
+    /// The mapping view's SQL per served dataset.
+    views: BTreeMap<String, String>,
+    /// Contexts whose datasets are views under particular grants. The number of
+    /// distinct keys is bounded by the rules and datasets, but the map is cleared if it
+    /// ever grows past [`MAX_GRANT_CONTEXTS`], to bound memory whatever the callers do.
+    granted: Mutex<HashMap<GrantKey, SessionContext>>,
 }
+
+const MAX_GRANT_CONTEXTS: usize = 256;
 
 impl MemberEngine {
     /// Registers the sources and builds one view per served dataset.
@@ -103,7 +127,9 @@ impl MemberEngine {
         let private = SessionContext::new_with_config(session_config());
         crate::source::register_sources(&private, &config.sources).await?;
         mapping::register_functions(&private, &config.code_tables);
+        crate::masking::register(&private, config.hmac_key.clone());
         let public = SessionContext::new_with_config(session_config());
+        let mut views = BTreeMap::new();
         for ds in &config.member.serves {
             let dataset = config
                 .region
@@ -115,20 +141,15 @@ impl MemberEngine {
                 .filter(|m| &m.dataset == ds)
                 .collect();
             let sql = mapping::view_sql(dataset, &maps, &config.member.name);
-            let plan = private
-                .sql(&sql)
-                .await
-                .map_err(|e| Error::Config(format!("mapping of dataset {ds}: {e}")))?
-                .into_unoptimized_plan();
-            let view = ViewTable::new(plan, Some(sql));
-            public
-                .register_table(TableReference::bare(ds.as_str()), Arc::new(view))
-                .map_err(|e| Error::Config(format!("registering dataset {ds}: {e}")))?;
+            register_view(&private, &public, ds, &sql).await?;
+            views.insert(ds.clone(), sql);
         }
         Ok(MemberEngine {
             config,
             public,
             private,
+            views,
+            granted: Mutex::new(HashMap::new()),
         })
     }
 
@@ -154,9 +175,9 @@ impl MemberEngine {
     /// Parses a sub-query and finds the canonical datasets it reads.
     pub async fn prepare(&self, sql: &str) -> Result<Prepared> {
         let state = self.public.state();
-        let stmt = parse_query(&state, sql)?;
+        let statement = parse_query(&state, sql)?;
         let refs = state
-            .resolve_table_references(&stmt)
+            .resolve_table_references(&statement)
             .map_err(Error::from_datafusion)?;
         let mut datasets = BTreeSet::new();
         for r in refs {
@@ -176,15 +197,128 @@ impl MemberEngine {
             }
             datasets.insert(name);
         }
-        let plan = plan_query(&state, stmt).await?;
-        Ok(Prepared { plan, datasets })
+        Ok(Prepared {
+            statement,
+            datasets,
+        })
+    }
+
+    /// The canonical field names of each dataset.
+    fn fields_of<'a>(
+        &self,
+        datasets: impl IntoIterator<Item = &'a String>,
+    ) -> BTreeMap<String, Vec<String>> {
+        datasets
+            .into_iter()
+            .map(|d| {
+                let fields = self
+                    .config
+                    .region
+                    .dataset(d)
+                    .map(|ds| ds.fields.iter().map(|f| f.name.clone()).collect())
+                    .unwrap_or_default();
+                (d.clone(), fields)
+            })
+            .collect()
     }
 
     /// Authorizes a prepared sub-query for `origin` arriving through `via`.
-    pub fn authorize(&self, via: &Principal, origin: &Principal, p: &Prepared) -> Result<Permit> {
-        policy::authorize(&self.config.access, via, origin, &p.datasets).map_err(|d| {
-            Error::PermissionDenied(format!("member {}: {d}", self.config.member.name))
-        })
+    pub fn authorize(
+        &self,
+        via: &Principal,
+        origin: &Principal,
+        purpose: Option<&str>,
+        p: &Prepared,
+    ) -> Result<Permit> {
+        if let Some(purpose) = purpose {
+            policy::validate_purpose(purpose).map_err(Error::InvalidQuery)?;
+        }
+        policy::authorize(
+            &self.config.access,
+            via,
+            origin,
+            purpose,
+            &self.fields_of(&p.datasets),
+        )
+        .map_err(|d| Error::PermissionDenied(format!("member {}: {d}", self.config.member.name)))
+    }
+
+    /// What `origin`, stating `purpose`, may do with each dataset served here, as the
+    /// `Describe` answer carries it.
+    pub fn describe_access(
+        &self,
+        origin: &Principal,
+        purpose: Option<&str>,
+    ) -> Vec<crate::proto::v1::DatasetAccess> {
+        use crate::proto::v1::{DatasetAccess, FieldAccess};
+        let member = &self.config.member.name;
+        self.fields_of(&self.config.member.serves)
+            .into_iter()
+            .map(|(d, fields)| {
+                match policy::grant_for(&self.config.access, origin, purpose, &d, &fields) {
+                    Ok(g) => {
+                        let field_access = |f: &String| -> String {
+                            match (g.masks.get(f), g.level) {
+                                (Some(Mask::Deny), _) => "denied".into(),
+                                (Some(m), _) => format!("masked:{}", m.name()),
+                                (None, AccessLevel::Aggregate { .. })
+                                    if g.dimensions.contains(f) =>
+                                {
+                                    "dimension".into()
+                                }
+                                (None, AccessLevel::Aggregate { .. }) => "measure".into(),
+                                (None, AccessLevel::Verify) if g.keys.contains(f) => "key".into(),
+                                (None, AccessLevel::Verify) => "field".into(),
+                                (None, _) => "rows".into(),
+                            }
+                        };
+                        let (level, min_group) = match g.level {
+                            AccessLevel::Aggregate { min_group } => ("aggregate", min_group),
+                            AccessLevel::Rows if !g.masks.is_empty() => ("masked", 0),
+                            AccessLevel::Rows => ("rows", 0),
+                            AccessLevel::Masked => ("masked", 0),
+                            AccessLevel::Verify => ("verify", 0),
+                            AccessLevel::Deny => ("denied", 0),
+                        };
+                        DatasetAccess {
+                            member: member.clone(),
+                            dataset: d.clone(),
+                            level: level.into(),
+                            rule: g.rule_name(),
+                            min_group,
+                            fields: fields
+                                .iter()
+                                .map(|f| FieldAccess {
+                                    field: f.clone(),
+                                    access: field_access(f),
+                                })
+                                .collect(),
+                            purposes: Vec::new(),
+                            reason: g.describe(),
+                        }
+                    }
+                    Err(denial) => DatasetAccess {
+                        member: member.clone(),
+                        dataset: d.clone(),
+                        level: "denied".into(),
+                        rule: denial
+                            .rule
+                            .map(|i| format!("access[{i}]"))
+                            .unwrap_or_default(),
+                        min_group: 0,
+                        fields: fields
+                            .iter()
+                            .map(|f| FieldAccess {
+                                field: f.clone(),
+                                access: "denied".into(),
+                            })
+                            .collect(),
+                        purposes: denial.purposes.clone(),
+                        reason: denial.to_string(),
+                    },
+                }
+            })
+            .collect()
     }
 
     /// A permit for this member's own operator reading its own data (`fedgate check`).
@@ -192,20 +326,72 @@ impl MemberEngine {
         policy::owner_permit(&self.config.member.principal, &p.datasets)
     }
 
-    /// Runs a prepared sub-query under a permit that covers it.
-    pub async fn execute(&self, permit: &Permit, p: Prepared) -> Result<SendableRecordBatchStream> {
-        if !p.datasets.is_subset(permit.datasets()) {
+    /// The context in which a query under `permit` is planned: the plain canonical
+    /// views when every grant is rows without masks, otherwise views that apply the
+    /// grants' masks and, for `aggregate`, drop records of cells smaller than k.
+    async fn context_for(&self, permit: &Permit) -> Result<SessionContext> {
+        let plain = permit
+            .grants()
+            .values()
+            .all(|g| g.level == AccessLevel::Rows && g.masks.is_empty());
+        if plain {
+            return Ok(self.public.clone());
+        }
+        let key: GrantKey = permit
+            .grants()
+            .iter()
+            .map(|(d, g)| (d.clone(), g.rule))
+            .collect();
+        if let Some(ctx) = self.granted.lock().expect("grant contexts").get(&key) {
+            return Ok(ctx.clone());
+        }
+        let ctx = SessionContext::new_with_config(session_config());
+        for (d, g) in permit.grants() {
+            let (Some(base), Some(ds)) = (self.views.get(d), self.config.region.dataset(d)) else {
+                return Err(Error::Internal(format!("no view for dataset {d}")));
+            };
+            let sql = granted_view_sql(ds, base, g);
+            register_view(&self.private, &ctx, d, &sql).await?;
+        }
+        let mut map = self.granted.lock().expect("grant contexts");
+        if map.len() >= MAX_GRANT_CONTEXTS {
+            map.clear();
+        }
+        map.insert(key, ctx.clone());
+        Ok(ctx)
+    }
+
+    /// Runs a prepared sub-query under a permit that covers it: plans it among views
+    /// that apply the permit's grants, checks and rewrites it for `aggregate` and
+    /// `verify` grants ([`crate::guard`]), and starts it.
+    pub async fn execute(&self, permit: &Permit, p: Prepared) -> Result<Executed> {
+        if !p.datasets.is_subset(&permit.datasets()) {
             return Err(Error::Internal(
                 "permit does not cover the query's datasets".into(),
             ));
         }
-        tracing::debug!(origin = %permit.origin(), via = %permit.via(), datasets = ?p.datasets, "Sub-query permitted");
-        let df = self
-            .public
-            .execute_logical_plan(p.plan)
+        let ctx = self.context_for(permit).await?;
+        let plan = plan_query(&ctx.state(), p.statement).await?;
+        let plan = crate::guard::guard(plan, permit.grants()).map_err(|why| {
+            Error::PermissionDenied(format!("member {}: {why}", self.config.member.name))
+        })?;
+        let plan_sha256 = {
+            let mut h = Sha256::new();
+            h.update(permit.describe().as_bytes());
+            h.update(b"\n");
+            h.update(plan.display_indent().to_string().as_bytes());
+            hex::encode(h.finalize())
+        };
+        tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
+        let df = ctx
+            .execute_logical_plan(plan)
             .await
             .map_err(Error::from_datafusion)?;
-        df.execute_stream().await.map_err(Error::from_datafusion)
+        let stream = df.execute_stream().await.map_err(Error::from_datafusion)?;
+        Ok(Executed {
+            stream,
+            plan_sha256,
+        })
     }
 
     /// The whole data-owner path: prepare, authorize, execute.
@@ -213,10 +399,74 @@ impl MemberEngine {
         &self,
         via: &Principal,
         origin: &Principal,
+        purpose: Option<&str>,
         sql: &str,
-    ) -> Result<SendableRecordBatchStream> {
+    ) -> Result<(Permit, Executed)> {
         let prepared = self.prepare(sql).await?;
-        let permit = self.authorize(via, origin, &prepared)?;
-        self.execute(&permit, prepared).await
+        let permit = self.authorize(via, origin, purpose, &prepared)?;
+        let executed = self.execute(&permit, prepared).await?;
+        Ok((permit, executed))
+    }
+}
+
+/// Plans `sql` in the private context and registers it as view `name` in `public`.
+async fn register_view(
+    private: &SessionContext,
+    public: &SessionContext,
+    name: &str,
+    sql: &str,
+) -> Result<()> {
+    let plan = private
+        .sql(sql)
+        .await
+        .map_err(|e| Error::Config(format!("view of dataset {name}: {e}")))?
+        .into_unoptimized_plan();
+    let view = ViewTable::new(plan, Some(sql.to_string()));
+    public
+        .register_table(TableReference::bare(name), Arc::new(view))
+        .map_err(|e| Error::Config(format!("registering dataset {name}: {e}")))?;
+    Ok(())
+}
+
+/// The SQL of a dataset's view under a grant: masked fields masked (or NULL), and for
+/// `aggregate` only records whose cell over the dimensions holds at least k records.
+pub fn granted_view_sql(ds: &Dataset, base: &str, g: &Grant) -> String {
+    let mut cols: Vec<String> = ds
+        .fields
+        .iter()
+        .map(|f| {
+            let q = quote_ident(&f.name);
+            match g.masks.get(&f.name) {
+                None => format!("t.{q}"),
+                Some(Mask::Deny) => {
+                    format!("CAST(NULL AS {}) AS {q}", mapping::sql_type(&f.data_type))
+                }
+                Some(m) => format!("{}(t.{q}) AS {q}", m.function_name()),
+            }
+        })
+        .collect();
+    cols.push(format!("t.{}", quote_ident(MEMBER_COLUMN)));
+    let masked = format!("SELECT {} FROM ({base}) AS t", cols.join(", "));
+    match g.level {
+        AccessLevel::Aggregate { min_group } => {
+            let partition = if g.dimensions.is_empty() {
+                String::new()
+            } else {
+                let d: Vec<String> = g.dimensions.iter().map(|d| quote_ident(d)).collect();
+                format!("PARTITION BY {}", d.join(", "))
+            };
+            let outer: Vec<String> = ds
+                .fields
+                .iter()
+                .map(|f| quote_ident(&f.name))
+                .chain(std::iter::once(quote_ident(MEMBER_COLUMN)))
+                .collect();
+            format!(
+                "SELECT {} FROM (SELECT *, count(*) OVER ({partition}) AS \"__fedgate_cell\" FROM ({masked}) AS m) AS c \
+                 WHERE \"__fedgate_cell\" >= {min_group}",
+                outer.join(", ")
+            )
+        }
+        _ => masked,
     }
 }

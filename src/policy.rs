@@ -1,30 +1,55 @@
 //! Access decisions at the data owner.
 //!
-//! [`authorize`] is a pure function from (calling gateway, original caller, datasets
-//! asked for, the member's rules) to a [`Permit`] or a denial. The local engine only
-//! runs a query together with a `Permit`, and a `Permit` can only be made here, so a
-//! code path that skips authorization does not compile.
+//! [`authorize`] is a pure function from (calling gateway, original caller, stated
+//! purpose, datasets asked for, the member's rules) to a [`Permit`] or a [`Denial`].
+//! The local engine only runs a query together with a `Permit`, and a `Permit` can
+//! only be made here, so a code path that skips authorization does not compile.
 //!
-//! Rules are evaluated in file order; the first rule whose principal pattern and
-//! dataset list match decides. Nothing is shared unless a rule says so.
+//! Rules are evaluated in file order; for each dataset the first rule whose principal
+//! patterns, dataset list and (if it names any) purposes match decides. Nothing is
+//! shared unless a rule says so. A permit carries, per dataset, the [`Grant`] that
+//! decided it: the local engine rewrites the sub-query under that grant (masks,
+//! aggregate-only, verify-only), so the rewrite, not the caller, bounds what leaves.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::identity::{Principal, matches_pattern};
+use crate::masking::Mask;
 
-/// What a rule grants.
+/// What a rule grants for a dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccessLevel {
-    /// Rows as mapped.
+    /// Rows as mapped (fields listed in the rule's masks are masked).
     Rows,
+    /// Rows with the rule's named fields masked.
+    Masked,
+    /// Only aggregate answers over groups of at least `min_group` records.
+    Aggregate {
+        /// The smallest group (in records) that may be released.
+        min_group: u64,
+    },
+    /// Only whether a record with given values exists.
+    Verify,
     /// Nothing.
     Deny,
+}
+
+impl std::fmt::Display for AccessLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AccessLevel::Rows => f.write_str("rows"),
+            AccessLevel::Masked => f.write_str("masked"),
+            AccessLevel::Aggregate { min_group } => write!(f, "aggregate(k={min_group})"),
+            AccessLevel::Verify => f.write_str("verify"),
+            AccessLevel::Deny => f.write_str("denied"),
+        }
+    }
 }
 
 /// A compiled access rule from a member's config.
 #[derive(Debug, Clone)]
 pub struct AccessRule {
-    /// Position in the member file, so denials can name the rule.
+    /// Position in the member file, so decisions can name the rule.
     pub index: usize,
     /// Principal patterns.
     pub principals: Vec<String>,
@@ -32,23 +57,118 @@ pub struct AccessRule {
     pub datasets: Vec<String>,
     /// What it grants.
     pub level: AccessLevel,
+    /// Field masks (field name to mask), for the datasets that have the field.
+    pub masks: BTreeMap<String, Mask>,
+    /// `aggregate`: the fields answers may be grouped and filtered by.
+    pub dimensions: BTreeSet<String>,
+    /// `verify`: the fields every verification must state exactly.
+    pub keys: BTreeSet<String>,
+    /// Purpose codes, one of which a query must state for the rule to apply; empty
+    /// when the rule applies whatever the purpose.
+    pub purposes: Vec<String>,
 }
 
 impl AccessRule {
-    fn applies(&self, p: &Principal, dataset: &str) -> bool {
+    fn covers(&self, p: &Principal, dataset: &str) -> bool {
         self.principals.iter().any(|pat| matches_pattern(pat, p))
             && self.datasets.iter().any(|d| d == "*" || d == dataset)
     }
+
+    fn purpose_ok(&self, purpose: Option<&str>) -> bool {
+        self.purposes.is_empty()
+            || purpose.is_some_and(|p| self.purposes.iter().any(|a| a == purpose_code(p)))
+    }
+
+    /// The rule's name in messages and audit records.
+    pub fn name(&self) -> String {
+        format!("access[{}]", self.index)
+    }
 }
 
-/// Proof that `origin`, asking through `via`, may read `datasets` here.
+/// The code part of a stated purpose: `epidemic-response: HZ-2026-0042` has the code
+/// `epidemic-response`; the whole text is recorded.
+pub fn purpose_code(purpose: &str) -> &str {
+    purpose.split(':').next().unwrap_or("").trim()
+}
+
+/// Checks a stated purpose's form: short, printable, one line.
+pub fn validate_purpose(purpose: &str) -> Result<(), String> {
+    if purpose.chars().count() > 200 {
+        return Err("the stated purpose is longer than 200 characters".into());
+    }
+    if purpose.chars().any(char::is_control) {
+        return Err("the stated purpose contains control characters".into());
+    }
+    if purpose_code(purpose).is_empty() {
+        return Err("the stated purpose has no code before ':'".into());
+    }
+    Ok(())
+}
+
+/// How one dataset may be read under a permit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The rule that granted it (its index in the member file).
+    pub rule: usize,
+    /// The level granted (never [`AccessLevel::Deny`]).
+    pub level: AccessLevel,
+    /// Masks of this dataset's fields.
+    pub masks: BTreeMap<String, Mask>,
+    /// `aggregate`: group-by and filter fields.
+    pub dimensions: BTreeSet<String>,
+    /// `verify`: fields that must be stated.
+    pub keys: BTreeSet<String>,
+}
+
+impl Grant {
+    fn from_rule(r: &AccessRule, fields: &[String]) -> Grant {
+        let has = |f: &String| fields.contains(f);
+        Grant {
+            rule: r.index,
+            level: r.level,
+            masks: r
+                .masks
+                .iter()
+                .filter(|(f, _)| has(f))
+                .map(|(f, m)| (f.clone(), *m))
+                .collect(),
+            dimensions: r.dimensions.iter().filter(|f| has(f)).cloned().collect(),
+            keys: r.keys.iter().filter(|f| has(f)).cloned().collect(),
+        }
+    }
+
+    /// The rule's name, `access[i]`.
+    pub fn rule_name(&self) -> String {
+        format!("access[{}]", self.rule)
+    }
+
+    /// A short description for summaries and audit records, e.g.
+    /// `masked(id_number:id_keep_ends, phone:phone) by access[1]`.
+    pub fn describe(&self) -> String {
+        let mut s = self.level.to_string();
+        if !self.masks.is_empty() {
+            let m: Vec<String> = self
+                .masks
+                .iter()
+                .map(|(f, m)| format!("{f}:{}", m.name()))
+                .collect();
+            s.push_str(&format!(" masks[{}]", m.join(", ")));
+        }
+        format!("{s} by {}", self.rule_name())
+    }
+}
+
+/// Proof that `origin`, asking through `via` for `purpose`, may read `grants`' datasets
+/// here, each under its grant.
 ///
-/// Fields are private and there is no public constructor: only [`authorize`] makes one.
+/// Fields are private and there is no public constructor: only [`authorize`] (and
+/// [`owner_permit`] for the operator's own checks) makes one.
 #[derive(Debug, Clone)]
 pub struct Permit {
     origin: Principal,
     via: Principal,
-    datasets: BTreeSet<String>,
+    purpose: Option<String>,
+    grants: BTreeMap<String, Grant>,
 }
 
 impl Permit {
@@ -62,9 +182,28 @@ impl Permit {
         &self.via
     }
 
+    /// The purpose stated with the query.
+    pub fn purpose(&self) -> Option<&str> {
+        self.purpose.as_deref()
+    }
+
+    /// The datasets this permit covers, each with its grant.
+    pub fn grants(&self) -> &BTreeMap<String, Grant> {
+        &self.grants
+    }
+
     /// The datasets this permit covers.
-    pub fn datasets(&self) -> &BTreeSet<String> {
-        &self.datasets
+    pub fn datasets(&self) -> BTreeSet<String> {
+        self.grants.keys().cloned().collect()
+    }
+
+    /// One line describing the grants, for summaries and audit records.
+    pub fn describe(&self) -> String {
+        self.grants
+            .iter()
+            .map(|(d, g)| format!("{d}: {}", g.describe()))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
@@ -75,50 +214,85 @@ pub struct Denial {
     pub dataset: String,
     /// The rule that refused it, or `None` when no rule matched (default deny).
     pub rule: Option<usize>,
+    /// Purposes that would have let a rule apply, when the caller's purpose is missing
+    /// or not among them.
+    pub purposes: Vec<String>,
 }
 
 impl std::fmt::Display for Denial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.rule {
-            Some(i) => write!(f, "dataset {} is denied by access[{i}]", self.dataset),
+            Some(i) => write!(f, "dataset {} is denied by access[{i}]", self.dataset)?,
             None => write!(
                 f,
                 "dataset {} is not shared with this caller (no access rule grants it)",
                 self.dataset
-            ),
+            )?,
         }
+        if let Some(first) = self.purposes.first() {
+            write!(
+                f,
+                "; it is shared with this caller for a stated purpose, one of: {} \
+                 (state it with the query, e.g. --purpose '{first}: case number')",
+                self.purposes.join(", ")
+            )?;
+        }
+        Ok(())
     }
 }
 
-/// Decides whether `origin` (through gateway `via`) may read every dataset in `datasets`.
+/// The grant (or denial) of one dataset for `origin` stating `purpose`. `fields` are
+/// the dataset's canonical fields, to keep only the masks, dimensions and keys that
+/// apply to it.
+pub fn grant_for(
+    rules: &[AccessRule],
+    origin: &Principal,
+    purpose: Option<&str>,
+    dataset: &str,
+    fields: &[String],
+) -> Result<Grant, Denial> {
+    let mut wanted_purposes = Vec::new();
+    for r in rules.iter().filter(|r| r.covers(origin, dataset)) {
+        if !r.purpose_ok(purpose) {
+            wanted_purposes.extend(r.purposes.iter().cloned());
+            continue;
+        }
+        if r.level == AccessLevel::Deny {
+            wanted_purposes.dedup();
+            return Err(Denial {
+                dataset: dataset.into(),
+                rule: Some(r.index),
+                purposes: wanted_purposes,
+            });
+        }
+        return Ok(Grant::from_rule(r, fields));
+    }
+    wanted_purposes.dedup();
+    Err(Denial {
+        dataset: dataset.into(),
+        rule: None,
+        purposes: wanted_purposes,
+    })
+}
+
+/// Decides whether `origin` (through gateway `via`, stating `purpose`) may read every
+/// dataset in `datasets` (name to canonical field names), and under which grants.
 pub fn authorize(
     rules: &[AccessRule],
     via: &Principal,
     origin: &Principal,
-    datasets: &BTreeSet<String>,
+    purpose: Option<&str>,
+    datasets: &BTreeMap<String, Vec<String>>,
 ) -> Result<Permit, Denial> {
-    for d in datasets {
-        let rule = rules.iter().find(|r| r.applies(origin, d));
-        match rule {
-            Some(r) if r.level == AccessLevel::Rows => {}
-            Some(r) => {
-                return Err(Denial {
-                    dataset: d.clone(),
-                    rule: Some(r.index),
-                });
-            }
-            None => {
-                return Err(Denial {
-                    dataset: d.clone(),
-                    rule: None,
-                });
-            }
-        }
+    let mut grants = BTreeMap::new();
+    for (d, fields) in datasets {
+        grants.insert(d.clone(), grant_for(rules, origin, purpose, d, fields)?);
     }
     Ok(Permit {
         origin: origin.clone(),
         via: via.clone(),
-        datasets: datasets.clone(),
+        purpose: purpose.map(str::to_string),
+        grants,
     })
 }
 
@@ -128,7 +302,22 @@ pub fn owner_permit(owner: &Principal, datasets: &BTreeSet<String>) -> Permit {
     Permit {
         origin: owner.clone(),
         via: owner.clone(),
-        datasets: datasets.clone(),
+        purpose: None,
+        grants: datasets
+            .iter()
+            .map(|d| {
+                (
+                    d.clone(),
+                    Grant {
+                        rule: usize::MAX,
+                        level: AccessLevel::Rows,
+                        masks: BTreeMap::new(),
+                        dimensions: BTreeSet::new(),
+                        keys: BTreeSet::new(),
+                    },
+                )
+            })
+            .collect(),
     }
 }
 
@@ -142,11 +331,17 @@ mod tests {
             principals: vec![p.into()],
             datasets: vec![d.into()],
             level,
+            masks: BTreeMap::new(),
+            dimensions: BTreeSet::new(),
+            keys: BTreeSet::new(),
+            purposes: Vec::new(),
         }
     }
 
-    fn set(v: &[&str]) -> BTreeSet<String> {
-        v.iter().map(|s| s.to_string()).collect()
+    fn set(v: &[&str]) -> BTreeMap<String, Vec<String>> {
+        v.iter()
+            .map(|s| (s.to_string(), vec!["id".to_string(), "name".to_string()]))
+            .collect()
     }
 
     #[test]
@@ -160,16 +355,62 @@ mod tests {
         let other = Principal::parse("fedgate://elsewhere/city/x").unwrap();
         let via = Principal::parse("fedgate://yrd/city/hefei").unwrap();
 
-        let p = authorize(&rules, &via, &office, &set(&["census", "divisions"])).unwrap();
+        let p = authorize(&rules, &via, &office, None, &set(&["census", "divisions"])).unwrap();
         assert_eq!(p.origin(), &office);
-        assert_eq!(p.datasets().len(), 2);
+        assert_eq!(p.grants().len(), 2);
+        assert_eq!(p.grants()["census"].rule, 1);
 
-        let d = authorize(&rules, &via, &county, &set(&["census"])).unwrap_err();
+        let d = authorize(&rules, &via, &county, None, &set(&["census"])).unwrap_err();
         assert_eq!(d.rule, Some(0));
-        assert!(authorize(&rules, &via, &county, &set(&["divisions"])).is_ok());
+        assert!(authorize(&rules, &via, &county, None, &set(&["divisions"])).is_ok());
 
-        let d = authorize(&rules, &via, &other, &set(&["divisions"])).unwrap_err();
+        let d = authorize(&rules, &via, &other, None, &set(&["divisions"])).unwrap_err();
         assert_eq!(d.rule, None);
         assert!(d.to_string().contains("no access rule grants it"));
+    }
+
+    #[test]
+    fn purposes_gate_rules_and_denials_name_them() {
+        let mut masked = rule(
+            0,
+            "fedgate://yrd/county/*",
+            "enrollment",
+            AccessLevel::Masked,
+        );
+        masked.purposes = vec!["insurance-transfer".into()];
+        masked.masks.insert("id".into(), Mask::IdKeepEnds);
+        masked.masks.insert("phone".into(), Mask::Phone);
+        let rules = vec![masked];
+        let county = Principal::parse("fedgate://yrd/county/anji").unwrap();
+        let ds = set(&["enrollment"]);
+
+        let d = authorize(&rules, &county, &county, None, &ds).unwrap_err();
+        assert_eq!(d.rule, None);
+        assert!(d.to_string().contains("insurance-transfer"), "{d}");
+        let d = authorize(&rules, &county, &county, Some("curiosity"), &ds).unwrap_err();
+        assert_eq!(d.purposes, vec!["insurance-transfer".to_string()]);
+
+        let p = authorize(
+            &rules,
+            &county,
+            &county,
+            Some("insurance-transfer: AJ-2026-17"),
+            &ds,
+        )
+        .unwrap();
+        let g = &p.grants()["enrollment"];
+        assert_eq!(g.level, AccessLevel::Masked);
+        // Only masks of fields the dataset has are kept.
+        assert_eq!(g.masks.keys().collect::<Vec<_>>(), vec!["id"]);
+        assert_eq!(p.purpose(), Some("insurance-transfer: AJ-2026-17"));
+    }
+
+    #[test]
+    fn purpose_form_is_checked() {
+        assert!(validate_purpose("epidemic-response: HZ-1").is_ok());
+        assert!(validate_purpose(": x").is_err());
+        assert!(validate_purpose("a\nb").is_err());
+        assert!(validate_purpose(&"x".repeat(201)).is_err());
+        assert_eq!(purpose_code(" audit : 12"), "audit");
     }
 }

@@ -16,11 +16,13 @@ use tokio::sync::{Semaphore, oneshot};
 use tonic::{Request, Response, Status};
 
 use crate::arrow_ipc;
+use crate::audit::AuditLog;
 use crate::config::{MemberConfig, Region};
 use crate::error::{Error, Result};
 use crate::federation::{Coordinator, QueryOptions};
 use crate::identity::Principal;
 use crate::member::MemberEngine;
+use crate::owner;
 use crate::proto::v1::federation_server::{Federation, FederationServer};
 use crate::proto::v1::peer_server::{Peer, PeerServer};
 use crate::proto::v1::*;
@@ -75,6 +77,56 @@ fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
 pub struct FederationService {
     coordinator: Arc<Coordinator>,
     admission: Arc<Semaphore>,
+    audit: Arc<AuditLog>,
+}
+
+impl FederationService {
+    /// Records a client query at the coordinator: who asked what, for which purpose,
+    /// which members were asked and how each answered (with the hash of each member's
+    /// own audit record, a witness against later removal of that record).
+    fn record_query(
+        &self,
+        origin: &Principal,
+        q: &QueryRequest,
+        decision: crate::audit::Decision,
+        reason: Option<String>,
+        summary: Option<&QuerySummary>,
+    ) -> Result<()> {
+        use crate::audit::{AuditEntry, EntryKind, MemberOutcome, sql_hash};
+        let members = summary
+            .map(|s| {
+                s.members
+                    .iter()
+                    .map(|m| MemberOutcome {
+                        member: m.member.clone(),
+                        state: MemberState::try_from(m.state)
+                            .map(|s| {
+                                s.as_str_name()
+                                    .trim_start_matches("MEMBER_STATE_")
+                                    .to_ascii_lowercase()
+                            })
+                            .unwrap_or_default(),
+                        rows: m.rows,
+                        audit_hash: (!m.audit_hash.is_empty()).then(|| m.audit_hash.clone()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let entry = AuditEntry {
+            kind: EntryKind::Query,
+            time: AuditEntry::now_utc(),
+            query_id: summary.map(|s| s.query_id.clone()).unwrap_or_default(),
+            origin: origin.uri(),
+            purpose: (!q.purpose.is_empty()).then(|| q.purpose.clone()),
+            sql_sha256: sql_hash(&q.sql),
+            decision,
+            reason,
+            rows: summary.map(|s| s.rows).unwrap_or(0),
+            members,
+            ..AuditEntry::default()
+        };
+        self.audit.append(&entry).map(|_| ())
+    }
 }
 
 #[tonic::async_trait]
@@ -89,6 +141,11 @@ impl Federation for FederationService {
         let limits = &self.coordinator.config().limits;
         let grpc = grpc_timeout(&req);
         let q = req.into_inner();
+        if !q.purpose.is_empty()
+            && let Err(why) = crate::policy::validate_purpose(&q.purpose)
+        {
+            return Err(Error::InvalidQuery(why).to_status());
+        }
         let asked = (q.timeout_ms > 0).then(|| Duration::from_millis(q.timeout_ms));
         let timeout = [asked, grpc]
             .into_iter()
@@ -108,17 +165,36 @@ impl Federation for FederationService {
         let running = self
             .coordinator
             .query(
-                origin,
+                origin.clone(),
                 &q.sql,
                 QueryOptions {
                     allow_partial: q.allow_partial,
                     timeout,
                     pushdown: !q.no_pushdown,
                     plan_cache: !q.no_plan_cache,
+                    purpose: (!q.purpose.is_empty()).then(|| q.purpose.clone()),
                 },
             )
-            .await
-            .map_err(|e| e.to_status())?;
+            .await;
+        let running = match running {
+            Ok(r) => r,
+            Err(e) => {
+                self.record_query(
+                    &origin,
+                    &q,
+                    crate::audit::Decision::Refused,
+                    Some(e.to_string()),
+                    None,
+                )
+                .map_err(|a| a.to_status())?;
+                return Err(e.to_status());
+            }
+        };
+        let service = FederationService {
+            coordinator: self.coordinator.clone(),
+            admission: self.admission.clone(),
+            audit: self.audit.clone(),
+        };
         let state = running.state.clone();
         let plan_cached = running.plan_cached;
         let planning_us = running.planning.as_micros() as u64;
@@ -159,6 +235,22 @@ impl Federation for FederationService {
                 planning_us,
             };
             tracing::info!(query_id = %summary.query_id, rows = summary.rows, partial = summary.partial, elapsed_us = summary.elapsed_us, "Query done");
+            let decision = if failure.is_some() {
+                crate::audit::Decision::Failed
+            } else {
+                crate::audit::Decision::Answered
+            };
+            if let Err(a) = service.record_query(
+                &origin,
+                &q,
+                decision,
+                failure.as_ref().map(|e| e.to_string()),
+                Some(&summary),
+            ) {
+                tracing::error!(error = %a, "Recording the query in the audit log failed");
+                let _ = tx.send(Err(a.to_status())).await;
+                return;
+            }
             let _ = tx
                 .send(Ok(QueryResponse {
                     payload: Some(query_response::Payload::Summary(summary)),
@@ -203,8 +295,14 @@ impl Federation for FederationService {
         req: Request<DescribeRequest>,
     ) -> std::result::Result<Response<DescribeResponse>, Status> {
         let who = caller(&req)?;
+        let purpose = req.into_inner().purpose;
+        let purpose = (!purpose.is_empty()).then_some(purpose);
         let cfg = self.coordinator.config();
         let region = &cfg.region;
+        let mut access = self
+            .coordinator
+            .describe_access(&who, purpose.as_deref())
+            .await;
         Ok(Response::new(DescribeResponse {
             region: region.name.clone(),
             config_version: cfg.version.clone(),
@@ -234,6 +332,13 @@ impl Federation for FederationService {
                         }))
                         .collect(),
                     members: region.servers_of(&d.name).map(|m| m.name.clone()).collect(),
+                    access: {
+                        let (mine, rest) = std::mem::take(&mut access)
+                            .into_iter()
+                            .partition(|a| a.dataset == d.name);
+                        access = rest;
+                        mine
+                    },
                 })
                 .collect(),
             members: region
@@ -259,6 +364,7 @@ pub struct PeerService {
     config: Arc<MemberConfig>,
     engine: Option<Arc<MemberEngine>>,
     admission: Arc<Semaphore>,
+    audit: Arc<AuditLog>,
 }
 
 impl PeerService {
@@ -318,7 +424,7 @@ impl Peer for PeerService {
         let via = caller(&req)?;
         let grpc = grpc_timeout(&req);
         let q = req.into_inner();
-        let origin = self.admit(&via, &q).map_err(|e| e.to_status())?;
+        let purpose = (!q.purpose.is_empty()).then_some(q.purpose.as_str());
         let engine = self.engine.clone().ok_or_else(|| {
             Error::InvalidQuery(format!(
                 "member {} serves no datasets",
@@ -326,6 +432,29 @@ impl Peer for PeerService {
             ))
             .to_status()
         })?;
+        // A refusal before the engine runs is on the record too; the origin is the
+        // claimed one when it does not parse.
+        let refused = |origin: &Principal, e: Error| -> Status {
+            let ask = owner::Ask {
+                via: &via,
+                origin,
+                purpose,
+                query_id: &q.query_id,
+                sql: &q.sql,
+            };
+            tracing::warn!(query_id = %q.query_id, %via, error = %e, "Sub-query refused");
+            match owner::refuse(&self.audit, &ask, Vec::new(), None, &e) {
+                Ok(()) => e.to_status(),
+                Err(a) => a.to_status(),
+            }
+        };
+        let origin = match self.admit(&via, &q) {
+            Ok(o) => o,
+            Err(e) => {
+                let claimed = Principal::parse(&q.origin).unwrap_or_else(|_| via.clone());
+                return Err(refused(&claimed, e));
+            }
+        };
         let budget = [
             (q.budget_ms > 0).then(|| Duration::from_millis(q.budget_ms)),
             grpc,
@@ -335,28 +464,41 @@ impl Peer for PeerService {
         .min()
         .unwrap_or(self.config.limits.default_timeout)
         .min(self.config.limits.max_timeout);
-        let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
-            Error::Overloaded(format!(
-                "member {} is answering its maximum of sub-queries",
-                self.config.member.name
-            ))
-            .to_status()
-        })?;
+        let Ok(permit) = self.admission.clone().try_acquire_owned() else {
+            return Err(refused(
+                &origin,
+                Error::Overloaded(format!(
+                    "member {} is answering its maximum of sub-queries",
+                    self.config.member.name
+                )),
+            ));
+        };
         let started = Instant::now();
         tracing::info!(query_id = %q.query_id, %via, %origin, sql = %q.sql, "Sub-query");
-        let stream = tokio::time::timeout(budget, engine.serve(&via, &origin, &q.sql))
-            .await
-            .map_err(|_| Error::DeadlineExceeded(budget).to_status())?
-            .map_err(|e| {
-                tracing::warn!(query_id = %q.query_id, error = %e, "Sub-query refused");
-                e.to_status()
-            })?;
+        let ask = owner::Ask {
+            via: &via,
+            origin: &origin,
+            purpose,
+            query_id: &q.query_id,
+            sql: &q.sql,
+        };
+        let answer =
+            match tokio::time::timeout(budget, owner::answer(&engine, &self.audit, ask)).await {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    // Already recorded by `owner::answer`.
+                    tracing::warn!(query_id = %q.query_id, error = %e, "Sub-query refused");
+                    return Err(e.to_status());
+                }
+                Err(_) => return Err(refused(&origin, Error::DeadlineExceeded(budget))),
+            };
         let version = self.config.version.clone();
         let (tx, rx) =
             tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
         tokio::spawn(async move {
             let _permit = permit;
-            let (chunks, rows) = counted_chunks(stream);
+            let note = answer.note;
+            let (chunks, rows) = counted_chunks(answer.stream);
             tokio::pin!(chunks);
             let deadline = tokio::time::sleep(budget);
             tokio::pin!(deadline);
@@ -381,6 +523,8 @@ impl Peer for PeerService {
                 rows: rows.load(std::sync::atomic::Ordering::Relaxed),
                 elapsed_us: started.elapsed().as_micros() as u64,
                 config_version: version,
+                access: note.access(),
+                audit_hash: note.audit_hash.get().cloned().unwrap_or_default(),
             };
             let _ = tx
                 .send(Ok(ExecuteResponse {
@@ -403,10 +547,37 @@ impl Peer for PeerService {
                 Error::PermissionDenied(format!("{via} is not a region member")).to_status(),
             );
         }
+        let q = req.into_inner();
+        // A gateway describes access for the caller it forwards for; anyone else
+        // (a client) may only ask about itself.
+        let origin = if q.origin.is_empty() {
+            via.clone()
+        } else {
+            let o = Principal::parse(&q.origin)
+                .map_err(|e| Error::InvalidQuery(e.to_string()).to_status())?;
+            let is_gateway = self
+                .config
+                .region
+                .member_by_principal(&via)
+                .is_some_and(|m| m.endpoint.is_some());
+            if o != via && !is_gateway {
+                return Err(Error::PermissionDenied(format!(
+                    "{via} may ask only about its own access"
+                ))
+                .to_status());
+            }
+            o
+        };
+        let purpose = (!q.purpose.is_empty()).then_some(q.purpose.as_str());
         Ok(Response::new(CatalogResponse {
             member: self.config.member.name.clone(),
             config_version: self.config.version.clone(),
             datasets: self.config.member.serves.iter().cloned().collect(),
+            access: self
+                .engine
+                .as_ref()
+                .map(|e| e.describe_access(&origin, purpose))
+                .unwrap_or_default(),
         }))
     }
 }
@@ -459,7 +630,13 @@ impl Gateway {
         } else {
             Some(Arc::new(MemberEngine::build(config.clone()).await?))
         };
-        let coordinator = Arc::new(Coordinator::new(config.clone(), engine.clone(), &tls)?);
+        let audit = Arc::new(AuditLog::open(&config.audit_path)?);
+        let coordinator = Arc::new(Coordinator::new(
+            config.clone(),
+            engine.clone(),
+            &tls,
+            audit.clone(),
+        )?);
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(config.listen)
@@ -480,11 +657,13 @@ impl Gateway {
         let federation = FederationService {
             coordinator,
             admission: Arc::new(Semaphore::new(config.limits.max_concurrent_queries)),
+            audit: audit.clone(),
         };
         let peer = PeerService {
             config: config.clone(),
             engine,
             admission: Arc::new(Semaphore::new(config.limits.max_concurrent_subqueries)),
+            audit,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()

@@ -482,6 +482,10 @@ pub struct MemberConfig {
     pub mappings: Vec<Mapping>,
     /// Access rules, in file order (the first match decides).
     pub access: Vec<AccessRule>,
+    /// The secret key of `hmac` masks (empty when no rule uses one).
+    pub hmac_key: Arc<[u8]>,
+    /// Where this gateway appends its audit records.
+    pub audit_path: PathBuf,
     /// Version: a hash of the region and member files.
     pub version: String,
 }
@@ -723,42 +727,17 @@ impl MemberConfig {
             );
         }
 
-        let mut access = Vec::new();
-        for (i, a) in raw.access.iter().enumerate() {
-            let key = format!("access[{i}]");
-            for p in &a.principals {
-                if let Err(e) = identity::validate_pattern(p) {
-                    pr.add(path, format!("{key}.principals"), e);
-                }
-            }
-            for d in &a.datasets {
-                if d != "*" && region.dataset(d).is_none() {
-                    pr.add(
-                        path,
-                        format!("{key}.datasets"),
-                        format!("unknown dataset {d:?}"),
-                    );
-                }
-            }
-            let level = match a.level.as_str() {
-                "rows" => AccessLevel::Rows,
-                "deny" => AccessLevel::Deny,
-                other => {
-                    pr.add(
-                        path,
-                        format!("{key}.level"),
-                        format!("unknown level {other:?}; use rows or deny"),
-                    );
-                    continue;
-                }
-            };
-            access.push(AccessRule {
-                index: i,
-                principals: a.principals.clone(),
-                datasets: a.datasets.clone(),
-                level,
-            });
-        }
+        let served: Vec<&Dataset> = member
+            .serves
+            .iter()
+            .filter_map(|d| region.dataset(d))
+            .collect();
+        let access = validate_access(path, &raw.access, &region, &served, pr);
+        let hmac_key = load_hmac_key(path, &raw, &access, pr);
+        let audit_path = match &raw.audit {
+            Some(p) => resolve(path, p),
+            None => resolve(path, Path::new(&format!("audit/{}.log", member.name))),
+        };
 
         let version = {
             let mut h = Sha256::new();
@@ -777,9 +756,272 @@ impl MemberConfig {
             code_tables,
             mappings,
             access,
+            hmac_key,
+            audit_path,
             version,
             region,
         })
+    }
+}
+
+/// Compiles the access rules, checking every name they use against the datasets this
+/// member serves.
+fn validate_access(
+    path: &Path,
+    raw: &[RawAccessRule],
+    region: &Region,
+    served: &[&Dataset],
+    pr: &mut Problems,
+) -> Vec<AccessRule> {
+    let mut access = Vec::new();
+    for (i, a) in raw.iter().enumerate() {
+        let key = format!("access[{i}]");
+        for p in &a.principals {
+            if let Err(e) = identity::validate_pattern(p) {
+                pr.add(path, format!("{key}.principals"), e);
+            }
+        }
+        if a.principals.is_empty() {
+            pr.add(path, format!("{key}.principals"), "names no principal");
+        }
+        for d in &a.datasets {
+            if d != "*" && region.dataset(d).is_none() {
+                pr.add(
+                    path,
+                    format!("{key}.datasets"),
+                    format!("unknown dataset {d:?}"),
+                );
+            }
+        }
+        // The datasets the rule can apply to here, to check field names against.
+        let covered: Vec<&Dataset> = served
+            .iter()
+            .copied()
+            .filter(|d| a.datasets.iter().any(|x| x == "*" || x == &d.name))
+            .collect();
+        let field = |name: &str| -> Option<&CanonicalField> {
+            covered
+                .iter()
+                .find_map(|d| d.fields.iter().find(|f| f.name == name))
+        };
+        let known = |name: &str| name == MEMBER_COLUMN || field(name).is_some();
+        let mut masks = BTreeMap::new();
+        for (f, m) in &a.fields {
+            let fkey = format!("{key}.fields.{f}");
+            let Some(mask) = crate::masking::Mask::parse(m) else {
+                pr.add(
+                    path,
+                    fkey,
+                    format!("unknown mask {m:?}; use {}", crate::masking::Mask::NAMES),
+                );
+                continue;
+            };
+            match field(f) {
+                None => pr.add(
+                    path,
+                    fkey,
+                    format!("no dataset this rule covers here has a field {f:?}"),
+                ),
+                Some(cf)
+                    if mask != crate::masking::Mask::Deny && cf.data_type != DataType::Utf8 =>
+                {
+                    pr.add(
+                        path,
+                        fkey,
+                        format!(
+                            "mask {m} works on text, but {f} is {}; use deny to withhold it",
+                            cf.data_type
+                        ),
+                    )
+                }
+                Some(_) => {
+                    masks.insert(f.clone(), mask);
+                }
+            }
+        }
+        let names = |list: &[String], what: &str, pr: &mut Problems| -> BTreeSet<String> {
+            for f in list {
+                if !known(f) {
+                    pr.add(
+                        path,
+                        format!("{key}.{what}"),
+                        format!("no dataset this rule covers here has a field {f:?}"),
+                    );
+                }
+                if masks.contains_key(f) {
+                    pr.add(
+                        path,
+                        format!("{key}.{what}"),
+                        format!(
+                            "{f} is masked by this rule, so it cannot also be one of its {what}"
+                        ),
+                    );
+                }
+            }
+            list.iter().cloned().collect()
+        };
+        let dimensions = names(&a.dimensions, "dimensions", pr);
+        let keys = names(&a.keys, "keys", pr);
+        for p in &a.purposes {
+            if p.is_empty() || p.contains(':') || p.chars().any(char::is_whitespace) {
+                pr.add(
+                    path,
+                    format!("{key}.purposes"),
+                    format!("{p:?} is not a purpose code (one word, no ':' or spaces)"),
+                );
+            }
+        }
+        let misplaced = |what: &str, present: bool, pr: &mut Problems| {
+            if present {
+                pr.add(
+                    path,
+                    format!("{key}.{what}"),
+                    format!("{what} does not apply to level {:?}", a.level),
+                );
+            }
+        };
+        let level = match a.level.as_str() {
+            "rows" => {
+                misplaced("min_group", a.min_group.is_some(), pr);
+                misplaced("dimensions", !a.dimensions.is_empty(), pr);
+                misplaced("keys", !a.keys.is_empty(), pr);
+                AccessLevel::Rows
+            }
+            "masked" => {
+                if a.fields.is_empty() {
+                    pr.add(
+                        path,
+                        format!("{key}.fields"),
+                        "a masked rule must name the fields it masks",
+                    );
+                }
+                misplaced("min_group", a.min_group.is_some(), pr);
+                misplaced("dimensions", !a.dimensions.is_empty(), pr);
+                misplaced("keys", !a.keys.is_empty(), pr);
+                AccessLevel::Masked
+            }
+            "aggregate" => {
+                misplaced("keys", !a.keys.is_empty(), pr);
+                match a.min_group {
+                    Some(k) if k >= 2 => AccessLevel::Aggregate { min_group: k },
+                    Some(k) => {
+                        pr.add(
+                            path,
+                            format!("{key}.min_group"),
+                            format!("{k} would release single records; use 2 or more"),
+                        );
+                        continue;
+                    }
+                    None => {
+                        pr.add(
+                            path,
+                            format!("{key}.min_group"),
+                            "an aggregate rule needs min_group (the smallest group released)",
+                        );
+                        continue;
+                    }
+                }
+            }
+            "verify" => {
+                misplaced("min_group", a.min_group.is_some(), pr);
+                misplaced("dimensions", !a.dimensions.is_empty(), pr);
+                if a.keys.is_empty() {
+                    pr.add(
+                        path,
+                        format!("{key}.keys"),
+                        "a verify rule needs keys: the fields every verification must state",
+                    );
+                }
+                AccessLevel::Verify
+            }
+            "deny" => {
+                misplaced("fields", !a.fields.is_empty(), pr);
+                misplaced("min_group", a.min_group.is_some(), pr);
+                misplaced("dimensions", !a.dimensions.is_empty(), pr);
+                misplaced("keys", !a.keys.is_empty(), pr);
+                AccessLevel::Deny
+            }
+            other => {
+                pr.add(
+                    path,
+                    format!("{key}.level"),
+                    format!("unknown level {other:?}; use rows, masked, aggregate, verify or deny"),
+                );
+                continue;
+            }
+        };
+        access.push(AccessRule {
+            index: i,
+            principals: a.principals.clone(),
+            datasets: a.datasets.clone(),
+            level,
+            masks,
+            dimensions,
+            keys,
+            purposes: a.purposes.clone(),
+        });
+    }
+    access
+}
+
+/// Reads the `hmac` masks' key when a rule uses one.
+fn load_hmac_key(
+    path: &Path,
+    raw: &RawMemberConfig,
+    access: &[AccessRule],
+    pr: &mut Problems,
+) -> Arc<[u8]> {
+    let used = access
+        .iter()
+        .any(|r| r.masks.values().any(|m| *m == crate::masking::Mask::Hmac));
+    let key: Option<(String, Vec<u8>)> = match (&raw.hmac_key, &raw.hmac_key_env) {
+        (Some(_), Some(_)) => {
+            pr.add(path, "hmac_key", "set hmac_key or hmac_key_env, not both");
+            None
+        }
+        (Some(f), None) => {
+            let file = resolve(path, f);
+            match std::fs::read(&file) {
+                Ok(b) => Some(("hmac_key".into(), b.trim_ascii().to_vec())),
+                Err(e) => {
+                    pr.add(path, "hmac_key", format!("reading {}: {e}", file.display()));
+                    None
+                }
+            }
+        }
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(v) => Some(("hmac_key_env".into(), v.trim().as_bytes().to_vec())),
+            Err(_) => {
+                pr.add(
+                    path,
+                    "hmac_key_env",
+                    format!("environment variable {var} is not set"),
+                );
+                None
+            }
+        },
+        (None, None) => {
+            if used {
+                pr.add(
+                    path,
+                    "hmac_key",
+                    "an access rule uses the hmac mask, so the member needs a secret key (hmac_key = FILE or hmac_key_env = VAR)",
+                );
+            }
+            None
+        }
+    };
+    match key {
+        Some((k, b)) if b.len() < 16 => {
+            pr.add(
+                path,
+                k,
+                "the hmac key is shorter than 16 bytes; use a long random secret",
+            );
+            Arc::from(Vec::new())
+        }
+        Some((_, b)) => Arc::from(b),
+        None => Arc::from(Vec::new()),
     }
 }
 
@@ -1100,6 +1342,78 @@ level = "rows"
             "mappings[0].fields.county_code: unknown code table \"nope\"",
             "mappings[0].fields.pop: canonical field \"pop\" is not mapped",
             "access[0].principals",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn access_rule_problems_name_the_rule_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ca.crt", "x");
+        write(dir.path(), "region.toml", REGION);
+        let p = write(
+            dir.path(),
+            "hefei.toml",
+            r#"
+member = "hefei"
+region = "region.toml"
+listen = "127.0.0.1:7000"
+cert = "ca.crt"
+key = "ca.crt"
+[[sources]]
+name = "census"
+format = "csv"
+path = "ca.crt"
+[[mappings]]
+dataset = "census"
+source = "census"
+fields = { county_code = "code", pop = "pop" }
+[[access]]
+principals = ["fedgate://yrd/*"]
+datasets = ["census"]
+level = "masked"
+fields = { pop = "phone", county_code = "blur", town = "deny" }
+[[access]]
+principals = ["fedgate://yrd/*"]
+datasets = ["census"]
+level = "aggregate"
+min_group = 1
+dimensions = ["county", "pop"]
+[[access]]
+principals = ["fedgate://yrd/*"]
+datasets = ["census"]
+level = "aggregate"
+[[access]]
+principals = ["fedgate://yrd/*"]
+datasets = ["census"]
+level = "verify"
+purposes = ["a b"]
+[[access]]
+principals = ["fedgate://yrd/*"]
+datasets = ["census"]
+level = "rows"
+min_group = 5
+fields = { county_code = "hmac" }
+[[access]]
+principals = ["fedgate://yrd/*"]
+datasets = ["census"]
+level = "share"
+"#,
+        );
+        let e = MemberConfig::load(&p).unwrap_err().to_string();
+        for want in [
+            "access[0].fields.pop: mask phone works on text, but pop is Int64",
+            "access[0].fields.county_code: unknown mask \"blur\"",
+            "access[0].fields.town: no dataset this rule covers here has a field \"town\"",
+            "access[1].min_group: 1 would release single records",
+            "access[1].dimensions: no dataset this rule covers here has a field \"county\"",
+            "access[2].min_group: an aggregate rule needs min_group",
+            "access[3].keys: a verify rule needs keys",
+            "access[3].purposes: \"a b\" is not a purpose code",
+            "access[4].min_group: min_group does not apply to level \"rows\"",
+            "hmac_key: an access rule uses the hmac mask",
+            "access[5].level: unknown level \"share\"",
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
         }

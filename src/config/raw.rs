@@ -102,6 +102,15 @@ pub struct RawMemberConfig {
     /// Access rules for this member's data.
     #[serde(default)]
     pub access: Vec<RawAccessRule>,
+    /// File holding the secret key of `hmac` masks (at least 16 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac_key: Option<PathBuf>,
+    /// Environment variable holding the secret key of `hmac` masks instead of a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac_key_env: Option<String>,
+    /// The audit log (default: `audit/<member>.log` beside this file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<PathBuf>,
 }
 
 /// Limits of a gateway.
@@ -238,6 +247,22 @@ pub struct RawAccessRule {
     pub principals: Vec<String>,
     /// Canonical datasets, or `*`.
     pub datasets: Vec<String>,
-    /// `rows` or `deny`.
+    /// `rows`, `masked`, `aggregate`, `verify` or `deny`.
     pub level: String,
+    /// Field masks: field name to `id_keep_ends`, `id_region`, `phone`, `surname`,
+    /// `hmac` or `deny`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, String>,
+    /// `aggregate`: the smallest group released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_group: Option<u64>,
+    /// `aggregate`: fields answers may be grouped and filtered by.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dimensions: Vec<String>,
+    /// `verify`: fields every verification must state exactly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    /// Purpose codes, one of which a query must state for this rule to apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub purposes: Vec<String>,
 }

@@ -11,9 +11,11 @@ use futures::{StreamExt, TryStreamExt};
 use tonic::transport::Channel;
 
 use crate::arrow_ipc::{self, Decoded};
+use crate::audit::AuditLog;
 use crate::error::{Error, MemberFailure, Result};
 use crate::identity::Principal;
 use crate::member::MemberEngine;
+use crate::owner::{self, Note};
 use crate::proto::v1::peer_client::PeerClient;
 use crate::proto::v1::{ExecuteRequest, ExecuteSummary, execute_response};
 
@@ -32,6 +34,10 @@ pub struct SubQuery {
     pub path: Vec<String>,
     /// Counts the Arrow IPC bytes received for this sub-query.
     pub received: Arc<std::sync::atomic::AtomicU64>,
+    /// The purpose the caller stated.
+    pub purpose: Option<String>,
+    /// Filled by the member: how it shared the data and its audit record's hash.
+    pub note: Arc<Note>,
 }
 
 /// Batches from a member, each error already a member error naming it.
@@ -48,6 +54,8 @@ pub enum MemberClient {
         engine: Arc<MemberEngine>,
         /// This gateway's identity, the `via` of local sub-queries.
         me: Principal,
+        /// This gateway's audit log, where its own data's answers are recorded.
+        audit: Arc<AuditLog>,
     },
     /// Another gateway.
     Remote {
@@ -126,14 +134,39 @@ impl MemberClient {
     /// Sends a sub-query and returns the member's batches.
     pub async fn run(&self, q: SubQuery) -> Result<MemberStream> {
         match self {
-            MemberClient::Local { name, engine, me } => {
-                let stream = engine
-                    .serve(me, &q.origin, &q.sql)
+            MemberClient::Local {
+                name,
+                engine,
+                me,
+                audit,
+            } => {
+                let ask = owner::Ask {
+                    via: me,
+                    origin: &q.origin,
+                    purpose: q.purpose.as_deref(),
+                    query_id: &q.query_id,
+                    sql: &q.sql,
+                };
+                let answer = owner::answer(engine, audit, ask)
                     .await
                     .map_err(|e| member_error(name, e))?;
+                q.note.set_access(answer.note.access());
+                // The audit hash is known once the stream has ended; share the slot.
+                let note = q.note.clone();
+                let own = answer.note.clone();
                 let name = name.clone();
-                Ok(stream
+                Ok(answer
+                    .stream
                     .map_err(move |e| member_error(&name, Error::from_datafusion(e)))
+                    .chain(
+                        futures::stream::once(async move {
+                            if let Some(h) = own.audit_hash.get() {
+                                let _ = note.audit_hash.set(h.clone());
+                            }
+                            Ok(None)
+                        })
+                        .try_filter_map(|x: Option<RecordBatch>| async move { Ok(x) }),
+                    )
                     .boxed())
             }
             MemberClient::Remote {
@@ -149,6 +182,7 @@ impl MemberClient {
                     path: q.path,
                     budget_ms: q.budget.as_millis() as u64,
                     query_id: q.query_id,
+                    purpose: q.purpose.unwrap_or_default(),
                 });
                 req.set_timeout(budget);
                 let response = client
@@ -161,6 +195,7 @@ impl MemberClient {
                     endpoint.clone(),
                     budget,
                     q.received,
+                    q.note,
                     response.into_inner(),
                 ))
             }
@@ -176,6 +211,7 @@ fn remote_batches(
     endpoint: String,
     budget: Duration,
     received: Arc<std::sync::atomic::AtomicU64>,
+    note: Arc<Note>,
     responses: tonic::Streaming<crate::proto::v1::ExecuteResponse>,
 ) -> MemberStream {
     let summary: Arc<Mutex<Option<ExecuteSummary>>> = Arc::default();
@@ -186,6 +222,7 @@ fn remote_batches(
         .try_filter_map(move |r| {
             let seen = seen.clone();
             let received = received.clone();
+            let note = note.clone();
             async move {
                 match r.payload {
                     Some(execute_response::Payload::Arrow(c)) => {
@@ -196,6 +233,10 @@ fn remote_batches(
                         Ok(Some(c))
                     }
                     Some(execute_response::Payload::Summary(s)) => {
+                        note.set_access(s.access.clone());
+                        if !s.audit_hash.is_empty() {
+                            let _ = note.audit_hash.set(s.audit_hash.clone());
+                        }
                         *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
                         Ok(None)
                     }

@@ -21,11 +21,13 @@ use datafusion::execution::{SendableRecordBatchStream, SessionState};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 
+use crate::audit::AuditLog;
 use crate::config::MemberConfig;
 use crate::error::{Error, Result};
 use crate::identity::Principal;
 use crate::member::{MemberEngine, session_config};
 use crate::proto::v1::peer_client::PeerClient;
+use crate::proto::v1::{CatalogRequest, DatasetAccess};
 use crate::tls::{Connector, TlsMaterial};
 use client::MemberClient;
 use state::QueryState;
@@ -42,6 +44,8 @@ pub struct QueryOptions {
     pub pushdown: bool,
     /// Reuse plans of earlier identical queries (off only to compare).
     pub plan_cache: bool,
+    /// Why the data is asked for; sent with every sub-query.
+    pub purpose: Option<String>,
 }
 
 impl Default for QueryOptions {
@@ -51,6 +55,7 @@ impl Default for QueryOptions {
             timeout: Duration::from_secs(30),
             pushdown: true,
             plan_cache: true,
+            purpose: None,
         }
     }
 }
@@ -120,6 +125,7 @@ fn collect_scans(
 /// Plans and runs federated queries at one gateway.
 pub struct Coordinator {
     config: Arc<MemberConfig>,
+    clients: Arc<HashMap<String, MemberClient>>,
     tables: Vec<(String, Arc<FederatedTable>)>,
     /// Planning sessions with the pushdown rule and without it.
     sessions: [SessionState; 2],
@@ -166,6 +172,7 @@ impl Coordinator {
         config: Arc<MemberConfig>,
         local: Option<Arc<MemberEngine>>,
         tls: &TlsMaterial,
+        audit: Arc<AuditLog>,
     ) -> Result<Coordinator> {
         let region = config.region.clone();
         let client_cfg = tls.client_config()?;
@@ -180,6 +187,7 @@ impl Coordinator {
                             name: m.name.clone(),
                             engine: engine.clone(),
                             me: config.member.principal.clone(),
+                            audit: audit.clone(),
                         },
                     );
                 }
@@ -219,6 +227,7 @@ impl Coordinator {
         ];
         Ok(Coordinator {
             config,
+            clients,
             tables,
             sessions,
             plans: moka::future::Cache::builder()
@@ -323,7 +332,7 @@ impl Coordinator {
         opts: &QueryOptions,
     ) -> Arc<QueryState> {
         let member_budget = opts.timeout.saturating_sub(merge_reserve(opts.timeout));
-        Arc::new(QueryState::new(
+        let mut state = QueryState::new(
             query_id,
             origin,
             self.config.member.principal.clone(),
@@ -335,7 +344,64 @@ impl Coordinator {
                 .iter()
                 .map(|m| m.name.clone())
                 .collect(),
-        ))
+        );
+        state.purpose = opts.purpose.clone();
+        Arc::new(state)
+    }
+
+    /// What `origin`, stating `purpose`, may do with each dataset at each member that
+    /// serves it. Each member answers for itself (its rules are in its own file); a
+    /// member that cannot be reached is listed as `unknown` with the reason.
+    pub async fn describe_access(
+        &self,
+        origin: &Principal,
+        purpose: Option<&str>,
+    ) -> Vec<DatasetAccess> {
+        let region = &self.config.region;
+        let asks = region
+            .members
+            .iter()
+            .filter(|m| !m.serves.is_empty())
+            .filter_map(|m| self.clients.get(&m.name).map(|c| (m, c)))
+            .map(|(m, c)| async move {
+                let answer = match c {
+                    MemberClient::Local { engine, .. } => {
+                        Ok(engine.describe_access(origin, purpose))
+                    }
+                    MemberClient::Remote {
+                        client, endpoint, ..
+                    } => {
+                        let mut req = tonic::Request::new(CatalogRequest {
+                            origin: origin.uri(),
+                            purpose: purpose.unwrap_or_default().to_string(),
+                        });
+                        req.set_timeout(Duration::from_secs(5));
+                        client
+                            .clone()
+                            .catalog(req)
+                            .await
+                            .map(|r| r.into_inner().access)
+                            .map_err(|s| format!("{endpoint}: {}", s.message()))
+                    }
+                };
+                answer.unwrap_or_else(|why| {
+                    m.serves
+                        .iter()
+                        .map(|d| DatasetAccess {
+                            member: m.name.clone(),
+                            dataset: d.clone(),
+                            level: "unknown".into(),
+                            reason: format!("the member did not answer: {why}"),
+                            ..DatasetAccess::default()
+                        })
+                        .collect()
+                })
+            });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Plans `sql` for `origin` and returns the running query.

@@ -25,6 +25,8 @@ pub struct QueryState {
     pub member_deadline: Instant,
     /// Whether missing members are reported instead of failing the query.
     pub allow_partial: bool,
+    /// The purpose the caller stated; it travels with every sub-query.
+    pub purpose: Option<String>,
     /// Region member names in file order, for a stable summary.
     order: Vec<String>,
     members: Mutex<BTreeMap<String, Entry>>,
@@ -38,6 +40,8 @@ struct Entry {
     elapsed: Duration,
     reason: String,
     datasets: BTreeSet<String>,
+    access: BTreeSet<String>,
+    audit_hashes: Vec<String>,
 }
 
 /// Severity of a state: when one member gets several sub-queries, the summary
@@ -73,6 +77,7 @@ impl QueryState {
             started,
             member_deadline: started + member_budget,
             allow_partial,
+            purpose: None,
             order,
             members: Mutex::new(BTreeMap::new()),
         }
@@ -87,6 +92,8 @@ impl QueryState {
             elapsed: Duration::ZERO,
             reason: String::new(),
             datasets: BTreeSet::new(),
+            access: BTreeSet::new(),
+            audit_hashes: Vec::new(),
         });
         e.datasets.insert(dataset.to_string());
         f(e);
@@ -171,6 +178,19 @@ impl QueryState {
         });
     }
 
+    /// Records what `member` said about how it shared `dataset` and the hash of its
+    /// audit record.
+    pub fn noted(&self, member: &str, dataset: &str, note: &crate::owner::Note) {
+        let access = note.access();
+        let hash = note.audit_hash.get().cloned();
+        self.update(member, dataset, |e| {
+            if !access.is_empty() {
+                e.access.insert(access);
+            }
+            e.audit_hashes.extend(hash);
+        });
+    }
+
     /// Adds Arrow IPC bytes received from `member`.
     pub fn received(&self, member: &str, dataset: &str, bytes: u64) {
         self.update(member, dataset, |e| e.bytes += bytes);
@@ -207,6 +227,8 @@ impl QueryState {
                 reason: e.reason.clone(),
                 datasets: e.datasets.iter().cloned().collect(),
                 bytes_received: e.bytes,
+                access: e.access.iter().cloned().collect::<Vec<_>>().join("; "),
+                audit_hash: e.audit_hashes.join(","),
             })
             .collect();
         v.sort_by_key(|s| (pos(&s.member), s.member.clone()));

@@ -391,6 +391,7 @@ impl ExecutionPlan for FederatedScanExec {
         let now = Instant::now();
         let budget = self.state.member_deadline.saturating_duration_since(now);
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let note = Arc::new(crate::owner::Note::default());
         let q = SubQuery {
             sql: self.sql.clone(),
             origin: self.state.origin.clone(),
@@ -398,6 +399,8 @@ impl ExecutionPlan for FederatedScanExec {
             budget,
             path: vec![self.state.coordinator.uri()],
             received: received.clone(),
+            purpose: self.state.purpose.clone(),
+            note: note.clone(),
         };
         let member = target.name().to_string();
         tracing::debug!(query_id = %self.state.query_id, %member, dataset = %self.dataset, sql = %self.sql, "Member scan");
@@ -411,6 +414,7 @@ impl ExecutionPlan for FederatedScanExec {
             schema: self.schema.clone(),
             projection: self.projection.clone(),
             received,
+            note,
             rows: 0,
             started: now,
         };
@@ -438,17 +442,20 @@ struct ScanStream {
     schema: SchemaRef,
     projection: Option<Vec<usize>>,
     received: Arc<std::sync::atomic::AtomicU64>,
+    note: Arc<crate::owner::Note>,
     rows: u64,
     started: Instant,
 }
 
 impl ScanStream {
-    /// Moves the byte count into the query state (once, when the scan ends).
+    /// Moves the byte count and the member's note into the query state (once, when
+    /// the scan ends).
     fn record_bytes(&self) {
         let n = self.received.swap(0, std::sync::atomic::Ordering::Relaxed);
         if n > 0 {
             self.state.received(&self.member, &self.dataset, n);
         }
+        self.state.noted(&self.member, &self.dataset, &self.note);
     }
 }
 

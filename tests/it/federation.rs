@@ -317,7 +317,7 @@ async fn a_stopped_member_fails_the_query_by_name_unless_partial_is_allowed() {
 #[tokio::test]
 async fn describe_lists_datasets_fields_and_servers() {
     let region = Region::start().await;
-    let d = region.client("anji").describe().await.unwrap();
+    let d = region.client("anji").describe(None).await.unwrap();
     assert_eq!(d.region, "yrd");
     assert_eq!(d.caller, "fedgate://yrd/office/coordination");
     let fc = d
@@ -376,6 +376,7 @@ async fn peers_only_answer_member_gateways_and_only_over_canonical_datasets() {
         path: path.into_iter().map(String::from).collect(),
         budget_ms: 5000,
         query_id: "t".into(),
+        purpose: String::new(),
     };
     let via = vec!["fedgate://yrd/city/shanghai"];
 

@@ -9,5 +9,7 @@ mod configs;
 mod differential;
 mod federation;
 mod planner;
+mod policy_props;
 mod sources;
+mod sovereignty;
 mod tls;

@@ -79,14 +79,16 @@ async fn a_parquet_source_maps_like_a_csv_one() {
         .unwrap();
     let via = fedgate::identity::Principal::parse("fedgate://yrd/city/shanghai").unwrap();
     let origin = fedgate::identity::Principal::parse("fedgate://yrd/office/coordination").unwrap();
-    let stream = engine
+    let (_, executed) = engine
         .serve(
             &via,
             &origin,
+            None,
             "SELECT county_code, pop_total, share_65_plus_pct FROM census ORDER BY county_code",
         )
         .await
         .unwrap();
+    let stream = executed.stream;
     let batches: Vec<RecordBatch> = futures::TryStreamExt::try_collect(stream).await.unwrap();
     assert_eq!(
         column_strings(&batches, "county_code"),

@@ -92,6 +92,40 @@ impl Region {
         Client::connect(&self.endpoint(member), &self.layout.ca, &cert, &key).unwrap()
     }
 
+    /// A client of `gateway` using the certificate of region member `who` (members'
+    /// gateway certificates are also client certificates).
+    pub fn client_as(&self, who: &str, gateway: &str) -> Client {
+        let certs = self.layout.dir.join("certs");
+        Client::connect(
+            &self.endpoint(gateway),
+            &self.layout.ca,
+            &certs.join(format!("{who}.crt")),
+            &certs.join(format!("{who}.key")),
+        )
+        .unwrap()
+    }
+
+    /// The canonical rows of `member` as its own operator sees them (no access rule
+    /// applies), read directly from its files: the truth answers are checked against.
+    pub async fn owner_rows(
+        &self,
+        member: &str,
+        sql: &str,
+    ) -> Vec<datafusion::arrow::record_batch::RecordBatch> {
+        let path = self.layout.dir.join(format!("{member}.toml"));
+        let cfg = Arc::new(MemberConfig::load(&path).unwrap_or_else(|p| panic!("{p}")));
+        let engine = fedgate::member::MemberEngine::build(cfg).await.unwrap();
+        let prepared = engine.prepare(sql).await.unwrap();
+        let permit = engine.owner_permit(&prepared);
+        let stream = engine.execute(&permit, prepared).await.unwrap().stream;
+        futures::TryStreamExt::try_collect(stream).await.unwrap()
+    }
+
+    /// The audit log of `member`'s gateway.
+    pub fn audit_log(&self, member: &str) -> PathBuf {
+        self.layout.dir.join("audit").join(format!("{member}.log"))
+    }
+
     /// The CA of the region, for issuing extra certificates.
     pub fn ca(&self) -> fedgate::pki::Ca {
         let certs = self.layout.dir.join("certs");

@@ -109,7 +109,7 @@ async fn a_client_without_a_certificate_is_refused() {
         .channel(Duration::from_secs(5))
         .unwrap();
     let e = FederationClient::new(ch)
-        .describe(DescribeRequest {})
+        .describe(DescribeRequest::default())
         .await
         .unwrap_err();
     let text = fedgate::client::describe_status(&e);
@@ -145,7 +145,7 @@ async fn a_gateway_presenting_another_members_identity_is_not_trusted() {
     .channel(Duration::from_secs(5))
     .unwrap();
     let e = fedgate::proto::v1::peer_client::PeerClient::new(ch)
-        .catalog(fedgate::proto::v1::CatalogRequest {})
+        .catalog(fedgate::proto::v1::CatalogRequest::default())
         .await
         .unwrap_err();
     let text = fedgate::client::describe_status(&e);

@@ -1,0 +1,235 @@
+//! The data owner's answer to one sub-query, on the record.
+//!
+//! Both ways a sub-query reaches a member's data (over `Peer.Execute` from another
+//! gateway, or in process when the coordinator is itself a member) go through
+//! [`answer`]: prepare, authorize (the [`crate::policy::Permit`]), execute under the
+//! permit's grants, and write one audit record. A refusal is recorded before the
+//! error is returned. An answer is recorded when its stream ends — after the last
+//! batch and before the end-of-answer summary that the coordinator requires, so no
+//! answer is complete without its record — or when it fails or is abandoned.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
+use futures::{Stream, StreamExt};
+
+use crate::audit::{AuditEntry, AuditLog, Decision, EntryKind, sql_hash};
+use crate::error::{Error, Result};
+use crate::identity::Principal;
+use crate::member::MemberEngine;
+use crate::policy::Permit;
+
+/// Who asks what, as the data owner sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// The gateway that sent the sub-query (this gateway for local ones).
+    pub via: &'a Principal,
+    /// The original caller.
+    pub origin: &'a Principal,
+    /// The purpose the caller stated.
+    pub purpose: Option<&'a str>,
+    /// The coordinator's query id.
+    pub query_id: &'a str,
+    /// The sub-query's SQL as received.
+    pub sql: &'a str,
+}
+
+/// What the owner tells the coordinator besides rows: how it shared the data and the
+/// hash of its audit record.
+#[derive(Debug, Default)]
+pub struct Note {
+    /// How the data was shared, e.g. `enrollment: masked ... by access[2]`.
+    pub access: Mutex<String>,
+    /// The audit record's hash, once written.
+    pub audit_hash: OnceLock<String>,
+}
+
+impl Note {
+    /// The access description.
+    pub fn access(&self) -> String {
+        self.access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets the access description.
+    pub fn set_access(&self, s: String) {
+        *self.access.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+}
+
+fn entry(ask: &Ask, datasets: Vec<String>, permit: Option<&Permit>) -> AuditEntry {
+    AuditEntry {
+        kind: EntryKind::SubQuery,
+        time: AuditEntry::now_utc(),
+        query_id: ask.query_id.to_string(),
+        via: ask.via.uri(),
+        origin: ask.origin.uri(),
+        purpose: ask.purpose.map(str::to_string),
+        datasets,
+        sql_sha256: sql_hash(ask.sql),
+        rule: permit.map(|p| {
+            p.grants()
+                .values()
+                .map(|g| g.rule_name())
+                .collect::<Vec<_>>()
+                .join(",")
+        }),
+        level: permit.map(Permit::describe),
+        ..AuditEntry::default()
+    }
+}
+
+/// Records a refused sub-query. The refusal itself is returned to the caller either
+/// way; if the record cannot be written, that error is returned instead, since a
+/// gateway that cannot keep its record must not look as if it did.
+pub fn refuse(
+    audit: &AuditLog,
+    ask: &Ask,
+    datasets: Vec<String>,
+    permit: Option<&Permit>,
+    why: &Error,
+) -> Result<()> {
+    let mut e = entry(ask, datasets, permit);
+    e.decision = Decision::Refused;
+    e.reason = Some(why.to_string());
+    audit.append(&e)?;
+    Ok(())
+}
+
+/// The audited answer to one sub-query.
+pub struct Answer {
+    /// The rows; the record is written when this stream ends or is dropped.
+    pub stream: SendableRecordBatchStream,
+    /// How the data is shared, and (once written) the record's hash.
+    pub note: Arc<Note>,
+}
+
+/// The whole data-owner path for one sub-query: prepare, authorize, execute, audit.
+pub async fn answer(engine: &MemberEngine, audit: &Arc<AuditLog>, ask: Ask<'_>) -> Result<Answer> {
+    let prepared = match engine.prepare(ask.sql).await {
+        Ok(p) => p,
+        Err(e) => {
+            refuse(audit, &ask, Vec::new(), None, &e)?;
+            return Err(e);
+        }
+    };
+    let datasets: Vec<String> = prepared.datasets.iter().cloned().collect();
+    let permit = match engine.authorize(ask.via, ask.origin, ask.purpose, &prepared) {
+        Ok(p) => p,
+        Err(e) => {
+            refuse(audit, &ask, datasets, None, &e)?;
+            return Err(e);
+        }
+    };
+    let executed = match engine.execute(&permit, prepared).await {
+        Ok(x) => x,
+        Err(e) => {
+            refuse(audit, &ask, datasets, Some(&permit), &e)?;
+            return Err(e);
+        }
+    };
+    let mut record = entry(&ask, datasets, Some(&permit));
+    // The plan hash covers the rewrite the grants imposed, not only the text received.
+    record.sql_sha256 = executed.plan_sha256;
+    let note = Arc::new(Note::default());
+    note.set_access(permit.describe());
+    let schema = executed.stream.schema();
+    Ok(Answer {
+        stream: Box::pin(Audited {
+            inner: executed.stream,
+            schema,
+            record: Some(record),
+            audit: audit.clone(),
+            note: note.clone(),
+        }),
+        note,
+    })
+}
+
+/// A result stream that writes its audit record when it ends, fails or is dropped.
+struct Audited {
+    inner: SendableRecordBatchStream,
+    schema: SchemaRef,
+    /// The record still to be written (`None` once written).
+    record: Option<AuditEntry>,
+    audit: Arc<AuditLog>,
+    note: Arc<Note>,
+}
+
+impl Audited {
+    fn finish(&mut self, decision: Decision, reason: Option<String>) -> Result<()> {
+        let Some(mut r) = self.record.take() else {
+            return Ok(());
+        };
+        r.decision = decision;
+        r.reason = reason;
+        let receipt = self.audit.append(&r)?;
+        let _ = self.note.audit_hash.set(receipt.hash);
+        Ok(())
+    }
+
+    fn tally(&mut self, b: &RecordBatch) {
+        if let Some(r) = &mut self.record {
+            r.rows += b.num_rows() as u64;
+            r.bytes += b
+                .columns()
+                .iter()
+                .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0) as u64)
+                .sum::<u64>();
+        }
+    }
+}
+
+impl Stream for Audited {
+    type Item = datafusion::error::Result<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.record.is_none() {
+            return Poll::Ready(None);
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(b))) => {
+                self.tally(&b);
+                Poll::Ready(Some(Ok(b)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let reason = e.to_string();
+                match self.finish(Decision::Failed, Some(reason)) {
+                    Ok(()) => Poll::Ready(Some(Err(e))),
+                    Err(a) => Poll::Ready(Some(Err(a.into_datafusion()))),
+                }
+            }
+            Poll::Ready(None) => match self.finish(Decision::Answered, None) {
+                Ok(()) => Poll::Ready(None),
+                // The answer must not end normally without its record.
+                Err(a) => Poll::Ready(Some(Err(a.into_datafusion()))),
+            },
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl RecordBatchStream for Audited {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+}
+
+impl Drop for Audited {
+    fn drop(&mut self) {
+        if self.record.is_some()
+            && let Err(e) = self.finish(
+                Decision::Cancelled,
+                Some("the answer was abandoned before its end (caller stopped, deadline, or limit met)".into()),
+            )
+        {
+            tracing::error!(error = %e, "Writing the audit record of an abandoned sub-query failed");
+        }
+    }
+}
