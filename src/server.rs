@@ -141,10 +141,23 @@ impl Federation for FederationService {
         let limits = &self.coordinator.config().limits;
         let grpc = grpc_timeout(&req);
         let q = req.into_inner();
+        // A query refused before it runs is on the record too.
+        let refuse = |e: Error| -> Status {
+            match self.record_query(
+                &origin,
+                &q,
+                crate::audit::Decision::Refused,
+                Some(e.to_string()),
+                None,
+            ) {
+                Ok(()) => e.to_status(),
+                Err(a) => a.to_status(),
+            }
+        };
         if !q.purpose.is_empty()
             && let Err(why) = crate::policy::validate_purpose(&q.purpose)
         {
-            return Err(Error::InvalidQuery(why).to_status());
+            return Err(refuse(Error::InvalidQuery(why)));
         }
         let asked = (q.timeout_ms > 0).then(|| Duration::from_millis(q.timeout_ms));
         let timeout = [asked, grpc]
@@ -153,13 +166,12 @@ impl Federation for FederationService {
             .min()
             .unwrap_or(limits.default_timeout)
             .min(limits.max_timeout);
-        let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
-            Error::Overloaded(format!(
+        let Ok(permit) = self.admission.clone().try_acquire_owned() else {
+            return Err(refuse(Error::Overloaded(format!(
                 "this gateway is already running {} queries; retry shortly",
                 limits.max_concurrent_queries
-            ))
-            .to_status()
-        })?;
+            ))));
+        };
         let started = Instant::now();
         tracing::info!(%origin, sql = %q.sql, allow_partial = q.allow_partial, ?timeout, "Query");
         let running = self
@@ -178,17 +190,7 @@ impl Federation for FederationService {
             .await;
         let running = match running {
             Ok(r) => r,
-            Err(e) => {
-                self.record_query(
-                    &origin,
-                    &q,
-                    crate::audit::Decision::Refused,
-                    Some(e.to_string()),
-                    None,
-                )
-                .map_err(|a| a.to_status())?;
-                return Err(e.to_status());
-            }
+            Err(e) => return Err(refuse(e)),
         };
         let service = FederationService {
             coordinator: self.coordinator.clone(),
@@ -207,13 +209,17 @@ impl Federation for FederationService {
             let deadline = tokio::time::sleep(timeout);
             tokio::pin!(deadline);
             let mut failure = None;
+            let mut gone = false;
             loop {
                 tokio::select! {
                     next = chunks.next() => match next {
                         Some(Ok(c)) => {
                             let msg = QueryResponse { payload: Some(query_response::Payload::Arrow(c)) };
                             if tx.send(Ok(msg)).await.is_err() {
-                                return; // The caller went away; dropping the stream cancels the members.
+                                // The caller went away; dropping the stream cancels the
+                                // members. The query is still recorded.
+                                gone = true;
+                                break;
                             }
                         }
                         Some(Err(e)) => { failure = Some(e); break; }
@@ -235,7 +241,9 @@ impl Federation for FederationService {
                 planning_us,
             };
             tracing::info!(query_id = %summary.query_id, rows = summary.rows, partial = summary.partial, elapsed_us = summary.elapsed_us, "Query done");
-            let decision = if failure.is_some() {
+            let decision = if gone {
+                crate::audit::Decision::Cancelled
+            } else if failure.is_some() {
                 crate::audit::Decision::Failed
             } else {
                 crate::audit::Decision::Answered
