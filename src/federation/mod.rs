@@ -18,7 +18,8 @@ use std::time::Duration;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::TableReference;
 use datafusion::execution::{SendableRecordBatchStream, SessionState};
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::prelude::SessionContext;
 
 use crate::audit::AuditLog;
@@ -83,19 +84,6 @@ pub struct RunningQuery {
     pub planning: Duration,
 }
 
-tokio::task_local! {
-    /// The query being planned. Physical planning calls back into
-    /// [`table::FederatedTable::scan`], which has no parameter for per-query data;
-    /// the planning future runs inside this scope so the scan can record, for this
-    /// query, which members it asks and which it prunes.
-    static QUERY: Arc<QueryState>;
-}
-
-/// The query being planned on this task, if any.
-pub(crate) fn current_query() -> Option<Arc<QueryState>> {
-    QUERY.try_with(|q| q.clone()).ok()
-}
-
 /// How a query would run.
 #[derive(Debug, Clone)]
 pub struct Explained {
@@ -103,6 +91,17 @@ pub struct Explained {
     pub plan: String,
     /// Each member scan: dataset, members asked, SQL.
     pub subqueries: Vec<(String, Vec<String>, String)>,
+}
+
+/// Records every scan's asked and pruned members in a query's state.
+fn record_scans(plan: &dyn ExecutionPlan, state: &QueryState) {
+    let any: &dyn std::any::Any = plan;
+    if let Some(scan) = any.downcast_ref::<table::FederatedScanExec>() {
+        scan.record(state);
+    }
+    for child in plan.children() {
+        record_scans(child.as_ref(), state);
+    }
 }
 
 fn collect_scans(
@@ -129,7 +128,11 @@ pub struct Coordinator {
     tables: Vec<(String, Arc<FederatedTable>)>,
     /// Planning sessions with the pushdown rule and without it.
     sessions: [SessionState; 2],
-    plans: moka::future::Cache<PlanKey, Arc<LogicalPlan>>,
+    /// Physical plans by query, configuration, caller and options. A cached plan is
+    /// never run itself: each query runs a copy with fresh execution state
+    /// (`reset_plan_states`), and per-query data reaches the scans through the task
+    /// context, so queries sharing a plan share nothing at run time.
+    plans: moka::future::Cache<PlanKey, Arc<dyn ExecutionPlan>>,
 }
 
 /// A planning session over the canonical tables, with or without the pushdown rule.
@@ -243,8 +246,8 @@ impl Coordinator {
     }
 
     /// The planning session, with or without the pushdown rule. Built once per
-    /// coordinator and shared by every query; per-query state travels in
-    /// [`QUERY`] instead, so nothing is rebuilt per query.
+    /// coordinator and shared by every query; per-query state travels in the task
+    /// context instead, so nothing is rebuilt per query.
     fn session(&self, pushdown: bool) -> &SessionState {
         if pushdown {
             &self.sessions[0]
@@ -253,16 +256,17 @@ impl Coordinator {
         }
     }
 
-    /// Plans a caller's SQL into an optimized logical plan, from the plan cache when
-    /// the same normalized query was planned under the same configuration for the
-    /// same caller. Table names are checked against the canonical datasets first, so
-    /// an unknown name is reported with the names that exist.
+    /// Plans a caller's SQL into a physical plan, from the plan cache when the same
+    /// normalized query was planned under the same configuration for the same caller.
+    /// Table names are checked against the canonical datasets first, so an unknown
+    /// name is reported with the names that exist. A cached plan comes back as a copy
+    /// with fresh execution state.
     async fn plan(
         &self,
         origin: &Principal,
         sql: &str,
         opts: &QueryOptions,
-    ) -> Result<(Arc<LogicalPlan>, bool)> {
+    ) -> Result<(Arc<dyn ExecutionPlan>, bool)> {
         let state = self.session(opts.pushdown);
         let stmt = crate::member::parse_query(state, sql)?;
         // The key holds everything that changes the plan: the query as parsed (so
@@ -277,7 +281,8 @@ impl Coordinator {
         if opts.plan_cache
             && let Some(p) = self.plans.get(&key).await
         {
-            return Ok((p, true));
+            let fresh = reset_plan_states(p).map_err(Error::from_datafusion)?;
+            return Ok((fresh, true));
         }
         // A cached plan passed these checks when it was made.
         for r in state
@@ -301,28 +306,18 @@ impl Coordinator {
         {
             plan = whole;
         }
-        let plan = Arc::new(plan);
-        if opts.plan_cache {
-            self.plans.insert(key, plan.clone()).await;
-        }
-        Ok((plan, false))
-    }
-
-    /// The physical plan of an optimized logical plan (not optimized again).
-    async fn physical(
-        &self,
-        query: Arc<QueryState>,
-        plan: &LogicalPlan,
-        pushdown: bool,
-    ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
-        let state = self.session(pushdown);
-        QUERY
-            .scope(
-                query,
-                state.query_planner().create_physical_plan(plan, state),
-            )
+        let physical = state
+            .query_planner()
+            .create_physical_plan(&plan, state)
             .await
-            .map_err(Error::from_datafusion)
+            .map_err(Error::from_datafusion)?;
+        if opts.plan_cache {
+            self.plans.insert(key, physical.clone()).await;
+            // The cached instance is kept unexecuted; this query runs a copy.
+            let fresh = reset_plan_states(physical).map_err(Error::from_datafusion)?;
+            return Ok((fresh, false));
+        }
+        Ok((physical, false))
     }
 
     fn new_state(
@@ -413,12 +408,13 @@ impl Coordinator {
     ) -> Result<RunningQuery> {
         let state = self.new_state(uuid::Uuid::new_v4().to_string(), origin.clone(), &opts);
         let started = std::time::Instant::now();
-        let (plan, plan_cached) = self.plan(&origin, sql, &opts).await?;
-        let physical = self.physical(state.clone(), &plan, opts.pushdown).await?;
+        let (physical, plan_cached) = self.plan(&origin, sql, &opts).await?;
+        record_scans(physical.as_ref(), &state);
+        let session = self.session(opts.pushdown);
+        let config = session.config().clone().with_extension(state.clone());
+        let task =
+            Arc::new(datafusion::execution::TaskContext::from(session).with_session_config(config));
         let planning = started.elapsed();
-        let task = Arc::new(datafusion::execution::TaskContext::from(
-            self.session(opts.pushdown),
-        ));
         let stream = datafusion::physical_plan::execute_stream(physical, task)
             .map_err(Error::from_datafusion)?;
         Ok(RunningQuery {
@@ -433,9 +429,7 @@ impl Coordinator {
     /// The physical plan of `sql` as text, with the SQL each member would receive.
     pub async fn explain(&self, origin: Principal, sql: &str) -> Result<Explained> {
         let opts = QueryOptions::default();
-        let state = self.new_state("explain".into(), origin.clone(), &opts);
-        let (logical, _) = self.plan(&origin, sql, &opts).await?;
-        let plan = self.physical(state, &logical, opts.pushdown).await?;
+        let (plan, _) = self.plan(&origin, sql, &opts).await?;
         let mut subqueries = Vec::new();
         collect_scans(plan.as_ref(), &mut subqueries);
         Ok(Explained {

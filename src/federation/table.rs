@@ -237,44 +237,47 @@ impl FederatedTable {
         projection: Option<Vec<usize>>,
         whole: Option<(&str, &str)>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let qs = super::current_query()
-            .ok_or_else(|| DataFusionError::Internal("query state missing".into()))?;
         let label = whole
             .map(|(_, l)| l)
             .unwrap_or(&self.dataset.name)
             .to_string();
         let mut targets = Vec::new();
+        let mut pruned = Vec::new();
         for m in &self.servers {
             if let Some((only, _)) = whole
                 && m != only
             {
-                qs.pruned(m, &label);
+                pruned.push((m.clone(), label.clone()));
                 continue;
             }
             if excluded(state, filters, m)? {
-                qs.pruned(m, &self.dataset.name);
+                pruned.push((m.clone(), self.dataset.name.clone()));
                 continue;
             }
             let client =
                 self.clients.get(m).cloned().ok_or_else(|| {
                     DataFusionError::Internal(format!("no client for member {m}"))
                 })?;
-            qs.asked(m, &label);
             targets.push(client);
         }
         Ok(Arc::new(FederatedScanExec::new(
-            label, schema, sql, targets, qs, projection,
+            label, schema, sql, targets, pruned, projection,
         )))
     }
 }
 
 /// Scans one canonical dataset at several members, one partition per member.
+///
+/// The node holds nothing of a particular query: the query's [`QueryState`] comes
+/// with the task context at execution, so a planned node can be cached and run again
+/// for the next identical query.
 pub struct FederatedScanExec {
     dataset: String,
     schema: SchemaRef,
     sql: String,
     targets: Vec<MemberClient>,
-    state: Arc<QueryState>,
+    /// Members not asked (member, dataset label), for the summary.
+    pruned: Vec<(String, String)>,
     properties: Arc<PlanProperties>,
     /// Columns of the members' answers to keep (all when `None`).
     projection: Option<Vec<usize>>,
@@ -286,7 +289,7 @@ impl FederatedScanExec {
         schema: SchemaRef,
         sql: String,
         targets: Vec<MemberClient>,
-        state: Arc<QueryState>,
+        pruned: Vec<(String, String)>,
         projection: Option<Vec<usize>>,
     ) -> Self {
         let partitions = targets.len().max(1);
@@ -301,9 +304,19 @@ impl FederatedScanExec {
             schema,
             sql,
             targets,
-            state,
+            pruned,
             properties,
             projection,
+        }
+    }
+
+    /// Records in a query's state which members this scan asks and which it prunes.
+    pub fn record(&self, qs: &QueryState) {
+        for (m, d) in &self.pruned {
+            qs.pruned(m, d);
+        }
+        for t in &self.targets {
+            qs.asked(t.name(), &self.dataset);
         }
     }
 
@@ -379,8 +392,12 @@ impl ExecutionPlan for FederatedScanExec {
     fn execute(
         &self,
         partition: usize,
-        _ctx: Arc<TaskContext>,
+        ctx: Arc<TaskContext>,
     ) -> DfResult<SendableRecordBatchStream> {
+        let state = ctx
+            .session_config()
+            .get_extension::<QueryState>()
+            .ok_or_else(|| DataFusionError::Internal("query state missing".into()))?;
         let Some(target) = self.targets.get(partition).cloned() else {
             // No member to ask (all pruned): an empty partition.
             return Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -389,28 +406,28 @@ impl ExecutionPlan for FederatedScanExec {
             )));
         };
         let now = Instant::now();
-        let budget = self.state.member_deadline.saturating_duration_since(now);
+        let budget = state.member_deadline.saturating_duration_since(now);
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let note = Arc::new(crate::owner::Note::default());
         let q = SubQuery {
             sql: self.sql.clone(),
-            origin: self.state.origin.clone(),
-            query_id: self.state.query_id.clone(),
+            origin: state.origin.clone(),
+            query_id: state.query_id.clone(),
             budget,
-            path: vec![self.state.coordinator.uri()],
+            path: vec![state.coordinator.uri()],
             received: received.clone(),
-            purpose: self.state.purpose.clone(),
+            purpose: state.purpose.clone(),
             note: note.clone(),
         };
         let member = target.name().to_string();
-        tracing::debug!(query_id = %self.state.query_id, %member, dataset = %self.dataset, sql = %self.sql, "Member scan");
+        tracing::debug!(query_id = %state.query_id, %member, dataset = %self.dataset, sql = %self.sql, "Member scan");
         let connect = async move { target.run(q).await }.boxed();
         let stream = ScanStream {
             phase: Phase::Connecting(connect),
-            deadline: Box::pin(tokio::time::sleep_until(self.state.member_deadline.into())),
+            deadline: Box::pin(tokio::time::sleep_until(state.member_deadline.into())),
             member,
             dataset: self.dataset.clone(),
-            state: self.state.clone(),
+            state: state.clone(),
             schema: self.schema.clone(),
             projection: self.projection.clone(),
             received,
