@@ -19,7 +19,6 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::TableReference;
 use datafusion::execution::{SendableRecordBatchStream, SessionState};
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::prelude::SessionContext;
 
 use crate::audit::AuditLog;
@@ -64,7 +63,9 @@ impl Default for QueryOptions {
 /// What a cached plan depends on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PlanKey {
+    /// The query as parsed and printed, or (with `exact`) the text as received.
     sql: String,
+    exact: bool,
     version: String,
     scope: String,
     pushdown: bool,
@@ -93,15 +94,21 @@ pub struct Explained {
     pub subqueries: Vec<(String, Vec<String>, String)>,
 }
 
-/// Records every scan's asked and pruned members in a query's state.
-fn record_scans(plan: &dyn ExecutionPlan, state: &QueryState) {
-    let any: &dyn std::any::Any = plan;
-    if let Some(scan) = any.downcast_ref::<table::FederatedScanExec>() {
-        scan.record(state);
-    }
-    for child in plan.children() {
-        record_scans(child.as_ref(), state);
-    }
+/// A copy of a (cached) physical plan for one query: every node with fresh execution
+/// state (`reset_state`, as DataFusion does to run a plan again), every member scan
+/// bound to the query's state. The plan given is not changed.
+fn bind(plan: Arc<dyn ExecutionPlan>, state: &Arc<QueryState>) -> Result<Arc<dyn ExecutionPlan>> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    plan.transform_up(|node| {
+        let any: &dyn std::any::Any = node.as_ref();
+        if let Some(scan) = any.downcast_ref::<table::FederatedScanExec>() {
+            let bound: Arc<dyn ExecutionPlan> = Arc::new(scan.bind(state.clone()));
+            return Ok(Transformed::yes(bound));
+        }
+        Ok(Transformed::yes(node.reset_state()?))
+    })
+    .map(|t| t.data)
+    .map_err(Error::from_datafusion)
 }
 
 fn collect_scans(
@@ -128,11 +135,14 @@ pub struct Coordinator {
     tables: Vec<(String, Arc<FederatedTable>)>,
     /// Planning sessions with the pushdown rule and without it.
     sessions: [SessionState; 2],
-    /// Physical plans by query, configuration, caller and options. A cached plan is
-    /// never run itself: each query runs a copy with fresh execution state
-    /// (`reset_plan_states`), and per-query data reaches the scans through the task
-    /// context, so queries sharing a plan share nothing at run time.
+    /// Physical plans by query, configuration, caller and options. A plan is never
+    /// run itself: each query runs a copy with fresh execution state whose member
+    /// scans are bound to that query ([`bind`]), so queries sharing a plan share
+    /// nothing at run time.
     plans: moka::future::Cache<PlanKey, Arc<dyn ExecutionPlan>>,
+    /// Task contexts for running plans of each planning session, made once: they
+    /// hold no per-query data.
+    tasks: [Arc<datafusion::execution::TaskContext>; 2],
 }
 
 /// A planning session over the canonical tables, with or without the pushdown rule.
@@ -228,11 +238,16 @@ impl Coordinator {
             planning_session(&tables, true)?,
             planning_session(&tables, false)?,
         ];
+        let tasks = [
+            Arc::new(datafusion::execution::TaskContext::from(&sessions[0])),
+            Arc::new(datafusion::execution::TaskContext::from(&sessions[1])),
+        ];
         Ok(Coordinator {
             config,
             clients,
             tables,
             sessions,
+            tasks,
             plans: moka::future::Cache::builder()
                 .max_capacity(1024)
                 .time_to_idle(Duration::from_secs(3600))
@@ -268,21 +283,34 @@ impl Coordinator {
         opts: &QueryOptions,
     ) -> Result<(Arc<dyn ExecutionPlan>, bool)> {
         let state = self.session(opts.pushdown);
-        let stmt = crate::member::parse_query(state, sql)?;
-        // The key holds everything that changes the plan: the query as parsed (so
-        // spacing and letter case of keywords do not matter), the configuration, the
-        // caller (whose access scope the plan is made for) and the planner options.
-        let key = PlanKey {
-            sql: stmt.to_string(),
+        // The key holds everything that changes the plan: the query, the
+        // configuration, the caller (whose access scope the plan is made for) and the
+        // planner options. The text as received is looked up first, which spares
+        // parsing a query repeated verbatim; then the query as parsed and printed, so
+        // that spacing and letter case of keywords do not matter.
+        let exact = PlanKey {
+            sql: sql.to_string(),
+            exact: true,
             version: self.config.version.clone(),
             scope: origin.uri(),
             pushdown: opts.pushdown,
         };
         if opts.plan_cache
+            && let Some(p) = self.plans.get(&exact).await
+        {
+            return Ok((p, true));
+        }
+        let stmt = crate::member::parse_query(state, sql)?;
+        let key = PlanKey {
+            sql: stmt.to_string(),
+            exact: false,
+            ..exact.clone()
+        };
+        if opts.plan_cache
             && let Some(p) = self.plans.get(&key).await
         {
-            let fresh = reset_plan_states(p).map_err(Error::from_datafusion)?;
-            return Ok((fresh, true));
+            self.plans.insert(exact, p.clone()).await;
+            return Ok((p, true));
         }
         // A cached plan passed these checks when it was made.
         for r in state
@@ -313,9 +341,7 @@ impl Coordinator {
             .map_err(Error::from_datafusion)?;
         if opts.plan_cache {
             self.plans.insert(key, physical.clone()).await;
-            // The cached instance is kept unexecuted; this query runs a copy.
-            let fresh = reset_plan_states(physical).map_err(Error::from_datafusion)?;
-            return Ok((fresh, false));
+            self.plans.insert(exact, physical.clone()).await;
         }
         Ok((physical, false))
     }
@@ -409,12 +435,10 @@ impl Coordinator {
         let state = self.new_state(uuid::Uuid::new_v4().to_string(), origin.clone(), &opts);
         let started = std::time::Instant::now();
         let (physical, plan_cached) = self.plan(&origin, sql, &opts).await?;
-        record_scans(physical.as_ref(), &state);
-        let session = self.session(opts.pushdown);
-        let config = session.config().clone().with_extension(state.clone());
-        let task =
-            Arc::new(datafusion::execution::TaskContext::from(session).with_session_config(config));
+        // Plans (cached or not) are never run themselves, only bound copies.
+        let physical = bind(physical, &state)?;
         let planning = started.elapsed();
+        let task = self.tasks[usize::from(!opts.pushdown)].clone();
         let stream = datafusion::physical_plan::execute_stream(physical, task)
             .map_err(Error::from_datafusion)?;
         Ok(RunningQuery {

@@ -268,9 +268,9 @@ impl FederatedTable {
 
 /// Scans one canonical dataset at several members, one partition per member.
 ///
-/// The node holds nothing of a particular query: the query's [`QueryState`] comes
-/// with the task context at execution, so a planned node can be cached and run again
-/// for the next identical query.
+/// As planned (and cached), the node holds nothing of a particular query; each run
+/// uses a copy bound to that query's [`QueryState`] ([`FederatedScanExec::bind`]), so a
+/// plan can be cached and run again, also concurrently, for identical queries.
 pub struct FederatedScanExec {
     dataset: String,
     schema: SchemaRef,
@@ -278,6 +278,8 @@ pub struct FederatedScanExec {
     targets: Vec<MemberClient>,
     /// Members not asked (member, dataset label), for the summary.
     pruned: Vec<(String, String)>,
+    /// The query this copy runs for (`None` in a plan as planned).
+    state: Option<Arc<QueryState>>,
     properties: Arc<PlanProperties>,
     /// Columns of the members' answers to keep (all when `None`).
     projection: Option<Vec<usize>>,
@@ -305,18 +307,30 @@ impl FederatedScanExec {
             sql,
             targets,
             pruned,
+            state: None,
             properties,
             projection,
         }
     }
 
-    /// Records in a query's state which members this scan asks and which it prunes.
-    pub fn record(&self, qs: &QueryState) {
+    /// A copy that runs for query `qs`, after recording in it which members this
+    /// scan asks and which it prunes.
+    pub fn bind(&self, qs: Arc<QueryState>) -> FederatedScanExec {
         for (m, d) in &self.pruned {
             qs.pruned(m, d);
         }
         for t in &self.targets {
             qs.asked(t.name(), &self.dataset);
+        }
+        FederatedScanExec {
+            dataset: self.dataset.clone(),
+            schema: self.schema.clone(),
+            sql: self.sql.clone(),
+            targets: self.targets.clone(),
+            pruned: self.pruned.clone(),
+            state: Some(qs),
+            properties: self.properties.clone(),
+            projection: self.projection.clone(),
         }
     }
 
@@ -392,12 +406,11 @@ impl ExecutionPlan for FederatedScanExec {
     fn execute(
         &self,
         partition: usize,
-        ctx: Arc<TaskContext>,
+        _ctx: Arc<TaskContext>,
     ) -> DfResult<SendableRecordBatchStream> {
-        let state = ctx
-            .session_config()
-            .get_extension::<QueryState>()
-            .ok_or_else(|| DataFusionError::Internal("query state missing".into()))?;
+        let state = self.state.clone().ok_or_else(|| {
+            DataFusionError::Internal("a federated scan ran without being bound to a query".into())
+        })?;
         let Some(target) = self.targets.get(partition).cloned() else {
             // No member to ask (all pruned): an empty partition.
             return Ok(Box::pin(RecordBatchStreamAdapter::new(
