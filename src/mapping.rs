@@ -226,14 +226,20 @@ impl ScalarUDFImpl for CodeLookup {
         Ok(DataType::Utf8)
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let input = args.args[0].to_array(args.number_rows)?;
-        let input = as_string_array(&input)?;
-        let out: StringArray = input
-            .iter()
-            .map(|v| v.and_then(|s| lookup(&self.entries, s)))
-            .collect();
-        Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
+        map_text(args, |s| lookup(&self.entries, s).map(str::to_string))
     }
+}
+
+/// The body of a one-argument text function: `f` of every non-NULL value (NULL stays
+/// NULL, and so does a value `f` has no answer for).
+pub fn map_text(
+    args: ScalarFunctionArgs,
+    f: impl Fn(&str) -> Option<String>,
+) -> DfResult<ColumnarValue> {
+    let input = args.args[0].to_array(args.number_rows)?;
+    let input = as_string_array(&input)?;
+    let out: StringArray = input.iter().map(|v| v.and_then(&f)).collect();
+    Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
 }
 
 /// `fedgate_parse_date(text, format)`: the date, or NULL when the text does not parse.

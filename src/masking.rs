@@ -11,9 +11,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, StringArray};
 use datafusion::arrow::datatypes::DataType;
-use datafusion::common::cast::as_string_array;
 use datafusion::error::Result as DfResult;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
@@ -172,13 +170,7 @@ impl ScalarUDFImpl for MaskUdf {
         Ok(DataType::Utf8)
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let input = args.args[0].to_array(args.number_rows)?;
-        let input = as_string_array(&input)?;
-        let out: StringArray = input
-            .iter()
-            .map(|v| v.and_then(|s| self.mask.apply(s, &self.key)))
-            .collect();
-        Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
+        crate::mapping::map_text(args, |s| self.mask.apply(s, &self.key))
     }
 }
 

@@ -393,20 +393,6 @@ impl MemberEngine {
             plan_sha256,
         })
     }
-
-    /// The whole data-owner path: prepare, authorize, execute.
-    pub async fn serve(
-        &self,
-        via: &Principal,
-        origin: &Principal,
-        purpose: Option<&str>,
-        sql: &str,
-    ) -> Result<(Permit, Executed)> {
-        let prepared = self.prepare(sql).await?;
-        let permit = self.authorize(via, origin, purpose, &prepared)?;
-        let executed = self.execute(&permit, prepared).await?;
-        Ok((permit, executed))
-    }
 }
 
 /// Plans `sql` in the private context and registers it as view `name` in `public`.

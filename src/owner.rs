@@ -102,16 +102,15 @@ pub fn refuse(
     Ok(())
 }
 
-/// The audited answer to one sub-query.
-pub struct Answer {
-    /// The rows; the record is written when this stream ends or is dropped.
-    pub stream: SendableRecordBatchStream,
-    /// How the data is shared, and (once written) the record's hash.
-    pub note: Arc<Note>,
-}
-
 /// The whole data-owner path for one sub-query: prepare, authorize, execute, audit.
-pub async fn answer(engine: &MemberEngine, audit: &Arc<AuditLog>, ask: Ask<'_>) -> Result<Answer> {
+/// Returns the rows; the record is written when the stream ends or is dropped. `note`
+/// receives how the data is shared at once, and the record's hash once written.
+pub async fn answer(
+    engine: &MemberEngine,
+    audit: &Arc<AuditLog>,
+    ask: Ask<'_>,
+    note: Arc<Note>,
+) -> Result<SendableRecordBatchStream> {
     let prepared = match engine.prepare(ask.sql).await {
         Ok(p) => p,
         Err(e) => {
@@ -137,19 +136,15 @@ pub async fn answer(engine: &MemberEngine, audit: &Arc<AuditLog>, ask: Ask<'_>) 
     let mut record = entry(&ask, datasets, Some(&permit));
     // The plan hash covers the rewrite the grants imposed, not only the text received.
     record.sql_sha256 = executed.plan_sha256;
-    let note = Arc::new(Note::default());
     note.set_access(permit.describe());
     let schema = executed.stream.schema();
-    Ok(Answer {
-        stream: Box::pin(Audited {
-            inner: executed.stream,
-            schema,
-            record: Some(record),
-            audit: audit.clone(),
-            note: note.clone(),
-        }),
+    Ok(Box::pin(Audited {
+        inner: executed.stream,
+        schema,
+        record: Some(record),
+        audit: audit.clone(),
         note,
-    })
+    }))
 }
 
 /// A result stream that writes its audit record when it ends, fails or is dropped.

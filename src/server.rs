@@ -74,6 +74,7 @@ fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
 }
 
 /// The client-facing service.
+#[derive(Clone)]
 pub struct FederationService {
     coordinator: Arc<Coordinator>,
     admission: Arc<Semaphore>,
@@ -99,13 +100,7 @@ impl FederationService {
                     .iter()
                     .map(|m| MemberOutcome {
                         member: m.member.clone(),
-                        state: MemberState::try_from(m.state)
-                            .map(|s| {
-                                s.as_str_name()
-                                    .trim_start_matches("MEMBER_STATE_")
-                                    .to_ascii_lowercase()
-                            })
-                            .unwrap_or_default(),
+                        state: crate::client::state_word(m.state).to_string(),
                         rows: m.rows,
                         audit_hash: (!m.audit_hash.is_empty()).then(|| m.audit_hash.clone()),
                     })
@@ -192,11 +187,7 @@ impl Federation for FederationService {
             Ok(r) => r,
             Err(e) => return Err(refuse(e)),
         };
-        let service = FederationService {
-            coordinator: self.coordinator.clone(),
-            admission: self.admission.clone(),
-            audit: self.audit.clone(),
-        };
+        let service = self.clone();
         let state = running.state.clone();
         let plan_cached = running.plan_cached;
         let planning_us = running.planning.as_micros() as u64;
@@ -490,23 +481,23 @@ impl Peer for PeerService {
             query_id: &q.query_id,
             sql: &q.sql,
         };
-        let answer =
-            match tokio::time::timeout(budget, owner::answer(&engine, &self.audit, ask)).await {
-                Ok(Ok(a)) => a,
-                Ok(Err(e)) => {
-                    // Already recorded by `owner::answer`.
-                    tracing::warn!(query_id = %q.query_id, error = %e, "Sub-query refused");
-                    return Err(e.to_status());
-                }
-                Err(_) => return Err(refused(&origin, Error::DeadlineExceeded(budget))),
-            };
+        let note = Arc::new(owner::Note::default());
+        let answer = owner::answer(&engine, &self.audit, ask, note.clone());
+        let stream = match tokio::time::timeout(budget, answer).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                // Already recorded by `owner::answer`.
+                tracing::warn!(query_id = %q.query_id, error = %e, "Sub-query refused");
+                return Err(e.to_status());
+            }
+            Err(_) => return Err(refused(&origin, Error::DeadlineExceeded(budget))),
+        };
         let version = self.config.version.clone();
         let (tx, rx) =
             tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
         tokio::spawn(async move {
             let _permit = permit;
-            let note = answer.note;
-            let (chunks, rows) = counted_chunks(answer.stream);
+            let (chunks, rows) = counted_chunks(stream);
             tokio::pin!(chunks);
             let deadline = tokio::time::sleep(budget);
             tokio::pin!(deadline);

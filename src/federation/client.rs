@@ -1,6 +1,7 @@
 //! How the coordinator reaches a member: in process for itself, over mutual TLS with
-//! `Peer.Execute` for everyone else. Both paths end in [`MemberEngine::serve`] at the
-//! data owner, so the owner's policy applies whichever way the sub-query arrives.
+//! `Peer.Execute` for everyone else. Both paths end in [`crate::owner::answer`] at the
+//! data owner, so the owner's policy and audit apply whichever way the sub-query
+//! arrives.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -147,26 +148,12 @@ impl MemberClient {
                     query_id: &q.query_id,
                     sql: &q.sql,
                 };
-                let answer = owner::answer(engine, audit, ask)
+                let stream = owner::answer(engine, audit, ask, q.note.clone())
                     .await
                     .map_err(|e| member_error(name, e))?;
-                q.note.set_access(answer.note.access());
-                // The audit hash is known once the stream has ended; share the slot.
-                let note = q.note.clone();
-                let own = answer.note.clone();
                 let name = name.clone();
-                Ok(answer
-                    .stream
+                Ok(stream
                     .map_err(move |e| member_error(&name, Error::from_datafusion(e)))
-                    .chain(
-                        futures::stream::once(async move {
-                            if let Some(h) = own.audit_hash.get() {
-                                let _ = note.audit_hash.set(h.clone());
-                            }
-                            Ok(None)
-                        })
-                        .try_filter_map(|x: Option<RecordBatch>| async move { Ok(x) }),
-                    )
                     .boxed())
             }
             MemberClient::Remote {

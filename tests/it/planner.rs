@@ -180,14 +180,7 @@ async fn plans_are_reused_for_the_same_query_config_and_caller_only() {
     assert_eq!(rows(&first), rows(&again));
     assert_eq!(rows(&first).len(), 5);
     // Another caller gets its own plan (plans are made per access scope).
-    let certs = region.layout.dir.join("certs");
-    let as_hefei = fedgate::client::Client::connect(
-        &region.endpoint("suzhou"),
-        &region.layout.ca,
-        &certs.join("hefei.crt"),
-        &certs.join("hefei.key"),
-    )
-    .unwrap();
+    let as_hefei = region.client_as("hefei", "suzhou");
     let other = as_hefei.query(sql, false, None).await.unwrap();
     assert!(!other.summary.plan_cached);
     // A different query is planned anew.

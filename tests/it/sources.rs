@@ -79,17 +79,23 @@ async fn a_parquet_source_maps_like_a_csv_one() {
         .unwrap();
     let via = fedgate::identity::Principal::parse("fedgate://yrd/city/shanghai").unwrap();
     let origin = fedgate::identity::Principal::parse("fedgate://yrd/office/coordination").unwrap();
-    let (_, executed) = engine
-        .serve(
-            &via,
-            &origin,
-            None,
-            "SELECT county_code, pop_total, share_65_plus_pct FROM census ORDER BY county_code",
-        )
+    // The data owner's network path: authorized, run and on the record.
+    let audit =
+        Arc::new(fedgate::audit::AuditLog::open(&region.layout.dir.join("direct.log")).unwrap());
+    let ask = fedgate::owner::Ask {
+        via: &via,
+        origin: &origin,
+        purpose: None,
+        query_id: "t",
+        sql: "SELECT county_code, pop_total, share_65_plus_pct FROM census ORDER BY county_code",
+    };
+    let stream = fedgate::owner::answer(&engine, &audit, ask, Default::default())
         .await
         .unwrap();
-    let stream = executed.stream;
     let batches: Vec<RecordBatch> = futures::TryStreamExt::try_collect(stream).await.unwrap();
+    let log = fedgate::audit::verify(audit.path()).unwrap();
+    assert_eq!(log.records, 1, "the answer is on the record");
+    assert!(log.broken.is_none());
     assert_eq!(
         column_strings(&batches, "county_code"),
         vec!["330523", "330599"]
