@@ -33,6 +33,14 @@ pub const EXAMPLES: &[(&str, &str)] = &[
          FROM census GROUP BY member ORDER BY population DESC",
     ),
     (
+        "Pipelines in service under two districts, across departments and cities \
+         (Hangzhou: three departments' PostgreSQL databases; Suzhou: one CSV file)",
+        "SELECT member, county_code, department, count(*) AS sections, \
+         round(sum(length_m) / 1000, 1) AS km FROM underground_pipelines \
+         WHERE county_code IN ('330106', '320508') AND in_service \
+         GROUP BY member, county_code, department ORDER BY member, county_code, department",
+    ),
+    (
         "Only Hangzhou is asked (the filter on member prunes the others)",
         "SELECT county_name, pop_total FROM census WHERE member = 'hangzhou' \
          ORDER BY pop_total DESC LIMIT 3",
@@ -151,10 +159,23 @@ pub struct Materialized {
 
 /// Copies the templates in `src` to `dst`, giving each gateway the port `port(name,
 /// template_port)` on 127.0.0.1, and creates a CA with a certificate for every member.
+/// Members' databases keep their template address and get a random password: with no
+/// server there, the datasets they hold are reported unavailable.
 pub fn materialize(
     src: &Path,
     dst: &Path,
     port: &dyn Fn(&str, u16) -> u16,
+) -> Result<Materialized> {
+    materialize_with_database(src, dst, port, None)
+}
+
+/// Like [`materialize`], with the members' databases on the local server `db` (its
+/// port and password), loaded by [`load_databases`].
+pub fn materialize_with_database(
+    src: &Path,
+    dst: &Path,
+    port: &dyn Fn(&str, u16) -> u16,
+    db: Option<(u16, &str)>,
 ) -> Result<Materialized> {
     let io = |what: &str, p: &Path, e: std::io::Error| {
         Error::Config(format!("{what} {}: {e}", p.display()))
@@ -222,6 +243,22 @@ pub fn materialize(
                 write(&path, &secret)?;
             }
         }
+        for d in &mut m.databases {
+            if let Some((port, _)) = db {
+                d.port = Some(port);
+            }
+            if let Some(file) = &d.password_file {
+                let path = dst.join(file);
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
+                }
+                let password = match db {
+                    Some((_, pw)) => pw.to_string(),
+                    None => uuid::Uuid::new_v4().simple().to_string(),
+                };
+                write(&path, &password)?;
+            }
+        }
         let out = dst.join(p.file_name().unwrap_or_default());
         write(
             &out,
@@ -264,6 +301,81 @@ pub fn materialize(
         ca: ca_path,
         clients,
     })
+}
+
+/// Creates the sample region's databases on `pg` and loads them: every `schema.sql`
+/// under `data` holds sections headed `-- database: NAME`; each section's tables are
+/// created in that database and filled from the CSV file named after the table.
+pub async fn load_databases(pg: &crate::local_postgres::LocalPostgres, data: &Path) -> Result<()> {
+    let mut scripts = Vec::new();
+    find_files(data, "schema.sql", &mut scripts);
+    let admin = pg.connect("postgres").await?;
+    let fail = |what: String, e: tokio_postgres::Error| {
+        Error::Config(format!(
+            "{what}: {}",
+            e.as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or(e.to_string())
+        ))
+    };
+    for script in scripts {
+        let text = std::fs::read_to_string(&script)
+            .map_err(|e| Error::Config(format!("reading {}: {e}", script.display())))?;
+        let dir = script.parent().unwrap_or(data);
+        for section in text.split("-- database: ").skip(1) {
+            let (name, ddl) = section.split_once('\n').unwrap_or((section, ""));
+            let name = name.trim();
+            admin
+                .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+                .await
+                .map_err(|e| fail(format!("creating database {name}"), e))?;
+            let client = pg.connect(name).await?;
+            client
+                .batch_execute(ddl)
+                .await
+                .map_err(|e| fail(format!("{} ({name})", script.display()), e))?;
+            for stmt in ddl.split(';') {
+                let Some(rest) = stmt.split("CREATE TABLE").nth(1) else {
+                    continue;
+                };
+                let table = rest.split('(').next().unwrap_or("").trim();
+                let short = table.rsplit('.').next().unwrap_or(table);
+                let csv = dir.join(format!("{short}.csv"));
+                let bytes = std::fs::read(&csv)
+                    .map_err(|e| Error::Config(format!("reading {}: {e}", csv.display())))?;
+                let sink = client
+                    .copy_in(&format!(
+                        "COPY {table} FROM STDIN WITH (FORMAT csv, HEADER true)"
+                    ))
+                    .await
+                    .map_err(|e| fail(format!("loading {table}"), e))?;
+                futures::pin_mut!(sink);
+                use futures::SinkExt;
+                sink.send(bytes::Bytes::from(bytes))
+                    .await
+                    .map_err(|e| fail(format!("loading {table}"), e))?;
+                sink.finish()
+                    .await
+                    .map_err(|e| fail(format!("loading {table}"), e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn find_files(dir: &Path, name: &str, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            find_files(&p, name, out);
+        } else if p.file_name() == Some(name.as_ref()) {
+            out.push(p);
+        }
+    }
 }
 
 fn write(p: &Path, text: &str) -> Result<()> {

@@ -77,6 +77,19 @@ pub enum Error {
     #[error("tls: {0}")]
     Tls(String),
 
+    /// A database behind this member failed: down or unreachable (`unavailable`, a
+    /// retry may help), or refusing the gateway's login, missing a mapped table or
+    /// column, or failing a statement (a problem of the member's own configuration).
+    #[error("database {database}: {reason}")]
+    Database {
+        /// The database's name in the member file.
+        database: String,
+        /// Whether the database could not be reached at all.
+        unavailable: bool,
+        /// What the database or the connection said.
+        reason: String,
+    },
+
     /// A failure inside the gateway that the caller cannot fix.
     #[error("internal error: {0}")]
     Internal(String),
@@ -102,6 +115,13 @@ impl Error {
             Error::DeadlineExceeded(_) => Fault::Peer,
             Error::Overloaded(_) | Error::Internal(_) => Fault::Internal,
             Error::Config(_) | Error::Tls(_) => Fault::Config,
+            Error::Database { unavailable, .. } => {
+                if *unavailable {
+                    Fault::Peer
+                } else {
+                    Fault::Config
+                }
+            }
         }
     }
 
@@ -115,6 +135,7 @@ impl Error {
                 )
             }
             Error::DeadlineExceeded(_) | Error::Overloaded(_) => true,
+            Error::Database { unavailable, .. } => *unavailable,
             _ => false,
         }
     }
@@ -134,6 +155,10 @@ impl Error {
             },
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Overloaded(_) => Code::ResourceExhausted,
+            Error::Database {
+                unavailable: true, ..
+            } => Code::Unavailable,
+            Error::Database { .. } => Code::Internal,
             Error::Config(_) | Error::Tls(_) | Error::Internal(_) => Code::Internal,
         };
         tonic::Status::new(code, self.to_string())

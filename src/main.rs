@@ -253,6 +253,13 @@ async fn run(cmd: Command) -> Result<ExitCode> {
             for s in e.subqueries {
                 println!("{} -> [{}]:\n  {}", s.dataset, s.members.join(", "), s.sql);
             }
+            for s in e.database_statements {
+                if s.error.is_empty() {
+                    println!("{} -> database {}:\n  {}", s.member, s.database, s.sql);
+                } else {
+                    println!("{} could not explain: {}", s.member, s.error);
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Describe { conn, purpose } => {
@@ -556,6 +563,19 @@ fn audit_verify(file: &Path, head: Option<&Receipt>) -> Result<ExitCode> {
     }
 }
 
+/// Starts a local PostgreSQL server on a free loopback port and loads the sample
+/// region's databases into it.
+async fn start_demo_database(source: &Path) -> Result<fedgate::local_postgres::LocalPostgres> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let pg =
+        tokio::task::spawn_blocking(move || fedgate::local_postgres::LocalPostgres::start(port))
+            .await??;
+    fedgate::demo::load_databases(&pg, &source.join("data")).await?;
+    Ok(pg)
+}
+
 async fn demo(
     dir: Option<PathBuf>,
     once: bool,
@@ -606,7 +626,24 @@ async fn demo(
             (t.path().to_path_buf(), Some(t))
         }
     };
-    let region = fedgate::demo::materialize(source, &dir, &|name, _| ports[name])?;
+    // Hangzhou's pipelines live in three departments' PostgreSQL databases: start a
+    // throwaway server for them. Without one, that dataset is reported unavailable
+    // at Hangzhou and everything else still runs.
+    let pg = match start_demo_database(source).await {
+        Ok(pg) => Some(pg),
+        Err(e) => {
+            eprintln!(
+                "note: no PostgreSQL for Hangzhou's pipelines ({e}); they will be reported unavailable"
+            );
+            None
+        }
+    };
+    let region = fedgate::demo::materialize_with_database(
+        source,
+        &dir,
+        &|name, _| ports[name],
+        pg.as_ref().map(|p| (p.port, p.password.as_str())),
+    )?;
     let mut gateways = Vec::new();
     for (name, path, _) in &region.gateways {
         let cfg = MemberConfig::load(path).map_err(|p| anyhow!("invalid configuration:\n{p}"))?;

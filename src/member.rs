@@ -87,6 +87,23 @@ pub fn session_config() -> SessionConfig {
     cfg
 }
 
+/// A context of a member's engine.
+///
+/// Common-subexpression elimination is left out: it puts a projection of
+/// `__common_expr` columns under filters, a shape DataFusion's SQL unparser writes as a
+/// derived table whose columns the outer query then names by the wrong table. Member
+/// plans are small, so computing a repeated expression twice costs little.
+pub fn member_context() -> SessionContext {
+    let mut rules = datafusion::optimizer::Optimizer::new().rules;
+    rules.retain(|r| r.name() != "common_sub_expression_eliminate");
+    let state = datafusion::execution::SessionStateBuilder::new()
+        .with_config(session_config())
+        .with_default_features()
+        .with_optimizer_rules(rules)
+        .build();
+    SessionContext::new_with_state(state)
+}
+
 /// A parsed sub-query and the canonical datasets it reads.
 pub struct Prepared {
     statement: datafusion::sql::parser::Statement,
@@ -112,7 +129,12 @@ pub struct MemberEngine {
     public: SessionContext,
     private: SessionContext,
     /// The mapping view's SQL per served dataset.
-    views: BTreeMap<String, String>,
+    views: std::sync::RwLock<BTreeMap<String, String>>,
+    /// The member's databases.
+    databases: crate::source::Databases,
+    /// Datasets whose database tables could not be read yet, with the reason. They are
+    /// tried again when a query asks for them; the other datasets are served meanwhile.
+    pending: tokio::sync::Mutex<BTreeMap<String, Error>>,
     /// Contexts whose datasets are views under particular grants. The number of
     /// distinct keys is bounded by the rules and datasets, but the map is cleared if it
     /// ever grows past [`MAX_GRANT_CONTEXTS`], to bound memory whatever the callers do.
@@ -122,35 +144,125 @@ pub struct MemberEngine {
 const MAX_GRANT_CONTEXTS: usize = 256;
 
 impl MemberEngine {
-    /// Registers the sources and builds one view per served dataset.
+    /// Registers the sources and builds one view per served dataset. A file that
+    /// cannot be read is an error; a database that cannot be reached (or lacks a
+    /// table) only makes the datasets that read it unavailable until it can be.
     pub async fn build(config: Arc<MemberConfig>) -> Result<MemberEngine> {
-        let private = SessionContext::new_with_config(session_config());
-        crate::source::register_sources(&private, &config.sources).await?;
+        let private = member_context();
+        let mut databases = crate::source::Databases::new();
+        for db in &config.databases {
+            databases.insert(
+                db.name.clone(),
+                crate::source::postgres::PgDatabase::new(db)?,
+            );
+        }
+        for s in &config.sources {
+            if matches!(s.kind, crate::config::SourceKind::File { .. }) {
+                crate::source::register_file(&private, s).await?;
+            }
+        }
         mapping::register_functions(&private, &config.code_tables);
         crate::masking::register(&private, config.hmac_key.clone());
-        let public = SessionContext::new_with_config(session_config());
-        let mut views = BTreeMap::new();
-        for ds in &config.member.serves {
-            let dataset = config
-                .region
-                .dataset(ds)
-                .ok_or_else(|| Error::Config(format!("unknown dataset {ds}")))?;
-            let maps: Vec<_> = config
-                .mappings
-                .iter()
-                .filter(|m| &m.dataset == ds)
-                .collect();
-            let sql = mapping::view_sql(dataset, &maps, &config.member.name);
-            register_view(&private, &public, ds, &sql).await?;
-            views.insert(ds.clone(), sql);
-        }
-        Ok(MemberEngine {
-            config,
-            public,
+        let mut engine = MemberEngine {
+            public: member_context(),
             private,
-            views,
+            views: std::sync::RwLock::new(BTreeMap::new()),
+            databases,
+            pending: tokio::sync::Mutex::new(BTreeMap::new()),
             granted: Mutex::new(HashMap::new()),
+            config,
+        };
+        for ds in engine.config.member.serves.clone() {
+            if let Err(e) = engine.build_dataset(&ds).await {
+                match e {
+                    Error::Database { .. } => {
+                        tracing::warn!(dataset = %ds, error = %e, "Dataset unavailable until its database answers");
+                        engine.pending.get_mut().insert(ds, e);
+                    }
+                    e => return Err(e),
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Registers the database tables `ds` reads and its view.
+    async fn build_dataset(&self, ds: &str) -> Result<()> {
+        let config = &self.config;
+        let dataset = config
+            .region
+            .dataset(ds)
+            .ok_or_else(|| Error::Config(format!("unknown dataset {ds}")))?;
+        let maps: Vec<_> = config.mappings.iter().filter(|m| m.dataset == ds).collect();
+        for m in &maps {
+            let Some(source) = config.sources.iter().find(|s| s.name == m.source) else {
+                continue;
+            };
+            let registered = self
+                .private
+                .table_exist(quote_ident(&source.name))
+                .unwrap_or(false);
+            if !registered {
+                crate::source::register_table(&self.private, source, &self.databases).await?;
+            }
+        }
+        let sql = mapping::view_sql(dataset, &maps, &config.member.name);
+        match register_view(&self.private, &self.public, ds, &sql).await {
+            Ok(()) => {}
+            // A mapped column missing from a database table is the database's news, not
+            // a broken file: report it as such.
+            Err(e) if maps.iter().any(|m| self.is_database_source(&m.source)) => {
+                return Err(Error::Database {
+                    database: maps
+                        .iter()
+                        .filter_map(|m| self.database_of(&m.source))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    unavailable: false,
+                    reason: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+        self.views
+            .write()
+            .expect("views")
+            .insert(ds.to_string(), sql);
+        Ok(())
+    }
+
+    fn database_of(&self, source: &str) -> Option<String> {
+        self.config.sources.iter().find_map(|s| match &s.kind {
+            crate::config::SourceKind::Postgres { database, .. } if s.name == source => {
+                Some(database.clone())
+            }
+            _ => None,
         })
+    }
+
+    fn is_database_source(&self, source: &str) -> bool {
+        self.database_of(source).is_some()
+    }
+
+    /// Tries again the datasets of `datasets` that were unavailable.
+    async fn ensure_available(&self, datasets: &BTreeSet<String>) -> Result<()> {
+        let mut pending = self.pending.lock().await;
+        for ds in datasets {
+            if !pending.contains_key(ds) {
+                continue;
+            }
+            match self.build_dataset(ds).await {
+                Ok(()) => {
+                    tracing::info!(dataset = %ds, "Dataset available again");
+                    pending.remove(ds);
+                }
+                Err(e) => {
+                    pending.insert(ds.clone(), e.clone());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The configuration this engine was built from.
@@ -197,6 +309,7 @@ impl MemberEngine {
             }
             datasets.insert(name);
         }
+        self.ensure_available(&datasets).await?;
         Ok(Prepared {
             statement,
             datasets,
@@ -345,12 +458,13 @@ impl MemberEngine {
         if let Some(ctx) = self.granted.lock().expect("grant contexts").get(&key) {
             return Ok(ctx.clone());
         }
-        let ctx = SessionContext::new_with_config(session_config());
+        let ctx = member_context();
         for (d, g) in permit.grants() {
-            let (Some(base), Some(ds)) = (self.views.get(d), self.config.region.dataset(d)) else {
+            let base = self.views.read().expect("views").get(d).cloned();
+            let (Some(base), Some(ds)) = (base, self.config.region.dataset(d)) else {
                 return Err(Error::Internal(format!("no view for dataset {d}")));
             };
-            let sql = granted_view_sql(ds, base, g);
+            let sql = granted_view_sql(ds, &base, g);
             register_view(&self.private, &ctx, d, &sql).await?;
         }
         let mut map = self.granted.lock().expect("grant contexts");
@@ -365,6 +479,38 @@ impl MemberEngine {
     /// that apply the permit's grants, checks and rewrites it for `aggregate` and
     /// `verify` grants ([`crate::guard`]), and starts it.
     pub async fn execute(&self, permit: &Permit, p: Prepared) -> Result<Executed> {
+        let (ctx, plan, plan_sha256) = self.plan_under(permit, p).await?;
+        tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
+        let physical = physical_plan(&ctx, &plan).await?;
+        let stream = datafusion::physical_plan::execute_stream(physical, ctx.task_ctx())
+            .map_err(Error::from_datafusion)?;
+        Ok(Executed {
+            stream,
+            plan_sha256,
+        })
+    }
+
+    /// The statements a prepared sub-query would send to this member's databases
+    /// under `permit`, as (database, SQL) pairs, without running it.
+    pub async fn database_queries(
+        &self,
+        permit: &Permit,
+        p: Prepared,
+    ) -> Result<Vec<(String, String)>> {
+        let (ctx, plan, _) = self.plan_under(permit, p).await?;
+        let physical = physical_plan(&ctx, &plan).await?;
+        let mut out = Vec::new();
+        collect_database_queries(physical.as_ref(), &mut out);
+        Ok(out)
+    }
+
+    /// Plans a sub-query among the views of its permit and checks it: the context,
+    /// the guarded logical plan and the plan's hash for the audit record.
+    async fn plan_under(
+        &self,
+        permit: &Permit,
+        p: Prepared,
+    ) -> Result<(SessionContext, LogicalPlan, String)> {
         if !p.datasets.is_subset(&permit.datasets()) {
             return Err(Error::Internal(
                 "permit does not cover the query's datasets".into(),
@@ -382,16 +528,37 @@ impl MemberEngine {
             h.update(plan.display_indent().to_string().as_bytes());
             hex::encode(h.finalize())
         };
-        tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
-        let df = ctx
-            .execute_logical_plan(plan)
-            .await
-            .map_err(Error::from_datafusion)?;
-        let stream = df.execute_stream().await.map_err(Error::from_datafusion)?;
-        Ok(Executed {
-            stream,
-            plan_sha256,
-        })
+        Ok((ctx, plan, plan_sha256))
+    }
+}
+
+/// Optimizes a checked plan, moves what it can into the member's databases
+/// ([`crate::source::pushdown`]) and plans its execution.
+async fn physical_plan(
+    ctx: &SessionContext,
+    plan: &LogicalPlan,
+) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+    let state = ctx.state();
+    let optimized = state.optimize(plan).map_err(Error::from_datafusion)?;
+    let pushed =
+        crate::source::pushdown::push_into_databases(optimized).map_err(Error::from_datafusion)?;
+    state
+        .query_planner()
+        .create_physical_plan(&pushed, &state)
+        .await
+        .map_err(Error::from_datafusion)
+}
+
+fn collect_database_queries(
+    plan: &dyn datafusion::physical_plan::ExecutionPlan,
+    out: &mut Vec<(String, String)>,
+) {
+    let any: &dyn std::any::Any = plan;
+    if let Some(e) = any.downcast_ref::<crate::source::postgres::PgExec>() {
+        out.push((e.database().to_string(), e.sql().to_string()));
+    }
+    for child in plan.children() {
+        collect_database_queries(child.as_ref(), out);
     }
 }
 

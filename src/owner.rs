@@ -63,6 +63,14 @@ impl Note {
     }
 }
 
+/// The statements a sub-query would send to the owner's databases, as (database,
+/// SQL), decided by the same access rules as [`answer`]; nothing is read.
+pub async fn explain(engine: &MemberEngine, ask: &Ask<'_>) -> Result<Vec<(String, String)>> {
+    let prepared = engine.prepare(ask.sql).await?;
+    let permit = engine.authorize(ask.via, ask.origin, ask.purpose, &prepared)?;
+    engine.database_queries(&permit, prepared).await
+}
+
 fn entry(ask: &Ask, datasets: Vec<String>, permit: Option<&Permit>) -> AuditEntry {
     AuditEntry {
         kind: EntryKind::SubQuery,

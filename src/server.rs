@@ -286,6 +286,27 @@ impl Federation for FederationService {
                     sql,
                 })
                 .collect(),
+            database_statements: e
+                .database_statements
+                .into_iter()
+                .flat_map(|(member, r)| match r {
+                    Ok(list) => list
+                        .into_iter()
+                        .map(|(database, sql)| DatabaseStatement {
+                            member: member.clone(),
+                            database,
+                            sql,
+                            error: String::new(),
+                        })
+                        .collect::<Vec<_>>(),
+                    Err(e) => vec![DatabaseStatement {
+                        member,
+                        database: String::new(),
+                        sql: String::new(),
+                        error: e.to_string(),
+                    }],
+                })
+                .collect(),
         }))
     }
 
@@ -534,6 +555,41 @@ impl Peer for PeerService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn explain(
+        &self,
+        req: Request<ExecuteRequest>,
+    ) -> std::result::Result<Response<PeerExplainResponse>, Status> {
+        let via = caller(&req)?;
+        let q = req.into_inner();
+        let engine = self.engine.clone().ok_or_else(|| {
+            Error::InvalidQuery(format!(
+                "member {} serves no datasets",
+                self.config.member.name
+            ))
+            .to_status()
+        })?;
+        let origin = self.admit(&via, &q).map_err(|e| e.to_status())?;
+        let ask = owner::Ask {
+            via: &via,
+            origin: &origin,
+            purpose: (!q.purpose.is_empty()).then_some(q.purpose.as_str()),
+            query_id: &q.query_id,
+            sql: &q.sql,
+        };
+        let statements = owner::explain(&engine, &ask)
+            .await
+            .map_err(|e| e.to_status())?
+            .into_iter()
+            .map(|(database, sql)| DatabaseStatement {
+                member: self.config.member.name.clone(),
+                database,
+                sql,
+                error: String::new(),
+            })
+            .collect();
+        Ok(Response::new(PeerExplainResponse { statements }))
     }
 
     async fn catalog(

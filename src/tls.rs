@@ -124,6 +124,38 @@ impl TlsMaterial {
     }
 }
 
+/// The TLS client settings of a gateway's connections to a database: the server's
+/// certificate must chain to `ca` (without one, no TLS connection can succeed, which is
+/// what a database with TLS disabled needs), with a client certificate when given.
+pub fn database_client_config(
+    ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    if let Some(ca) = ca {
+        for c in load_certs(ca)? {
+            roots
+                .add(c)
+                .map_err(|e| Error::Tls(format!("{}: {e}", ca.display())))?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = load_certs(cert)?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| Error::Tls(format!("{}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| Error::Tls(format!("database client certificate and key: {e}")))
+        }
+    }
+}
+
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?

@@ -405,12 +405,31 @@ impl Default for Limits {
 pub struct Source {
     /// Name used by mappings.
     pub name: String,
-    /// File format.
-    pub format: SourceFormat,
-    /// Absolute or config-relative resolved path.
-    pub path: PathBuf,
-    /// CSV delimiter.
-    pub delimiter: u8,
+    /// Where its rows come from.
+    pub kind: SourceKind,
+}
+
+/// Where a source's rows come from.
+#[derive(Debug, Clone)]
+pub enum SourceKind {
+    /// A file read by the gateway.
+    File {
+        /// File format.
+        format: SourceFormat,
+        /// Absolute or config-relative resolved path.
+        path: PathBuf,
+        /// CSV delimiter.
+        delimiter: u8,
+    },
+    /// A table in one of the member's databases.
+    Postgres {
+        /// The database's name in `[[databases]]`.
+        database: String,
+        /// Schema on the server.
+        schema: String,
+        /// Table (or view) on the server.
+        table: String,
+    },
 }
 
 /// Supported local file formats.
@@ -420,6 +439,64 @@ pub enum SourceFormat {
     Csv,
     /// Apache Parquet; column types are the file's.
     Parquet,
+}
+
+/// A PostgreSQL-compatible database.
+#[derive(Debug, Clone)]
+pub struct Database {
+    /// Name used by sources.
+    pub name: String,
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Database name on the server.
+    pub dbname: String,
+    /// User.
+    pub user: String,
+    /// Password, when the server asks for one.
+    pub password: Secret,
+    /// Transport security.
+    pub tls: DatabaseTls,
+    /// Most connections held open.
+    pub pool_size: usize,
+    /// How long to wait for a connection.
+    pub connect_timeout: Duration,
+}
+
+/// How a gateway secures its connections to a database.
+#[derive(Debug, Clone)]
+pub enum DatabaseTls {
+    /// Plain TCP (a database on loopback or a trusted network).
+    Disable,
+    /// TLS; the server's certificate must chain to `ca` and name the host.
+    VerifyFull {
+        /// CA bundle.
+        ca: PathBuf,
+        /// Client certificate and key, when the server asks for one.
+        client: Option<(PathBuf, PathBuf)>,
+    },
+}
+
+/// A secret that never appears in logs or debug output.
+#[derive(Clone, Default)]
+pub struct Secret(Option<String>);
+
+impl Secret {
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "<secret>"
+        } else {
+            "<none>"
+        })
+    }
 }
 
 /// A code table.
@@ -474,6 +551,8 @@ pub struct MemberConfig {
     pub key_path: PathBuf,
     /// Limits.
     pub limits: Limits,
+    /// Databases that sources read.
+    pub databases: Vec<Database>,
     /// Local sources.
     pub sources: Vec<Source>,
     /// Code tables.
@@ -561,6 +640,7 @@ impl MemberConfig {
         }
         let limits = validate_limits(path, &raw.limits, pr);
 
+        let databases = validate_databases(path, &raw.databases, pr);
         let mut sources = Vec::new();
         let mut source_names = BTreeSet::new();
         for (i, s) in raw.sources.iter().enumerate() {
@@ -579,44 +659,12 @@ impl MemberConfig {
                     format!("source {:?} is declared twice", s.name),
                 );
             }
-            let format = match s.format.as_str() {
-                "csv" => SourceFormat::Csv,
-                "parquet" => SourceFormat::Parquet,
-                other => {
-                    pr.add(
-                        path,
-                        format!("{key}.format"),
-                        format!("unknown format {other:?}; use csv or parquet"),
-                    );
-                    continue;
-                }
-            };
-            let delimiter = match s.delimiter.as_deref() {
-                None => b',',
-                Some(d) if d.len() == 1 => d.as_bytes()[0],
-                Some(d) => {
-                    pr.add(
-                        path,
-                        format!("{key}.delimiter"),
-                        format!("{d:?} must be one ASCII character"),
-                    );
-                    b','
-                }
-            };
-            let p = resolve(path, &s.path);
-            if !p.is_file() {
-                pr.add(
-                    path,
-                    format!("{key}.path"),
-                    format!("{} does not exist", p.display()),
-                );
+            if let Some(kind) = validate_source_kind(path, &key, s, &databases, pr) {
+                sources.push(Source {
+                    name: s.name.clone(),
+                    kind,
+                });
             }
-            sources.push(Source {
-                name: s.name.clone(),
-                format,
-                path: p,
-                delimiter,
-            });
         }
 
         let mut code_tables = Vec::new();
@@ -752,6 +800,7 @@ impl MemberConfig {
             cert_path,
             key_path,
             limits,
+            databases,
             sources,
             code_tables,
             mappings,
@@ -962,6 +1011,285 @@ fn validate_access(
         });
     }
     access
+}
+
+/// Where a source's rows come from, with every mistake in its keys reported.
+fn validate_source_kind(
+    path: &Path,
+    key: &str,
+    s: &RawSource,
+    databases: &[Database],
+    pr: &mut Problems,
+) -> Option<SourceKind> {
+    let misplaced = |pr: &mut Problems, k: &str, why: &str| {
+        pr.add(path, format!("{key}.{k}"), why.to_string());
+    };
+    match s.format.as_str() {
+        "csv" | "parquet" => {
+            let format = if s.format == "csv" {
+                SourceFormat::Csv
+            } else {
+                SourceFormat::Parquet
+            };
+            if s.database.is_some() {
+                misplaced(pr, "database", "only postgres sources have a database");
+            }
+            if s.table.is_some() {
+                misplaced(pr, "table", "only postgres sources have a table");
+            }
+            let delimiter = match s.delimiter.as_deref() {
+                None => b',',
+                Some(d) if d.len() == 1 && format == SourceFormat::Csv => d.as_bytes()[0],
+                Some(_) if format != SourceFormat::Csv => {
+                    misplaced(pr, "delimiter", "only csv sources have a delimiter");
+                    b','
+                }
+                Some(d) => {
+                    pr.add(
+                        path,
+                        format!("{key}.delimiter"),
+                        format!("{d:?} must be one ASCII character"),
+                    );
+                    b','
+                }
+            };
+            let Some(p) = &s.path else {
+                misplaced(pr, "path", "a file source needs a path");
+                return None;
+            };
+            let p = resolve(path, p);
+            if !p.is_file() {
+                pr.add(
+                    path,
+                    format!("{key}.path"),
+                    format!("{} does not exist", p.display()),
+                );
+            }
+            Some(SourceKind::File {
+                format,
+                path: p,
+                delimiter,
+            })
+        }
+        "postgres" => {
+            for (k, set) in [
+                ("path", s.path.is_some()),
+                ("delimiter", s.delimiter.is_some()),
+            ] {
+                if set {
+                    misplaced(pr, k, "a postgres source reads a table, not a file");
+                }
+            }
+            let Some(db) = &s.database else {
+                misplaced(
+                    pr,
+                    "database",
+                    "a postgres source needs database = NAME of a [[databases]] entry",
+                );
+                return None;
+            };
+            if !databases.iter().any(|d| &d.name == db) {
+                let known: Vec<&str> = databases.iter().map(|d| d.name.as_str()).collect();
+                pr.add(
+                    path,
+                    format!("{key}.database"),
+                    format!("no database named {db:?} (declared: {known:?})"),
+                );
+            }
+            let Some(table) = &s.table else {
+                misplaced(
+                    pr,
+                    "table",
+                    "a postgres source needs table = \"schema.table\"",
+                );
+                return None;
+            };
+            let (schema, table) = match table.split_once('.') {
+                Some((s, t)) => (s.to_string(), t.to_string()),
+                None => ("public".to_string(), table.clone()),
+            };
+            if schema.is_empty() || table.is_empty() || table.contains('.') {
+                pr.add(
+                    path,
+                    format!("{key}.table"),
+                    format!(
+                        "{:?} is not table or schema.table",
+                        s.table.as_deref().unwrap_or("")
+                    ),
+                );
+                return None;
+            }
+            Some(SourceKind::Postgres {
+                database: db.clone(),
+                schema,
+                table,
+            })
+        }
+        other => {
+            pr.add(
+                path,
+                format!("{key}.format"),
+                format!("unknown format {other:?}; use csv, parquet or postgres"),
+            );
+            None
+        }
+    }
+}
+
+/// Validates the `[[databases]]` entries; passwords are read here, once.
+fn validate_databases(path: &Path, raw: &[RawDatabase], pr: &mut Problems) -> Vec<Database> {
+    let mut out: Vec<Database> = Vec::new();
+    for (i, d) in raw.iter().enumerate() {
+        let key = format!("databases[{i}]");
+        if !valid_name(&d.name) {
+            pr.add(
+                path,
+                format!("{key}.name"),
+                format!("{:?} is not a valid name", d.name),
+            );
+        }
+        if out.iter().any(|o| o.name == d.name) {
+            pr.add(
+                path,
+                format!("{key}.name"),
+                format!("database {:?} is declared twice", d.name),
+            );
+        }
+        let password = match (&d.password_file, &d.password_env) {
+            (Some(_), Some(_)) => {
+                pr.add(
+                    path,
+                    format!("{key}.password_file"),
+                    "set password_file or password_env, not both",
+                );
+                Secret(None)
+            }
+            (Some(f), None) => {
+                let file = resolve(path, f);
+                match std::fs::read_to_string(&file) {
+                    Ok(t) => Secret(Some(t.trim_end_matches(['\r', '\n']).to_string())),
+                    Err(e) => {
+                        pr.add(
+                            path,
+                            format!("{key}.password_file"),
+                            format!("reading {}: {e}", file.display()),
+                        );
+                        Secret(None)
+                    }
+                }
+            }
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) => Secret(Some(v)),
+                Err(_) => {
+                    pr.add(
+                        path,
+                        format!("{key}.password_env"),
+                        format!("environment variable {var} is not set"),
+                    );
+                    Secret(None)
+                }
+            },
+            (None, None) => Secret(None),
+        };
+        let file = |k: &str, p: &Option<PathBuf>, pr: &mut Problems| -> Option<PathBuf> {
+            let p = resolve(path, p.as_ref()?);
+            if !p.is_file() {
+                pr.add(
+                    path,
+                    format!("{key}.{k}"),
+                    format!("{} does not exist", p.display()),
+                );
+            }
+            Some(p)
+        };
+        let ca = file("ca", &d.ca, pr);
+        let cert = file("cert", &d.cert, pr);
+        let client_key = file("key", &d.key, pr);
+        let tls = match d.tls.as_deref().unwrap_or("disable") {
+            "disable" => {
+                for (k, set) in [
+                    ("ca", ca.is_some()),
+                    ("cert", cert.is_some()),
+                    ("key", client_key.is_some()),
+                ] {
+                    if set {
+                        pr.add(
+                            path,
+                            format!("{key}.{k}"),
+                            "only used with tls = \"verify-full\"",
+                        );
+                    }
+                }
+                DatabaseTls::Disable
+            }
+            "verify-full" => {
+                let client = match (cert, client_key) {
+                    (Some(c), Some(k)) => Some((c, k)),
+                    (None, None) => None,
+                    _ => {
+                        pr.add(
+                            path,
+                            format!("{key}.cert"),
+                            "a client certificate needs both cert and key",
+                        );
+                        None
+                    }
+                };
+                match ca {
+                    Some(ca) => DatabaseTls::VerifyFull { ca, client },
+                    None => {
+                        pr.add(
+                            path,
+                            format!("{key}.ca"),
+                            "tls = \"verify-full\" needs ca = FILE with the CA that signed the server's certificate",
+                        );
+                        DatabaseTls::Disable
+                    }
+                }
+            }
+            other => {
+                pr.add(
+                    path,
+                    format!("{key}.tls"),
+                    format!("unknown tls mode {other:?}; use disable or verify-full"),
+                );
+                DatabaseTls::Disable
+            }
+        };
+        let pool_size = d.pool_size.unwrap_or(8);
+        if pool_size == 0 {
+            pr.add(path, format!("{key}.pool_size"), "must be at least 1");
+        }
+        let connect_timeout = match d.connect_timeout.as_deref() {
+            None => Duration::from_secs(5),
+            Some(t) => match humantime::parse_duration(t) {
+                Ok(d) if !d.is_zero() => d,
+                _ => {
+                    pr.add(
+                        path,
+                        format!("{key}.connect_timeout"),
+                        format!("{t:?} is not a duration such as \"5s\""),
+                    );
+                    Duration::from_secs(5)
+                }
+            },
+        };
+        if d.host.is_empty() {
+            pr.add(path, format!("{key}.host"), "must not be empty");
+        }
+        out.push(Database {
+            name: d.name.clone(),
+            host: d.host.clone(),
+            port: d.port.unwrap_or(5432),
+            dbname: d.dbname.clone(),
+            user: d.user.clone(),
+            password,
+            tls,
+            pool_size: pool_size.max(1),
+            connect_timeout,
+        });
+    }
+    out
 }
 
 /// Reads the `hmac` masks' key when a rule uses one.

@@ -90,6 +90,9 @@ pub struct RawMemberConfig {
     /// Limits.
     #[serde(default)]
     pub limits: RawLimits,
+    /// Databases (PostgreSQL or a database speaking its protocol) that sources read.
+    #[serde(default)]
+    pub databases: Vec<RawDatabase>,
     /// Local data sources.
     #[serde(default)]
     pub sources: Vec<RawSource>,
@@ -134,19 +137,68 @@ pub struct RawLimits {
     pub max_hops: Option<u32>,
 }
 
-/// A local data source.
+/// A local data source: a file, or a table in one of the member's databases.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
     /// Name used by mappings.
     pub name: String,
-    /// `csv` or `parquet`.
+    /// `csv`, `parquet` or `postgres`.
     pub format: String,
-    /// File path (relative to the member file).
-    pub path: PathBuf,
+    /// File path (relative to the member file), for files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
     /// CSV field delimiter, one character; default `,`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delimiter: Option<String>,
+    /// The database (a `[[databases]]` name), for `postgres`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// The table, `schema.table` or `table` (schema `public`), for `postgres`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+}
+
+/// A PostgreSQL-compatible database that sources read.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    /// Name used by sources.
+    pub name: String,
+    /// Host name or IP address.
+    pub host: String,
+    /// Port; default 5432.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Database name on the server.
+    pub dbname: String,
+    /// User to connect as.
+    pub user: String,
+    /// File holding the password (relative to the member file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password instead of a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// `disable` (default) or `verify-full` (TLS, server certificate checked against
+    /// `ca` and the host name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    /// CA bundle (PEM) that signed the server's certificate, for `verify-full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), when the server asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// Most connections held open; default 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<usize>,
+    /// How long to wait for a connection, e.g. `"5s"`; default 5s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
 }
 
 /// A code table: local names to canonical codes.

@@ -132,6 +132,55 @@ impl MemberClient {
         }
     }
 
+    /// The statements a sub-query would send to the member's databases, as
+    /// (database, SQL).
+    pub async fn explain(&self, q: SubQuery) -> Result<Vec<(String, String)>> {
+        match self {
+            MemberClient::Local {
+                name, engine, me, ..
+            } => {
+                let ask = owner::Ask {
+                    via: me,
+                    origin: &q.origin,
+                    purpose: q.purpose.as_deref(),
+                    query_id: &q.query_id,
+                    sql: &q.sql,
+                };
+                owner::explain(engine, &ask)
+                    .await
+                    .map_err(|e| member_error(name, e))
+            }
+            MemberClient::Remote {
+                name,
+                endpoint,
+                client,
+            } => {
+                let budget = q.budget;
+                let mut req = tonic::Request::new(ExecuteRequest {
+                    sql: q.sql,
+                    origin: q.origin.uri(),
+                    hops: q.path.len() as u32,
+                    path: q.path,
+                    budget_ms: q.budget.as_millis() as u64,
+                    query_id: q.query_id,
+                    purpose: q.purpose.unwrap_or_default(),
+                });
+                req.set_timeout(budget);
+                let response = client
+                    .clone()
+                    .explain(req)
+                    .await
+                    .map_err(|s| status_error(name, endpoint, budget, s))?;
+                Ok(response
+                    .into_inner()
+                    .statements
+                    .into_iter()
+                    .map(|s| (s.database, s.sql))
+                    .collect())
+            }
+        }
+    }
+
     /// Sends a sub-query and returns the member's batches.
     pub async fn run(&self, q: SubQuery) -> Result<MemberStream> {
         match self {

@@ -92,7 +92,13 @@ pub struct Explained {
     pub plan: String,
     /// Each member scan: dataset, members asked, SQL.
     pub subqueries: Vec<(String, Vec<String>, String)>,
+    /// What each member would send to its databases: member, then (database, SQL)
+    /// pairs or why the member could not say.
+    pub database_statements: Vec<(String, Result<Vec<DatabaseStatement>>)>,
 }
+
+/// A statement a member sends to one of its databases: (database, SQL).
+pub type DatabaseStatement = (String, String);
 
 /// A copy of a (cached) physical plan for one query: every node with fresh execution
 /// state (`reset_state`, as DataFusion does to run a plan again), every member scan
@@ -456,11 +462,30 @@ impl Coordinator {
         let (plan, _) = self.plan(&origin, sql, &opts).await?;
         let mut subqueries = Vec::new();
         collect_scans(plan.as_ref(), &mut subqueries);
+        // Each member explains its own sub-queries under its own rules, in parallel.
+        let asks = subqueries.iter().flat_map(|(_, members, sql)| {
+            members.iter().filter_map(|m| {
+                let client = self.clients.get(m)?;
+                let q = client::SubQuery {
+                    sql: sql.clone(),
+                    origin: origin.clone(),
+                    query_id: format!("explain-{}", uuid::Uuid::new_v4()),
+                    budget: self.config.limits.default_timeout,
+                    path: vec![self.config.member.name.clone()],
+                    received: Default::default(),
+                    purpose: None,
+                    note: Default::default(),
+                };
+                Some(async move { (m.clone(), client.explain(q).await) })
+            })
+        });
+        let database_statements = futures::future::join_all(asks).await;
         Ok(Explained {
             plan: datafusion::physical_plan::displayable(plan.as_ref())
                 .indent(true)
                 .to_string(),
             subqueries,
+            database_statements,
         })
     }
 }

@@ -44,7 +44,7 @@ async fn a_parquet_source_maps_like_a_csv_one() {
         toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let src = cfg.sources.iter_mut().find(|s| s.name == "census").unwrap();
     src.format = "parquet".into();
-    src.path = "data/anji/census.parquet".into();
+    src.path = Some("data/anji/census.parquet".into());
     let census = cfg
         .mappings
         .iter_mut()

@@ -1,0 +1,374 @@
+//! Moves work into the databases behind a member.
+//!
+//! [`push_into_databases`] runs on a member's optimized logical plans. It finds the
+//! largest sub-plans that read tables of a single database and whose every operator
+//! and expression means the same there as in DataFusion, unparses each into
+//! PostgreSQL SQL and replaces it with a scan of that SQL's result. What cannot go (a
+//! mapping's code-table lookup, a mask, a join across two databases) stays in the
+//! gateway, above the scans, so the answer is the same either way: correct first,
+//! then fast.
+//!
+//! "Means the same" is decided conservatively, node by node and expression by
+//! expression: an allow-list, not a deny-list. Casts are pushed only where both
+//! engines cannot fail and agree on the value; ordering comparisons of text only where
+//! the database compares text byte-wise, as DataFusion does.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchema, JoinType, NullEquality, ScalarValue, TableReference};
+use datafusion::datasource::{provider_as_source, source_as_provider};
+use datafusion::error::Result as DfResult;
+use datafusion::logical_expr::expr::{AggregateFunction, Cast, WindowFunction};
+use datafusion::logical_expr::{
+    BinaryExpr, Distinct, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator,
+    SubqueryAlias, TableScan, TableScanBuilder, WindowFunctionDefinition,
+};
+use datafusion::sql::unparser::Unparser;
+use datafusion::sql::unparser::dialect::PostgreSqlDialect;
+
+use super::postgres::{PgDatabase, PgQuery, PgTable, readable};
+
+/// Names of the scans this rule creates; unique within a process.
+static SCANS: AtomicU64 = AtomicU64::new(0);
+
+/// Moves what it can of an optimized logical plan into the databases it reads. It
+/// runs after DataFusion's optimizer has finished (not as one of its rules), so that
+/// the sub-plans it hands to databases are already simplified, pruned and with
+/// filters pushed down, and the optimizer never has to see through them.
+pub fn push_into_databases(plan: LogicalPlan) -> DfResult<LogicalPlan> {
+    let mut changed = false;
+    let (plan, owner) = push(plan, &mut changed)?;
+    match owner {
+        Some(db) => remote_scan(plan, db),
+        None => Ok(plan),
+    }
+}
+
+/// The database and remote name of a scan, when it reads a database table.
+fn table_of(scan: &TableScan) -> Option<(Arc<PgDatabase>, String, String)> {
+    let provider = source_as_provider(&scan.source).ok()?;
+    let any: &dyn std::any::Any = provider.as_ref();
+    let table = any.downcast_ref::<PgTable>()?;
+    let (schema, name) = table.remote_name();
+    Some((
+        table.database().clone(),
+        schema.to_string(),
+        name.to_string(),
+    ))
+}
+
+/// Rewrites the children of `plan` and says which database, if exactly one, could run
+/// all of `plan`.
+fn push(plan: LogicalPlan, changed: &mut bool) -> DfResult<(LogicalPlan, Option<Arc<PgDatabase>>)> {
+    if let LogicalPlan::TableScan(scan) = &plan {
+        let owner = table_of(scan)
+            .filter(|_| scan.filters.is_empty())
+            .map(|(db, _, _)| db);
+        return Ok((plan, owner));
+    }
+    let mut owners: Vec<Option<Arc<PgDatabase>>> = Vec::new();
+    let plan = plan
+        .map_children(|c| {
+            let (c, o) = push(c, changed)?;
+            owners.push(o);
+            Ok(Transformed::no(c))
+        })?
+        .data;
+    if owners.is_empty() {
+        return Ok((plan, None));
+    }
+    let sole = owners[0].clone().filter(|first| {
+        owners
+            .iter()
+            .all(|o| o.as_ref().is_some_and(|o| Arc::ptr_eq(o, first)))
+    });
+    if let Some(db) = sole
+        && node_ok(&plan, &db)
+    {
+        return Ok((plan, Some(db)));
+    }
+    // This node stays in the gateway: each child that a database can run entirely
+    // becomes a scan of that database's answer.
+    let mut owners = owners.into_iter();
+    let plan = plan
+        .map_children(|c| match owners.next().flatten() {
+            Some(db) => {
+                *changed = true;
+                Ok(Transformed::yes(remote_scan(c, db)?))
+            }
+            None => Ok(Transformed::no(c)),
+        })?
+        .data;
+    Ok((plan, None))
+}
+
+/// Whether the database can run this operator (its inputs already can).
+fn node_ok(plan: &LogicalPlan, db: &PgDatabase) -> bool {
+    let c = db.c_collation();
+    let out_ok = plan
+        .schema()
+        .fields()
+        .iter()
+        .all(|f| readable(f.data_type()));
+    if !out_ok {
+        return false;
+    }
+    match plan {
+        LogicalPlan::Projection(p) => p.expr.iter().all(|e| expr_ok(e, p.input.schema(), c)),
+        LogicalPlan::Filter(f) => expr_ok(&f.predicate, f.input.schema(), c),
+        LogicalPlan::Aggregate(a) => {
+            a.group_expr.iter().all(|e| expr_ok(e, a.input.schema(), c))
+                && a.aggr_expr.iter().all(|e| expr_ok(e, a.input.schema(), c))
+        }
+        LogicalPlan::Sort(s) => s.expr.iter().all(|k| {
+            expr_ok(&k.expr, s.input.schema(), c) && (c || !is_text(&k.expr, s.input.schema()))
+        }),
+        LogicalPlan::Limit(l) => {
+            let lit = |e: &Option<Box<Expr>>| {
+                e.as_deref()
+                    .is_none_or(|e| matches!(e, Expr::Literal(ScalarValue::Int64(_), _)))
+            };
+            lit(&l.skip) && lit(&l.fetch)
+        }
+        LogicalPlan::SubqueryAlias(_) => true,
+        LogicalPlan::Distinct(Distinct::All(_)) => true,
+        LogicalPlan::Union(_) => true,
+        LogicalPlan::Join(j) => {
+            matches!(
+                j.join_type,
+                JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full
+            ) && j.null_equality == NullEquality::NullEqualsNothing
+                && j.on
+                    .iter()
+                    .all(|(l, r)| expr_ok(l, &j.schema, c) && expr_ok(r, &j.schema, c))
+                && j.filter.as_ref().is_none_or(|f| expr_ok(f, &j.schema, c))
+        }
+        LogicalPlan::Window(w) => w
+            .window_expr
+            .iter()
+            .all(|e| window_ok(e, w.input.schema(), c)),
+        _ => false,
+    }
+}
+
+fn is_text(e: &Expr, schema: &DFSchema) -> bool {
+    matches!(
+        e.get_type(schema),
+        Ok(DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+    )
+}
+
+/// Scalar functions that PostgreSQL has under the same name with the same meaning.
+const FUNCTIONS: &[&str] = &[
+    "lower",
+    "upper",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "character_length",
+    "substr",
+    "coalesce",
+    "nullif",
+    "abs",
+    "concat",
+    "replace",
+    "left",
+    "right",
+];
+
+/// Whether an expression means the same in the database.
+fn expr_ok(e: &Expr, schema: &DFSchema, c_collation: bool) -> bool {
+    let mut ok = true;
+    let _ = e.apply(|e| {
+        let this = match e {
+            Expr::Alias(_) | Expr::Column(_) => true,
+            Expr::Literal(v, _) => matches!(
+                v,
+                ScalarValue::Null
+                    | ScalarValue::Boolean(_)
+                    | ScalarValue::Int16(_)
+                    | ScalarValue::Int32(_)
+                    | ScalarValue::Int64(_)
+                    | ScalarValue::Float64(_)
+                    | ScalarValue::Utf8(_)
+                    | ScalarValue::Date32(_)
+                    | ScalarValue::Decimal128(..)
+            ),
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                binary_ok(left, *op, right, schema, c_collation)
+            }
+            Expr::Not(_)
+            | Expr::IsNull(_)
+            | Expr::IsNotNull(_)
+            | Expr::IsTrue(_)
+            | Expr::IsFalse(_)
+            | Expr::IsNotTrue(_)
+            | Expr::IsNotFalse(_)
+            | Expr::Negative(_)
+            | Expr::InList(_)
+            | Expr::Case(_) => true,
+            Expr::Between(b) => c_collation || !is_text(&b.expr, schema),
+            Expr::Like(l) => !l.case_insensitive && l.escape_char.is_none(),
+            Expr::Cast(Cast { expr, field }) => cast_ok(expr, field.data_type(), schema),
+            Expr::TryCast(t) => cast_ok(&t.expr, t.field.data_type(), schema),
+            Expr::ScalarFunction(f) => FUNCTIONS.contains(&f.func.name()),
+            Expr::AggregateFunction(AggregateFunction { func, params }) => {
+                let name = func.name();
+                let plain = params.filter.is_none()
+                    && params.order_by.is_empty()
+                    && params.null_treatment.is_none();
+                let min_max_text = matches!(name, "min" | "max")
+                    && !c_collation
+                    && params.args.first().is_some_and(|a| is_text(a, schema));
+                plain
+                    && !min_max_text
+                    && (matches!(name, "count" | "sum" | "min" | "max" | "avg"))
+                    && (!params.distinct || name == "count")
+            }
+            _ => false,
+        };
+        if this {
+            Ok(TreeNodeRecursion::Continue)
+        } else {
+            ok = false;
+            Ok(TreeNodeRecursion::Stop)
+        }
+    });
+    ok
+}
+
+fn binary_ok(left: &Expr, op: Operator, right: &Expr, schema: &DFSchema, c: bool) -> bool {
+    use Operator::*;
+    let float_or_decimal = |e: &Expr| {
+        matches!(
+            e.get_type(schema),
+            Ok(DataType::Float16
+                | DataType::Float32
+                | DataType::Float64
+                | DataType::Decimal128(..)
+                | DataType::Decimal256(..))
+        )
+    };
+    match op {
+        Eq | NotEq | And | Or | Plus | Minus | Multiply | StringConcat => true,
+        IsDistinctFrom | IsNotDistinctFrom => true,
+        Lt | LtEq | Gt | GtEq => c || !(is_text(left, schema) || is_text(right, schema)),
+        // Integer division truncates in both; float division by zero is an error in
+        // PostgreSQL but infinity in DataFusion, and decimal division rounds to
+        // different scales, so only integer division goes.
+        Divide | Modulo => !(float_or_decimal(left) || float_or_decimal(right)),
+        _ => false,
+    }
+}
+
+/// Casts that cannot fail and give the same value in both engines.
+fn cast_ok(e: &Expr, to: &DataType, schema: &DFSchema) -> bool {
+    use DataType::*;
+    let Ok(from) = e.get_type(schema) else {
+        return false;
+    };
+    if &from == to {
+        return true;
+    }
+    match (&from, to) {
+        (Int16, Int32 | Int64) | (Int32, Int64) => true,
+        (Int16 | Int32 | Int64, Float64) => true,
+        (Float32, Float64) => true,
+        (Int16 | Int32 | Int64, Decimal128(p, s)) => *p as i32 - *s as i32 >= 19,
+        (Decimal128(..), Float64) => true,
+        (Int16 | Int32 | Int64 | Utf8 | Date32 | Boolean, Utf8) => true,
+        (Timestamp(_, None), Date32) => true,
+        (Null, _) => true,
+        _ => false,
+    }
+}
+
+fn window_ok(e: &Expr, schema: &DFSchema, c: bool) -> bool {
+    let e = match e {
+        Expr::Alias(a) => a.expr.as_ref(),
+        e => e,
+    };
+    let Expr::WindowFunction(w) = e else {
+        return false;
+    };
+    let WindowFunction { fun, params } = w.as_ref();
+    let counted = matches!(fun, WindowFunctionDefinition::AggregateUDF(f) if f.name() == "count");
+    counted
+        && params.order_by.is_empty()
+        && params.filter.is_none()
+        && !params.distinct
+        && params.null_treatment.is_none()
+        && params.partition_by.iter().all(|p| expr_ok(p, schema, c))
+        && params.args.iter().all(|a| expr_ok(a, schema, c))
+}
+
+/// Replaces `plan`, which `db` can run entirely, with a scan of its answer there.
+fn remote_scan(plan: LogicalPlan, db: Arc<PgDatabase>) -> DfResult<LogicalPlan> {
+    let schema = plan.schema().clone();
+    let sql = to_sql(plan)?;
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), f.is_nullable()))
+        .collect();
+    let provider = PgQuery::new(db, sql, Arc::new(Schema::new(fields)));
+    let name = format!("__fedgate_db_{}", SCANS.fetch_add(1, Ordering::Relaxed));
+    let scan =
+        LogicalPlanBuilder::scan(name.as_str(), provider_as_source(Arc::new(provider)), None)?;
+    // The scan's columns are renamed back to what the replaced plan produced, so the
+    // operators above it are unchanged.
+    let exprs: Vec<Expr> = schema
+        .iter()
+        .enumerate()
+        .map(|(i, (q, f))| {
+            Expr::Column(Column::new(
+                Some(TableReference::bare(name.as_str())),
+                format!("c{i}"),
+            ))
+            .alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    scan.project(exprs)?.build()
+}
+
+/// The PostgreSQL SQL of a sub-plan: local table names become the database's, and
+/// `TRY_CAST`s (allowed only where they cannot fail) become `CAST`s.
+pub fn to_sql(plan: LogicalPlan) -> DfResult<String> {
+    let plan = plan
+        .transform_up(|node| {
+            let node = node
+                .map_expressions(|e| {
+                    e.transform(|e| match e {
+                        Expr::TryCast(t) => Ok(Transformed::yes(Expr::Cast(Cast::new_from_field(
+                            t.expr, t.field,
+                        )))),
+                        e => Ok(Transformed::no(e)),
+                    })
+                })?
+                .data;
+            let LogicalPlan::TableScan(scan) = &node else {
+                return Ok(Transformed::no(node));
+            };
+            let Some((_, schema, name)) = table_of(scan) else {
+                return Ok(Transformed::no(node));
+            };
+            let remote =
+                TableScanBuilder::new(TableReference::partial(schema, name), scan.source.clone())
+                    .with_projection(scan.projection.clone())
+                    .with_filters(scan.filters.clone())
+                    .with_fetch(scan.fetch)
+                    .build()?;
+            let alias = SubqueryAlias::try_new(
+                Arc::new(LogicalPlan::TableScan(remote)),
+                scan.table_name.clone(),
+            )?;
+            Ok(Transformed::yes(LogicalPlan::SubqueryAlias(alias)))
+        })?
+        .data;
+    let statement = Unparser::new(&PostgreSqlDialect {}).plan_to_sql(&plan)?;
+    Ok(statement.to_string())
+}
