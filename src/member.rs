@@ -534,7 +534,7 @@ impl MemberEngine {
 
 /// Optimizes a checked plan, moves what it can into the member's databases
 /// ([`crate::source::pushdown`]) and plans its execution.
-async fn physical_plan(
+pub async fn physical_plan(
     ctx: &SessionContext,
     plan: &LogicalPlan,
 ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {

@@ -483,6 +483,11 @@ pub enum DatabaseTls {
 pub struct Secret(Option<String>);
 
 impl Secret {
+    /// A secret.
+    pub fn new(s: String) -> Secret {
+        Secret(Some(s))
+    }
+
     /// The secret itself, for the one place that sends it.
     pub fn expose(&self) -> Option<&str> {
         self.0.as_deref()

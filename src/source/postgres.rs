@@ -330,7 +330,11 @@ pub fn typed_select(
     } else {
         cols.join(", ")
     };
-    let mut sql = format!("SELECT {select} FROM ({inner}) AS q({})", names.join(", "));
+    let mut sql = if fields.is_empty() {
+        format!("SELECT {select} FROM ({inner}) AS q")
+    } else {
+        format!("SELECT {select} FROM ({inner}) AS q({})", names.join(", "))
+    };
     if let Some(n) = limit {
         sql.push_str(&format!(" LIMIT {n}"));
     }

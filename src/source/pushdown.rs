@@ -123,9 +123,27 @@ fn node_ok(plan: &LogicalPlan, db: &PgDatabase) -> bool {
             a.group_expr.iter().all(|e| expr_ok(e, a.input.schema(), c))
                 && a.aggr_expr.iter().all(|e| expr_ok(e, a.input.schema(), c))
         }
-        LogicalPlan::Sort(s) => s.expr.iter().all(|k| {
-            expr_ok(&k.expr, s.input.schema(), c) && (c || !is_text(&k.expr, s.input.schema()))
-        }),
+        LogicalPlan::Sort(s) => {
+            // ORDER BY over a projection names its output columns unqualified (see
+            // `to_sql`), so their names must be unique.
+            let unique = match below_aliases(&s.input) {
+                LogicalPlan::Projection(p) => {
+                    let names: std::collections::BTreeSet<&str> = p
+                        .schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect();
+                    names.len() == p.schema.fields().len()
+                }
+                _ => true,
+            };
+            unique
+                && s.expr.iter().all(|k| {
+                    expr_ok(&k.expr, s.input.schema(), c)
+                        && (c || !is_text(&k.expr, s.input.schema()))
+                })
+        }
         LogicalPlan::Limit(l) => {
             let lit = |e: &Option<Box<Expr>>| {
                 e.as_deref()
@@ -151,6 +169,14 @@ fn node_ok(plan: &LogicalPlan, db: &PgDatabase) -> bool {
             .iter()
             .all(|e| window_ok(e, w.input.schema(), c)),
         _ => false,
+    }
+}
+
+/// The first node under any subquery aliases.
+fn below_aliases(plan: &LogicalPlan) -> &LogicalPlan {
+    match plan {
+        LogicalPlan::SubqueryAlias(a) => below_aliases(&a.input),
+        p => p,
     }
 }
 
@@ -350,6 +376,20 @@ pub fn to_sql(plan: LogicalPlan) -> DfResult<String> {
                     })
                 })?
                 .data;
+            // The unparser writes ORDER BY into the SELECT of the projection below it,
+            // where only the output names (unqualified) denote computed columns.
+            if let LogicalPlan::Sort(sort) = &node
+                && matches!(below_aliases(&sort.input), LogicalPlan::Projection(_))
+            {
+                return node.map_expressions(|e| {
+                    e.transform(|e| match e {
+                        Expr::Column(c) if c.relation.is_some() => Ok(Transformed::yes(
+                            Expr::Column(Column::new_unqualified(c.name)),
+                        )),
+                        e => Ok(Transformed::no(e)),
+                    })
+                });
+            }
             let LogicalPlan::TableScan(scan) = &node else {
                 return Ok(Transformed::no(node));
             };

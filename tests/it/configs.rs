@@ -3,6 +3,17 @@
 #[tokio::test]
 async fn every_shipped_config_passes_check() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("federation-configs");
+    // Hangzhou's pipelines are in PostgreSQL: check reads them from a live server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pg =
+        tokio::task::spawn_blocking(move || fedgate::local_postgres::LocalPostgres::start(port))
+            .await
+            .unwrap()
+            .unwrap();
     let mut checked = 0;
     for entry in std::fs::read_dir(&root).unwrap() {
         let src = entry.unwrap().path();
@@ -11,7 +22,16 @@ async fn every_shipped_config_passes_check() {
         }
         // Certificates are generated per run, never committed.
         let dir = tempfile::tempdir().unwrap();
-        let m = fedgate::demo::materialize(&src, dir.path(), &|_, p| p).unwrap();
+        fedgate::demo::load_databases(&pg, &src.join("data"))
+            .await
+            .unwrap();
+        let m = fedgate::demo::materialize_with_database(
+            &src,
+            dir.path(),
+            &|_, p| p,
+            Some((pg.port, pg.password.as_str())),
+        )
+        .unwrap();
         for (name, path, _) in &m.gateways {
             let r = fedgate::check::check(path).await;
             assert!(

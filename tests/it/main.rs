@@ -10,6 +10,7 @@ mod differential;
 mod federation;
 mod planner;
 mod policy_props;
+mod postgres;
 mod sources;
 mod sovereignty;
 mod tls;

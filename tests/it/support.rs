@@ -14,6 +14,8 @@ pub struct Region {
     pub dir: tempfile::TempDir,
     pub layout: Materialized,
     pub gateways: BTreeMap<String, Gateway>,
+    /// The local PostgreSQL server behind Hangzhou's pipelines, when started.
+    pub pg: Option<fedgate::local_postgres::LocalPostgres>,
 }
 
 impl Region {
@@ -30,6 +32,42 @@ impl Region {
 
     /// Like [`Region::start_only`], after `patch` has edited the materialized files.
     pub async fn start_patched(only: Option<&[&str]>, patch: &dyn Fn(&Materialized)) -> Region {
+        Self::start_full(only, patch, false).await
+    }
+
+    /// Like [`Region::start_patched`], with Hangzhou's pipeline databases on a local
+    /// PostgreSQL server (started, loaded, and stopped when the region is dropped).
+    pub async fn start_with_database(
+        only: Option<&[&str]>,
+        patch: &dyn Fn(&Materialized),
+    ) -> Region {
+        Self::start_full(only, patch, true).await
+    }
+
+    async fn start_full(
+        only: Option<&[&str]>,
+        patch: &dyn Fn(&Materialized),
+        database: bool,
+    ) -> Region {
+        let pg = if database {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let pg = tokio::task::spawn_blocking(move || {
+                fedgate::local_postgres::LocalPostgres::start(port)
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            fedgate::demo::load_databases(&pg, &fedgate::demo::default_source().join("data"))
+                .await
+                .unwrap();
+            Some(pg)
+        } else {
+            None
+        };
         let dir = tempfile::tempdir().unwrap();
         let mut listeners = BTreeMap::new();
         let template: fedgate::config::raw::RawRegion = toml::from_str(
@@ -44,11 +82,13 @@ impl Region {
             .iter()
             .map(|(n, l)| (n.clone(), l.local_addr().unwrap().port()))
             .collect();
-        let layout =
-            fedgate::demo::materialize(&fedgate::demo::default_source(), dir.path(), &|name, _| {
-                ports[name]
-            })
-            .unwrap();
+        let layout = fedgate::demo::materialize_with_database(
+            &fedgate::demo::default_source(),
+            dir.path(),
+            &|name, _| ports[name],
+            pg.as_ref().map(|p| (p.port, p.password.as_str())),
+        )
+        .unwrap();
         patch(&layout);
         let mut gateways = BTreeMap::new();
         for (name, path, _) in &layout.gateways {
@@ -67,6 +107,7 @@ impl Region {
             dir,
             layout,
             gateways,
+            pg,
         }
     }
 

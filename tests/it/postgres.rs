@@ -1,0 +1,451 @@
+//! PostgreSQL sources: a real server on loopback (started by the tests), Hangzhou's
+//! pipelines in three departments' databases, Suzhou's in a CSV file.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::record_batch::RecordBatch;
+use fedgate::proto::v1::MemberState;
+
+use crate::support::{Region, column_strings, read_csv};
+
+fn states(summary: &fedgate::proto::v1::QuerySummary) -> BTreeMap<String, (MemberState, String)> {
+    summary
+        .members
+        .iter()
+        .map(|m| {
+            (
+                m.member.clone(),
+                (MemberState::try_from(m.state).unwrap(), m.reason.clone()),
+            )
+        })
+        .collect()
+}
+
+/// In-service sections per (member, department), counted from the files the
+/// databases were loaded from and from Suzhou's CSV file.
+fn expected_in_service(region: &Region) -> BTreeMap<(String, String), usize> {
+    let mut out = BTreeMap::new();
+    let data = region.data();
+    let mut count = |member: &str, dept: &str, file: &str, col: &str, yes: &str| {
+        let (h, rows) = read_csv(&data.join(file));
+        let i = h.iter().position(|c| c == col).unwrap();
+        let n = rows.iter().filter(|r| r[i] == yes).count();
+        *out.entry((member.to_string(), dept.to_string()))
+            .or_default() += n;
+    };
+    count(
+        "hangzhou",
+        "water",
+        "hangzhou/pipelines/water_mains.csv",
+        "status_code",
+        "1",
+    );
+    count(
+        "hangzhou",
+        "gas",
+        "hangzhou/pipelines/gas_lines.csv",
+        "state",
+        "运行",
+    );
+    count(
+        "hangzhou",
+        "power",
+        "hangzhou/pipelines/cable_ducts.csv",
+        "retired",
+        "f",
+    );
+    let (h, rows) = read_csv(&data.join("suzhou/pipelines.csv"));
+    let (owner, state) = (
+        h.iter().position(|c| c == "权属单位").unwrap(),
+        h.iter().position(|c| c == "状态").unwrap(),
+    );
+    for r in rows.iter().filter(|r| r[state] == "在用") {
+        let dept = match r[owner].as_str() {
+            "自来水公司" => "water",
+            "燃气集团" => "gas",
+            _ => "power",
+        };
+        *out.entry(("suzhou".to_string(), dept.to_string()))
+            .or_default() += 1;
+    }
+    out
+}
+
+/// One canonical query over three PostgreSQL databases (Hangzhou) and a CSV file
+/// (Suzhou) gives the counts of the source files.
+#[tokio::test]
+async fn departments_databases_and_files_answer_one_query() {
+    let region =
+        Region::start_with_database(Some(&["shanghai", "hangzhou", "suzhou"]), &|_| {}).await;
+    let a = region
+        .client("shanghai")
+        .query(
+            "SELECT member, department, count(*) AS n FROM underground_pipelines \
+             WHERE in_service GROUP BY member, department ORDER BY member, department",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    let got: BTreeMap<(String, String), usize> = column_strings(&a.batches, "member")
+        .into_iter()
+        .zip(column_strings(&a.batches, "department"))
+        .zip(column_strings(&a.batches, "n"))
+        .map(|((m, d), n)| ((m, d), n.parse().unwrap()))
+        .collect();
+    let want = expected_in_service(&region);
+    assert_eq!(got, want);
+    assert_eq!(got.len(), 6);
+    let st = states(&a.summary);
+    assert_eq!(st["hangzhou"].0, MemberState::Ok, "{st:?}");
+    assert_eq!(st["suzhou"].0, MemberState::Ok, "{st:?}");
+}
+
+/// Explain shows the SQL each database receives: a GROUP BY over one department's
+/// table is computed by PostgreSQL, and PostgreSQL's own statistics show it sent one
+/// row per county, not the table. A top-k goes down as ORDER BY ... LIMIT.
+#[tokio::test]
+async fn aggregates_and_top_k_run_in_the_database() {
+    let region = Region::start_with_database(Some(&["hangzhou"]), &|_| {}).await;
+    let pg = region.pg.as_ref().unwrap();
+    let water = pg.connect("hz_water").await.unwrap();
+    water
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()",
+        )
+        .await
+        .unwrap();
+    let client = region.client("hangzhou");
+    let sql = "SELECT county_code, count(*) AS n, sum(length_m) AS total FROM underground_pipelines \
+               WHERE member = 'hangzhou' AND department = 'water' GROUP BY county_code";
+    let e = client.explain(sql).await.unwrap();
+    let stmts: Vec<_> = e
+        .database_statements
+        .iter()
+        .filter(|s| s.member == "hangzhou")
+        .collect();
+    assert_eq!(
+        stmts.len(),
+        1,
+        "only the water database is asked: {stmts:?}"
+    );
+    assert_eq!(stmts[0].database, "water");
+    let pushed = &stmts[0].sql;
+    assert!(pushed.contains("GROUP BY"), "{pushed}");
+    assert!(
+        pushed.contains("count(") && pushed.contains("sum("),
+        "{pushed}"
+    );
+    assert!(pushed.contains("\"public\".\"water_mains\""), "{pushed}");
+
+    let a = client.query(sql, false, None).await.unwrap();
+    let counties = column_strings(&a.batches, "county_code");
+    let (h, rows) = read_csv(&region.data().join("hangzhou/pipelines/water_mains.csv"));
+    let c = h.iter().position(|x| x == "district_code").unwrap();
+    let mut want: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &rows {
+        *want.entry(r[c].clone()).or_default() += 1;
+    }
+    let got: BTreeMap<String, usize> = counties
+        .iter()
+        .cloned()
+        .zip(
+            column_strings(&a.batches, "n")
+                .iter()
+                .map(|n| n.parse().unwrap()),
+        )
+        .collect();
+    assert_eq!(got, want);
+    let returned: i64 = water
+        .query_one(
+            "SELECT coalesce(sum(rows), 0)::int8 FROM pg_stat_statements \
+             WHERE query LIKE '%GROUP BY%' AND query LIKE '%water_mains%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        returned as usize,
+        want.len(),
+        "PostgreSQL returned one row per county"
+    );
+
+    let topk = "SELECT pipe_id, length_m FROM underground_pipelines \
+                WHERE member = 'hangzhou' AND department = 'water' \
+                ORDER BY length_m DESC, pipe_id LIMIT 3";
+    let e = client.explain(topk).await.unwrap();
+    let pushed = &e.database_statements[0].sql;
+    assert!(
+        pushed.contains("ORDER BY") && pushed.contains("LIMIT 3"),
+        "{pushed}"
+    );
+    let a = client.query(topk, false, None).await.unwrap();
+    let l = h.iter().position(|x| x == "length_m").unwrap();
+    let p = h.iter().position(|x| x == "pipe_no").unwrap();
+    let mut by_len: Vec<(f64, String)> = rows
+        .iter()
+        .map(|r| (r[l].parse().unwrap(), r[p].clone()))
+        .collect();
+    by_len.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let want: Vec<String> = by_len.iter().take(3).map(|x| x.1.clone()).collect();
+    assert_eq!(column_strings(&a.batches, "pipe_id"), want);
+}
+
+/// PostgreSQL column types arrive as the Arrow types they are, NULLs included, and
+/// aggregates pushed into the database keep them.
+#[tokio::test]
+async fn column_types_map_faithfully() {
+    let region = Region::start_with_database(Some(&[]), &|_| {}).await;
+    let pg = region.pg.as_ref().unwrap();
+    let admin = pg.connect("postgres").await.unwrap();
+    admin.batch_execute("CREATE DATABASE typed").await.unwrap();
+    let db = pg.connect("typed").await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE t (id int4 PRIMARY KEY, small int2, big int8, f4 float4, f8 float8, \
+           amount numeric(12,3), free numeric, label text, code varchar(8), flag bool, \
+           day date, at timestamp, at_utc timestamptz, doc jsonb); \
+         INSERT INTO t VALUES \
+           (1, -3, 9007199254740993, 1.5, -2.25, 123456789.125, 1.5, '杭州', 'A1', true, \
+            '2020-02-29', '2020-01-23 10:00:00.123456', '2020-01-23 10:00:00+08', '{\"a\": 1}'), \
+           (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL), \
+           (3, 7, -1, 0, 0, -0.001, 0, '', 'B', false, '1969-12-31', '1900-01-01 00:00:00', \
+            '2038-01-19 03:14:08+00', '[]')",
+    )
+    .await
+    .unwrap();
+    let mut cfg = fedgate::config::Database {
+        name: "typed".into(),
+        host: "127.0.0.1".into(),
+        port: pg.port,
+        dbname: "typed".into(),
+        user: pg.user.clone(),
+        password: Default::default(),
+        tls: fedgate::config::DatabaseTls::Disable,
+        pool_size: 2,
+        connect_timeout: Duration::from_secs(5),
+    };
+    // Without the password the server refuses, with a clear reason.
+    let refused = fedgate::source::postgres::PgDatabase::new(&cfg).unwrap();
+    let e = fedgate::source::postgres::PgTable::discover(refused, "public", "t")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("password"), "{e}");
+    let pw = region.dir.path().join("typed.pw");
+    pg.write_password(&pw).unwrap();
+    let raw: fedgate::config::raw::RawDatabase = toml::from_str(&format!(
+        "name = 'typed'\nhost = '127.0.0.1'\nport = {}\ndbname = 'typed'\nuser = '{}'\npassword_file = '{}'",
+        pg.port,
+        pg.user,
+        pw.display()
+    ))
+    .unwrap();
+    assert_eq!(raw.dbname, "typed");
+    cfg.password = fedgate::config::Secret::new(pg.password.clone());
+    let database = fedgate::source::postgres::PgDatabase::new(&cfg).unwrap();
+    let table = fedgate::source::postgres::PgTable::discover(database, "public", "t")
+        .await
+        .unwrap();
+    let ctx = fedgate::member::member_context();
+    ctx.register_table("t", Arc::new(table)).unwrap();
+
+    let run = |sql: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            let plan = ctx.state().create_logical_plan(sql).await.unwrap();
+            let physical = fedgate::member::physical_plan(&ctx, &plan).await.unwrap();
+            let text = datafusion::physical_plan::displayable(physical.as_ref())
+                .indent(true)
+                .to_string();
+            let batches: Vec<RecordBatch> =
+                datafusion::physical_plan::collect(physical, ctx.task_ctx())
+                    .await
+                    .unwrap();
+            (batches, text)
+        }
+    };
+    let (b, _) = run("SELECT * FROM t ORDER BY id").await;
+    let schema = b[0].schema();
+    let types: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| f.data_type().to_string())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "Int32",
+            "Int16",
+            "Int64",
+            "Float32",
+            "Float64",
+            "Decimal128(12, 3)",
+            "Decimal128(38, 10)",
+            "Utf8",
+            "Utf8",
+            "Boolean",
+            "Date32",
+            "Timestamp(µs)",
+            "Timestamp(µs, \"UTC\")",
+            "Utf8"
+        ]
+    );
+    let row = |col: &str| column_strings(&b, col);
+    assert_eq!(row("small"), ["-3", "", "7"]);
+    assert_eq!(row("big"), ["9007199254740993", "", "-1"]);
+    assert_eq!(row("f4"), ["1.5", "", "0.0"]);
+    assert_eq!(row("amount"), ["123456789.125", "", "-0.001"]);
+    assert_eq!(row("free"), ["1.5000000000", "", "0.0000000000"]);
+    assert_eq!(row("label"), ["杭州", "", ""]);
+    assert_eq!(row("code"), ["A1", "", "B"]);
+    assert_eq!(row("flag"), ["true", "", "false"]);
+    assert_eq!(row("day"), ["2020-02-29", "", "1969-12-31"]);
+    assert_eq!(
+        row("at"),
+        ["2020-01-23T10:00:00.123456", "", "1900-01-01T00:00:00"]
+    );
+    assert_eq!(
+        row("at_utc"),
+        ["2020-01-23T02:00:00Z", "", "2038-01-19T03:14:08Z"]
+    );
+    assert_eq!(row("doc"), ["{\"a\": 1}", "", "[]"]);
+    // NULLs are NULLs, not empty strings.
+    assert!(b[0].column(7).is_null(1) && !b[0].column(7).is_null(2));
+
+    let (b, plan) = run("SELECT sum(amount) AS s, max(at_utc) AS m, count(big) AS n FROM t").await;
+    assert!(
+        plan.contains("sum(") && plan.contains("DatabaseExec"),
+        "{plan}"
+    );
+    assert_eq!(column_strings(&b, "s"), ["123456789.124"]);
+    assert_eq!(column_strings(&b, "m"), ["2038-01-19T03:14:08Z"]);
+    assert_eq!(column_strings(&b, "n"), ["2"]);
+}
+
+/// A wrong password, a missing table and a missing column are each reported by
+/// database and cause; the member keeps serving its other datasets.
+#[tokio::test]
+async fn database_problems_are_named_and_other_datasets_keep_serving() {
+    let cases: [(&str, &dyn Fn(&str) -> String, &str); 3] = [
+        (
+            "wrong password",
+            &|toml: &str| {
+                toml.replacen("secrets/hangzhou-db.password", "secrets/wrong.password", 1)
+            },
+            "password authentication failed",
+        ),
+        (
+            "missing table",
+            &|toml: &str| toml.replace("public.water_mains", "public.water_mainz"),
+            "table public.water_mainz does not exist",
+        ),
+        (
+            "missing column",
+            &|toml: &str| toml.replacen("road = \"road\"", "road = \"road_nam\"", 1),
+            "road_nam",
+        ),
+    ];
+    for (what, edit, expected) in cases {
+        let region = Region::start_with_database(Some(&["hangzhou"]), &|m| {
+            let path = m.dir.join("hangzhou.toml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, edit(&text)).unwrap();
+            std::fs::write(m.dir.join("secrets/wrong.password"), "not-the-password").unwrap();
+        })
+        .await;
+        let client = region.client("hangzhou");
+        let f = client
+            .query(
+                "SELECT count(*) FROM underground_pipelines WHERE member = 'hangzhou'",
+                false,
+                None,
+            )
+            .await
+            .unwrap_err();
+        let text = f.to_string();
+        assert!(text.contains("database water"), "{what}: {text}");
+        assert!(text.contains(expected), "{what}: {text}");
+        let a = client
+            .query(
+                "SELECT count(*) AS n FROM census WHERE member = 'hangzhou'",
+                false,
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(column_strings(&a.batches, "n"), ["13"], "{what}");
+    }
+}
+
+/// A database that goes down makes its datasets unavailable, by name, at once; and a
+/// query past its deadline is cancelled in PostgreSQL too, not left running there.
+#[tokio::test]
+async fn a_database_down_or_past_the_deadline_is_reported_and_cancelled() {
+    let region = Region::start_with_database(Some(&["shanghai", "hangzhou"]), &|_| {}).await;
+    let pg = region.pg.as_ref().unwrap();
+    let client = region.client("shanghai");
+    let sql = "SELECT count(*) AS n FROM underground_pipelines WHERE member = 'hangzhou'";
+    let a = client.query(sql, false, None).await.unwrap();
+    assert_eq!(column_strings(&a.batches, "n"), ["2600"]);
+
+    // A lock held by another session makes the database's answer wait.
+    let gas = pg.connect("hz_gas").await.unwrap();
+    gas.batch_execute("BEGIN; LOCK TABLE gis.gas_lines IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let f = client
+        .query(sql, false, Some(Duration::from_secs(2)))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(f.status.code(), tonic::Code::DeadlineExceeded, "{f}");
+    // Another session: statistics read inside a transaction are a snapshot.
+    let observer = pg.connect("hz_gas").await.unwrap();
+    let waiting = || async {
+        observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fedgate' \
+             AND state = 'active' AND query LIKE '%gas_lines%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let mut left = waiting().await;
+    for _ in 0..50 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = waiting().await;
+    }
+    assert_eq!(
+        left, 0,
+        "the database query was cancelled when the deadline passed"
+    );
+    gas.batch_execute("ROLLBACK").await.unwrap();
+
+    pg.stop();
+    let f = client.query(sql, false, None).await.unwrap_err();
+    let text = f.to_string();
+    assert!(text.contains("member hangzhou"), "{text}");
+    assert!(text.contains("database"), "{text}");
+    // Hangzhou's files are still served.
+    let a = client
+        .query(
+            "SELECT count(*) AS n FROM census WHERE member = 'hangzhou'",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(column_strings(&a.batches, "n"), ["13"]);
+}
