@@ -69,7 +69,7 @@ async fn config_with_unknown_keys_or_missing_files_is_reported_with_file_and_key
 
 #[tokio::test]
 async fn values_a_code_table_cannot_map_are_counted_by_check() {
-    let region = Region::start_only(Some(&[])).await;
+    let region = Region::start_with_database(Some(&[]), &|_| {}).await;
     let path = region.layout.dir.join("hangzhou.toml");
     // Without its aliases, Hangzhou's abolished district names no longer map.
     let mut cfg: fedgate::config::raw::RawMemberConfig =

@@ -20,7 +20,7 @@ use crate::support::Region;
 /// Starts the sample region with Anji's census mapped to no rows (a member with zero
 /// rows), and builds the reference session from every member's canonical rows.
 async fn setup() -> (Region, SessionContext) {
-    let region = Region::start_patched(None, &|m| {
+    let region = Region::start_with_database(None, &|m| {
         let path = m.dir.join("anji.toml");
         let mut cfg: fedgate::config::raw::RawMemberConfig =
             toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
