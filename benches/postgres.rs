@@ -130,11 +130,12 @@ fn main() {
         let db = pg.connect("bench").await.unwrap();
         db.batch_execute(&format!(
             "CREATE TABLE readings (id int8 PRIMARY KEY, county_code text NOT NULL, x int8 NOT NULL); \
-             INSERT INTO readings SELECT i, '33' || lpad((i % 100)::text, 4, '0'), (i * 7919) % 10000 \
-             FROM generate_series(1, {ROWS}) AS i; VACUUM ANALYZE readings"
+             INSERT INTO readings SELECT i, '33' || lpad((i % 100)::text, 4, '0'), (i::int8 * 7919) % 10000 \
+             FROM generate_series(1, {ROWS}) AS i"
         ))
         .await
         .unwrap();
+        db.batch_execute("VACUUM ANALYZE readings").await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (_gateway, client) = start(dir.path(), &pg).await;
 

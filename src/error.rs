@@ -35,6 +35,9 @@ pub enum MemberFailure {
     Failed,
 }
 
+/// The metadata key of a status that reports a member's database failing.
+pub const DATABASE_METADATA: &str = "fedgate-database";
+
 /// Every error the library reports.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -161,7 +164,18 @@ impl Error {
             Error::Database { .. } => Code::Internal,
             Error::Config(_) | Error::Tls(_) | Error::Internal(_) => Code::Internal,
         };
-        tonic::Status::new(code, self.to_string())
+        match self {
+            // A member's database, not the member, is unavailable: say so in the
+            // metadata, so the coordinator does not read it as a transport failure.
+            Error::Database { database, .. } => {
+                let mut md = tonic::metadata::MetadataMap::new();
+                if let Ok(v) = tonic::metadata::MetadataValue::try_from(database.as_str()) {
+                    md.insert(DATABASE_METADATA, v);
+                }
+                tonic::Status::with_metadata(code, self.to_string(), md)
+            }
+            _ => tonic::Status::new(code, self.to_string()),
+        }
     }
 
     /// Classifies an error from the query engine. Errors that carry a [`Error`] (for

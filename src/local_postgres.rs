@@ -59,6 +59,12 @@ fn is_root() -> bool {
 impl LocalPostgres {
     /// Creates a cluster and starts it on `127.0.0.1:port`.
     pub fn start(port: u16) -> Result<LocalPostgres> {
+        Self::start_with_tls(port, None)
+    }
+
+    /// Like [`LocalPostgres::start`], accepting TLS with the given certificate and
+    /// key (PEM) besides plain connections.
+    pub fn start_with_tls(port: u16, tls: Option<(&str, &str)>) -> Result<LocalPostgres> {
         let bindir = bindir()?;
         let run_as = is_root().then(|| "postgres".to_string());
         let dir = tempfile::Builder::new()
@@ -77,6 +83,22 @@ impl LocalPostgres {
             user: "fedgate".into(),
             password,
         };
+        let mut ssl = String::new();
+        if let Some((cert, key)) = tls {
+            let (c, k) = (pg.dir.path().join("server.crt"), pg.dir.path().join("server.key"));
+            let write = |p: &Path, t: &str| {
+                std::fs::write(p, t).map_err(|e| Error::Config(format!("writing {}: {e}", p.display())))
+            };
+            write(&c, cert)?;
+            write(&k, key)?;
+            // PostgreSQL refuses a key file that others can read.
+            pg.run(Command::new("chmod").arg("600").arg(&k))?;
+            ssl = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                c.display(),
+                k.display()
+            );
+        }
         if let Some(user) = &pg.run_as {
             pg.run(Command::new("chown").args(["-R", user]).arg(pg.dir.path()))?;
         }
@@ -92,7 +114,7 @@ impl LocalPostgres {
         let options = format!(
             "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={} \
              -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-             -c shared_preload_libraries=pg_stat_statements -c max_connections=200",
+             -c shared_preload_libraries=pg_stat_statements -c max_connections=200{ssl}",
             pg.dir.path().display()
         );
         pg.run(

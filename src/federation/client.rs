@@ -77,6 +77,13 @@ fn member_error(member: &str, e: Error) -> Error {
             failure: MemberFailure::Denied,
             reason: m,
         },
+        Error::Database {
+            unavailable: true, ..
+        } => Error::Member {
+            member: member.into(),
+            failure: MemberFailure::Unavailable,
+            reason: e.to_string(),
+        },
         other => Error::Member {
             member: member.into(),
             failure: MemberFailure::Failed,
@@ -94,6 +101,14 @@ fn status_error(member: &str, endpoint: &str, budget: Duration, s: tonic::Status
         Code::PermissionDenied | Code::Unauthenticated => MemberFailure::Denied,
         _ => MemberFailure::Failed,
     };
+    if s.metadata().get(crate::error::DATABASE_METADATA).is_some() {
+        // The member answered: one of its databases failed, with its own reason.
+        return Error::Member {
+            member: member.into(),
+            failure,
+            reason: s.message().to_string(),
+        };
+    }
     let mut reason = s.message().to_string();
     // Transport failures carry the useful part (connection refused, TLS alert) in
     // the error's sources, not in the message.

@@ -436,8 +436,10 @@ async fn a_database_down_or_past_the_deadline_is_reported_and_cancelled() {
     pg.stop();
     let f = client.query(sql, false, None).await.unwrap_err();
     let text = f.to_string();
-    assert!(text.contains("member hangzhou"), "{text}");
-    assert!(text.contains("database"), "{text}");
+    assert!(text.contains("member hangzhou is unavailable: database "), "{text}");
+    assert!(!text.contains("nothing is listening"), "the member itself answered: {text}");
+    let st = states(f.summary.as_ref().unwrap());
+    assert_eq!(st["hangzhou"].0, MemberState::Unavailable, "{st:?}");
     // Hangzhou's files are still served.
     let a = client
         .query(
@@ -448,4 +450,62 @@ async fn a_database_down_or_past_the_deadline_is_reported_and_cancelled() {
         .await
         .unwrap();
     assert_eq!(column_strings(&a.batches, "n"), ["13"]);
+}
+
+/// `tls = "verify-full"`: the server's certificate must chain to the configured CA and
+/// name the host; a certificate from another CA is refused, by name.
+#[tokio::test]
+async fn tls_to_the_database_verifies_the_server() {
+    let ca = fedgate::pki::Ca::generate("dbs").unwrap();
+    let server = fedgate::identity::Principal::new("dbs", fedgate::identity::Kind::City, "pg")
+        .unwrap();
+    let issued = ca.issue(&server, &fedgate::pki::default_hosts(), 2).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (cert, key) = (issued.cert_pem.clone(), issued.key_pem.clone());
+    let pg = tokio::task::spawn_blocking(move || {
+        fedgate::local_postgres::LocalPostgres::start_with_tls(port, Some((&cert, &key)))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (good_ca, _) = fedgate::pki::write_ca(&ca, dir.path()).unwrap();
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let (bad_ca, _) =
+        fedgate::pki::write_ca(&fedgate::pki::Ca::generate("other").unwrap(), &other).unwrap();
+    let connect = |ca: std::path::PathBuf| {
+        let cfg = fedgate::config::Database {
+            name: "tls".into(),
+            host: "127.0.0.1".into(),
+            port: pg.port,
+            dbname: "postgres".into(),
+            user: pg.user.clone(),
+            password: fedgate::config::Secret::new(pg.password.clone()),
+            tls: fedgate::config::DatabaseTls::VerifyFull { ca, client: None },
+            pool_size: 1,
+            connect_timeout: Duration::from_secs(5),
+        };
+        async move {
+            let db = fedgate::source::postgres::PgDatabase::new(&cfg).unwrap();
+            fedgate::source::postgres::PgTable::discover(db, "pg_catalog", "pg_class").await
+        }
+    };
+    let table = connect(good_ca).await.unwrap();
+    let _ = table;
+    let e = connect(bad_ca).await.unwrap_err().to_string();
+    assert!(e.contains("database tls"), "{e}");
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    // The server really was asked for TLS: its statistics show an encrypted session.
+    let c = pg.connect("postgres").await.unwrap();
+    let ssl: i64 = c
+        .query_one("SELECT count(*) FROM pg_stat_ssl WHERE ssl", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl >= 1, "the verified connection uses TLS");
 }
