@@ -156,9 +156,7 @@ fn member_sql(plan: LogicalPlan, alias: bool) -> DfResult<(String, SchemaRef)> {
     } else {
         plan
     };
-    let sql = datafusion::sql::unparser::Unparser::default()
-        .plan_to_sql(&plan)?
-        .to_string();
+    let sql = super::unparse::unparser().plan_to_sql(&plan)?.to_string();
     let schema = Arc::new(Schema::new(
         fields
             .iter()

@@ -87,9 +87,7 @@ fn unqualify(e: &Expr) -> DfResult<Expr> {
 
 fn to_sql(e: &Expr) -> DfResult<String> {
     let e = unqualify(e)?;
-    Ok(datafusion::sql::unparser::Unparser::default()
-        .expr_to_sql(&e)?
-        .to_string())
+    Ok(super::unparse::unparser().expr_to_sql(&e)?.to_string())
 }
 
 /// True when `e` references only the `member` column.
