@@ -10,6 +10,7 @@ pub mod client;
 pub mod pushdown;
 pub mod state;
 pub mod table;
+pub mod unparse;
 
 use std::collections::HashMap;
 use std::sync::Arc;

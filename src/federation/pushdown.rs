@@ -156,9 +156,7 @@ fn member_sql(plan: LogicalPlan, alias: bool) -> DfResult<(String, SchemaRef)> {
     } else {
         plan
     };
-    let sql = datafusion::sql::unparser::Unparser::default()
-        .plan_to_sql(&plan)?
-        .to_string();
+    let sql = super::unparse::unparser().plan_to_sql(&plan)?.to_string();
     let schema = Arc::new(Schema::new(
         fields
             .iter()
@@ -193,12 +191,26 @@ fn restore_names(
     like: &LogicalPlan,
     from: &[String],
 ) -> DfResult<LogicalPlan> {
-    let exprs: Vec<Expr> = from
+    let exprs = from
         .iter()
+        .map(|name| col(Column::new_unqualified(name)))
+        .collect();
+    restore_exprs(builder, like, exprs)
+}
+
+/// A projection computing `exprs`, each under the name and qualifier of the column
+/// of `like` at its position.
+fn restore_exprs(
+    builder: LogicalPlanBuilder,
+    like: &LogicalPlan,
+    exprs: Vec<Expr>,
+) -> DfResult<LogicalPlan> {
+    let exprs: Vec<Expr> = exprs
+        .into_iter()
         .enumerate()
-        .map(|(i, name)| {
+        .map(|(i, e)| {
             let (q, f) = like.schema().qualified_field(i);
-            col(Column::new_unqualified(name)).alias_qualified(q.cloned(), f.name())
+            e.alias_qualified(q.cloned(), f.name())
         })
         .collect();
     builder.project(exprs)?.build()
@@ -350,40 +362,44 @@ fn push_aggregate(a: &Aggregate) -> DfResult<Option<LogicalPlan>> {
     };
     let g = groups.len();
     let c = |i: usize| col(Column::new_unqualified(format!("c{i}")));
-    let final_groups: Vec<Expr> = (0..a.group_expr.len()).map(c).collect();
-    let final_aggs: Vec<Expr> = finals
+    // The coordinator's aggregate holds only aggregate functions (named `a0, a1,
+    // ...`); what combines them (the COALESCE of a sum of counts, the division of an
+    // average) is a projection above it. Built this way the plan is valid as soon as
+    // this rule returns, so no later optimizer pass has to repair it.
+    let mut final_aggs: Vec<Expr> = Vec::new();
+    let mut final_agg = |e: Expr| {
+        let name = format!("a{}", final_aggs.len());
+        final_aggs.push(e.alias(name.clone()));
+        col(Column::new_unqualified(name))
+    };
+    let combine: Vec<Expr> = finals
         .into_iter()
-        .enumerate()
-        .map(|(j, f)| {
-            let e = match f {
-                Final::SumOfCounts(i) => datafusion::functions::expr_fn::coalesce(vec![
-                    agg(sum_udaf(), vec![c(g + i)], None),
-                    lit(0i64),
-                ]),
-                Final::Sum(i) => agg(sum_udaf(), vec![c(g + i)], None),
-                Final::Min(i) => agg(min_udaf(), vec![c(g + i)], None),
-                Final::Max(i) => agg(max_udaf(), vec![c(g + i)], None),
-                Final::Avg(s, n) => {
-                    let total = agg(sum_udaf(), vec![c(g + s)], None);
-                    let count = cast(agg(sum_udaf(), vec![c(g + n)], None), DataType::Float64);
-                    total / datafusion::functions::expr_fn::nullif(count, lit(0f64))
-                }
-                Final::Distinct(orig, k) => Expr::AggregateFunction(AggregateFunction::new_udf(
-                    orig.func.clone(),
-                    vec![c(k)],
-                    true,
-                    None,
-                    vec![],
-                    None,
-                )),
-            };
-            e.alias(format!("f{j}"))
+        .map(|f| match f {
+            Final::SumOfCounts(i) => datafusion::functions::expr_fn::coalesce(vec![
+                final_agg(agg(sum_udaf(), vec![c(g + i)], None)),
+                lit(0i64),
+            ]),
+            Final::Sum(i) => final_agg(agg(sum_udaf(), vec![c(g + i)], None)),
+            Final::Min(i) => final_agg(agg(min_udaf(), vec![c(g + i)], None)),
+            Final::Max(i) => final_agg(agg(max_udaf(), vec![c(g + i)], None)),
+            Final::Avg(s, n) => {
+                let total = final_agg(agg(sum_udaf(), vec![c(g + s)], None));
+                let count = cast(
+                    final_agg(agg(sum_udaf(), vec![c(g + n)], None)),
+                    DataType::Float64,
+                );
+                total / datafusion::functions::expr_fn::nullif(count, lit(0f64))
+            }
+            Final::Distinct(orig, k) => final_agg(Expr::AggregateFunction(
+                AggregateFunction::new_udf(orig.func.clone(), vec![c(k)], true, None, vec![], None),
+            )),
         })
         .collect();
+    let final_groups: Vec<Expr> = (0..a.group_expr.len()).map(c).collect();
     let combined = pushed_scan(table, scan, sql, schema)?.aggregate(final_groups, final_aggs)?;
-    let mut names: Vec<String> = (0..a.group_expr.len()).map(|i| format!("c{i}")).collect();
-    names.extend((0..a.aggr_expr.len()).map(|j| format!("f{j}")));
-    Ok(Some(restore_names(combined, &plan, &names)?))
+    let mut exprs: Vec<Expr> = (0..a.group_expr.len()).map(c).collect();
+    exprs.extend(combine);
+    Ok(Some(restore_exprs(combined, &plan, exprs)?))
 }
 
 /// Sends the whole query to one member when every dataset it reads is answered by

@@ -87,9 +87,7 @@ fn unqualify(e: &Expr) -> DfResult<Expr> {
 
 fn to_sql(e: &Expr) -> DfResult<String> {
     let e = unqualify(e)?;
-    Ok(datafusion::sql::unparser::Unparser::default()
-        .expr_to_sql(&e)?
-        .to_string())
+    Ok(super::unparse::unparser().expr_to_sql(&e)?.to_string())
 }
 
 /// True when `e` references only the `member` column.
@@ -106,29 +104,49 @@ fn only_member(e: &Expr) -> bool {
     cols > 0 && !other
 }
 
-/// Evaluates the filters that mention only `member` for one member's name; a filter
-/// that is false or NULL there excludes the member without asking it.
-pub(crate) fn excluded(state: &dyn Session, filters: &[Expr], member: &str) -> DfResult<bool> {
+/// The members of `members` that the filters mentioning only `member` keep, in the
+/// order given: a filter that is false or NULL for a member's name excludes it
+/// without asking it. Each filter is made into a physical expression once and
+/// evaluated over the names still kept, so every (member, filter) pair is evaluated
+/// exactly when it would be by trying the filters member by member.
+pub(crate) fn kept<'a>(
+    state: &dyn Session,
+    filters: &[Expr],
+    members: &'a [String],
+) -> DfResult<Vec<&'a String>> {
+    let mut kept: Vec<&String> = members.iter().collect();
+    let mut member_filters = filters.iter().filter(|f| only_member(f)).peekable();
+    if member_filters.peek().is_none() {
+        return Ok(kept);
+    }
     let schema = Arc::new(Schema::new(vec![Field::new(
         MEMBER_COLUMN,
         DataType::Utf8,
         false,
     )]));
     let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
-    let batch = RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec![member]))])?;
-    for f in filters.iter().filter(|f| only_member(f)) {
+    for f in member_filters {
+        if kept.is_empty() {
+            break;
+        }
+        let names = StringArray::from_iter_values(kept.iter().map(|m| m.as_str()));
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(names)])?;
         let pe = state.create_physical_expr(unqualify(f)?, &df_schema)?;
-        let v = pe.evaluate(&batch)?.into_array(1)?;
-        let keep = v
+        let v = pe.evaluate(&batch)?.into_array(kept.len())?;
+        // A filter that does not evaluate to booleans keeps every member.
+        if let Some(b) = v
             .as_any()
             .downcast_ref::<datafusion::arrow::array::BooleanArray>()
-            .map(|b| b.is_valid(0) && b.value(0))
-            .unwrap_or(true);
-        if !keep {
-            return Ok(true);
+        {
+            let mut i = 0;
+            kept.retain(|_| {
+                let keep = b.is_valid(i) && b.value(i);
+                i += 1;
+                keep
+            });
         }
     }
-    Ok(false)
+    Ok(kept)
 }
 
 #[async_trait]
@@ -217,13 +235,10 @@ impl FederatedTable {
 
     /// The members that serve this dataset and that `filters` on `member` keep.
     pub fn targets(&self, state: &dyn Session, filters: &[Expr]) -> DfResult<Vec<String>> {
-        let mut v = Vec::new();
-        for m in &self.servers {
-            if !excluded(state, filters, m)? {
-                v.push(m.clone());
-            }
-        }
-        Ok(v)
+        Ok(kept(state, filters, &self.servers)?
+            .into_iter()
+            .cloned()
+            .collect())
     }
 
     /// Like [`FederatedTable::member_exec`]; with `whole`, the sub-query is a whole
@@ -241,16 +256,25 @@ impl FederatedTable {
             .map(|(_, l)| l)
             .unwrap_or(&self.dataset.name)
             .to_string();
+        // A whole query names its one member; the others are not asked.
+        let candidates: Vec<String> = match whole {
+            Some((only, _)) => self
+                .servers
+                .iter()
+                .filter(|m| *m == only)
+                .cloned()
+                .collect(),
+            None => self.servers.clone(),
+        };
+        let keep = kept(state, filters, &candidates)?;
         let mut targets = Vec::new();
         let mut pruned = Vec::new();
         for m in &self.servers {
-            if let Some((only, _)) = whole
-                && m != only
-            {
+            if !candidates.contains(m) {
                 pruned.push((m.clone(), label.clone()));
                 continue;
             }
-            if excluded(state, filters, m)? {
+            if !keep.contains(&m) {
                 pruned.push((m.clone(), self.dataset.name.clone()));
                 continue;
             }
