@@ -51,9 +51,14 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// The message of a status, with transport failures explained.
+/// The message of a status, with transport failures explained. A status the gateway
+/// sent is its own explanation; only one made here from a failed connection (which
+/// carries its cause as a source) is explained.
 pub fn describe_status(s: &tonic::Status) -> String {
     let mut text = s.message().to_string();
+    if std::error::Error::source(s).is_none() {
+        return format!("{:?}: {text}", s.code());
+    }
     let mut src = std::error::Error::source(s);
     while let Some(e) = src {
         let t = e.to_string();

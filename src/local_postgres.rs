@@ -85,9 +85,13 @@ impl LocalPostgres {
         };
         let mut ssl = String::new();
         if let Some((cert, key)) = tls {
-            let (c, k) = (pg.dir.path().join("server.crt"), pg.dir.path().join("server.key"));
+            let (c, k) = (
+                pg.dir.path().join("server.crt"),
+                pg.dir.path().join("server.key"),
+            );
             let write = |p: &Path, t: &str| {
-                std::fs::write(p, t).map_err(|e| Error::Config(format!("writing {}: {e}", p.display())))
+                std::fs::write(p, t)
+                    .map_err(|e| Error::Config(format!("writing {}: {e}", p.display())))
             };
             write(&c, cert)?;
             write(&k, key)?;

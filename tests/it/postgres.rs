@@ -328,7 +328,8 @@ async fn column_types_map_faithfully() {
 /// database and cause; the member keeps serving its other datasets.
 #[tokio::test]
 async fn database_problems_are_named_and_other_datasets_keep_serving() {
-    let cases: [(&str, &dyn Fn(&str) -> String, &str); 3] = [
+    type Edit<'a> = &'a dyn Fn(&str) -> String;
+    let cases: [(&str, Edit, &str); 3] = [
         (
             "wrong password",
             &|toml: &str| {
@@ -436,8 +437,14 @@ async fn a_database_down_or_past_the_deadline_is_reported_and_cancelled() {
     pg.stop();
     let f = client.query(sql, false, None).await.unwrap_err();
     let text = f.to_string();
-    assert!(text.contains("member hangzhou is unavailable: database "), "{text}");
-    assert!(!text.contains("nothing is listening"), "the member itself answered: {text}");
+    assert!(
+        text.contains("member hangzhou is unavailable: database "),
+        "{text}"
+    );
+    assert!(
+        !text.contains("nothing is listening"),
+        "the member itself answered: {text}"
+    );
     let st = states(f.summary.as_ref().unwrap());
     assert_eq!(st["hangzhou"].0, MemberState::Unavailable, "{st:?}");
     // Hangzhou's files are still served.
@@ -457,9 +464,11 @@ async fn a_database_down_or_past_the_deadline_is_reported_and_cancelled() {
 #[tokio::test]
 async fn tls_to_the_database_verifies_the_server() {
     let ca = fedgate::pki::Ca::generate("dbs").unwrap();
-    let server = fedgate::identity::Principal::new("dbs", fedgate::identity::Kind::City, "pg")
+    let server =
+        fedgate::identity::Principal::new("dbs", fedgate::identity::Kind::City, "pg").unwrap();
+    let issued = ca
+        .issue(&server, &fedgate::pki::default_hosts(), 2)
         .unwrap();
-    let issued = ca.issue(&server, &fedgate::pki::default_hosts(), 2).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
