@@ -518,3 +518,73 @@ async fn tls_to_the_database_verifies_the_server() {
         .get(0);
     assert!(ssl >= 1, "the verified connection uses TLS");
 }
+
+/// An `aggregate` rule over a dataset in databases: the office gets counts of cells of
+/// at least k, equal to the files', and no records.
+#[tokio::test]
+async fn aggregate_access_over_database_tables_releases_only_cells() {
+    let region = Region::start_with_database(Some(&["hangzhou"]), &|m| {
+        let path = m.dir.join("hangzhou.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let rule = "[[access]]\nprincipals = [\"fedgate://yrd/office/*\"]\n\
+                    datasets = [\"underground_pipelines\"]\nlevel = \"aggregate\"\nmin_group = 10\n\
+                    dimensions = [\"county_code\", \"department\"]\n\n[[access]]";
+        std::fs::write(&path, text.replacen("[[access]]", rule, 1)).unwrap();
+    })
+    .await;
+    let client = region.client("hangzhou");
+    let a = client
+        .query(
+            "SELECT department, count(*) AS n FROM underground_pipelines \
+             WHERE member = 'hangzhou' AND county_code = '330106' \
+             GROUP BY department ORDER BY department",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    let data = region.data().join("hangzhou/pipelines");
+    let count = |file: &str, col: &str, values: &[&str]| {
+        let (h, rows) = read_csv(&data.join(file));
+        let i = h.iter().position(|c| c == col).unwrap();
+        rows.iter()
+            .filter(|r| values.contains(&r[i].as_str()))
+            .count()
+    };
+    let want = [
+        count("gas_lines.csv", "qx_dm", &["330106"]),
+        count("cable_ducts.csv", "area", &["西湖区"]),
+        count("water_mains.csv", "district_code", &["330106"]),
+    ];
+    assert!(want.iter().all(|n| *n >= 10), "{want:?}");
+    let got: Vec<usize> = column_strings(&a.batches, "n")
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(
+        column_strings(&a.batches, "department"),
+        ["gas", "power", "water"]
+    );
+    assert_eq!(got, want);
+    let f = client
+        .query(
+            "SELECT pipe_id FROM underground_pipelines WHERE member = 'hangzhou'",
+            false,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(f.status.code(), tonic::Code::PermissionDenied, "{f}");
+    // One department alone: a plan over one database, cell counting included.
+    let a = client
+        .query(
+            "SELECT count(*) AS n FROM underground_pipelines \
+             WHERE member = 'hangzhou' AND department = 'water'",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    let (_, rows) = read_csv(&data.join("water_mains.csv"));
+    assert_eq!(column_strings(&a.batches, "n"), [rows.len().to_string()]);
+}
