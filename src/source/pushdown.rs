@@ -39,12 +39,159 @@ static SCANS: AtomicU64 = AtomicU64::new(0);
 /// the sub-plans it hands to databases are already simplified, pruned and with
 /// filters pushed down, and the optimizer never has to see through them.
 pub fn push_into_databases(plan: LogicalPlan) -> DfResult<LogicalPlan> {
+    let plan = plan
+        .transform_up(|node| match split_over_union(&node)? {
+            Some(split) => Ok(Transformed::yes(split)),
+            None => Ok(Transformed::no(node)),
+        })?
+        .data;
     let mut changed = false;
     let (plan, owner) = push(plan, &mut changed)?;
     match owner {
         Some(db) => remote_scan(plan, db),
         None => Ok(plan),
     }
+}
+
+/// An aggregate over a union (a dataset mapped from several tables) as a final
+/// aggregate over the union of per-input partial aggregates, so that each input's
+/// database can compute its own part: COUNT and SUM become SUM of the parts, MIN and
+/// MAX of the parts. `None` when the aggregate is not of that form (other functions,
+/// DISTINCT, FILTER, grouping on expressions), and it stays whole.
+fn split_over_union(plan: &LogicalPlan) -> DfResult<Option<LogicalPlan>> {
+    let LogicalPlan::Aggregate(agg) = plan else {
+        return Ok(None);
+    };
+    let LogicalPlan::Union(union) = below_aliases(&agg.input) else {
+        return Ok(None);
+    };
+    let in_schema = agg.input.schema();
+    // Positions in the union's output of the grouping columns and aggregate arguments.
+    let position = |e: &Expr| -> Option<usize> {
+        match e {
+            Expr::Column(c) => in_schema.index_of_column(c).ok(),
+            _ => None,
+        }
+    };
+    let mut groups = Vec::new();
+    for g in &agg.group_expr {
+        match position(g) {
+            Some(i) => groups.push(i),
+            None => return Ok(None),
+        }
+    }
+    // (function, argument position or None for a literal argument as in count(*)).
+    let mut parts = Vec::new();
+    for e in &agg.aggr_expr {
+        let e = match e {
+            Expr::Alias(a) => a.expr.as_ref(),
+            e => e,
+        };
+        let Expr::AggregateFunction(AggregateFunction { func, params }) = e else {
+            return Ok(None);
+        };
+        let name = func.name();
+        if !matches!(name, "count" | "sum" | "min" | "max")
+            || params.distinct
+            || params.filter.is_some()
+            || !params.order_by.is_empty()
+            || params.args.len() != 1
+        {
+            return Ok(None);
+        }
+        let arg = match &params.args[0] {
+            Expr::Literal(..) => None,
+            a => match position(a) {
+                Some(i) => Some(i),
+                None => return Ok(None),
+            },
+        };
+        parts.push((func.clone(), params.args[0].clone(), arg));
+    }
+    let mut partials = Vec::new();
+    for input in &union.inputs {
+        let col = |i: usize| {
+            let (q, f) = input.schema().qualified_field(i);
+            Expr::Column(Column::new(q.cloned(), f.name()))
+        };
+        let group: Vec<Expr> = groups
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| col(i).alias(format!("__g{k}")))
+            .collect();
+        let aggs: Vec<Expr> = parts
+            .iter()
+            .enumerate()
+            .map(|(j, (func, literal, arg))| {
+                let a = arg.map(col).unwrap_or_else(|| literal.clone());
+                Expr::AggregateFunction(AggregateFunction::new_udf(
+                    func.clone(),
+                    vec![a],
+                    false,
+                    None,
+                    vec![],
+                    None,
+                ))
+                .alias(format!("__p{j}"))
+            })
+            .collect();
+        partials.push(
+            LogicalPlanBuilder::from(input.as_ref().clone())
+                .aggregate(group, aggs)?
+                .build()?,
+        );
+    }
+    let mut builder = LogicalPlanBuilder::from(partials.remove(0));
+    for p in partials {
+        builder = builder.union(p)?;
+    }
+    let final_groups: Vec<Expr> = (0..groups.len())
+        .map(|k| Expr::Column(Column::new_unqualified(format!("__g{k}"))))
+        .collect();
+    let final_aggs: Vec<Expr> = parts
+        .iter()
+        .enumerate()
+        .map(|(j, (func, _, _))| {
+            let combine = match func.name() {
+                "count" | "sum" => datafusion::functions_aggregate::sum::sum_udaf(),
+                _ => func.clone(),
+            };
+            Expr::AggregateFunction(AggregateFunction::new_udf(
+                combine,
+                vec![Expr::Column(Column::new_unqualified(format!("__p{j}")))],
+                false,
+                None,
+                vec![],
+                None,
+            ))
+            .alias(format!("__f{j}"))
+        })
+        .collect();
+    let builder = builder.aggregate(final_groups, final_aggs)?;
+    // The original aggregate's columns, under their original names and types.
+    let out: Vec<Expr> = agg
+        .schema
+        .iter()
+        .enumerate()
+        .map(|(i, (q, f))| {
+            let name = if i < groups.len() {
+                format!("__g{i}")
+            } else {
+                format!("__f{}", i - groups.len())
+            };
+            let e = Expr::Column(Column::new_unqualified(name));
+            let e = if f.data_type() == &DataType::Int64 {
+                e
+            } else {
+                Expr::Cast(Cast::new(Box::new(e), f.data_type().clone()))
+            };
+            e.alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    if agg.schema.fields().len() != groups.len() + parts.len() {
+        return Ok(None);
+    }
+    Ok(Some(builder.project(out)?.build()?))
 }
 
 /// The database and remote name of a scan, when it reads a database table.
@@ -313,6 +460,24 @@ fn cast_ok(e: &Expr, to: &DataType, schema: &DFSchema) -> bool {
 /// Replaces `plan`, which `db` can run entirely, with a scan of its answer there.
 fn remote_scan(plan: LogicalPlan, db: Arc<PgDatabase>) -> DfResult<LogicalPlan> {
     let schema = plan.schema().clone();
+    // The result is read by position, so the SQL must list the columns in the plan's
+    // order; the unparser writes an aggregate at the top with its aggregates before
+    // its groups, so it gets a projection in the plan's order.
+    let plan = match plan {
+        other @ LogicalPlan::Aggregate(_) => {
+            let cols: Vec<Expr> = other
+                .schema()
+                .columns()
+                .into_iter()
+                .map(Expr::Column)
+                .collect();
+            LogicalPlan::Projection(datafusion::logical_expr::Projection::try_new(
+                cols,
+                Arc::new(other),
+            )?)
+        }
+        plan => plan,
+    };
     let sql = to_sql(plan)?;
     let fields: Vec<Field> = schema
         .fields()

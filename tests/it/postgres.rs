@@ -588,3 +588,58 @@ async fn aggregate_access_over_database_tables_releases_only_cells() {
     let (_, rows) = read_csv(&data.join("water_mains.csv"));
     assert_eq!(column_strings(&a.batches, "n"), [rows.len().to_string()]);
 }
+
+/// An aggregate over a dataset mapped from several databases is split: each database
+/// computes its own part, and the member combines the parts.
+#[tokio::test]
+async fn an_aggregate_over_several_databases_runs_in_each() {
+    let region = Region::start_with_database(Some(&["hangzhou"]), &|_| {}).await;
+    let client = region.client("hangzhou");
+    let sql = "SELECT department, count(*) AS n, min(laid_on) AS first, max(diameter_mm) AS widest \
+               FROM underground_pipelines WHERE member = 'hangzhou' \
+               GROUP BY department ORDER BY department";
+    let e = client.explain(sql).await.unwrap();
+    let by_db: BTreeMap<String, String> = e
+        .database_statements
+        .iter()
+        .map(|s| (s.database.clone(), s.sql.clone()))
+        .collect();
+    assert_eq!(by_db.len(), 3, "{by_db:?}");
+    for (db, sql) in &by_db {
+        assert!(sql.contains("GROUP BY"), "{db}: {sql}");
+    }
+    let a = client.query(sql, false, None).await.unwrap();
+    let data = region.data().join("hangzhou/pipelines");
+    let stats = |file: &str, date: &str, width: &str| {
+        let (h, rows) = read_csv(&data.join(file));
+        let (d, w) = (
+            h.iter().position(|c| c == date).unwrap(),
+            h.iter().position(|c| c == width).unwrap(),
+        );
+        (
+            rows.len().to_string(),
+            rows.iter().map(|r| r[d].clone()).min().unwrap(),
+            rows.iter()
+                .map(|r| r[w].parse::<i64>().unwrap())
+                .max()
+                .unwrap()
+                .to_string(),
+        )
+    };
+    let want = [
+        stats("gas_lines.csv", "laid_on", "dn"),
+        stats("cable_ducts.csv", "commissioned", "duct_width_mm"),
+        stats("water_mains.csv", "laid_on", "diameter_mm"),
+    ];
+    let got: Vec<(String, String, String)> = column_strings(&a.batches, "n")
+        .into_iter()
+        .zip(column_strings(&a.batches, "first"))
+        .zip(column_strings(&a.batches, "widest"))
+        .map(|((n, f), w)| (n, f, w))
+        .collect();
+    assert_eq!(
+        column_strings(&a.batches, "department"),
+        ["gas", "power", "water"]
+    );
+    assert_eq!(got, want);
+}
