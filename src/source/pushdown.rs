@@ -56,9 +56,11 @@ pub fn push_into_databases(plan: LogicalPlan) -> DfResult<LogicalPlan> {
 /// An aggregate over a union (a dataset mapped from several tables) as a final
 /// aggregate over the union of per-input partial aggregates, so that each input's
 /// database can compute its own part: COUNT and SUM become SUM of the parts, MIN and
-/// MAX of the parts. `None` when the aggregate is not of that form (other functions,
-/// DISTINCT, FILTER, grouping on expressions), and it stays whole.
+/// MAX of the parts, AVG (of integers and floats) the sum of the parts' sums over the
+/// sum of their counts. `None` when the aggregate is not of that form (other
+/// functions, DISTINCT, FILTER, grouping on expressions), and it stays whole.
 fn split_over_union(plan: &LogicalPlan) -> DfResult<Option<LogicalPlan>> {
+    use datafusion::functions_aggregate::{count::count_udaf, sum::sum_udaf};
     let LogicalPlan::Aggregate(agg) = plan else {
         return Ok(None);
     };
@@ -80,7 +82,11 @@ fn split_over_union(plan: &LogicalPlan) -> DfResult<Option<LogicalPlan>> {
             None => return Ok(None),
         }
     }
-    // (function, argument position or None for a literal argument as in count(*)).
+    if agg.schema.fields().len() != groups.len() + agg.aggr_expr.len() {
+        return Ok(None);
+    }
+    // Each aggregate as (function, its argument: a literal as in count(*), or a
+    // position in the union's output).
     let mut parts = Vec::new();
     for e in &agg.aggr_expr {
         let e = match e {
@@ -90,13 +96,11 @@ fn split_over_union(plan: &LogicalPlan) -> DfResult<Option<LogicalPlan>> {
         let Expr::AggregateFunction(AggregateFunction { func, params }) = e else {
             return Ok(None);
         };
-        let name = func.name();
-        if !matches!(name, "count" | "sum" | "min" | "max")
-            || params.distinct
-            || params.filter.is_some()
-            || !params.order_by.is_empty()
-            || params.args.len() != 1
-        {
+        let plain = !params.distinct
+            && params.filter.is_none()
+            && params.order_by.is_empty()
+            && params.args.len() == 1;
+        if !plain || !matches!(func.name(), "count" | "sum" | "min" | "max" | "avg") {
             return Ok(None);
         }
         let arg = match &params.args[0] {
@@ -106,8 +110,36 @@ fn split_over_union(plan: &LogicalPlan) -> DfResult<Option<LogicalPlan>> {
                 None => return Ok(None),
             },
         };
+        // AVG is split as a sum and a count, for integers and floats only: a
+        // decimal average's scale would differ from DataFusion's own.
+        if func.name() == "avg" {
+            let numeric = arg.is_some_and(|i| {
+                matches!(
+                    in_schema.field(i).data_type(),
+                    DataType::Int16
+                        | DataType::Int32
+                        | DataType::Int64
+                        | DataType::Float32
+                        | DataType::Float64
+                )
+            });
+            if !numeric {
+                return Ok(None);
+            }
+        }
         parts.push((func.clone(), params.args[0].clone(), arg));
     }
+    let call = |f: Arc<datafusion::logical_expr::AggregateUDF>, arg: Expr| {
+        Expr::AggregateFunction(AggregateFunction::new_udf(
+            f,
+            vec![arg],
+            false,
+            None,
+            vec![],
+            None,
+        ))
+    };
+    let partial_col = |k: usize| Expr::Column(Column::new_unqualified(format!("__p{k}")));
     let mut partials = Vec::new();
     for input in &union.inputs {
         let col = |i: usize| {
@@ -119,22 +151,18 @@ fn split_over_union(plan: &LogicalPlan) -> DfResult<Option<LogicalPlan>> {
             .enumerate()
             .map(|(k, &i)| col(i).alias(format!("__g{k}")))
             .collect();
-        let aggs: Vec<Expr> = parts
-            .iter()
-            .enumerate()
-            .map(|(j, (func, literal, arg))| {
-                let a = arg.map(col).unwrap_or_else(|| literal.clone());
-                Expr::AggregateFunction(AggregateFunction::new_udf(
-                    func.clone(),
-                    vec![a],
-                    false,
-                    None,
-                    vec![],
-                    None,
-                ))
-                .alias(format!("__p{j}"))
-            })
-            .collect();
+        let mut aggs = Vec::new();
+        for (func, literal, arg) in &parts {
+            let a = arg.map(col).unwrap_or_else(|| literal.clone());
+            if func.name() == "avg" {
+                let k = aggs.len();
+                aggs.push(call(sum_udaf(), a.clone()).alias(format!("__p{k}")));
+                aggs.push(call(count_udaf(), a).alias(format!("__p{}", k + 1)));
+            } else {
+                let k = aggs.len();
+                aggs.push(call(func.clone(), a).alias(format!("__p{k}")));
+            }
+        }
         partials.push(
             LogicalPlanBuilder::from(input.as_ref().clone())
                 .aggregate(group, aggs)?
@@ -148,48 +176,55 @@ fn split_over_union(plan: &LogicalPlan) -> DfResult<Option<LogicalPlan>> {
     let final_groups: Vec<Expr> = (0..groups.len())
         .map(|k| Expr::Column(Column::new_unqualified(format!("__g{k}"))))
         .collect();
-    let final_aggs: Vec<Expr> = parts
-        .iter()
-        .enumerate()
-        .map(|(j, (func, _, _))| {
-            let combine = match func.name() {
-                "count" | "sum" => datafusion::functions_aggregate::sum::sum_udaf(),
-                _ => func.clone(),
-            };
-            Expr::AggregateFunction(AggregateFunction::new_udf(
-                combine,
-                vec![Expr::Column(Column::new_unqualified(format!("__p{j}")))],
-                false,
-                None,
-                vec![],
-                None,
-            ))
-            .alias(format!("__f{j}"))
-        })
-        .collect();
-    let builder = builder.aggregate(final_groups, final_aggs)?;
+    // Combining aggregates, and for each original aggregate the expression over them.
+    let mut combine = Vec::new();
+    let mut results = Vec::new();
+    let mut k = 0;
+    for (func, _, _) in &parts {
+        match func.name() {
+            "avg" => {
+                combine.push(call(sum_udaf(), partial_col(k)).alias(format!("__f{k}")));
+                combine.push(call(sum_udaf(), partial_col(k + 1)).alias(format!("__f{}", k + 1)));
+                let f = |k: usize| {
+                    Expr::Cast(Cast::new(
+                        Box::new(Expr::Column(Column::new_unqualified(format!("__f{k}")))),
+                        DataType::Float64,
+                    ))
+                };
+                // No non-NULL value in the group: AVG is NULL, not 0/0.
+                results.push(
+                    f(k) / datafusion::functions::expr_fn::nullif(
+                        f(k + 1),
+                        datafusion::prelude::lit(0.0),
+                    ),
+                );
+                k += 2;
+            }
+            name => {
+                let f = if matches!(name, "count" | "sum") {
+                    sum_udaf()
+                } else {
+                    func.clone()
+                };
+                combine.push(call(f, partial_col(k)).alias(format!("__f{k}")));
+                results.push(Expr::Column(Column::new_unqualified(format!("__f{k}"))));
+                k += 1;
+            }
+        }
+    }
+    let builder = builder.aggregate(final_groups, combine)?;
     // The original aggregate's columns, under their original names and types.
-    let out: Vec<Expr> = agg
-        .schema
-        .iter()
-        .enumerate()
-        .map(|(i, (q, f))| {
-            let name = if i < groups.len() {
-                format!("__g{i}")
-            } else {
-                format!("__f{}", i - groups.len())
-            };
-            let e = Expr::Column(Column::new_unqualified(name));
-            let e = if f.data_type() == &DataType::Int64 {
-                e
-            } else {
-                Expr::Cast(Cast::new(Box::new(e), f.data_type().clone()))
-            };
-            e.alias_qualified(q.cloned(), f.name())
-        })
-        .collect();
-    if agg.schema.fields().len() != groups.len() + parts.len() {
-        return Ok(None);
+    let mut out = Vec::new();
+    for (i, (q, f)) in agg.schema.iter().enumerate() {
+        let e = if i < groups.len() {
+            Expr::Column(Column::new_unqualified(format!("__g{i}")))
+        } else {
+            results[i - groups.len()].clone()
+        };
+        out.push(
+            Expr::Cast(Cast::new(Box::new(e), f.data_type().clone()))
+                .alias_qualified(q.cloned(), f.name()),
+        );
     }
     Ok(Some(builder.project(out)?.build()?))
 }

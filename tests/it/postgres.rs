@@ -595,8 +595,8 @@ async fn aggregate_access_over_database_tables_releases_only_cells() {
 async fn an_aggregate_over_several_databases_runs_in_each() {
     let region = Region::start_with_database(Some(&["hangzhou"]), &|_| {}).await;
     let client = region.client("hangzhou");
-    let sql = "SELECT department, count(*) AS n, min(laid_on) AS first, max(diameter_mm) AS widest \
-               FROM underground_pipelines WHERE member = 'hangzhou' \
+    let sql = "SELECT department, count(*) AS n, min(laid_on) AS first, max(diameter_mm) AS widest, \
+               round(avg(length_m), 6) AS mean FROM underground_pipelines WHERE member = 'hangzhou' \
                GROUP BY department ORDER BY department";
     let e = client.explain(sql).await.unwrap();
     let by_db: BTreeMap<String, String> = e
@@ -616,7 +616,10 @@ async fn an_aggregate_over_several_databases_runs_in_each() {
             h.iter().position(|c| c == date).unwrap(),
             h.iter().position(|c| c == width).unwrap(),
         );
+        let l = h.iter().position(|c| c == "length_m").unwrap();
+        let total: f64 = rows.iter().map(|r| r[l].parse::<f64>().unwrap()).sum();
         (
+            format!("{:.6}", total / rows.len() as f64),
             rows.len().to_string(),
             rows.iter().map(|r| r[d].clone()).min().unwrap(),
             rows.iter()
@@ -631,11 +634,13 @@ async fn an_aggregate_over_several_databases_runs_in_each() {
         stats("cable_ducts.csv", "commissioned", "duct_width_mm"),
         stats("water_mains.csv", "laid_on", "diameter_mm"),
     ];
-    let got: Vec<(String, String, String)> = column_strings(&a.batches, "n")
+    let got: Vec<(String, String, String, String)> = column_strings(&a.batches, "mean")
         .into_iter()
+        .map(|m| format!("{:.6}", m.parse::<f64>().unwrap()))
+        .zip(column_strings(&a.batches, "n"))
         .zip(column_strings(&a.batches, "first"))
         .zip(column_strings(&a.batches, "widest"))
-        .map(|((n, f), w)| (n, f, w))
+        .map(|(((m, n), f), w)| (m, n, f, w))
         .collect();
     assert_eq!(
         column_strings(&a.batches, "department"),
