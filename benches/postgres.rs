@@ -112,15 +112,7 @@ fn main() {
         .unwrap_or(7);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let pg = tokio::task::spawn_blocking(move || LocalPostgres::start(port))
-            .await
-            .unwrap()
-            .unwrap();
+        let pg = LocalPostgres::launch(None).await.unwrap();
         pg.connect("postgres")
             .await
             .unwrap()

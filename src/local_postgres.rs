@@ -57,14 +57,23 @@ fn is_root() -> bool {
 }
 
 impl LocalPostgres {
-    /// Creates a cluster and starts it on `127.0.0.1:port`.
-    pub fn start(port: u16) -> Result<LocalPostgres> {
-        Self::start_with_tls(port, None)
+    /// Creates a cluster and starts it on a free loopback port, off the async
+    /// runtime's threads (initdb and pg_ctl take seconds); with `tls`, a certificate
+    /// and key (PEM) it also accepts TLS with.
+    pub async fn launch(tls: Option<(String, String)>) -> Result<LocalPostgres> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| Error::Config(format!("finding a free port for PostgreSQL: {e}")))?
+            .port();
+        tokio::task::spawn_blocking(move || {
+            Self::start_blocking(port, tls.as_ref().map(|(c, k)| (c.as_str(), k.as_str())))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("starting PostgreSQL: {e}")))?
     }
 
-    /// Like [`LocalPostgres::start`], accepting TLS with the given certificate and
-    /// key (PEM) besides plain connections.
-    pub fn start_with_tls(port: u16, tls: Option<(&str, &str)>) -> Result<LocalPostgres> {
+    /// Creates a cluster and starts it on `127.0.0.1:port` (blocking).
+    fn start_blocking(port: u16, tls: Option<(&str, &str)>) -> Result<LocalPostgres> {
         let bindir = bindir()?;
         let run_as = is_root().then(|| "postgres".to_string());
         let dir = tempfile::Builder::new()

@@ -566,12 +566,7 @@ fn audit_verify(file: &Path, head: Option<&Receipt>) -> Result<ExitCode> {
 /// Starts a local PostgreSQL server on a free loopback port and loads the sample
 /// region's databases into it.
 async fn start_demo_database(source: &Path) -> Result<fedgate::local_postgres::LocalPostgres> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let pg =
-        tokio::task::spawn_blocking(move || fedgate::local_postgres::LocalPostgres::start(port))
-            .await??;
+    let pg = fedgate::local_postgres::LocalPostgres::launch(None).await?;
     fedgate::demo::load_databases(&pg, &source.join("data")).await?;
     Ok(pg)
 }

@@ -1160,42 +1160,17 @@ fn validate_databases(path: &Path, raw: &[RawDatabase], pr: &mut Problems) -> Ve
                 format!("database {:?} is declared twice", d.name),
             );
         }
-        let password = match (&d.password_file, &d.password_env) {
-            (Some(_), Some(_)) => {
-                pr.add(
-                    path,
-                    format!("{key}.password_file"),
-                    "set password_file or password_env, not both",
-                );
-                Secret(None)
-            }
-            (Some(f), None) => {
-                let file = resolve(path, f);
-                match std::fs::read_to_string(&file) {
-                    Ok(t) => Secret(Some(t.trim_end_matches(['\r', '\n']).to_string())),
-                    Err(e) => {
-                        pr.add(
-                            path,
-                            format!("{key}.password_file"),
-                            format!("reading {}: {e}", file.display()),
-                        );
-                        Secret(None)
-                    }
-                }
-            }
-            (None, Some(var)) => match std::env::var(var) {
-                Ok(v) => Secret(Some(v)),
-                Err(_) => {
-                    pr.add(
-                        path,
-                        format!("{key}.password_env"),
-                        format!("environment variable {var} is not set"),
-                    );
-                    Secret(None)
-                }
-            },
-            (None, None) => Secret(None),
-        };
+        let password = read_secret(
+            path,
+            (&format!("{key}.password_file"), d.password_file.as_ref()),
+            (&format!("{key}.password_env"), d.password_env.as_ref()),
+            pr,
+        )
+        .map(|(_, b)| {
+            let text = String::from_utf8_lossy(&b);
+            Secret(Some(text.trim_end_matches(['\r', '\n']).to_string()))
+        })
+        .unwrap_or_default();
         let file = |k: &str, p: &Option<PathBuf>, pr: &mut Problems| -> Option<PathBuf> {
             let p = resolve(path, p.as_ref()?);
             if !p.is_file() {
@@ -1297,6 +1272,49 @@ fn validate_databases(path: &Path, raw: &[RawDatabase], pr: &mut Problems) -> Ve
     out
 }
 
+/// Reads a secret given either as a file (relative to the member file) or as an
+/// environment variable, never both: the key it was given under and its bytes, or
+/// `None` (with the problem recorded when one was given but cannot be read).
+fn read_secret(
+    path: &Path,
+    (file_key, file): (&str, Option<&PathBuf>),
+    (env_key, env): (&str, Option<&String>),
+    pr: &mut Problems,
+) -> Option<(String, Vec<u8>)> {
+    match (file, env) {
+        (Some(_), Some(_)) => {
+            pr.add(
+                path,
+                file_key,
+                format!("set {file_key} or {env_key}, not both"),
+            );
+            None
+        }
+        (Some(f), None) => {
+            let full = resolve(path, f);
+            match std::fs::read(&full) {
+                Ok(b) => Some((file_key.to_string(), b)),
+                Err(e) => {
+                    pr.add(path, file_key, format!("reading {}: {e}", full.display()));
+                    None
+                }
+            }
+        }
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(v) => Some((env_key.to_string(), v.into_bytes())),
+            Err(_) => {
+                pr.add(
+                    path,
+                    env_key,
+                    format!("environment variable {var} is not set"),
+                );
+                None
+            }
+        },
+        (None, None) => None,
+    }
+}
+
 /// Reads the `hmac` masks' key when a rule uses one.
 fn load_hmac_key(
     path: &Path,
@@ -1307,43 +1325,20 @@ fn load_hmac_key(
     let used = access
         .iter()
         .any(|r| r.masks.values().any(|m| *m == crate::masking::Mask::Hmac));
-    let key: Option<(String, Vec<u8>)> = match (&raw.hmac_key, &raw.hmac_key_env) {
-        (Some(_), Some(_)) => {
-            pr.add(path, "hmac_key", "set hmac_key or hmac_key_env, not both");
-            None
-        }
-        (Some(f), None) => {
-            let file = resolve(path, f);
-            match std::fs::read(&file) {
-                Ok(b) => Some(("hmac_key".into(), b.trim_ascii().to_vec())),
-                Err(e) => {
-                    pr.add(path, "hmac_key", format!("reading {}: {e}", file.display()));
-                    None
-                }
-            }
-        }
-        (None, Some(var)) => match std::env::var(var) {
-            Ok(v) => Some(("hmac_key_env".into(), v.trim().as_bytes().to_vec())),
-            Err(_) => {
-                pr.add(
-                    path,
-                    "hmac_key_env",
-                    format!("environment variable {var} is not set"),
-                );
-                None
-            }
-        },
-        (None, None) => {
-            if used {
-                pr.add(
-                    path,
-                    "hmac_key",
-                    "an access rule uses the hmac mask, so the member needs a secret key (hmac_key = FILE or hmac_key_env = VAR)",
-                );
-            }
-            None
-        }
-    };
+    let key = read_secret(
+        path,
+        ("hmac_key", raw.hmac_key.as_ref()),
+        ("hmac_key_env", raw.hmac_key_env.as_ref()),
+        pr,
+    )
+    .map(|(k, b)| (k, b.trim_ascii().to_vec()));
+    if used && raw.hmac_key.is_none() && raw.hmac_key_env.is_none() {
+        pr.add(
+            path,
+            "hmac_key",
+            "an access rule uses the hmac mask, so the member needs a secret key (hmac_key = FILE or hmac_key_env = VAR)",
+        );
+    }
     match key {
         Some((k, b)) if b.len() < 16 => {
             pr.add(

@@ -41,6 +41,34 @@ pub struct SubQuery {
     pub note: Arc<Note>,
 }
 
+impl SubQuery {
+    /// The sub-query as the data owner sees it when it arrives through `via`.
+    fn ask<'a>(&'a self, via: &'a Principal) -> owner::Ask<'a> {
+        owner::Ask {
+            via,
+            origin: &self.origin,
+            purpose: self.purpose.as_deref(),
+            query_id: &self.query_id,
+            sql: &self.sql,
+        }
+    }
+
+    /// The sub-query as a `Peer` request, with its budget as the gRPC timeout.
+    fn request(&self) -> tonic::Request<ExecuteRequest> {
+        let mut req = tonic::Request::new(ExecuteRequest {
+            sql: self.sql.clone(),
+            origin: self.origin.uri(),
+            hops: self.path.len() as u32,
+            path: self.path.clone(),
+            budget_ms: self.budget.as_millis() as u64,
+            query_id: self.query_id.clone(),
+            purpose: self.purpose.clone().unwrap_or_default(),
+        });
+        req.set_timeout(self.budget);
+        req
+    }
+}
+
 /// Batches from a member, each error already a member error naming it.
 pub type MemberStream = BoxStream<'static, Result<RecordBatch>>;
 
@@ -153,34 +181,16 @@ impl MemberClient {
         match self {
             MemberClient::Local {
                 name, engine, me, ..
-            } => {
-                let ask = owner::Ask {
-                    via: me,
-                    origin: &q.origin,
-                    purpose: q.purpose.as_deref(),
-                    query_id: &q.query_id,
-                    sql: &q.sql,
-                };
-                owner::explain(engine, &ask)
-                    .await
-                    .map_err(|e| member_error(name, e))
-            }
+            } => owner::explain(engine, &q.ask(me))
+                .await
+                .map_err(|e| member_error(name, e)),
             MemberClient::Remote {
                 name,
                 endpoint,
                 client,
             } => {
                 let budget = q.budget;
-                let mut req = tonic::Request::new(ExecuteRequest {
-                    sql: q.sql,
-                    origin: q.origin.uri(),
-                    hops: q.path.len() as u32,
-                    path: q.path,
-                    budget_ms: q.budget.as_millis() as u64,
-                    query_id: q.query_id,
-                    purpose: q.purpose.unwrap_or_default(),
-                });
-                req.set_timeout(budget);
+                let req = q.request();
                 let response = client
                     .clone()
                     .explain(req)
@@ -205,13 +215,7 @@ impl MemberClient {
                 me,
                 audit,
             } => {
-                let ask = owner::Ask {
-                    via: me,
-                    origin: &q.origin,
-                    purpose: q.purpose.as_deref(),
-                    query_id: &q.query_id,
-                    sql: &q.sql,
-                };
+                let ask = q.ask(me);
                 let stream = owner::answer(engine, audit, ask, q.note.clone())
                     .await
                     .map_err(|e| member_error(name, e))?;
@@ -226,16 +230,7 @@ impl MemberClient {
                 client,
             } => {
                 let budget = q.budget;
-                let mut req = tonic::Request::new(ExecuteRequest {
-                    sql: q.sql,
-                    origin: q.origin.uri(),
-                    hops: q.path.len() as u32,
-                    path: q.path,
-                    budget_ms: q.budget.as_millis() as u64,
-                    query_id: q.query_id,
-                    purpose: q.purpose.unwrap_or_default(),
-                });
-                req.set_timeout(budget);
+                let req = q.request();
                 let response = client
                     .clone()
                     .execute(req)

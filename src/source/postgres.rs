@@ -18,8 +18,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use arrow::array::{
     ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder, Float64Builder,
     Int16Builder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
-    TimestampMicrosecondBuilder, TimestampMillisecondBuilder, TimestampNanosecondBuilder,
-    TimestampSecondBuilder,
+    TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use async_trait::async_trait;
@@ -281,8 +280,10 @@ fn pg_cast(t: &DataType) -> Option<String> {
         DataType::Boolean => "bool".into(),
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "text".into(),
         DataType::Date32 => "date".into(),
-        DataType::Timestamp(_, None) => "timestamp".into(),
-        DataType::Timestamp(_, Some(_)) => "timestamptz".into(),
+        // PostgreSQL keeps microseconds; a plan wanting another unit reads nothing
+        // from the database and converts in the gateway.
+        DataType::Timestamp(TimeUnit::Microsecond, None) => "timestamp".into(),
+        DataType::Timestamp(TimeUnit::Microsecond, Some(_)) => "timestamptz".into(),
         // Decimals travel as text, parsed exactly at the scale the plan expects.
         DataType::Decimal128(p, s) => format!("numeric({p},{s})"),
         DataType::Null => "text".into(),
@@ -341,30 +342,36 @@ pub fn typed_select(
     Ok(sql)
 }
 
-/// A table in a database, as the member's private context sees it.
+/// A table in a database, as the member's private context sees it: the query of all
+/// its columns, with the name the pushdown rule writes into SQL.
 #[derive(Debug)]
 pub struct PgTable {
-    db: Arc<PgDatabase>,
     schema_name: String,
     table: String,
-    schema: SchemaRef,
+    all: PgQuery,
 }
 
 impl PgTable {
     /// Discovers `schema.table` in `db`.
     pub async fn discover(db: Arc<PgDatabase>, schema: &str, table: &str) -> Result<PgTable> {
         let cols = db.discover(schema, table).await?;
+        let names: Vec<String> = cols.fields().iter().map(|f| quote(f.name())).collect();
+        let sql = format!(
+            "SELECT {} FROM {}.{}",
+            names.join(", "),
+            quote(schema),
+            quote(table)
+        );
         Ok(PgTable {
-            db,
             schema_name: schema.to_string(),
             table: table.to_string(),
-            schema: cols,
+            all: PgQuery::new(db, sql, cols),
         })
     }
 
     /// The database.
     pub fn database(&self) -> &Arc<PgDatabase> {
-        &self.db
+        &self.all.db
     }
 
     /// The table's schema-qualified name on the server.
@@ -376,7 +383,7 @@ impl PgTable {
 #[async_trait]
 impl TableProvider for PgTable {
     fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+        self.all.schema()
     }
 
     fn table_type(&self) -> TableType {
@@ -389,40 +396,17 @@ impl TableProvider for PgTable {
     ) -> DfResult<Vec<TableProviderFilterPushDown>> {
         // Filters stay in the plan, where the pushdown rule moves whole sub-plans
         // (filters included) into the database when every expression can go there.
-        Ok(vec![
-            TableProviderFilterPushDown::Unsupported;
-            filters.len()
-        ])
+        self.all.supports_filters_pushdown(filters)
     }
 
     async fn scan(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
+        filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let cols: Vec<String> = self
-            .schema
-            .fields()
-            .iter()
-            .map(|f| quote(f.name()))
-            .collect();
-        let inner = format!(
-            "SELECT {} FROM {}.{}",
-            cols.join(", "),
-            quote(&self.schema_name),
-            quote(&self.table)
-        );
-        PgExec::try_new(
-            self.db.clone(),
-            &inner,
-            self.schema.fields(),
-            projection.map(|p| p.as_slice()),
-            limit,
-        )
-        .map(|e| Arc::new(e) as Arc<dyn ExecutionPlan>)
-        .map_err(Error::into_datafusion)
+        self.all.scan(state, projection, filters, limit).await
     }
 }
 
@@ -701,10 +685,7 @@ enum Col {
     Bool(BooleanBuilder),
     Text(StringBuilder),
     Date(Date32Builder),
-    TsS(TimestampSecondBuilder),
-    TsMs(TimestampMillisecondBuilder),
-    TsUs(TimestampMicrosecondBuilder),
-    TsNs(TimestampNanosecondBuilder),
+    Ts(TimestampMicrosecondBuilder),
     Dec(Decimal128Builder, u8, i8),
     Null(usize),
 }
@@ -732,17 +713,8 @@ impl Batch {
                 DataType::Float64 => Col::F64(Float64Builder::with_capacity(n)),
                 DataType::Boolean => Col::Bool(BooleanBuilder::with_capacity(n)),
                 DataType::Date32 => Col::Date(Date32Builder::with_capacity(n)),
-                DataType::Timestamp(TimeUnit::Second, _) => {
-                    Col::TsS(TimestampSecondBuilder::with_capacity(n))
-                }
-                DataType::Timestamp(TimeUnit::Millisecond, _) => {
-                    Col::TsMs(TimestampMillisecondBuilder::with_capacity(n))
-                }
                 DataType::Timestamp(TimeUnit::Microsecond, _) => {
-                    Col::TsUs(TimestampMicrosecondBuilder::with_capacity(n))
-                }
-                DataType::Timestamp(TimeUnit::Nanosecond, _) => {
-                    Col::TsNs(TimestampNanosecondBuilder::with_capacity(n))
+                    Col::Ts(TimestampMicrosecondBuilder::with_capacity(n))
                 }
                 DataType::Decimal128(p, s) => Col::Dec(Decimal128Builder::with_capacity(n), *p, *s),
                 DataType::Null => Col::Null(0),
@@ -771,19 +743,10 @@ impl Batch {
                     None => b.append_null(),
                     Some(r) => b.append_value(be_i32(r.0)?.saturating_add(PG_EPOCH_DAYS)),
                 },
-                Col::TsS(_) | Col::TsMs(_) | Col::TsUs(_) | Col::TsNs(_) => {
-                    let micros = match row.try_get::<_, Option<Raw>>(i).map_err(get_err)? {
-                        None => None,
-                        Some(r) => Some(be_i64(r.0)?.saturating_add(PG_EPOCH_MICROS)),
-                    };
-                    match col {
-                        Col::TsS(b) => b.append_option(micros.map(|m| m.div_euclid(1_000_000))),
-                        Col::TsMs(b) => b.append_option(micros.map(|m| m.div_euclid(1_000))),
-                        Col::TsUs(b) => b.append_option(micros),
-                        Col::TsNs(b) => b.append_option(micros.map(|m| m.saturating_mul(1_000))),
-                        _ => unreachable!("matched above"),
-                    }
-                }
+                Col::Ts(b) => match row.try_get::<_, Option<Raw>>(i).map_err(get_err)? {
+                    None => b.append_null(),
+                    Some(r) => b.append_value(be_i64(r.0)?.saturating_add(PG_EPOCH_MICROS)),
+                },
                 Col::Dec(b, p, s) => match row.try_get::<_, Option<&str>>(i).map_err(get_err)? {
                     None => b.append_null(),
                     Some(t) => {
@@ -828,10 +791,7 @@ impl Batch {
                         }
                     }
                     Col::Date(mut b) => Arc::new(b.finish()),
-                    Col::TsS(mut b) => Arc::new(b.finish().with_data_type(f.data_type().clone())),
-                    Col::TsMs(mut b) => Arc::new(b.finish().with_data_type(f.data_type().clone())),
-                    Col::TsUs(mut b) => Arc::new(b.finish().with_data_type(f.data_type().clone())),
-                    Col::TsNs(mut b) => Arc::new(b.finish().with_data_type(f.data_type().clone())),
+                    Col::Ts(mut b) => Arc::new(b.finish().with_data_type(f.data_type().clone())),
                     Col::Dec(mut b, p, s) => Arc::new(
                         b.finish()
                             .with_precision_and_scale(p, s)

@@ -45,8 +45,7 @@ pub fn push_into_databases(plan: LogicalPlan) -> DfResult<LogicalPlan> {
             None => Ok(Transformed::no(node)),
         })?
         .data;
-    let mut changed = false;
-    let (plan, owner) = push(plan, &mut changed)?;
+    let (plan, owner) = push(plan)?;
     match owner {
         Some(db) => remote_scan(plan, db),
         None => Ok(plan),
@@ -244,7 +243,7 @@ fn table_of(scan: &TableScan) -> Option<(Arc<PgDatabase>, String, String)> {
 
 /// Rewrites the children of `plan` and says which database, if exactly one, could run
 /// all of `plan`.
-fn push(plan: LogicalPlan, changed: &mut bool) -> DfResult<(LogicalPlan, Option<Arc<PgDatabase>>)> {
+fn push(plan: LogicalPlan) -> DfResult<(LogicalPlan, Option<Arc<PgDatabase>>)> {
     if let LogicalPlan::TableScan(scan) = &plan {
         let owner = table_of(scan)
             .filter(|_| scan.filters.is_empty())
@@ -254,7 +253,7 @@ fn push(plan: LogicalPlan, changed: &mut bool) -> DfResult<(LogicalPlan, Option<
     let mut owners: Vec<Option<Arc<PgDatabase>>> = Vec::new();
     let plan = plan
         .map_children(|c| {
-            let (c, o) = push(c, changed)?;
+            let (c, o) = push(c)?;
             owners.push(o);
             Ok(Transformed::no(c))
         })?
@@ -277,10 +276,7 @@ fn push(plan: LogicalPlan, changed: &mut bool) -> DfResult<(LogicalPlan, Option<
     let mut owners = owners.into_iter();
     let plan = plan
         .map_children(|c| match owners.next().flatten() {
-            Some(db) => {
-                *changed = true;
-                Ok(Transformed::yes(remote_scan(c, db)?))
-            }
+            Some(db) => Ok(Transformed::yes(remote_scan(c, db)?)),
             None => Ok(Transformed::no(c)),
         })?
         .data;

@@ -4,16 +4,9 @@
 async fn every_shipped_config_passes_check() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("federation-configs");
     // Hangzhou's pipelines are in PostgreSQL: check reads them from a live server.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let pg =
-        tokio::task::spawn_blocking(move || fedgate::local_postgres::LocalPostgres::start(port))
-            .await
-            .unwrap()
-            .unwrap();
+    let pg = fedgate::local_postgres::LocalPostgres::launch(None)
+        .await
+        .unwrap();
     let mut checked = 0;
     for entry in std::fs::read_dir(&root).unwrap() {
         let src = entry.unwrap().path();

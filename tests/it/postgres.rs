@@ -233,16 +233,6 @@ async fn column_types_map_faithfully() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("password"), "{e}");
-    let pw = region.dir.path().join("typed.pw");
-    pg.write_password(&pw).unwrap();
-    let raw: fedgate::config::raw::RawDatabase = toml::from_str(&format!(
-        "name = 'typed'\nhost = '127.0.0.1'\nport = {}\ndbname = 'typed'\nuser = '{}'\npassword_file = '{}'",
-        pg.port,
-        pg.user,
-        pw.display()
-    ))
-    .unwrap();
-    assert_eq!(raw.dbname, "typed");
     cfg.password = fedgate::config::Secret::new(pg.password.clone());
     let database = fedgate::source::postgres::PgDatabase::new(&cfg).unwrap();
     let table = fedgate::source::postgres::PgTable::discover(database, "public", "t")
@@ -469,17 +459,11 @@ async fn tls_to_the_database_verifies_the_server() {
     let issued = ca
         .issue(&server, &fedgate::pki::default_hosts(), 2)
         .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let (cert, key) = (issued.cert_pem.clone(), issued.key_pem.clone());
-    let pg = tokio::task::spawn_blocking(move || {
-        fedgate::local_postgres::LocalPostgres::start_with_tls(port, Some((&cert, &key)))
-    })
+    let pg = fedgate::local_postgres::LocalPostgres::launch(Some((
+        issued.cert_pem.clone(),
+        issued.key_pem.clone(),
+    )))
     .await
-    .unwrap()
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (good_ca, _) = fedgate::pki::write_ca(&ca, dir.path()).unwrap();

@@ -50,17 +50,9 @@ impl Region {
         database: bool,
     ) -> Region {
         let pg = if database {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let pg = tokio::task::spawn_blocking(move || {
-                fedgate::local_postgres::LocalPostgres::start(port)
-            })
-            .await
-            .unwrap()
-            .unwrap();
+            let pg = fedgate::local_postgres::LocalPostgres::launch(None)
+                .await
+                .unwrap();
             fedgate::demo::load_databases(&pg, &fedgate::demo::default_source().join("data"))
                 .await
                 .unwrap();
