@@ -126,6 +126,29 @@ impl Client {
 
     /// Runs a query with every request option and collects the answer.
     pub async fn query_with(&self, q: QueryRequest) -> std::result::Result<Answer, Failure> {
+        let mut batches = Vec::new();
+        let (schema, summary) = self
+            .query_each(q, |b| {
+                batches.push(b);
+                Ok(())
+            })
+            .await?;
+        Ok(Answer {
+            schema,
+            batches,
+            summary,
+        })
+    }
+
+    /// Runs a query and hands each batch to `sink` as it arrives, keeping none of
+    /// them, so an answer of any size runs in bounded memory. Returns the schema and
+    /// the summary. An error from `sink` ends the query (the stream is dropped, which
+    /// cancels it at the gateway) and is returned as the failure.
+    pub async fn query_each(
+        &self,
+        q: QueryRequest,
+        mut sink: impl FnMut(RecordBatch) -> std::result::Result<(), tonic::Status>,
+    ) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
         let timeout = (q.timeout_ms > 0).then(|| Duration::from_millis(q.timeout_ms));
         let mut req = tonic::Request::new(q);
         if let Some(t) = timeout {
@@ -171,14 +194,18 @@ impl Client {
             });
         let mut decoded = Box::pin(arrow_ipc::decode(chunks));
         let mut schema = None;
-        let mut batches = Vec::new();
-        let mut decode_error = None;
+        let mut local_failure = None;
         while let Some(d) = decoded.next().await {
             match d {
                 Ok(Decoded::Schema(s)) => schema = Some(s),
-                Ok(Decoded::Batch(b)) => batches.push(b),
+                Ok(Decoded::Batch(b)) => {
+                    if let Err(s) = sink(b) {
+                        local_failure = Some(s);
+                        break;
+                    }
+                }
                 Err(e) => {
-                    decode_error = Some(e);
+                    local_failure = Some(e.to_status());
                     break;
                 }
             }
@@ -188,18 +215,11 @@ impl Client {
         if let Some(s) = status.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(Failure { status: s, summary });
         }
-        if let Some(e) = decode_error {
-            return Err(Failure {
-                status: e.to_status(),
-                summary,
-            });
+        if let Some(status) = local_failure {
+            return Err(Failure { status, summary });
         }
         match (schema, summary) {
-            (Some(schema), Some(summary)) => Ok(Answer {
-                schema,
-                batches,
-                summary,
-            }),
+            (Some(schema), Some(summary)) => Ok((schema, summary)),
             (_, summary) => Err(Failure {
                 status: tonic::Status::data_loss("the answer ended without its schema or summary"),
                 summary,

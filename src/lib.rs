@@ -20,6 +20,7 @@ pub mod error;
 pub mod federation;
 pub mod guard;
 pub mod identity;
+pub mod loadgen;
 pub mod local_postgres;
 pub mod mapping;
 pub mod masking;

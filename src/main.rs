@@ -104,6 +104,53 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Load a gateway with queries and report latency percentiles and throughput.
+    ///
+    /// Closed loop by default (`--concurrency` callers); `--rate` switches to an open
+    /// loop at that arrival rate, with latency measured from each query's due time.
+    /// Exits with 1 if any query failed or came back partial.
+    Bench {
+        #[command(flatten)]
+        conn: Connection,
+        /// SQL to send; repeat for several, used in turn. `{n}` is replaced by a
+        /// number drawn from `--range` for each query.
+        #[arg(long, required = true)]
+        sql: Vec<String>,
+        /// Range of `{n}`, e.g. `1..1000000` (inclusive).
+        #[arg(long, default_value = "1..1000000", value_parser = parse_range)]
+        range: (i64, i64),
+        /// Callers in a closed loop.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Open loop: queries started per second.
+        #[arg(long, conflicts_with = "concurrency")]
+        rate: Option<f64>,
+        /// Closed loop: the interval one caller is expected to keep, for
+        /// coordinated-omission correction of its latencies.
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "rate")]
+        expected_interval: Option<Duration>,
+        /// Measured time.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Stop after this many measured queries, if sooner.
+        #[arg(long)]
+        requests: Option<u64>,
+        /// Unmeasured warm-up time.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+        /// Each query's deadline.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Count partial answers as answers.
+        #[arg(long)]
+        allow_partial: bool,
+        /// Seed of the `{n}` sequence.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start the bundled sample region on loopback and run the example queries.
     Demo {
         /// Keep the generated region (certificates and configs) in this folder.
@@ -335,6 +382,40 @@ async fn run(cmd: Command) -> Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Verify { file, head },
         } => audit_verify(&file, head.as_ref()),
+        Command::Bench {
+            conn,
+            sql,
+            range,
+            concurrency,
+            rate,
+            expected_interval,
+            duration,
+            requests,
+            warmup,
+            timeout,
+            allow_partial,
+            seed,
+            json,
+        } => {
+            let load = fedgate::loadgen::Load {
+                sql,
+                range,
+                mode: match rate {
+                    Some(rate) => fedgate::loadgen::Mode::Open { rate },
+                    None => fedgate::loadgen::Mode::Closed {
+                        concurrency,
+                        expected_interval,
+                    },
+                },
+                duration,
+                max_requests: requests,
+                warmup,
+                timeout,
+                allow_partial,
+                seed,
+            };
+            bench(&connect(&conn)?, &load, json).await
+        }
         Command::Demo {
             dir,
             once,
@@ -342,6 +423,56 @@ async fn run(cmd: Command) -> Result<ExitCode> {
             source,
         } => demo(dir, once, port_base, &source).await,
     }
+}
+
+fn parse_range(s: &str) -> Result<(i64, i64), String> {
+    let (lo, hi) = s
+        .split_once("..")
+        .ok_or_else(|| format!("range {s:?} must be LOW..HIGH"))?;
+    let num = |t: &str| {
+        t.trim()
+            .parse::<i64>()
+            .map_err(|_| format!("range {s:?}: {t:?} is not an integer"))
+    };
+    let (lo, hi) = (num(lo)?, num(hi)?);
+    if lo > hi {
+        return Err(format!("range {s:?} is empty"));
+    }
+    Ok((lo, hi))
+}
+
+async fn bench(client: &Client, load: &fedgate::loadgen::Load, json: bool) -> Result<ExitCode> {
+    let r = fedgate::loadgen::run(client, load)
+        .await
+        .map_err(|e| anyhow!(e))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        let l = &r.latency_us;
+        println!(
+            "{} queries in {:.1} s ({} ok, {} failed): {:.1} answers/s",
+            r.requests,
+            r.elapsed_s,
+            r.ok,
+            r.failed(),
+            r.throughput
+        );
+        println!(
+            "latency µs: p50 {} · p90 {} · p99 {} · p99.9 {} · max {} · mean {:.0}",
+            l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+        );
+        for (code, n) in &r.errors {
+            println!("failed with {code}: {n}");
+        }
+        if let Some(e) = &r.first_error {
+            println!("first failure: {e}");
+        }
+    }
+    Ok(if r.failed() > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn connect(c: &Connection) -> Result<Client> {

@@ -8,6 +8,7 @@ mod bad_input;
 mod configs;
 mod differential;
 mod federation;
+mod loadgen;
 mod planner;
 mod policy_props;
 mod postgres;
