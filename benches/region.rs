@@ -1,0 +1,1205 @@
+//! Region benchmark: fedgate side by side with what users would pick instead.
+//!
+//! Starts every gateway as its own `fedgate serve` process on loopback, over mutual
+//! TLS, so that each one's memory and CPU time can be read from `/proc`; the load
+//! comes from this process through [`fedgate::loadgen`] (the engine of
+//! `fedgate bench`). A throwaway PostgreSQL server (`fedgate::local_postgres`)
+//! holds four member databases, a database with all their rows, and a coordinator
+//! database with `postgres_fdw` foreign tables over the four.
+//!
+//! Sections, each interleaving its variants in every round (A B C, then B C A, ...)
+//! and reporting medians of per-round ratios:
+//!
+//! - `hop`: a query answered by the member that holds the data, asked directly, vs
+//!   through a coordinator hop; one-row and 64 KiB answers; the coordinator's CPU
+//!   time per forwarded sub-query.
+//! - `fdw`: primary-key lookup, selective filter, GROUP BY over 1,000,000 rows and
+//!   top-k, through fedgate (four members with PostgreSQL sources), through
+//!   postgres_fdw, and directly in one database.
+//! - `fanout`: the same query over 1, 2, 4, 8 and 16 members, each behind a link
+//!   with a fixed delay (a proxy in this process), and on bare loopback.
+//! - `memory`: a gateway's resident memory idle, per open connection, and while a
+//!   10,000,000-row answer streams through two hops.
+//!
+//! Run: `cargo bench --bench region` (`-- --rounds N`, `-- --only hop,fdw`,
+//! `-- --smoke` for a few seconds on tiny data, `-- --out FILE` to also write the
+//! Markdown report to a file). `benches/run` runs it with the planner benchmark and
+//! puts the results into BENCHMARKS.md.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{Int64Array, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::record_batch::RecordBatch;
+use fedgate::client::Client;
+use fedgate::identity::{Kind, Principal};
+use fedgate::loadgen::{self, Load, Mode, Report};
+use fedgate::local_postgres::LocalPostgres;
+use fedgate::pki::{self, Ca};
+use fedgate::proto::v1::QueryRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const FEDGATE: &str = env!("CARGO_BIN_EXE_fedgate");
+
+/// Sizes, which `--smoke` shrinks.
+#[derive(Clone, Copy)]
+struct Sizes {
+    rounds: usize,
+    /// Rows in each of the four PostgreSQL member databases.
+    pg_rows: i64,
+    /// Rows of the streamed answer.
+    stream_rows: i64,
+    /// Fan-out member counts.
+    fanout: &'static [usize],
+    /// Queries per variant per round in the latency sections.
+    requests: u64,
+    /// Queries per variant per round for the heavy PostgreSQL queries.
+    heavy_requests: u64,
+    /// One-way delay of the emulated link in the fan-out section.
+    link_delay: Duration,
+}
+
+const FULL: Sizes = Sizes {
+    rounds: 5,
+    pg_rows: 250_000,
+    stream_rows: 10_000_000,
+    fanout: &[1, 2, 4, 8, 16],
+    requests: 200,
+    heavy_requests: 3,
+    link_delay: Duration::from_millis(5),
+};
+
+const SMOKE: Sizes = Sizes {
+    rounds: 1,
+    pg_rows: 2_000,
+    stream_rows: 100_000,
+    fanout: &[1, 2],
+    requests: 5,
+    heavy_requests: 1,
+    link_delay: Duration::from_millis(5),
+};
+
+/// Rows in each file-backed member's `readings`.
+const FILE_ROWS: i64 = 10_000;
+const COUNTIES: i64 = 100;
+
+// ---------------------------------------------------------------------------------
+// Processes and /proc.
+
+/// A gateway process, killed when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `VmRSS` and `VmHWM` (peak) in KiB.
+    fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no {k} for {}", self.name))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// Resets the peak resident size, so `VmHWM` covers what follows.
+    fn reset_peak(&self) {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5")
+            .unwrap_or_else(|e| panic!("clear_refs of {}: {e}", self.name));
+    }
+
+    /// User plus system CPU time of the whole process (all threads, living and
+    /// ended), from `/proc/PID/stat`.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
+    }
+}
+
+fn clock_ticks() -> u64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output();
+    out.ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `fedgate serve` and waits until its port accepts connections.
+fn spawn(dir: &Path, name: &str, port: u16) -> Proc {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(FEDGATE)
+        .args(["serve", "--config"])
+        .arg(dir.join(format!("{name}.toml")))
+        .current_dir(dir)
+        .env("FEDGATE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{FEDGATE}: {e}"));
+    let mut p = Proc {
+        name: name.into(),
+        child,
+        port,
+    };
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(s)) = p.child.try_wait() {
+            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+            panic!("gateway {name} exited with {s}:\n{log}");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "gateway {name} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+// ---------------------------------------------------------------------------------
+// Data.
+
+fn write_parquet(path: &Path, ids: std::ops::Range<i64>, with_county: bool) {
+    let mut fields = vec![Field::new("id", DataType::Int64, false)];
+    if with_county {
+        fields.push(Field::new("county_code", DataType::Utf8, false));
+    }
+    fields.push(Field::new("x", DataType::Int64, false));
+    let schema = Arc::new(Schema::new(fields));
+    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(path).unwrap(),
+        schema.clone(),
+        None,
+    )
+    .unwrap();
+    let mut start = ids.start;
+    while start < ids.end {
+        let end = (start + 65_536).min(ids.end);
+        let id: Vec<i64> = (start..end).collect();
+        let mut cols: Vec<Arc<dyn datafusion::arrow::array::Array>> =
+            vec![Arc::new(Int64Array::from(id.clone()))];
+        if with_county {
+            cols.push(Arc::new(StringArray::from(
+                id.iter().map(|i| county(*i)).collect::<Vec<_>>(),
+            )));
+        }
+        cols.push(Arc::new(Int64Array::from(
+            id.iter().map(|i| x_of(*i)).collect::<Vec<_>>(),
+        )));
+        w.write(&RecordBatch::try_new(schema.clone(), cols).unwrap())
+            .unwrap();
+        start = end;
+    }
+    w.close().unwrap();
+}
+
+fn county(id: i64) -> String {
+    format!("33{:04}", id % COUNTIES)
+}
+
+fn x_of(id: i64) -> i64 {
+    (id * 7919) % 10_000
+}
+
+// ---------------------------------------------------------------------------------
+// The region.
+
+const READINGS_FIELDS: &str = "fields = [ { name = \"id\", type = \"int64\" }, \
+    { name = \"county_code\", type = \"utf8\" }, { name = \"x\", type = \"int64\" } ]";
+
+/// One link-delaying TCP proxy per fan-out member, all sharing one delay setting.
+struct Links {
+    delay_us: Arc<AtomicU64>,
+}
+
+impl Links {
+    fn set(&self, d: Duration) {
+        self.delay_us.store(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Listens on `listen` and forwards to `upstream`, holding every chunk in each
+    /// direction for the current delay (a link's latency; its bandwidth is loopback's).
+    async fn proxy(&self, listen: tokio::net::TcpListener, upstream: u16) {
+        let delay = self.delay_us.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listen.accept().await {
+                let up = match tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await {
+                    Ok(u) => u,
+                    Err(_) => continue,
+                };
+                let _ = down.set_nodelay(true);
+                let _ = up.set_nodelay(true);
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(pipe(dr, uw, delay.clone()));
+                tokio::spawn(pipe(ur, dw, delay.clone()));
+            }
+        });
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay_us: Arc<AtomicU64>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let due = tokio::time::Instant::now()
+                    + Duration::from_micros(delay_us.load(Ordering::Relaxed));
+                if tx.send((due, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+struct Region {
+    dir: tempfile::TempDir,
+    procs: BTreeMap<String, Proc>,
+    ca: PathBuf,
+    links: Links,
+    pg: Option<LocalPostgres>,
+}
+
+impl Region {
+    fn proc(&self, name: &str) -> &Proc {
+        &self.procs[name]
+    }
+
+    fn client(&self, gateway: &str) -> Client {
+        let certs = self.dir.path().join("certs");
+        Client::connect(
+            &format!("https://127.0.0.1:{}", self.proc(gateway).port),
+            &self.ca,
+            &certs.join("analyst.crt"),
+            &certs.join("analyst.key"),
+        )
+        .unwrap()
+    }
+}
+
+/// Members of the region: `hub` (coordinator, no data); `solo` (file `readings`
+/// and the streamed `big`, reached directly); `m1`..`mN` (file `readings`, reached
+/// through delaying proxies); `p1`..`p4` (`pg_readings` from PostgreSQL).
+async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::generate("bench").unwrap();
+    let certs = d.join("certs");
+    let (ca_path, _) = pki::write_ca(&ca, &certs).unwrap();
+    let fan = if sections.contains(&"fanout") {
+        *sizes.fanout.iter().max().unwrap()
+    } else {
+        0
+    };
+    let with_pg = sections.contains(&"fdw");
+    let links = Links {
+        delay_us: Arc::new(AtomicU64::new(0)),
+    };
+
+    let mut names = vec!["hub".to_string(), "solo".to_string()];
+    names.extend((1..=fan).map(|i| format!("m{i}")));
+    if with_pg {
+        names.extend((1..=4).map(|i| format!("p{i}")));
+    }
+    let ports: BTreeMap<String, u16> = names.iter().map(|n| (n.clone(), free_port())).collect();
+
+    let mut region = format!("region = \"bench\"\nca = \"{}\"\n", ca_path.display());
+    for name in &names {
+        let endpoint = if name.starts_with('m') {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let p = l.local_addr().unwrap().port();
+            links.proxy(l, ports[name]).await;
+            p
+        } else {
+            ports[name]
+        };
+        let serves = match name.as_str() {
+            "hub" => "[]",
+            "solo" if sections.contains(&"memory") => "[\"readings\", \"big\"]",
+            "solo" => "[\"readings\"]",
+            n if n.starts_with('p') => "[\"pg_readings\"]",
+            _ => "[\"readings\"]",
+        };
+        region.push_str(&format!(
+            "[[members]]\nname = \"{name}\"\nkind = \"city\"\nendpoint = \"https://127.0.0.1:{endpoint}\"\nserves = {serves}\n"
+        ));
+    }
+    region.push_str("[[members]]\nname = \"analyst\"\nkind = \"office\"\n");
+    region.push_str(&format!(
+        "[[datasets]]\nname = \"readings\"\n{READINGS_FIELDS}\n"
+    ));
+    region.push_str(&format!(
+        "[[datasets]]\nname = \"pg_readings\"\n{READINGS_FIELDS}\n"
+    ));
+    region.push_str("[[datasets]]\nname = \"big\"\nfields = [ { name = \"id\", type = \"int64\" }, { name = \"x\", type = \"int64\" } ]\n");
+    std::fs::write(d.join("region.toml"), region).unwrap();
+    for name in names.iter().map(String::as_str).chain(["analyst"]) {
+        let kind = if name == "analyst" {
+            Kind::Office
+        } else {
+            Kind::City
+        };
+        let p = Principal::new("bench", kind, name).unwrap();
+        pki::write_issued(
+            &ca.issue(&p, &pki::default_hosts(), 2).unwrap(),
+            &certs,
+            name,
+        )
+        .unwrap();
+    }
+
+    let pg = if with_pg {
+        Some(start_postgres(d, sizes).await)
+    } else {
+        None
+    };
+
+    let access =
+        "[[access]]\nprincipals = [\"fedgate://bench/*\"]\ndatasets = [\"*\"]\nlevel = \"rows\"\n";
+    let mapping = |dataset: &str, source: &str, fields: &[&str]| {
+        let mut m = format!("[[mappings]]\ndataset = \"{dataset}\"\nsource = \"{source}\"\n");
+        for f in fields {
+            m.push_str(&format!("fields.{f} = \"{f}\"\n"));
+        }
+        m
+    };
+    for name in &names {
+        let mut cfg = format!(
+            "member = \"{name}\"\nregion = \"region.toml\"\nlisten = \"127.0.0.1:{}\"\n\
+             cert = \"certs/{name}.crt\"\nkey = \"certs/{name}.key\"\n",
+            ports[name]
+        );
+        let readings = ["id", "county_code", "x"];
+        if name == "solo" || name.starts_with('m') {
+            let file = d.join(format!("{name}.parquet"));
+            write_parquet(&file, 1..FILE_ROWS + 1, true);
+            cfg.push_str(&format!(
+                "[[sources]]\nname = \"readings\"\nformat = \"parquet\"\npath = \"{}\"\n",
+                file.display()
+            ));
+            cfg.push_str(&mapping("readings", "readings", &readings));
+        }
+        if name == "solo" && sections.contains(&"memory") {
+            let file = d.join("big.parquet");
+            write_parquet(&file, 0..sizes.stream_rows, false);
+            cfg.push_str(&format!(
+                "[[sources]]\nname = \"big\"\nformat = \"parquet\"\npath = \"{}\"\n",
+                file.display()
+            ));
+            cfg.push_str(&mapping("big", "big", &["id", "x"]));
+        }
+        if let (Some(pg), Some(k)) = (&pg, name.strip_prefix('p')) {
+            cfg.push_str(&format!(
+                "[[databases]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"m{k}\"\n\
+                 user = \"{}\"\npassword_file = \"db.password\"\n\
+                 [[sources]]\nname = \"readings\"\nformat = \"postgres\"\ndatabase = \"db\"\ntable = \"public.readings\"\n",
+                pg.port, pg.user
+            ));
+            cfg.push_str(&mapping("pg_readings", "readings", &readings));
+        }
+        if name != "hub" {
+            cfg.push_str(access);
+        }
+        std::fs::write(d.join(format!("{name}.toml")), cfg).unwrap();
+    }
+    let mut procs = BTreeMap::new();
+    for name in &names {
+        let p = spawn(d, name, ports[name]);
+        // For profiling: `perf report --sort pid` names threads by these processes' ids.
+        eprintln!("gateway {name}: pid {}", p.pid());
+        procs.insert(name.clone(), p);
+    }
+    Region {
+        dir,
+        procs,
+        ca: ca_path,
+        links,
+        pg,
+    }
+}
+
+/// Four member databases of `pg_rows` rows each (member k holds ids
+/// `(k-1)*pg_rows+1 ..= k*pg_rows`), `whole` with all of them, and `coord` with
+/// `postgres_fdw` foreign tables over the four as partitions of one table.
+async fn start_postgres(dir: &Path, sizes: Sizes) -> LocalPostgres {
+    let pg = LocalPostgres::launch(None).await.unwrap();
+    pg.write_password(&dir.join("db.password")).unwrap();
+    let admin = pg.connect("postgres").await.unwrap();
+    for db in ["m1", "m2", "m3", "m4", "whole", "coord"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+    }
+    let n = sizes.pg_rows;
+    let table =
+        "CREATE TABLE readings (id int8 PRIMARY KEY, county_code text NOT NULL, x int8 NOT NULL)";
+    let fill = |lo: i64, hi: i64| {
+        format!(
+            "INSERT INTO readings SELECT i, '33' || lpad((i % {COUNTIES})::text, 4, '0'), (i * 7919) % 10000 \
+             FROM generate_series({lo}::int8, {hi}::int8) AS i"
+        )
+    };
+    for k in 1..=4i64 {
+        let db = pg.connect(&format!("m{k}")).await.unwrap();
+        db.batch_execute(table).await.unwrap();
+        db.batch_execute(&fill((k - 1) * n + 1, k * n))
+            .await
+            .unwrap();
+        db.batch_execute("VACUUM ANALYZE readings").await.unwrap();
+    }
+    let whole = pg.connect("whole").await.unwrap();
+    whole.batch_execute(table).await.unwrap();
+    whole.batch_execute(&fill(1, 4 * n)).await.unwrap();
+    whole
+        .batch_execute("VACUUM ANALYZE readings")
+        .await
+        .unwrap();
+
+    let coord = pg.connect("coord").await.unwrap();
+    let mut sql = String::from(
+        "CREATE EXTENSION postgres_fdw;\n\
+         CREATE TABLE readings (id int8 NOT NULL, county_code text NOT NULL, x int8 NOT NULL) PARTITION BY RANGE (id);\n",
+    );
+    let password = pg.password.replace('\'', "''");
+    for k in 1..=4i64 {
+        sql.push_str(&format!(
+            "CREATE SERVER m{k} FOREIGN DATA WRAPPER postgres_fdw \
+               OPTIONS (host '127.0.0.1', port '{port}', dbname 'm{k}', async_capable 'true', fetch_size '10000');\n\
+             CREATE USER MAPPING FOR CURRENT_USER SERVER m{k} OPTIONS (user '{user}', password '{password}');\n\
+             CREATE FOREIGN TABLE readings_m{k} PARTITION OF readings FOR VALUES FROM ({lo}) TO ({hi}) \
+               SERVER m{k} OPTIONS (schema_name 'public', table_name 'readings');\n",
+            port = pg.port,
+            user = pg.user,
+            lo = (k - 1) * n + 1,
+            hi = k * n + 1,
+        ));
+    }
+    sql.push_str(
+        "ALTER DATABASE coord SET enable_partitionwise_aggregate = on;\n\
+         ALTER DATABASE coord SET enable_partitionwise_join = on;\n\
+         ANALYZE readings;\n",
+    );
+    coord.batch_execute(&sql).await.unwrap();
+    pg
+}
+
+// ---------------------------------------------------------------------------------
+// Measuring.
+
+/// `requests` queries, one at a time, through the load generator.
+async fn fed(
+    client: &Client,
+    sql: &[String],
+    range: (i64, i64),
+    requests: u64,
+    seed: u64,
+) -> Report {
+    let load = Load {
+        sql: sql.to_vec(),
+        range,
+        mode: Mode::Closed {
+            concurrency: 1,
+            expected_interval: None,
+        },
+        duration: Duration::from_secs(3600),
+        max_requests: Some(requests),
+        warmup: Duration::ZERO,
+        timeout: Duration::from_secs(300),
+        allow_partial: false,
+        seed,
+    };
+    let r = loadgen::run(client, &load).await.unwrap();
+    assert_eq!(r.failed(), 0, "{} failed: {:?}", sql[0], r.first_error);
+    r
+}
+
+/// Median latency, µs, of `requests` queries sent one at a time to PostgreSQL.
+async fn pg_p50(
+    db: &tokio_postgres::Client,
+    sql: &[String],
+    range: (i64, i64),
+    requests: u64,
+    seed: u64,
+    expect_rows: Option<usize>,
+) -> f64 {
+    let mut keys = seed | 1;
+    let mut times = Vec::new();
+    for i in 0..requests {
+        keys ^= keys >> 12;
+        keys ^= keys << 25;
+        keys ^= keys >> 27;
+        let n = range.0
+            + (keys.wrapping_mul(0x2545_f491_4f6c_dd1d) % (range.1 - range.0 + 1) as u64) as i64;
+        let q = sql[(i % sql.len() as u64) as usize].replace("{n}", &n.to_string());
+        let t = Instant::now();
+        let rows = db
+            .query(&q, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e}"));
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        if let Some(e) = expect_rows {
+            assert_eq!(rows.len(), e, "{q}");
+        }
+    }
+    median(times)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn ms(us: f64) -> String {
+    if us >= 10_000.0 {
+        format!("{:.0} ms", us / 1e3)
+    } else {
+        format!("{:.2} ms", us / 1e3)
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "**met**" } else { "**not met**" }
+}
+
+// ---------------------------------------------------------------------------------
+// Sections.
+
+async fn hop(region: &Region, sizes: Sizes, out: &mut String) {
+    let direct = region.client("solo");
+    let via = region.client("hub");
+    let lookup = vec![
+        "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id = {n}".to_string(),
+    ];
+    let fixed = vec![
+        "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id = 4242".to_string(),
+    ];
+    // About 64 KiB of Arrow IPC: 2,600 rows of (int64, 6-byte text, int64).
+    let large = vec![
+        "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id <= 2600".to_string(),
+    ];
+    let range = (1, FILE_ROWS);
+    for c in [&direct, &via] {
+        fed(c, &lookup, range, 20, 7).await;
+        fed(c, &fixed, range, 5, 7).await;
+        fed(c, &large, range, 5, 7).await;
+    }
+    let bytes = via
+        .query_with(QueryRequest {
+            sql: large[0].clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .summary
+        .bytes_received;
+    let hub = region.proc("hub");
+    let mut rows = Vec::new();
+    for (label, sql) in [
+        ("one-row answer, the same query every time", &fixed),
+        ("one-row answer, a new key every time", &lookup),
+        ("64 KiB answer, the same query every time", &large),
+    ] {
+        let (mut diff, mut ratio, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut d50, mut v50) = (Vec::new(), Vec::new());
+        for r in 0..sizes.rounds {
+            let mut direct_p50 = 0.0;
+            let mut via_p50 = 0.0;
+            for first in [r % 2 == 0, r % 2 != 0] {
+                if first {
+                    direct_p50 = fed(&direct, sql, range, sizes.requests, r as u64 + 1)
+                        .await
+                        .latency_us
+                        .p50 as f64;
+                } else {
+                    let before = hub.cpu();
+                    let rep = fed(&via, sql, range, sizes.requests, r as u64 + 1).await;
+                    cpu.push((hub.cpu() - before).as_secs_f64() * 1e6 / rep.ok as f64);
+                    via_p50 = rep.latency_us.p50 as f64;
+                }
+            }
+            diff.push(via_p50 - direct_p50);
+            ratio.push(via_p50 / direct_p50);
+            d50.push(direct_p50);
+            v50.push(via_p50);
+        }
+        let extra = median(diff);
+        rows.push(format!(
+            "| {label} | {} | {} | {extra:+.0} µs | {:.2} | {:.0} µs | at most +50 µs: {} |",
+            ms(median(d50)),
+            ms(median(v50)),
+            median(ratio),
+            median(cpu),
+            verdict(extra <= 50.0)
+        ));
+    }
+    out.push_str(&format!(
+        "### Hop overhead\n\n\
+         The member `solo` holds the rows. Direct: the client asks `solo`, which answers from its own \
+         data in process. Through a hop: the client asks `hub`, which forwards the sub-query to `solo` \
+         over mutual TLS. Same SQL both ways, {} queries per variant per round, one at a time. A query \
+         sent again finds its plan in the coordinator's cache; a lookup with a new key is planned anew \
+         at the coordinator (and, like every sub-query, at the member). The 64 KiB answer is {bytes} bytes of Arrow IPC. The hub's \
+         CPU is its process's user and system time over the round divided by the queries.\n\n\
+         | answer (medians of {} rounds) | direct p50 | through hub p50 | difference | ratio | hub CPU per query | target |\n\
+         |---|---:|---:|---:|---:|---:|---|\n{}\n\n",
+        sizes.requests,
+        sizes.rounds,
+        rows.join("\n")
+    ));
+}
+
+async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
+    let pg = region.pg.as_ref().unwrap();
+    let fedc = region.client("hub");
+    let coord = pg.connect("coord").await.unwrap();
+    let whole = pg.connect("whole").await.unwrap();
+    let n = sizes.pg_rows;
+    // The lookup names the member holding the key, so fedgate asks only that member;
+    // postgres_fdw prunes the other partitions by the key's range.
+    let pk_fed: Vec<String> = (1..=4)
+        .map(|k| format!("SELECT id, county_code, x FROM pg_readings WHERE member = 'p{k}' AND id = {{n}} + {}", (k - 1) * n))
+        .collect();
+    let pk_pg: Vec<String> = (1..=4)
+        .map(|k| {
+            format!(
+                "SELECT id, county_code, x FROM readings WHERE id = {{n}} + {}",
+                (k - 1) * n
+            )
+        })
+        .collect();
+    let pk_all: Vec<String> = (1..=4)
+        .map(|k| {
+            format!(
+                "SELECT id, county_code, x FROM pg_readings WHERE id = {{n}} + {}",
+                (k - 1) * n
+            )
+        })
+        .collect();
+    let filter = "SELECT id, county_code, x FROM {t} WHERE county_code = '330007' AND x < 100";
+    let group = "SELECT county_code, count(*) AS n, sum(x) AS total FROM {t} GROUP BY county_code";
+    let topk = "SELECT id, county_code, x FROM {t} ORDER BY x DESC, id LIMIT 10";
+    let on = |q: &str, t: &str| vec![q.replace("{t}", t)];
+    let filter_rows = whole
+        .query(&filter.replace("{t}", "readings"), &[])
+        .await
+        .unwrap()
+        .len();
+    struct Case {
+        label: &'static str,
+        fed: Vec<String>,
+        pg: Vec<String>,
+        rows: usize,
+        requests: u64,
+        target: Option<f64>,
+        /// The same query written by hand for postgres_fdw, one part per partition.
+        rewrite: Option<String>,
+    }
+    let parts = |q: &str| -> Vec<String> {
+        (1..=4)
+            .map(|k| q.replace("{t}", &format!("readings_m{k}")))
+            .collect()
+    };
+    let group_rewrite = format!(
+        "SELECT county_code, sum(n)::int8 AS n, sum(total) AS total FROM ({}) AS t GROUP BY county_code",
+        parts("SELECT county_code, count(*) AS n, sum(x) AS total FROM {t} GROUP BY county_code")
+            .join(" UNION ALL ")
+    );
+    // MATERIALIZED keeps an asynchronous Append; a Merge Append would ask the
+    // partitions one after another.
+    let topk_rewrite = format!(
+        "WITH t AS MATERIALIZED ({}) SELECT id, county_code, x FROM t ORDER BY x DESC, id LIMIT 10",
+        parts("(SELECT id, county_code, x FROM {t} ORDER BY x DESC, id LIMIT 10)")
+            .join(" UNION ALL ")
+    );
+    let cases = [
+        Case {
+            label: "primary-key lookup (member named / partitions pruned)",
+            fed: pk_fed,
+            pg: pk_pg.clone(),
+            rows: 1,
+            requests: sizes.requests,
+            target: Some(1.0),
+            rewrite: None,
+        },
+        Case {
+            label: "primary-key lookup, fedgate asking all four members",
+            fed: pk_all,
+            pg: pk_pg,
+            rows: 1,
+            requests: sizes.requests,
+            target: None,
+            rewrite: None,
+        },
+        Case {
+            label: "selective filter",
+            fed: on(filter, "pg_readings"),
+            pg: on(filter, "readings"),
+            rows: filter_rows,
+            requests: sizes.requests / 4 + 1,
+            target: None,
+            rewrite: None,
+        },
+        Case {
+            label: "GROUP BY county",
+            fed: on(group, "pg_readings"),
+            pg: on(group, "readings"),
+            rows: COUNTIES as usize,
+            requests: sizes.heavy_requests,
+            target: Some(4.0),
+            rewrite: Some(group_rewrite),
+        },
+        Case {
+            label: "top-k (ORDER BY x DESC LIMIT 10)",
+            fed: on(topk, "pg_readings"),
+            pg: on(topk, "readings"),
+            rows: 10,
+            requests: sizes.heavy_requests * 3,
+            target: Some(2.0),
+            rewrite: Some(topk_rewrite),
+        },
+    ];
+    // Explain: what each side sends to the member databases.
+    let mut shown = String::new();
+    for c in &cases[2..] {
+        let e = fedc.explain(&c.fed[0]).await.unwrap();
+        let sql = e
+            .database_statements
+            .first()
+            .map(|s| s.sql.clone())
+            .unwrap_or_default();
+        let fdw_plan: Vec<String> = coord
+            .query(&format!("EXPLAIN (VERBOSE, COSTS OFF) {}", c.pg[0]), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|l| l.contains("Remote SQL"))
+            .take(1)
+            .collect();
+        shown.push_str(&format!(
+            "- {}: fedgate sends each member database `{}`; postgres_fdw sends each partition `{}`.\n",
+            c.label,
+            sql,
+            fdw_plan.first().map(|l| l.trim().trim_start_matches("Remote SQL: ")).unwrap_or("?")
+        ));
+    }
+    let range = (1, n);
+    let mut rows = Vec::new();
+    for c in &cases {
+        // Warm-up of all three paths.
+        fed(&fedc, &c.fed, range, 2, 99).await;
+        pg_p50(&coord, &c.pg, range, 2, 99, Some(c.rows)).await;
+        pg_p50(&whole, &c.pg, range, 2, 99, Some(c.rows)).await;
+        if let Some(q) = &c.rewrite {
+            pg_p50(&coord, std::slice::from_ref(q), range, 2, 99, Some(c.rows)).await;
+        }
+        let (mut f50, mut w50, mut d50, mut h50, mut speedup, mut vs_direct) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for r in 0..sizes.rounds {
+            let (mut f, mut w, mut d) = (0.0, 0.0, 0.0);
+            for v in 0..4 {
+                let seed = r as u64 + 1;
+                match (v + r) % 4 {
+                    3 => {
+                        if let Some(q) = &c.rewrite {
+                            let h = pg_p50(
+                                &coord,
+                                std::slice::from_ref(q),
+                                range,
+                                c.requests,
+                                seed,
+                                Some(c.rows),
+                            )
+                            .await;
+                            h50.push(h);
+                        }
+                    }
+                    0 => {
+                        let rep = fed(&fedc, &c.fed, range, c.requests, seed).await;
+                        assert_eq!(rep.rows, c.rows as u64 * rep.ok, "{}", c.label);
+                        f = rep.latency_us.p50 as f64;
+                    }
+                    1 => w = pg_p50(&coord, &c.pg, range, c.requests, seed, Some(c.rows)).await,
+                    _ => d = pg_p50(&whole, &c.pg, range, c.requests, seed, Some(c.rows)).await,
+                }
+            }
+            f50.push(f);
+            w50.push(w);
+            d50.push(d);
+            speedup.push(w / f);
+            vs_direct.push(f / d);
+        }
+        let s = median(speedup);
+        let target = match c.target {
+            Some(1.0) => format!("no slower than postgres_fdw: {}", verdict(s >= 1.0)),
+            Some(t) => format!("at least {t}x faster: {}", verdict(s >= t)),
+            None => "(reported)".into(),
+        };
+        rows.push(format!(
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {target} |",
+            c.label,
+            ms(median(f50)),
+            ms(median(w50)),
+            if h50.is_empty() {
+                "".to_string()
+            } else {
+                ms(median(h50))
+            },
+            ms(median(d50)),
+            s,
+            median(vs_direct),
+        ));
+    }
+    out.push_str(&format!(
+        "### Against postgres_fdw\n\n\
+         Four member databases of {n} rows each in one PostgreSQL server. fedgate: the client asks \
+         `hub`, which fans out to four gateways `p1`..`p4`, each with one database as its source. \
+         postgres_fdw: a coordinator database whose `readings` is partitioned by `id` range over four \
+         foreign tables, one per member database (`async_capable`, `fetch_size` 10000, \
+         `enable_partitionwise_aggregate` and `enable_partitionwise_join` on). Directly: the same SQL \
+         in one database holding all {} rows. Lookups draw a different key every time. Every answer's \
+         row count is checked. postgres_fdw in PostgreSQL 15 cannot push a partial aggregate or a \
+         LIMIT under an Append into its partitions, so the hand-written column shows what a user \
+         gets by writing one sub-query per partition (a UNION ALL of per-partition GROUP BYs, and of \
+         per-partition ORDER BY ... LIMITs) to the same foreign tables.\n\n\
+         | query (p50, medians of {} rounds) | fedgate | postgres_fdw | postgres_fdw, SQL rewritten by hand | directly | postgres_fdw / fedgate | fedgate / directly | target |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|\n{}\n\n\
+         What each sends to the member databases:\n\n{shown}\n",
+        4 * n,
+        sizes.rounds,
+        rows.join("\n")
+    ));
+}
+
+async fn fanout(region: &Region, sizes: Sizes, out: &mut String) {
+    let hub = region.client("hub");
+    let sql_for = |k: usize| {
+        let members: Vec<String> = (1..=k).map(|i| format!("'m{i}'")).collect();
+        vec![format!(
+            "SELECT count(*) AS n, sum(x) AS total FROM readings WHERE member IN ({})",
+            members.join(", ")
+        )]
+    };
+    let mut table = Vec::new();
+    let mut cpu_row = String::new();
+    for (label, delay) in [
+        (
+            format!("{} ms link each way", sizes.link_delay.as_millis()),
+            sizes.link_delay,
+        ),
+        ("bare loopback".to_string(), Duration::ZERO),
+    ] {
+        region.links.set(delay);
+        for &k in sizes.fanout {
+            fed(&hub, &sql_for(k), (1, 1), 3, 1).await;
+        }
+        let mut p50: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        let mut ratio: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        // CPU time per query of the asked members together, and of the coordinator.
+        let mut member_cpu: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        let mut hub_cpu: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        for r in 0..sizes.rounds {
+            let mut order: Vec<usize> = sizes.fanout.to_vec();
+            let n = order.len();
+            order.rotate_left(r % n);
+            let mut this = BTreeMap::new();
+            for k in order {
+                let cpu = |region: &Region| -> (Duration, Duration) {
+                    let members = (1..=k).map(|i| region.proc(&format!("m{i}")).cpu()).sum();
+                    (members, region.proc("hub").cpu())
+                };
+                let (m0, h0) = cpu(region);
+                let rep = fed(&hub, &sql_for(k), (1, 1), sizes.requests / 2 + 1, 1).await;
+                let (m1, h1) = cpu(region);
+                let per = |d: Duration| d.as_secs_f64() * 1e3 / rep.ok as f64;
+                member_cpu.entry(k).or_default().push(per(m1 - m0));
+                hub_cpu.entry(k).or_default().push(per(h1 - h0));
+                this.insert(k, rep.latency_us.p50 as f64);
+            }
+            for (&k, &v) in &this {
+                p50.entry(k).or_default().push(v);
+                ratio.entry(k).or_default().push(v / this[&1]);
+            }
+        }
+        if delay.is_zero() {
+            let cells: Vec<String> = sizes
+                .fanout
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{:.1} ms + {:.1} ms",
+                        median(member_cpu[k].clone()),
+                        median(hub_cpu[k].clone())
+                    )
+                })
+                .collect();
+            cpu_row = format!(
+                "| CPU per query: members together + coordinator (bare loopback) | {} | |",
+                cells.join(" | ")
+            );
+        }
+        let cells: Vec<String> = sizes
+            .fanout
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} ({:.2})",
+                    ms(median(p50[k].clone())),
+                    median(ratio[k].clone())
+                )
+            })
+            .collect();
+        let last = *sizes.fanout.last().unwrap();
+        let r = median(ratio[&last].clone());
+        table.push(format!(
+            "| {label} | {} | {} |",
+            cells.join(" | "),
+            if delay.is_zero() {
+                "(reported)".to_string()
+            } else {
+                format!("{last} members at most 1.3x one: {}", verdict(r <= 1.3))
+            }
+        ));
+    }
+    region.links.set(Duration::ZERO);
+    table.push(cpu_row);
+    let header: Vec<String> = sizes
+        .fanout
+        .iter()
+        .map(|k| format!("{k} member{}", if *k == 1 { "" } else { "s" }))
+        .collect();
+    out.push_str(&format!(
+        "### Fan-out scaling\n\n\
+         `SELECT count(*), sum(x) FROM readings WHERE member IN (...)` through `hub`, over the first \
+         k of 16 members that hold the same {FILE_ROWS} rows each (so every member takes the same \
+         time). Each member is reached through a proxy in the benchmark process that holds every \
+         chunk for a fixed delay, an inter-city link; the second line sets the delay to zero. p50 \
+         latency, with the ratio to one member in parentheses; medians of {} rounds of {} queries. \
+         The last line is CPU time (user and system, from `/proc`) per query of the asked members' \
+         processes together and of the coordinator's: all the gateways share this machine's cores.\n\n\
+         | link | {} | target |\n|---|{}---|\n{}\n\n",
+        sizes.rounds,
+        sizes.requests / 2 + 1,
+        header.join(" | "),
+        "---:|".repeat(sizes.fanout.len()),
+        table.join("\n")
+    ));
+}
+
+async fn memory(region: &Region, sizes: Sizes, idle_hub_kib: u64, out: &mut String) {
+    let solo = region.proc("solo");
+    let hub = region.proc("hub");
+    // Per open connection: many clients, each with its own connection, each making
+    // one call and staying connected.
+    let conns = if sizes.rounds > 1 { 200 } else { 20 };
+    let before = solo.rss_kib().0;
+    let mut clients = Vec::new();
+    for _ in 0..conns {
+        let c = region.client("solo");
+        c.describe(None).await.unwrap();
+        clients.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = solo.rss_kib().0;
+    let per_conn = (after.saturating_sub(before)) as f64 / conns as f64;
+    drop(clients);
+
+    // The streamed answer: 10,000,000 rows through hub and solo, counted here and
+    // never kept.
+    hub.reset_peak();
+    solo.reset_peak();
+    let client = region.client("hub");
+    let mut rows = 0u64;
+    let t = Instant::now();
+    let (_, summary) = client
+        .query_each(
+            QueryRequest {
+                sql: "SELECT id, x FROM big".into(),
+                timeout_ms: 600_000,
+                ..Default::default()
+            },
+            |b| {
+                rows += b.num_rows() as u64;
+                Ok(())
+            },
+        )
+        .await
+        .unwrap_or_else(|f| panic!("{f}"));
+    let took = t.elapsed();
+    assert_eq!(rows, sizes.stream_rows as u64);
+    assert_eq!(summary.rows, rows);
+    let (_, hub_peak) = hub.rss_kib();
+    let (_, solo_peak) = solo.rss_kib();
+    let mib = |k: u64| k as f64 / 1024.0;
+    let bound = 256.0;
+    out.push_str(&format!(
+        "### Memory\n\n\
+         Resident memory (`VmRSS`, and `VmHWM` for peaks, reset before the stream) of gateway \
+         processes.\n\n\
+         | measure | value | target |\n|---|---:|---|\n\
+         | a coordinator gateway, idle after start | {:.1} MiB | (reported) |\n\
+         | per open client connection (mutual TLS, HTTP/2, one call made; {conns} connections) | {per_conn:.0} KiB | (reported) |\n\
+         | peak while streaming {} rows ({:.0} MiB of Arrow IPC) through two hops, coordinator | {:.1} MiB | at most {bound} MiB: {} |\n\
+         | the same, the member that reads and sends them | {:.1} MiB | at most {bound} MiB: {} |\n\n\
+         The stream took {:.1} s ({:.1} M rows/s); the client counted the rows and kept none.\n\n",
+        mib(idle_hub_kib),
+        sizes.stream_rows,
+        summary.bytes_received as f64 / 1048576.0,
+        mib(hub_peak),
+        verdict(mib(hub_peak) <= bound),
+        mib(solo_peak),
+        verdict(mib(solo_peak) <= bound),
+        took.as_secs_f64(),
+        rows as f64 / took.as_secs_f64() / 1e6,
+    ));
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
+        .and_then(|k| k.parse::<u64>().ok())
+        .map(|k| format!("{:.0} GiB", k as f64 / 1048576.0))
+        .unwrap_or_default();
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    format!("{cores} vCPU {cpu}, {mem}, Linux, {profile} build")
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |k: &str| args.iter().skip_while(|a| *a != k).nth(1).cloned();
+    let mut sizes = if args.iter().any(|a| a == "--smoke") {
+        SMOKE
+    } else {
+        FULL
+    };
+    if let Some(r) = arg("--rounds").and_then(|r| r.parse().ok()) {
+        sizes.rounds = r;
+    }
+    let all = ["hop", "fdw", "fanout", "memory"];
+    let only = arg("--only");
+    let sections: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|s| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|x| x == *s))
+        })
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(async {
+        let t = Instant::now();
+        let region = start_region(sizes, &sections).await;
+        let idle = region.proc("hub").rss_kib().0;
+        eprintln!("region started in {:.1} s", t.elapsed().as_secs_f64());
+        let mut out = format!(
+            "Machine: {}. PostgreSQL from `{}`.\n\n",
+            machine(),
+            region
+                .pg
+                .as_ref()
+                .map(|_| "fedgate::local_postgres")
+                .unwrap_or("(not used)")
+        );
+        for s in &sections {
+            let t = Instant::now();
+            match *s {
+                "hop" => hop(&region, sizes, &mut out).await,
+                "fdw" => fdw(&region, sizes, &mut out).await,
+                "fanout" => fanout(&region, sizes, &mut out).await,
+                "memory" => memory(&region, sizes, idle, &mut out).await,
+                _ => unreachable!(),
+            }
+            eprintln!("{s} done in {:.1} s", t.elapsed().as_secs_f64());
+        }
+        out
+    });
+    print!("{report}");
+    if let Some(path) = arg("--out") {
+        let mut f = std::fs::File::create(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        f.write_all(report.as_bytes()).unwrap();
+    }
+}
