@@ -9,6 +9,11 @@
 //! Flow: [`MemberEngine::prepare`] (parse, resolve datasets) -> [`crate::policy::authorize`]
 //! -> [`MemberEngine::execute`] (which takes the [`Permit`], plans the query among
 //! views that apply the permit's grants, and checks it with [`crate::guard`]).
+//!
+//! Physical plans are cached, keyed by the sub-query's text, the permit's grants and
+//! the size and modification time of every source file: a plan holds the file sizes
+//! it was planned with, and reading a grown CSV file only up to its old size would be
+//! a silently short answer. A cached plan runs as a copy with fresh execution state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -107,9 +112,35 @@ pub fn member_context() -> SessionContext {
 /// A parsed sub-query and the canonical datasets it reads.
 pub struct Prepared {
     statement: datafusion::sql::parser::Statement,
+    /// The text it was parsed from (part of the plan cache's key).
+    sql: String,
     /// Datasets the query reads.
     pub datasets: BTreeSet<String>,
 }
+
+/// What a cached member plan depends on besides the engine itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PlanKey {
+    sql: String,
+    /// The permit's grants, in full (levels, masks, dimensions, keys, rules), and its
+    /// description, which the plan's audit hash covers.
+    access: String,
+    /// (path, length, modification time) of every file source, so that a changed
+    /// file is planned anew.
+    files: Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)>,
+}
+
+/// A planned sub-query: the context it was planned in (its task context runs it),
+/// the physical plan and the plan's audit hash.
+struct CachedPlan {
+    ctx: SessionContext,
+    plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    plan_sha256: String,
+}
+
+/// Plans kept per member. Sub-queries repeat (dashboards, the coordinator's own
+/// cached plans); a few hundred distinct ones cover a busy member.
+const PLAN_CACHE_ENTRIES: u64 = 512;
 
 /// A sub-query running under a permit.
 pub struct Executed {
@@ -139,6 +170,8 @@ pub struct MemberEngine {
     /// distinct keys is bounded by the rules and datasets, but the map is cleared if it
     /// ever grows past [`MAX_GRANT_CONTEXTS`], to bound memory whatever the callers do.
     granted: Mutex<HashMap<GrantKey, SessionContext>>,
+    /// Physical plans of sub-queries planned before (see the module comment).
+    plans: moka::future::Cache<PlanKey, Arc<CachedPlan>>,
 }
 
 const MAX_GRANT_CONTEXTS: usize = 256;
@@ -170,6 +203,10 @@ impl MemberEngine {
             databases,
             pending: tokio::sync::Mutex::new(BTreeMap::new()),
             granted: Mutex::new(HashMap::new()),
+            plans: moka::future::Cache::builder()
+                .max_capacity(PLAN_CACHE_ENTRIES)
+                .time_to_idle(std::time::Duration::from_secs(600))
+                .build(),
             config,
         };
         for ds in engine.config.member.serves.clone() {
@@ -312,6 +349,7 @@ impl MemberEngine {
         self.ensure_available(&datasets).await?;
         Ok(Prepared {
             statement,
+            sql: sql.to_string(),
             datasets,
         })
     }
@@ -479,15 +517,72 @@ impl MemberEngine {
     /// that apply the permit's grants, checks and rewrites it for `aggregate` and
     /// `verify` grants ([`crate::guard`]), and starts it.
     pub async fn execute(&self, permit: &Permit, p: Prepared) -> Result<Executed> {
+        if !p.datasets.is_subset(&permit.datasets()) {
+            return Err(Error::Internal(
+                "permit does not cover the query's datasets".into(),
+            ));
+        }
+        let key = PlanKey {
+            sql: p.sql.clone(),
+            access: format!("{}\n{:?}", permit.describe(), permit.grants()),
+            files: self.file_stamps(),
+        };
+        if let Some(cached) = self.plans.get(&key).await {
+            tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted (plan cached)");
+            let physical = fresh_copy(cached.plan.clone())?;
+            let stream = datafusion::physical_plan::execute_stream(physical, cached.ctx.task_ctx())
+                .map_err(Error::from_datafusion)?;
+            return Ok(Executed {
+                stream,
+                plan_sha256: cached.plan_sha256.clone(),
+            });
+        }
         let (ctx, plan, plan_sha256) = self.plan_under(permit, p).await?;
         tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
         let physical = physical_plan(&ctx, &plan).await?;
+        self.plans
+            .insert(
+                key,
+                Arc::new(CachedPlan {
+                    ctx: ctx.clone(),
+                    plan: physical.clone(),
+                    plan_sha256: plan_sha256.clone(),
+                }),
+            )
+            .await;
+        let physical = fresh_copy(physical)?;
         let stream = datafusion::physical_plan::execute_stream(physical, ctx.task_ctx())
             .map_err(Error::from_datafusion)?;
         Ok(Executed {
             stream,
             plan_sha256,
         })
+    }
+
+    /// Length and modification time of every file source (every entry of a folder
+    /// source). A file that cannot be read gets no stamp, and the query then reports
+    /// the file's own error when it runs.
+    fn file_stamps(&self) -> Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)> {
+        let mut out = Vec::new();
+        let mut stamp = |path: &std::path::Path| {
+            if let Ok(m) = std::fs::metadata(path) {
+                out.push((path.to_path_buf(), m.len(), m.modified().ok()));
+            }
+        };
+        for s in &self.config.sources {
+            if let crate::config::SourceKind::File { path, .. } = &s.kind {
+                if path.is_dir() {
+                    if let Ok(entries) = std::fs::read_dir(path) {
+                        let mut files: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+                        files.sort();
+                        files.iter().for_each(|f| stamp(f));
+                    }
+                } else {
+                    stamp(path);
+                }
+            }
+        }
+        out
     }
 
     /// The statements a prepared sub-query would send to this member's databases
@@ -530,6 +625,19 @@ impl MemberEngine {
         };
         Ok((ctx, plan, plan_sha256))
     }
+}
+
+/// A copy of a physical plan with fresh execution state in every node
+/// (`reset_state`, as DataFusion does to run a plan again: file scans get a new
+/// shared work queue, for one). The plan given is not changed, so concurrent
+/// sub-queries can each run their own copy of one cached plan.
+fn fresh_copy(
+    plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    plan.transform_up(|node| Ok(Transformed::yes(node.reset_state()?)))
+        .map(|t| t.data)
+        .map_err(Error::from_datafusion)
 }
 
 /// Optimizes a checked plan, moves what it can into the member's databases
