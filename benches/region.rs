@@ -605,15 +605,10 @@ async fn pg_p50(
     seed: u64,
     expect_rows: Option<usize>,
 ) -> f64 {
-    let mut keys = seed | 1;
+    let mut keys = loadgen::Keys::new(seed);
     let mut times = Vec::new();
     for i in 0..requests {
-        keys ^= keys >> 12;
-        keys ^= keys << 25;
-        keys ^= keys >> 27;
-        let n = range.0
-            + (keys.wrapping_mul(0x2545_f491_4f6c_dd1d) % (range.1 - range.0 + 1) as u64) as i64;
-        let q = sql[(i % sql.len() as u64) as usize].replace("{n}", &n.to_string());
+        let q = loadgen::query_text(sql, range, i, &mut keys);
         let t = Instant::now();
         let rows = db
             .query(&q, &[])

@@ -141,10 +141,16 @@ impl Report {
 }
 
 /// A small, fast, seedable sequence (xorshift*), enough to pick keys.
-struct Keys(u64);
+pub struct Keys(u64);
 
 impl Keys {
-    fn next(&mut self, (lo, hi): (i64, i64)) -> i64 {
+    /// The sequence of this seed.
+    pub fn new(seed: u64) -> Keys {
+        Keys(seed | 1)
+    }
+
+    /// The next key in `lo..=hi`.
+    pub fn next(&mut self, (lo, hi): (i64, i64)) -> i64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -200,13 +206,18 @@ async fn one(client: &Client, load: &Load, sql: String) -> Result<u64, (String, 
     }
 }
 
-fn template(load: &Load, i: u64, keys: &mut Keys) -> String {
-    let t = &load.sql[(i % load.sql.len() as u64) as usize];
+/// The `i`-th query of a run: the templates in turn, `{n}` filled from `keys`.
+pub fn query_text(sql: &[String], range: (i64, i64), i: u64, keys: &mut Keys) -> String {
+    let t = &sql[(i % sql.len() as u64) as usize];
     if t.contains("{n}") {
-        t.replace("{n}", &keys.next(load.range).to_string())
+        t.replace("{n}", &keys.next(range).to_string())
     } else {
         t.clone()
     }
+}
+
+fn template(load: &Load, i: u64, keys: &mut Keys) -> String {
+    query_text(&load.sql, load.range, i, keys)
 }
 
 async fn record(shared: &Shared, load: &Load, took: Duration, r: Result<u64, (String, String)>) {
@@ -244,7 +255,7 @@ pub async fn run(client: &Client, load: &Load) -> Result<Report, String> {
         return Err(format!("empty range {}..{}", load.range.0, load.range.1));
     }
     // Warm-up: closed loop, one caller, unmeasured; a failure here is reported as it is.
-    let mut keys = Keys(load.seed | 1);
+    let mut keys = Keys::new(load.seed);
     let warm_until = Instant::now() + load.warmup;
     let mut i = 0u64;
     while Instant::now() < warm_until {
@@ -265,10 +276,10 @@ pub async fn run(client: &Client, load: &Load) -> Result<Report, String> {
     });
     let started = Instant::now();
     let end = started + load.duration;
-    let issued = Arc::new(AtomicU64::new(0));
     let mut max_in_flight = 0u64;
     match load.mode {
         Mode::Closed { concurrency, .. } => {
+            let issued = Arc::new(AtomicU64::new(0));
             let keys = Arc::new(std::sync::Mutex::new(keys));
             let mut tasks = Vec::new();
             for _ in 0..concurrency.max(1) {
@@ -332,7 +343,6 @@ pub async fn run(client: &Client, load: &Load) -> Result<Report, String> {
                 // Reap finished tasks so a long run does not keep every handle.
                 while tasks.try_join_next().is_some() {}
             }
-            issued.store(n, Ordering::Relaxed);
             while tasks.join_next().await.is_some() {}
         }
     }
