@@ -242,7 +242,14 @@ pub fn incoming(
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
-            let (tcp, remote) = match listener.accept().await {
+            // The listener goes as soon as the server stops taking connections, so
+            // a stopped gateway frees its port at once (and a restarted one can
+            // bind it again).
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = tx.closed() => break,
+            };
+            let (tcp, remote) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(error = %e, "Accept failed");
