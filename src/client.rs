@@ -263,6 +263,8 @@ pub fn state_word(state: i32) -> &'static str {
         MemberState::Denied => "denied",
         MemberState::Error => "error",
         MemberState::Cancelled => "cancelled",
+        MemberState::Cached => "cached",
+        MemberState::Stale => "stale",
         MemberState::Unspecified => "unknown",
     }
 }

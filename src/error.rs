@@ -35,6 +35,9 @@ pub enum MemberFailure {
     Failed,
 }
 
+/// The metadata key of a refusal's retry hint, in milliseconds (gRPC's own name).
+pub const RETRY_PUSHBACK_METADATA: &str = "grpc-retry-pushback-ms";
+
 /// The metadata key of a status that reports a member's database failing.
 pub const DATABASE_METADATA: &str = "fedgate-database";
 
@@ -71,6 +74,16 @@ pub enum Error {
     /// The gateway is at its limit; the caller may retry later.
     #[error("overloaded: {0}")]
     Overloaded(String),
+
+    /// The caller's class has no free slot or is over its rate; retrying after
+    /// `retry_after` may succeed.
+    #[error("overloaded: {reason}; retry in {} ms", retry_after.as_millis())]
+    Busy {
+        /// Which limit was hit.
+        reason: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
 
     /// A configuration problem (reported by `fedgate check` with file and key).
     #[error("configuration: {0}")]
@@ -117,6 +130,7 @@ impl Error {
             Error::Member { .. } => Fault::Peer,
             Error::DeadlineExceeded(_) => Fault::Peer,
             Error::Overloaded(_) | Error::Internal(_) => Fault::Internal,
+            Error::Busy { .. } => Fault::Caller,
             Error::Config(_) | Error::Tls(_) => Fault::Config,
             Error::Database { unavailable, .. } => {
                 if *unavailable {
@@ -137,7 +151,7 @@ impl Error {
                     MemberFailure::Unavailable | MemberFailure::TimedOut
                 )
             }
-            Error::DeadlineExceeded(_) | Error::Overloaded(_) => true,
+            Error::DeadlineExceeded(_) | Error::Overloaded(_) | Error::Busy { .. } => true,
             Error::Database { unavailable, .. } => *unavailable,
             _ => false,
         }
@@ -157,7 +171,7 @@ impl Error {
                 MemberFailure::Failed => Code::Aborted,
             },
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Error::Overloaded(_) => Code::ResourceExhausted,
+            Error::Overloaded(_) | Error::Busy { .. } => Code::ResourceExhausted,
             Error::Database {
                 unavailable: true, ..
             } => Code::Unavailable,
@@ -172,6 +186,16 @@ impl Error {
                 if let Ok(v) = tonic::metadata::MetadataValue::try_from(database.as_str()) {
                     md.insert(DATABASE_METADATA, v);
                 }
+                tonic::Status::with_metadata(code, self.to_string(), md)
+            }
+            // gRPC's own name for "retry after": clients with a retry policy honour
+            // it, and others can read it.
+            Error::Busy { retry_after, .. } => {
+                let mut md = tonic::metadata::MetadataMap::new();
+                md.insert(
+                    RETRY_PUSHBACK_METADATA,
+                    tonic::metadata::MetadataValue::from(retry_after.as_millis() as u64),
+                );
                 tonic::Status::with_metadata(code, self.to_string(), md)
             }
             _ => tonic::Status::new(code, self.to_string()),

@@ -10,6 +10,7 @@
 //! [`federation`] (plan, member scans, merge) -> [`member`] at the data owner
 //! ([`policy`] permit, [`mapping`] views over [`source`]s).
 
+pub mod admission;
 pub mod arrow_ipc;
 pub mod audit;
 pub mod check;

@@ -186,8 +186,12 @@ async fn one(client: &Client, load: &Load, sql: String) -> Result<u64, (String, 
         .await
     {
         Ok((_, summary)) => {
+            // A cached answer is a complete one; a stale answer stands in for a
+            // member that failed, which only --allow-partial accepts.
             let bad = summary.members.iter().find(|m| {
-                m.state != MemberState::Ok as i32 && m.state != MemberState::Pruned as i32
+                m.state != MemberState::Ok as i32
+                    && m.state != MemberState::Pruned as i32
+                    && m.state != MemberState::Cached as i32
             });
             match bad {
                 Some(m) if !load.allow_partial => Err((

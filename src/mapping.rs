@@ -321,6 +321,7 @@ mod tests {
             description: String::new(),
             schema: canonical_schema(&fields),
             fields,
+            cache: None,
         }
     }
 

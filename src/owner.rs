@@ -46,6 +46,8 @@ pub struct Note {
     pub access: Mutex<String>,
     /// The audit record's hash, once written.
     pub audit_hash: OnceLock<String>,
+    /// Why earlier attempts of this sub-query failed, when the coordinator retried it.
+    pub retried: Mutex<Vec<String>>,
 }
 
 impl Note {
@@ -60,6 +62,22 @@ impl Note {
     /// Sets the access description.
     pub fn set_access(&self, s: String) {
         *self.access.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// Records that an attempt failed for `reason` and the sub-query is retried.
+    pub fn retrying(&self, reason: String) {
+        self.retried
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(reason);
+    }
+
+    /// Why earlier attempts failed.
+    pub fn retries(&self) -> Vec<String> {
+        self.retried
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

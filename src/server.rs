@@ -77,7 +77,7 @@ fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
 #[derive(Clone)]
 pub struct FederationService {
     coordinator: Arc<Coordinator>,
-    admission: Arc<Semaphore>,
+    admission: Arc<crate::admission::Admission>,
     audit: Arc<AuditLog>,
 }
 
@@ -161,11 +161,14 @@ impl Federation for FederationService {
             .min()
             .unwrap_or(limits.default_timeout)
             .min(limits.max_timeout);
-        let Ok(permit) = self.admission.clone().try_acquire_owned() else {
-            return Err(refuse(Error::Overloaded(format!(
-                "this gateway is already running {} queries; retry shortly",
-                limits.max_concurrent_queries
-            ))));
+        let permit = match self.admission.try_admit(origin.kind(), Instant::now()) {
+            Ok(t) => t,
+            Err(r) => {
+                return Err(refuse(Error::Busy {
+                    reason: r.reason,
+                    retry_after: r.retry_after,
+                }));
+            }
         };
         let started = Instant::now();
         tracing::info!(%origin, sql = %q.sql, allow_partial = q.allow_partial, ?timeout, "Query");
@@ -711,7 +714,10 @@ impl Gateway {
 
         let federation = FederationService {
             coordinator,
-            admission: Arc::new(Semaphore::new(config.limits.max_concurrent_queries)),
+            admission: crate::admission::Admission::new(
+                config.limits.max_concurrent_queries,
+                config.limits.classes.clone(),
+            ),
             audit: audit.clone(),
         };
         let peer = PeerService {

@@ -136,6 +136,8 @@ pub struct Dataset {
     pub fields: Vec<CanonicalField>,
     /// Arrow schema: the fields, all nullable, then `member` (not null).
     pub schema: SchemaRef,
+    /// How coordinators may reuse member answers (`None`: never).
+    pub cache: Option<crate::federation::results::CachePolicy>,
 }
 
 /// A field of a canonical dataset.
@@ -271,11 +273,13 @@ impl Region {
                     "a dataset needs at least one field",
                 );
             }
+            let cache = cache_policy(path, &key, d, pr);
             datasets.push(Dataset {
                 name: d.name.clone(),
                 description: d.description.clone(),
                 schema: canonical_schema(&fields),
                 fields,
+                cache,
             });
         }
         let mut members = Vec::new();
@@ -386,6 +390,15 @@ pub struct Limits {
     pub max_concurrent_subqueries: usize,
     /// Most hops a sub-query may have taken.
     pub max_hops: u32,
+    /// When a member's circuit breaker opens and for how long.
+    pub breaker: crate::federation::breaker::BreakerSettings,
+    /// Retries of a sub-query whose member could not be reached, within the retry
+    /// budget.
+    pub retries: u32,
+    /// Bytes of member answers cached as coordinator.
+    pub result_cache_bytes: u64,
+    /// Admission limits per principal class.
+    pub classes: BTreeMap<crate::identity::Kind, crate::admission::ClassLimits>,
 }
 
 impl Default for Limits {
@@ -396,6 +409,10 @@ impl Default for Limits {
             max_concurrent_queries: 64,
             max_concurrent_subqueries: 128,
             max_hops: 3,
+            breaker: Default::default(),
+            retries: 1,
+            result_cache_bytes: 64 * 1024 * 1024,
+            classes: BTreeMap::new(),
         }
     }
 }
@@ -643,7 +660,9 @@ impl MemberConfig {
                 pr.add(path, k, format!("{} does not exist", p.display()));
             }
         }
-        let limits = validate_limits(path, &raw.limits, pr);
+        let mut limits = validate_limits(path, &raw.limits, pr);
+        limits.classes =
+            validate_admission(path, &raw.admission, limits.max_concurrent_queries, pr);
 
         let databases = validate_databases(path, &raw.databases, pr);
         let mut sources = Vec::new();
@@ -1353,6 +1372,66 @@ fn load_hmac_key(
     }
 }
 
+/// A duration setting: `None` when absent or wrong (wrong ones are reported).
+fn duration_setting(
+    path: &Path,
+    key: String,
+    v: &Option<String>,
+    pr: &mut Problems,
+) -> Option<Duration> {
+    let s = v.as_ref()?;
+    match humantime::parse_duration(s) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            pr.add(
+                path,
+                key,
+                format!("{s:?} is not a duration like \"30s\": {e}"),
+            );
+            None
+        }
+    }
+}
+
+fn cache_policy(
+    path: &Path,
+    key: &str,
+    d: &RawDataset,
+    pr: &mut Problems,
+) -> Option<crate::federation::results::CachePolicy> {
+    let fresh = duration_setting(
+        path,
+        format!("{key}.cache_fresh_for"),
+        &d.cache_fresh_for,
+        pr,
+    );
+    let stale = duration_setting(
+        path,
+        format!("{key}.cache_stale_for"),
+        &d.cache_stale_for,
+        pr,
+    );
+    if d.cache_stale_for.is_some() && d.cache_fresh_for.is_none() {
+        pr.add(
+            path,
+            format!("{key}.cache_stale_for"),
+            "needs cache_fresh_for (answers are cached only for datasets that set it)",
+        );
+    }
+    if fresh.is_some_and(|f| f.is_zero()) {
+        pr.add(
+            path,
+            format!("{key}.cache_fresh_for"),
+            "must be greater than zero (leave it out to cache nothing)",
+        );
+        return None;
+    }
+    Some(crate::federation::results::CachePolicy {
+        fresh_for: fresh?,
+        stale_for: stale.unwrap_or_default(),
+    })
+}
+
 fn validate_limits(path: &Path, raw: &RawLimits, pr: &mut Problems) -> Limits {
     let mut l = Limits::default();
     let mut dur = |key: &str, v: &Option<String>, slot: &mut Duration| {
@@ -1374,6 +1453,11 @@ fn validate_limits(path: &Path, raw: &RawLimits, pr: &mut Problems) -> Limits {
         &mut l.default_timeout,
     );
     dur("max_timeout", &raw.max_timeout, &mut l.max_timeout);
+    dur(
+        "breaker_open_for",
+        &raw.breaker_open_for,
+        &mut l.breaker.open_for,
+    );
     if l.default_timeout > l.max_timeout {
         pr.add(
             path,
@@ -1390,7 +1474,120 @@ fn validate_limits(path: &Path, raw: &RawLimits, pr: &mut Problems) -> Limits {
     if let Some(n) = raw.max_hops {
         l.max_hops = n.max(1);
     }
+    match raw.breaker_failures {
+        Some(0) => pr.add(
+            path,
+            "limits.breaker_failures",
+            "must be at least 1 (a breaker that opens without failures would refuse every member)",
+        ),
+        Some(n) => l.breaker.failures = n,
+        None => {}
+    }
+    if let Some(n) = raw.result_cache_bytes {
+        l.result_cache_bytes = n;
+    }
+    match raw.retries {
+        Some(n) if n > 3 => pr.add(
+            path,
+            "limits.retries",
+            format!("{n} is more than 3: retries multiply the load on a member that is failing"),
+        ),
+        Some(n) => l.retries = n,
+        None => {}
+    }
     l
+}
+
+fn validate_admission(
+    path: &Path,
+    raw: &[RawAdmission],
+    total: usize,
+    pr: &mut Problems,
+) -> BTreeMap<crate::identity::Kind, crate::admission::ClassLimits> {
+    use crate::admission::{ClassLimits, Rate};
+    let mut out = BTreeMap::new();
+    for (i, a) in raw.iter().enumerate() {
+        let key = format!("admission[{i}]");
+        let Some(kind) = crate::identity::Kind::parse(&a.class) else {
+            pr.add(
+                path,
+                format!("{key}.class"),
+                format!(
+                    "{:?} is not a principal class (office, city or county)",
+                    a.class
+                ),
+            );
+            continue;
+        };
+        if let Some(max) = a.max_concurrent
+            && (max == 0 || max < a.reserved)
+        {
+            pr.add(
+                path,
+                format!("{key}.max_concurrent"),
+                format!(
+                    "{max} must be at least 1 and at least the {} reserved",
+                    a.reserved
+                ),
+            );
+        }
+        let rate = match a.rate_per_second {
+            Some(r) if !(r.is_finite() && r > 0.0) => {
+                pr.add(
+                    path,
+                    format!("{key}.rate_per_second"),
+                    format!("{r} must be a positive number"),
+                );
+                None
+            }
+            Some(r) => {
+                let burst = a.burst.unwrap_or(r.max(1.0));
+                if !(burst.is_finite() && burst >= 1.0) {
+                    pr.add(
+                        path,
+                        format!("{key}.burst"),
+                        format!("{burst} must be at least 1"),
+                    );
+                }
+                Some(Rate {
+                    per_second: r,
+                    burst,
+                })
+            }
+            None => {
+                if a.burst.is_some() {
+                    pr.add(path, format!("{key}.burst"), "needs rate_per_second");
+                }
+                None
+            }
+        };
+        let limits = ClassLimits {
+            reserved: a.reserved,
+            max_concurrent: a.max_concurrent,
+            rate,
+        };
+        match out.entry(kind) {
+            std::collections::btree_map::Entry::Occupied(_) => pr.add(
+                path,
+                format!("{key}.class"),
+                format!("{} is listed twice", a.class),
+            ),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(limits);
+            }
+        }
+    }
+    let reserved: usize = out.values().map(|c| c.reserved).sum();
+    if reserved > total {
+        pr.add(
+            path,
+            "admission",
+            format!(
+                "the classes reserve {reserved} slots, more than limits.max_concurrent_queries ({total})"
+            ),
+        );
+    }
+    out
 }
 
 fn field_mapping(
@@ -1628,6 +1825,85 @@ fields = [ { name = "county_code", type = "utf8" }, { name = "pop", type = "int6
         let e = Region::load(&p).unwrap_err().to_string();
         assert!(e.contains("unknown field `colour`"), "{e}");
         assert!(e.contains("line 12"), "{e}");
+    }
+
+    #[test]
+    fn resilience_settings_are_checked_with_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ca.crt", "x");
+        let p = write(
+            dir.path(),
+            "region.toml",
+            &REGION.replace(
+                "name = \"census\"\n",
+                "name = \"census\"\ncache_stale_for = \"1h\"\n",
+            ),
+        );
+        let e = Region::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("datasets[0].cache_stale_for: needs cache_fresh_for"),
+            "{e}"
+        );
+        let p = write(
+            dir.path(),
+            "region.toml",
+            &REGION.replace(
+                "name = \"census\"\n",
+                "name = \"census\"\ncache_fresh_for = \"0s\"\n",
+            ),
+        );
+        let e = Region::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("datasets[0].cache_fresh_for: must be greater than zero"),
+            "{e}"
+        );
+
+        write(dir.path(), "region.toml", REGION);
+        let p = write(
+            dir.path(),
+            "hefei.toml",
+            r#"
+member = "hefei"
+region = "region.toml"
+listen = "127.0.0.1:7000"
+cert = "missing.crt"
+key = "missing.key"
+[limits]
+max_concurrent_queries = 4
+breaker_failures = 0
+breaker_open_for = "soon"
+retries = 9
+[[admission]]
+class = "town"
+[[admission]]
+class = "county"
+reserved = 3
+max_concurrent = 2
+[[admission]]
+class = "city"
+reserved = 2
+rate_per_second = -1
+[[admission]]
+class = "office"
+burst = 5
+[[admission]]
+class = "city"
+"#,
+        );
+        let e = MemberConfig::load(&p).unwrap_err().to_string();
+        for want in [
+            "limits.breaker_failures: must be at least 1",
+            "limits.breaker_open_for: \"soon\" is not a duration",
+            "limits.retries: 9 is more than 3",
+            "admission[0].class: \"town\" is not a principal class",
+            "admission[1].max_concurrent: 2 must be at least 1 and at least the 3 reserved",
+            "admission[2].rate_per_second: -1 must be a positive number",
+            "admission[3].burst: needs rate_per_second",
+            "admission[4].class: city is listed twice",
+            "admission: the classes reserve 5 slots, more than limits.max_concurrent_queries (4)",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
     }
 
     #[test]

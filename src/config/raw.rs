@@ -54,6 +54,14 @@ pub struct RawDataset {
     pub description: String,
     /// Its fields (the implicit `member` column is added by fedgate).
     pub fields: Vec<RawField>,
+    /// How long coordinators may reuse a member's answer for the same caller and
+    /// sub-query, e.g. `"5m"` (no caching without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_fresh_for: Option<String>,
+    /// How long after that a cached answer may stand in for a member that fails
+    /// (marked stale in the summary), e.g. `"1h"`; default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_stale_for: Option<String>,
 }
 
 /// A field of a canonical dataset.
@@ -90,6 +98,9 @@ pub struct RawMemberConfig {
     /// Limits.
     #[serde(default)]
     pub limits: RawLimits,
+    /// Admission of client queries per principal class.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admission: Vec<RawAdmission>,
     /// Databases (PostgreSQL or a database speaking its protocol) that sources read.
     #[serde(default)]
     pub databases: Vec<RawDatabase>,
@@ -135,6 +146,38 @@ pub struct RawLimits {
     /// Most gateway-to-gateway hops a sub-query may have taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_hops: Option<u32>,
+    /// Consecutive failures of a member that open its circuit breaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker_failures: Option<u32>,
+    /// How long an open breaker refuses before a health probe, e.g. `"10s"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker_open_for: Option<String>,
+    /// Retries of a sub-query whose member could not be reached (0 to 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Bytes of member answers this gateway keeps cached as coordinator (0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_cache_bytes: Option<u64>,
+}
+
+/// What one principal class may use of a gateway's query slots.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmission {
+    /// `office`, `city` or `county`.
+    pub class: String,
+    /// Slots only this class may use.
+    #[serde(default)]
+    pub reserved: usize,
+    /// Most queries this class may run here at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<usize>,
+    /// Sustained queries per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_second: Option<f64>,
+    /// Queries allowed at once above the rate (default: the rate, at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<f64>,
 }
 
 /// A local data source: a file, or a table in one of the member's databases.

@@ -4,7 +4,7 @@
 //! arrives.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::record_batch::RecordBatch;
 use futures::stream::BoxStream;
@@ -14,6 +14,7 @@ use tonic::transport::Channel;
 use crate::arrow_ipc::{self, Decoded};
 use crate::audit::AuditLog;
 use crate::error::{Error, MemberFailure, Result};
+use crate::federation::breaker::{Admission, MemberHealth, retry_pause};
 use crate::identity::Principal;
 use crate::member::MemberEngine;
 use crate::owner::{self, Note};
@@ -92,9 +93,42 @@ pub enum MemberClient {
         name: String,
         /// Its endpoint, for messages.
         endpoint: String,
-        /// The lazily connected channel.
+        /// The `Peer` client over the lazily connected channel.
         client: PeerClient<Channel>,
+        /// The same channel, for health probes.
+        channel: Channel,
+        /// Its breaker and retry budget.
+        health: Arc<MemberHealth>,
     },
+}
+
+/// A retry is worth it only if this much of the budget is left after the pause.
+const MIN_BUDGET_TO_RETRY: Duration = Duration::from_millis(100);
+
+/// True for a failure of the link or the member's gateway itself, as opposed to an
+/// answer from the member (a refusal, an error of one of its databases).
+fn is_transport_failure(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable
+        && s.metadata().get(crate::error::DATABASE_METADATA).is_none()
+}
+
+fn reason_of(e: &Error) -> String {
+    match e {
+        Error::Member { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Marks a health probe abandoned if its query is dropped before the probe ends, so
+/// the breaker does not wait a whole cool-down for a verdict that never comes.
+struct ProbeGuard<'a>(Option<&'a MemberHealth>);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.0 {
+            h.breaker.probe_abandoned(Instant::now());
+        }
+    }
 }
 
 fn member_error(member: &str, e: Error) -> Error {
@@ -175,6 +209,60 @@ impl MemberClient {
         }
     }
 
+    /// The breaker and retry budget of a remote member.
+    pub fn health(&self) -> Option<&Arc<MemberHealth>> {
+        match self {
+            MemberClient::Local { .. } => None,
+            MemberClient::Remote { health, .. } => Some(health),
+        }
+    }
+
+    /// Asks a member whose breaker is open whether it serves again
+    /// (`grpc.health.v1`), and records the verdict.
+    async fn probe(
+        name: &str,
+        endpoint: &str,
+        channel: &Channel,
+        health: &MemberHealth,
+        budget: Duration,
+    ) -> Result<()> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let mut guard = ProbeGuard(Some(health));
+        let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+            service: "fedgate.v1.Peer".into(),
+        });
+        req.set_timeout(budget.min(Duration::from_secs(2)));
+        let verdict = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+            .check(req)
+            .await;
+        guard.0 = None;
+        match verdict {
+            Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => {
+                health.breaker.success();
+                Ok(())
+            }
+            Ok(r) => {
+                let why = format!("health probe: status {}", r.get_ref().status);
+                health.breaker.failure(Instant::now(), &why);
+                Err(Error::Member {
+                    member: name.into(),
+                    failure: MemberFailure::Unavailable,
+                    reason: format!("circuit breaker open; {why}"),
+                })
+            }
+            Err(s) => {
+                let e = status_error(name, endpoint, budget, s);
+                let why = format!("health probe failed: {}", reason_of(&e));
+                health.breaker.failure(Instant::now(), &why);
+                Err(Error::Member {
+                    member: name.into(),
+                    failure: MemberFailure::Unavailable,
+                    reason: format!("circuit breaker open; {why}"),
+                })
+            }
+        }
+    }
+
     /// The statements a sub-query would send to the member's databases, as
     /// (database, SQL).
     pub async fn explain(&self, q: SubQuery) -> Result<Vec<(String, String)>> {
@@ -188,6 +276,7 @@ impl MemberClient {
                 name,
                 endpoint,
                 client,
+                ..
             } => {
                 let budget = q.budget;
                 let req = q.request();
@@ -228,22 +317,67 @@ impl MemberClient {
                 name,
                 endpoint,
                 client,
+                channel,
+                health,
             } => {
-                let budget = q.budget;
-                let req = q.request();
-                let response = client
-                    .clone()
-                    .execute(req)
-                    .await
-                    .map_err(|s| status_error(name, endpoint, budget, s))?;
-                Ok(remote_batches(
-                    name.clone(),
-                    endpoint.clone(),
-                    budget,
-                    q.received,
-                    q.note,
-                    response.into_inner(),
-                ))
+                let deadline = Instant::now() + q.budget;
+                match health.breaker.admit(Instant::now()) {
+                    Admission::Go => {}
+                    Admission::Refuse { reason } => {
+                        return Err(Error::Member {
+                            member: name.clone(),
+                            failure: MemberFailure::Unavailable,
+                            reason,
+                        });
+                    }
+                    Admission::Probe => {
+                        Self::probe(name, endpoint, channel, health, q.budget).await?;
+                    }
+                }
+                let mut q = q;
+                let mut attempt = 0;
+                loop {
+                    q.budget = deadline.saturating_duration_since(Instant::now());
+                    let budget = q.budget;
+                    match client.clone().execute(q.request()).await {
+                        Ok(response) => {
+                            return Ok(remote_batches(
+                                name.clone(),
+                                endpoint.clone(),
+                                budget,
+                                q.received,
+                                q.note,
+                                health.clone(),
+                                response.into_inner(),
+                            ));
+                        }
+                        Err(s) => {
+                            let transport = is_transport_failure(&s);
+                            let e = status_error(name, endpoint, budget, s);
+                            if !transport {
+                                return Err(e);
+                            }
+                            // Nothing arrived: the sub-query is an idempotent read and
+                            // may be sent again, within the attempts and the budget.
+                            let now = Instant::now();
+                            health.breaker.failure(now, &reason_of(&e));
+                            let may = health.retry.failure_may_retry();
+                            let pause = retry_pause();
+                            if attempt >= health.retries
+                                || !may
+                                || deadline.saturating_duration_since(now)
+                                    < pause + MIN_BUDGET_TO_RETRY
+                                || matches!(health.breaker.admit(now), Admission::Refuse { .. })
+                            {
+                                return Err(e);
+                            }
+                            attempt += 1;
+                            tracing::info!(member = %name, attempt, error = %e, "Retrying a sub-query");
+                            q.note.retrying(reason_of(&e));
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                }
             }
         }
     }
@@ -258,13 +392,21 @@ fn remote_batches(
     budget: Duration,
     received: Arc<std::sync::atomic::AtomicU64>,
     note: Arc<Note>,
+    health: Arc<MemberHealth>,
     responses: tonic::Streaming<crate::proto::v1::ExecuteResponse>,
 ) -> MemberStream {
     let summary: Arc<Mutex<Option<ExecuteSummary>>> = Arc::default();
     let seen = summary.clone();
-    let (n1, e1) = (name.clone(), endpoint.clone());
+    let (n1, e1, h1) = (name.clone(), endpoint.clone(), health.clone());
     let chunks = responses
-        .map_err(move |s| status_error(&n1, &e1, budget, s))
+        .map_err(move |s| {
+            let transport = is_transport_failure(&s);
+            let e = status_error(&n1, &e1, budget, s);
+            if transport {
+                h1.breaker.failure(Instant::now(), &reason_of(&e));
+            }
+            e
+        })
         .try_filter_map(move |r| {
             let seen = seen.clone();
             let received = received.clone();
@@ -308,19 +450,22 @@ fn remote_batches(
     let check = futures::stream::once(async move {
         let got = *rows.lock().unwrap_or_else(|p| p.into_inner());
         let s = summary.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match s {
-            Some(s) if s.rows == got => Ok(None),
-            Some(s) => Err(Error::Member {
-                member: name.clone(),
-                failure: MemberFailure::Failed,
-                reason: format!("answer cut short: received {got} of {} rows", s.rows),
-            }),
-            None => Err(Error::Member {
-                member: name.clone(),
-                failure: MemberFailure::Failed,
-                reason: format!("answer from {endpoint} ended without its summary after {got} rows (connection cut midway)"),
-            }),
-        }
+        let reason = match s {
+            Some(s) if s.rows == got => {
+                health.success();
+                return Ok(None);
+            }
+            Some(s) => format!("answer cut short: received {got} of {} rows", s.rows),
+            None => format!(
+                "answer from {endpoint} ended without its summary after {got} rows (connection cut midway)"
+            ),
+        };
+        health.breaker.failure(Instant::now(), &reason);
+        Err(Error::Member {
+            member: name.clone(),
+            failure: MemberFailure::Failed,
+            reason,
+        })
     })
     .try_filter_map(|x: Option<RecordBatch>| async move { Ok(x) });
     body.chain(check).boxed()

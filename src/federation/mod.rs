@@ -6,8 +6,10 @@
 //! extension so every member scan can report its outcome. The final aggregation,
 //! sorting and limits run here, on the rows the members returned.
 
+pub mod breaker;
 pub mod client;
 pub mod pushdown;
+pub mod results;
 pub mod state;
 pub mod table;
 pub mod unparse;
@@ -225,11 +227,19 @@ impl Coordinator {
                 MemberClient::Remote {
                     name: m.name.clone(),
                     endpoint: ep.url.clone(),
-                    client: PeerClient::new(channel).max_decoding_message_size(16 * 1024 * 1024),
+                    client: PeerClient::new(channel.clone())
+                        .max_decoding_message_size(16 * 1024 * 1024),
+                    channel,
+                    health: Arc::new(breaker::MemberHealth::new(
+                        config.limits.breaker,
+                        config.limits.retries,
+                    )),
                 },
             );
         }
         let clients = Arc::new(clients);
+        let results = (config.limits.result_cache_bytes > 0)
+            .then(|| results::ResultCache::new(config.limits.result_cache_bytes, &config.version));
         let tables: Vec<(String, Arc<FederatedTable>)> = region
             .datasets
             .iter()
@@ -237,7 +247,12 @@ impl Coordinator {
                 let servers = region.servers_of(&d.name).map(|m| m.name.clone()).collect();
                 (
                     d.name.clone(),
-                    Arc::new(FederatedTable::new(d.clone(), servers, clients.clone())),
+                    Arc::new(FederatedTable::new(
+                        d.clone(),
+                        servers,
+                        clients.clone(),
+                        results.clone(),
+                    )),
                 )
             })
             .collect();

@@ -177,6 +177,7 @@ fn pushed_scan(
 ) -> DfResult<LogicalPlanBuilder> {
     let pruning: Vec<Expr> = scan.filters.clone();
     let provider = PushedTable {
+        cache: table.dataset().cache,
         table,
         sql,
         schema,
@@ -454,12 +455,20 @@ pub fn push_whole_query(
             .collect::<Vec<_>>(),
     ));
     let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    // A whole query's answer may be reused only as long as every dataset it reads
+    // allows.
+    let cache = scans
+        .iter()
+        .map(|(t, _)| t.dataset().cache)
+        .collect::<Option<Vec<_>>>()
+        .and_then(|v| v.into_iter().reduce(|a, b| a.min(b)));
     let provider = PushedTable {
         table: first.clone(),
         sql: sql.to_string(),
         schema,
         pruning: vec![],
         whole: Some((member, datasets.join("+"))),
+        cache,
     };
     let scan = LogicalPlanBuilder::scan("pushed", provider_as_source(Arc::new(provider)), None)?;
     Ok(Some(restore_names(scan, plan, &names)?))
@@ -476,6 +485,8 @@ pub struct PushedTable {
     pruning: Vec<Expr>,
     /// For a whole query: the one member and the datasets it reads.
     whole: Option<(String, String)>,
+    /// How long the members' answers may be reused.
+    cache: Option<super::results::CachePolicy>,
 }
 
 #[async_trait]
@@ -506,6 +517,7 @@ impl TableProvider for PushedTable {
             self.sql.clone(),
             projection.cloned(),
             self.whole.as_ref().map(|(m, l)| (m.as_str(), l.as_str())),
+            self.cache,
         )
     }
 }

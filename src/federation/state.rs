@@ -42,6 +42,10 @@ struct Entry {
     datasets: BTreeSet<String>,
     access: BTreeSet<String>,
     audit_hashes: Vec<String>,
+    /// Why earlier attempts failed, for sub-queries that were retried.
+    retries: Vec<String>,
+    /// Age of the oldest cached answer served for this member.
+    age: Option<Duration>,
 }
 
 /// Severity of a state: when one member gets several sub-queries, the summary
@@ -52,10 +56,12 @@ fn severity(s: MemberState) -> u8 {
         MemberState::Pruned => 1,
         MemberState::Cancelled => 2,
         MemberState::Ok => 2,
-        MemberState::Denied => 3,
-        MemberState::TimedOut => 4,
-        MemberState::Unavailable => 5,
-        MemberState::Error => 6,
+        MemberState::Cached => 2,
+        MemberState::Stale => 3,
+        MemberState::Denied => 4,
+        MemberState::TimedOut => 5,
+        MemberState::Unavailable => 6,
+        MemberState::Error => 7,
     }
 }
 
@@ -94,16 +100,20 @@ impl QueryState {
             datasets: BTreeSet::new(),
             access: BTreeSet::new(),
             audit_hashes: Vec::new(),
+            retries: Vec::new(),
+            age: None,
         });
         e.datasets.insert(dataset.to_string());
         f(e);
     }
 
     fn set_state(e: &mut Entry, s: MemberState, reason: String) {
-        // A member asked for several datasets shows its worst outcome. Ok and
-        // Cancelled rank equal: a later definite outcome replaces a pending one.
+        // A member asked for several datasets shows its worst outcome. Ok, Cached
+        // and Cancelled rank equal: a later definite outcome replaces a pending one.
         if severity(s) > severity(e.state)
-            || (severity(s) == severity(e.state) && s == MemberState::Ok)
+            || (severity(s) == severity(e.state)
+                && matches!(s, MemberState::Ok | MemberState::Cached)
+                && e.state == MemberState::Cancelled)
         {
             e.state = s;
             e.reason = reason;
@@ -156,6 +166,42 @@ impl QueryState {
         });
     }
 
+    /// Records a sub-query answered from the cache, `age` old.
+    pub fn cached(&self, member: &str, dataset: &str, rows: u64, age: Duration) {
+        self.update(member, dataset, |e| {
+            e.rows += rows;
+            e.age = Some(e.age.map_or(age, |a| a.max(age)));
+            Self::set_state(
+                e,
+                MemberState::Cached,
+                format!(
+                    "answered from this coordinator's cache ({} ms old)",
+                    age.as_millis()
+                ),
+            );
+        });
+    }
+
+    /// Records a failed sub-query answered instead with a cached answer `age` old.
+    pub fn stale(&self, member: &str, dataset: &str, rows: u64, age: Duration, why: &Error) {
+        let why = match why {
+            Error::Member { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        };
+        self.update(member, dataset, |e| {
+            e.rows += rows;
+            e.age = Some(e.age.map_or(age, |a| a.max(age)));
+            Self::set_state(
+                e,
+                MemberState::Stale,
+                format!(
+                    "{why}; served its cached answer from {} ms ago instead",
+                    age.as_millis()
+                ),
+            );
+        });
+    }
+
     /// Records a failed sub-query.
     pub fn failed(&self, member: &str, dataset: &str, err: &Error, rows: u64, elapsed: Duration) {
         let state = match err {
@@ -183,11 +229,13 @@ impl QueryState {
     pub fn noted(&self, member: &str, dataset: &str, note: &crate::owner::Note) {
         let access = note.access();
         let hash = note.audit_hash.get().cloned();
+        let retries = note.retries();
         self.update(member, dataset, |e| {
             if !access.is_empty() {
                 e.access.insert(access);
             }
             e.audit_hashes.extend(hash);
+            e.retries.extend(retries);
         });
     }
 
@@ -206,9 +254,14 @@ impl QueryState {
     pub fn is_partial(&self) -> bool {
         let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
         m.values().any(|e| {
+            // A stale answer is complete but old; the summary says how old.
             !matches!(
                 e.state,
-                MemberState::Ok | MemberState::Pruned | MemberState::Cancelled
+                MemberState::Ok
+                    | MemberState::Pruned
+                    | MemberState::Cancelled
+                    | MemberState::Cached
+                    | MemberState::Stale
             )
         })
     }
@@ -224,11 +277,22 @@ impl QueryState {
                 state: e.state as i32,
                 rows: e.rows,
                 elapsed_us: e.elapsed.as_micros() as u64,
-                reason: e.reason.clone(),
+                reason: if e.reason.is_empty() && !e.retries.is_empty() {
+                    // An answer that needed a retry is complete, but the caller
+                    // should see that the link is flaky.
+                    format!(
+                        "answered after {} retried attempt(s); first failure: {}",
+                        e.retries.len(),
+                        e.retries[0]
+                    )
+                } else {
+                    e.reason.clone()
+                },
                 datasets: e.datasets.iter().cloned().collect(),
                 bytes_received: e.bytes,
                 access: e.access.iter().cloned().collect::<Vec<_>>().join("; "),
                 audit_hash: e.audit_hashes.join(","),
+                age_ms: e.age.map_or(0, |a| a.as_millis() as u64),
             })
             .collect();
         v.sort_by_key(|s| (pos(&s.member), s.member.clone()));

@@ -11,7 +11,7 @@ use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, RecordBatchOptions, StringArray};
@@ -36,6 +36,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, Stream, StreamExt};
 
 use super::client::{MemberClient, MemberStream, SubQuery};
+use super::results::{CachePolicy, CachedAnswer, Flight, LeaderGuard, ResultCache, ResultKey};
 use super::state::QueryState;
 use crate::config::{Dataset, MEMBER_COLUMN, quote_ident};
 use crate::error::{Error, MemberFailure, Result};
@@ -47,6 +48,8 @@ pub struct FederatedTable {
     /// Members that serve the dataset, in region order.
     servers: Vec<String>,
     clients: Arc<HashMap<String, MemberClient>>,
+    /// The coordinator's cache of member answers (`None` when disabled).
+    results: Option<Arc<ResultCache>>,
 }
 
 impl fmt::Debug for MemberClient {
@@ -61,11 +64,13 @@ impl FederatedTable {
         dataset: Dataset,
         servers: Vec<String>,
         clients: Arc<HashMap<String, MemberClient>>,
+        results: Option<Arc<ResultCache>>,
     ) -> Self {
         FederatedTable {
             dataset,
             servers,
             clients,
+            results,
         }
     }
 }
@@ -230,7 +235,15 @@ impl FederatedTable {
         sql: String,
         projection: Option<Vec<usize>>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        self.member_exec_for(state, filters, schema, sql, projection, None)
+        self.member_exec_for(
+            state,
+            filters,
+            schema,
+            sql,
+            projection,
+            None,
+            self.dataset.cache,
+        )
     }
 
     /// The members that serve this dataset and that `filters` on `member` keep.
@@ -242,7 +255,9 @@ impl FederatedTable {
     }
 
     /// Like [`FederatedTable::member_exec`]; with `whole`, the sub-query is a whole
-    /// query (named by that label in the summary) sent to one member only.
+    /// query (named by that label in the summary) sent to one member only. Answers
+    /// are cached under `cache` when the coordinator keeps a cache.
+    #[allow(clippy::too_many_arguments)]
     pub fn member_exec_for(
         &self,
         state: &dyn Session,
@@ -251,6 +266,7 @@ impl FederatedTable {
         sql: String,
         projection: Option<Vec<usize>>,
         whole: Option<(&str, &str)>,
+        cache: Option<CachePolicy>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let label = whole
             .map(|(_, l)| l)
@@ -284,8 +300,9 @@ impl FederatedTable {
                 })?;
             targets.push(client);
         }
+        let cache = cache.zip(self.results.clone());
         Ok(Arc::new(FederatedScanExec::new(
-            label, schema, sql, targets, pruned, projection,
+            label, schema, sql, targets, pruned, projection, cache,
         )))
     }
 }
@@ -307,6 +324,8 @@ pub struct FederatedScanExec {
     properties: Arc<PlanProperties>,
     /// Columns of the members' answers to keep (all when `None`).
     projection: Option<Vec<usize>>,
+    /// Whether and how long members' answers are reused, and where they are kept.
+    cache: Option<(CachePolicy, Arc<ResultCache>)>,
 }
 
 impl FederatedScanExec {
@@ -317,6 +336,7 @@ impl FederatedScanExec {
         targets: Vec<MemberClient>,
         pruned: Vec<(String, String)>,
         projection: Option<Vec<usize>>,
+        cache: Option<(CachePolicy, Arc<ResultCache>)>,
     ) -> Self {
         let partitions = targets.len().max(1);
         let properties = Arc::new(PlanProperties::new(
@@ -334,6 +354,7 @@ impl FederatedScanExec {
             state: None,
             properties,
             projection,
+            cache,
         }
     }
 
@@ -355,6 +376,7 @@ impl FederatedScanExec {
             state: Some(qs),
             properties: self.properties.clone(),
             projection: self.projection.clone(),
+            cache: self.cache.clone(),
         }
     }
 
@@ -457,10 +479,53 @@ impl ExecutionPlan for FederatedScanExec {
             note: note.clone(),
         };
         let member = target.name().to_string();
+        let health = target.health().cloned();
         tracing::debug!(query_id = %state.query_id, %member, dataset = %self.dataset, sql = %self.sql, "Member scan");
         let connect = async move { target.run(q).await }.boxed();
-        let stream = ScanStream {
-            phase: Phase::Connecting(connect),
+        let mut phase = Phase::Connecting(connect);
+        let mut cache = None;
+        if let Some((policy, results)) = &self.cache {
+            let key = ResultKey {
+                member: member.clone(),
+                sql: self.sql.clone(),
+                origin: state.origin.uri(),
+                purpose: state.purpose.clone(),
+            };
+            let mut tee = None;
+            if !results.get(&key).is_some_and(|h| h.is_fresh(now)) {
+                match results.flight(&key) {
+                    Flight::Lead(guard) => {
+                        tee = Some(Tee {
+                            batches: Vec::new(),
+                            bytes: 0,
+                            _guard: guard,
+                        })
+                    }
+                    Flight::Follow(mut rx) => {
+                        let Phase::Connecting(connect) = phase else {
+                            unreachable!("the phase was set just above")
+                        };
+                        phase = Phase::Waiting(
+                            async move {
+                                // Woken when the leader is done, whether it stored an
+                                // answer or failed.
+                                let _ = rx.wait_for(|done| *done).await;
+                            }
+                            .boxed(),
+                            Some(connect),
+                        );
+                    }
+                }
+            }
+            cache = Some(ScanCache {
+                policy: *policy,
+                results: results.clone(),
+                key,
+                tee,
+            });
+        }
+        let mut stream = ScanStream {
+            phase,
             deadline: Box::pin(tokio::time::sleep_until(state.member_deadline.into())),
             member,
             dataset: self.dataset.clone(),
@@ -469,9 +534,14 @@ impl ExecutionPlan for FederatedScanExec {
             projection: self.projection.clone(),
             received,
             note,
+            health,
+            cache,
             rows: 0,
             started: now,
         };
+        if let Some(hit) = stream.fresh_hit(now) {
+            stream.start_replay(hit, now, None);
+        }
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             self.schema.clone(),
             stream,
@@ -480,9 +550,38 @@ impl ExecutionPlan for FederatedScanExec {
 }
 
 enum Phase {
+    /// An identical sub-query is in flight: wait for it, then use its answer from
+    /// the cache, or ask the member (the future kept here) if it stored none.
+    Waiting(
+        BoxFuture<'static, ()>,
+        Option<BoxFuture<'static, Result<MemberStream>>>,
+    ),
     Connecting(BoxFuture<'static, Result<MemberStream>>),
     Streaming(MemberStream),
+    /// Serving a cached answer: fresh, or stale in place of the member's failure.
+    Replay {
+        batches: std::vec::IntoIter<RecordBatch>,
+        age: Duration,
+        failure: Option<Error>,
+    },
     Done,
+}
+
+/// A scan's use of the coordinator's result cache.
+struct ScanCache {
+    policy: CachePolicy,
+    results: Arc<ResultCache>,
+    key: ResultKey,
+    /// The answer being collected for the cache, while this scan leads its key.
+    tee: Option<Tee>,
+}
+
+struct Tee {
+    batches: Vec<RecordBatch>,
+    bytes: u64,
+    /// Released (waking identical sub-queries) when the answer is stored or given
+    /// up on.
+    _guard: LeaderGuard,
 }
 
 /// One member's part of a scan: records the member's outcome in the query state,
@@ -497,8 +596,135 @@ struct ScanStream {
     projection: Option<Vec<usize>>,
     received: Arc<std::sync::atomic::AtomicU64>,
     note: Arc<crate::owner::Note>,
+    /// A remote member's breaker, told when the member runs out of its budget.
+    health: Option<Arc<crate::federation::breaker::MemberHealth>>,
+    /// The result cache, for datasets whose answers may be reused.
+    cache: Option<ScanCache>,
     rows: u64,
     started: Instant,
+}
+
+impl ScanStream {
+    /// A cached answer fresh enough to serve without asking the member.
+    fn fresh_hit(&self, now: Instant) -> Option<Arc<CachedAnswer>> {
+        let c = self.cache.as_ref()?;
+        c.results.get(&c.key).filter(|h| h.is_fresh(now))
+    }
+
+    /// Serves `hit` from now on; `failure` is the member's failure it stands in for.
+    fn start_replay(&mut self, hit: Arc<CachedAnswer>, now: Instant, failure: Option<Error>) {
+        if let Some(c) = &mut self.cache {
+            c.tee = None;
+        }
+        self.note.set_access(hit.access.clone());
+        if let Some(h) = &hit.audit_hash {
+            let _ = self.note.audit_hash.set(h.clone());
+        }
+        self.phase = Phase::Replay {
+            batches: hit.batches.clone().into_iter(),
+            age: hit.age(now),
+            failure,
+        };
+    }
+
+    /// The next batch of a cached answer, or its end (recorded in the summary).
+    fn replay_next(&mut self) -> Poll<Option<DfResult<RecordBatch>>> {
+        let Phase::Replay { batches, .. } = &mut self.phase else {
+            return Poll::Ready(None);
+        };
+        match batches.next() {
+            Some(b) => match self.shape(b) {
+                Ok(b) => {
+                    self.rows += b.num_rows() as u64;
+                    Poll::Ready(Some(Ok(b)))
+                }
+                Err(e) => {
+                    self.phase = Phase::Done;
+                    self.record_bytes();
+                    self.state.failed(
+                        &self.member,
+                        &self.dataset,
+                        &e,
+                        self.rows,
+                        self.started.elapsed(),
+                    );
+                    Poll::Ready(Some(Err(e.into_datafusion())))
+                }
+            },
+            None => {
+                self.finish_replay();
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn finish_replay(&mut self) {
+        if let Phase::Replay { age, failure, .. } = std::mem::replace(&mut self.phase, Phase::Done)
+        {
+            self.record_bytes();
+            match failure {
+                None => self
+                    .state
+                    .cached(&self.member, &self.dataset, self.rows, age),
+                Some(e) => self
+                    .state
+                    .stale(&self.member, &self.dataset, self.rows, age, &e),
+            }
+        }
+    }
+
+    /// Keeps a copy of a member's batch for the cache, until the answer outgrows
+    /// what one entry may hold.
+    fn tee(&mut self, b: &RecordBatch) {
+        let Some(c) = &mut self.cache else { return };
+        let Some(t) = &mut c.tee else { return };
+        let size = b.get_array_memory_size() as u64;
+        if t.bytes + size > c.results.max_entry_bytes() {
+            c.tee = None;
+        } else {
+            t.bytes += size;
+            t.batches.push(b.clone());
+        }
+    }
+
+    /// Stores a complete answer collected by [`ScanStream::tee`].
+    fn store(&mut self) {
+        let Some(c) = &mut self.cache else { return };
+        let Some(t) = c.tee.take() else { return };
+        c.results.insert(
+            c.key.clone(),
+            CachedAnswer {
+                rows: t.batches.iter().map(|b| b.num_rows() as u64).sum(),
+                batches: t.batches,
+                bytes: t.bytes,
+                stored: Instant::now(),
+                access: self.note.access(),
+                audit_hash: self.note.audit_hash.get().cloned(),
+                policy: c.policy,
+            },
+        );
+        // The guard drops here, after the answer is stored.
+    }
+
+    /// A cached answer that may stand in for this member's failure `e`: only when
+    /// no row of the member's own answer was passed on, and never for a refusal.
+    fn stale_for(&mut self, e: &Error) -> Option<Arc<CachedAnswer>> {
+        let c = self.cache.as_mut()?;
+        c.tee = None;
+        let denied = matches!(
+            e,
+            Error::Member {
+                failure: MemberFailure::Denied,
+                ..
+            }
+        );
+        if self.rows > 0 || denied {
+            return None;
+        }
+        c.results
+            .get(&c.key)
+            .filter(|h| h.is_usable_stale(Instant::now()))
+    }
 }
 
 impl ScanStream {
@@ -515,6 +741,11 @@ impl ScanStream {
 
 impl ScanStream {
     fn fail(&mut self, e: Error) -> Poll<Option<DfResult<RecordBatch>>> {
+        if let Some(hit) = self.stale_for(&e) {
+            tracing::warn!(query_id = %self.state.query_id, member = %self.member, error = %e, "Member failed; serving its cached answer");
+            self.start_replay(hit, Instant::now(), Some(e));
+            return self.replay_next();
+        }
         self.phase = Phase::Done;
         self.record_bytes();
         self.state.failed(
@@ -533,15 +764,17 @@ impl ScanStream {
     }
 
     fn timed_out(&mut self) -> Poll<Option<DfResult<RecordBatch>>> {
+        let budget = self
+            .state
+            .member_deadline
+            .saturating_duration_since(self.started);
+        if let Some(h) = &self.health {
+            h.timed_out(Instant::now(), budget);
+        }
         let e = Error::Member {
             member: self.member.clone(),
             failure: MemberFailure::TimedOut,
-            reason: format!(
-                "no complete answer within its budget of {:?}",
-                self.state
-                    .member_deadline
-                    .saturating_duration_since(self.started)
-            ),
+            reason: format!("no complete answer within its budget of {budget:?}"),
         };
         self.fail(e)
     }
@@ -601,28 +834,51 @@ impl Stream for ScanStream {
         let this = &mut *self;
         // Past its budget a member is cancelled, even if its answer is ready now:
         // the time left belongs to the merge.
-        if !matches!(this.phase, Phase::Done) && Instant::now() >= this.state.member_deadline {
+        if !matches!(this.phase, Phase::Done | Phase::Replay { .. })
+            && Instant::now() >= this.state.member_deadline
+        {
             return this.timed_out();
         }
         loop {
             match &mut this.phase {
                 Phase::Done => return Poll::Ready(None),
+                Phase::Replay { .. } => return this.replay_next(),
+                Phase::Waiting(wait, connect) => match wait.poll_unpin(cx) {
+                    Poll::Ready(()) => {
+                        let connect = connect.take();
+                        let now = Instant::now();
+                        match (this.fresh_hit(now), connect) {
+                            (Some(hit), _) => this.start_replay(hit, now, None),
+                            (None, Some(c)) => this.phase = Phase::Connecting(c),
+                            (None, None) => {
+                                return this.fail(Error::Internal(
+                                    "a waiting member scan lost its request".into(),
+                                ));
+                            }
+                        }
+                    }
+                    Poll::Pending => break,
+                },
                 Phase::Connecting(f) => match f.poll_unpin(cx) {
                     Poll::Ready(Ok(s)) => this.phase = Phase::Streaming(s),
                     Poll::Ready(Err(e)) => return this.fail(e),
                     Poll::Pending => break,
                 },
                 Phase::Streaming(s) => match s.poll_next_unpin(cx) {
-                    Poll::Ready(Some(Ok(b))) => match this.shape(b) {
-                        Ok(b) => {
-                            this.rows += b.num_rows() as u64;
-                            return Poll::Ready(Some(Ok(b)));
+                    Poll::Ready(Some(Ok(b))) => {
+                        this.tee(&b);
+                        match this.shape(b) {
+                            Ok(b) => {
+                                this.rows += b.num_rows() as u64;
+                                return Poll::Ready(Some(Ok(b)));
+                            }
+                            Err(e) => return this.fail(e),
                         }
-                        Err(e) => return this.fail(e),
-                    },
+                    }
                     Poll::Ready(Some(Err(e))) => return this.fail(e),
                     Poll::Ready(None) => {
                         this.phase = Phase::Done;
+                        this.store();
                         this.record_bytes();
                         this.state.answered(
                             &this.member,
@@ -637,17 +893,7 @@ impl Stream for ScanStream {
             }
         }
         if this.deadline.as_mut().poll(cx).is_ready() {
-            let e = Error::Member {
-                member: this.member.clone(),
-                failure: MemberFailure::TimedOut,
-                reason: format!(
-                    "no complete answer within its budget of {:?}",
-                    this.state
-                        .member_deadline
-                        .saturating_duration_since(this.started)
-                ),
-            };
-            return this.fail(e);
+            return this.timed_out();
         }
         Poll::Pending
     }
@@ -657,7 +903,9 @@ impl Drop for ScanStream {
     fn drop(&mut self) {
         // Dropped before the end: the coordinator needed no more rows (a LIMIT was
         // met) or the query ended for another reason. The member was not at fault.
-        if !matches!(self.phase, Phase::Done) {
+        if matches!(self.phase, Phase::Replay { .. }) {
+            self.finish_replay();
+        } else if !matches!(self.phase, Phase::Done) {
             self.record_bytes();
             self.state.answered(
                 &self.member,

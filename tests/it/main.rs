@@ -2,11 +2,15 @@
 //!
 //! One test binary (modules below) so the crate links once.
 
+mod proxy;
 mod support;
 
+mod admission;
 mod bad_input;
+mod cache;
 mod configs;
 mod differential;
+mod faults;
 mod federation;
 mod loadgen;
 mod planner;

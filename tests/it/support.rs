@@ -165,6 +165,59 @@ impl Region {
         fedgate::pki::Ca::load(&certs.join("ca.crt"), &certs.join("ca.key")).unwrap()
     }
 
+    /// Starts the sample region with each named member reached through its own
+    /// fault-injecting proxy: the region file's endpoint of the member points at the
+    /// proxy, which forwards to the port the member's gateway listens on. Callers
+    /// reach every gateway directly.
+    pub async fn start_behind_proxies(
+        members: &[&str],
+        patch: &dyn Fn(&Materialized),
+    ) -> (Region, BTreeMap<String, crate::proxy::FaultProxy>) {
+        let mut proxies = BTreeMap::new();
+        for m in members {
+            proxies.insert(m.to_string(), crate::proxy::FaultProxy::start().await);
+        }
+        let route = |layout: &Materialized| {
+            let path = layout.dir.join("region.toml");
+            let mut text = std::fs::read_to_string(&path).unwrap();
+            for (m, proxy) in &proxies {
+                let (_, _, endpoint) = layout.gateways.iter().find(|(n, _, _)| n == m).unwrap();
+                let real: u16 = endpoint.rsplit(':').next().unwrap().parse().unwrap();
+                proxy.set_target(real);
+                let before = format!("endpoint = \"https://127.0.0.1:{real}\"");
+                assert!(text.contains(&before), "{before} not in region.toml");
+                text = text.replace(
+                    &before,
+                    &format!("endpoint = \"https://127.0.0.1:{}\"", proxy.port),
+                );
+            }
+            std::fs::write(&path, text).unwrap();
+            patch(layout);
+        };
+        let region = Self::start_full(None, &route, false).await;
+        (region, proxies)
+    }
+
+    /// Starts a stopped gateway again on its port.
+    pub async fn restart(&mut self, member: &str) {
+        let port: u16 = self
+            .endpoint(member)
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let path = self.layout.dir.join(format!("{member}.toml"));
+        let cfg = MemberConfig::load(&path).unwrap_or_else(|p| panic!("{p}"));
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        self.gateways.insert(
+            member.to_string(),
+            Gateway::start(Arc::new(cfg), Some(l)).await.unwrap(),
+        );
+    }
+
     /// Stops one gateway.
     pub async fn stop(&mut self, member: &str) {
         if let Some(g) = self.gateways.remove(member) {
@@ -176,6 +229,28 @@ impl Region {
     pub fn data(&self) -> PathBuf {
         self.layout.dir.join("data")
     }
+}
+
+/// Edits the materialized member file of `member` as its serde mirror.
+pub fn patch_member(
+    layout: &Materialized,
+    member: &str,
+    f: impl FnOnce(&mut fedgate::config::raw::RawMemberConfig),
+) {
+    let path = layout.dir.join(format!("{member}.toml"));
+    let mut raw: fedgate::config::raw::RawMemberConfig =
+        toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    f(&mut raw);
+    std::fs::write(&path, toml::to_string_pretty(&raw).unwrap()).unwrap();
+}
+
+/// Edits the materialized region file as its serde mirror.
+pub fn patch_region(layout: &Materialized, f: impl FnOnce(&mut fedgate::config::raw::RawRegion)) {
+    let path = layout.dir.join("region.toml");
+    let mut raw: fedgate::config::raw::RawRegion =
+        toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    f(&mut raw);
+    std::fs::write(&path, toml::to_string_pretty(&raw).unwrap()).unwrap();
 }
 
 /// Reads a CSV file with the `csv`-free reader used by the tests: header names and

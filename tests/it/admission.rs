@@ -1,0 +1,125 @@
+//! Fair admission: a flood from one principal class is refused fast while another
+//! class keeps its reserved share; a class over its rate is told when to retry.
+
+use std::time::Duration;
+
+use fedgate::config::raw::RawAdmission;
+
+use crate::proxy::Fault;
+use crate::support::Region;
+
+const PER_MEMBER: &str = "SELECT member, count(*) AS n FROM census GROUP BY member";
+
+fn admission(class: &str) -> RawAdmission {
+    RawAdmission {
+        class: class.into(),
+        reserved: 0,
+        max_concurrent: None,
+        rate_per_second: None,
+        burst: None,
+    }
+}
+
+#[tokio::test]
+async fn a_flood_from_the_cities_leaves_the_counties_their_reserved_share() {
+    let (region, proxies) = Region::start_behind_proxies(&["suzhou"], &|layout| {
+        crate::support::patch_member(layout, "hangzhou", |m| {
+            m.limits.max_concurrent_queries = Some(3);
+            m.admission = vec![RawAdmission {
+                reserved: 1,
+                ..admission("county")
+            }];
+        })
+    })
+    .await;
+    // Every query waits on a slow member, so the ones admitted hold their slots.
+    proxies["suzhou"].set(Fault::Delay(Duration::from_millis(300)));
+    let flood: Vec<_> = (0..12)
+        .map(|_| {
+            let c = region.client_as("shanghai", "hangzhou");
+            tokio::spawn(async move {
+                c.query(PER_MEMBER, true, Some(Duration::from_secs(4)))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let county = region.client_as("anji", "hangzhou");
+    for i in 0..3 {
+        let a = county
+            .query(PER_MEMBER, true, Some(Duration::from_secs(4)))
+            .await
+            .unwrap_or_else(|f| panic!("county query {i} refused during the flood: {f}"));
+        assert_eq!(a.summary.rows, 5);
+    }
+    let (mut answered, mut refused) = (0, 0);
+    for q in flood {
+        match q.await.unwrap() {
+            Ok(_) => answered += 1,
+            Err(f) => {
+                refused += 1;
+                assert_eq!(f.status.code(), tonic::Code::ResourceExhausted, "{f}");
+                assert!(
+                    f.status
+                        .message()
+                        .contains("no slots are reserved for city callers"),
+                    "{f}"
+                );
+                let hint = f
+                    .status
+                    .metadata()
+                    .get("grpc-retry-pushback-ms")
+                    .expect("a retry hint");
+                assert!(hint.to_str().unwrap().parse::<u64>().unwrap() > 0);
+            }
+        }
+    }
+    // Two shared slots: at most two city queries ran at once, and each of the twelve
+    // either ran or was refused at once.
+    assert!(answered >= 2, "{answered} answered, {refused} refused");
+    assert!(refused >= 6, "{answered} answered, {refused} refused");
+}
+
+#[tokio::test]
+async fn a_class_over_its_rate_is_refused_with_the_time_to_wait() {
+    let region = Region::start_patched(None, &|layout| {
+        crate::support::patch_member(layout, "hangzhou", |m| {
+            m.admission = vec![RawAdmission {
+                rate_per_second: Some(0.5),
+                burst: Some(2.0),
+                ..admission("office")
+            }];
+        })
+    })
+    .await;
+    let office = region.client("hangzhou");
+    office.query(PER_MEMBER, false, None).await.unwrap();
+    office.query(PER_MEMBER, false, None).await.unwrap();
+    let f = office.query(PER_MEMBER, false, None).await.unwrap_err();
+    assert_eq!(f.status.code(), tonic::Code::ResourceExhausted, "{f}");
+    assert!(
+        f.status
+            .message()
+            .contains("office callers are over their rate of 0.5 queries per second"),
+        "{f}"
+    );
+    let wait: u64 = f
+        .status
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // A token every two seconds.
+    assert!(wait > 0 && wait <= 2000, "{wait}");
+    // Another class is not held to the office's rate.
+    region
+        .client_as("suzhou", "hangzhou")
+        .query(PER_MEMBER, false, None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(wait + 50)).await;
+    office.query(PER_MEMBER, false, None).await.unwrap();
+}
