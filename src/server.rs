@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
@@ -17,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::arrow_ipc;
 use crate::audit::AuditLog;
-use crate::config::{MemberConfig, Region};
+use crate::config::MemberConfig;
 use crate::error::{Error, Result};
 use crate::federation::{Coordinator, QueryOptions};
 use crate::identity::Principal;
@@ -640,10 +641,13 @@ impl Peer for PeerService {
     }
 }
 
-/// Refuses callers whose (CA-verified) identity the region does not know.
-fn identity_check(region: Arc<Region>) -> impl tonic::service::Interceptor + Clone {
+/// Refuses callers whose (CA-verified) identity the region does not know, under the
+/// configuration in force when the call arrives.
+fn identity_check(current: Arc<ArcSwap<Generation>>) -> impl tonic::service::Interceptor + Clone {
     move |req: Request<()>| -> std::result::Result<Request<()>, Status> {
         let p = caller(&req)?;
+        let g = current.load();
+        let region = &g.config.region;
         if region.member_by_principal(&p).is_none() {
             tracing::warn!(principal = %p, "Unknown identity refused");
             return Err(Error::Unauthenticated(format!(
@@ -656,23 +660,38 @@ fn identity_check(region: Arc<Region>) -> impl tonic::service::Interceptor + Clo
     }
 }
 
-/// A running gateway.
-pub struct Gateway {
-    /// The address it listens on.
-    pub addr: SocketAddr,
-    /// This gateway's member name.
-    pub member: String,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+/// Everything one configuration version serves with. A reload builds a new one and
+/// swaps it in; every call takes the one in force when it arrives and keeps it to its
+/// end, so a query runs under exactly one configuration version.
+pub struct Generation {
+    /// The configuration.
+    pub config: Arc<MemberConfig>,
+    federation: FederationService,
+    peer: PeerService,
+    server_tls: Arc<rustls::ServerConfig>,
+    /// A digest of the CA, certificate and key files, to notice rotated certificates.
+    tls_digest: String,
 }
 
-impl Gateway {
-    /// Starts a gateway. `listener` lets tests and the demo bind ports first; without
-    /// it the configured listen address is bound.
-    pub async fn start(
+/// A digest of the files the gateway's TLS identity is made of.
+fn tls_digest(config: &MemberConfig) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in [&config.region.ca_path, &config.cert_path, &config.key_path] {
+        h.update(std::fs::read(p).unwrap_or_default());
+        h.update([0u8]);
+    }
+    hex::encode(h.finalize())
+}
+
+impl Generation {
+    /// Builds what `config` serves with. Slot limits that did not change keep their
+    /// counters, so queries running across a reload still count.
+    async fn build(
         config: Arc<MemberConfig>,
-        listener: Option<TcpListener>,
-    ) -> Result<Gateway> {
+        audit: Arc<AuditLog>,
+        previous: Option<&Generation>,
+    ) -> Result<Generation> {
         let tls = TlsMaterial::load(&config.region.ca_path, &config.cert_path, &config.key_path)?;
         if tls.principal != config.member.principal {
             return Err(Error::Config(format!(
@@ -683,18 +702,276 @@ impl Gateway {
                 config.member.principal
             )));
         }
+        // An expired certificate, or one the region CA did not sign, would be refused
+        // by every peer: refuse it here, with the reason, instead.
+        tls.verify_own_certificate()?;
         let engine = if config.member.serves.is_empty() {
             None
         } else {
             Some(Arc::new(MemberEngine::build(config.clone()).await?))
         };
-        let audit = Arc::new(AuditLog::open(&config.audit_path)?);
         let coordinator = Arc::new(Coordinator::new(
             config.clone(),
             engine.clone(),
             &tls,
             audit.clone(),
         )?);
+        let same_slots = previous.filter(|p| {
+            p.config.limits.max_concurrent_queries == config.limits.max_concurrent_queries
+                && p.config.limits.classes == config.limits.classes
+        });
+        let admission = match same_slots {
+            Some(p) => p.federation.admission.clone(),
+            None => crate::admission::Admission::new(
+                config.limits.max_concurrent_queries,
+                config.limits.classes.clone(),
+            ),
+        };
+        let sub_admission = match previous.filter(|p| {
+            p.config.limits.max_concurrent_subqueries == config.limits.max_concurrent_subqueries
+        }) {
+            Some(p) => p.peer.admission.clone(),
+            None => Arc::new(Semaphore::new(config.limits.max_concurrent_subqueries)),
+        };
+        Ok(Generation {
+            tls_digest: tls_digest(&config),
+            server_tls: tls.server_config()?,
+            federation: FederationService {
+                coordinator,
+                admission,
+                audit: audit.clone(),
+            },
+            peer: PeerService {
+                config: config.clone(),
+                engine,
+                admission: sub_admission,
+                audit,
+            },
+            config,
+        })
+    }
+}
+
+/// `Federation` under the configuration in force when each call arrives.
+#[derive(Clone)]
+struct LiveFederation(Arc<ArcSwap<Generation>>);
+
+#[tonic::async_trait]
+impl Federation for LiveFederation {
+    type QueryStream = ResponseStream<QueryResponse>;
+
+    async fn query(
+        &self,
+        req: Request<QueryRequest>,
+    ) -> std::result::Result<Response<Self::QueryStream>, Status> {
+        let g = self.0.load_full();
+        g.federation.query(req).await
+    }
+
+    async fn explain(
+        &self,
+        req: Request<ExplainRequest>,
+    ) -> std::result::Result<Response<ExplainResponse>, Status> {
+        let g = self.0.load_full();
+        g.federation.explain(req).await
+    }
+
+    async fn describe(
+        &self,
+        req: Request<DescribeRequest>,
+    ) -> std::result::Result<Response<DescribeResponse>, Status> {
+        let g = self.0.load_full();
+        g.federation.describe(req).await
+    }
+}
+
+/// `Peer` under the configuration in force when each call arrives.
+#[derive(Clone)]
+struct LivePeer(Arc<ArcSwap<Generation>>);
+
+#[tonic::async_trait]
+impl Peer for LivePeer {
+    type ExecuteStream = ResponseStream<ExecuteResponse>;
+
+    async fn execute(
+        &self,
+        req: Request<ExecuteRequest>,
+    ) -> std::result::Result<Response<Self::ExecuteStream>, Status> {
+        let g = self.0.load_full();
+        g.peer.execute(req).await
+    }
+
+    async fn explain(
+        &self,
+        req: Request<ExecuteRequest>,
+    ) -> std::result::Result<Response<PeerExplainResponse>, Status> {
+        let g = self.0.load_full();
+        g.peer.explain(req).await
+    }
+
+    async fn catalog(
+        &self,
+        req: Request<CatalogRequest>,
+    ) -> std::result::Result<Response<CatalogResponse>, Status> {
+        let g = self.0.load_full();
+        g.peer.catalog(req).await
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// The files say what the running configuration says.
+    Unchanged,
+    /// A new configuration (or certificate) is in force.
+    Applied {
+        /// Its version.
+        version: String,
+    },
+    /// The new files were refused; the running configuration stays.
+    Rejected {
+        /// Every problem found.
+        reason: String,
+    },
+}
+
+/// How often the configuration and certificate files are checked for changes.
+const RELOAD_POLL: Duration = Duration::from_secs(1);
+
+/// (length, modification time) of a file, or `None` if it cannot be read.
+type Stamp = Option<(u64, std::time::SystemTime)>;
+
+fn stamp(p: &std::path::Path) -> Stamp {
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+/// Reloads a gateway's configuration and certificates.
+struct Reloader {
+    path: std::path::PathBuf,
+    current: Arc<ArcSwap<Generation>>,
+    tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    audit: Arc<AuditLog>,
+    /// The watched files as last seen.
+    seen: std::sync::Mutex<Vec<(std::path::PathBuf, Stamp)>>,
+    /// One reload at a time.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    fn watched(config: &MemberConfig) -> Vec<std::path::PathBuf> {
+        vec![
+            config.path.clone(),
+            config.region.path.clone(),
+            config.region.ca_path.clone(),
+            config.cert_path.clone(),
+            config.key_path.clone(),
+        ]
+    }
+
+    fn look(
+        config: &MemberConfig,
+    ) -> Vec<(std::path::PathBuf, Option<(u64, std::time::SystemTime)>)> {
+        Self::watched(config)
+            .into_iter()
+            .map(|p| {
+                let s = stamp(&p);
+                (p, s)
+            })
+            .collect()
+    }
+
+    /// Whether a watched file changed since it was last seen.
+    fn changed(&self) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.iter().any(|(p, s)| stamp(p) != *s)
+    }
+
+    async fn reload(&self) -> ReloadOutcome {
+        let _one = self.busy.lock().await;
+        let old = self.current.load_full();
+        // Seen before reading, so a change made while this reload runs is noticed
+        // by the next check.
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Self::look(&old.config);
+        let outcome = self.try_reload(&old).await;
+        match &outcome {
+            ReloadOutcome::Applied { version } => {
+                tracing::info!(member = %old.config.member.name, from = %old.config.version, to = %version, "Configuration reloaded");
+            }
+            ReloadOutcome::Rejected { reason } => {
+                tracing::error!(member = %old.config.member.name, version = %old.config.version, "New configuration refused; the running one stays:\n{reason}");
+            }
+            ReloadOutcome::Unchanged => {}
+        }
+        outcome
+    }
+
+    async fn try_reload(&self, old: &Generation) -> ReloadOutcome {
+        let rejected = |reason: String| ReloadOutcome::Rejected { reason };
+        let config = match MemberConfig::load(&self.path) {
+            Ok(c) => c,
+            Err(problems) => return rejected(problems.to_string()),
+        };
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Self::look(&config);
+        if config.version == old.config.version && tls_digest(&config) == old.tls_digest {
+            return ReloadOutcome::Unchanged;
+        }
+        for (what, changed) in [
+            ("listen", config.listen != old.config.listen),
+            ("member", config.member.name != old.config.member.name),
+            ("audit", config.audit_path != old.config.audit_path),
+        ] {
+            if changed {
+                return rejected(format!(
+                    "{}: `{what}` changed; that takes a restart",
+                    self.path.display()
+                ));
+            }
+        }
+        match Generation::build(Arc::new(config), self.audit.clone(), Some(old)).await {
+            Ok(g) => {
+                let version = g.config.version.clone();
+                self.tls.store(g.server_tls.clone());
+                self.current.store(Arc::new(g));
+                ReloadOutcome::Applied { version }
+            }
+            Err(e) => rejected(e.to_string()),
+        }
+    }
+}
+
+/// Waits for SIGHUP (forever where there are no signals).
+async fn hangup(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// This gateway's member name.
+    pub member: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    reloader: Arc<Reloader>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Starts a gateway. `listener` lets tests and the demo bind ports first; without
+    /// it the configured listen address is bound. The gateway reloads its
+    /// configuration and certificates on SIGHUP and when their files change.
+    pub async fn start(
+        config: Arc<MemberConfig>,
+        listener: Option<TcpListener>,
+    ) -> Result<Gateway> {
+        let audit = Arc::new(AuditLog::open(&config.audit_path)?);
+        let first = Generation::build(config.clone(), audit.clone(), None).await?;
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(config.listen)
@@ -704,52 +981,85 @@ impl Gateway {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Internal(e.to_string()))?;
-        let incoming = crate::tls::incoming(listener, tls.server_config()?);
+        let tls = Arc::new(ArcSwap::from(first.server_tls.clone()));
+        let current = Arc::new(ArcSwap::from_pointee(first));
+        let incoming = crate::tls::incoming(listener, tls.clone());
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
-            .set_serving::<FederationServer<FederationService>>()
+            .set_serving::<FederationServer<LiveFederation>>()
             .await;
-        health.set_serving::<PeerServer<PeerService>>().await;
+        health.set_serving::<PeerServer<LivePeer>>().await;
 
-        let federation = FederationService {
-            coordinator,
-            admission: crate::admission::Admission::new(
-                config.limits.max_concurrent_queries,
-                config.limits.classes.clone(),
-            ),
-            audit: audit.clone(),
-        };
-        let peer = PeerService {
-            config: config.clone(),
-            engine,
-            admission: Arc::new(Semaphore::new(config.limits.max_concurrent_subqueries)),
-            audit,
-        };
         let (tx, rx) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
             .layer(tonic::service::InterceptorLayer::new(identity_check(
-                config.region.clone(),
+                current.clone(),
             )))
             .add_service(health_service)
             .add_service(
-                FederationServer::new(federation).max_decoding_message_size(16 * 1024 * 1024),
+                FederationServer::new(LiveFederation(current.clone()))
+                    .max_decoding_message_size(16 * 1024 * 1024),
             )
-            .add_service(PeerServer::new(peer).max_decoding_message_size(16 * 1024 * 1024));
+            .add_service(
+                PeerServer::new(LivePeer(current.clone()))
+                    .max_decoding_message_size(16 * 1024 * 1024),
+            );
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = rx.await;
         }));
+        let reloader = Arc::new(Reloader {
+            path: config.path.clone(),
+            seen: std::sync::Mutex::new(Reloader::look(&config)),
+            current,
+            tls,
+            audit,
+            busy: tokio::sync::Mutex::new(()),
+        });
+        let watcher = {
+            let r = reloader.clone();
+            tokio::spawn(async move {
+                let mut hup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(RELOAD_POLL) => {
+                            if !r.changed() {
+                                continue;
+                            }
+                        }
+                        _ = hangup(&mut hup) => {
+                            tracing::info!("SIGHUP: reloading");
+                        }
+                    }
+                    r.reload().await;
+                }
+            })
+        };
         tracing::info!(member = %config.member.name, %addr, version = %config.version, "Gateway serving");
         Ok(Gateway {
             addr,
             member: config.member.name.clone(),
             shutdown: Some(tx),
             task,
+            reloader,
+            watcher,
         })
+    }
+
+    /// Reloads the configuration and certificates now (as SIGHUP does).
+    pub async fn reload(&self) -> ReloadOutcome {
+        self.reloader.reload().await
+    }
+
+    /// The configuration version in force.
+    pub fn version(&self) -> String {
+        self.reloader.current.load().config.version.clone()
     }
 
     /// Stops accepting, lets in-flight calls finish, and waits.
     pub async fn shutdown(mut self) {
+        self.watcher.abort();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -768,6 +1078,7 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        self.watcher.abort();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

@@ -236,10 +236,9 @@ impl AsyncWrite for TlsConn {
 /// is decided by the gRPC layer, which can tell the caller why in a status message.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: Arc<arc_swap::ArcSwap<ServerConfig>>,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             // The listener goes as soon as the server stops taking connections, so
@@ -260,7 +259,9 @@ pub fn incoming(
             if tx.is_closed() {
                 break;
             }
-            let acceptor = acceptor.clone();
+            // The configuration in force when the connection arrives: a rotated
+            // certificate is used from the next connection on.
+            let acceptor = TlsAcceptor::from(config.load_full());
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);

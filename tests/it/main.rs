@@ -16,6 +16,7 @@ mod loadgen;
 mod planner;
 mod policy_props;
 mod postgres;
+mod reload;
 mod sources;
 mod sovereignty;
 mod tls;
