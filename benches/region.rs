@@ -18,6 +18,9 @@
 //!   postgres_fdw, and directly in one database.
 //! - `fanout`: the same query over 1, 2, 4, 8 and 16 members, each behind a link
 //!   with a fixed delay (a proxy in this process), and on bare loopback.
+//! - `resilience`: four members with one far slower than the query's deadline, cut
+//!   off by it (p50 and p99 against the deadline); cached against uncached answers
+//!   (throughput and queries per CPU-second).
 //! - `memory`: a gateway's resident memory idle, per open connection, and while a
 //!   10,000,000-row answer streams through two hops.
 //!
@@ -97,6 +100,8 @@ struct Proc {
     name: String,
     child: Child,
     port: u16,
+    /// Its standard error.
+    log: PathBuf,
 }
 
 impl Drop for Proc {
@@ -120,7 +125,14 @@ impl Proc {
                 .lines()
                 .find_map(|l| l.strip_prefix(k))
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or_else(|| panic!("no {k} for {}", self.name))
+                .unwrap_or_else(|| {
+                    // A process that has exited has no memory lines: say why it ended.
+                    panic!(
+                        "no {k} for {}: the gateway is gone; its log:\n{}",
+                        self.name,
+                        std::fs::read_to_string(&self.log).unwrap_or_default()
+                    )
+                })
         };
         (field("VmRSS:"), field("VmHWM:"))
     }
@@ -174,9 +186,17 @@ fn spawn(dir: &Path, name: &str, port: u16) -> Proc {
         name: name.into(),
         child,
         port,
+        log: dir.join(format!("{name}.log")),
     };
     let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    // Ready when the gateway says it serves: a port that accepts connections is not
+    // enough, since the port was only free when it was picked and another listener
+    // (a link proxy, say) may hold it now, with the gateway gone for want of it.
+    let serving = |p: &Proc| {
+        std::fs::read_to_string(&p.log).is_ok_and(|l| l.contains(" serving on "))
+            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    };
+    while !serving(&p) {
         if let Ok(Some(s)) = p.child.try_wait() {
             let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
             panic!("gateway {name} exited with {s}:\n{log}");
@@ -241,9 +261,12 @@ fn x_of(id: i64) -> i64 {
 const READINGS_FIELDS: &str = "fields = [ { name = \"id\", type = \"int64\" }, \
     { name = \"county_code\", type = \"utf8\" }, { name = \"x\", type = \"int64\" } ]";
 
-/// One link-delaying TCP proxy per fan-out member, all sharing one delay setting.
+/// One link-delaying TCP proxy per fan-out member, all sharing one delay setting,
+/// plus an extra delay on one member's link (a slow member).
 struct Links {
     delay_us: Arc<AtomicU64>,
+    /// The upstream port of the slow member (0: none) and its extra delay.
+    slow: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl Links {
@@ -251,10 +274,19 @@ impl Links {
         self.delay_us.store(d.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Makes the link to the gateway on `upstream` slower by `extra` (0 for none).
+    fn slow(&self, upstream: u16, extra: Duration) {
+        self.slow
+            .1
+            .store(extra.as_micros() as u64, Ordering::Relaxed);
+        self.slow.0.store(upstream as u64, Ordering::Relaxed);
+    }
+
     /// Listens on `listen` and forwards to `upstream`, holding every chunk in each
     /// direction for the current delay (a link's latency; its bandwidth is loopback's).
     async fn proxy(&self, listen: tokio::net::TcpListener, upstream: u16) {
         let delay = self.delay_us.clone();
+        let slow = self.slow.clone();
         tokio::spawn(async move {
             while let Ok((down, _)) = listen.accept().await {
                 let up = match tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await {
@@ -265,8 +297,8 @@ impl Links {
                 let _ = up.set_nodelay(true);
                 let (dr, dw) = down.into_split();
                 let (ur, uw) = up.into_split();
-                tokio::spawn(pipe(dr, uw, delay.clone()));
-                tokio::spawn(pipe(ur, dw, delay.clone()));
+                tokio::spawn(pipe(dr, uw, delay.clone(), slow.clone(), upstream));
+                tokio::spawn(pipe(ur, dw, delay.clone(), slow.clone(), upstream));
             }
         });
     }
@@ -276,6 +308,8 @@ async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     delay_us: Arc<AtomicU64>,
+    slow: Arc<(AtomicU64, AtomicU64)>,
+    upstream: u16,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
     let writer = tokio::spawn(async move {
@@ -292,8 +326,13 @@ async fn pipe(
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                let extra = if slow.0.load(Ordering::Relaxed) == upstream as u64 {
+                    slow.1.load(Ordering::Relaxed)
+                } else {
+                    0
+                };
                 let due = tokio::time::Instant::now()
-                    + Duration::from_micros(delay_us.load(Ordering::Relaxed));
+                    + Duration::from_micros(delay_us.load(Ordering::Relaxed) + extra);
                 if tx.send((due, buf[..n].to_vec())).is_err() {
                     break;
                 }
@@ -338,14 +377,17 @@ async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
     let ca = Ca::generate("bench").unwrap();
     let certs = d.join("certs");
     let (ca_path, _) = pki::write_ca(&ca, &certs).unwrap();
-    let fan = if sections.contains(&"fanout") {
-        *sizes.fanout.iter().max().unwrap()
-    } else {
-        0
-    };
+    let mut fan = 0;
+    if sections.contains(&"fanout") {
+        fan = *sizes.fanout.iter().max().unwrap();
+    }
+    if sections.contains(&"resilience") {
+        fan = fan.max(4);
+    }
     let with_pg = sections.contains(&"fdw");
     let links = Links {
         delay_us: Arc::new(AtomicU64::new(0)),
+        slow: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
     };
 
     let mut names = vec!["hub".to_string(), "solo".to_string()];
@@ -353,12 +395,18 @@ async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
     if with_pg {
         names.extend((1..=4).map(|i| format!("p{i}")));
     }
+    // The link proxies' ports first, held from now on, so that no gateway port
+    // picked below can be one of them.
+    let mut proxy_listeners = BTreeMap::new();
+    for name in names.iter().filter(|n| n.starts_with('m')) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        proxy_listeners.insert(name.clone(), l);
+    }
     let ports: BTreeMap<String, u16> = names.iter().map(|n| (n.clone(), free_port())).collect();
 
     let mut region = format!("region = \"bench\"\nca = \"{}\"\n", ca_path.display());
     for name in &names {
-        let endpoint = if name.starts_with('m') {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = if let Some(l) = proxy_listeners.remove(name) {
             let p = l.local_addr().unwrap().port();
             links.proxy(l, ports[name]).await;
             p
@@ -370,7 +418,7 @@ async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
             "solo" if sections.contains(&"memory") => "[\"readings\", \"big\"]",
             "solo" => "[\"readings\"]",
             n if n.starts_with('p') => "[\"pg_readings\"]",
-            _ => "[\"readings\"]",
+            _ => "[\"readings\", \"readings_cached\"]",
         };
         region.push_str(&format!(
             "[[members]]\nname = \"{name}\"\nkind = \"city\"\nendpoint = \"https://127.0.0.1:{endpoint}\"\nserves = {serves}\n"
@@ -382,6 +430,10 @@ async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
     ));
     region.push_str(&format!(
         "[[datasets]]\nname = \"pg_readings\"\n{READINGS_FIELDS}\n"
+    ));
+    // The same data with answers cached by coordinators (the resilience section).
+    region.push_str(&format!(
+        "[[datasets]]\nname = \"readings_cached\"\ncache_fresh_for = \"1h\"\n{READINGS_FIELDS}\n"
     ));
     region.push_str("[[datasets]]\nname = \"big\"\nfields = [ { name = \"id\", type = \"int64\" }, { name = \"x\", type = \"int64\" } ]\n");
     std::fs::write(d.join("region.toml"), region).unwrap();
@@ -430,6 +482,9 @@ async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
                 file.display()
             ));
             cfg.push_str(&mapping("readings", "readings", &readings));
+            if name.starts_with('m') {
+                cfg.push_str(&mapping("readings_cached", "readings", &readings));
+            }
         }
         if name == "solo" && sections.contains(&"memory") {
             let file = d.join("big.parquet");
@@ -1039,13 +1094,26 @@ async fn fanout(region: &Region, sizes: Sizes, out: &mut String) {
             .collect();
         let last = *sizes.fanout.last().unwrap();
         let r = median(ratio[&last].clone());
+        // The resilience issue's target: four members that answer in the same time.
+        let four = ratio
+            .get(&4)
+            .map(|v| {
+                format!(
+                    "; 4 members at most 1.3x one: {}",
+                    verdict(median(v.clone()) <= 1.3)
+                )
+            })
+            .unwrap_or_default();
         table.push(format!(
             "| {label} | {} | {} |",
             cells.join(" | "),
             if delay.is_zero() {
                 "(reported)".to_string()
             } else {
-                format!("{last} members at most 1.3x one: {}", verdict(r <= 1.3))
+                format!(
+                    "{last} members at most 1.3x one: {}{four}",
+                    verdict(r <= 1.3)
+                )
             }
         ));
     }
@@ -1071,6 +1139,154 @@ async fn fanout(region: &Region, sizes: Sizes, out: &mut String) {
         header.join(" | "),
         "---:|".repeat(sizes.fanout.len()),
         table.join("\n")
+    ));
+}
+
+/// Runs `requests` queries through the load generator with a deadline, partial
+/// answers allowed; returns the report (failures are counted in it, not fatal).
+async fn deadline_load(
+    client: &Client,
+    sql: &str,
+    concurrency: usize,
+    requests: u64,
+    timeout: Duration,
+) -> Report {
+    let load = Load {
+        sql: vec![sql.to_string()],
+        range: (1, 1),
+        mode: Mode::Closed {
+            concurrency,
+            expected_interval: None,
+        },
+        duration: Duration::from_secs(3600),
+        max_requests: Some(requests),
+        warmup: Duration::ZERO,
+        timeout,
+        allow_partial: true,
+        seed: 7,
+    };
+    loadgen::run(client, &load).await.unwrap()
+}
+
+async fn resilience(region: &Region, sizes: Sizes, out: &mut String) {
+    let hub = region.client("hub");
+    let four = |t: &str| {
+        format!(
+            "SELECT count(*) AS n, sum(x) AS total FROM {t} WHERE member IN ('m1', 'm2', 'm3', 'm4')"
+        )
+    };
+    region.links.set(Duration::ZERO);
+    warm(&hub, &[four("readings")], (1, 1), 3).await;
+    warm(&hub, &[four("readings_cached")], (1, 1), 3).await;
+
+    // A member far slower than the deadline: the answer comes at the deadline, with
+    // that member reported timed out, not when the member would have finished.
+    let deadline = Duration::from_millis(300);
+    let slow_member = region.proc("m4").port;
+    let per_variant = (sizes.requests / 10).max(2);
+    let (mut healthy_p50, mut healthy_p99, mut slow_p50, mut slow_p99) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut cut = 0;
+    for r in 0..sizes.rounds {
+        for slow in if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        } {
+            region.links.slow(
+                slow_member,
+                if slow {
+                    Duration::from_secs(2)
+                } else {
+                    Duration::ZERO
+                },
+            );
+            let rep = deadline_load(&hub, &four("readings"), 1, per_variant, deadline).await;
+            assert_eq!(rep.failed(), 0, "{:?}", rep.first_error);
+            if slow {
+                slow_p50.push(rep.latency_us.p50 as f64);
+                slow_p99.push(rep.latency_us.p99 as f64);
+                cut += rep.ok;
+                region.links.slow(slow_member, Duration::ZERO);
+                // Chunks already held by the slow link drain before the next variant.
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+            } else {
+                healthy_p50.push(rep.latency_us.p50 as f64);
+                healthy_p99.push(rep.latency_us.p99 as f64);
+            }
+        }
+    }
+    let p99 = median(slow_p99.clone());
+    let deadline_us = deadline.as_micros() as f64;
+
+    // Cached against uncached answers: throughput, and queries per CPU-second of
+    // all the gateways involved (hub and m1..m4).
+    let gateways = ["hub", "m1", "m2", "m3", "m4"];
+    let cpu = |region: &Region| -> Duration { gateways.iter().map(|g| region.proc(g).cpu()).sum() };
+    let mut rate: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut per_cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut ratio = Vec::new();
+    for r in 0..sizes.rounds {
+        let mut this = BTreeMap::new();
+        let order = if r % 2 == 0 {
+            ["readings", "readings_cached"]
+        } else {
+            ["readings_cached", "readings"]
+        };
+        for t in order {
+            let c0 = cpu(region);
+            let rep = deadline_load(
+                &hub,
+                &four(t),
+                4,
+                sizes.requests * 2,
+                Duration::from_secs(30),
+            )
+            .await;
+            assert_eq!(rep.failed(), 0, "{t}: {:?}", rep.first_error);
+            let used = (cpu(region) - c0).as_secs_f64();
+            let q_per_cpu = rep.ok as f64 / used.max(1e-9);
+            rate.entry(t).or_default().push(rep.throughput);
+            per_cpu.entry(t).or_default().push(q_per_cpu);
+            this.insert(t, q_per_cpu);
+        }
+        ratio.push(this["readings_cached"] / this["readings"]);
+    }
+    out.push_str(&format!(
+        "### Resilience: a member cut by the deadline, cached answers\n\n\
+         Four members (`m1`..`m4`, the fan-out section's files) on bare loopback, through `hub`, \
+         `SELECT count(*), sum(x) ... WHERE member IN ('m1', 'm2', 'm3', 'm4')`. Medians of {} rounds.\n\n\
+         **Deadline.** Each query has a deadline of {} ms and allows a partial answer. In the slow \
+         variant the link to `m4` holds every chunk for 2 s more, so `m4` cannot answer in time; its \
+         budget is the deadline less the merge reserve, then it is cut off and reported timed out. \
+         {} queries per variant per round, one at a time; {} answers with `m4` cut off.\n\n\
+         | variant | p50 | p99 | p99 / deadline | target |\n|---|---:|---:|---:|---|\n\
+         | all four answer | {} | {} | | |\n\
+         | `m4` far slower than the deadline | {} | {} | {:.2} | p99 within the deadline: {} |\n\n\
+         **Cache.** The same query over `readings` and over `readings_cached` (the same data with \
+         `cache_fresh_for = \"1h\"`), four callers at once, {} queries per variant per round. Queries \
+         per CPU-second counts the CPU time (user and system, `/proc`) of `hub` and the four members \
+         together; all of them share this machine's cores.\n\n\
+         | variant | queries/s | queries per CPU-second |\n|---|---:|---:|\n\
+         | uncached | {:.0} | {:.0} |\n\
+         | cached | {:.0} | {:.0} |\n\
+         | cached / uncached (median of per-round ratios) | | {:.1}x |\n\n",
+        sizes.rounds,
+        deadline.as_millis(),
+        per_variant,
+        cut,
+        ms(median(healthy_p50)),
+        ms(median(healthy_p99)),
+        ms(median(slow_p50)),
+        ms(p99),
+        p99 / deadline_us,
+        verdict(p99 <= deadline_us),
+        sizes.requests * 2,
+        median(rate["readings"].clone()),
+        median(per_cpu["readings"].clone()),
+        median(rate["readings_cached"].clone()),
+        median(per_cpu["readings_cached"].clone()),
+        median(ratio),
     ));
 }
 
@@ -1187,7 +1403,7 @@ fn main() {
     if let Some(r) = arg("--rounds").and_then(|r| r.parse().ok()) {
         sizes.rounds = r;
     }
-    let all = ["hop", "fdw", "fanout", "memory"];
+    let all = ["hop", "fdw", "fanout", "resilience", "memory"];
     let only = arg("--only");
     let sections: Vec<&str> = all
         .iter()
@@ -1218,6 +1434,7 @@ fn main() {
                 "hop" => hop(&region, sizes, &mut out).await,
                 "fdw" => fdw(&region, sizes, &mut out).await,
                 "fanout" => fanout(&region, sizes, &mut out).await,
+                "resilience" => resilience(&region, sizes, &mut out).await,
                 "memory" => memory(&region, sizes, idle, &mut out).await,
                 _ => unreachable!(),
             }

@@ -75,6 +75,10 @@ pub enum Error {
     #[error("overloaded: {0}")]
     Overloaded(String),
 
+    /// The query is larger than this gateway lets one query be (rows, memory).
+    #[error("query too large: {0}")]
+    TooLarge(String),
+
     /// The caller's class has no free slot or is over its rate; retrying after
     /// `retry_after` may succeed.
     #[error("overloaded: {reason}; retry in {} ms", retry_after.as_millis())]
@@ -130,7 +134,7 @@ impl Error {
             Error::Member { .. } => Fault::Peer,
             Error::DeadlineExceeded(_) => Fault::Peer,
             Error::Overloaded(_) | Error::Internal(_) => Fault::Internal,
-            Error::Busy { .. } => Fault::Caller,
+            Error::Busy { .. } | Error::TooLarge(_) => Fault::Caller,
             Error::Config(_) | Error::Tls(_) => Fault::Config,
             Error::Database { unavailable, .. } => {
                 if *unavailable {
@@ -171,7 +175,9 @@ impl Error {
                 MemberFailure::Failed => Code::Aborted,
             },
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Error::Overloaded(_) | Error::Busy { .. } => Code::ResourceExhausted,
+            Error::Overloaded(_) | Error::Busy { .. } | Error::TooLarge(_) => {
+                Code::ResourceExhausted
+            }
             Error::Database {
                 unavailable: true, ..
             } => Code::Unavailable,
@@ -214,7 +220,10 @@ impl Error {
             D::SQL(..) | D::Plan(..) | D::SchemaError(..) | D::NotImplemented(..) => {
                 Error::InvalidQuery(strip_df_prefix(&e.find_root().to_string()))
             }
-            D::ResourcesExhausted(m) => Error::Overloaded(m.clone()),
+            D::ResourcesExhausted(m) => Error::TooLarge(format!(
+                "it needs more memory than one query may use here \
+                 (limits.query_memory_bytes): {m}"
+            )),
             other => Error::Internal(other.to_string()),
         }
     }

@@ -34,6 +34,7 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status
 /// Encodes a result stream as Arrow IPC chunks, counting its rows as they pass.
 fn counted_chunks(
     stream: datafusion::execution::SendableRecordBatchStream,
+    max_rows: Option<u64>,
 ) -> (
     impl Stream<Item = Result<ArrowChunk>> + Send,
     Arc<std::sync::atomic::AtomicU64>,
@@ -42,10 +43,22 @@ fn counted_chunks(
     let counted = rows.clone();
     let schema = stream.schema();
     let batches = stream.map(move |r| {
-        r.inspect(|b| {
-            counted.fetch_add(b.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
-        })
-        .map_err(Error::from_datafusion)
+        let b = r.map_err(Error::from_datafusion)?;
+        let n = b.num_rows() as u64;
+        // One stream, one counter: the check and the count cannot interleave.
+        let sent = counted.load(std::sync::atomic::Ordering::Relaxed);
+        match max_rows {
+            // Refused before the batch that crosses the limit is sent: the caller
+            // gets an error, never an answer silently cut at the limit.
+            Some(max) if sent + n > max => Err(Error::TooLarge(format!(
+                "the answer has more than {max} rows (limits.max_rows); narrow it with \
+                 WHERE, aggregate it, or add LIMIT"
+            ))),
+            _ => {
+                counted.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                Ok(b)
+            }
+        }
     });
     (arrow_ipc::encode(schema, batches), rows)
 }
@@ -196,10 +209,11 @@ impl Federation for FederationService {
         let plan_cached = running.plan_cached;
         let planning_us = running.planning.as_micros() as u64;
         let version = self.coordinator.config().version.clone();
+        let max_rows = self.coordinator.config().limits.max_rows;
         let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<QueryResponse, Status>>(8);
         tokio::spawn(async move {
             let _permit = permit;
-            let (chunks, rows) = counted_chunks(running.stream);
+            let (chunks, rows) = counted_chunks(running.stream, max_rows);
             let mut chunks = Box::pin(chunks);
             let deadline = tokio::time::sleep(timeout);
             tokio::pin!(deadline);
@@ -522,7 +536,7 @@ impl Peer for PeerService {
             tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
         tokio::spawn(async move {
             let _permit = permit;
-            let (chunks, rows) = counted_chunks(stream);
+            let (chunks, rows) = counted_chunks(stream, None);
             tokio::pin!(chunks);
             let deadline = tokio::time::sleep(budget);
             tokio::pin!(deadline);

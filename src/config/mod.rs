@@ -397,6 +397,10 @@ pub struct Limits {
     pub retries: u32,
     /// Bytes of member answers cached as coordinator.
     pub result_cache_bytes: u64,
+    /// Memory one query may use at this coordinator.
+    pub query_memory_bytes: u64,
+    /// Most rows one answer may have.
+    pub max_rows: Option<u64>,
     /// Admission limits per principal class.
     pub classes: BTreeMap<crate::identity::Kind, crate::admission::ClassLimits>,
 }
@@ -412,6 +416,8 @@ impl Default for Limits {
             breaker: Default::default(),
             retries: 1,
             result_cache_bytes: 64 * 1024 * 1024,
+            query_memory_bytes: 1024 * 1024 * 1024,
+            max_rows: None,
             classes: BTreeMap::new(),
         }
     }
@@ -1485,6 +1491,19 @@ fn validate_limits(path: &Path, raw: &RawLimits, pr: &mut Problems) -> Limits {
     }
     if let Some(n) = raw.result_cache_bytes {
         l.result_cache_bytes = n;
+    }
+    match raw.query_memory_bytes {
+        Some(n) if n < 1024 * 1024 => pr.add(
+            path,
+            "limits.query_memory_bytes",
+            format!("{n} is less than 1 MiB; no query could merge in that"),
+        ),
+        Some(n) => l.query_memory_bytes = n,
+        None => {}
+    }
+    match raw.max_rows {
+        Some(0) => pr.add(path, "limits.max_rows", "must be at least 1"),
+        n => l.max_rows = n,
     }
     match raw.retries {
         Some(n) if n > 3 => pr.add(

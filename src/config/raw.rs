@@ -155,6 +155,12 @@ pub struct RawLimits {
     /// Retries of a sub-query whose member could not be reached (0 to 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
+    /// Memory one query may use at this coordinator for merging, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_memory_bytes: Option<u64>,
+    /// Most rows one answer may have (default: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows: Option<u64>,
     /// Bytes of member answers this gateway keeps cached as coordinator (0: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_cache_bytes: Option<u64>,

@@ -447,6 +447,30 @@ impl Coordinator {
             .collect()
     }
 
+    /// A task context for one query: the session's functions and configuration with a
+    /// memory pool of its own, so one query's merge cannot take the memory of others
+    /// (`limits.query_memory_bytes`). A query that needs more fails with a clear error.
+    /// Spilling is off: members' rows are never written to the coordinator's disk.
+    fn task_for_query(&self, session: usize) -> Result<Arc<datafusion::execution::TaskContext>> {
+        let base = &self.tasks[session];
+        let pool = Arc::new(datafusion::execution::memory_pool::GreedyMemoryPool::new(
+            self.config.limits.query_memory_bytes as usize,
+        ));
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
+            &base.runtime_env(),
+        )
+        .with_memory_pool(pool)
+        .with_disk_manager_builder(
+            datafusion::execution::disk_manager::DiskManagerBuilder::default()
+                .with_mode(datafusion::execution::disk_manager::DiskManagerMode::Disabled),
+        )
+        .build_arc()
+        .map_err(Error::from_datafusion)?;
+        Ok(Arc::new(
+            datafusion::execution::TaskContext::from(&self.sessions[session]).with_runtime(runtime),
+        ))
+    }
+
     /// Plans `sql` for `origin` and returns the running query.
     pub async fn query(
         &self,
@@ -460,7 +484,7 @@ impl Coordinator {
         // Plans (cached or not) are never run themselves, only bound copies.
         let physical = bind(physical, &state)?;
         let planning = started.elapsed();
-        let task = self.tasks[usize::from(!opts.pushdown)].clone();
+        let task = self.task_for_query(usize::from(!opts.pushdown))?;
         let stream = datafusion::physical_plan::execute_stream(physical, task)
             .map_err(Error::from_datafusion)?;
         Ok(RunningQuery {

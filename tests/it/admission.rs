@@ -123,3 +123,56 @@ async fn a_class_over_its_rate_is_refused_with_the_time_to_wait() {
     tokio::time::sleep(Duration::from_millis(wait + 50)).await;
     office.query(PER_MEMBER, false, None).await.unwrap();
 }
+
+#[tokio::test]
+async fn an_answer_over_the_row_limit_fails_with_the_limit_named() {
+    let region = Region::start_patched(None, &|layout| {
+        crate::support::patch_member(layout, "hangzhou", |m| m.limits.max_rows = Some(20))
+    })
+    .await;
+    let client = region.client("hangzhou");
+    let a = client.query(PER_MEMBER, false, None).await.unwrap();
+    assert_eq!(a.summary.rows, 5);
+    // More rows than an answer may have: an error, not an answer cut at 20 rows.
+    let f = client
+        .query("SELECT * FROM census", false, None)
+        .await
+        .unwrap_err();
+    assert_eq!(f.status.code(), tonic::Code::ResourceExhausted, "{f}");
+    assert!(
+        f.status
+            .message()
+            .contains("more than 20 rows (limits.max_rows)"),
+        "{f}"
+    );
+    assert!(f.summary.unwrap().rows <= 20);
+}
+
+#[tokio::test]
+async fn a_merge_over_the_memory_limit_fails_with_the_limit_named() {
+    let region = Region::start_patched(None, &|layout| {
+        crate::support::patch_member(layout, "hangzhou", |m| {
+            m.limits.query_memory_bytes = Some(1024 * 1024)
+        })
+    })
+    .await;
+    let client = region.client("hangzhou");
+    let a = client.query(PER_MEMBER, false, None).await.unwrap();
+    assert_eq!(a.summary.rows, 5);
+    // A three-way cross join sorted at the coordinator: some 59,000 rows of three
+    // names, more than a mebibyte, and the coordinator does not spill to disk.
+    let f = client
+        .query(
+            "SELECT a.county_name AS x, b.county_name AS y, c.county_name AS z \
+             FROM census a, census b, census c ORDER BY x, y, z",
+            false,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(f.status.code(), tonic::Code::ResourceExhausted, "{f}");
+    assert!(
+        f.status.message().contains("limits.query_memory_bytes"),
+        "{f}"
+    );
+}
