@@ -162,12 +162,31 @@ fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
+/// A port for a gateway process to listen on. Ports are picked below the kernel's
+/// ephemeral range: a port picked inside it can be handed to an outgoing connection
+/// (to PostgreSQL, between gateways) before the gateway binds it, which happened.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::AtomicU16;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    // Start somewhere different in every run, so runs side by side rarely meet.
+    let span = low.saturating_sub(10_000).max(1000);
+    let _ = NEXT.compare_exchange(
+        0,
+        10_000 + (std::process::id() % span as u32) as u16,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let p = NEXT.fetch_add(1, Ordering::SeqCst);
+        let p = if p >= low { 10_000 + p % span } else { p };
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 /// Starts `fedgate serve` and waits until its port accepts connections.
