@@ -236,3 +236,66 @@ async fn certificates_rotate_under_continuous_queries_and_bad_ones_are_refused()
     assert!(failures.is_empty(), "{failures:?}");
     assert!(answered > 5, "{answered}");
 }
+
+#[tokio::test]
+async fn sighup_reloads_a_change_the_file_watcher_cannot_see() {
+    let region = Region::start().await;
+    let client = region.client("hangzhou");
+    let a = client.query(PER_MEMBER, false, None).await.unwrap();
+    assert_eq!(a.summary.rows, 5);
+    let version = region.gateways["suzhou"].version();
+
+    // Suzhou's catch-all rule turns from rows to deny: the same length, and with the
+    // modification time put back, a file the watcher sees as unchanged.
+    let path = region.layout.dir.join("suzhou.toml");
+    let before = std::fs::metadata(&path).unwrap();
+    let mtime = before
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    let at = text.rfind("level = \"rows\"").unwrap();
+    text.replace_range(at..at + 14, "level = \"deny\"");
+    std::fs::write(&path, &text).unwrap();
+    let touched = std::process::Command::new("touch")
+        .arg("-d")
+        .arg(format!("@{}.{:09}", mtime.as_secs(), mtime.subsec_nanos()))
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    let after = std::fs::metadata(&path).unwrap();
+    assert_eq!(
+        (after.len(), after.modified().unwrap()),
+        (before.len(), before.modified().unwrap())
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        region.gateways["suzhou"].version(),
+        version,
+        "the watcher saw it"
+    );
+
+    // The operator's signal: every gateway in this process reloads; only Suzhou's
+    // configuration changed.
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let mut waited = Duration::ZERO;
+    while region.gateways["suzhou"].version() == version {
+        assert!(waited < Duration::from_secs(10), "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+    let a = client.query(PER_MEMBER, true, None).await.unwrap();
+    let suzhou = a
+        .summary
+        .members
+        .iter()
+        .find(|m| m.member == "suzhou")
+        .unwrap();
+    assert_eq!(suzhou.state, MemberState::Denied as i32, "{suzhou:?}");
+}
