@@ -161,6 +161,15 @@ impl Error {
         }
     }
 
+    /// What went wrong, without the member's name for member errors (the summary
+    /// shows the name beside it).
+    pub fn reason(&self) -> String {
+        match self {
+            Error::Member { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// The one place where library errors become gRPC statuses.
     pub fn to_status(&self) -> tonic::Status {
         use tonic::Code;

@@ -166,6 +166,12 @@ impl Breaker {
         }
     }
 
+    /// Whether sub-queries go out without asking (no state change, unlike
+    /// [`Breaker::admit`]).
+    pub fn is_closed(&self) -> bool {
+        matches!(&*self.lock(), State::Closed { .. })
+    }
+
     /// `closed`, `open` or `probing`, for logs and the status board.
     pub fn state_word(&self) -> &'static str {
         match &*self.lock() {

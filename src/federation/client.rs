@@ -112,13 +112,6 @@ fn is_transport_failure(s: &tonic::Status) -> bool {
         && s.metadata().get(crate::error::DATABASE_METADATA).is_none()
 }
 
-fn reason_of(e: &Error) -> String {
-    match e {
-        Error::Member { reason, .. } => reason.clone(),
-        other => other.to_string(),
-    }
-}
-
 /// Marks a health probe abandoned if its query is dropped before the probe ends, so
 /// the breaker does not wait a whole cool-down for a verdict that never comes.
 struct ProbeGuard<'a>(Option<&'a MemberHealth>);
@@ -236,31 +229,23 @@ impl MemberClient {
             .check(req)
             .await;
         guard.0 = None;
-        match verdict {
+        let why = match verdict {
             Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => {
                 health.breaker.success();
-                Ok(())
+                return Ok(());
             }
-            Ok(r) => {
-                let why = format!("health probe: status {}", r.get_ref().status);
-                health.breaker.failure(Instant::now(), &why);
-                Err(Error::Member {
-                    member: name.into(),
-                    failure: MemberFailure::Unavailable,
-                    reason: format!("circuit breaker open; {why}"),
-                })
-            }
-            Err(s) => {
-                let e = status_error(name, endpoint, budget, s);
-                let why = format!("health probe failed: {}", reason_of(&e));
-                health.breaker.failure(Instant::now(), &why);
-                Err(Error::Member {
-                    member: name.into(),
-                    failure: MemberFailure::Unavailable,
-                    reason: format!("circuit breaker open; {why}"),
-                })
-            }
-        }
+            Ok(r) => format!("health probe: status {}", r.get_ref().status),
+            Err(s) => format!(
+                "health probe failed: {}",
+                status_error(name, endpoint, budget, s).reason()
+            ),
+        };
+        health.breaker.failure(Instant::now(), &why);
+        Err(Error::Member {
+            member: name.into(),
+            failure: MemberFailure::Unavailable,
+            reason: format!("circuit breaker open; {why}"),
+        })
     }
 
     /// The statements a sub-query would send to the member's databases, as
@@ -360,20 +345,20 @@ impl MemberClient {
                             // Nothing arrived: the sub-query is an idempotent read and
                             // may be sent again, within the attempts and the budget.
                             let now = Instant::now();
-                            health.breaker.failure(now, &reason_of(&e));
+                            health.breaker.failure(now, &e.reason());
                             let may = health.retry.failure_may_retry();
                             let pause = retry_pause();
                             if attempt >= health.retries
                                 || !may
                                 || deadline.saturating_duration_since(now)
                                     < pause + MIN_BUDGET_TO_RETRY
-                                || matches!(health.breaker.admit(now), Admission::Refuse { .. })
+                                || !health.breaker.is_closed()
                             {
                                 return Err(e);
                             }
                             attempt += 1;
                             tracing::info!(member = %name, attempt, error = %e, "Retrying a sub-query");
-                            q.note.retrying(reason_of(&e));
+                            q.note.retrying(e.reason());
                             tokio::time::sleep(pause).await;
                         }
                     }
@@ -403,7 +388,7 @@ fn remote_batches(
             let transport = is_transport_failure(&s);
             let e = status_error(&n1, &e1, budget, s);
             if transport {
-                h1.breaker.failure(Instant::now(), &reason_of(&e));
+                h1.breaker.failure(Instant::now(), &e.reason());
             }
             e
         })

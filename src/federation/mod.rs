@@ -239,7 +239,7 @@ impl Coordinator {
         }
         let clients = Arc::new(clients);
         let results = (config.limits.result_cache_bytes > 0)
-            .then(|| results::ResultCache::new(config.limits.result_cache_bytes, &config.version));
+            .then(|| results::ResultCache::new(config.limits.result_cache_bytes));
         let tables: Vec<(String, Arc<FederatedTable>)> = region
             .datasets
             .iter()

@@ -1,10 +1,11 @@
 //! The coordinator's cache of member answers.
 //!
 //! Only datasets whose region entry sets `cache_fresh_for` are cached. An answer is
-//! kept under the member, the exact member SQL, the caller's scope (the original
-//! caller and the stated purpose: what the member authorized) and the configuration
-//! version, so an answer is never reused for another caller or under other rules of
-//! this gateway. Within `cache_fresh_for` it is served instead of asking the member
+//! kept under the member, the exact member SQL and the caller's scope (the original
+//! caller and the stated purpose: what the member authorized), so an answer is never
+//! reused for another caller. Each cache belongs to one coordinator, built for one
+//! configuration version; a reload builds a new coordinator with an empty cache, so
+//! no answer outlives the rules of this gateway it was given under. Within `cache_fresh_for` it is served instead of asking the member
 //! (`cached` in the summary); after that, and for `cache_stale_for` more, it is served
 //! only when the member fails without having sent a row (`stale`, with its age). A
 //! member's refusal is never covered by a cached answer: a rule tightened at the
@@ -91,10 +92,10 @@ impl CachedAnswer {
 
 struct KeepUntilStale;
 
-impl moka::Expiry<CacheKey, Arc<CachedAnswer>> for KeepUntilStale {
+impl moka::Expiry<ResultKey, Arc<CachedAnswer>> for KeepUntilStale {
     fn expire_after_create(
         &self,
-        _: &CacheKey,
+        _: &ResultKey,
         v: &Arc<CachedAnswer>,
         _: std::time::Instant,
     ) -> Option<Duration> {
@@ -103,20 +104,13 @@ impl moka::Expiry<CacheKey, Arc<CachedAnswer>> for KeepUntilStale {
 
     fn expire_after_update(
         &self,
-        _: &CacheKey,
+        _: &ResultKey,
         v: &Arc<CachedAnswer>,
         _: std::time::Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
         Some(v.policy.fresh_for + v.policy.stale_for)
     }
-}
-
-/// The key with the configuration version, which callers need not pass around.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct CacheKey {
-    key: ResultKey,
-    version: Arc<str>,
 }
 
 /// Whether this sub-query asks the member itself or waits for an identical one.
@@ -131,7 +125,7 @@ pub enum Flight {
 /// answer was stored, or on failure) releases the ones waiting.
 pub struct LeaderGuard {
     cache: Arc<ResultCache>,
-    key: CacheKey,
+    key: ResultKey,
     done: watch::Sender<bool>,
 }
 
@@ -148,9 +142,8 @@ impl Drop for LeaderGuard {
 
 /// The cache of one coordinator (one configuration version).
 pub struct ResultCache {
-    entries: moka::sync::Cache<CacheKey, Arc<CachedAnswer>>,
-    inflight: Mutex<HashMap<CacheKey, watch::Receiver<bool>>>,
-    version: Arc<str>,
+    entries: moka::sync::Cache<ResultKey, Arc<CachedAnswer>>,
+    inflight: Mutex<HashMap<ResultKey, watch::Receiver<bool>>>,
     max_entry_bytes: u64,
 }
 
@@ -169,27 +162,19 @@ pub fn batches_bytes(batches: &[RecordBatch]) -> u64 {
 }
 
 impl ResultCache {
-    /// A cache of at most `max_bytes` for configuration `version`.
-    pub fn new(max_bytes: u64, version: &str) -> Arc<ResultCache> {
+    /// A cache of at most `max_bytes`.
+    pub fn new(max_bytes: u64) -> Arc<ResultCache> {
         Arc::new(ResultCache {
             entries: moka::sync::Cache::builder()
                 .max_capacity(max_bytes)
-                .weigher(|k: &CacheKey, v: &Arc<CachedAnswer>| {
-                    (v.bytes + k.key.sql.len() as u64 + 256).min(u32::MAX as u64) as u32
+                .weigher(|k: &ResultKey, v: &Arc<CachedAnswer>| {
+                    (v.bytes + k.sql.len() as u64 + 256).min(u32::MAX as u64) as u32
                 })
                 .expire_after(KeepUntilStale)
                 .build(),
             inflight: Mutex::new(HashMap::new()),
-            version: Arc::from(version),
             max_entry_bytes: max_bytes / 8,
         })
-    }
-
-    fn key(&self, key: ResultKey) -> CacheKey {
-        CacheKey {
-            key,
-            version: self.version.clone(),
-        }
     }
 
     /// The largest answer kept.
@@ -199,28 +184,27 @@ impl ResultCache {
 
     /// The answer stored under `key`, fresh or not.
     pub fn get(&self, key: &ResultKey) -> Option<Arc<CachedAnswer>> {
-        self.entries.get(&self.key(key.clone()))
+        self.entries.get(key)
     }
 
     /// Stores a complete answer, if it is small enough.
     pub fn insert(&self, key: ResultKey, answer: CachedAnswer) {
         if answer.bytes <= self.max_entry_bytes {
-            self.entries.insert(self.key(key), Arc::new(answer));
+            self.entries.insert(key, Arc::new(answer));
         }
     }
 
     /// Leads the sub-query for `key`, or follows the one already in flight.
     pub fn flight(self: &Arc<Self>, key: &ResultKey) -> Flight {
-        let key = self.key(key.clone());
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = inflight.get(&key) {
+        if let Some(rx) = inflight.get(key) {
             return Flight::Follow(rx.clone());
         }
         let (tx, rx) = watch::channel(false);
         inflight.insert(key.clone(), rx);
         Flight::Lead(LeaderGuard {
             cache: self.clone(),
-            key,
+            key: key.clone(),
             done: tx,
         })
     }
@@ -272,13 +256,11 @@ mod tests {
     };
 
     #[test]
-    fn answers_are_kept_per_caller_and_configuration_version() {
-        let c = ResultCache::new(1 << 20, "v1");
+    fn answers_are_kept_per_caller() {
+        let c = ResultCache::new(1 << 20);
         c.insert(key("a"), answer(3, POLICY, Instant::now()));
         assert_eq!(c.get(&key("a")).unwrap().rows, 3);
         assert!(c.get(&key("b")).is_none());
-        let other = ResultCache::new(1 << 20, "v2");
-        assert!(other.get(&key("a")).is_none());
     }
 
     #[test]
@@ -294,7 +276,7 @@ mod tests {
     #[test]
     fn an_answer_over_an_eighth_of_the_cache_is_not_kept() {
         let small = answer(10, POLICY, Instant::now());
-        let c = ResultCache::new(small.bytes * 8, "v");
+        let c = ResultCache::new(small.bytes * 8);
         c.insert(key("a"), small);
         let big = answer(10_000, POLICY, Instant::now());
         c.insert(key("b"), big);
@@ -305,7 +287,7 @@ mod tests {
     #[test]
     fn the_bytes_bound_evicts_older_answers() {
         let one = answer(1000, POLICY, Instant::now());
-        let c = ResultCache::new(one.bytes * 10, "v");
+        let c = ResultCache::new(one.bytes * 10);
         for i in 0..100 {
             c.insert(
                 key(&format!("caller{i}")),
@@ -318,7 +300,7 @@ mod tests {
 
     #[tokio::test]
     async fn identical_sub_queries_in_flight_wait_for_the_first() {
-        let c = ResultCache::new(1 << 20, "v");
+        let c = ResultCache::new(1 << 20);
         let Flight::Lead(guard) = c.flight(&key("a")) else {
             panic!("the first sub-query leads")
         };

@@ -184,10 +184,7 @@ impl QueryState {
 
     /// Records a failed sub-query answered instead with a cached answer `age` old.
     pub fn stale(&self, member: &str, dataset: &str, rows: u64, age: Duration, why: &Error) {
-        let why = match why {
-            Error::Member { reason, .. } => reason.clone(),
-            other => other.to_string(),
-        };
+        let why = why.reason();
         self.update(member, dataset, |e| {
             e.rows += rows;
             e.age = Some(e.age.map_or(age, |a| a.max(age)));
@@ -213,10 +210,7 @@ impl QueryState {
             },
             _ => MemberState::Error,
         };
-        let reason = match err {
-            Error::Member { reason, .. } => reason.clone(),
-            other => other.to_string(),
-        };
+        let reason = err.reason();
         self.update(member, dataset, |e| {
             e.rows += rows;
             e.elapsed = e.elapsed.max(elapsed);

@@ -638,18 +638,8 @@ impl ScanStream {
                     self.rows += b.num_rows() as u64;
                     Poll::Ready(Some(Ok(b)))
                 }
-                Err(e) => {
-                    self.phase = Phase::Done;
-                    self.record_bytes();
-                    self.state.failed(
-                        &self.member,
-                        &self.dataset,
-                        &e,
-                        self.rows,
-                        self.started.elapsed(),
-                    );
-                    Poll::Ready(Some(Err(e.into_datafusion())))
-                }
+                // No second stand-in for a cached answer that does not fit.
+                Err(e) => self.give_up(e),
             },
             None => {
                 self.finish_replay();
@@ -740,12 +730,20 @@ impl ScanStream {
 }
 
 impl ScanStream {
+    /// The member failed: its stale answer stands in if there is one, else the
+    /// failure is recorded.
     fn fail(&mut self, e: Error) -> Poll<Option<DfResult<RecordBatch>>> {
         if let Some(hit) = self.stale_for(&e) {
             tracing::warn!(query_id = %self.state.query_id, member = %self.member, error = %e, "Member failed; serving its cached answer");
             self.start_replay(hit, Instant::now(), Some(e));
             return self.replay_next();
         }
+        self.give_up(e)
+    }
+
+    /// Records the failure and ends this member's part (the query fails unless
+    /// partial answers are allowed).
+    fn give_up(&mut self, e: Error) -> Poll<Option<DfResult<RecordBatch>>> {
         self.phase = Phase::Done;
         self.record_bytes();
         self.state.failed(

@@ -6,9 +6,7 @@ use std::time::Duration;
 use fedgate::config::raw::RawAdmission;
 
 use crate::proxy::Fault;
-use crate::support::Region;
-
-const PER_MEMBER: &str = "SELECT member, count(*) AS n FROM census GROUP BY member";
+use crate::support::{PER_MEMBER, Region};
 
 fn admission(class: &str) -> RawAdmission {
     RawAdmission {

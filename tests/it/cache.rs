@@ -9,7 +9,7 @@ use fedgate::demo::Materialized;
 use fedgate::proto::v1::{MemberState, QueryRequest, QuerySummary};
 
 use crate::proxy::Fault;
-use crate::support::{Region, patch_member, patch_region};
+use crate::support::{Region, member_state, member_status, patch_member, patch_region};
 
 const PER_MEMBER: &str = "SELECT member, count(*) AS n FROM census GROUP BY member ORDER BY member";
 
@@ -29,14 +29,6 @@ fn states(s: &QuerySummary) -> Vec<(String, MemberState)> {
         .iter()
         .map(|m| (m.member.clone(), MemberState::try_from(m.state).unwrap()))
         .collect()
-}
-
-fn state_of(s: &QuerySummary, member: &str) -> MemberState {
-    states(s)
-        .into_iter()
-        .find(|(m, _)| m == member)
-        .unwrap_or_else(|| panic!("{member} not in {s:?}"))
-        .1
 }
 
 /// Sub-queries the member's audit log has recorded.
@@ -69,12 +61,7 @@ async fn a_fresh_answer_is_served_without_asking_the_members_and_expires() {
         second.summary
     );
     assert!(!second.summary.partial);
-    let suzhou = second
-        .summary
-        .members
-        .iter()
-        .find(|m| m.member == "suzhou")
-        .unwrap();
+    let suzhou = member_status(&second.summary, "suzhou");
     assert!(suzhou.age_ms < 800, "{suzhou:?}");
     assert!(suzhou.reason.contains("cache"), "{suzhou:?}");
     assert_eq!(
@@ -86,7 +73,7 @@ async fn a_fresh_answer_is_served_without_asking_the_members_and_expires() {
     // Past its freshness the answer is asked for again.
     tokio::time::sleep(Duration::from_millis(900)).await;
     let third = client.query(PER_MEMBER, false, None).await.unwrap();
-    assert_eq!(state_of(&third.summary, "suzhou"), MemberState::Ok);
+    assert_eq!(member_state(&third.summary, "suzhou"), MemberState::Ok);
     assert_eq!(audited(&region, "suzhou"), before + 1);
 }
 
@@ -112,9 +99,12 @@ async fn answers_are_not_shared_across_callers_or_purposes() {
         })
         .await
         .unwrap();
-    assert_eq!(state_of(&with_purpose.summary, "suzhou"), MemberState::Ok);
+    assert_eq!(
+        member_state(&with_purpose.summary, "suzhou"),
+        MemberState::Ok
+    );
     let again = office.query(PER_MEMBER, false, None).await.unwrap();
-    assert_eq!(state_of(&again.summary, "suzhou"), MemberState::Cached);
+    assert_eq!(member_state(&again.summary, "suzhou"), MemberState::Cached);
 }
 
 #[tokio::test]
@@ -127,14 +117,9 @@ async fn a_failed_member_is_answered_from_its_stale_answer_marked_with_its_age()
     proxies["suzhou"].set(Fault::Reset);
     proxies["suzhou"].kill_connections();
     let a = client.query(PER_MEMBER, false, None).await.unwrap();
-    let suzhou = a
-        .summary
-        .members
-        .iter()
-        .find(|m| m.member == "suzhou")
-        .unwrap();
+    let suzhou = member_status(&a.summary, "suzhou");
     assert_eq!(
-        state_of(&a.summary, "suzhou"),
+        member_state(&a.summary, "suzhou"),
         MemberState::Stale,
         "{suzhou:?}"
     );
@@ -143,7 +128,7 @@ async fn a_failed_member_is_answered_from_its_stale_answer_marked_with_its_age()
         suzhou.reason.contains("served its cached answer"),
         "{suzhou:?}"
     );
-    assert_eq!(state_of(&a.summary, "shanghai"), MemberState::Ok);
+    assert_eq!(member_state(&a.summary, "shanghai"), MemberState::Ok);
     // The stale answer is whole: every member's row is there.
     assert_eq!(a.summary.rows, first.summary.rows);
     assert_eq!(
@@ -178,7 +163,7 @@ async fn a_refusal_is_never_covered_by_a_cached_answer() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let a = client.query(PER_MEMBER, true, None).await.unwrap();
     assert_eq!(
-        state_of(&a.summary, "suzhou"),
+        member_state(&a.summary, "suzhou"),
         MemberState::Denied,
         "{:?}",
         a.summary
@@ -203,7 +188,7 @@ async fn identical_queries_in_flight_share_one_fan_out() {
     for q in queries {
         let a = q.await.unwrap().unwrap();
         assert_eq!(a.summary.rows, 5);
-        suzhou.push(state_of(&a.summary, "suzhou"));
+        suzhou.push(member_state(&a.summary, "suzhou"));
     }
     suzhou.sort_by_key(|s| *s as i32);
     assert_eq!(

@@ -6,21 +6,10 @@
 use std::time::{Duration, Instant};
 
 use fedgate::demo::Materialized;
-use fedgate::proto::v1::{MemberState, MemberStatus, QuerySummary};
+use fedgate::proto::v1::MemberState;
 
 use crate::proxy::Fault;
-use crate::support::Region;
-
-fn status<'a>(s: &'a QuerySummary, member: &str) -> &'a MemberStatus {
-    s.members
-        .iter()
-        .find(|m| m.member == member)
-        .unwrap_or_else(|| panic!("{member} not in summary {s:?}"))
-}
-
-fn state(s: &QuerySummary, member: &str) -> MemberState {
-    MemberState::try_from(status(s, member).state).unwrap()
-}
+use crate::support::{PER_MEMBER, Region, member_state as state, member_status as status};
 
 /// Repeats every data row of Shanghai's fever-clinic list, so its answer spans many
 /// HTTP/2 frames and can be cut in the middle.
@@ -39,8 +28,6 @@ fn big_shanghai_list(copies: usize) -> impl Fn(&Materialized) {
         std::fs::write(&path, out).unwrap();
     }
 }
-
-const PER_MEMBER: &str = "SELECT member, count(*) AS n FROM census GROUP BY member";
 
 #[tokio::test]
 async fn a_slow_member_is_cut_off_at_its_deadline_and_the_others_answer() {

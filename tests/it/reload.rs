@@ -10,9 +10,7 @@ use fedgate::config::raw::RawAccessRule;
 use fedgate::proto::v1::MemberState;
 use fedgate::server::ReloadOutcome;
 
-use crate::support::{Region, patch_member};
-
-const PER_MEMBER: &str = "SELECT member, count(*) AS n FROM census GROUP BY member";
+use crate::support::{PER_MEMBER, Region, member_status, patch_member};
 
 /// Queries Hangzhou as the office until stopped; returns (answered, failures, the
 /// configuration versions the summaries reported).
@@ -77,12 +75,7 @@ async fn a_reload_under_continuous_queries_fails_none_and_a_tightened_rule_appli
         "{outcome:?}"
     );
     let after = client.query(clinics, true, None).await.unwrap();
-    let suzhou = after
-        .summary
-        .members
-        .iter()
-        .find(|m| m.member == "suzhou")
-        .unwrap();
+    let suzhou = member_status(&after.summary, "suzhou");
     assert_eq!(suzhou.state, MemberState::Denied as i32, "{suzhou:?}");
 
     // The coordinator's own file changes; the file watcher applies it by itself.
@@ -165,13 +158,7 @@ fn pem_der(pem: &str) -> Vec<u8> {
 #[tokio::test]
 async fn certificates_rotate_under_continuous_queries_and_bad_ones_are_refused() {
     let region = Region::start().await;
-    let port: u16 = region
-        .endpoint("suzhou")
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = region.port("suzhou");
     let certs = region.layout.dir.join("certs");
     let principal = fedgate::identity::Principal::parse("fedgate://yrd/city/suzhou").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -291,11 +278,6 @@ async fn sighup_reloads_a_change_the_file_watcher_cannot_see() {
         waited += Duration::from_millis(50);
     }
     let a = client.query(PER_MEMBER, true, None).await.unwrap();
-    let suzhou = a
-        .summary
-        .members
-        .iter()
-        .find(|m| m.member == "suzhou")
-        .unwrap();
+    let suzhou = member_status(&a.summary, "suzhou");
     assert_eq!(suzhou.state, MemberState::Denied as i32, "{suzhou:?}");
 }

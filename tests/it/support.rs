@@ -198,15 +198,19 @@ impl Region {
         (region, proxies)
     }
 
-    /// Starts a stopped gateway again on its port.
-    pub async fn restart(&mut self, member: &str) {
-        let port: u16 = self
-            .endpoint(member)
+    /// The port a member gateway listens on.
+    pub fn port(&self, member: &str) -> u16 {
+        self.endpoint(member)
             .rsplit(':')
             .next()
             .unwrap()
             .parse()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Starts a stopped gateway again on its port.
+    pub async fn restart(&mut self, member: &str) {
+        let port = self.port(member);
         let path = self.layout.dir.join(format!("{member}.toml"));
         let cfg = MemberConfig::load(&path).unwrap_or_else(|p| panic!("{p}"));
         let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
@@ -229,6 +233,28 @@ impl Region {
     pub fn data(&self) -> PathBuf {
         self.layout.dir.join("data")
     }
+}
+
+/// Rows per member of the census: one row per member that answered.
+pub const PER_MEMBER: &str = "SELECT member, count(*) AS n FROM census GROUP BY member";
+
+/// The summary entry of `member`.
+pub fn member_status<'a>(
+    s: &'a fedgate::proto::v1::QuerySummary,
+    member: &str,
+) -> &'a fedgate::proto::v1::MemberStatus {
+    s.members
+        .iter()
+        .find(|m| m.member == member)
+        .unwrap_or_else(|| panic!("{member} not in summary {s:?}"))
+}
+
+/// The state the summary gives `member`.
+pub fn member_state(
+    s: &fedgate::proto::v1::QuerySummary,
+    member: &str,
+) -> fedgate::proto::v1::MemberState {
+    fedgate::proto::v1::MemberState::try_from(member_status(s, member).state).unwrap()
 }
 
 /// Edits the materialized member file of `member` as its serde mirror.
