@@ -215,6 +215,8 @@ pub struct Broken {
 pub struct AuditLog {
     path: PathBuf,
     inner: Mutex<Inner>,
+    /// Records appended by this process (for metrics).
+    written: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -294,6 +296,7 @@ impl AuditLog {
                 })?;
         }
         let log = AuditLog {
+            written: Default::default(),
             path: path.to_path_buf(),
             inner: Mutex::new(Inner {
                 file,
@@ -373,6 +376,8 @@ impl AuditLog {
         }
         inner.len += line.len() as u64;
         inner.head = Receipt { seq, hash };
+        self.written
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(inner.head.clone())
     }
 
@@ -383,6 +388,11 @@ impl AuditLog {
             .unwrap_or_else(PoisonError::into_inner)
             .head
             .clone()
+    }
+
+    /// Records appended since the log was opened.
+    pub fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The file this log writes.

@@ -13,8 +13,8 @@ use crate::arrow_ipc::{self, Decoded};
 use crate::error::{Error, Result};
 use crate::proto::v1::federation_client::FederationClient;
 use crate::proto::v1::{
-    DescribeRequest, DescribeResponse, ExplainRequest, ExplainResponse, MemberState, QueryRequest,
-    QuerySummary, query_response,
+    DescribeRequest, DescribeResponse, ExplainRequest, ExplainResponse, InvokeRequest, MemberState,
+    Progress, QueryRequest, QueryResponse, QuerySummary, query_response,
 };
 use crate::tls::{Connector, TlsMaterial};
 
@@ -147,7 +147,18 @@ impl Client {
     pub async fn query_each(
         &self,
         q: QueryRequest,
-        mut sink: impl FnMut(RecordBatch) -> std::result::Result<(), tonic::Status>,
+        sink: impl FnMut(RecordBatch) -> std::result::Result<(), tonic::Status>,
+    ) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
+        self.query_watched(q, sink, |_| {}).await
+    }
+
+    /// Like [`Client::query_each`], handing each progress message (sent when the
+    /// request asks for progress) to `progress`.
+    pub async fn query_watched(
+        &self,
+        q: QueryRequest,
+        sink: impl FnMut(RecordBatch) -> std::result::Result<(), tonic::Status>,
+        progress: impl Fn(&Progress) + Send + Sync + 'static,
     ) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
         let timeout = (q.timeout_ms > 0).then(|| Duration::from_millis(q.timeout_ms));
         let mut req = tonic::Request::new(q);
@@ -165,66 +176,32 @@ impl Client {
                 summary: None,
             })?
             .into_inner();
-        let summary = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let seen = summary.clone();
-        let status = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let failed = status.clone();
-        let chunks = stream
-            .take_while(move |r| {
-                let keep = match r {
-                    Ok(_) => true,
-                    Err(s) => {
-                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
-                        false
-                    }
-                };
-                futures::future::ready(keep)
-            })
-            .filter_map(move |r| {
-                let seen = seen.clone();
-                async move {
-                    match r.ok()?.payload? {
-                        query_response::Payload::Arrow(c) => Some(Ok(c)),
-                        query_response::Payload::Summary(s) => {
-                            *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-                            None
-                        }
-                    }
-                }
-            });
-        let mut decoded = Box::pin(arrow_ipc::decode(chunks));
-        let mut schema = None;
-        let mut local_failure = None;
-        while let Some(d) = decoded.next().await {
-            match d {
-                Ok(Decoded::Schema(s)) => schema = Some(s),
-                Ok(Decoded::Batch(b)) => {
-                    if let Err(s) = sink(b) {
-                        local_failure = Some(s);
-                        break;
-                    }
-                }
-                Err(e) => {
-                    local_failure = Some(e.to_status());
-                    break;
-                }
-            }
+        read_answer(stream, sink, progress).await
+    }
+
+    /// Calls a published service, streaming its answer like [`Client::query_watched`].
+    pub async fn invoke_watched(
+        &self,
+        q: InvokeRequest,
+        sink: impl FnMut(RecordBatch) -> std::result::Result<(), tonic::Status>,
+        progress: impl Fn(&Progress) + Send + Sync + 'static,
+    ) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
+        let timeout = (q.timeout_ms > 0).then(|| Duration::from_millis(q.timeout_ms));
+        let mut req = tonic::Request::new(q);
+        if let Some(t) = timeout {
+            req.set_timeout(t + Duration::from_millis(500));
         }
-        drop(decoded);
-        let summary = summary.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(s) = status.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            return Err(Failure { status: s, summary });
-        }
-        if let Some(status) = local_failure {
-            return Err(Failure { status, summary });
-        }
-        match (schema, summary) {
-            (Some(schema), Some(summary)) => Ok((schema, summary)),
-            (_, summary) => Err(Failure {
-                status: tonic::Status::data_loss("the answer ended without its schema or summary"),
-                summary,
-            }),
-        }
+        let stream = self
+            .inner
+            .clone()
+            .invoke(req)
+            .await
+            .map_err(|status| Failure {
+                status,
+                summary: None,
+            })?
+            .into_inner();
+        read_answer(stream, sink, progress).await
     }
 
     /// How the gateway would run `sql`.
@@ -253,6 +230,81 @@ impl Client {
     }
 }
 
+/// Reads a `Query` or `Invoke` answer: Arrow chunks to `sink`, progress messages to
+/// `progress`, and the summary (last).
+async fn read_answer(
+    stream: tonic::Streaming<QueryResponse>,
+    mut sink: impl FnMut(RecordBatch) -> std::result::Result<(), tonic::Status>,
+    progress: impl Fn(&Progress) + Send + Sync + 'static,
+) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
+    let progress = std::sync::Arc::new(progress);
+    let summary = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = summary.clone();
+    let status = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let failed = status.clone();
+    let chunks = stream
+        .take_while(move |r| {
+            let keep = match r {
+                Ok(_) => true,
+                Err(s) => {
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+                    false
+                }
+            };
+            futures::future::ready(keep)
+        })
+        .filter_map(move |r| {
+            let seen = seen.clone();
+            let progress = progress.clone();
+            async move {
+                match r.ok()?.payload? {
+                    query_response::Payload::Arrow(c) => Some(Ok(c)),
+                    query_response::Payload::Summary(s) => {
+                        *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                        None
+                    }
+                    query_response::Payload::Progress(p) => {
+                        progress(&p);
+                        None
+                    }
+                }
+            }
+        });
+    let mut decoded = Box::pin(arrow_ipc::decode(chunks));
+    let mut schema = None;
+    let mut local_failure = None;
+    while let Some(d) = decoded.next().await {
+        match d {
+            Ok(Decoded::Schema(s)) => schema = Some(s),
+            Ok(Decoded::Batch(b)) => {
+                if let Err(s) = sink(b) {
+                    local_failure = Some(s);
+                    break;
+                }
+            }
+            Err(e) => {
+                local_failure = Some(e.to_status());
+                break;
+            }
+        }
+    }
+    drop(decoded);
+    let summary = summary.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(s) = status.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(Failure { status: s, summary });
+    }
+    if let Some(status) = local_failure {
+        return Err(Failure { status, summary });
+    }
+    match (schema, summary) {
+        (Some(schema), Some(summary)) => Ok((schema, summary)),
+        (_, summary) => Err(Failure {
+            status: tonic::Status::data_loss("the answer ended without its schema or summary"),
+            summary,
+        }),
+    }
+}
+
 /// The lowercase word for a member state.
 pub fn state_word(state: i32) -> &'static str {
     match MemberState::try_from(state).unwrap_or(MemberState::Unspecified) {
@@ -265,7 +317,16 @@ pub fn state_word(state: i32) -> &'static str {
         MemberState::Cancelled => "cancelled",
         MemberState::Cached => "cached",
         MemberState::Stale => "stale",
+        MemberState::Running => "running",
         MemberState::Unspecified => "unknown",
+    }
+}
+
+/// A member state as one lowercase identifier (`timed_out`), for JSON and metrics.
+pub fn state_code(state: i32) -> &'static str {
+    match MemberState::try_from(state).unwrap_or(MemberState::Unspecified) {
+        MemberState::TimedOut => "timed_out",
+        _ => state_word(state),
     }
 }
 

@@ -158,7 +158,7 @@ pub struct Materialized {
 }
 
 /// Copies the templates in `src` to `dst`, giving each gateway the port `port(name,
-/// template_port)` on 127.0.0.1, and creates a CA with a certificate for every member.
+/// template_port)` on 127.0.0.1 (and its HTTP port `port("<name>/http", template)`), and creates a CA with a certificate for every member.
 /// Members' databases keep their template address and get a random password: with no
 /// server there, the datasets they hold are reported unavailable.
 pub fn materialize(
@@ -185,6 +185,7 @@ pub fn materialize_with_database(
     let text = std::fs::read_to_string(&region_src).map_err(|e| io("reading", &region_src, e))?;
     let mut region: RawRegion = toml::from_str(&text)
         .map_err(|e| Error::Config(format!("{}: {e}", region_src.display())))?;
+    let port_of = port;
     let mut ports = BTreeMap::new();
     for m in &mut region.members {
         if let Some(ep) = &m.endpoint {
@@ -226,6 +227,18 @@ pub fn materialize_with_database(
             ))
         })?;
         m.listen = format!("127.0.0.1:{port}");
+        if let Some(h) = &mut m.http {
+            // The HTTP port is asked for under `<member>/http`; 0 lets the gateway
+            // pick a free one (it reports the address it bound).
+            let template = h
+                .listen
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            let p = port_of(&format!("{}/http", m.member), template);
+            h.listen = format!("127.0.0.1:{p}");
+        }
         if let Some(key) = &m.hmac_key {
             // A fresh secret per materialized region, never one kept in the
             // repository; members naming the same file share it (so their keyed

@@ -56,6 +56,10 @@ pub enum Error {
     #[error("invalid query: {0}")]
     InvalidQuery(String),
 
+    /// The caller named something that does not exist (a published service).
+    #[error("not found: {0}")]
+    NotFound(String),
+
     /// A member did not answer its sub-query.
     #[error("member {member} {}: {reason}", failure_words(*.failure))]
     Member {
@@ -128,9 +132,10 @@ impl Error {
     /// Who is at fault.
     pub fn fault(&self) -> Fault {
         match self {
-            Error::Unauthenticated(_) | Error::PermissionDenied(_) | Error::InvalidQuery(_) => {
-                Fault::Caller
-            }
+            Error::Unauthenticated(_)
+            | Error::PermissionDenied(_)
+            | Error::InvalidQuery(_)
+            | Error::NotFound(_) => Fault::Caller,
             Error::Member { .. } => Fault::Peer,
             Error::DeadlineExceeded(_) => Fault::Peer,
             Error::Overloaded(_) | Error::Internal(_) => Fault::Internal,
@@ -177,6 +182,7 @@ impl Error {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::InvalidQuery(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
             Error::Member { failure, .. } => match failure {
                 MemberFailure::Unavailable => Code::Unavailable,
                 MemberFailure::TimedOut => Code::DeadlineExceeded,

@@ -69,8 +69,38 @@ enum Command {
         /// (`epidemic-response: HZ-2026-0042`). Members may require one and record it.
         #[arg(long)]
         purpose: Option<String>,
+        /// Do not show each member's progress while the query runs (shown only when
+        /// standard error is a terminal).
+        #[arg(long)]
+        no_progress: bool,
         /// The SQL (canonical datasets; DataFusion dialect).
         sql: String,
+    },
+    /// Call a published service of the region with typed parameters
+    /// (`fedgate call fever_clinics_near county_code=330523`).
+    Call {
+        #[command(flatten)]
+        conn: Connection,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Return the answering members' rows even if some members fail.
+        #[arg(long)]
+        allow_partial: bool,
+        /// Time budget, e.g. `2s`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// A case reference for the service's purpose (`enrollment-check: AJ-7`).
+        #[arg(long)]
+        purpose: Option<String>,
+        /// Do not show progress.
+        #[arg(long)]
+        no_progress: bool,
+        /// The service's name.
+        service: String,
+        /// Parameters as NAME=VALUE: a value is sent as an integer, a number or
+        /// true/false when it reads as one, else as text; NAME:=VALUE always as text.
+        params: Vec<String>,
     },
     /// Show the coordinator's plan and the exact SQL each member would receive.
     Explain {
@@ -231,22 +261,15 @@ enum AuditCommand {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
+    /// A table, then the per-member summary.
     Table,
+    /// CSV with a header; the summary on standard error.
     Csv,
+    /// A JSON array of objects; the summary on standard error.
     Json,
-}
-
-fn init_logging(filter: Option<&str>, default: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or(default))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    /// An Arrow IPC stream (binary; redirect it to a file or a program); the
+    /// summary on standard error.
+    Arrow,
 }
 
 #[tokio::main]
@@ -256,14 +279,40 @@ async fn main() -> ExitCode {
         Command::Serve { .. } => "info",
         _ => "warn",
     };
-    init_logging(cli.log.as_deref(), default_log, cli.log_json);
-    match run(cli.command).await {
+    // A gateway exports its spans where its member file says; an invalid file is
+    // reported by `serve` itself.
+    let (otlp_endpoint, service_name) = match &cli.command {
+        Command::Serve { config } => match MemberConfig::load(config) {
+            Ok(c) => (
+                c.otlp_endpoint.clone(),
+                format!("fedgate-{}", c.member.name),
+            ),
+            Err(_) => (None, "fedgate".to_string()),
+        },
+        _ => (None, "fedgate".to_string()),
+    };
+    let telemetry = match fedgate::telemetry::init(&fedgate::telemetry::Settings {
+        filter: cli.log.clone(),
+        default_filter: default_log.to_string(),
+        json: cli.log_json,
+        otlp_endpoint,
+        service_name,
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match run(cli.command).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }
 
 async fn run(cmd: Command) -> Result<ExitCode> {
@@ -277,9 +326,11 @@ async fn run(cmd: Command) -> Result<ExitCode> {
             no_pushdown,
             no_plan_cache,
             purpose,
+            no_progress,
             sql,
         } => {
             let client = connect(&conn)?;
+            let progress = show_progress(no_progress);
             let req = fedgate::proto::v1::QueryRequest {
                 sql,
                 allow_partial,
@@ -287,8 +338,31 @@ async fn run(cmd: Command) -> Result<ExitCode> {
                 no_pushdown,
                 no_plan_cache,
                 purpose: purpose.unwrap_or_default(),
+                progress,
             };
-            query(&client, req, format).await
+            run_query(&client, Request::Query(req), format, progress).await
+        }
+        Command::Call {
+            conn,
+            format,
+            allow_partial,
+            timeout,
+            purpose,
+            no_progress,
+            service,
+            params,
+        } => {
+            let client = connect(&conn)?;
+            let progress = show_progress(no_progress);
+            let req = fedgate::proto::v1::InvokeRequest {
+                service,
+                params: parse_params(&params)?,
+                allow_partial,
+                timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+                purpose: purpose.unwrap_or_default(),
+                progress,
+            };
+            run_query(&client, Request::Invoke(req), format, progress).await
         }
         Command::Explain { conn, sql } => {
             let client = connect(&conn)?;
@@ -486,6 +560,9 @@ async fn serve(config: &Path) -> Result<ExitCode> {
         "fedgate: member {} serving on https://{}",
         gw.member, gw.addr
     );
+    if let Some(h) = gw.http_addr {
+        eprintln!("fedgate: status board, metrics and JSON API on {h}");
+    }
     tokio::select! {
         r = gw.wait() => { r?; }
         _ = shutdown_signal() => {
@@ -510,15 +587,112 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-async fn query(
+/// What `fedgate query` and `fedgate call` send.
+enum Request {
+    Query(fedgate::proto::v1::QueryRequest),
+    Invoke(fedgate::proto::v1::InvokeRequest),
+}
+
+/// Progress is shown on a terminal only, so scripts reading standard error see
+/// only the summary.
+fn show_progress(disabled: bool) -> bool {
+    use std::io::IsTerminal;
+    !disabled && std::io::stderr().is_terminal()
+}
+
+/// `NAME=VALUE` parameters: integers, numbers and booleans by their look, text
+/// otherwise; `NAME:=VALUE` is always text (for codes like `007` or `true`).
+fn parse_params(
+    params: &[String],
+) -> Result<std::collections::HashMap<String, fedgate::proto::v1::ParamValue>> {
+    use fedgate::proto::v1::{ParamValue, param_value::Value};
+    let mut out = std::collections::HashMap::new();
+    for p in params {
+        let (name, value) = if let Some((n, v)) = p.split_once(":=") {
+            (n, Value::Text(v.to_string()))
+        } else if let Some((n, v)) = p.split_once('=') {
+            let value = if let Ok(i) = v.parse::<i64>() {
+                Value::Int64(i)
+            } else if let Ok(f) = v.parse::<f64>() {
+                Value::Float64(f)
+            } else if let Ok(b) = v.parse::<bool>() {
+                Value::Boolean(b)
+            } else {
+                Value::Text(v.to_string())
+            };
+            (n, value)
+        } else {
+            bail!("parameter {p:?} is not NAME=VALUE or NAME:=VALUE");
+        };
+        if out
+            .insert(name.to_string(), ParamValue { value: Some(value) })
+            .is_some()
+        {
+            bail!("parameter {name} is given twice");
+        }
+    }
+    Ok(out)
+}
+
+/// One line of progress: elapsed time and each member's state and rows so far.
+fn progress_line(p: &fedgate::proto::v1::Progress) -> String {
+    let members: Vec<String> = p
+        .members
+        .iter()
+        .map(|m| {
+            let state = fedgate::client::state_word(m.state);
+            if m.rows > 0 {
+                format!("{} {state} {}", m.member, m.rows)
+            } else {
+                format!("{} {state}", m.member)
+            }
+        })
+        .collect();
+    format!(
+        "{:>6.1}s  {}",
+        p.elapsed_us as f64 / 1e6,
+        members.join(" · ")
+    )
+}
+
+/// Runs a query or service call, writing rows as they arrive (all at once for a
+/// table), and returns the exit code: 0 complete, 3 partial (some members'
+/// rows are missing), 1 failed.
+async fn run_query(
     client: &Client,
-    req: fedgate::proto::v1::QueryRequest,
+    req: Request,
     format: Format,
+    progress: bool,
 ) -> Result<ExitCode> {
-    match client.query_with(req).await {
-        Ok(answer) => {
-            print_answer(&answer, format)?;
-            Ok(if answer.summary.partial {
+    use std::io::{IsTerminal, Write};
+    if matches!(format, Format::Arrow) && std::io::stdout().is_terminal() {
+        bail!(
+            "--format arrow writes a binary Arrow IPC stream; redirect it to a file or a program"
+        );
+    }
+    let on_progress = move |p: &fedgate::proto::v1::Progress| {
+        if progress {
+            // Redrawn in place: carriage return, then clear the line.
+            eprint!("\r\x1b[2K{}", progress_line(p));
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let mut out = Output::new(format);
+    let mut sink = |b: RecordBatch| {
+        out.write(b)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    };
+    let answer = match req {
+        Request::Query(q) => client.query_watched(q, &mut sink, on_progress).await,
+        Request::Invoke(q) => client.invoke_watched(q, &mut sink, on_progress).await,
+    };
+    if progress {
+        eprint!("\r\x1b[2K");
+    }
+    match answer {
+        Ok((schema, summary)) => {
+            out.finish(schema, &summary)?;
+            Ok(if summary.partial {
                 ExitCode::from(EXIT_PARTIAL)
             } else {
                 ExitCode::SUCCESS
@@ -533,40 +707,109 @@ async fn query(
     }
 }
 
-fn print_answer(a: &Answer, format: Format) -> Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match format {
-        Format::Table => {
-            let batches = with_schema(a);
-            writeln!(
-                out,
-                "{}",
-                datafusion::arrow::util::pretty::pretty_format_batches(&batches)?
-            )?;
-            write!(out, "{}", format_summary(&a.summary))?;
-        }
-        Format::Csv => {
-            let mut w = datafusion::arrow::csv::WriterBuilder::new()
-                .with_header(true)
-                .build(&mut out);
-            for b in with_schema(a) {
-                w.write(&b)?;
-            }
-            drop(w);
-            eprint!("{}", format_summary(&a.summary));
-        }
-        Format::Json => {
-            let mut w = datafusion::arrow::json::ArrayWriter::new(&mut out);
-            for b in &a.batches {
-                w.write(b)?;
-            }
-            w.finish()?;
-            drop(w);
-            writeln!(out)?;
-            eprint!("{}", format_summary(&a.summary));
+/// Where the rows of `fedgate query` go, batch by batch.
+enum Output {
+    /// Collected, for a table that needs every row to size its columns.
+    Table(Vec<RecordBatch>),
+    Csv(Box<datafusion::arrow::csv::Writer<std::io::Stdout>>),
+    Json(datafusion::arrow::json::ArrayWriter<std::io::Stdout>, bool),
+    /// Opened with the first batch's schema (or the summary's, if there is none).
+    Arrow(Option<datafusion::arrow::ipc::writer::StreamWriter<std::io::Stdout>>),
+}
+
+impl Output {
+    fn new(format: Format) -> Output {
+        match format {
+            Format::Table => Output::Table(Vec::new()),
+            Format::Csv => Output::Csv(Box::new(
+                datafusion::arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(std::io::stdout()),
+            )),
+            Format::Json => Output::Json(
+                datafusion::arrow::json::ArrayWriter::new(std::io::stdout()),
+                false,
+            ),
+            Format::Arrow => Output::Arrow(None),
         }
     }
+
+    fn write(&mut self, b: RecordBatch) -> Result<()> {
+        match self {
+            Output::Table(v) => v.push(b),
+            Output::Csv(w) => w.write(&b)?,
+            Output::Json(w, any) => {
+                w.write(&b)?;
+                *any = true;
+            }
+            Output::Arrow(w) => {
+                if w.is_none() {
+                    *w = Some(datafusion::arrow::ipc::writer::StreamWriter::try_new(
+                        std::io::stdout(),
+                        &b.schema(),
+                    )?);
+                }
+                if let Some(w) = w {
+                    w.write(&b)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(
+        self,
+        schema: datafusion::arrow::datatypes::SchemaRef,
+        summary: &fedgate::proto::v1::QuerySummary,
+    ) -> Result<()> {
+        use std::io::Write;
+        match self {
+            Output::Table(batches) => {
+                let a = Answer {
+                    schema,
+                    batches,
+                    summary: summary.clone(),
+                };
+                print_answer(&a)?;
+                return Ok(());
+            }
+            Output::Csv(w) => w.into_inner().flush()?,
+            Output::Json(mut w, any) => {
+                w.finish()?;
+                let mut out = w.into_inner();
+                if !any {
+                    // An empty answer is an empty array, not nothing.
+                    write!(out, "[]")?;
+                }
+                writeln!(out)?;
+            }
+            Output::Arrow(w) => {
+                let mut w = match w {
+                    Some(w) => w,
+                    None => datafusion::arrow::ipc::writer::StreamWriter::try_new(
+                        std::io::stdout(),
+                        &schema,
+                    )?,
+                };
+                w.finish()?;
+            }
+        }
+        eprint!("{}", format_summary(summary));
+        Ok(())
+    }
+}
+
+/// Prints an answer as a table, then its per-member summary.
+fn print_answer(a: &Answer) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let batches = with_schema(a);
+    writeln!(
+        out,
+        "{}",
+        datafusion::arrow::util::pretty::pretty_format_batches(&batches)?
+    )?;
+    write!(out, "{}", format_summary(&a.summary))?;
     Ok(())
 }
 
@@ -767,7 +1010,16 @@ async fn demo(
     let region = fedgate::demo::materialize_with_database(
         source,
         &dir,
-        &|name, _| ports[name],
+        &|name, template| match name.strip_suffix("/http") {
+            None => ports[name],
+            // HTTP ports: the gateway's port + 1000 with --port-base, else the
+            // template's port if it is free, else any free port.
+            Some(member) => match port_base {
+                Some(_) => ports[member].saturating_add(1000),
+                None if std::net::TcpListener::bind(("127.0.0.1", template)).is_ok() => template,
+                None => 0,
+            },
+        },
         pg.as_ref().map(|p| (p.port, p.password.as_str())),
     )?;
     let mut gateways = Vec::new();
@@ -779,11 +1031,23 @@ async fn demo(
         gateways.push(Gateway::start(Arc::new(cfg), Some(l)).await?);
     }
     println!("fedgate demo: region yrd in {}", dir.display());
-    for (name, path, endpoint) in &region.gateways {
+    for ((name, path, endpoint), g) in region.gateways.iter().zip(&gateways) {
         println!(
             "  {name:<9} {endpoint}   (fedgate serve --config {})",
             path.display()
         );
+        if let Some(h) = g.http_addr {
+            let tls = MemberConfig::load(path)
+                .ok()
+                .and_then(|c| c.http)
+                .is_some_and(|h| h.tls);
+            let url = if tls {
+                format!("https://{h}/ (mutual TLS: a client certificate is needed)")
+            } else {
+                format!("http://{h}/ (loopback; callers act as {name})")
+            };
+            println!("            status board, /metrics, JSON API: {url}");
+        }
     }
     let (client_name, cert, key) = region
         .clients
@@ -809,7 +1073,7 @@ async fn demo(
             .query(sql, partial, Some(Duration::from_secs(30)))
             .await
         {
-            Ok(a) => print_answer(&a, Format::Table)?,
+            Ok(a) => print_answer(&a)?,
             Err(f) => {
                 failures += 1;
                 println!("query failed: {f}");
@@ -847,11 +1111,11 @@ async fn demo(
             ..Default::default()
         };
         match (client.query_with(req).await, ex.refused) {
-            (Ok(a), false) => print_answer(&a, Format::Table)?,
+            (Ok(a), false) => print_answer(&a)?,
             (Err(f), true) => println!("refused, as the rules say: {f}"),
             (Ok(a), true) => {
                 failures += 1;
-                print_answer(&a, Format::Table)?;
+                print_answer(&a)?;
                 println!("UNEXPECTED: this should have been refused");
             }
             (Err(f), false) => {

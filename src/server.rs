@@ -15,6 +15,7 @@ use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::arrow_ipc;
 use crate::audit::AuditLog;
@@ -87,22 +88,111 @@ fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     })
 }
 
+/// A client query as any front end (gRPC `Query` and `Invoke`, Flight SQL, HTTP)
+/// asks it of this coordinator.
+#[derive(Debug, Clone, Default)]
+pub struct Ask {
+    /// Canonical SQL.
+    pub sql: String,
+    /// The published service called, if any (its SQL is `sql`).
+    pub service: Option<String>,
+    /// Values bound to the SQL's placeholders.
+    pub params: Option<datafusion::common::ParamValues>,
+    /// Return the answering members' rows when some members fail.
+    pub allow_partial: bool,
+    /// The caller's time budget(s); the shortest applies, capped by the limits.
+    pub timeouts: Vec<Duration>,
+    /// Diagnosis only: no aggregate or top-k pushdown.
+    pub no_pushdown: bool,
+    /// Diagnosis only: plan anew.
+    pub no_plan_cache: bool,
+    /// The stated purpose (empty: none).
+    pub purpose: String,
+}
+
+impl Ask {
+    /// A plain SQL query with the gateway's defaults.
+    pub fn sql(sql: impl Into<String>) -> Ask {
+        Ask {
+            sql: sql.into(),
+            ..Ask::default()
+        }
+    }
+
+    /// The text whose hash the audit record keeps: the SQL, and for a service its
+    /// name and bound values (which may be personal data, so only hashed).
+    fn audited_text(&self) -> String {
+        match (&self.service, &self.params) {
+            (Some(name), Some(p)) => format!("-- service {name} {p:?}\n{}", self.sql),
+            (Some(name), None) => format!("-- service {name}\n{}", self.sql),
+            _ => self.sql.clone(),
+        }
+    }
+}
+
+/// How a started query ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The summary (absent only when the query could not be recorded).
+    pub summary: Option<QuerySummary>,
+    /// Why the answer is incomplete, if it is.
+    pub failure: Option<Error>,
+}
+
+/// A query that has been admitted and planned and is running.
+pub struct Started {
+    /// The answer's schema.
+    pub schema: datafusion::arrow::datatypes::SchemaRef,
+    /// The answer's batches; the channel closes at the end of the answer (complete
+    /// or not: see `outcome`). Dropping it cancels the query.
+    pub batches: tokio::sync::mpsc::Receiver<datafusion::arrow::record_batch::RecordBatch>,
+    /// Sent after the last batch, once the query is on the record.
+    pub outcome: oneshot::Receiver<Outcome>,
+    /// The per-member states, for progress reports.
+    pub state: Arc<crate::federation::state::QueryState>,
+    /// When the query arrived.
+    pub started: Instant,
+}
+
 /// The client-facing service.
 #[derive(Clone)]
 pub struct FederationService {
     coordinator: Arc<Coordinator>,
     admission: Arc<crate::admission::Admission>,
     audit: Arc<AuditLog>,
+    observer: Arc<crate::observe::Observer>,
+}
+
+/// The outcome word of a finished query, for metrics and the status board.
+fn outcome_word(d: crate::audit::Decision) -> &'static str {
+    match d {
+        crate::audit::Decision::Answered => "answered",
+        crate::audit::Decision::Refused => "refused",
+        crate::audit::Decision::Failed => "failed",
+        crate::audit::Decision::Cancelled => "cancelled",
+    }
 }
 
 impl FederationService {
+    /// The coordinator of this configuration version.
+    pub fn coordinator(&self) -> &Arc<Coordinator> {
+        &self.coordinator
+    }
+
+    /// The gateway's metrics and recent history.
+    pub fn observer(&self) -> &Arc<crate::observe::Observer> {
+        &self.observer
+    }
+
     /// Records a client query at the coordinator: who asked what, for which purpose,
     /// which members were asked and how each answered (with the hash of each member's
-    /// own audit record, a witness against later removal of that record).
+    /// own audit record, a witness against later removal of that record). The
+    /// observer (metrics, status board) learns of it too.
     fn record_query(
         &self,
         origin: &Principal,
-        q: &QueryRequest,
+        ask: &Ask,
+        started: (std::time::SystemTime, Instant),
         decision: crate::audit::Decision,
         reason: Option<String>,
         summary: Option<&QuerySummary>,
@@ -126,52 +216,61 @@ impl FederationService {
             time: AuditEntry::now_utc(),
             query_id: summary.map(|s| s.query_id.clone()).unwrap_or_default(),
             origin: origin.uri(),
-            purpose: (!q.purpose.is_empty()).then(|| q.purpose.clone()),
-            sql_sha256: sql_hash(&q.sql),
+            purpose: (!ask.purpose.is_empty()).then(|| ask.purpose.clone()),
+            sql_sha256: sql_hash(&ask.audited_text()),
             decision,
-            reason,
+            reason: reason.clone(),
             rows: summary.map(|s| s.rows).unwrap_or(0),
             members,
             ..AuditEntry::default()
         };
-        self.audit.append(&entry).map(|_| ())
+        let recorded = self.audit.append(&entry).map(|_| ());
+        self.observer.finished(
+            &self.coordinator.config().region,
+            crate::observe::Finished {
+                origin,
+                sql: &ask.sql,
+                service: ask.service.as_deref(),
+                started_at: started.0,
+                elapsed: started.1.elapsed(),
+                outcome: outcome_word(decision),
+                error: reason,
+                summary,
+            },
+        );
+        recorded
     }
-}
 
-#[tonic::async_trait]
-impl Federation for FederationService {
-    type QueryStream = ResponseStream<QueryResponse>;
-
-    async fn query(
-        &self,
-        req: Request<QueryRequest>,
-    ) -> std::result::Result<Response<Self::QueryStream>, Status> {
-        let origin = caller(&req)?;
+    /// Admits, plans and starts a client query. A query refused before it runs is
+    /// recorded and returned as the error; one that starts is recorded when it ends.
+    pub async fn start(&self, origin: Principal, ask: Ask) -> Result<Started> {
+        let started = Instant::now();
+        let wall = std::time::SystemTime::now();
         let limits = &self.coordinator.config().limits;
-        let grpc = grpc_timeout(&req);
-        let q = req.into_inner();
         // A query refused before it runs is on the record too.
-        let refuse = |e: Error| -> Status {
+        let refuse = |e: Error| -> Error {
             match self.record_query(
                 &origin,
-                &q,
+                &ask,
+                (wall, started),
                 crate::audit::Decision::Refused,
                 Some(e.to_string()),
                 None,
             ) {
-                Ok(()) => e.to_status(),
-                Err(a) => a.to_status(),
+                Ok(()) => e,
+                Err(a) => a,
             }
         };
-        if !q.purpose.is_empty()
-            && let Err(why) = crate::policy::validate_purpose(&q.purpose)
+        if !ask.purpose.is_empty()
+            && let Err(why) = crate::policy::validate_purpose(&ask.purpose)
         {
             return Err(refuse(Error::InvalidQuery(why)));
         }
-        let asked = (q.timeout_ms > 0).then(|| Duration::from_millis(q.timeout_ms));
-        let timeout = [asked, grpc]
-            .into_iter()
-            .flatten()
+        let timeout = ask
+            .timeouts
+            .iter()
+            .copied()
+            .filter(|t| !t.is_zero())
             .min()
             .unwrap_or(limits.default_timeout)
             .min(limits.max_timeout);
@@ -184,19 +283,27 @@ impl Federation for FederationService {
                 }));
             }
         };
-        let started = Instant::now();
-        tracing::info!(%origin, sql = %q.sql, allow_partial = q.allow_partial, ?timeout, "Query");
+        let span = tracing::info_span!(
+            "query",
+            member = %self.coordinator.config().member.name,
+            %origin,
+            query_id = tracing::field::Empty,
+            service = ask.service.as_deref().unwrap_or(""),
+        );
+        tracing::info!(parent: &span, sql = %ask.sql, allow_partial = ask.allow_partial, ?timeout, "Query");
         let running = self
             .coordinator
             .query(
                 origin.clone(),
-                &q.sql,
+                &ask.sql,
                 QueryOptions {
-                    allow_partial: q.allow_partial,
+                    allow_partial: ask.allow_partial,
                     timeout,
-                    pushdown: !q.no_pushdown,
-                    plan_cache: !q.no_plan_cache,
-                    purpose: (!q.purpose.is_empty()).then(|| q.purpose.clone()),
+                    pushdown: !ask.no_pushdown,
+                    plan_cache: !ask.no_plan_cache,
+                    purpose: (!ask.purpose.is_empty()).then(|| ask.purpose.clone()),
+                    params: ask.params.clone(),
+                    span: span.clone(),
                 },
             )
             .await;
@@ -204,83 +311,287 @@ impl Federation for FederationService {
             Ok(r) => r,
             Err(e) => return Err(refuse(e)),
         };
+        span.record("query_id", running.state.query_id.as_str());
         let service = self.clone();
         let state = running.state.clone();
         let plan_cached = running.plan_cached;
         let planning_us = running.planning.as_micros() as u64;
         let version = self.coordinator.config().version.clone();
         let max_rows = self.coordinator.config().limits.max_rows;
+        let schema = running.schema.clone();
+        let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(8);
+        let (done_tx, done_rx) = oneshot::channel();
+        let task_state = state.clone();
+        tokio::spawn(
+            async move {
+                let state = task_state;
+                let _permit = permit;
+                let mut stream = running.stream;
+                let deadline = tokio::time::sleep(timeout);
+                tokio::pin!(deadline);
+                let mut failure = None;
+                let mut gone = false;
+                let mut rows = 0u64;
+                loop {
+                    tokio::select! {
+                        next = stream.next() => match next {
+                            Some(Ok(b)) => {
+                                let n = b.num_rows() as u64;
+                                // Refused before the batch that crosses the limit is
+                                // sent: the caller gets an error, never an answer
+                                // silently cut at the limit.
+                                if let Some(max) = max_rows && rows + n > max {
+                                    failure = Some(Error::TooLarge(format!(
+                                        "the answer has more than {max} rows (limits.max_rows); \
+                                         narrow it with WHERE, aggregate it, or add LIMIT"
+                                    )));
+                                    break;
+                                }
+                                rows += n;
+                                if batch_tx.send(b).await.is_err() {
+                                    // The caller went away; dropping the stream cancels
+                                    // the members. The query is still recorded.
+                                    gone = true;
+                                    break;
+                                }
+                            }
+                            Some(Err(e)) => { failure = Some(Error::from_datafusion(e)); break; }
+                            None => break,
+                        },
+                        _ = &mut deadline => { failure = Some(Error::DeadlineExceeded(timeout)); break; }
+                    }
+                }
+                drop(stream);
+                drop(batch_tx);
+                let summary = QuerySummary {
+                    query_id: state.query_id.clone(),
+                    rows,
+                    elapsed_us: started.elapsed().as_micros() as u64,
+                    partial: state.is_partial() || failure.is_some(),
+                    config_version: version,
+                    members: state.statuses(),
+                    bytes_received: state.bytes_received(),
+                    plan_cached,
+                    planning_us,
+                };
+                tracing::info!(rows = summary.rows, partial = summary.partial, elapsed_us = summary.elapsed_us, "Query done");
+                let decision = if gone {
+                    crate::audit::Decision::Cancelled
+                } else if failure.is_some() {
+                    crate::audit::Decision::Failed
+                } else {
+                    crate::audit::Decision::Answered
+                };
+                let outcome = match service.record_query(
+                    &origin,
+                    &ask,
+                    (wall, started),
+                    decision,
+                    failure.as_ref().map(|e| e.to_string()),
+                    Some(&summary),
+                ) {
+                    Err(a) => {
+                        tracing::error!(error = %a, "Recording the query in the audit log failed");
+                        Outcome {
+                            summary: None,
+                            failure: Some(a),
+                        }
+                    }
+                    Ok(()) => {
+                        if let Some(e) = &failure {
+                            tracing::warn!(error = %e, "Query failed");
+                        }
+                        Outcome {
+                            summary: Some(summary),
+                            failure,
+                        }
+                    }
+                };
+                let _ = done_tx.send(outcome);
+            }
+            .instrument(span),
+        );
+        Ok(Started {
+            schema,
+            batches: batch_rx,
+            outcome: done_rx,
+            state,
+            started,
+        })
+    }
+
+    /// Streams a started query as gRPC `QueryResponse`s: Arrow IPC chunks, progress
+    /// messages if asked, then the summary, then the error if the answer is
+    /// incomplete.
+    fn respond(&self, started: Started, progress: bool) -> ResponseStream<QueryResponse> {
+        let observer = self.observer.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<QueryResponse, Status>>(8);
         tokio::spawn(async move {
-            let _permit = permit;
-            let (chunks, rows) = counted_chunks(running.stream, max_rows);
-            let mut chunks = Box::pin(chunks);
-            let deadline = tokio::time::sleep(timeout);
-            tokio::pin!(deadline);
-            let mut failure = None;
-            let mut gone = false;
+            let Started {
+                schema,
+                batches,
+                outcome,
+                state,
+                started,
+            } = started;
+            let batches = tokio_stream::wrappers::ReceiverStream::new(batches).map(Ok);
+            let chunks = arrow_ipc::encode(schema, batches);
+            tokio::pin!(chunks);
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            tick.tick().await;
             loop {
                 tokio::select! {
                     next = chunks.next() => match next {
                         Some(Ok(c)) => {
+                            observer.bytes_sent("client", (c.header.len() + c.body.len()) as u64);
                             let msg = QueryResponse { payload: Some(query_response::Payload::Arrow(c)) };
                             if tx.send(Ok(msg)).await.is_err() {
-                                // The caller went away; dropping the stream cancels the
-                                // members. The query is still recorded.
-                                gone = true;
-                                break;
+                                return;
                             }
                         }
-                        Some(Err(e)) => { failure = Some(e); break; }
+                        Some(Err(e)) => {
+                            let _ = tx.send(Err(e.to_status())).await;
+                            return;
+                        }
                         None => break,
                     },
-                    _ = &mut deadline => { failure = Some(Error::DeadlineExceeded(timeout)); break; }
+                    _ = tick.tick(), if progress => {
+                        let msg = QueryResponse {
+                            payload: Some(query_response::Payload::Progress(Progress {
+                                elapsed_us: started.elapsed().as_micros() as u64,
+                                members: state.progress(),
+                            })),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
                 }
             }
-            drop(chunks);
-            let summary = QuerySummary {
-                query_id: state.query_id.clone(),
-                rows: rows.load(std::sync::atomic::Ordering::Relaxed),
-                elapsed_us: started.elapsed().as_micros() as u64,
-                partial: state.is_partial() || failure.is_some(),
-                config_version: version,
-                members: state.statuses(),
-                bytes_received: state.bytes_received(),
-                plan_cached,
-                planning_us,
-            };
-            tracing::info!(query_id = %summary.query_id, rows = summary.rows, partial = summary.partial, elapsed_us = summary.elapsed_us, "Query done");
-            let decision = if gone {
-                crate::audit::Decision::Cancelled
-            } else if failure.is_some() {
-                crate::audit::Decision::Failed
-            } else {
-                crate::audit::Decision::Answered
-            };
-            if let Err(a) = service.record_query(
-                &origin,
-                &q,
-                decision,
-                failure.as_ref().map(|e| e.to_string()),
-                Some(&summary),
-            ) {
-                tracing::error!(error = %a, "Recording the query in the audit log failed");
-                let _ = tx.send(Err(a.to_status())).await;
-                return;
-            }
-            let _ = tx
-                .send(Ok(QueryResponse {
-                    payload: Some(query_response::Payload::Summary(summary)),
-                }))
-                .await;
-            if let Some(e) = failure {
-                tracing::warn!(error = %e, "Query failed");
-                let _ = tx.send(Err(e.to_status())).await;
+            match outcome.await {
+                Ok(Outcome { summary, failure }) => {
+                    if let Some(s) = summary {
+                        let msg = QueryResponse {
+                            payload: Some(query_response::Payload::Summary(s)),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if let Some(e) = failure {
+                        let _ = tx.send(Err(e.to_status())).await;
+                    }
+                }
+                Err(_) => {
+                    let _ = tx
+                        .send(Err(Error::Internal(
+                            "the query ended without an outcome".into(),
+                        )
+                        .to_status()))
+                        .await;
+                }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    /// Binds a published service's parameters into an [`Ask`], after checking that
+    /// `origin` may call it.
+    pub fn service_ask(
+        &self,
+        origin: &Principal,
+        name: &str,
+        given: &std::collections::BTreeMap<String, crate::services::Given>,
+        purpose: Option<&str>,
+    ) -> Result<Ask> {
+        let region = &self.coordinator.config().region;
+        let service = crate::services::find(region, name, origin)?;
+        let params = crate::services::bind(service, given)?;
+        Ok(Ask {
+            sql: service.sql.clone(),
+            service: Some(service.name.clone()),
+            params: Some(params),
+            purpose: crate::services::purpose(service, purpose)?,
+            ..Ask::default()
+        })
+    }
+
+    /// Records a service call refused before it could be bound (unknown service,
+    /// caller not allowed, bad parameters), and returns the error.
+    pub fn refuse_service(&self, origin: &Principal, name: &str, e: Error) -> Error {
+        let ask = Ask {
+            sql: String::new(),
+            service: Some(name.to_string()),
+            ..Ask::default()
+        };
+        let now = (std::time::SystemTime::now(), Instant::now());
+        match self.record_query(
+            origin,
+            &ask,
+            now,
+            crate::audit::Decision::Refused,
+            Some(e.to_string()),
+            None,
+        ) {
+            Ok(()) => e,
+            Err(a) => a,
+        }
+    }
+}
+
+/// How often a query that asked for progress gets a progress message.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    type QueryStream = ResponseStream<QueryResponse>;
+    type InvokeStream = ResponseStream<QueryResponse>;
+
+    async fn query(
+        &self,
+        req: Request<QueryRequest>,
+    ) -> std::result::Result<Response<Self::QueryStream>, Status> {
+        let origin = caller(&req)?;
+        let grpc = grpc_timeout(&req);
+        let q = req.into_inner();
+        let ask = Ask {
+            sql: q.sql,
+            allow_partial: q.allow_partial,
+            timeouts: [Some(Duration::from_millis(q.timeout_ms)), grpc]
+                .into_iter()
+                .flatten()
+                .collect(),
+            no_pushdown: q.no_pushdown,
+            no_plan_cache: q.no_plan_cache,
+            purpose: q.purpose,
+            ..Ask::default()
+        };
+        let started = self.start(origin, ask).await.map_err(|e| e.to_status())?;
+        Ok(Response::new(self.respond(started, q.progress)))
+    }
+
+    async fn invoke(
+        &self,
+        req: Request<InvokeRequest>,
+    ) -> std::result::Result<Response<Self::InvokeStream>, Status> {
+        let origin = caller(&req)?;
+        let grpc = grpc_timeout(&req);
+        let q = req.into_inner();
+        let given = q
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), crate::services::Given::from_proto(v)))
+            .collect();
+        let mut ask = self
+            .service_ask(&origin, &q.service, &given, Some(q.purpose.as_str()))
+            .map_err(|e| self.refuse_service(&origin, &q.service, e).to_status())?;
+        ask.allow_partial = q.allow_partial;
+        ask.timeouts = [Some(Duration::from_millis(q.timeout_ms)), grpc]
+            .into_iter()
+            .flatten()
+            .collect();
+        let started = self.start(origin, ask).await.map_err(|e| e.to_status())?;
+        Ok(Response::new(self.respond(started, q.progress)))
     }
 
     async fn explain(
@@ -403,6 +714,7 @@ pub struct PeerService {
     engine: Option<Arc<MemberEngine>>,
     admission: Arc<Semaphore>,
     audit: Arc<AuditLog>,
+    observer: Arc<crate::observe::Observer>,
 }
 
 impl PeerService {
@@ -461,7 +773,50 @@ impl Peer for PeerService {
     ) -> std::result::Result<Response<Self::ExecuteStream>, Status> {
         let via = caller(&req)?;
         let grpc = grpc_timeout(&req);
+        // The data owner's part of the caller's trace.
+        let span = tracing::info_span!(
+            "execute",
+            member = %self.config.member.name,
+            query_id = %req.get_ref().query_id,
+            %via,
+        );
+        crate::telemetry::continue_trace(&span, req.metadata());
         let q = req.into_inner();
+        let answer = self
+            .execute_traced(via, grpc, q, span.clone())
+            .instrument(span)
+            .await;
+        self.observer.peer_subquery(if answer.is_ok() {
+            "answered"
+        } else {
+            "refused"
+        });
+        answer
+    }
+
+    async fn explain(
+        &self,
+        req: Request<ExecuteRequest>,
+    ) -> std::result::Result<Response<PeerExplainResponse>, Status> {
+        self.explain_impl(req).await
+    }
+
+    async fn catalog(
+        &self,
+        req: Request<CatalogRequest>,
+    ) -> std::result::Result<Response<CatalogResponse>, Status> {
+        self.catalog_impl(req).await
+    }
+}
+
+impl PeerService {
+    async fn execute_traced(
+        &self,
+        via: Principal,
+        grpc: Option<Duration>,
+        q: ExecuteRequest,
+        span: tracing::Span,
+    ) -> std::result::Result<Response<ResponseStream<ExecuteResponse>>, Status> {
         let purpose = (!q.purpose.is_empty()).then_some(q.purpose.as_str());
         let engine = self.engine.clone().ok_or_else(|| {
             Error::InvalidQuery(format!(
@@ -532,6 +887,7 @@ impl Peer for PeerService {
             Err(_) => return Err(refused(&origin, Error::DeadlineExceeded(budget))),
         };
         let version = self.config.version.clone();
+        let observer = self.observer.clone();
         let (tx, rx) =
             tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
         tokio::spawn(async move {
@@ -544,6 +900,7 @@ impl Peer for PeerService {
                 tokio::select! {
                     next = chunks.next() => match next {
                         Some(Ok(c)) => {
+                            observer.bytes_sent("peer", (c.header.len() + c.body.len()) as u64);
                             if tx.send(Ok(ExecuteResponse { payload: Some(execute_response::Payload::Arrow(c)) })).await.is_err() {
                                 return;
                             }
@@ -569,13 +926,13 @@ impl Peer for PeerService {
                     payload: Some(execute_response::Payload::Summary(summary)),
                 }))
                 .await;
-        });
+        }.instrument(span));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
 
-    async fn explain(
+    async fn explain_impl(
         &self,
         req: Request<ExecuteRequest>,
     ) -> std::result::Result<Response<PeerExplainResponse>, Status> {
@@ -610,7 +967,7 @@ impl Peer for PeerService {
         Ok(Response::new(PeerExplainResponse { statements }))
     }
 
-    async fn catalog(
+    async fn catalog_impl(
         &self,
         req: Request<CatalogRequest>,
     ) -> std::result::Result<Response<CatalogResponse>, Status> {
@@ -680,9 +1037,12 @@ fn identity_check(current: Arc<ArcSwap<Generation>>) -> impl tonic::service::Int
 pub struct Generation {
     /// The configuration.
     pub config: Arc<MemberConfig>,
-    federation: FederationService,
+    /// The client-facing service of this version.
+    pub federation: FederationService,
     peer: PeerService,
     server_tls: Arc<rustls::ServerConfig>,
+    /// The same for the HTTP port (which also offers HTTP/1.1).
+    http_tls: Arc<rustls::ServerConfig>,
     /// A digest of the CA, certificate and key files, to notice rotated certificates.
     tls_digest: String,
 }
@@ -704,6 +1064,7 @@ impl Generation {
     async fn build(
         config: Arc<MemberConfig>,
         audit: Arc<AuditLog>,
+        observer: Arc<crate::observe::Observer>,
         previous: Option<&Generation>,
     ) -> Result<Generation> {
         let tls = TlsMaterial::load(&config.region.ca_path, &config.cert_path, &config.key_path)?;
@@ -730,6 +1091,24 @@ impl Generation {
             &tls,
             audit.clone(),
         )?);
+        // A published service that does not plan, or whose placeholders are not its
+        // declared parameters, is a configuration error, found before it is served.
+        let mut bad = Vec::new();
+        for service in &config.region.services {
+            if let Err(e) = coordinator.check_service(service).await {
+                bad.push(match e {
+                    Error::Config(m) => m,
+                    other => format!("service {}: {}", service.name, other),
+                });
+            }
+        }
+        if !bad.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: {}",
+                config.region.path.display(),
+                bad.join("; ")
+            )));
+        }
         let same_slots = previous.filter(|p| {
             p.config.limits.max_concurrent_queries == config.limits.max_concurrent_queries
                 && p.config.limits.classes == config.limits.classes
@@ -750,16 +1129,19 @@ impl Generation {
         Ok(Generation {
             tls_digest: tls_digest(&config),
             server_tls: tls.server_config()?,
+            http_tls: tls.http_server_config()?,
             federation: FederationService {
                 coordinator,
                 admission,
                 audit: audit.clone(),
+                observer: observer.clone(),
             },
             peer: PeerService {
                 config: config.clone(),
                 engine,
                 admission: sub_admission,
                 audit,
+                observer,
             },
             config,
         })
@@ -773,6 +1155,15 @@ struct LiveFederation(Arc<ArcSwap<Generation>>);
 #[tonic::async_trait]
 impl Federation for LiveFederation {
     type QueryStream = ResponseStream<QueryResponse>;
+    type InvokeStream = ResponseStream<QueryResponse>;
+
+    async fn invoke(
+        &self,
+        req: Request<InvokeRequest>,
+    ) -> std::result::Result<Response<Self::InvokeStream>, Status> {
+        let g = self.0.load_full();
+        g.federation.invoke(req).await
+    }
 
     async fn query(
         &self,
@@ -865,7 +1256,9 @@ struct Reloader {
     path: std::path::PathBuf,
     current: Arc<ArcSwap<Generation>>,
     tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    http_tls: Arc<ArcSwap<rustls::ServerConfig>>,
     audit: Arc<AuditLog>,
+    observer: Arc<crate::observe::Observer>,
     /// The watched files as last seen.
     seen: std::sync::Mutex<Vec<(std::path::PathBuf, Stamp)>>,
     /// One reload at a time.
@@ -934,6 +1327,11 @@ impl Reloader {
             ("listen", config.listen != old.config.listen),
             ("member", config.member.name != old.config.member.name),
             ("audit", config.audit_path != old.config.audit_path),
+            ("http", config.http != old.config.http),
+            (
+                "telemetry",
+                config.otlp_endpoint != old.config.otlp_endpoint,
+            ),
         ] {
             if changed {
                 return rejected(format!(
@@ -942,10 +1340,18 @@ impl Reloader {
                 ));
             }
         }
-        match Generation::build(Arc::new(config), self.audit.clone(), Some(old)).await {
+        match Generation::build(
+            Arc::new(config),
+            self.audit.clone(),
+            self.observer.clone(),
+            Some(old),
+        )
+        .await
+        {
             Ok(g) => {
                 let version = g.config.version.clone();
                 self.tls.store(g.server_tls.clone());
+                self.http_tls.store(g.http_tls.clone());
                 self.current.store(Arc::new(g));
                 ReloadOutcome::Applied { version }
             }
@@ -968,9 +1374,13 @@ async fn hangup(signal: &mut Option<tokio::signal::unix::Signal>) {
 pub struct Gateway {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// The HTTP port's address, if it has one.
+    pub http_addr: Option<SocketAddr>,
     /// This gateway's member name.
     pub member: String,
     shutdown: Option<oneshot::Sender<()>>,
+    http_stop: tokio::sync::watch::Sender<bool>,
+    http_task: Option<tokio::task::JoinHandle<()>>,
     task: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     reloader: Arc<Reloader>,
     watcher: tokio::task::JoinHandle<()>,
@@ -985,7 +1395,9 @@ impl Gateway {
         listener: Option<TcpListener>,
     ) -> Result<Gateway> {
         let audit = Arc::new(AuditLog::open(&config.audit_path)?);
-        let first = Generation::build(config.clone(), audit.clone(), None).await?;
+        let observer = Arc::new(crate::observe::Observer::new());
+        let first =
+            Generation::build(config.clone(), audit.clone(), observer.clone(), None).await?;
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(config.listen)
@@ -995,7 +1407,22 @@ impl Gateway {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Internal(e.to_string()))?;
+        // The HTTP port is bound before anything is served, so a taken port fails the
+        // start instead of leaving a gateway without its board and metrics.
+        let http_listener = match &config.http {
+            Some(h) => Some(
+                TcpListener::bind(h.listen)
+                    .await
+                    .map_err(|e| Error::Config(format!("http.listen {}: {e}", h.listen)))?,
+            ),
+            None => None,
+        };
+        let http_addr = match &http_listener {
+            Some(l) => Some(l.local_addr().map_err(|e| Error::Internal(e.to_string()))?),
+            None => None,
+        };
         let tls = Arc::new(ArcSwap::from(first.server_tls.clone()));
+        let http_tls = Arc::new(ArcSwap::from(first.http_tls.clone()));
         let current = Arc::new(ArcSwap::from_pointee(first));
         let incoming = crate::tls::incoming(listener, tls.clone());
 
@@ -1004,13 +1431,26 @@ impl Gateway {
             .set_serving::<FederationServer<LiveFederation>>()
             .await;
         health.set_serving::<PeerServer<LivePeer>>().await;
+        let reflection = |b: tonic_reflection::server::Builder<'static>| {
+            b.register_encoded_file_descriptor_set(crate::proto::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+            .build_v1()
+            .map_err(|e| Error::Internal(format!("gRPC reflection: {e}")))?;
+        let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+            .build_v1alpha()
+            .map_err(|e| Error::Internal(format!("gRPC reflection: {e}")))?;
 
         let (tx, rx) = oneshot::channel::<()>();
+        let (http_stop, http_stopped) = tokio::sync::watch::channel(false);
         let router = tonic::transport::Server::builder()
             .layer(tonic::service::InterceptorLayer::new(identity_check(
                 current.clone(),
             )))
             .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(
                 FederationServer::new(LiveFederation(current.clone()))
                     .max_decoding_message_size(16 * 1024 * 1024),
@@ -1018,16 +1458,40 @@ impl Gateway {
             .add_service(
                 PeerServer::new(LivePeer(current.clone()))
                     .max_decoding_message_size(16 * 1024 * 1024),
+            )
+            .add_service(
+                arrow_flight::flight_service_server::FlightServiceServer::new(
+                    crate::flight_sql::FlightSql::new(current.clone()),
+                ),
             );
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = rx.await;
         }));
+        let http_task = match (http_listener, &config.http) {
+            (Some(l), Some(h)) => {
+                let routes = crate::http::router(current.clone(), audit.clone());
+                let mut stopped = http_stopped;
+                let shutdown = async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                };
+                Some(tokio::spawn(crate::http::serve(
+                    l,
+                    routes,
+                    h.tls.then(|| http_tls.clone()),
+                    config.member.principal.clone(),
+                    shutdown,
+                )))
+            }
+            _ => None,
+        };
         let reloader = Arc::new(Reloader {
             path: config.path.clone(),
             seen: std::sync::Mutex::new(Reloader::look(&config)),
             current,
             tls,
+            http_tls,
             audit,
+            observer,
             busy: tokio::sync::Mutex::new(()),
         });
         let watcher = {
@@ -1050,11 +1514,14 @@ impl Gateway {
                 }
             })
         };
-        tracing::info!(member = %config.member.name, %addr, version = %config.version, "Gateway serving");
+        tracing::info!(member = %config.member.name, %addr, http = ?http_addr, version = %config.version, "Gateway serving");
         Ok(Gateway {
             addr,
+            http_addr,
             member: config.member.name.clone(),
             shutdown: Some(tx),
+            http_stop,
+            http_task,
             task,
             reloader,
             watcher,
@@ -1074,10 +1541,14 @@ impl Gateway {
     /// Stops accepting, lets in-flight calls finish, and waits.
     pub async fn shutdown(mut self) {
         self.watcher.abort();
+        let _ = self.http_stop.send(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+        if let Some(h) = self.http_task.take() {
+            let _ = h.await;
+        }
     }
 
     /// Waits until the server stops on its own (an error).
@@ -1093,6 +1564,7 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.watcher.abort();
+        let _ = self.http_stop.send(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

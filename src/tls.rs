@@ -108,6 +108,15 @@ impl TlsMaterial {
         Ok(Arc::new(cfg))
     }
 
+    /// The server config of the HTTP port: the same identity and client verification,
+    /// offering HTTP/1.1 besides HTTP/2 (curl, browsers and scripting languages' HTTP
+    /// clients may offer either).
+    pub fn http_server_config(&self) -> Result<Arc<ServerConfig>> {
+        let mut cfg = (*self.server_config()?).clone();
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
     /// A TLS 1.3 client config presenting this party's certificate.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>> {
         let verifier = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())

@@ -94,9 +94,50 @@ pub struct Region {
     pub members: Vec<Member>,
     /// Canonical datasets in file order.
     pub datasets: Vec<Dataset>,
+    /// Published services in file order.
+    pub services: Vec<Service>,
     /// Hash of the file's bytes.
     pub digest: String,
     by_identity: HashMap<Principal, usize>,
+}
+
+/// A published service: a named query with typed parameters.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// What it answers.
+    pub description: String,
+    /// Principal patterns that may call it.
+    pub callers: Vec<String>,
+    /// Canonical SQL with `$name` placeholders.
+    pub sql: String,
+    /// The purpose every call states, if the service has one.
+    pub purpose: Option<String>,
+    /// Parameters in file order.
+    pub params: Vec<ServiceParam>,
+}
+
+/// A parameter of a published service.
+#[derive(Debug, Clone)]
+pub struct ServiceParam {
+    /// Name.
+    pub name: String,
+    /// Arrow type of the bound value.
+    pub data_type: DataType,
+    /// The type as written in the config (`utf8`, `int64`, ...).
+    pub type_name: String,
+    /// What to pass.
+    pub description: String,
+}
+
+impl Service {
+    /// Whether `p` may call this service.
+    pub fn allows(&self, p: &Principal) -> bool {
+        self.callers
+            .iter()
+            .any(|c| crate::identity::matches_pattern(c, p))
+    }
 }
 
 /// A validated member entry.
@@ -365,16 +406,121 @@ impl Region {
                 serves: m.serves.iter().cloned().collect(),
             });
         }
+        let services = validate_services(path, &raw.services, pr);
         Some(Region {
             path: path.to_path_buf(),
             name: raw.region,
             ca_path,
             members,
             datasets,
+            services,
             digest: hex::encode(Sha256::digest(text.as_bytes())),
             by_identity,
         })
     }
+}
+
+/// Checks the published services' names, callers and parameters. That the SQL plans,
+/// and that its placeholders are exactly the declared parameters with the declared
+/// types, is checked when a coordinator is built from the configuration (planning
+/// needs the datasets' tables).
+fn validate_services(path: &Path, raw: &[RawService], pr: &mut Problems) -> Vec<Service> {
+    let mut out = Vec::new();
+    let mut names = BTreeSet::new();
+    for (i, s) in raw.iter().enumerate() {
+        let key = format!("services[{i}]");
+        if !valid_name(&s.name) {
+            pr.add(
+                path,
+                format!("{key}.name"),
+                format!(
+                    "{:?} is not a valid service name (lowercase letters, digits, '_')",
+                    s.name
+                ),
+            );
+        }
+        if !names.insert(s.name.clone()) {
+            pr.add(
+                path,
+                format!("{key}.name"),
+                format!("service {:?} is declared twice", s.name),
+            );
+        }
+        if s.callers.is_empty() {
+            pr.add(
+                path,
+                format!("{key}.callers"),
+                "names no caller; list the principal patterns that may call the service",
+            );
+        }
+        for c in &s.callers {
+            if let Err(e) = crate::identity::validate_pattern(c) {
+                pr.add(path, format!("{key}.callers"), e);
+            }
+        }
+        if s.sql.trim().is_empty() {
+            pr.add(path, format!("{key}.sql"), "is empty");
+        }
+        if let Some(p) = &s.purpose
+            && let Err(why) = crate::policy::validate_purpose(p)
+        {
+            pr.add(path, format!("{key}.purpose"), why);
+        }
+        let mut params = Vec::new();
+        let mut pnames = BTreeSet::new();
+        for (j, p) in s.params.iter().enumerate() {
+            let pkey = format!("{key}.params[{j}]");
+            if !valid_name(&p.name) {
+                pr.add(
+                    path,
+                    format!("{pkey}.name"),
+                    format!("{:?} is not a valid parameter name", p.name),
+                );
+            }
+            if !pnames.insert(p.name.clone()) {
+                pr.add(
+                    path,
+                    format!("{pkey}.name"),
+                    format!("parameter {:?} is declared twice", p.name),
+                );
+            }
+            match parse_type(&p.data_type) {
+                Some(t) => params.push(ServiceParam {
+                    name: p.name.clone(),
+                    data_type: t,
+                    type_name: p.data_type.clone(),
+                    description: p.description.clone(),
+                }),
+                None => pr.add(
+                    path,
+                    format!("{pkey}.type"),
+                    format!(
+                        "unknown type {:?}; use utf8, int64, float64, boolean or date",
+                        p.data_type
+                    ),
+                ),
+            }
+        }
+        out.push(Service {
+            name: s.name.clone(),
+            description: s.description.clone(),
+            callers: s.callers.clone(),
+            sql: s.sql.clone(),
+            purpose: s.purpose.clone(),
+            params,
+        });
+    }
+    out
+}
+
+/// The HTTP port of a gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Mutual TLS (callers identified by certificate); otherwise plain HTTP on
+    /// loopback, every caller acting as this member.
+    pub tls: bool,
 }
 
 /// Limits of a gateway, with defaults applied.
@@ -573,6 +719,10 @@ pub struct MemberConfig {
     pub member: Member,
     /// Listen address.
     pub listen: SocketAddr,
+    /// The HTTP port, if any.
+    pub http: Option<HttpConfig>,
+    /// OTLP/gRPC endpoint spans are exported to, if any.
+    pub otlp_endpoint: Option<String>,
     /// Certificate path.
     pub cert_path: PathBuf,
     /// Key path.
@@ -658,6 +808,44 @@ impl MemberConfig {
                 );
                 None
             }
+        };
+        let http = raw.http.as_ref().and_then(|h| {
+            let listen = match h.listen.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(e) => {
+                    pr.add(
+                        path,
+                        "http.listen",
+                        format!("{:?} is not host:port: {e}", h.listen),
+                    );
+                    return None;
+                }
+            };
+            let tls = h.tls.unwrap_or(true);
+            if !tls && !listen.ip().is_loopback() {
+                pr.add(
+                    path,
+                    "http.tls",
+                    format!(
+                        "plain HTTP acts as this member for every caller, so it may listen on \
+                         a loopback address only, not {listen}; use tls = true"
+                    ),
+                );
+                return None;
+            }
+            Some(HttpConfig { listen, tls })
+        });
+        let otlp_endpoint = match raw.telemetry.as_ref().and_then(|t| t.otlp_endpoint.clone()) {
+            Some(e) if e.starts_with("http://") || e.starts_with("https://") => Some(e),
+            Some(e) => {
+                pr.add(
+                    path,
+                    "telemetry.otlp_endpoint",
+                    format!("{e:?} is not an http:// or https:// URL"),
+                );
+                None
+            }
+            None => None,
         };
         let cert_path = resolve(path, &raw.cert);
         let key_path = resolve(path, &raw.key);
@@ -827,6 +1015,8 @@ impl MemberConfig {
             path: path.to_path_buf(),
             member,
             listen: listen?,
+            http,
+            otlp_endpoint,
             cert_path,
             key_path,
             limits,

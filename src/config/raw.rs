@@ -22,6 +22,46 @@ pub struct RawRegion {
     /// Canonical datasets.
     #[serde(default)]
     pub datasets: Vec<RawDataset>,
+    /// Published services: named, parameterised queries for portals.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<RawService>,
+}
+
+/// A published service: a named query over the canonical datasets whose parameters
+/// are bound as typed values, never spliced into its text.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    /// Name in `Federation.Invoke` and `POST /v1/services/{name}`.
+    pub name: String,
+    /// What it answers, for the people who call it.
+    #[serde(default)]
+    pub description: String,
+    /// Principal patterns that may call it (`fedgate://yrd/county/*`).
+    pub callers: Vec<String>,
+    /// The canonical SQL, with `$name` placeholders for the parameters.
+    pub sql: String,
+    /// The purpose every call states (members' rules may grant access for it); a
+    /// caller may add a case reference after ':'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    /// Its parameters.
+    #[serde(default)]
+    pub params: Vec<RawParam>,
+}
+
+/// A parameter of a published service.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawParam {
+    /// Name (`$name` in the SQL; the key in a JSON body).
+    pub name: String,
+    /// `utf8`, `int64`, `float64`, `boolean` or `date`.
+    #[serde(rename = "type")]
+    pub data_type: String,
+    /// What to pass.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
 }
 
 /// A region member: a gateway (with an endpoint) or a client-only identity.
@@ -95,6 +135,12 @@ pub struct RawMemberConfig {
     pub cert: PathBuf,
     /// Its private key (PEM).
     pub key: PathBuf,
+    /// The HTTP port: status board, metrics, JSON API (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<RawHttp>,
+    /// Trace export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<RawTelemetry>,
     /// Limits.
     #[serde(default)]
     pub limits: RawLimits,
@@ -366,4 +412,26 @@ pub struct RawAccessRule {
     /// Purpose codes, one of which a query must state for this rule to apply.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub purposes: Vec<String>,
+}
+
+/// `[http]`: the gateway's HTTP port.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    /// Address to listen on, `host:port`.
+    pub listen: String,
+    /// Mutual TLS with the gateway's certificate, callers identified by theirs
+    /// (default). `false` serves plain HTTP, allowed on loopback addresses only, and
+    /// every caller acts as this member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<bool>,
+}
+
+/// `[telemetry]`: where spans go.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    /// OTLP/gRPC collector endpoint, e.g. `http://127.0.0.1:4317`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
 }

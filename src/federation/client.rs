@@ -40,6 +40,8 @@ pub struct SubQuery {
     pub purpose: Option<String>,
     /// Filled by the member: how it shared the data and its audit record's hash.
     pub note: Arc<Note>,
+    /// The member call's span; its trace context goes with the request.
+    pub span: tracing::Span,
 }
 
 impl SubQuery {
@@ -66,6 +68,7 @@ impl SubQuery {
             purpose: self.purpose.clone().unwrap_or_default(),
         });
         req.set_timeout(self.budget);
+        crate::telemetry::inject(&self.span, req.metadata_mut());
         req
     }
 }

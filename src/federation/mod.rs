@@ -49,6 +49,11 @@ pub struct QueryOptions {
     pub plan_cache: bool,
     /// Why the data is asked for; sent with every sub-query.
     pub purpose: Option<String>,
+    /// Values bound to the query's `$name` placeholders (published services).
+    pub params: Option<datafusion::common::ParamValues>,
+    /// The query's span: member calls are its children, and its trace context
+    /// travels with every sub-query.
+    pub span: tracing::Span,
 }
 
 impl Default for QueryOptions {
@@ -59,6 +64,8 @@ impl Default for QueryOptions {
             pushdown: true,
             plan_cache: true,
             purpose: None,
+            params: None,
+            span: tracing::Span::none(),
         }
     }
 }
@@ -317,9 +324,9 @@ impl Coordinator {
             scope: origin.uri(),
             pushdown: opts.pushdown,
         };
-        if opts.plan_cache
-            && let Some(p) = self.plans.get(&exact).await
-        {
+        // A plan with bound values is made for those values only; it is not cached.
+        let cache = opts.plan_cache && opts.params.is_none();
+        if cache && let Some(p) = self.plans.get(&exact).await {
             return Ok((p, true));
         }
         let stmt = crate::member::parse_query(state, sql)?;
@@ -328,9 +335,7 @@ impl Coordinator {
             exact: false,
             ..exact.clone()
         };
-        if opts.plan_cache
-            && let Some(p) = self.plans.get(&key).await
-        {
+        if cache && let Some(p) = self.plans.get(&key).await {
             self.plans.insert(exact, p.clone()).await;
             return Ok((p, true));
         }
@@ -349,6 +354,14 @@ impl Coordinator {
             }
         }
         let plan = crate::member::plan_query(state, stmt).await?;
+        // Bound values replace the placeholders as typed literals before anything is
+        // optimized or unparsed into member SQL, so a value is never SQL text.
+        let plan = match &opts.params {
+            Some(values) => plan
+                .with_param_values(values.clone())
+                .map_err(|e| Error::InvalidQuery(format!("binding parameters: {e}")))?,
+            None => plan,
+        };
         let mut plan = state.optimize(&plan).map_err(Error::from_datafusion)?;
         if opts.pushdown
             && let Some(whole) =
@@ -361,7 +374,7 @@ impl Coordinator {
             .create_physical_plan(&plan, state)
             .await
             .map_err(Error::from_datafusion)?;
-        if opts.plan_cache {
+        if cache {
             self.plans.insert(key, physical.clone()).await;
             self.plans.insert(exact, physical.clone()).await;
         }
@@ -389,6 +402,7 @@ impl Coordinator {
                 .collect(),
         );
         state.purpose = opts.purpose.clone();
+        state.span = opts.span.clone();
         Arc::new(state)
     }
 
@@ -496,6 +510,76 @@ impl Coordinator {
         })
     }
 
+    /// The circuit breaker state of each remote member (`closed`, `open`,
+    /// `probing`) and `local` for this gateway's own data.
+    pub fn breaker_states(&self) -> std::collections::BTreeMap<String, &'static str> {
+        self.clients
+            .iter()
+            .map(|(name, c)| {
+                let state = match c.health() {
+                    Some(h) => h.breaker.state_word(),
+                    None => "local",
+                };
+                (name.clone(), state)
+            })
+            .collect()
+    }
+
+    /// The schema `sql`'s answer will have for `origin`, without running it. The
+    /// plan is cached, so running the same text next does not plan it again.
+    pub async fn schema_of(
+        &self,
+        origin: Principal,
+        sql: &str,
+    ) -> Result<datafusion::arrow::datatypes::SchemaRef> {
+        let (plan, _) = self.plan(&origin, sql, &QueryOptions::default()).await?;
+        Ok(plan.schema())
+    }
+
+    /// Checks a published service against the canonical datasets: its SQL plans, and
+    /// its placeholders are exactly its declared parameters, with the declared types
+    /// wherever the planner can infer one.
+    pub async fn check_service(&self, service: &crate::config::Service) -> Result<()> {
+        let state = self.session(true);
+        let stmt = crate::member::parse_query(state, &service.sql)?;
+        let plan = crate::member::plan_query(state, stmt).await?;
+        let found = plan.get_parameter_types().map_err(Error::from_datafusion)?;
+        let mut problems = Vec::new();
+        for (name, inferred) in &found {
+            let bare = name.trim_start_matches('$');
+            match service.params.iter().find(|p| p.name == bare) {
+                None => problems.push(format!("placeholder {name} is not a declared parameter")),
+                Some(p) => {
+                    if let Some(t) = inferred
+                        && *t != p.data_type
+                    {
+                        problems.push(format!(
+                            "parameter {bare} is declared {} but used where {t} is expected",
+                            p.type_name
+                        ));
+                    }
+                }
+            }
+        }
+        for p in &service.params {
+            if !found.contains_key(&format!("${}", p.name)) {
+                problems.push(format!(
+                    "parameter {} is declared but the SQL has no ${} placeholder",
+                    p.name, p.name
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "service {}: {}",
+                service.name,
+                problems.join("; ")
+            )))
+        }
+    }
+
     /// The physical plan of `sql` as text, with the SQL each member would receive.
     pub async fn explain(&self, origin: Principal, sql: &str) -> Result<Explained> {
         let opts = QueryOptions::default();
@@ -515,6 +599,7 @@ impl Coordinator {
                     received: Default::default(),
                     purpose: None,
                     note: Default::default(),
+                    span: tracing::Span::current(),
                 };
                 Some(async move { (m.clone(), client.explain(q).await) })
             })

@@ -27,6 +27,8 @@ pub struct QueryState {
     pub allow_partial: bool,
     /// The purpose the caller stated; it travels with every sub-query.
     pub purpose: Option<String>,
+    /// The query's span, parent of its member calls.
+    pub span: tracing::Span,
     /// Region member names in file order, for a stable summary.
     order: Vec<String>,
     members: Mutex<BTreeMap<String, Entry>>,
@@ -46,13 +48,15 @@ struct Entry {
     retries: Vec<String>,
     /// Age of the oldest cached answer served for this member.
     age: Option<Duration>,
+    /// Sub-queries asked and not yet finished, for progress reports.
+    open: u32,
 }
 
 /// Severity of a state: when one member gets several sub-queries, the summary
 /// shows the worst outcome.
 fn severity(s: MemberState) -> u8 {
     match s {
-        MemberState::Unspecified => 0,
+        MemberState::Unspecified | MemberState::Running => 0,
         MemberState::Pruned => 1,
         MemberState::Cancelled => 2,
         MemberState::Ok => 2,
@@ -84,6 +88,7 @@ impl QueryState {
             member_deadline: started + member_budget,
             allow_partial,
             purpose: None,
+            span: tracing::Span::none(),
             order,
             members: Mutex::new(BTreeMap::new()),
         }
@@ -102,6 +107,7 @@ impl QueryState {
             audit_hashes: Vec::new(),
             retries: Vec::new(),
             age: None,
+            open: 0,
         });
         e.datasets.insert(dataset.to_string());
         f(e);
@@ -136,6 +142,7 @@ impl QueryState {
     /// member counts as cancelled (the query ended before it finished).
     pub fn asked(&self, member: &str, dataset: &str) {
         self.update(member, dataset, |e| {
+            e.open += 1;
             Self::set_state(
                 e,
                 MemberState::Cancelled,
@@ -147,6 +154,7 @@ impl QueryState {
     /// Records a sub-query stopped before its end by the coordinator.
     pub fn stopped(&self, member: &str, dataset: &str, rows: u64, elapsed: std::time::Duration) {
         self.update(member, dataset, |e| {
+            e.open = e.open.saturating_sub(1);
             e.rows += rows;
             e.elapsed = e.elapsed.max(elapsed);
             Self::set_state(
@@ -160,6 +168,7 @@ impl QueryState {
     /// Records a completed sub-query.
     pub fn answered(&self, member: &str, dataset: &str, rows: u64, elapsed: Duration) {
         self.update(member, dataset, |e| {
+            e.open = e.open.saturating_sub(1);
             e.rows += rows;
             e.elapsed = e.elapsed.max(elapsed);
             Self::set_state(e, MemberState::Ok, String::new());
@@ -169,6 +178,7 @@ impl QueryState {
     /// Records a sub-query answered from the cache, `age` old.
     pub fn cached(&self, member: &str, dataset: &str, rows: u64, age: Duration) {
         self.update(member, dataset, |e| {
+            e.open = e.open.saturating_sub(1);
             e.rows += rows;
             e.age = Some(e.age.map_or(age, |a| a.max(age)));
             Self::set_state(
@@ -186,6 +196,7 @@ impl QueryState {
     pub fn stale(&self, member: &str, dataset: &str, rows: u64, age: Duration, why: &Error) {
         let why = why.reason();
         self.update(member, dataset, |e| {
+            e.open = e.open.saturating_sub(1);
             e.rows += rows;
             e.age = Some(e.age.map_or(age, |a| a.max(age)));
             Self::set_state(
@@ -212,6 +223,7 @@ impl QueryState {
         };
         let reason = err.reason();
         self.update(member, dataset, |e| {
+            e.open = e.open.saturating_sub(1);
             e.rows += rows;
             e.elapsed = e.elapsed.max(elapsed);
             Self::set_state(e, state, reason);
@@ -258,6 +270,26 @@ impl QueryState {
                     | MemberState::Stale
             )
         })
+    }
+
+    /// The members' states so far, for progress reports: a member asked that has
+    /// not finished is `running`.
+    pub fn progress(&self) -> Vec<MemberStatus> {
+        let running: BTreeSet<String> = {
+            let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+            m.iter()
+                .filter(|(_, e)| e.open > 0)
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        let mut v = self.statuses();
+        for s in &mut v {
+            if running.contains(&s.member) {
+                s.state = MemberState::Running as i32;
+                s.reason.clear();
+            }
+        }
+        v
     }
 
     /// One status per member asked or pruned, in region order.
@@ -342,6 +374,26 @@ mod tests {
         assert!(st[0].reason.contains("ended before"));
         assert_eq!(st[1].state, MemberState::Ok as i32);
         assert!(!s.is_partial());
+    }
+
+    #[test]
+    fn progress_shows_members_with_unfinished_sub_queries_as_running() {
+        let s = state();
+        s.asked("shanghai", "census");
+        s.asked("hefei", "census");
+        s.asked("hefei", "divisions");
+        s.answered("shanghai", "census", 16, Duration::from_millis(2));
+        s.answered("hefei", "census", 12, Duration::from_millis(3));
+        let p = s.progress();
+        assert_eq!(p[0].state, MemberState::Ok as i32);
+        assert_eq!(
+            p[1].state,
+            MemberState::Running as i32,
+            "one of two still open"
+        );
+        assert_eq!(p[1].rows, 12);
+        s.answered("hefei", "divisions", 1, Duration::from_millis(3));
+        assert_eq!(s.progress()[1].state, MemberState::Ok as i32);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, RecordBatchOptions, StringArray};
@@ -468,7 +469,14 @@ impl ExecutionPlan for FederatedScanExec {
         let budget = state.member_deadline.saturating_duration_since(now);
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let note = Arc::new(crate::owner::Note::default());
+        let span = tracing::info_span!(
+            parent: &state.span,
+            "member_call",
+            member = %target.name(),
+            dataset = %self.dataset,
+        );
         let q = SubQuery {
+            span: span.clone(),
             sql: self.sql.clone(),
             origin: state.origin.clone(),
             query_id: state.query_id.clone(),
@@ -481,7 +489,9 @@ impl ExecutionPlan for FederatedScanExec {
         let member = target.name().to_string();
         let health = target.health().cloned();
         tracing::debug!(query_id = %state.query_id, %member, dataset = %self.dataset, sql = %self.sql, "Member scan");
-        let connect = async move { target.run(q).await }.boxed();
+        let connect = async move { target.run(q).await }
+            .instrument(span.clone())
+            .boxed();
         let mut phase = Phase::Connecting(connect);
         let mut cache = None;
         if let Some((policy, results)) = &self.cache {
@@ -538,6 +548,7 @@ impl ExecutionPlan for FederatedScanExec {
             cache,
             rows: 0,
             started: now,
+            _span: span,
         };
         if let Some(hit) = stream.fresh_hit(now) {
             stream.start_replay(hit, now, None);
@@ -602,6 +613,8 @@ struct ScanStream {
     cache: Option<ScanCache>,
     rows: u64,
     started: Instant,
+    /// The member call's span, open for as long as the scan runs.
+    _span: tracing::Span,
 }
 
 impl ScanStream {

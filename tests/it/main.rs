@@ -12,6 +12,7 @@ mod configs;
 mod differential;
 mod faults;
 mod federation;
+mod frontends;
 mod loadgen;
 mod planner;
 mod policy_props;

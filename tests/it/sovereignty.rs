@@ -548,7 +548,7 @@ async fn describe_tells_each_caller_its_access_per_member_and_field() {
     let anji = region.client_as("anji", "anji");
     for a in enrollment(anji.describe(None).await.unwrap()) {
         assert_eq!(a.level, "denied", "{a:?}");
-        assert_eq!(a.purposes, vec!["insurance-transfer"]);
+        assert_eq!(a.purposes, vec!["insurance-transfer", "enrollment-check"]);
     }
     for a in enrollment(anji.describe(Some("insurance-transfer")).await.unwrap()) {
         assert_eq!(a.level, "masked", "{a:?}");

@@ -77,7 +77,8 @@ impl Region {
         let layout = fedgate::demo::materialize_with_database(
             &fedgate::demo::default_source(),
             dir.path(),
-            &|name, _| ports[name],
+            // HTTP ports: 0, a free one picked by each gateway.
+            &|name, _| ports.get(name).copied().unwrap_or(0),
             pg.as_ref().map(|p| (p.port, p.password.as_str())),
         )
         .unwrap();

@@ -1,0 +1,316 @@
+//! The tools people already use, against a running region: Flight SQL (partial
+//! answers are visible), progress messages on `Federation.Query`, published services
+//! checked at start, and one trace across gateways exported over OTLP.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow_flight::decode::DecodedPayload;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use futures::TryStreamExt;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AttrValue;
+
+use crate::proxy::Fault;
+use crate::support::{PER_MEMBER, Region, patch_region};
+
+/// Fever-clinic hospitals per member: Hefei serves no list and is never asked.
+const CLINICS: &str =
+    "SELECT member, count(*) AS hospitals FROM fever_clinics GROUP BY member ORDER BY member";
+
+/// A Flight SQL client of `member`'s gateway as the regional office.
+fn flight_sql(region: &Region, member: &str) -> FlightSqlServiceClient<tonic::transport::Channel> {
+    let (cert, key) = region.office();
+    let tls = fedgate::tls::TlsMaterial::load(&region.layout.ca, &cert, &key).unwrap();
+    let channel = fedgate::tls::Connector::new(
+        tls.client_config().unwrap(),
+        "127.0.0.1",
+        region.port(member),
+        None,
+    )
+    .channel(Duration::from_secs(5))
+    .unwrap();
+    FlightSqlServiceClient::new(channel)
+}
+
+/// Runs `sql` over Flight SQL: the rows' `member` column and the `app_metadata` of
+/// every message that carried one.
+async fn flight_query(
+    client: &mut FlightSqlServiceClient<tonic::transport::Channel>,
+    sql: &str,
+) -> Result<(Vec<String>, Vec<serde_json::Value>), arrow_flight::error::FlightError> {
+    let info = client.execute(sql.to_string(), None).await?;
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let mut data = client.do_get(ticket).await?.into_inner();
+    let mut members = Vec::new();
+    let mut metadata = Vec::new();
+    while let Some(d) = data.try_next().await? {
+        if !d.app_metadata().is_empty() {
+            metadata.push(serde_json::from_slice(&d.app_metadata()).unwrap());
+        }
+        if let DecodedPayload::RecordBatch(b) = d.payload {
+            members.extend(crate::support::column_strings(&[b], "member"));
+        }
+    }
+    Ok((members, metadata))
+}
+
+#[tokio::test]
+async fn flight_sql_answers_carry_the_summary_and_partial_answers_are_never_silent() {
+    let region = Region::start_only(Some(&["shanghai", "hangzhou", "hefei", "anji"])).await;
+    let mut client = flight_sql(&region, "shanghai");
+
+    // Suzhou's gateway is down: by default the answer fails and names it.
+    let e = flight_query(&mut client, CLINICS).await.unwrap_err();
+    assert!(e.to_string().contains("suzhou"), "{e}");
+
+    // Asked for, the partial answer comes with a summary that says what is missing.
+    client.set_header(fedgate::flight_sql::ALLOW_PARTIAL_HEADER, "true");
+    let (members, metadata) = flight_query(&mut client, CLINICS).await.unwrap();
+    assert_eq!(members, ["anji", "hangzhou", "shanghai"]);
+    assert_eq!(metadata.len(), 1, "one summary, at the end: {metadata:?}");
+    let summary = &metadata[0];
+    assert_eq!(summary["partial"], true, "{summary}");
+    assert_eq!(summary["rows"], 3, "{summary}");
+    let states: BTreeMap<String, String> = summary["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["member"].as_str().unwrap().to_string(),
+                m["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(states["suzhou"], "unavailable", "{summary}");
+    for m in ["shanghai", "hangzhou", "anji"] {
+        assert_eq!(states[m], "ok", "{m}: {summary}");
+    }
+}
+
+#[tokio::test]
+async fn progress_messages_show_members_still_running() {
+    let (region, proxies) = Region::start_behind_proxies(&["suzhou"], &|_| {}).await;
+    proxies["suzhou"].set(Fault::Delay(Duration::from_millis(900)));
+    let client = region.client("hangzhou");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let (_, summary) = client
+        .query_watched(
+            fedgate::proto::v1::QueryRequest {
+                sql: PER_MEMBER.into(),
+                timeout_ms: 10_000,
+                progress: true,
+                ..Default::default()
+            },
+            |_| Ok(()),
+            move |p| log.lock().unwrap().push(p.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(!summary.partial, "{summary:?}");
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        !seen.is_empty(),
+        "a query of about a second reports progress"
+    );
+    let running = fedgate::proto::v1::MemberState::Running as i32;
+    assert!(
+        seen.iter().any(|p| p
+            .members
+            .iter()
+            .any(|m| m.member == "suzhou" && m.state == running)),
+        "the delayed member shows as running: {seen:?}"
+    );
+    // Progress is only ever sent before the summary, and only when asked for.
+    let quiet = Arc::new(Mutex::new(0));
+    let count = quiet.clone();
+    client
+        .query_watched(
+            fedgate::proto::v1::QueryRequest {
+                sql: PER_MEMBER.into(),
+                timeout_ms: 10_000,
+                ..Default::default()
+            },
+            |_| Ok(()),
+            move |_| *count.lock().unwrap() += 1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(*quiet.lock().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_service_whose_placeholders_are_not_its_parameters_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout =
+        fedgate::demo::materialize(&fedgate::demo::default_source(), dir.path(), &|_, p| p)
+            .unwrap();
+    let cases = [
+        (
+            "SELECT * FROM census WHERE county_code = $code AND pop_total > $min",
+            vec![("code", "utf8")],
+            "placeholder $min is not a declared parameter",
+        ),
+        (
+            "SELECT * FROM census WHERE county_code = $code",
+            vec![("code", "utf8"), ("unused", "int64")],
+            "parameter unused is declared but the SQL has no $unused placeholder",
+        ),
+        (
+            "SELECT * FROM census WHERE pop_total > $min",
+            vec![("min", "utf8")],
+            "parameter min is declared utf8 but used where Int64 is expected",
+        ),
+    ];
+    for (sql, params, want) in cases {
+        patch_region(&layout, |r| {
+            r.services = vec![fedgate::config::raw::RawService {
+                name: "s".into(),
+                description: String::new(),
+                callers: vec!["*".into()],
+                sql: sql.into(),
+                purpose: None,
+                params: params
+                    .iter()
+                    .map(|(n, t)| fedgate::config::raw::RawParam {
+                        name: n.to_string(),
+                        data_type: t.to_string(),
+                        description: String::new(),
+                    })
+                    .collect(),
+            }];
+        });
+        let cfg = fedgate::config::MemberConfig::load(&layout.dir.join("hefei.toml")).unwrap();
+        let e = match fedgate::server::Gateway::start(Arc::new(cfg), None).await {
+            Ok(_) => panic!("{sql} with {params:?} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(want), "{e}");
+        assert!(e.contains("service s"), "{e}");
+    }
+}
+
+/// An OTLP/gRPC collector that keeps every span it is sent.
+#[derive(Default, Clone)]
+struct Collector(Arc<Mutex<Vec<Span>>>);
+
+#[derive(Debug, Clone)]
+struct Span {
+    name: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent: Vec<u8>,
+    member: String,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.0.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    let member = s
+                        .attributes
+                        .iter()
+                        .find(|a| a.key == "member")
+                        .and_then(|a| a.value.as_ref()?.value.as_ref())
+                        .map(|v| match v {
+                            AttrValue::StringValue(s) => s.clone(),
+                            other => format!("{other:?}"),
+                        })
+                        .unwrap_or_default();
+                    spans.push(Span {
+                        name: s.name,
+                        trace_id: s.trace_id,
+                        span_id: s.span_id,
+                        parent: s.parent_span_id,
+                        member,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tokio::test]
+async fn one_federated_query_is_one_trace_across_the_gateways() {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // The process-wide subscriber: this test runs in a process of its own under
+    // nextest. Every gateway below exports to the collector.
+    let telemetry = fedgate::telemetry::init(&fedgate::telemetry::Settings {
+        default_filter: "warn".into(),
+        otlp_endpoint: Some(format!("http://{addr}")),
+        service_name: "fedgate-test".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let region = Region::start().await;
+    let a = region
+        .client("shanghai")
+        .query(CLINICS, false, Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(!a.summary.partial);
+    telemetry.flush();
+    let remote = ["hangzhou", "suzhou", "anji"];
+    let mut spans = Vec::new();
+    for _ in 0..50 {
+        spans = collector.0.lock().unwrap().clone();
+        let executes = spans.iter().filter(|s| s.name == "execute").count();
+        if spans.iter().any(|s| s.name == "query") && executes >= remote.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        telemetry.flush();
+    }
+    let query = spans
+        .iter()
+        .find(|s| s.name == "query" && s.member == "shanghai")
+        .unwrap_or_else(|| panic!("no query span from shanghai in {spans:#?}"));
+    let trace: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.trace_id == query.trace_id)
+        .collect();
+    // The coordinator: one member call per member asked, children of the query.
+    let calls: BTreeMap<&str, &Span> = trace
+        .iter()
+        .filter(|s| s.name == "member_call")
+        .map(|s| (s.member.as_str(), *s))
+        .collect();
+    for m in ["shanghai", "hangzhou", "suzhou", "anji"] {
+        let call = calls
+            .get(m)
+            .unwrap_or_else(|| panic!("no member_call span for {m} in {trace:#?}"));
+        assert_eq!(call.parent, query.span_id, "{m}");
+    }
+    // Each remote member: its execute span is in the same trace, a child of the
+    // coordinator's call to it, carried there in the gRPC metadata.
+    for m in remote {
+        let exec = trace
+            .iter()
+            .find(|s| s.name == "execute" && s.member == m)
+            .unwrap_or_else(|| panic!("no execute span at {m} in the query's trace: {trace:#?}"));
+        assert_eq!(exec.parent, calls[m].span_id, "{m}");
+    }
+    telemetry.shutdown();
+}

@@ -1,0 +1,93 @@
+"""The status board in a real browser: Playwright (sync API) driving Debian's
+Chromium (/usr/bin/chromium, installed by tests/python/run; Playwright's own browser
+downloads are never used) against hangzhou's plain HTTP port.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+import fedgate_expected
+from fedgate_expected import PER_MEMBER_CLINICS_SQL
+
+CHROMIUM = "/usr/bin/chromium"
+# As root Chromium needs --no-sandbox; the rest keep it off the network (the machine
+# has none, and refused background connections slow it down).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: tests/python/run installs Debian's chromium", pytrace=False)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the board: {errors}"
+
+
+def count(text: str) -> int:
+    digits = re.sub(r"[^0-9]", "", text)
+    assert digits, f"not a number: {text!r}"
+    return int(digits)
+
+
+def test_board_runs_a_query(page, http_ports, artifacts_dir, expected):
+    page.goto(f"http://127.0.0.1:{http_ports['hangzhou']}/")
+
+    # The member table is filled from v1/status.
+    for member in fedgate_expected.GATEWAY_MEMBERS:
+        page.wait_for_selector(f'#members tr[data-member="{member}"]', state="attached")
+    shown = page.eval_on_selector_all("#members tr[data-member]", "rows => rows.map(r => r.dataset.member)")
+    assert set(fedgate_expected.GATEWAY_MEMBERS) <= set(shown), shown
+
+    page.fill("#sql", PER_MEMBER_CLINICS_SQL)
+    page.click("#run")
+    # data-last-run is removed when a run starts and set ("ok" or "error") after its
+    # output is rendered.
+    page.wait_for_selector("body[data-last-run]", state="attached")
+    outcome = page.get_attribute("body", "data-last-run")
+    assert outcome == "ok", f"the query failed on the board: {page.inner_text('#error')!r}"
+
+    # textContent, not innerText: the board's CSS shows headers in capitals.
+    headers = [t.strip() for t in page.locator("#result thead th").all_text_contents()]
+    assert headers == ["member", "hospitals"]
+    rows = []
+    for tr in page.locator("#result tbody tr").all():
+        cells = [t.strip() for t in tr.locator("td").all_text_contents()]
+        rows.append((cells[0], count(cells[1])))
+    assert rows == sorted(expected.fever_clinic_counts.items())
+
+    states = page.eval_on_selector_all(
+        "#summary tr[data-member]", "rows => rows.map(r => [r.dataset.member, r.dataset.state])")
+    assert states, "the board shows no member summary"
+    assert {m for m, _ in states} >= set(fedgate_expected.FEVER_CLINIC_MEMBERS), states
+    assert all(state == "ok" for _, state in states), states
+
+    shot = artifacts_dir / "status-board.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 0
