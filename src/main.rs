@@ -77,7 +77,7 @@ enum Command {
         sql: String,
     },
     /// Call a published service of the region with typed parameters
-    /// (`fedgate call fever_clinics_near county_code=330523`).
+    /// (`fedgate call fever_clinics_near county_code=330523`; `n:=5` for numbers).
     Call {
         #[command(flatten)]
         conn: Connection,
@@ -98,8 +98,7 @@ enum Command {
         no_progress: bool,
         /// The service's name.
         service: String,
-        /// Parameters as NAME=VALUE: a value is sent as an integer, a number or
-        /// true/false when it reads as one, else as text; NAME:=VALUE always as text.
+        /// Parameters: NAME=VALUE sends text, NAME:=VALUE a number or true/false.
         params: Vec<String>,
     },
     /// Show the coordinator's plan and the exact SQL each member would receive.
@@ -600,8 +599,8 @@ fn show_progress(disabled: bool) -> bool {
     !disabled && std::io::stderr().is_terminal()
 }
 
-/// `NAME=VALUE` parameters: integers, numbers and booleans by their look, text
-/// otherwise; `NAME:=VALUE` is always text (for codes like `007` or `true`).
+/// Parameters as httpie writes them: `NAME=VALUE` is text, `NAME:=VALUE` a JSON
+/// number or boolean (`limit:=10`, `designated:=true`).
 fn parse_params(
     params: &[String],
 ) -> Result<std::collections::HashMap<String, fedgate::proto::v1::ParamValue>> {
@@ -609,20 +608,22 @@ fn parse_params(
     let mut out = std::collections::HashMap::new();
     for p in params {
         let (name, value) = if let Some((n, v)) = p.split_once(":=") {
-            (n, Value::Text(v.to_string()))
-        } else if let Some((n, v)) = p.split_once('=') {
-            let value = if let Ok(i) = v.parse::<i64>() {
-                Value::Int64(i)
-            } else if let Ok(f) = v.parse::<f64>() {
-                Value::Float64(f)
-            } else if let Ok(b) = v.parse::<bool>() {
-                Value::Boolean(b)
-            } else {
-                Value::Text(v.to_string())
+            let value = match serde_json::from_str::<serde_json::Value>(v) {
+                Ok(serde_json::Value::Bool(b)) => Value::Boolean(b),
+                Ok(serde_json::Value::Number(n)) => match n.as_i64() {
+                    Some(i) => Value::Int64(i),
+                    None => Value::Float64(n.as_f64().unwrap_or(f64::NAN)),
+                },
+                _ => bail!(
+                    "parameter {n}: {v:?} after := must be a number or true/false \
+                     (text is NAME=VALUE)"
+                ),
             };
             (n, value)
+        } else if let Some((n, v)) = p.split_once('=') {
+            (n, Value::Text(v.to_string()))
         } else {
-            bail!("parameter {p:?} is not NAME=VALUE or NAME:=VALUE");
+            bail!("parameter {p:?} is not NAME=VALUE (text) or NAME:=VALUE (number, true/false)");
         };
         if out
             .insert(name.to_string(), ParamValue { value: Some(value) })

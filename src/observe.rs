@@ -153,6 +153,15 @@ impl Observer {
             members: Mutex::new(BTreeMap::new()),
         };
         o.describe();
+        // Counters without labels exist from the start, at zero, so a dashboard
+        // shows 0 rather than no data (cache counters stay 0 when no dataset caches).
+        for name in [
+            "fedgate_cache_hits_total",
+            "fedgate_cache_misses_total",
+            "fedgate_bytes_received_total",
+        ] {
+            o.count(name, &[], 0);
+        }
         o
     }
 
