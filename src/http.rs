@@ -45,6 +45,65 @@ struct AppState {
     audit: Arc<AuditLog>,
 }
 
+/// A JSON error with an HTTP status of its own (for refusals that are about HTTP,
+/// not about a query).
+fn http_error(status: StatusCode, code: &'static str, message: String) -> Response {
+    (
+        status,
+        axum::Json(json!({ "error": { "code": code, "message": message } })),
+    )
+        .into_response()
+}
+
+/// Requests with a body must say it is JSON. Besides naming the format, this keeps
+/// other web sites a browser visits from posting here: a cross-site request with
+/// this content type needs a CORS preflight, which this port never grants.
+async fn json_bodies_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    if req.method() == axum::http::Method::POST && !json {
+        return http_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_argument",
+            "send the request body as JSON with Content-Type: application/json".into(),
+        );
+    }
+    next.run(req).await
+}
+
+/// On the plain loopback port, only requests addressed to a loopback name are
+/// served: a web page whose name an attacker points at 127.0.0.1 (DNS rebinding)
+/// would otherwise read this member's data as if it were this member.
+async fn loopback_host_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().host())
+        .unwrap_or("");
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return http_error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "permission_denied",
+            format!(
+                "this port serves requests addressed to 127.0.0.1, ::1 or localhost only, not {host:?}"
+            ),
+        );
+    }
+    next.run(req).await
+}
+
 /// The HTTP routes. Each request needs a [`Caller`] extension.
 pub fn router(current: Arc<ArcSwap<Generation>>, audit: Arc<AuditLog>) -> Router {
     Router::new()
@@ -58,6 +117,7 @@ pub fn router(current: Arc<ArcSwap<Generation>>, audit: Arc<AuditLog>) -> Router
         .route("/v1/query", post(query))
         .route("/v1/services/{name}", post(invoke))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(json_bodies_only))
         .with_state(AppState { current, audit })
 }
 
@@ -489,7 +549,9 @@ pub async fn serve(
 ) {
     match tls {
         None => {
-            let app = router.layer(Extension(Caller(me)));
+            let app = router
+                .layer(axum::middleware::from_fn(loopback_host_only))
+                .layer(Extension(Caller(me)));
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await

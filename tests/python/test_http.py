@@ -218,3 +218,43 @@ def test_mtls_refuses_without_client_certificate(shanghai_https, certs):
         # response is read: ssl.SSLError, ConnectionResetError or RemoteDisconnected.
         call(f"{shanghai_https}/v1/query", {"sql": "SELECT 1"}, context=ctx)
     assert not isinstance(err.value, urllib.error.HTTPError), "answered over HTTP without a client certificate"
+
+
+# --- what keeps web pages a browser visits from using the port ---------------------------
+
+def test_a_body_that_is_not_declared_json_is_refused(anji):
+    """A cross-site form or no-cors fetch can only send form or text bodies; they
+    are refused, so no query runs on a web page's behalf."""
+    county = fedgate_expected.ANJI_COUNTY
+    req = urllib.request.Request(
+        f"{anji}/v1/services/fever_clinics_near",
+        data=json.dumps({"county_code": county}).encode(),
+        headers={"Content-Type": "text/plain"},
+        method="POST",
+    )
+    try:
+        with opener().open(req, timeout=TIMEOUT_S) as resp:
+            raise AssertionError(f"HTTP {resp.status}: a text/plain body was served")
+    except urllib.error.HTTPError as e:
+        assert e.code == 415, e.code
+        body = json.loads(e.read())
+        assert "application/json" in body["error"]["message"], body
+
+
+def test_the_plain_port_answers_only_loopback_names(anji, http_ports):
+    """DNS rebinding: a page at attacker.example resolved to 127.0.0.1 sends its
+    own name as Host; the plain port refuses it instead of acting as the member."""
+    for host, served in [("attacker.example", False), ("localhost", True),
+                         ("127.0.0.1", True)]:
+        conn = http.client.HTTPConnection("127.0.0.1", http_ports["anji"], timeout=TIMEOUT_S)
+        try:
+            conn.request("GET", "/v1/status", headers={"Host": f"{host}:{http_ports['anji']}"})
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        if served:
+            assert resp.status == 200, (host, resp.status, body[:300])
+        else:
+            assert resp.status == 421, (host, resp.status, body[:300])
+            assert json.loads(body)["error"]["code"] == "permission_denied"
