@@ -59,6 +59,7 @@ pub async fn check(path: &std::path::Path) -> Report {
         }
         Err(e) => r.errors.push(problem("cert", e.to_string())),
     }
+    check_services(&cfg, &mut r).await;
     let engine = match MemberEngine::build(cfg.clone()).await {
         Ok(e) => e,
         Err(e) => {
@@ -112,6 +113,53 @@ pub async fn check(path: &std::path::Path) -> Report {
         }
     }
     r
+}
+
+/// Plans every published service in a coordinator of its own, as a gateway does when
+/// it starts; no member is contacted, and the audit log it needs is a throwaway one.
+async fn check_services(cfg: &Arc<MemberConfig>, r: &mut Report) {
+    if cfg.region.services.is_empty() {
+        return;
+    }
+    let region_problem = |key: String, message: String| Problem {
+        file: cfg.region.path.clone(),
+        key,
+        message,
+    };
+    let Ok(tls) = TlsMaterial::load(&cfg.region.ca_path, &cfg.cert_path, &cfg.key_path) else {
+        // Reported above; a coordinator cannot be built without it.
+        return;
+    };
+    let coordinator = tempfile::tempdir()
+        .map_err(|e| e.to_string())
+        .and_then(|dir| {
+            let audit = crate::audit::AuditLog::open(&dir.path().join("check.log"))
+                .map_err(|e| e.to_string())?;
+            let c = crate::federation::Coordinator::new(cfg.clone(), None, &tls, Arc::new(audit))
+                .map_err(|e| e.to_string())?;
+            Ok((dir, c))
+        });
+    let (_dir, coordinator) = match coordinator {
+        Ok(c) => c,
+        Err(e) => {
+            r.errors.push(region_problem(
+                "services".into(),
+                format!("planning services: {e}"),
+            ));
+            return;
+        }
+    };
+    for (i, service) in cfg.region.services.iter().enumerate() {
+        match coordinator.check_service(service).await {
+            Ok(()) => r.checked.push(format!(
+                "service {} plans over the canonical datasets",
+                service.name
+            )),
+            Err(e) => r
+                .errors
+                .push(region_problem(format!("services[{i}]"), e.to_string())),
+        }
+    }
 }
 
 async fn engine_count(engine: &MemberEngine, sql: &str) -> Result<i64, String> {

@@ -42,8 +42,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::identity::Principal;
-use crate::server::{Ask, Generation, Outcome, Started};
-use crate::tls::PeerInfo;
+use crate::server::{Ask, Generation, Outcome, Started, caller, grpc_timeout};
 
 /// The call header that lets an answer miss members (as `allow_partial`).
 pub const ALLOW_PARTIAL_HEADER: &str = "x-fedgate-allow-partial";
@@ -66,33 +65,11 @@ impl FlightSql {
     }
 }
 
-fn caller<T>(req: &Request<T>) -> Result<Principal, Status> {
-    req.extensions()
-        .get::<PeerInfo>()
-        .map(|i| i.principal.clone())
-        .ok_or_else(|| Error::Internal("connection without TLS identity".into()).to_status())
-}
-
 fn allow_partial<T>(req: &Request<T>) -> bool {
     req.metadata()
         .get(ALLOW_PARTIAL_HEADER)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
-
-fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
-    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 fn flight_error(e: FlightError) -> Status {

@@ -448,6 +448,26 @@ async fn run(cmd: Command) -> Result<ExitCode> {
                     }
                 }
             }
+            if !d.services.is_empty() {
+                println!("\npublished services (fedgate call NAME PARAM=VALUE ...):");
+            }
+            for s in d.services {
+                let params: Vec<String> = s
+                    .params
+                    .iter()
+                    .map(|p| format!("{}: {}", p.name, p.data_type))
+                    .collect();
+                let callable = if s.callable {
+                    "you may call it"
+                } else {
+                    "not open to you"
+                };
+                println!("  {}({}) — {callable}", s.name, params.join(", "));
+                println!("    {}", s.description);
+                if !s.purpose.is_empty() {
+                    println!("    states the purpose {:?}", s.purpose);
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => check(&config).await,

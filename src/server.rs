@@ -65,7 +65,7 @@ fn counted_chunks(
 }
 
 /// The caller's principal, put there by the TLS edge.
-fn caller<T>(req: &Request<T>) -> std::result::Result<Principal, Status> {
+pub(crate) fn caller<T>(req: &Request<T>) -> std::result::Result<Principal, Status> {
     req.extensions()
         .get::<PeerInfo>()
         .map(|i| i.principal.clone())
@@ -73,7 +73,7 @@ fn caller<T>(req: &Request<T>) -> std::result::Result<Principal, Status> {
 }
 
 /// The deadline a gRPC caller set, if any (`grpc-timeout` header).
-fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
+pub(crate) fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = num.parse().ok()?;
@@ -656,6 +656,26 @@ impl Federation for FederationService {
             region: region.name.clone(),
             config_version: cfg.version.clone(),
             caller: who.uri(),
+            services: region
+                .services
+                .iter()
+                .map(|s| ServiceInfo {
+                    name: s.name.clone(),
+                    description: s.description.clone(),
+                    params: s
+                        .params
+                        .iter()
+                        .map(|p| ParamInfo {
+                            name: p.name.clone(),
+                            data_type: p.type_name.clone(),
+                            description: p.description.clone(),
+                        })
+                        .collect(),
+                    callers: s.callers.clone(),
+                    purpose: s.purpose.clone().unwrap_or_default(),
+                    callable: s.allows(&who),
+                })
+                .collect(),
             datasets: region
                 .datasets
                 .iter()

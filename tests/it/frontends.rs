@@ -195,6 +195,16 @@ async fn a_service_whose_placeholders_are_not_its_parameters_is_refused_at_start
         };
         assert!(e.contains(want), "{e}");
         assert!(e.contains("service s"), "{e}");
+        // `fedgate check` finds the same before anything is started.
+        let report = fedgate::check::check(&layout.dir.join("hefei.toml")).await;
+        assert!(
+            report
+                .errors
+                .iter()
+                .any(|p| p.key == "services[0]" && p.message.contains(want)),
+            "{:?}",
+            report.errors
+        );
     }
 }
 
@@ -313,4 +323,41 @@ async fn one_federated_query_is_one_trace_across_the_gateways() {
         assert_eq!(exec.parent, calls[m].span_id, "{m}");
     }
     telemetry.shutdown();
+}
+
+#[tokio::test]
+async fn describe_lists_the_published_services_and_whether_the_caller_may_call_them() {
+    let region = Region::start_only(Some(&["anji"])).await;
+    let callable = |d: &fedgate::proto::v1::DescribeResponse| -> BTreeMap<String, bool> {
+        d.services
+            .iter()
+            .map(|s| (s.name.clone(), s.callable))
+            .collect()
+    };
+    let office = region.client("anji").describe(None).await.unwrap();
+    assert_eq!(
+        callable(&office),
+        BTreeMap::from([
+            ("enrollment_check".to_string(), false),
+            ("fever_clinics_near".to_string(), true),
+        ])
+    );
+    let county = region
+        .client_as("anji", "anji")
+        .describe(None)
+        .await
+        .unwrap();
+    assert!(
+        callable(&county).values().all(|c| *c),
+        "{:?}",
+        county.services
+    );
+    let check = county
+        .services
+        .iter()
+        .find(|s| s.name == "enrollment_check")
+        .unwrap();
+    assert_eq!(check.purpose, "enrollment-check");
+    assert_eq!(check.params[0].name, "id_number");
+    assert_eq!(check.params[0].data_type, "utf8");
 }
