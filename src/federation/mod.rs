@@ -36,6 +36,27 @@ use client::MemberClient;
 use state::QueryState;
 use table::FederatedTable;
 
+/// Bound parameter values as part of a plan cache key: names sorted, each value with
+/// its type (`county_code=Utf8("330523")`), so equal values give equal keys.
+fn params_key(p: &datafusion::common::ParamValues) -> String {
+    use datafusion::common::ParamValues;
+    match p {
+        ParamValues::Map(m) => {
+            let mut v: Vec<String> = m
+                .iter()
+                .map(|(k, x)| format!("{k}={:?}", x.value))
+                .collect();
+            v.sort();
+            v.join(",")
+        }
+        ParamValues::List(l) => l
+            .iter()
+            .map(|x| format!("{:?}", x.value))
+            .collect::<Vec<_>>()
+            .join(","),
+    }
+}
+
 /// Options a caller sets on a query.
 #[derive(Debug, Clone)]
 pub struct QueryOptions {
@@ -317,21 +338,26 @@ impl Coordinator {
         // planner options. The text as received is looked up first, which spares
         // parsing a query repeated verbatim; then the query as parsed and printed, so
         // that spacing and letter case of keywords do not matter.
+        // A plan with bound values is made for those values: they are part of the key.
+        let bound = opts.params.as_ref().map(params_key);
+        let keyed = |text: String| match &bound {
+            Some(b) => format!("{text}\u{0}{b}"),
+            None => text,
+        };
         let exact = PlanKey {
-            sql: sql.to_string(),
+            sql: keyed(sql.to_string()),
             exact: true,
             version: self.config.version.clone(),
             scope: origin.uri(),
             pushdown: opts.pushdown,
         };
-        // A plan with bound values is made for those values only; it is not cached.
-        let cache = opts.plan_cache && opts.params.is_none();
+        let cache = opts.plan_cache;
         if cache && let Some(p) = self.plans.get(&exact).await {
             return Ok((p, true));
         }
         let stmt = crate::member::parse_query(state, sql)?;
         let key = PlanKey {
-            sql: stmt.to_string(),
+            sql: keyed(stmt.to_string()),
             exact: false,
             ..exact.clone()
         };

@@ -361,3 +361,57 @@ async fn describe_lists_the_published_services_and_whether_the_caller_may_call_t
     assert_eq!(check.params[0].name, "id_number");
     assert_eq!(check.params[0].data_type, "utf8");
 }
+
+#[tokio::test]
+async fn a_service_plan_is_reused_only_for_the_same_values() {
+    let region = Region::start().await;
+    let anji = region.client_as("anji", "anji");
+    let call = |county: &'static str| {
+        let anji = anji.clone();
+        async move {
+            let mut counties = Vec::new();
+            let (_, summary) = anji
+                .invoke_watched(
+                    fedgate::proto::v1::InvokeRequest {
+                        service: "fever_clinics_near".into(),
+                        params: [(
+                            "county_code".to_string(),
+                            fedgate::proto::v1::ParamValue {
+                                value: Some(fedgate::proto::v1::param_value::Value::Text(
+                                    county.into(),
+                                )),
+                            },
+                        )]
+                        .into(),
+                        timeout_ms: 20_000,
+                        ..Default::default()
+                    },
+                    |b| {
+                        counties.extend(crate::support::column_strings(&[b], "county_code"));
+                        Ok(())
+                    },
+                    |_| {},
+                )
+                .await
+                .unwrap();
+            (counties, summary.plan_cached)
+        }
+    };
+    let (hz, cached) = call("330106").await;
+    assert!(!cached);
+    assert!(
+        !hz.is_empty() && hz.iter().all(|c| c.starts_with("3301")),
+        "{hz:?}"
+    );
+    let (again, cached) = call("330106").await;
+    assert!(cached, "the same values reuse the plan");
+    assert_eq!(again, hz);
+    // Other values are another plan: a plan made for Hangzhou's code must never
+    // answer for Suzhou's.
+    let (sz, cached) = call("320508").await;
+    assert!(!cached);
+    assert!(
+        !sz.is_empty() && sz.iter().all(|c| c.starts_with("3205")),
+        "{sz:?}"
+    );
+}
