@@ -160,12 +160,7 @@ impl Client {
         sink: impl FnMut(RecordBatch) -> std::result::Result<(), tonic::Status>,
         progress: impl Fn(&Progress) + Send + Sync + 'static,
     ) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
-        let timeout = (q.timeout_ms > 0).then(|| Duration::from_millis(q.timeout_ms));
-        let mut req = tonic::Request::new(q);
-        if let Some(t) = timeout {
-            // A little over the query's own budget, so the gateway can report first.
-            req.set_timeout(t + Duration::from_millis(500));
-        }
+        let req = with_deadline(q.timeout_ms, q);
         let stream = self
             .inner
             .clone()
@@ -186,11 +181,7 @@ impl Client {
         sink: impl FnMut(RecordBatch) -> std::result::Result<(), tonic::Status>,
         progress: impl Fn(&Progress) + Send + Sync + 'static,
     ) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
-        let timeout = (q.timeout_ms > 0).then(|| Duration::from_millis(q.timeout_ms));
-        let mut req = tonic::Request::new(q);
-        if let Some(t) = timeout {
-            req.set_timeout(t + Duration::from_millis(500));
-        }
+        let req = with_deadline(q.timeout_ms, q);
         let stream = self
             .inner
             .clone()
@@ -228,6 +219,16 @@ impl Client {
             .await?
             .into_inner())
     }
+}
+
+/// A request whose gRPC deadline is a little over the query's own budget (none when
+/// the budget is 0), so the gateway can report its summary first.
+fn with_deadline<T>(timeout_ms: u64, message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    if timeout_ms > 0 {
+        req.set_timeout(Duration::from_millis(timeout_ms) + Duration::from_millis(500));
+    }
+    req
 }
 
 /// Reads a `Query` or `Invoke` answer: Arrow chunks to `sink`, progress messages to

@@ -72,6 +72,12 @@ fn allow_partial<T>(req: &Request<T>) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
+/// The SQL a ticket or prepared-statement handle carries.
+fn sql_of(bytes: &[u8], what: &str) -> Result<String, Status> {
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| Error::InvalidQuery(format!("the {what} is not UTF-8 SQL")).to_status())
+}
+
 fn flight_error(e: FlightError) -> Status {
     Status::internal(e.to_string())
 }
@@ -98,13 +104,13 @@ fn sql_info() -> &'static SqlInfoData {
     })
 }
 
-/// A FlightInfo whose one endpoint's ticket is `ticket`.
+/// A FlightInfo whose one endpoint's ticket is `ticket` (a Flight SQL command).
 fn info(
     schema: &Schema,
-    ticket: Vec<u8>,
+    ticket: &impl ProstMessageExt,
     descriptor: FlightDescriptor,
 ) -> Result<Response<FlightInfo>, Status> {
-    let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket));
+    let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
     let info = FlightInfo::new()
         .try_with_schema(schema)
         .map_err(arrow_status)?
@@ -230,11 +236,7 @@ impl FlightSqlService for FlightSql {
         let ticket = TicketStatementQuery {
             statement_handle: query.query.into_bytes().into(),
         };
-        info(
-            &schema,
-            ticket.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        info(&schema, &ticket, request.into_inner())
     }
 
     async fn do_get_statement(
@@ -243,8 +245,7 @@ impl FlightSqlService for FlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let origin = caller(&request)?;
-        let sql = String::from_utf8(ticket.statement_handle.to_vec())
-            .map_err(|_| Error::InvalidQuery("the ticket is not UTF-8 SQL".into()).to_status())?;
+        let sql = sql_of(&ticket.statement_handle, "ticket")?;
         self.run(origin, sql, allow_partial(&request), grpc_timeout(&request))
             .await
     }
@@ -281,10 +282,9 @@ impl FlightSqlService for FlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let origin = caller(&request)?;
-        let sql = String::from_utf8(cmd.prepared_statement_handle.to_vec())
-            .map_err(|_| Error::InvalidQuery("the handle is not UTF-8 SQL".into()).to_status())?;
+        let sql = sql_of(&cmd.prepared_statement_handle, "handle")?;
         let schema = self.schema_of(origin, &sql).await?;
-        info(&schema, cmd.as_any().encode_to_vec(), request.into_inner())
+        info(&schema, &cmd, request.into_inner())
     }
 
     async fn do_get_prepared_statement(
@@ -293,8 +293,7 @@ impl FlightSqlService for FlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let origin = caller(&request)?;
-        let sql = String::from_utf8(cmd.prepared_statement_handle.to_vec())
-            .map_err(|_| Error::InvalidQuery("the handle is not UTF-8 SQL".into()).to_status())?;
+        let sql = sql_of(&cmd.prepared_statement_handle, "handle")?;
         self.run(origin, sql, allow_partial(&request), grpc_timeout(&request))
             .await
     }
@@ -306,11 +305,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         caller(&request)?;
         let schema = query.into_builder().schema();
-        info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        info(&schema, &query, request.into_inner())
     }
 
     async fn do_get_catalogs(
@@ -331,11 +326,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         caller(&request)?;
         let schema = query.clone().into_builder().schema();
-        info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        info(&schema, &query, request.into_inner())
     }
 
     async fn do_get_schemas(
@@ -356,11 +347,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         caller(&request)?;
         let schema = query.clone().into_builder().schema();
-        info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        info(&schema, &query, request.into_inner())
     }
 
     async fn do_get_tables(
@@ -379,11 +366,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         caller(&request)?;
         let schema = query.into_builder().schema();
-        info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        info(&schema, &query, request.into_inner())
     }
 
     async fn do_get_table_types(
@@ -404,11 +387,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         caller(&request)?;
         let schema = query.clone().into_builder(sql_info()).schema();
-        info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        info(&schema, &query, request.into_inner())
     }
 
     async fn do_get_sql_info(
