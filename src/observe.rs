@@ -363,6 +363,14 @@ impl Observer {
             .clone()
     }
 
+    /// Folds the latency samples recorded since the last call into the histograms'
+    /// buckets. Until then the recorder keeps every sample, so a gateway nobody
+    /// scrapes would grow without bound: [`crate::server::Gateway`] calls this every
+    /// few seconds (rendering does it too).
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// The metrics in Prometheus' text format. `breakers` are the remote members'
     /// breaker states now; `audit_records` the audit log's count.
     pub fn render(&self, breakers: &[(String, &'static str)], audit_records: u64) -> String {

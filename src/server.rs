@@ -1260,6 +1260,9 @@ pub enum ReloadOutcome {
     },
 }
 
+/// How often recorded latencies are folded into the metrics' histogram buckets.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
 /// How often the configuration and certificate files are checked for changes.
 const RELOAD_POLL: Duration = Duration::from_secs(1);
 
@@ -1404,6 +1407,7 @@ pub struct Gateway {
     task: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     reloader: Arc<Reloader>,
     watcher: tokio::task::JoinHandle<()>,
+    upkeep: tokio::task::JoinHandle<()>,
 }
 
 impl Gateway {
@@ -1514,6 +1518,17 @@ impl Gateway {
             observer,
             busy: tokio::sync::Mutex::new(()),
         });
+        // Latency samples are folded into histogram buckets every few seconds, so
+        // the recorder holds buckets, not every sample, whether or not anyone scrapes.
+        let upkeep = {
+            let observer = reloader.observer.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(METRICS_UPKEEP).await;
+                    observer.upkeep();
+                }
+            })
+        };
         let watcher = {
             let r = reloader.clone();
             tokio::spawn(async move {
@@ -1545,6 +1560,7 @@ impl Gateway {
             task,
             reloader,
             watcher,
+            upkeep,
         })
     }
 
@@ -1561,6 +1577,7 @@ impl Gateway {
     /// Stops accepting, lets in-flight calls finish, and waits.
     pub async fn shutdown(mut self) {
         self.watcher.abort();
+        self.upkeep.abort();
         let _ = self.http_stop.send(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -1584,6 +1601,7 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.watcher.abort();
+        self.upkeep.abort();
         let _ = self.http_stop.send(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
