@@ -239,16 +239,9 @@ pub fn summary_json(s: &QuerySummary) -> serde_json::Value {
     })
 }
 
-/// Refuses callers the region does not know (mutual TLS only lets in certificates
-/// of the region CA; the region file says which identities are members or clients).
+/// Refuses callers the region does not know, as the gRPC port does.
 fn known(g: &Generation, caller: &Principal) -> Result<()> {
-    if g.config.region.member_by_principal(caller).is_none() {
-        return Err(Error::Unauthenticated(format!(
-            "certificate identity {caller} is not a member or known client of region {}",
-            g.config.region.name
-        )));
-    }
-    Ok(())
+    crate::server::known_identity(&g.config.region, caller)
 }
 
 fn services_json(g: &Generation) -> serde_json::Value {

@@ -35,7 +35,6 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status
 /// Encodes a result stream as Arrow IPC chunks, counting its rows as they pass.
 fn counted_chunks(
     stream: datafusion::execution::SendableRecordBatchStream,
-    max_rows: Option<u64>,
 ) -> (
     impl Stream<Item = Result<ArrowChunk>> + Send,
     Arc<std::sync::atomic::AtomicU64>,
@@ -45,21 +44,8 @@ fn counted_chunks(
     let schema = stream.schema();
     let batches = stream.map(move |r| {
         let b = r.map_err(Error::from_datafusion)?;
-        let n = b.num_rows() as u64;
-        // One stream, one counter: the check and the count cannot interleave.
-        let sent = counted.load(std::sync::atomic::Ordering::Relaxed);
-        match max_rows {
-            // Refused before the batch that crosses the limit is sent: the caller
-            // gets an error, never an answer silently cut at the limit.
-            Some(max) if sent + n > max => Err(Error::TooLarge(format!(
-                "the answer has more than {max} rows (limits.max_rows); narrow it with \
-                 WHERE, aggregate it, or add LIMIT"
-            ))),
-            _ => {
-                counted.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                Ok(b)
-            }
-        }
+        counted.fetch_add(b.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(b)
     });
     (arrow_ipc::encode(schema, batches), rows)
 }
@@ -437,8 +423,12 @@ impl FederationService {
             let batches = tokio_stream::wrappers::ReceiverStream::new(batches).map(Ok);
             let chunks = arrow_ipc::encode(schema, batches);
             tokio::pin!(chunks);
-            let mut tick = tokio::time::interval(PROGRESS_EVERY);
-            tick.tick().await;
+            // The first tick is one period away; a query that did not ask for progress
+            // never polls the timer, so it is never registered.
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + PROGRESS_EVERY,
+                PROGRESS_EVERY,
+            );
             loop {
                 tokio::select! {
                     next = chunks.next() => match next {
@@ -912,7 +902,7 @@ impl PeerService {
             tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
         tokio::spawn(async move {
             let _permit = permit;
-            let (chunks, rows) = counted_chunks(stream, None);
+            let (chunks, rows) = counted_chunks(stream);
             tokio::pin!(chunks);
             let deadline = tokio::time::sleep(budget);
             tokio::pin!(deadline);
@@ -1037,18 +1027,22 @@ impl PeerService {
 fn identity_check(current: Arc<ArcSwap<Generation>>) -> impl tonic::service::Interceptor + Clone {
     move |req: Request<()>| -> std::result::Result<Request<()>, Status> {
         let p = caller(&req)?;
-        let g = current.load();
-        let region = &g.config.region;
-        if region.member_by_principal(&p).is_none() {
-            tracing::warn!(principal = %p, "Unknown identity refused");
-            return Err(Error::Unauthenticated(format!(
-                "certificate identity {p} is not a member or known client of region {}",
-                region.name
-            ))
-            .to_status());
-        }
+        known_identity(&current.load().config.region, &p).map_err(|e| e.to_status())?;
         Ok(req)
     }
+}
+
+/// Refuses a (CA-verified) identity the region file does not name as a member or
+/// known client. The gRPC interceptor and the HTTP port both ask this.
+pub(crate) fn known_identity(region: &crate::config::Region, p: &Principal) -> Result<()> {
+    if region.member_by_principal(p).is_none() {
+        tracing::warn!(principal = %p, "Unknown identity refused");
+        return Err(Error::Unauthenticated(format!(
+            "certificate identity {p} is not a member or known client of region {}",
+            region.name
+        )));
+    }
+    Ok(())
 }
 
 /// Everything one configuration version serves with. A reload builds a new one and

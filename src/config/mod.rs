@@ -2116,6 +2116,56 @@ class = "city"
     }
 
     #[test]
+    fn http_telemetry_and_services_are_checked_with_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ca.crt", "x");
+        let p = write(
+            dir.path(),
+            "region.toml",
+            &format!(
+                "{REGION}\n[[services]]\nname = \"Near\"\ncallers = []\nsql = \" \"\n\
+                 purpose = \":x\"\nparams = [{{ name = \"n\", type = \"decimal\" }}, \
+                 {{ name = \"n\", type = \"int64\" }}]\n"
+            ),
+        );
+        let e = Region::load(&p).unwrap_err().to_string();
+        for want in [
+            "services[0].name: \"Near\" is not a valid service name",
+            "services[0].callers: names no caller",
+            "services[0].sql: is empty",
+            "services[0].purpose: the stated purpose has no code",
+            "services[0].params[0].type: unknown type \"decimal\"",
+            "services[0].params[1].name: parameter \"n\" is declared twice",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        write(dir.path(), "region.toml", REGION);
+        let p = write(
+            dir.path(),
+            "hefei.toml",
+            r#"
+member = "hefei"
+region = "region.toml"
+listen = "127.0.0.1:7000"
+cert = "missing.crt"
+key = "missing.key"
+[http]
+listen = "0.0.0.0:8000"
+tls = false
+[telemetry]
+otlp_endpoint = "collector:4317"
+"#,
+        );
+        let e = MemberConfig::load(&p).unwrap_err().to_string();
+        for want in [
+            "http.tls: plain HTTP acts as this member for every caller, so it may listen on a loopback address only, not 0.0.0.0:8000",
+            "telemetry.otlp_endpoint: \"collector:4317\" is not an http:// or https:// URL",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+    }
+
+    #[test]
     fn member_problems_are_all_reported_with_keys() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "ca.crt", "x");
