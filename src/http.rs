@@ -118,7 +118,31 @@ pub fn router(current: Arc<ArcSwap<Generation>>, audit: Arc<AuditLog>) -> Router
         .route("/v1/services/{name}", post(invoke))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(json_bodies_only))
+        .layer(axum::middleware::from_fn_with_state(
+            current.clone(),
+            known_callers_only,
+        ))
         .with_state(AppState { current, audit })
+}
+
+/// Every route, the board's page and `/metrics` included, answers only identities the
+/// region knows, as the gRPC port does.
+async fn known_callers_only(
+    State(current): State<Arc<ArcSwap<Generation>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(Caller(who)) = req.extensions().get::<Caller>().cloned() else {
+        return http_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "the connection established no identity".into(),
+        );
+    };
+    if let Err(e) = known(&current.load(), &who) {
+        return error_response(&e, None);
+    }
+    next.run(req).await
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -286,7 +310,21 @@ async fn status(
     }
     let region = &g.config.region;
     let breakers = g.federation.coordinator().breaker_states();
-    let seen = g.federation.observer().members();
+    // This member's own identity (its operators) sees every recent query and the
+    // last error of each member; any other caller sees only its own queries, and no
+    // error text that another caller's query produced.
+    let operator = who == g.config.member.principal;
+    let mut seen = g.federation.observer().members();
+    if !operator {
+        seen.values_mut().for_each(|s| s.last_error = None);
+    }
+    let recent: Vec<_> = g
+        .federation
+        .observer()
+        .recent()
+        .into_iter()
+        .filter(|r| operator || r.origin == who.uri())
+        .collect();
     let members: Vec<serde_json::Value> = region
         .members
         .iter()
@@ -333,7 +371,7 @@ async fn status(
         "members": members,
         "datasets": datasets,
         "services": services_json(&g),
-        "recent": g.federation.observer().recent(),
+        "recent": recent,
     }))
     .into_response()
 }

@@ -32,6 +32,7 @@ use crate::identity::Principal;
 use crate::mapping;
 use crate::masking::Mask;
 use crate::policy::{self, AccessLevel, Grant, Permit};
+use crate::restricted::{self, Owned, Restricted};
 
 /// SQL options for anything a caller sends: queries only.
 pub fn query_only() -> datafusion::execution::context::SQLOptions {
@@ -53,11 +54,88 @@ pub fn only_query(stmt: &datafusion::sql::parser::Statement) -> Result<()> {
     }
 }
 
-/// Parses a caller's SQL: exactly one query statement.
+/// The longest query text a gateway accepts, in bytes.
+pub const MAX_QUERY_BYTES: usize = 1 << 20;
+
+/// How deeply a query's expressions may nest (see [`nesting`]).
+pub const MAX_NESTING: usize = 256;
+
+/// An upper estimate of how deep the expression trees of `sql` nest, read from its
+/// tokens without building them: parentheses, plus the longest run of operators
+/// between two separators (a chain `a + b + ... ` is a tree as deep as it is long).
+/// Planning and optimizing walk these trees recursively, so a query nested past
+/// [`MAX_NESTING`] is refused before anything builds it.
+pub fn nesting(sql: &str) -> Result<usize> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::keywords::Keyword;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| Error::InvalidQuery(format!("the query does not tokenize: {e}")))?;
+    // Per open parenthesis: the operators in the current run.
+    let mut runs: Vec<usize> = vec![0];
+    let mut deepest = 0;
+    for t in &tokens {
+        match t {
+            Token::LParen => runs.push(0),
+            Token::RParen => {
+                if runs.len() > 1 {
+                    runs.pop();
+                }
+            }
+            Token::Comma | Token::SemiColon => *runs.last_mut().expect("one run") = 0,
+            Token::Word(w)
+                if matches!(
+                    w.keyword,
+                    Keyword::SELECT
+                        | Keyword::FROM
+                        | Keyword::WHERE
+                        | Keyword::GROUP
+                        | Keyword::HAVING
+                        | Keyword::ORDER
+                        | Keyword::LIMIT
+                        | Keyword::ON
+                        | Keyword::WHEN
+                        | Keyword::THEN
+                        | Keyword::ELSE
+                        | Keyword::UNION
+                ) =>
+            {
+                *runs.last_mut().expect("one run") = 0
+            }
+            Token::Whitespace(_) | Token::Word(_) | Token::Number(..) => {}
+            Token::SingleQuotedString(_) | Token::DoubleQuotedString(_) => {}
+            _ => *runs.last_mut().expect("one run") += 1,
+        }
+        if let Token::Word(w) = t
+            && matches!(w.keyword, Keyword::AND | Keyword::OR | Keyword::NOT)
+        {
+            *runs.last_mut().expect("one run") += 1;
+        }
+        deepest = deepest.max(runs.len() + runs.last().copied().unwrap_or(0));
+    }
+    Ok(deepest)
+}
+
+/// Parses a caller's SQL: exactly one query statement, of bounded size and nesting.
 pub fn parse_query(
     state: &datafusion::execution::SessionState,
     sql: &str,
 ) -> Result<datafusion::sql::parser::Statement> {
+    if sql.len() > MAX_QUERY_BYTES {
+        return Err(Error::InvalidQuery(format!(
+            "the query is {} bytes long, more than the {MAX_QUERY_BYTES} a gateway accepts",
+            sql.len()
+        )));
+    }
+    let depth = nesting(sql)?;
+    if depth > MAX_NESTING {
+        return Err(Error::InvalidQuery(format!(
+            "the query's expressions nest about {depth} levels deep (parentheses and chained \
+             operators), more than the {MAX_NESTING} a gateway plans; split long chains, \
+             for example with IN (...) lists"
+        )));
+    }
     let stmt = state
         .sql_to_statement(sql, &state.config().options().sql_parser.dialect)
         .map_err(Error::from_datafusion)?;
@@ -169,12 +247,21 @@ pub struct MemberEngine {
     /// Contexts whose datasets are views under particular grants. The number of
     /// distinct keys is bounded by the rules and datasets, but the map is cleared if it
     /// ever grows past [`MAX_GRANT_CONTEXTS`], to bound memory whatever the callers do.
-    granted: Mutex<HashMap<GrantKey, SessionContext>>,
+    granted: Mutex<HashMap<GrantKey, Granted>>,
     /// Physical plans of sub-queries planned before (see the module comment).
     plans: moka::future::Cache<PlanKey, Arc<CachedPlan>>,
 }
 
 const MAX_GRANT_CONTEXTS: usize = 256;
+
+/// A context for one combination of grants: rows-level datasets are views applying
+/// their masks, restricted ones ([`crate::restricted`]) are withheld tables with the
+/// owner's own plans beside them.
+#[derive(Clone)]
+struct Granted {
+    ctx: SessionContext,
+    restricted: Arc<BTreeMap<String, Restricted>>,
+}
 
 impl MemberEngine {
     /// Registers the sources and builds one view per served dataset. A file that
@@ -478,39 +565,98 @@ impl MemberEngine {
     }
 
     /// The context in which a query under `permit` is planned: the plain canonical
-    /// views when every grant is rows without masks, otherwise views that apply the
-    /// grants' masks and, for `aggregate`, drop records of cells smaller than k.
-    async fn context_for(&self, permit: &Permit) -> Result<SessionContext> {
+    /// views when every grant is rows without masks; otherwise views that apply the
+    /// grants' masks and, for `aggregate` and `verify`, withheld tables with the
+    /// owner's plans that replace them ([`crate::restricted`]).
+    async fn context_for(&self, permit: &Permit) -> Result<Granted> {
         let plain = permit
             .grants()
             .values()
             .all(|g| g.level == AccessLevel::Rows && g.masks.is_empty());
         if plain {
-            return Ok(self.public.clone());
+            return Ok(Granted {
+                ctx: self.public.clone(),
+                restricted: Arc::new(BTreeMap::new()),
+            });
         }
         let key: GrantKey = permit
             .grants()
             .iter()
             .map(|(d, g)| (d.clone(), g.rule))
             .collect();
-        if let Some(ctx) = self.granted.lock().expect("grant contexts").get(&key) {
-            return Ok(ctx.clone());
+        if let Some(granted) = self.granted.lock().expect("grant contexts").get(&key) {
+            return Ok(granted.clone());
         }
         let ctx = member_context();
+        let mut restricted = BTreeMap::new();
         for (d, g) in permit.grants() {
             let base = self.views.read().expect("views").get(d).cloned();
             let (Some(base), Some(ds)) = (base, self.config.region.dataset(d)) else {
                 return Err(Error::Internal(format!("no view for dataset {d}")));
             };
-            let sql = granted_view_sql(ds, &base, g);
-            register_view(&self.private, &ctx, d, &sql).await?;
+            let records = masked_view_sql(ds, &base, g);
+            match g.level {
+                AccessLevel::Aggregate { .. } | AccessLevel::Verify => {
+                    restricted.insert(d.clone(), self.restrict(&ctx, d, &records, g).await?);
+                }
+                _ => register_view(&self.private, &ctx, d, &records).await?,
+            }
         }
+        let granted = Granted {
+            ctx,
+            restricted: Arc::new(restricted),
+        };
         let mut map = self.granted.lock().expect("grant contexts");
         if map.len() >= MAX_GRANT_CONTEXTS {
             map.clear();
         }
-        map.insert(key, ctx.clone());
-        Ok(ctx)
+        map.insert(key, granted.clone());
+        Ok(granted)
+    }
+
+    /// Registers dataset `d` under a restricted grant as a withheld table in `ctx` and
+    /// plans the owner's own plan over its records (`records`: the view's SQL).
+    async fn restrict(
+        &self,
+        ctx: &SessionContext,
+        d: &str,
+        records: &str,
+        g: &Grant,
+    ) -> Result<Restricted> {
+        let plan_of = |sql: String| async move {
+            self.private
+                .sql(&sql)
+                .await
+                .map(|df| df.into_unoptimized_plan())
+                .map_err(|e| Error::Config(format!("owner's plan of dataset {d}: {e}")))
+        };
+        let records_plan = plan_of(records.to_string()).await?;
+        let schema = Arc::new(records_plan.schema().as_arrow().clone());
+        let fields: Vec<(String, datafusion::arrow::datatypes::DataType)> = schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().clone()))
+            .collect();
+        let owned = match g.level {
+            AccessLevel::Aggregate { min_group } => {
+                let (sql, measures) = restricted::cells_sql(records, &fields, g, min_group);
+                Owned::Cells {
+                    plan: plan_of(sql).await?,
+                    measures,
+                }
+            }
+            _ => Owned::Records { plan: records_plan },
+        };
+        ctx.register_table(
+            TableReference::bare(d),
+            Arc::new(restricted::Withheld::new(d, schema)),
+        )
+        .map_err(|e| Error::Config(format!("registering dataset {d}: {e}")))?;
+        Ok(Restricted {
+            grant: g.clone(),
+            fields,
+            owned,
+        })
     }
 
     /// Runs a prepared sub-query under a permit that covers it: plans it among views
@@ -611,9 +757,9 @@ impl MemberEngine {
                 "permit does not cover the query's datasets".into(),
             ));
         }
-        let ctx = self.context_for(permit).await?;
+        let Granted { ctx, restricted } = self.context_for(permit).await?;
         let plan = plan_query(&ctx.state(), p.statement).await?;
-        let plan = crate::guard::guard(plan, permit.grants()).map_err(|why| {
+        let plan = restricted::rewrite(plan, &restricted).map_err(|why| {
             Error::PermissionDenied(format!("member {}: {why}", self.config.member.name))
         })?;
         let plan_sha256 = {
@@ -689,9 +835,9 @@ async fn register_view(
     Ok(())
 }
 
-/// The SQL of a dataset's view under a grant: masked fields masked (or NULL), and for
-/// `aggregate` only records whose cell over the dimensions holds at least k records.
-pub fn granted_view_sql(ds: &Dataset, base: &str, g: &Grant) -> String {
+/// The SQL of a dataset's record view under a grant: masked fields masked (or NULL).
+/// Under `aggregate` and `verify` grants only the owner's own plans read it.
+pub fn masked_view_sql(ds: &Dataset, base: &str, g: &Grant) -> String {
     let mut cols: Vec<String> = ds
         .fields
         .iter()
@@ -707,27 +853,5 @@ pub fn granted_view_sql(ds: &Dataset, base: &str, g: &Grant) -> String {
         })
         .collect();
     cols.push(format!("t.{}", quote_ident(MEMBER_COLUMN)));
-    let masked = format!("SELECT {} FROM ({base}) AS t", cols.join(", "));
-    match g.level {
-        AccessLevel::Aggregate { min_group } => {
-            let partition = if g.dimensions.is_empty() {
-                String::new()
-            } else {
-                let d: Vec<String> = g.dimensions.iter().map(|d| quote_ident(d)).collect();
-                format!("PARTITION BY {}", d.join(", "))
-            };
-            let outer: Vec<String> = ds
-                .fields
-                .iter()
-                .map(|f| quote_ident(&f.name))
-                .chain(std::iter::once(quote_ident(MEMBER_COLUMN)))
-                .collect();
-            format!(
-                "SELECT {} FROM (SELECT *, count(*) OVER ({partition}) AS \"__fedgate_cell\" FROM ({masked}) AS m) AS c \
-                 WHERE \"__fedgate_cell\" >= {min_group}",
-                outer.join(", ")
-            )
-        }
-        _ => masked,
-    }
+    format!("SELECT {} FROM ({base}) AS t", cols.join(", "))
 }

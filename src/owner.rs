@@ -164,12 +164,21 @@ pub async fn answer(
     record.sql_sha256 = executed.plan_sha256;
     note.set_access(permit.describe());
     let schema = executed.stream.schema();
+    let in_full = permit
+        .grants()
+        .values()
+        .all(|g| g.level == crate::policy::AccessLevel::Rows && g.masks.is_empty());
     Ok(Box::pin(Audited {
         inner: executed.stream,
         schema,
         record: Some(record),
         audit: audit.clone(),
         note,
+        failures: if in_full {
+            Failures::InFull
+        } else {
+            Failures::ByKind(permit.describe())
+        },
     }))
 }
 
@@ -181,6 +190,83 @@ struct Audited {
     record: Option<AuditEntry>,
     audit: Arc<AuditLog>,
     note: Arc<Note>,
+    failures: Failures,
+}
+
+/// How a failure while the answer is computed is told to the caller.
+enum Failures {
+    /// In full: the caller may read every record value the message could hold.
+    InFull,
+    /// By its kind only, naming the access (masked, aggregate or verify grants).
+    ByKind(String),
+}
+
+/// Says what went wrong while an answer was computed without any value of the data
+/// in it: execution errors can quote the value that failed (a cast, a division), and
+/// a caller whose grant is not unmasked rows may not see record values. The first
+/// error is for the caller (the full one under [`Failures::InFull`]), the second
+/// for the audit record, which never holds the failure's text.
+fn worded(e: datafusion::error::DataFusionError, failures: &Failures) -> (Error, Error) {
+    let kind = failure_kind(&e);
+    let full = Error::from_datafusion(e);
+    let access = match failures {
+        Failures::InFull => "the member's operators can read its text in their log".to_string(),
+        Failures::ByKind(a) => format!(
+            "its text is not shown under {a}; the member's operators can read it in their log"
+        ),
+    };
+    let by_kind = match &full {
+        // These carry no values of the data.
+        Error::DeadlineExceeded(_)
+        | Error::Overloaded(_)
+        | Error::Busy { .. }
+        | Error::TooLarge(_)
+        | Error::Member { .. }
+        | Error::Unauthenticated(_)
+        | Error::PermissionDenied(_) => full.clone(),
+        Error::Database {
+            database,
+            unavailable: true,
+            reason,
+        } => Error::Database {
+            database: database.clone(),
+            unavailable: true,
+            reason: reason.clone(),
+        },
+        Error::Database { database, .. } => Error::Database {
+            database: database.clone(),
+            unavailable: false,
+            reason: format!("a statement failed ({access})"),
+        },
+        _ => match kind {
+            Some(k) => Error::InvalidQuery(format!("the query failed on the data: {k} ({access})")),
+            None => Error::Internal(format!(
+                "the answer failed while it was computed ({access})"
+            )),
+        },
+    };
+    match failures {
+        Failures::InFull => (full, by_kind),
+        Failures::ByKind(_) => (by_kind.clone(), by_kind),
+    }
+}
+
+/// The kind of a failure that the caller's own expressions cause on some value.
+fn failure_kind(e: &datafusion::error::DataFusionError) -> Option<&'static str> {
+    use datafusion::arrow::error::ArrowError as A;
+    use datafusion::error::DataFusionError as D;
+    match e {
+        D::Context(_, inner) => failure_kind(inner),
+        D::Shared(inner) => failure_kind(inner),
+        D::ArrowError(a, _) => match a.as_ref() {
+            A::DivideByZero => Some("division by zero"),
+            A::CastError(_) | A::ParseError(_) => Some("a value that does not convert"),
+            A::ArithmeticOverflow(_) | A::ComputeError(_) => Some("an arithmetic overflow"),
+            A::InvalidArgumentError(_) => Some("an invalid argument"),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 impl Audited {
@@ -220,9 +306,10 @@ impl Stream for Audited {
                 Poll::Ready(Some(Ok(b)))
             }
             Poll::Ready(Some(Err(e))) => {
-                let reason = e.to_string();
-                match self.finish(Decision::Failed, Some(reason)) {
-                    Ok(()) => Poll::Ready(Some(Err(e))),
+                tracing::warn!(error = %e, "A sub-query failed while its answer was computed");
+                let (told, recorded) = worded(e, &self.failures);
+                match self.finish(Decision::Failed, Some(recorded.to_string())) {
+                    Ok(()) => Poll::Ready(Some(Err(told.into_datafusion()))),
                     Err(a) => Poll::Ready(Some(Err(a.into_datafusion()))),
                 }
             }

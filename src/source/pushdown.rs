@@ -296,7 +296,12 @@ fn node_ok(plan: &LogicalPlan, db: &PgDatabase) -> bool {
     }
     match plan {
         LogicalPlan::Projection(p) => p.expr.iter().all(|e| expr_ok(e, p.input.schema(), c)),
-        LogicalPlan::Filter(f) => expr_ok(&f.predicate, f.input.schema(), c),
+        // A filter over an aggregate (a HAVING) stays in the gateway: DataFusion's
+        // unparser writes it over a derived table that does not name the
+        // aggregate's columns, which the database then cannot find.
+        LogicalPlan::Filter(f) => {
+            expr_ok(&f.predicate, f.input.schema(), c) && !over_aggregate(&f.input)
+        }
         LogicalPlan::Aggregate(a) => {
             a.group_expr.iter().all(|e| expr_ok(e, a.input.schema(), c))
                 && a.aggr_expr.iter().all(|e| expr_ok(e, a.input.schema(), c))
@@ -345,6 +350,15 @@ fn node_ok(plan: &LogicalPlan, db: &PgDatabase) -> bool {
         // Window functions stay in the gateway: DataFusion's unparser writes a window
         // under a filter as a derived table whose columns the filter cannot name.
         _ => false,
+    }
+}
+
+/// Whether the first node under any subquery aliases and projections is an aggregate.
+fn over_aggregate(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::SubqueryAlias(a) => over_aggregate(&a.input),
+        LogicalPlan::Projection(p) => over_aggregate(&p.input),
+        p => matches!(p, LogicalPlan::Aggregate(_)),
     }
 }
 

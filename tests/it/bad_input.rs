@@ -102,3 +102,45 @@ async fn values_a_code_table_cannot_map_are_counted_by_check() {
         "{field}"
     );
 }
+
+/// Deeply nested or chained expressions are refused by name before anything plans
+/// them (planning walks expression trees recursively), and a query just within the
+/// limit is answered: no input stops the gateway.
+#[tokio::test]
+async fn deep_expressions_are_refused_and_the_gateway_keeps_serving() {
+    let region = Region::start_only(Some(&["suzhou"])).await;
+    let client = region.client("suzhou");
+    let chain = |n: usize| vec!["pop_total"; n].join(" + ");
+    for sql in [
+        format!("SELECT {} AS x FROM census", chain(1_000)),
+        format!("SELECT {} AS x FROM census", chain(50_000)),
+        format!("SELECT {}1{} AS x", "(".repeat(5_000), ")".repeat(5_000)),
+        format!(
+            "SELECT count(*) FROM census WHERE {}",
+            vec!["pop_total > 1"; 2_000].join(" AND ")
+        ),
+    ] {
+        let f = client.query(&sql, false, None).await.unwrap_err();
+        assert_eq!(f.status.code(), tonic::Code::InvalidArgument, "{f}");
+        assert!(f.status.message().contains("nest"), "{f}");
+    }
+    let big = format!(
+        "SELECT '{}' AS x",
+        "a".repeat(fedgate::member::MAX_QUERY_BYTES)
+    );
+    let f = client.query(&big, false, None).await.unwrap_err();
+    assert!(f.status.message().contains("bytes long"), "{f}");
+    // Within the limit: planned, pushed to the members and answered.
+    let a = client
+        .query(
+            &format!(
+                "SELECT sum({}) AS x FROM census WHERE member = 'suzhou'",
+                chain(100)
+            ),
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+}

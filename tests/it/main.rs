@@ -6,6 +6,7 @@ mod proxy;
 mod support;
 
 mod admission;
+mod adversarial;
 mod bad_input;
 mod cache;
 mod configs;

@@ -369,7 +369,7 @@ async fn aggregate_access_refuses_records_and_everything_that_could_single_one_o
                 "SELECT county_code, sum(CASE WHEN id_number = '{id}' THEN 1 ELSE 0 END) AS s \
                  FROM enrollment GROUP BY county_code"
             ),
-            "not an expression over other fields",
+            "cannot be computed from its cells",
         ),
         (
             "SELECT count(*) FROM (SELECT * FROM enrollment ORDER BY birth_year LIMIT 1) t",

@@ -210,6 +210,26 @@ def test_mtls_caller_is_the_certificate(shanghai_https, office_tls):
     assert status["caller"] == "fedgate://yrd/office/coordination"
 
 
+def test_status_shows_a_caller_only_its_own_queries(shanghai_https, office_tls, certs):
+    def tls(name: str) -> ssl.SSLContext:
+        who = certs.identity(name)
+        ctx = ssl.create_default_context(cafile=str(certs.ca_path))
+        ctx.load_cert_chain(str(who.cert_path), str(who.key_path))
+        return ctx
+
+    office_uri = "fedgate://yrd/office/coordination"
+    ok_json(call(f"{shanghai_https}/v1/query", {"sql": "SELECT count(*) AS n FROM divisions"}, context=office_tls))
+    ok_json(call(f"{shanghai_https}/v1/query", {"sql": "SELECT count(*) AS n FROM census"}, context=tls("anji")))
+    mine = ok_json(call(f"{shanghai_https}/v1/status", context=office_tls))
+    origins = {r["origin"] for r in mine["recent"]}
+    assert origins == {office_uri}, origins
+    assert all(m["last_error"] is None for m in mine["members"])
+    # The member's own identity (its operators) sees every caller's queries.
+    everyone = ok_json(call(f"{shanghai_https}/v1/status", context=tls("shanghai")))
+    origins = {r["origin"] for r in everyone["recent"]}
+    assert {office_uri, "fedgate://yrd/county/anji"} <= origins, origins
+
+
 def test_mtls_refuses_without_client_certificate(shanghai_https, certs):
     ctx = ssl.create_default_context(cafile=str(certs.ca_path))  # trusts the server, no client cert
     with pytest.raises((OSError, http.client.HTTPException)) as err:
