@@ -103,7 +103,8 @@ pub fn nesting(sql: &str) -> Result<usize> {
             {
                 *runs.last_mut().expect("one run") = 0
             }
-            Token::Whitespace(_) | Token::Word(_) | Token::Number(..) => {}
+            // A qualified name (`t.x`) builds no deeper tree.
+            Token::Whitespace(_) | Token::Word(_) | Token::Number(..) | Token::Period => {}
             Token::SingleQuotedString(_) | Token::DoubleQuotedString(_) => {}
             _ => *runs.last_mut().expect("one run") += 1,
         }
