@@ -133,11 +133,13 @@ async fn start(dir: &Path) -> (Vec<Gateway>, Client) {
         let cfg = MemberConfig::load(&path).unwrap_or_else(|p| panic!("{p}"));
         gateways.push(Gateway::start(Arc::new(cfg), Some(l)).await.unwrap());
     }
+    // The hub's own identity: an organization's tools query through its own gateway,
+    // which speaks for them to the other members.
     let client = Client::connect(
         &format!("https://127.0.0.1:{}", gateways[0].addr.port()),
         &ca_path,
-        &certs.join("analyst.crt"),
-        &certs.join("analyst.key"),
+        &certs.join("hub.crt"),
+        &certs.join("hub.key"),
     )
     .unwrap();
     (gateways, client)

@@ -375,13 +375,15 @@ impl Region {
         &self.procs[name]
     }
 
+    /// A client of `gateway` with the gateway's own identity: an organization's tools
+    /// query through its own gateway, which speaks for them to the other members.
     fn client(&self, gateway: &str) -> Client {
         let certs = self.dir.path().join("certs");
         Client::connect(
             &format!("https://127.0.0.1:{}", self.proc(gateway).port),
             &self.ca,
-            &certs.join("analyst.crt"),
-            &certs.join("analyst.key"),
+            &certs.join(format!("{gateway}.crt")),
+            &certs.join(format!("{gateway}.key")),
         )
         .unwrap()
     }

@@ -75,6 +75,10 @@ pub enum EntryKind {
     Query,
     /// The log was reopened after a crash and an incomplete record was cut off.
     Recovered,
+    /// A member showed the database statements a sub-query would run (`Peer.Explain`),
+    /// or refused to. Nothing was read, but what a caller learns of the statements is
+    /// on the record like an answer.
+    Explain,
 }
 
 /// How a query or sub-query ended.
@@ -1263,7 +1267,7 @@ mod tests {
     prop_compose! {
         fn any_entry()(
             (kind, decision) in (
-                prop_oneof![Just(EntryKind::SubQuery), Just(EntryKind::Query), Just(EntryKind::Recovered)],
+                prop_oneof![Just(EntryKind::SubQuery), Just(EntryKind::Query), Just(EntryKind::Recovered), Just(EntryKind::Explain)],
                 prop_oneof![Just(Decision::Answered), Just(Decision::Refused), Just(Decision::Failed), Just(Decision::Cancelled)],
             ),
             (time, query_id, via, origin, sql) in (text(), text(), text(), text(), text()),

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::proto::v1::federation_client::FederationClient;
 use crate::proto::v1::{
     DescribeRequest, DescribeResponse, ExplainRequest, ExplainResponse, InvokeRequest, MemberState,
-    Progress, QueryRequest, QueryResponse, QuerySummary, query_response,
+    Progress, QueryRequest, QueryResponse, QuerySummary, VouchRequest, query_response,
 };
 use crate::tls::{Connector, TlsMaterial};
 
@@ -23,6 +23,8 @@ use crate::tls::{Connector, TlsMaterial};
 pub struct Client {
     inner: FederationClient<Channel>,
     gateway: String,
+    /// The caller's own gateway, when it is not this one (see [`Client::with_home`]).
+    home: Option<Box<Client>>,
 }
 
 /// A query's complete answer.
@@ -100,7 +102,65 @@ impl Client {
         Ok(Client {
             inner: FederationClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
             gateway: gateway.to_string(),
+            home: None,
         })
+    }
+
+    /// Asks through this gateway on behalf of an identity whose own gateway is
+    /// `home`: before each query, service call or explanation, `home` signs an origin
+    /// assertion for it (`Federation.Vouch`), which goes with the request. Without
+    /// one, members refuse a gateway that is not the caller's own.
+    pub fn with_home(mut self, home: Client) -> Client {
+        self.home = Some(Box::new(home));
+        self
+    }
+
+    /// Asks this gateway (the caller's own) for an origin assertion: the caller will
+    /// send `sql` (or call `service`) stating `purpose` through `gateway` (a member
+    /// name, identity or endpoint URL).
+    pub async fn vouch(
+        &self,
+        gateway: &str,
+        sql: Option<&str>,
+        service: Option<&str>,
+        purpose: &str,
+    ) -> std::result::Result<Vec<u8>, tonic::Status> {
+        Ok(self
+            .inner
+            .clone()
+            .vouch(VouchRequest {
+                gateway: gateway.to_string(),
+                sql: sql.unwrap_or_default().to_string(),
+                service: service.unwrap_or_default().to_string(),
+                purpose: purpose.to_string(),
+                validity_ms: 0,
+            })
+            .await?
+            .into_inner()
+            .assertion)
+    }
+
+    /// Adds the home gateway's assertion to `req`, when this client has a home.
+    async fn vouched<T>(
+        &self,
+        mut req: tonic::Request<T>,
+        sql: Option<&str>,
+        service: Option<&str>,
+        purpose: &str,
+    ) -> std::result::Result<tonic::Request<T>, tonic::Status> {
+        if let Some(home) = &self.home {
+            let a = home.vouch(&self.gateway, sql, service, purpose).await?;
+            req.metadata_mut().insert_bin(
+                crate::assertion::METADATA_KEY,
+                tonic::metadata::MetadataValue::from_bytes(&a),
+            );
+        }
+        Ok(req)
+    }
+
+    /// The generated gRPC client, for requests this API does not wrap.
+    pub fn raw(&self) -> FederationClient<Channel> {
+        self.inner.clone()
     }
 
     /// The gateway URL.
@@ -160,7 +220,15 @@ impl Client {
         sink: impl FnMut(RecordBatch) -> std::result::Result<(), tonic::Status>,
         progress: impl Fn(&Progress) + Send + Sync + 'static,
     ) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
+        let (sql, purpose) = (q.sql.clone(), q.purpose.clone());
         let req = with_deadline(q.timeout_ms, q);
+        let req = self
+            .vouched(req, Some(&sql), None, &purpose)
+            .await
+            .map_err(|status| Failure {
+                status,
+                summary: None,
+            })?;
         let stream = self
             .inner
             .clone()
@@ -181,7 +249,15 @@ impl Client {
         sink: impl FnMut(RecordBatch) -> std::result::Result<(), tonic::Status>,
         progress: impl Fn(&Progress) + Send + Sync + 'static,
     ) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
+        let (service, purpose) = (q.service.clone(), q.purpose.clone());
         let req = with_deadline(q.timeout_ms, q);
+        let req = self
+            .vouched(req, None, Some(&service), &purpose)
+            .await
+            .map_err(|status| Failure {
+                status,
+                summary: None,
+            })?;
         let stream = self
             .inner
             .clone()
@@ -197,12 +273,12 @@ impl Client {
 
     /// How the gateway would run `sql`.
     pub async fn explain(&self, sql: &str) -> std::result::Result<ExplainResponse, tonic::Status> {
-        Ok(self
-            .inner
-            .clone()
-            .explain(ExplainRequest { sql: sql.into() })
-            .await?
-            .into_inner())
+        let req = tonic::Request::new(ExplainRequest {
+            sql: sql.into(),
+            purpose: String::new(),
+        });
+        let req = self.vouched(req, Some(sql), None, "").await?;
+        Ok(self.inner.clone().explain(req).await?.into_inner())
     }
 
     /// Lists the canonical datasets.

@@ -69,7 +69,7 @@ pub const ACCESS_EXAMPLES: &[AccessExample] = &[
     AccessExample {
         title: "aggregate(k=10) for the regional office: enrolled people per county and scheme",
         caller: "coordination",
-        gateway: "shanghai",
+        gateway: "coordination",
         purpose: "",
         sql: "SELECT member, county_code, scheme, count(*) AS people FROM enrollment \
               GROUP BY member, county_code, scheme ORDER BY member, county_code, scheme LIMIT 8",
@@ -78,7 +78,7 @@ pub const ACCESS_EXAMPLES: &[AccessExample] = &[
     AccessExample {
         title: "aggregate(k=10): the office cannot read records",
         caller: "coordination",
-        gateway: "shanghai",
+        gateway: "coordination",
         purpose: "",
         sql: "SELECT name, phone FROM enrollment LIMIT 3",
         refused: true,
@@ -153,7 +153,8 @@ pub struct Materialized {
     pub gateways: Vec<(String, PathBuf, String)>,
     /// The CA certificate.
     pub ca: PathBuf,
-    /// Client-only identities (offices): name, certificate, key.
+    /// Offices' identities, which their people and tools query with: name,
+    /// certificate, key. An office with a gateway shares the identity with it.
     pub clients: Vec<(String, PathBuf, PathBuf)>,
 }
 
@@ -303,7 +304,7 @@ pub fn materialize_with_database(
         };
         let issued = ca.issue(&principal, &pki::default_hosts(), 365)?;
         let (crt, key) = pki::write_issued(&issued, &certs, &m.name)?;
-        if m.endpoint.is_none() {
+        if kind == Kind::Office {
             clients.push((m.name.clone(), crt, key));
         }
     }

@@ -1,7 +1,7 @@
 //! Arrow Flight SQL on the client port, so ADBC, the Flight SQL JDBC driver, pyarrow
 //! and BI tools can query the region as one database.
 //!
-//! The service is a front end of the same [`FederationService`] as `Federation.Query`:
+//! The service is a front end of the same [`FederationService`](crate::server::FederationService) as `Federation.Query`:
 //! the caller is the certificate's identity, admission, planning, member scans,
 //! audit and metrics are the same. What Flight SQL adds:
 //!
@@ -183,11 +183,13 @@ impl FlightSql {
         sql: String,
         partial: bool,
         timeout: Option<Duration>,
+        assertion: Option<std::sync::Arc<Vec<u8>>>,
     ) -> Result<Response<DoGetStream>, Status> {
         let g = self.current.load_full();
         let ask = Ask {
             allow_partial: partial,
             timeouts: timeout.into_iter().collect(),
+            assertion,
             ..Ask::sql(sql)
         };
         let started = g
@@ -246,8 +248,14 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<DoGetStream>, Status> {
         let origin = caller(&request)?;
         let sql = sql_of(&ticket.statement_handle, "ticket")?;
-        self.run(origin, sql, allow_partial(&request), grpc_timeout(&request))
-            .await
+        self.run(
+            origin,
+            sql,
+            allow_partial(&request),
+            grpc_timeout(&request),
+            crate::server::assertion_of(&request),
+        )
+        .await
     }
 
     async fn do_action_create_prepared_statement(
@@ -294,8 +302,14 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<DoGetStream>, Status> {
         let origin = caller(&request)?;
         let sql = sql_of(&cmd.prepared_statement_handle, "handle")?;
-        self.run(origin, sql, allow_partial(&request), grpc_timeout(&request))
-            .await
+        self.run(
+            origin,
+            sql,
+            allow_partial(&request),
+            grpc_timeout(&request),
+            crate::server::assertion_of(&request),
+        )
+        .await
     }
 
     async fn get_flight_info_catalogs(

@@ -408,9 +408,29 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T> {
     })
 }
 
+/// The origin assertion an HTTP caller sent (`fedgate-origin-assertion`, base64).
+fn assertion_header(headers: &http::HeaderMap) -> Result<Option<std::sync::Arc<Vec<u8>>>> {
+    use base64::Engine as _;
+    let Some(v) = headers.get(crate::assertion::HTTP_HEADER) else {
+        return Ok(None);
+    };
+    let bad = || {
+        Error::InvalidQuery(format!(
+            "header {} is not standard base64",
+            crate::assertion::HTTP_HEADER
+        ))
+    };
+    let text = v.to_str().map_err(|_| bad())?;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map(|b| Some(std::sync::Arc::new(b)))
+        .map_err(|_| bad())
+}
+
 async fn query(
     State(app): State<AppState>,
     Extension(Caller(who)): Extension<Caller>,
+    headers: http::HeaderMap,
     body: Bytes,
 ) -> Response {
     let g = app.current.load_full();
@@ -421,7 +441,12 @@ async fn query(
         Ok(q) => q,
         Err(e) => return error_response(&e, None),
     };
+    let assertion = match assertion_header(&headers) {
+        Ok(a) => a,
+        Err(e) => return error_response(&e, None),
+    };
     let ask = Ask {
+        assertion,
         allow_partial: q.allow_partial,
         timeouts: q
             .timeout_ms
@@ -445,6 +470,7 @@ async fn invoke(
         axum::extract::Query<CallOptions>,
         axum::extract::rejection::QueryRejection,
     >,
+    headers: http::HeaderMap,
     body: Bytes,
 ) -> Response {
     let g = app.current.load_full();
@@ -473,6 +499,10 @@ async fn invoke(
         Err(e) => return error_response(&fed.refuse_service(&who, &name, e), None),
     };
     ask.allow_partial = options.allow_partial;
+    ask.assertion = match assertion_header(&headers) {
+        Ok(a) => a,
+        Err(e) => return error_response(&e, None),
+    };
     ask.timeouts = options
         .timeout_ms
         .map(std::time::Duration::from_millis)

@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod arrow_ipc;
+pub mod assertion;
 pub mod audit;
 pub mod check;
 pub mod client;

@@ -211,6 +211,10 @@ struct Connection {
     /// This client's private key (PEM).
     #[arg(long, env = "FEDGATE_KEY")]
     key: PathBuf,
+    /// Your own organization's gateway URL, when --gateway is another's: before each
+    /// query it signs an origin assertion that lets --gateway speak for you.
+    #[arg(long, env = "FEDGATE_HOME")]
+    home: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -569,7 +573,11 @@ async fn bench(client: &Client, load: &fedgate::loadgen::Load, json: bool) -> Re
 }
 
 fn connect(c: &Connection) -> Result<Client> {
-    Ok(Client::connect(&c.gateway, &c.ca, &c.cert, &c.key)?)
+    let client = Client::connect(&c.gateway, &c.ca, &c.cert, &c.key)?;
+    Ok(match &c.home {
+        Some(home) => client.with_home(Client::connect(home, &c.ca, &c.cert, &c.key)?),
+        None => client,
+    })
 }
 
 async fn serve(config: &Path) -> Result<ExitCode> {
@@ -1054,7 +1062,7 @@ async fn demo(
     println!("fedgate demo: region yrd in {}", dir.display());
     for ((name, path, endpoint), g) in region.gateways.iter().zip(&gateways) {
         println!(
-            "  {name:<9} {endpoint}   (fedgate serve --config {})",
+            "  {name:<12} {endpoint}   (fedgate serve --config {})",
             path.display()
         );
         if let Some(h) = g.http_addr {
@@ -1067,15 +1075,21 @@ async fn demo(
             } else {
                 format!("http://{h}/ (loopback; callers act as {name})")
             };
-            println!("            status board, /metrics, JSON API: {url}");
+            println!("               status board, /metrics, JSON API: {url}");
         }
     }
     let (client_name, cert, key) = region
         .clients
         .first()
         .cloned()
-        .ok_or_else(|| anyhow!("the sample region has no client identity"))?;
-    let gateway = region.gateways[0].2.clone();
+        .ok_or_else(|| anyhow!("the sample region has no office identity"))?;
+    // The office queries through its own gateway, which speaks for it to the owners.
+    let gateway = region
+        .gateways
+        .iter()
+        .find(|(n, _, _)| *n == client_name)
+        .map(|(_, _, e)| e.clone())
+        .ok_or_else(|| anyhow!("the office {client_name} has no gateway"))?;
     println!("\nQuery the region as the regional office ({client_name}):");
     println!("  export FEDGATE_GATEWAY={gateway}");
     println!("  export FEDGATE_CA={}", region.ca.display());

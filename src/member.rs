@@ -8,7 +8,7 @@
 //!
 //! Flow: [`MemberEngine::prepare`] (parse, resolve datasets) -> [`crate::policy::authorize`]
 //! -> [`MemberEngine::execute`] (which takes the [`Permit`], plans the query among
-//! views that apply the permit's grants, and checks it with [`crate::guard`]).
+//! views that apply the permit's grants, and rewrites it with [`crate::restricted`]).
 //!
 //! Physical plans are cached, keyed by the sub-query's text, the permit's grants and
 //! the size and modification time of every source file: a plan holds the file sizes
@@ -178,10 +178,20 @@ pub fn session_config() -> SessionConfig {
 /// derived table whose columns the outer query then names by the wrong table. Member
 /// plans are small, so computing a repeated expression twice costs little.
 pub fn member_context() -> SessionContext {
+    context_with(session_config())
+}
+
+/// A member context that runs every plan in one partition: its answers are a
+/// deterministic function of its inputs (no thread decides which rows come first).
+fn sequential_context() -> SessionContext {
+    context_with(session_config().with_target_partitions(1))
+}
+
+fn context_with(config: SessionConfig) -> SessionContext {
     let mut rules = datafusion::optimizer::Optimizer::new().rules;
     rules.retain(|r| r.name() != "common_sub_expression_eliminate");
     let state = datafusion::execution::SessionStateBuilder::new()
-        .with_config(session_config())
+        .with_config(config)
         .with_default_features()
         .with_optimizer_rules(rules)
         .build();
@@ -475,6 +485,7 @@ impl MemberEngine {
         policy::authorize(
             &self.config.access,
             via,
+            via != &self.config.member.principal,
             origin,
             purpose,
             &self.fields_of(&p.datasets),
@@ -494,7 +505,7 @@ impl MemberEngine {
         self.fields_of(&self.config.member.serves)
             .into_iter()
             .map(|(d, fields)| {
-                match policy::grant_for(&self.config.access, origin, purpose, &d, &fields) {
+                match policy::grant_for(&self.config.access, None, origin, purpose, &d, &fields) {
                     Ok(g) => {
                         let field_access = |f: &String| -> String {
                             match (g.masks.get(f), g.level) {
@@ -588,7 +599,18 @@ impl MemberEngine {
         if let Some(granted) = self.granted.lock().expect("grant contexts").get(&key) {
             return Ok(granted.clone());
         }
-        let ctx = member_context();
+        // Under aggregate and verify grants the caller's plan runs sequentially, so
+        // that what it returns (and which rows a LIMIT keeps) depends on the owner's
+        // plans' output alone.
+        let any_restricted = permit
+            .grants()
+            .values()
+            .any(|g| matches!(g.level, AccessLevel::Aggregate { .. } | AccessLevel::Verify));
+        let ctx = if any_restricted {
+            sequential_context()
+        } else {
+            member_context()
+        };
         let mut restricted = BTreeMap::new();
         for (d, g) in permit.grants() {
             let base = self.views.read().expect("views").get(d).cloned();
@@ -662,7 +684,7 @@ impl MemberEngine {
 
     /// Runs a prepared sub-query under a permit that covers it: plans it among views
     /// that apply the permit's grants, checks and rewrites it for `aggregate` and
-    /// `verify` grants ([`crate::guard`]), and starts it.
+    /// `verify` grants ([`crate::restricted`]), and starts it.
     pub async fn execute(&self, permit: &Permit, p: Prepared) -> Result<Executed> {
         if !p.datasets.is_subset(&permit.datasets()) {
             return Err(Error::Internal(
@@ -677,16 +699,29 @@ impl MemberEngine {
         if let Some(cached) = self.plans.get(&key).await {
             tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted (plan cached)");
             let physical = fresh_copy(cached.plan.clone())?;
-            let stream = datafusion::physical_plan::execute_stream(physical, cached.ctx.task_ctx())
-                .map_err(Error::from_datafusion)?;
+            let stream = datafusion::physical_plan::execute_stream(
+                physical,
+                self.bounded_task(&cached.ctx)?,
+            )
+            .map_err(Error::from_datafusion)?;
             return Ok(Executed {
                 stream,
                 plan_sha256: cached.plan_sha256.clone(),
             });
         }
-        let (ctx, plan, plan_sha256) = self.plan_under(permit, p).await?;
+        let (ctx, plan, plan_sha256, cells) = self.plan_under(permit, p, true).await?;
         tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
         let physical = physical_plan(&ctx, &plan).await?;
+        if cells {
+            // The plan holds this moment's cells: it is never reused.
+            let stream =
+                datafusion::physical_plan::execute_stream(physical, self.bounded_task(&ctx)?)
+                    .map_err(Error::from_datafusion)?;
+            return Ok(Executed {
+                stream,
+                plan_sha256,
+            });
+        }
         self.plans
             .insert(
                 key,
@@ -698,12 +733,39 @@ impl MemberEngine {
             )
             .await;
         let physical = fresh_copy(physical)?;
-        let stream = datafusion::physical_plan::execute_stream(physical, ctx.task_ctx())
+        let stream = datafusion::physical_plan::execute_stream(physical, self.bounded_task(&ctx)?)
             .map_err(Error::from_datafusion)?;
         Ok(Executed {
             stream,
             plan_sha256,
         })
+    }
+
+    /// A task context for one sub-query in `ctx`, with a memory pool of its own
+    /// (`limits.query_memory_bytes`, as for a query at the coordinator): one
+    /// sub-query cannot take the memory of the others or of the process, and one that
+    /// needs more fails with the limit named. Spilling is off: records are never
+    /// written to disk on a caller's behalf.
+    fn bounded_task(
+        &self,
+        ctx: &SessionContext,
+    ) -> Result<Arc<datafusion::execution::TaskContext>> {
+        use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+        let pool = Arc::new(datafusion::execution::memory_pool::GreedyMemoryPool::new(
+            self.config.limits.query_memory_bytes as usize,
+        ));
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
+            &ctx.runtime_env(),
+        )
+        .with_memory_pool(pool)
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()
+        .map_err(Error::from_datafusion)?;
+        Ok(Arc::new(
+            datafusion::execution::TaskContext::from(&ctx.state()).with_runtime(runtime),
+        ))
     }
 
     /// Length and modification time of every file source (every entry of a folder
@@ -739,7 +801,7 @@ impl MemberEngine {
         permit: &Permit,
         p: Prepared,
     ) -> Result<Vec<(String, String)>> {
-        let (ctx, plan, _) = self.plan_under(permit, p).await?;
+        let (ctx, plan, _, _) = self.plan_under(permit, p, false).await?;
         let physical = physical_plan(&ctx, &plan).await?;
         let mut out = Vec::new();
         collect_database_queries(physical.as_ref(), &mut out);
@@ -747,12 +809,16 @@ impl MemberEngine {
     }
 
     /// Plans a sub-query among the views of its permit and checks it: the context,
-    /// the guarded logical plan and the plan's hash for the audit record.
+    /// the rewritten logical plan, the plan's hash for the audit record, and whether
+    /// the plan holds computed cells (`materialize`: the cells of `aggregate` grants
+    /// are computed first, see [`MemberEngine::released_cells`]; without it, as for
+    /// explaining, the cells' own plan stays in place).
     async fn plan_under(
         &self,
         permit: &Permit,
         p: Prepared,
-    ) -> Result<(SessionContext, LogicalPlan, String)> {
+        materialize: bool,
+    ) -> Result<(SessionContext, LogicalPlan, String, bool)> {
         if !p.datasets.is_subset(&permit.datasets()) {
             return Err(Error::Internal(
                 "permit does not cover the query's datasets".into(),
@@ -760,6 +826,15 @@ impl MemberEngine {
         }
         let Granted { ctx, restricted } = self.context_for(permit).await?;
         let plan = plan_query(&ctx.state(), p.statement).await?;
+        let cells = materialize
+            && restricted
+                .iter()
+                .any(|(d, r)| p.datasets.contains(d) && matches!(r.owned, Owned::Cells { .. }));
+        let restricted = if cells {
+            Arc::new(self.released_cells(&restricted, &p.datasets).await?)
+        } else {
+            restricted
+        };
         let plan = restricted::rewrite(plan, &restricted).map_err(|why| {
             Error::PermissionDenied(format!("member {}: {why}", self.config.member.name))
         })?;
@@ -770,7 +845,67 @@ impl MemberEngine {
             h.update(plan.display_indent().to_string().as_bytes());
             hex::encode(h.finalize())
         };
-        Ok((ctx, plan, plan_sha256))
+        Ok((ctx, plan, plan_sha256, cells))
+    }
+
+    /// Computes the released cells of every `aggregate` dataset in `datasets` and
+    /// puts them in place of the cells' plan: an in-memory table holding exactly the
+    /// cells of at least k records, sorted by all their columns. The caller's
+    /// expressions then run over released cells only, in an order that depends on
+    /// them alone (the hash tables that computed them saw withheld groups and
+    /// records, and their output order would tell of them).
+    async fn released_cells(
+        &self,
+        restricted: &BTreeMap<String, Restricted>,
+        datasets: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, Restricted>> {
+        use datafusion::logical_expr::{LogicalPlanBuilder, SortExpr};
+        let mut out = restricted.clone();
+        for (d, r) in restricted {
+            let Owned::Cells { plan, measures } = &r.owned else {
+                continue;
+            };
+            if !datasets.contains(d) {
+                continue;
+            }
+            let order: Vec<SortExpr> = plan
+                .schema()
+                .columns()
+                .into_iter()
+                .map(|c| datafusion::prelude::col(c).sort(true, true))
+                .collect();
+            let sorted = LogicalPlanBuilder::from(plan.clone())
+                .sort(order)
+                .and_then(|b| b.build())
+                .map_err(Error::from_datafusion)?;
+            let physical = physical_plan(&self.private, &sorted).await?;
+            let schema = physical.schema();
+            let batches =
+                datafusion::physical_plan::collect(physical, self.bounded_task(&self.private)?)
+                    .await
+                    .map_err(Error::from_datafusion)?;
+            let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])
+                .map_err(Error::from_datafusion)?;
+            let scan = LogicalPlanBuilder::scan(
+                format!("{d}_cells"),
+                datafusion::datasource::provider_as_source(Arc::new(table)),
+                None,
+            )
+            .and_then(|b| b.build())
+            .map_err(Error::from_datafusion)?;
+            out.insert(
+                d.clone(),
+                Restricted {
+                    grant: r.grant.clone(),
+                    fields: r.fields.clone(),
+                    owned: Owned::Cells {
+                        plan: scan,
+                        measures: measures.clone(),
+                    },
+                },
+            );
+        }
+        Ok(out)
     }
 }
 

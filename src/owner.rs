@@ -8,6 +8,7 @@
 //! batch and before the end-of-answer summary that the coordinator requires, so no
 //! answer is complete without its record — or when it fails or is abandoned.
 
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
@@ -36,6 +37,29 @@ pub struct Ask<'a> {
     pub query_id: &'a str,
     /// The sub-query's SQL as received.
     pub sql: &'a str,
+    /// The datasets the origin's assertion covers, when the sub-query arrived with one
+    /// (through a gateway that is not the origin's own); `None` when no assertion is
+    /// needed.
+    pub covered: Option<&'a BTreeSet<String>>,
+}
+
+/// Refuses a sub-query that reads a dataset its origin assertion does not cover.
+fn within_assertion(ask: &Ask<'_>, datasets: &BTreeSet<String>) -> Result<()> {
+    let Some(covered) = ask.covered else {
+        return Ok(());
+    };
+    let outside: Vec<&str> = datasets
+        .iter()
+        .filter(|d| !covered.contains(*d))
+        .map(String::as_str)
+        .collect();
+    if outside.is_empty() {
+        return Ok(());
+    }
+    Err(Error::PermissionDenied(format!(
+        "origin assertion refused: it does not cover dataset(s) {}",
+        outside.join(", ")
+    )))
 }
 
 /// What the owner tells the coordinator besides rows: how it shared the data and the
@@ -82,11 +106,52 @@ impl Note {
 }
 
 /// The statements a sub-query would send to the owner's databases, as (database,
-/// SQL), decided by the same access rules as [`answer`]; nothing is read.
-pub async fn explain(engine: &MemberEngine, ask: &Ask<'_>) -> Result<Vec<(String, String)>> {
-    let prepared = engine.prepare(ask.sql).await?;
-    let permit = engine.authorize(ask.via, ask.origin, ask.purpose, &prepared)?;
-    engine.database_queries(&permit, prepared).await
+/// SQL), decided by the same access rules as [`answer`]; nothing is read. The showing
+/// (or the refusal) is recorded like an answer, as an [`EntryKind::Explain`] record.
+pub async fn explain(
+    engine: &MemberEngine,
+    audit: &AuditLog,
+    ask: &Ask<'_>,
+) -> Result<Vec<(String, String)>> {
+    let record = |datasets: Vec<String>, permit: Option<&Permit>, failed: Option<&Error>| {
+        let mut e = entry(ask, datasets, permit);
+        e.kind = EntryKind::Explain;
+        match failed {
+            Some(why) => {
+                e.decision = Decision::Refused;
+                e.reason = Some(why.to_string());
+            }
+            None => e.decision = Decision::Answered,
+        }
+        audit.append(&e).map(|_| ())
+    };
+    let prepared = match engine.prepare(ask.sql).await {
+        Ok(p) => p,
+        Err(e) => {
+            record(Vec::new(), None, Some(&e))?;
+            return Err(e);
+        }
+    };
+    let datasets: Vec<String> = prepared.datasets.iter().cloned().collect();
+    let permit = match within_assertion(ask, &prepared.datasets)
+        .and_then(|()| engine.authorize(ask.via, ask.origin, ask.purpose, &prepared))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            record(datasets, None, Some(&e))?;
+            return Err(e);
+        }
+    };
+    match engine.database_queries(&permit, prepared).await {
+        Ok(statements) => {
+            record(datasets, Some(&permit), None)?;
+            Ok(statements)
+        }
+        Err(e) => {
+            record(datasets, Some(&permit), Some(&e))?;
+            Err(e)
+        }
+    }
 }
 
 fn entry(ask: &Ask, datasets: Vec<String>, permit: Option<&Permit>) -> AuditEntry {
@@ -128,6 +193,16 @@ pub fn refuse(
     Ok(())
 }
 
+/// Records a refused `Peer.Explain` (refused before the engine saw it).
+pub fn refuse_explain(audit: &AuditLog, ask: &Ask, why: &Error) -> Result<()> {
+    let mut e = entry(ask, Vec::new(), None);
+    e.kind = EntryKind::Explain;
+    e.decision = Decision::Refused;
+    e.reason = Some(why.to_string());
+    audit.append(&e)?;
+    Ok(())
+}
+
 /// The whole data-owner path for one sub-query: prepare, authorize, execute, audit.
 /// Returns the rows; the record is written when the stream ends or is dropped. `note`
 /// receives how the data is shared at once, and the record's hash once written.
@@ -145,6 +220,10 @@ pub async fn answer(
         }
     };
     let datasets: Vec<String> = prepared.datasets.iter().cloned().collect();
+    if let Err(e) = within_assertion(&ask, &prepared.datasets) {
+        refuse(audit, &ask, datasets, None, &e)?;
+        return Err(e);
+    }
     let permit = match engine.authorize(ask.via, ask.origin, ask.purpose, &prepared) {
         Ok(p) => p,
         Err(e) => {

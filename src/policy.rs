@@ -66,12 +66,24 @@ pub struct AccessRule {
     /// Purpose codes, one of which a query must state for the rule to apply; empty
     /// when the rule applies whatever the purpose.
     pub purposes: Vec<String>,
+    /// Patterns of the gateways through which the rule accepts its principals; empty
+    /// when any gateway entitled to speak for the origin will do. A query asked at
+    /// this member's own gateway passes through no other gateway and always qualifies.
+    pub via: Vec<String>,
 }
 
 impl AccessRule {
     fn covers(&self, p: &Principal, dataset: &str) -> bool {
         self.principals.iter().any(|pat| matches_pattern(pat, p))
             && self.datasets.iter().any(|d| d == "*" || d == dataset)
+    }
+
+    /// Whether the rule accepts a sub-query forwarded by `via` (`None`: asked here).
+    fn via_ok(&self, via: Option<&Principal>) -> bool {
+        match via {
+            None => true,
+            Some(v) => self.via.is_empty() || self.via.iter().any(|pat| matches_pattern(pat, v)),
+        }
     }
 
     fn purpose_ok(&self, purpose: Option<&str>) -> bool {
@@ -217,6 +229,9 @@ pub struct Denial {
     /// Purposes that would have let a rule apply, when the caller's purpose is missing
     /// or not among them.
     pub purposes: Vec<String>,
+    /// Gateways through which a rule would have applied, when the sub-query came
+    /// through another.
+    pub via: Vec<String>,
 }
 
 impl std::fmt::Display for Denial {
@@ -228,6 +243,14 @@ impl std::fmt::Display for Denial {
                 "dataset {} is not shared with this caller (no access rule grants it)",
                 self.dataset
             )?,
+        }
+        if !self.via.is_empty() {
+            write!(
+                f,
+                "; it is shared with this caller only through the gateways: {} (or asked \
+                 at this member's own gateway)",
+                self.via.join(", ")
+            )?;
         }
         if let Some(first) = self.purposes.first() {
             write!(
@@ -246,47 +269,63 @@ impl std::fmt::Display for Denial {
 /// apply to it.
 pub fn grant_for(
     rules: &[AccessRule],
+    via: Option<&Principal>,
     origin: &Principal,
     purpose: Option<&str>,
     dataset: &str,
     fields: &[String],
 ) -> Result<Grant, Denial> {
     let mut wanted_purposes = Vec::new();
+    let mut wanted_via = Vec::new();
     for r in rules.iter().filter(|r| r.covers(origin, dataset)) {
+        if !r.via_ok(via) {
+            wanted_via.extend(r.via.iter().cloned());
+            continue;
+        }
         if !r.purpose_ok(purpose) {
             wanted_purposes.extend(r.purposes.iter().cloned());
             continue;
         }
         if r.level == AccessLevel::Deny {
             wanted_purposes.dedup();
+            wanted_via.dedup();
             return Err(Denial {
                 dataset: dataset.into(),
                 rule: Some(r.index),
                 purposes: wanted_purposes,
+                via: wanted_via,
             });
         }
         return Ok(Grant::from_rule(r, fields));
     }
     wanted_purposes.dedup();
+    wanted_via.dedup();
     Err(Denial {
         dataset: dataset.into(),
         rule: None,
         purposes: wanted_purposes,
+        via: wanted_via,
     })
 }
 
 /// Decides whether `origin` (through gateway `via`, stating `purpose`) may read every
 /// dataset in `datasets` (name to canonical field names), and under which grants.
+/// `forwarded` says whether `via` forwarded the sub-query from elsewhere (false when
+/// the caller asked at this member's own gateway).
 pub fn authorize(
     rules: &[AccessRule],
     via: &Principal,
+    forwarded: bool,
     origin: &Principal,
     purpose: Option<&str>,
     datasets: &BTreeMap<String, Vec<String>>,
 ) -> Result<Permit, Denial> {
     let mut grants = BTreeMap::new();
     for (d, fields) in datasets {
-        grants.insert(d.clone(), grant_for(rules, origin, purpose, d, fields)?);
+        grants.insert(
+            d.clone(),
+            grant_for(rules, forwarded.then_some(via), origin, purpose, d, fields)?,
+        );
     }
     Ok(Permit {
         origin: origin.clone(),
@@ -335,6 +374,7 @@ mod tests {
             dimensions: BTreeSet::new(),
             keys: BTreeSet::new(),
             purposes: Vec::new(),
+            via: Vec::new(),
         }
     }
 
@@ -355,16 +395,24 @@ mod tests {
         let other = Principal::parse("fedgate://elsewhere/city/x").unwrap();
         let via = Principal::parse("fedgate://yrd/city/hefei").unwrap();
 
-        let p = authorize(&rules, &via, &office, None, &set(&["census", "divisions"])).unwrap();
+        let p = authorize(
+            &rules,
+            &via,
+            true,
+            &office,
+            None,
+            &set(&["census", "divisions"]),
+        )
+        .unwrap();
         assert_eq!(p.origin(), &office);
         assert_eq!(p.grants().len(), 2);
         assert_eq!(p.grants()["census"].rule, 1);
 
-        let d = authorize(&rules, &via, &county, None, &set(&["census"])).unwrap_err();
+        let d = authorize(&rules, &via, true, &county, None, &set(&["census"])).unwrap_err();
         assert_eq!(d.rule, Some(0));
-        assert!(authorize(&rules, &via, &county, None, &set(&["divisions"])).is_ok());
+        assert!(authorize(&rules, &via, true, &county, None, &set(&["divisions"])).is_ok());
 
-        let d = authorize(&rules, &via, &other, None, &set(&["divisions"])).unwrap_err();
+        let d = authorize(&rules, &via, true, &other, None, &set(&["divisions"])).unwrap_err();
         assert_eq!(d.rule, None);
         assert!(d.to_string().contains("no access rule grants it"));
     }
@@ -384,15 +432,16 @@ mod tests {
         let county = Principal::parse("fedgate://yrd/county/anji").unwrap();
         let ds = set(&["enrollment"]);
 
-        let d = authorize(&rules, &county, &county, None, &ds).unwrap_err();
+        let d = authorize(&rules, &county, false, &county, None, &ds).unwrap_err();
         assert_eq!(d.rule, None);
         assert!(d.to_string().contains("insurance-transfer"), "{d}");
-        let d = authorize(&rules, &county, &county, Some("curiosity"), &ds).unwrap_err();
+        let d = authorize(&rules, &county, false, &county, Some("curiosity"), &ds).unwrap_err();
         assert_eq!(d.purposes, vec!["insurance-transfer".to_string()]);
 
         let p = authorize(
             &rules,
             &county,
+            false,
             &county,
             Some("insurance-transfer: AJ-2026-17"),
             &ds,
@@ -403,6 +452,28 @@ mod tests {
         // Only masks of fields the dataset has are kept.
         assert_eq!(g.masks.keys().collect::<Vec<_>>(), vec!["id"]);
         assert_eq!(p.purpose(), Some("insurance-transfer: AJ-2026-17"));
+    }
+
+    #[test]
+    fn a_rule_naming_gateways_applies_only_through_them_or_asked_here() {
+        let mut r = rule(0, "fedgate://yrd/office/*", "census", AccessLevel::Rows);
+        r.via = vec!["fedgate://yrd/office/*".into()];
+        let rules = vec![r];
+        let office = Principal::parse("fedgate://yrd/office/coordination").unwrap();
+        let city = Principal::parse("fedgate://yrd/city/hefei").unwrap();
+        let ds = set(&["census"]);
+        // Through the office's own gateway.
+        assert!(authorize(&rules, &office, true, &office, None, &ds).is_ok());
+        // Through a city's gateway: refused, and the denial names the gateways.
+        let d = authorize(&rules, &city, true, &office, None, &ds).unwrap_err();
+        assert_eq!(d.rule, None);
+        assert!(
+            d.to_string()
+                .contains("only through the gateways: fedgate://yrd/office/*"),
+            "{d}"
+        );
+        // Asked at this member's own gateway: no other gateway spoke for the caller.
+        assert!(authorize(&rules, &city, false, &office, None, &ds).is_ok());
     }
 
     #[test]

@@ -94,6 +94,17 @@ pub struct Ask {
     pub no_plan_cache: bool,
     /// The stated purpose (empty: none).
     pub purpose: String,
+    /// The origin's assertion (an encoded `SignedOriginAssertion`), when the caller
+    /// asks through a gateway that is not its own.
+    pub assertion: Option<Arc<Vec<u8>>>,
+}
+
+/// The origin assertion a gRPC caller sent, if any.
+pub(crate) fn assertion_of<T>(req: &Request<T>) -> Option<Arc<Vec<u8>>> {
+    req.metadata()
+        .get_bin(crate::assertion::METADATA_KEY)
+        .and_then(|v| v.to_bytes().ok())
+        .map(|b| Arc::new(b.to_vec()))
 }
 
 impl Ask {
@@ -147,6 +158,11 @@ pub struct FederationService {
     admission: Arc<crate::admission::Admission>,
     audit: Arc<AuditLog>,
     observer: Arc<crate::observe::Observer>,
+    /// This gateway's certificate and key: it signs assertions for its own identity
+    /// and checks the ones callers bring.
+    tls: Arc<TlsMaterial>,
+    /// Assertions callers have presented here, each good for one query.
+    nonces: Arc<crate::assertion::Nonces>,
 }
 
 /// The outcome word of a finished query, for metrics and the status board.
@@ -227,6 +243,125 @@ impl FederationService {
         recorded
     }
 
+    /// Checks an assertion a caller brought: signed by the caller's own gateway, for
+    /// this gateway, this query and purpose, current, and not used before.
+    fn check_assertion(&self, origin: &Principal, ask: &Ask, encoded: &[u8]) -> Result<()> {
+        let config = self.coordinator.config();
+        let now = std::time::SystemTime::now();
+        let v = crate::assertion::verify(&self.tls, &config.region, encoded, now)?;
+        let digest = match &ask.service {
+            Some(s) => crate::assertion::service_digest(s),
+            None => crate::assertion::sql_digest(&ask.sql),
+        };
+        v.covers(&crate::assertion::Expected {
+            origin,
+            via: &config.member.principal,
+            audience: None,
+            purpose: &ask.purpose,
+            query_sha256: Some(&digest),
+            now,
+        })?;
+        // Each query presents it once here; the owners bind it to the query id.
+        self.nonces
+            .bind(&v.body.nonce, &uuid::Uuid::new_v4().to_string())
+    }
+
+    /// Signs an origin assertion for this gateway's own identity (`Federation.Vouch`).
+    pub fn vouch_for(&self, caller: &Principal, r: &VouchRequest) -> Result<VouchResponse> {
+        let config = self.coordinator.config();
+        let region = &config.region;
+        let me = &config.member.principal;
+        if caller != me {
+            return Err(Error::PermissionDenied(format!(
+                "{caller} asked {me}'s gateway to vouch for it; a gateway vouches only for \
+                 its own identity (ask your own gateway)"
+            )));
+        }
+        // The gateway by identity, member name or endpoint URL.
+        let via = region
+            .members
+            .iter()
+            .filter(|m| m.endpoint.is_some())
+            .find(|m| {
+                m.principal.uri() == r.gateway
+                    || m.name == r.gateway
+                    || m.endpoint.as_ref().is_some_and(|e| {
+                        e.url.trim_end_matches('/') == r.gateway.trim_end_matches('/')
+                    })
+            })
+            .map(|m| m.principal.clone())
+            .ok_or_else(|| {
+                Error::InvalidQuery(format!(
+                    "gateway {:?} is not a member gateway of region {} (name it by member \
+                     name, identity or endpoint URL)",
+                    r.gateway, region.name
+                ))
+            })?;
+        if !r.purpose.is_empty() {
+            crate::policy::validate_purpose(&r.purpose).map_err(Error::InvalidQuery)?;
+        }
+        // The purpose as the coordinator will state it (a service may fix its code).
+        let (datasets, digest, purpose) = match (r.sql.is_empty(), r.service.is_empty()) {
+            (false, true) => (
+                self.coordinator.datasets_of(&r.sql)?,
+                crate::assertion::sql_digest(&r.sql),
+                r.purpose.clone(),
+            ),
+            (true, false) => {
+                let s = region
+                    .services
+                    .iter()
+                    .find(|s| s.name == r.service)
+                    .ok_or_else(|| {
+                        Error::NotFound(format!("no published service {:?}", r.service))
+                    })?;
+                (
+                    self.coordinator.datasets_of(&s.sql)?,
+                    crate::assertion::service_digest(&s.name),
+                    crate::services::purpose(s, Some(&r.purpose))?,
+                )
+            }
+            _ => {
+                return Err(Error::InvalidQuery(
+                    "a vouch names either sql or a service, not both or neither".into(),
+                ));
+            }
+        };
+        let validity = match r.validity_ms {
+            0 => crate::assertion::DEFAULT_VALIDITY,
+            ms => Duration::from_millis(ms),
+        };
+        if validity > crate::assertion::MAX_VALIDITY {
+            return Err(Error::InvalidQuery(format!(
+                "an assertion is valid for at most {} s",
+                crate::assertion::MAX_VALIDITY.as_secs()
+            )));
+        }
+        let audience: std::collections::BTreeSet<String> = datasets
+            .iter()
+            .flat_map(|d| region.servers_of(d))
+            .filter(|m| m.endpoint.is_some())
+            .map(|m| m.principal.uri())
+            .collect();
+        let body = crate::assertion::Vouch {
+            origin: me,
+            via: &via,
+            audience: audience.into_iter().collect(),
+            datasets: datasets.into_iter().collect(),
+            purpose: &purpose,
+            query_sha256: digest,
+            now: std::time::SystemTime::now(),
+            validity,
+        }
+        .body();
+        let assertion = crate::assertion::sign(&self.tls, &body)?;
+        tracing::info!(%via, datasets = ?body.datasets, nonce = %body.nonce, "Vouched for a query through another gateway");
+        Ok(VouchResponse {
+            assertion,
+            covers: Some(body),
+        })
+    }
+
     /// Admits, plans and starts a client query. A query refused before it runs is
     /// recorded and returned as the error; one that starts is recorded when it ends.
     pub async fn start(&self, origin: Principal, ask: Ask) -> Result<Started> {
@@ -251,6 +386,13 @@ impl FederationService {
             && let Err(why) = crate::policy::validate_purpose(&ask.purpose)
         {
             return Err(refuse(Error::InvalidQuery(why)));
+        }
+        // The owners check the assertion themselves; checking it here too tells a
+        // caller at once, and by name, what is wrong with it.
+        if let Some(a) = &ask.assertion
+            && let Err(e) = self.check_assertion(&origin, &ask, a)
+        {
+            return Err(refuse(e));
         }
         let timeout = ask
             .timeouts
@@ -289,6 +431,7 @@ impl FederationService {
                     plan_cache: !ask.no_plan_cache,
                     purpose: (!ask.purpose.is_empty()).then(|| ask.purpose.clone()),
                     params: ask.params.clone(),
+                    assertion: ask.assertion.clone(),
                     span: span.clone(),
                 },
             )
@@ -543,6 +686,7 @@ impl Federation for FederationService {
     ) -> std::result::Result<Response<Self::QueryStream>, Status> {
         let origin = caller(&req)?;
         let grpc = grpc_timeout(&req);
+        let assertion = assertion_of(&req);
         let q = req.into_inner();
         let ask = Ask {
             sql: q.sql,
@@ -554,6 +698,7 @@ impl Federation for FederationService {
             no_pushdown: q.no_pushdown,
             no_plan_cache: q.no_plan_cache,
             purpose: q.purpose,
+            assertion,
             ..Ask::default()
         };
         let started = self.start(origin, ask).await.map_err(|e| e.to_status())?;
@@ -566,6 +711,7 @@ impl Federation for FederationService {
     ) -> std::result::Result<Response<Self::InvokeStream>, Status> {
         let origin = caller(&req)?;
         let grpc = grpc_timeout(&req);
+        let assertion = assertion_of(&req);
         let q = req.into_inner();
         let given = q
             .params
@@ -576,6 +722,7 @@ impl Federation for FederationService {
             .service_ask(&origin, &q.service, &given, Some(q.purpose.as_str()))
             .map_err(|e| self.refuse_service(&origin, &q.service, e).to_status())?;
         ask.allow_partial = q.allow_partial;
+        ask.assertion = assertion;
         ask.timeouts = [Some(Duration::from_millis(q.timeout_ms)), grpc]
             .into_iter()
             .flatten()
@@ -589,9 +736,12 @@ impl Federation for FederationService {
         req: Request<ExplainRequest>,
     ) -> std::result::Result<Response<ExplainResponse>, Status> {
         let origin = caller(&req)?;
+        let assertion = assertion_of(&req);
+        let q = req.into_inner();
+        let purpose = (!q.purpose.is_empty()).then_some(q.purpose);
         let e = self
             .coordinator
-            .explain(origin, &req.into_inner().sql)
+            .explain(origin, &q.sql, purpose, assertion)
             .await
             .map_err(|e| e.to_status())?;
         Ok(Response::new(ExplainResponse {
@@ -627,6 +777,16 @@ impl Federation for FederationService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn vouch(
+        &self,
+        req: Request<VouchRequest>,
+    ) -> std::result::Result<Response<VouchResponse>, Status> {
+        let who = caller(&req)?;
+        self.vouch_for(&who, req.get_ref())
+            .map(Response::new)
+            .map_err(|e| e.to_status())
     }
 
     async fn describe(
@@ -725,11 +885,23 @@ pub struct PeerService {
     admission: Arc<Semaphore>,
     audit: Arc<AuditLog>,
     observer: Arc<crate::observe::Observer>,
+    /// The region CA this member checks origin assertions' signers against.
+    tls: Arc<TlsMaterial>,
+    /// Origin assertions seen, each bound to the query it was first used for.
+    nonces: Arc<crate::assertion::Nonces>,
+}
+
+/// A sub-query's origin, once the owner accepts that the calling gateway speaks for
+/// it.
+struct Admitted {
+    origin: Principal,
+    /// The datasets the origin's assertion covers, when one was needed.
+    covered: Option<std::collections::BTreeSet<String>>,
 }
 
 impl PeerService {
-    /// Checks the calling gateway, the origin and the hop path.
-    fn admit(&self, via: &Principal, q: &ExecuteRequest) -> Result<Principal> {
+    /// Checks the calling gateway, the origin, who speaks for it, and the hop path.
+    fn admit(&self, via: &Principal, q: &ExecuteRequest) -> Result<Admitted> {
         let region = &self.config.region;
         match region.member_by_principal(via) {
             Some(m) if m.endpoint.is_some() => {}
@@ -769,7 +941,36 @@ impl PeerService {
                 self.config.member.name, q.path
             )));
         }
-        Ok(origin)
+        // An organization's own gateway speaks for its identity; any other gateway
+        // needs the origin's gateway's signed word for this query.
+        if &origin == via {
+            return Ok(Admitted {
+                origin,
+                covered: None,
+            });
+        }
+        if q.origin_assertion.is_empty() {
+            return Err(Error::PermissionDenied(format!(
+                "{via} forwards for {origin} without an origin assertion; a gateway speaks \
+                 only for its own identity unless the origin's gateway vouches for the query \
+                 (Federation.Vouch), so ask through {origin}'s own gateway"
+            )));
+        }
+        let now = std::time::SystemTime::now();
+        let v = crate::assertion::verify(&self.tls, region, &q.origin_assertion, now)?;
+        v.covers(&crate::assertion::Expected {
+            origin: &origin,
+            via,
+            audience: Some(&self.config.member.principal),
+            purpose: &q.purpose,
+            query_sha256: None,
+            now,
+        })?;
+        self.nonces.bind(&v.body.nonce, &q.query_id)?;
+        Ok(Admitted {
+            origin,
+            covered: Some(v.datasets()),
+        })
     }
 }
 
@@ -844,6 +1045,7 @@ impl PeerService {
                 purpose,
                 query_id: &q.query_id,
                 sql: &q.sql,
+                covered: None,
             };
             tracing::warn!(query_id = %q.query_id, %via, error = %e, "Sub-query refused");
             match owner::refuse(&self.audit, &ask, Vec::new(), None, &e) {
@@ -851,8 +1053,8 @@ impl PeerService {
                 Err(a) => a.to_status(),
             }
         };
-        let origin = match self.admit(&via, &q) {
-            Ok(o) => o,
+        let Admitted { origin, covered } = match self.admit(&via, &q) {
+            Ok(a) => a,
             Err(e) => {
                 let claimed = Principal::parse(&q.origin).unwrap_or_else(|_| via.clone());
                 return Err(refused(&claimed, e));
@@ -884,6 +1086,7 @@ impl PeerService {
             purpose,
             query_id: &q.query_id,
             sql: &q.sql,
+            covered: covered.as_ref(),
         };
         let note = Arc::new(owner::Note::default());
         let answer = owner::answer(&engine, &self.audit, ask, note.clone());
@@ -955,15 +1158,36 @@ impl PeerService {
             ))
             .to_status()
         })?;
-        let origin = self.admit(&via, &q).map_err(|e| e.to_status())?;
+        let purpose = (!q.purpose.is_empty()).then_some(q.purpose.as_str());
+        let Admitted { origin, covered } = match self.admit(&via, &q) {
+            Ok(a) => a,
+            Err(e) => {
+                // A refused explanation is on the record too, under the claimed origin.
+                let claimed = Principal::parse(&q.origin).unwrap_or_else(|_| via.clone());
+                let ask = owner::Ask {
+                    via: &via,
+                    origin: &claimed,
+                    purpose,
+                    query_id: &q.query_id,
+                    sql: &q.sql,
+                    covered: None,
+                };
+                tracing::warn!(query_id = %q.query_id, %via, error = %e, "Explain refused");
+                return Err(match owner::refuse_explain(&self.audit, &ask, &e) {
+                    Ok(()) => e.to_status(),
+                    Err(a) => a.to_status(),
+                });
+            }
+        };
         let ask = owner::Ask {
             via: &via,
             origin: &origin,
-            purpose: (!q.purpose.is_empty()).then_some(q.purpose.as_str()),
+            purpose,
             query_id: &q.query_id,
             sql: &q.sql,
+            covered: covered.as_ref(),
         };
-        let statements = owner::explain(&engine, &ask)
+        let statements = owner::explain(&engine, &self.audit, &ask)
             .await
             .map_err(|e| e.to_status())?
             .into_iter()
@@ -1081,7 +1305,11 @@ impl Generation {
         observer: Arc<crate::observe::Observer>,
         previous: Option<&Generation>,
     ) -> Result<Generation> {
-        let tls = TlsMaterial::load(&config.region.ca_path, &config.cert_path, &config.key_path)?;
+        let tls = Arc::new(TlsMaterial::load(
+            &config.region.ca_path,
+            &config.cert_path,
+            &config.key_path,
+        )?);
         if tls.principal != config.member.principal {
             return Err(Error::Config(format!(
                 "{}: certificate identity {} does not match member {} ({})",
@@ -1149,6 +1377,10 @@ impl Generation {
                 admission,
                 audit: audit.clone(),
                 observer: observer.clone(),
+                tls: tls.clone(),
+                nonces: previous
+                    .map(|p| p.federation.nonces.clone())
+                    .unwrap_or_default(),
             },
             peer: PeerService {
                 config: config.clone(),
@@ -1156,6 +1388,9 @@ impl Generation {
                 admission: sub_admission,
                 audit,
                 observer,
+                tls,
+                // Kept across reloads: a reload must not make a used assertion new.
+                nonces: previous.map(|p| p.peer.nonces.clone()).unwrap_or_default(),
             },
             config,
         })
@@ -1201,6 +1436,14 @@ impl Federation for LiveFederation {
     ) -> std::result::Result<Response<DescribeResponse>, Status> {
         let g = self.0.load_full();
         g.federation.describe(req).await
+    }
+
+    async fn vouch(
+        &self,
+        req: Request<VouchRequest>,
+    ) -> std::result::Result<Response<VouchResponse>, Status> {
+        let g = self.0.load_full();
+        Federation::vouch(&g.federation, req).await
     }
 }
 

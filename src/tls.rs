@@ -32,7 +32,7 @@ use crate::identity::{Principal, principal_from_cert};
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -70,6 +70,37 @@ impl TlsMaterial {
         // Building both configs checks that the key matches the certificate.
         m.server_config()?;
         Ok(m)
+    }
+
+    /// This party's certificate chain, end entity first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// This party's private key as a signer (origin assertions are signed with the
+    /// gateway's own TLS key, so no other key has to be issued or kept).
+    pub fn signing_key(&self) -> Result<Arc<dyn rustls::sign::SigningKey>> {
+        rustls::crypto::ring::sign::any_supported_type(&self.key)
+            .map_err(|e| Error::Tls(format!("private key of {}: {e}", self.principal)))
+    }
+
+    /// Checks that `chain` (end entity first) is issued by the region CA and valid at
+    /// `now`, as for a client certificate in the TLS handshake.
+    pub fn verify_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<()> {
+        let Some((end, rest)) = chain.split_first() else {
+            return Err(Error::Tls("empty certificate chain".into()));
+        };
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
+        verifier
+            .verify_client_cert(end, rest, now)
+            .map(|_| ())
+            .map_err(|e| Error::Tls(e.to_string()))
     }
 
     /// Checks that this party's own certificate chains to the region CA and is valid

@@ -543,7 +543,8 @@ pub struct Limits {
     pub retries: u32,
     /// Bytes of member answers cached as coordinator.
     pub result_cache_bytes: u64,
-    /// Memory one query may use at this coordinator.
+    /// Memory one query may use at this coordinator, and one sub-query in this
+    /// member's own engine.
     pub query_memory_bytes: u64,
     /// Most rows one answer may have.
     pub max_rows: Option<u64>,
@@ -1053,6 +1054,11 @@ fn validate_access(
         if a.principals.is_empty() {
             pr.add(path, format!("{key}.principals"), "names no principal");
         }
+        for p in &a.via {
+            if let Err(e) = identity::validate_pattern(p) {
+                pr.add(path, format!("{key}.via"), e);
+            }
+        }
         for d in &a.datasets {
             if d != "*" && region.dataset(d).is_none() {
                 pr.add(
@@ -1228,6 +1234,7 @@ fn validate_access(
             dimensions,
             keys,
             purposes: a.purposes.clone(),
+            via: a.via.clone(),
         });
     }
     access

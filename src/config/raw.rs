@@ -412,6 +412,11 @@ pub struct RawAccessRule {
     /// Purpose codes, one of which a query must state for this rule to apply.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub purposes: Vec<String>,
+    /// Patterns of the gateways through which this rule accepts its principals (the
+    /// coordinator that forwards the sub-query); empty: any gateway entitled to speak
+    /// for the origin. A query asked at this member's own gateway always qualifies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub via: Vec<String>,
 }
 
 /// `[http]`: the gateway's HTTP port.

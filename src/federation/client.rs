@@ -38,6 +38,8 @@ pub struct SubQuery {
     pub received: Arc<std::sync::atomic::AtomicU64>,
     /// The purpose the caller stated.
     pub purpose: Option<String>,
+    /// The origin's assertion, when the coordinator is not the origin's own gateway.
+    pub assertion: Option<Arc<Vec<u8>>>,
     /// Filled by the member: how it shared the data and its audit record's hash.
     pub note: Arc<Note>,
     /// The member call's span; its trace context goes with the request.
@@ -53,6 +55,8 @@ impl SubQuery {
             purpose: self.purpose.as_deref(),
             query_id: &self.query_id,
             sql: &self.sql,
+            // In process: the owner sees the caller first-hand.
+            covered: None,
         }
     }
 
@@ -66,6 +70,11 @@ impl SubQuery {
             budget_ms: self.budget.as_millis() as u64,
             query_id: self.query_id.clone(),
             purpose: self.purpose.clone().unwrap_or_default(),
+            origin_assertion: self
+                .assertion
+                .as_ref()
+                .map(|a| a.as_ref().clone())
+                .unwrap_or_default(),
         });
         req.set_timeout(self.budget);
         crate::telemetry::inject(&self.span, req.metadata_mut());
@@ -256,8 +265,11 @@ impl MemberClient {
     pub async fn explain(&self, q: SubQuery) -> Result<Vec<(String, String)>> {
         match self {
             MemberClient::Local {
-                name, engine, me, ..
-            } => owner::explain(engine, &q.ask(me))
+                name,
+                engine,
+                me,
+                audit,
+            } => owner::explain(engine, audit, &q.ask(me))
                 .await
                 .map_err(|e| member_error(name, e)),
             MemberClient::Remote {

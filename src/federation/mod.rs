@@ -14,7 +14,7 @@ pub mod state;
 pub mod table;
 pub mod unparse;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +72,8 @@ pub struct QueryOptions {
     pub purpose: Option<String>,
     /// Values bound to the query's `$name` placeholders (published services).
     pub params: Option<datafusion::common::ParamValues>,
+    /// The origin's assertion, sent with every sub-query (see [`crate::assertion`]).
+    pub assertion: Option<Arc<Vec<u8>>>,
     /// The query's span: member calls are its children, and its trace context
     /// travels with every sub-query.
     pub span: tracing::Span,
@@ -86,6 +88,7 @@ impl Default for QueryOptions {
             plan_cache: true,
             purpose: None,
             params: None,
+            assertion: None,
             span: tracing::Span::none(),
         }
     }
@@ -321,6 +324,46 @@ impl Coordinator {
         }
     }
 
+    /// The canonical datasets a parsed query reads; any other table is an error that
+    /// lists the region's datasets.
+    fn datasets_in(
+        &self,
+        state: &SessionState,
+        stmt: &datafusion::sql::parser::Statement,
+    ) -> Result<BTreeSet<String>> {
+        let mut found = BTreeSet::new();
+        for r in state
+            .resolve_table_references(stmt)
+            .map_err(Error::from_datafusion)?
+        {
+            match &r {
+                TableReference::Bare { table }
+                    if self
+                        .tables
+                        .iter()
+                        .any(|(n, _)| n.as_str() == table.as_ref()) =>
+                {
+                    found.insert(table.to_string());
+                }
+                _ => {
+                    let names: Vec<&str> = self.tables.iter().map(|(n, _)| n.as_str()).collect();
+                    return Err(Error::InvalidQuery(format!(
+                        "unknown dataset {r}; the region's canonical datasets are: {}",
+                        names.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The canonical datasets `sql` reads (what an origin assertion for it covers).
+    pub fn datasets_of(&self, sql: &str) -> Result<BTreeSet<String>> {
+        let state = self.session(true);
+        let stmt = crate::member::parse_query(state, sql)?;
+        self.datasets_in(state, &stmt)
+    }
+
     /// Plans a caller's SQL into a physical plan, from the plan cache when the same
     /// normalized query was planned under the same configuration for the same caller.
     /// Table names are checked against the canonical datasets first, so an unknown
@@ -366,19 +409,7 @@ impl Coordinator {
             return Ok((p, true));
         }
         // A cached plan passed these checks when it was made.
-        for r in state
-            .resolve_table_references(&stmt)
-            .map_err(Error::from_datafusion)?
-        {
-            let known = matches!(&r, TableReference::Bare { table } if self.tables.iter().any(|(n, _)| n.as_str() == table.as_ref()));
-            if !known {
-                let names: Vec<&str> = self.tables.iter().map(|(n, _)| n.as_str()).collect();
-                return Err(Error::InvalidQuery(format!(
-                    "unknown dataset {r}; the region's canonical datasets are: {}",
-                    names.join(", ")
-                )));
-            }
-        }
+        self.datasets_in(state, &stmt)?;
         let plan = crate::member::plan_query(state, stmt).await?;
         // Bound values replace the placeholders as typed literals before anything is
         // optimized or unparsed into member SQL, so a value is never SQL text.
@@ -428,6 +459,7 @@ impl Coordinator {
                 .collect(),
         );
         state.purpose = opts.purpose.clone();
+        state.assertion = opts.assertion.clone();
         state.span = opts.span.clone();
         Arc::new(state)
     }
@@ -607,7 +639,13 @@ impl Coordinator {
     }
 
     /// The physical plan of `sql` as text, with the SQL each member would receive.
-    pub async fn explain(&self, origin: Principal, sql: &str) -> Result<Explained> {
+    pub async fn explain(
+        &self,
+        origin: Principal,
+        sql: &str,
+        purpose: Option<String>,
+        assertion: Option<Arc<Vec<u8>>>,
+    ) -> Result<Explained> {
         let opts = QueryOptions::default();
         let (plan, _) = self.plan(&origin, sql, &opts).await?;
         let mut subqueries = Vec::new();
@@ -621,9 +659,10 @@ impl Coordinator {
                     origin: origin.clone(),
                     query_id: format!("explain-{}", uuid::Uuid::new_v4()),
                     budget: self.config.limits.default_timeout,
-                    path: vec![self.config.member.name.clone()],
+                    path: vec![self.config.member.principal.uri()],
                     received: Default::default(),
-                    purpose: None,
+                    purpose: purpose.clone(),
+                    assertion: assertion.clone(),
                     note: Default::default(),
                     span: tracing::Span::current(),
                 };

@@ -2,7 +2,7 @@
 //! answered, with how many rows, and why the others did not.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, MemberFailure};
@@ -27,6 +27,9 @@ pub struct QueryState {
     pub allow_partial: bool,
     /// The purpose the caller stated; it travels with every sub-query.
     pub purpose: Option<String>,
+    /// The origin's assertion (an encoded `SignedOriginAssertion`) when this gateway
+    /// is not the origin's own; it travels with every sub-query.
+    pub assertion: Option<Arc<Vec<u8>>>,
     /// The query's span, parent of its member calls.
     pub span: tracing::Span,
     /// Region member names in file order, for a stable summary.
@@ -88,6 +91,7 @@ impl QueryState {
             member_deadline: started + member_budget,
             allow_partial,
             purpose: None,
+            assertion: None,
             span: tracing::Span::none(),
             order,
             members: Mutex::new(BTreeMap::new()),

@@ -484,6 +484,7 @@ impl ExecutionPlan for FederatedScanExec {
             path: vec![state.coordinator.uri()],
             received: received.clone(),
             purpose: state.purpose.clone(),
+            assertion: state.assertion.clone(),
             note: note.clone(),
         };
         let member = target.name().to_string();

@@ -482,6 +482,7 @@ async fn ask(
         purpose: None,
         query_id: "adversarial",
         sql,
+        covered: None,
     };
     let stream = fedgate::owner::answer(engine, audit, a, Default::default())
         .await

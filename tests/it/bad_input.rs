@@ -144,3 +144,34 @@ async fn deep_expressions_are_refused_and_the_gateway_keeps_serving() {
         .unwrap();
     assert_eq!(a.batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
 }
+
+/// A sub-query sent whole to a member runs there in a memory pool of its own: one
+/// that needs more than the member's `limits.query_memory_bytes` fails at that member
+/// with the limit named, while the coordinator (with the default, far larger limit)
+/// and the member keep serving.
+#[tokio::test]
+async fn a_sub_query_over_the_members_memory_limit_fails_there_with_the_limit_named() {
+    let region = Region::start_patched(None, &|l| {
+        crate::support::patch_member(l, "hangzhou", |m| {
+            m.limits.query_memory_bytes = Some(4 * 1024 * 1024);
+        })
+    })
+    .await;
+    // Hangzhou's own identity (rows of its people) through Shanghai's gateway, which
+    // sends the whole self-join to Hangzhou: 2,400 people paired by sex and sorted.
+    let client = region.client_as("hangzhou", "shanghai");
+    let big = "SELECT a.name, b.name AS other FROM enrollment a JOIN enrollment b \
+               ON a.sex = b.sex WHERE a.member = 'hangzhou' AND b.member = 'hangzhou' \
+               ORDER BY a.name, other";
+    let f = client.query(big, false, None).await.unwrap_err();
+    let summary = f.summary.expect("a summary names the member");
+    let m = crate::support::member_status(&summary, "hangzhou");
+    assert!(
+        m.reason.contains("limits.query_memory_bytes"),
+        "hangzhou's refusal names its limit: {m:?}"
+    );
+    // Both keep serving.
+    let small = "SELECT count(*) AS n FROM enrollment WHERE member = 'hangzhou'";
+    let a = client.query(small, false, None).await.unwrap();
+    assert_eq!(a.summary.rows, 1);
+}

@@ -156,6 +156,7 @@ async fn a_refusal_is_never_covered_by_a_cached_answer() {
                 dimensions: vec![],
                 keys: vec![],
                 purposes: vec![],
+                via: vec![],
             },
         )
     });

@@ -341,7 +341,27 @@ async fn peers_only_answer_member_gateways_and_only_over_canonical_datasets() {
     use fedgate::proto::v1::ExecuteRequest;
     use fedgate::proto::v1::peer_client::PeerClient;
     use fedgate::tls::{Connector, TlsMaterial};
-    let region = Region::start().await;
+    // A client-only identity of the region (the press office), with a certificate.
+    let region = Region::start_patched(None, &|l| {
+        crate::support::patch_region(l, |r| {
+            let mut press = r
+                .members
+                .iter()
+                .find(|m| m.name == "coordination")
+                .unwrap()
+                .clone();
+            press.name = "press".into();
+            press.endpoint = None;
+            press.serves = Vec::new();
+            r.members.push(press);
+        });
+        let certs = l.dir.join("certs");
+        let ca = fedgate::pki::Ca::load(&certs.join("ca.crt"), &certs.join("ca.key")).unwrap();
+        let p = fedgate::identity::Principal::parse("fedgate://yrd/office/press").unwrap();
+        let issued = ca.issue(&p, &fedgate::pki::default_hosts(), 1).unwrap();
+        fedgate::pki::write_issued(&issued, &certs, "press").unwrap();
+    })
+    .await;
     let port = |m: &str| {
         region
             .endpoint(m)
@@ -371,17 +391,18 @@ async fn peers_only_answer_member_gateways_and_only_over_canonical_datasets() {
     };
     let req = |sql: &str, path: Vec<&str>| ExecuteRequest {
         sql: sql.into(),
-        origin: "fedgate://yrd/office/coordination".into(),
+        origin: "fedgate://yrd/city/shanghai".into(),
         hops: path.len() as u32,
         path: path.into_iter().map(String::from).collect(),
         budget_ms: 5000,
         query_id: "t".into(),
         purpose: String::new(),
+        origin_assertion: Vec::new(),
     };
     let via = vec!["fedgate://yrd/city/shanghai"];
 
-    // An office is a known client but not a gateway: it may not call Peer.
-    let e = peer_as("coordination")
+    // A client-only identity is known but not a gateway: it may not call Peer.
+    let e = peer_as("press")
         .execute(req("SELECT * FROM census", via.clone()))
         .await
         .unwrap_err();

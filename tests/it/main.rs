@@ -15,6 +15,7 @@ mod faults;
 mod federation;
 mod frontends;
 mod loadgen;
+mod origin;
 mod planner;
 mod policy_props;
 mod postgres;

@@ -63,6 +63,7 @@ fn rule(p: &Policy) -> RawAccessRule {
         dimensions: Vec::new(),
         keys: Vec::new(),
         purposes: Vec::new(),
+        via: Vec::new(),
     };
     match p {
         Policy::Rows => r.level = "rows".into(),

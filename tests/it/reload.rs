@@ -47,6 +47,7 @@ fn deny_all(dataset: &str) -> RawAccessRule {
         dimensions: vec![],
         keys: vec![],
         purposes: vec![],
+        via: vec![],
     }
 }
 

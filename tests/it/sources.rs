@@ -116,6 +116,7 @@ async fn a_parquet_source_maps_like_a_csv_one() {
         purpose: None,
         query_id: "t",
         sql: "SELECT county_code, pop_total, share_65_plus_pct FROM census ORDER BY county_code",
+        covered: None,
     };
     let stream = fedgate::owner::answer(&engine, &audit, ask, Default::default())
         .await

@@ -9,6 +9,9 @@ use fedgate::config::MemberConfig;
 use fedgate::demo::Materialized;
 use fedgate::server::Gateway;
 
+/// The sample region's office, which has a gateway of its own.
+pub const OFFICE: &str = "coordination";
+
 /// A running region and the folder holding its configs and certificates.
 pub struct Region {
     pub dir: tempfile::TempDir,
@@ -86,7 +89,9 @@ impl Region {
         let mut gateways = BTreeMap::new();
         for (name, path, _) in &layout.gateways {
             let l = listeners.remove(name).unwrap();
-            if only.is_some_and(|o| !o.contains(&name.as_str())) {
+            // The office's own gateway always runs: it vouches for the office's
+            // queries through the others.
+            if name != OFFICE && only.is_some_and(|o| !o.contains(&name.as_str())) {
                 drop(l);
                 continue;
             }
@@ -120,15 +125,40 @@ impl Region {
         (c, k)
     }
 
-    /// A client of `member`'s gateway as the regional office.
+    /// A client of `member`'s gateway as the regional office. Through any gateway but
+    /// the office's own, the office's gateway vouches for each query.
     pub fn client(&self, member: &str) -> Client {
+        let (cert, key) = self.office();
+        let client = Client::connect(&self.endpoint(member), &self.layout.ca, &cert, &key).unwrap();
+        if member == OFFICE {
+            return client;
+        }
+        client.with_home(
+            Client::connect(&self.endpoint(OFFICE), &self.layout.ca, &cert, &key).unwrap(),
+        )
+    }
+
+    /// A client of `member`'s gateway as the regional office, without its gateway's
+    /// assertion (what a gateway forwarding on its own authority looks like).
+    pub fn client_unvouched(&self, member: &str) -> Client {
         let (cert, key) = self.office();
         Client::connect(&self.endpoint(member), &self.layout.ca, &cert, &key).unwrap()
     }
 
     /// A client of `gateway` using the certificate of region member `who` (members'
     /// gateway certificates are also client certificates).
+    /// Through another member's gateway, `who`'s own gateway vouches for each query.
     pub fn client_as(&self, who: &str, gateway: &str) -> Client {
+        let client = self.client_as_unvouched(who, gateway);
+        let has_gateway = self.layout.gateways.iter().any(|(n, _, _)| n == who);
+        if who == gateway || !has_gateway {
+            return client;
+        }
+        client.with_home(self.client_as_unvouched(who, who))
+    }
+
+    /// A client of `gateway` as `who`, without assertions from `who`'s gateway.
+    pub fn client_as_unvouched(&self, who: &str, gateway: &str) -> Client {
         let certs = self.layout.dir.join("certs");
         Client::connect(
             &self.endpoint(gateway),

@@ -4,7 +4,8 @@ tests/python/run starts `fedgate demo --dir D --port-base B` and exports:
 
     FEDGATE_DEMO_DIR   D (the materialized region: region.toml, certs/, data/)
     FEDGATE_PORT_BASE  B (gRPC + Flight SQL, mutual TLS: shanghai B, hangzhou B+1,
-                       suzhou B+2, hefei B+3, anji B+4; HTTP port = gRPC port + 1000)
+                       suzhou B+2, hefei B+3, anji B+4, the office's gateway
+                       (coordination) B+5; HTTP port = gRPC port + 1000)
     FEDGATE_REPO       the repository root
     FEDGATE_ARTIFACTS  where tests leave files for people (screenshots)
 
@@ -24,7 +25,7 @@ import pytest
 import fedgate_expected
 
 GATEWAY_MEMBERS = fedgate_expected.GATEWAY_MEMBERS
-PORT_OFFSETS = {name: i for i, name in enumerate(GATEWAY_MEMBERS)}
+PORT_OFFSETS = {name: i for i, name in enumerate(fedgate_expected.GATEWAYS)}
 HTTP_OFFSET = 1000
 
 
@@ -77,7 +78,8 @@ def grpc_ports(port_base) -> dict[str, int]:
 
 @pytest.fixture(scope="session")
 def http_ports(grpc_ports) -> dict[str, int]:
-    """HTTP port of each gateway: shanghai's is HTTPS with mutual TLS, the others plain."""
+    """HTTP port of each gateway: shanghai's and the office's are HTTPS with mutual TLS,
+    the others plain."""
     return {m: p + HTTP_OFFSET for m, p in grpc_ports.items()}
 
 
@@ -132,7 +134,8 @@ def certs(demo_dir) -> Certs:
 
 @pytest.fixture(scope="session")
 def office(certs) -> Identity:
-    """The regional coordination office (fedgate://yrd/office/coordination), client only."""
+    """The regional coordination office (fedgate://yrd/office/coordination); it queries
+    through its own gateway (coordination), which speaks for it to the data owners."""
     return certs.identity("coordination")
 
 

@@ -58,6 +58,10 @@ CONFIGS = REPO / "federation-configs" / "demo"
 DATA = CONFIGS / "data"
 
 GATEWAY_MEMBERS = ["shanghai", "hangzhou", "suzhou", "hefei", "anji"]
+# Every gateway in region order (the port order of `fedgate demo --port-base`): the
+# members that serve data, then the regional office's own gateway, which serves none.
+OFFICE_GATEWAY = "coordination"
+GATEWAYS = GATEWAY_MEMBERS + [OFFICE_GATEWAY]
 FEVER_CLINIC_MEMBERS = ["shanghai", "hangzhou", "suzhou", "anji"]
 ENROLLMENT_MEMBERS = ["hangzhou", "suzhou"]
 # The canonical datasets of region.toml.

@@ -43,7 +43,7 @@ def test_members_of_the_region():
 
     region = tomllib.loads((fx.CONFIGS / "region.toml").read_text(encoding="utf-8"))
     gateways = [m["name"] for m in region["members"] if m.get("endpoint")]
-    assert gateways == fx.GATEWAY_MEMBERS  # the port order of `fedgate demo --port-base`
+    assert gateways == fx.GATEWAYS  # the port order of `fedgate demo --port-base`
     serving = lambda d: [m["name"] for m in region["members"] if d in m.get("serves", [])]  # noqa: E731
     assert serving("fever_clinics") == fx.FEVER_CLINIC_MEMBERS
     assert serving("enrollment") == fx.ENROLLMENT_MEMBERS

@@ -1,4 +1,4 @@
-"""Arrow Flight SQL on shanghai's gRPC port (mutual TLS), as the regional office.
+"""Arrow Flight SQL on the office gateway's gRPC port (mutual TLS), as the regional office.
 
 ADBC's Flight SQL driver (the Go driver behind adbc_driver_flightsql) for
 statements and catalog metadata; pyarrow.flight directly for the query summary that
@@ -22,7 +22,7 @@ TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def flight_uri(grpc_ports) -> str:
-    return f"grpc+tls://127.0.0.1:{grpc_ports['shanghai']}"
+    return f"grpc+tls://127.0.0.1:{grpc_ports['coordination']}"
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """fedgate's own gRPC API (proto/fedgate/v1/fedgate.proto) with grpcio, as the
-regional office on shanghai's port (mutual TLS).
+regional office on its own gateway's port (mutual TLS).
 
 The proto is compiled with grpc_tools.protoc at session start, so the tests use the
 repository's proto as it is, not a copy.
@@ -56,7 +56,7 @@ def channel(grpc_ports, certs, office):
         certificate_chain=office.cert_pem.encode(),
     )
     ch = grpc.secure_channel(
-        f"127.0.0.1:{grpc_ports['shanghai']}",
+        f"127.0.0.1:{grpc_ports['coordination']}",
         creds,
         # The server certificates name localhost (and 127.0.0.1); grpc's TLS checks the
         # name against the target host unless told which name to expect.
@@ -222,3 +222,63 @@ def test_health_serving(channel):
         response_deserializer=lambda b: b,
     )
     assert check(b"", timeout=TIMEOUT_S) == b"\x08\x01"
+
+
+def test_another_gateway_speaks_for_the_office_only_with_its_gateways_assertion(
+        fedgate_proto, federation, grpc_ports, http_ports, certs, office, fever_clinic_members):
+    """Through Shanghai's gateway, the other members answer the office only when the
+    office's own gateway vouched for the query (Federation.Vouch); the assertion goes
+    as gRPC binary metadata or, on the JSON API, as a base64 header."""
+    import base64
+    import ssl
+    import urllib.request
+    import json
+
+    pb2, pb2_grpc = fedgate_proto
+    sql = PER_MEMBER_CLINICS_SQL
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=certs.ca_pem.encode(),
+        private_key=office.key_pem.encode(),
+        certificate_chain=office.cert_pem.encode(),
+    )
+    with grpc.secure_channel(f"127.0.0.1:{grpc_ports['shanghai']}", creds,
+                             options=[("grpc.ssl_target_name_override", "localhost")]) as ch:
+        shanghai = pb2_grpc.FederationStub(ch)
+        # Without an assertion: Shanghai answers for itself, the others refuse.
+        req = pb2.QueryRequest(sql=sql, allow_partial=True)
+        _, summary = read_answer(shanghai.Query(req, timeout=TIMEOUT_S))
+        states = {m.member: m for m in summary.members}
+        assert states["shanghai"].state == MEMBER_STATE_OK
+        refused = [m for name, m in states.items() if name != "shanghai"]
+        assert refused and all("without an origin assertion" in m.reason for m in refused), refused
+        # With the office gateway's assertion in the metadata: every member answers.
+        vouched = federation.Vouch(pb2.VouchRequest(gateway="shanghai", sql=sql), timeout=TIMEOUT_S)
+        assert vouched.covers.datasets == ["fever_clinics"]
+        assert vouched.covers.via == "fedgate://yrd/city/shanghai"
+        table, summary = read_answer(shanghai.Query(
+            pb2.QueryRequest(sql=sql), timeout=TIMEOUT_S,
+            metadata=[("fedgate-origin-assertion-bin", vouched.assertion)]))
+        check_summary(summary, table, fever_clinic_members)
+        # Presented again, for a second query: refused as a replay.
+        with pytest.raises(grpc.RpcError) as err:
+            list(shanghai.Query(pb2.QueryRequest(sql=sql), timeout=TIMEOUT_S,
+                                metadata=[("fedgate-origin-assertion-bin", vouched.assertion)]))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "already used" in err.value.details()
+
+    # The JSON API on Shanghai's HTTPS port takes it as a base64 header.
+    fresh = federation.Vouch(pb2.VouchRequest(gateway="shanghai", sql=sql), timeout=TIMEOUT_S)
+    ctx = ssl.create_default_context(cafile=str(certs.ca_path))
+    ctx.load_cert_chain(str(office.cert_path), str(office.key_path))
+    req = urllib.request.Request(
+        f"https://127.0.0.1:{http_ports['shanghai']}/v1/query",
+        data=json.dumps({"sql": sql}).encode(),
+        headers={"Content-Type": "application/json",
+                 "fedgate-origin-assertion": base64.b64encode(fresh.assertion).decode()},
+        method="POST")
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx))
+    with opener.open(req, timeout=TIMEOUT_S) as resp:
+        body = json.loads(resp.read())
+    states = {m["member"]: m["state"] for m in body["summary"]["members"]}
+    assert set(fever_clinic_members) <= set(states), states
+    assert all(s == "ok" for s in states.values()), states
