@@ -311,11 +311,22 @@ impl Verified {
     }
 }
 
-/// Nonces an owner has seen, each bound to the query id it was first used with. An
+/// The most assertions a gateway remembers at once; past it, new ones are refused
+/// (never is a remembered one forgotten early, which would make it replayable).
+const MAX_REMEMBERED: u64 = 1_000_000;
+
+/// The longest nonce or query id accepted.
+const MAX_ID_LEN: usize = 64;
+
+/// Nonces a gateway has seen, each bound to the query id it was first used with. An
 /// assertion presented again for the same query (a retry, a second scan of the same
-/// query) passes; for any other query it is a replay.
+/// query) passes; for any other query it is a replay. They live in memory: after a
+/// restart, assertions made before it are refused instead.
 pub struct Nonces {
-    seen: moka::sync::Cache<String, String>,
+    /// (signer, nonce) to query id.
+    seen: moka::sync::Cache<(String, String), String>,
+    /// Assertions made before this moment may have been used before a restart.
+    since_ms: u64,
 }
 
 impl Default for Nonces {
@@ -323,23 +334,44 @@ impl Default for Nonces {
         Nonces {
             // Kept past the longest validity and the clock skew on both sides: an
             // assertion that could still pass the time check is still remembered.
+            // No capacity: moka would evict entries to make room, so the bound is
+            // checked by `bind` instead.
             seen: moka::sync::Cache::builder()
-                .max_capacity(1_000_000)
                 .time_to_live(MAX_VALIDITY + CLOCK_SKEW * 2 + Duration::from_secs(1))
                 .build(),
+            since_ms: millis(SystemTime::now()),
         }
     }
 }
 
 impl Nonces {
-    /// Binds `nonce` to `query_id`, or refuses it when it is bound to another query.
-    pub fn bind(&self, nonce: &str, query_id: &str) -> Result<()> {
+    /// Binds the nonce of `v` to `query_id`, or refuses it when it is bound to another
+    /// query, was made before this gateway started, or too many are remembered.
+    pub fn bind(&self, v: &Verified, query_id: &str) -> Result<()> {
+        let nonce = &v.body.nonce;
         if nonce.is_empty() || query_id.is_empty() {
             return Err(refused("it has no nonce, or the request no query id"));
         }
-        let bound = self
-            .seen
-            .get_with(nonce.to_string(), || query_id.to_string());
+        if nonce.len() > MAX_ID_LEN || query_id.len() > MAX_ID_LEN {
+            return Err(refused(format!(
+                "its nonce or the request's query id is longer than {MAX_ID_LEN} bytes"
+            )));
+        }
+        if v.body.not_before_ms + (CLOCK_SKEW.as_millis() as u64) < self.since_ms {
+            return Err(refused(
+                "it was made before this gateway last started, when its use could not be \
+                 remembered; ask for a new one",
+            ));
+        }
+        let key = (v.signer.uri(), nonce.clone());
+        if !self.seen.contains_key(&key) && self.seen.entry_count() >= MAX_REMEMBERED {
+            return Err(Error::Overloaded(
+                "this gateway remembers as many origin assertions as it can; try again in \
+                 a few minutes"
+                    .into(),
+            ));
+        }
+        let bound = self.seen.get_with(key, || query_id.to_string());
         if bound != query_id {
             return Err(refused(
                 "it was already used for another query (an assertion is good for one query)",
@@ -354,14 +386,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_nonce_is_good_for_one_query() {
+    fn a_nonce_is_good_for_one_query_of_its_signer() {
         let n = Nonces::default();
-        n.bind("a", "q1").unwrap();
-        n.bind("a", "q1").unwrap();
-        let e = n.bind("a", "q2").unwrap_err().to_string();
+        let now = millis(SystemTime::now());
+        let v = verified(now, now + 60_000);
+        n.bind(&v, "q1").unwrap();
+        n.bind(&v, "q1").unwrap();
+        let e = n.bind(&v, "q2").unwrap_err().to_string();
         assert!(e.contains("already used"), "{e}");
-        n.bind("b", "q2").unwrap();
-        assert!(n.bind("", "q3").is_err());
+        // The same nonce from another signer is another assertion.
+        let mut other = v.clone();
+        other.signer = Principal::parse("fedgate://r/city/w").unwrap();
+        n.bind(&other, "q2").unwrap();
+        assert!(n.bind(&v, "").is_err());
+        let mut long = v.clone();
+        long.body.nonce = "n".repeat(65);
+        assert!(
+            n.bind(&long, "q3")
+                .unwrap_err()
+                .to_string()
+                .contains("longer than")
+        );
+        // Made before this gateway started: its earlier uses are not remembered.
+        let old = verified(now - 120_000, now + 60_000);
+        let e = n.bind(&old, "q4").unwrap_err().to_string();
+        assert!(e.contains("before this gateway last started"), "{e}");
     }
 
     fn verified(not_before_ms: u64, not_after_ms: u64) -> Verified {

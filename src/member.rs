@@ -742,9 +742,10 @@ impl MemberEngine {
     }
 
     /// A task context for one sub-query in `ctx`, with a memory pool of its own
-    /// (`limits.query_memory_bytes`, as for a query at the coordinator): one
-    /// sub-query cannot take the memory of the others or of the process, and one that
-    /// needs more fails with the limit named. Spilling is off: records are never
+    /// (`limits.query_memory_bytes`, as for a query at the coordinator): what one
+    /// sub-query's operators track (aggregates, sorts, joins) is bounded, and one that
+    /// needs more fails with the limit named. The process total is up to
+    /// `max_concurrent_subqueries` such pools. Spilling is off: records are never
     /// written to disk on a caller's behalf.
     fn bounded_task(
         &self,
@@ -880,10 +881,27 @@ impl MemberEngine {
                 .map_err(Error::from_datafusion)?;
             let physical = physical_plan(&self.private, &sorted).await?;
             let schema = physical.schema();
-            let batches =
-                datafusion::physical_plan::collect(physical, self.bounded_task(&self.private)?)
-                    .await
-                    .map_err(Error::from_datafusion)?;
+            let batches = datafusion::physical_plan::collect(
+                physical,
+                self.bounded_task(&self.private)?,
+            )
+            .await
+            .map_err(|e| {
+                // The caller may not see record values, and a failure's text
+                // can quote one (a value that did not convert, a database
+                // error): only a memory limit or a deadline is told as it is.
+                let full = Error::from_datafusion(e);
+                tracing::warn!(dataset = %d, error = %full, "Computing the released cells failed");
+                match full {
+                    Error::TooLarge(_) | Error::DeadlineExceeded(_) => full,
+                    _ => Error::Internal(format!(
+                        "member {}: computing the cells of dataset {d} failed; its \
+                                 text is not shown under {}; the member's operators can read \
+                                 it in their log",
+                        self.config.member.name, r.grant.level
+                    )),
+                }
+            })?;
             let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])
                 .map_err(Error::from_datafusion)?;
             let scan = LogicalPlanBuilder::scan(

@@ -262,8 +262,7 @@ impl FederationService {
             now,
         })?;
         // Each query presents it once here; the owners bind it to the query id.
-        self.nonces
-            .bind(&v.body.nonce, &uuid::Uuid::new_v4().to_string())
+        self.nonces.bind(&v, &uuid::Uuid::new_v4().to_string())
     }
 
     /// Signs an origin assertion for this gateway's own identity (`Federation.Vouch`).
@@ -966,7 +965,7 @@ impl PeerService {
             query_sha256: None,
             now,
         })?;
-        self.nonces.bind(&v.body.nonce, &q.query_id)?;
+        self.nonces.bind(&v, &q.query_id)?;
         Ok(Admitted {
             origin,
             covered: Some(v.datasets()),

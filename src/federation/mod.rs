@@ -651,13 +651,16 @@ impl Coordinator {
         let mut subqueries = Vec::new();
         collect_scans(plan.as_ref(), &mut subqueries);
         // Each member explains its own sub-queries under its own rules, in parallel.
+        // One id for the whole explanation: an owner binds an assertion to the first
+        // query id it sees, and a join may send it several scans.
+        let query_id = format!("explain-{}", uuid::Uuid::new_v4());
         let asks = subqueries.iter().flat_map(|(_, members, sql)| {
             members.iter().filter_map(|m| {
                 let client = self.clients.get(m)?;
                 let q = client::SubQuery {
                     sql: sql.clone(),
                     origin: origin.clone(),
-                    query_id: format!("explain-{}", uuid::Uuid::new_v4()),
+                    query_id: query_id.clone(),
                     budget: self.config.limits.default_timeout,
                     path: vec![self.config.member.principal.uri()],
                     received: Default::default(),

@@ -495,7 +495,14 @@ impl ExecutionPlan for FederatedScanExec {
             .boxed();
         let mut phase = Phase::Connecting(connect);
         let mut cache = None;
-        if let Some((policy, results)) = &self.cache {
+        // Answers are kept and reused only for this gateway's own identity: a member
+        // answers any other origin on the strength of that query's assertion, which is
+        // good for one query and must not stand behind a later one.
+        if let Some((policy, results)) = self
+            .cache
+            .as_ref()
+            .filter(|_| state.origin == state.coordinator)
+        {
             let key = ResultKey {
                 member: member.clone(),
                 sql: self.sql.clone(),

@@ -43,7 +43,7 @@ fn audited(region: &Region, member: &str) -> usize {
 #[tokio::test]
 async fn a_fresh_answer_is_served_without_asking_the_members_and_expires() {
     let region = Region::start_patched(None, &cache_census("800ms", None)).await;
-    let client = region.client("hangzhou");
+    let client = region.client(crate::support::OFFICE);
     let first = client.query(PER_MEMBER, false, None).await.unwrap();
     assert!(
         states(&first.summary)
@@ -80,7 +80,7 @@ async fn a_fresh_answer_is_served_without_asking_the_members_and_expires() {
 #[tokio::test]
 async fn answers_are_not_shared_across_callers_or_purposes() {
     let region = Region::start_patched(None, &cache_census("1h", None)).await;
-    let office = region.client("hangzhou");
+    let office = region.client(crate::support::OFFICE);
     office.query(PER_MEMBER, false, None).await.unwrap();
     let city = region.client_as("shanghai", "hangzhou");
     let other = city.query(PER_MEMBER, false, None).await.unwrap();
@@ -111,7 +111,7 @@ async fn answers_are_not_shared_across_callers_or_purposes() {
 async fn a_failed_member_is_answered_from_its_stale_answer_marked_with_its_age() {
     let (region, proxies) =
         Region::start_behind_proxies(&["suzhou"], &cache_census("200ms", Some("1h"))).await;
-    let client = region.client("hangzhou");
+    let client = region.client(crate::support::OFFICE);
     let first = client.query(PER_MEMBER, false, None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxies["suzhou"].set(Fault::Reset);
@@ -140,7 +140,7 @@ async fn a_failed_member_is_answered_from_its_stale_answer_marked_with_its_age()
 #[tokio::test]
 async fn a_refusal_is_never_covered_by_a_cached_answer() {
     let mut region = Region::start_patched(None, &cache_census("200ms", Some("1h"))).await;
-    let client = region.client("hangzhou");
+    let client = region.client(crate::support::OFFICE);
     client.query(PER_MEMBER, false, None).await.unwrap();
     // Suzhou now refuses census to everyone.
     region.stop("suzhou").await;
@@ -181,7 +181,7 @@ async fn identical_queries_in_flight_share_one_fan_out() {
     let before = audited(&region, "suzhou");
     let queries: Vec<_> = (0..4)
         .map(|_| {
-            let c = region.client("hangzhou");
+            let c = region.client(crate::support::OFFICE);
             tokio::spawn(async move { c.query(PER_MEMBER, false, None).await })
         })
         .collect();

@@ -461,3 +461,45 @@ async fn an_owner_may_accept_an_origin_only_through_named_gateways() {
         "{m:?}"
     );
 }
+
+#[tokio::test]
+async fn an_answer_given_on_an_assertion_is_never_reused_for_a_later_query() {
+    let region = Region::start_patched(None, &|l| {
+        crate::support::patch_region(l, |r| {
+            let census = r.datasets.iter_mut().find(|d| d.name == "census").unwrap();
+            census.cache_fresh_for = Some("1h".into());
+        })
+    })
+    .await;
+    let sql = "SELECT member, count(*) AS n FROM census GROUP BY member ORDER BY member";
+    let state = |s: &fedgate::proto::v1::QuerySummary, m: &str| member_state(s, m);
+    // Control: through its own gateway the office's second query is served from the
+    // cache, so caching is on here.
+    let own = region.client(OFFICE);
+    own.query(sql, false, None).await.unwrap();
+    let again = own.query(sql, false, None).await.unwrap();
+    assert_eq!(
+        state(&again.summary, "hangzhou"),
+        fedgate::proto::v1::MemberState::Cached
+    );
+    // Through Shanghai with an assertion: answered by the members themselves.
+    let vouched = region
+        .client("shanghai")
+        .query(sql, false, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        state(&vouched.summary, "hangzhou"),
+        fedgate::proto::v1::MemberState::Ok
+    );
+    // The same query without one right after: refused, not served from a cache.
+    let later = region
+        .client_unvouched("shanghai")
+        .query(sql, true, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        state(&later.summary, "hangzhou"),
+        fedgate::proto::v1::MemberState::Denied
+    );
+}
