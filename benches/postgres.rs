@@ -1,7 +1,7 @@
 //! PostgreSQL source benchmark: a member in front of PostgreSQL against PostgreSQL
 //! itself, side by side.
 //!
-//! Starts a throwaway PostgreSQL server on loopback (`fedgate::local_postgres`) with
+//! Starts a throwaway PostgreSQL server on loopback (`fedgate::tools::local_postgres`) with
 //! one table of 1,000,000 generated rows (`id` primary key, 100 county codes, an
 //! integer `x`), and one gateway whose `readings` dataset maps that table. A client
 //! calls the gateway over gRPC and mutual TLS, like any caller; the direct variant is
@@ -18,12 +18,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedgate::client::Client;
 use fedgate::config::MemberConfig;
-use fedgate::identity::{Kind, Principal};
-use fedgate::local_postgres::LocalPostgres;
-use fedgate::pki::{self, Ca};
-use fedgate::server::Gateway;
+use fedgate::gateway::server::Gateway;
+use fedgate::tools::client::Client;
+use fedgate::tools::local_postgres::LocalPostgres;
+use fedgate::trust::identity::{Kind, Principal};
+use fedgate::trust::pki::{self, Ca};
 
 const ROWS: i64 = 1_000_000;
 const LOOKUPS_PER_ROUND: usize = 25;

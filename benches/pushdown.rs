@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::array::{Int64Array, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
-use fedgate::client::Client;
 use fedgate::config::MemberConfig;
-use fedgate::identity::{Kind, Principal};
-use fedgate::pki::{self, Ca};
+use fedgate::gateway::server::Gateway;
 use fedgate::proto::v1::QueryRequest;
-use fedgate::server::Gateway;
+use fedgate::tools::client::Client;
+use fedgate::trust::identity::{Kind, Principal};
+use fedgate::trust::pki::{self, Ca};
 
 const MEMBERS: usize = 4;
 const ROWS_PER_MEMBER: usize = 250_000;

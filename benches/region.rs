@@ -2,8 +2,8 @@
 //!
 //! Starts every gateway as its own `fedgate serve` process on loopback, over mutual
 //! TLS, so that each one's memory and CPU time can be read from `/proc`; the load
-//! comes from this process through [`fedgate::loadgen`] (the engine of
-//! `fedgate bench`). A throwaway PostgreSQL server (`fedgate::local_postgres`)
+//! comes from this process through [`fedgate::tools::loadgen`] (the engine of
+//! `fedgate bench`). A throwaway PostgreSQL server (`fedgate::tools::local_postgres`)
 //! holds four member databases, a database with all their rows, and a coordinator
 //! database with `postgres_fdw` foreign tables over the four.
 //!
@@ -40,12 +40,12 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::array::{Int64Array, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
-use fedgate::client::Client;
-use fedgate::identity::{Kind, Principal};
-use fedgate::loadgen::{self, Load, Mode, Report};
-use fedgate::local_postgres::LocalPostgres;
-use fedgate::pki::{self, Ca};
 use fedgate::proto::v1::QueryRequest;
+use fedgate::tools::client::Client;
+use fedgate::tools::loadgen::{self, Load, Mode, Report};
+use fedgate::tools::local_postgres::LocalPostgres;
+use fedgate::trust::identity::{Kind, Principal};
+use fedgate::trust::pki::{self, Ca};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const FEDGATE: &str = env!("CARGO_BIN_EXE_fedgate");
@@ -1446,7 +1446,7 @@ fn main() {
             region
                 .pg
                 .as_ref()
-                .map(|_| "fedgate::local_postgres")
+                .map(|_| "fedgate::tools::local_postgres")
                 .unwrap_or("(not used)")
         );
         for s in &sections {

@@ -5,39 +5,23 @@
 //! coordinator), which fans it out over mutual TLS to the members that serve the
 //! datasets it reads, merges their answers and reports one status per member.
 //!
-//! The modules follow the one-way data flow described in `ARCHITECTURE.md`:
-//! [`tls`] and [`identity`] (accept, principal) -> [`server`] (admission) ->
-//! [`federation`] (plan, member scans, merge) -> [`member`] at the data owner
-//! ([`policy`] permit, [`mapping`] views over [`source`]s).
+//! The folders follow the one-way data flow described in `ARCHITECTURE.md`:
+//! [`trust`] (accept, principal, who speaks for whom) -> [`gateway`] (services,
+//! admission) and [`frontend`] (Flight SQL, HTTP, services) -> [`coordinator`] (plan,
+//! member scans, merge) -> [`owner`] at the data owner (policy permit, the member
+//! engine, views over sources). [`ops`] keeps the record, [`config`] is read once,
+//! [`tools`] are not on the request path.
 
-pub mod admission;
 pub mod arrow_ipc;
-pub mod assertion;
-pub mod audit;
-pub mod check;
-pub mod client;
 pub mod config;
-pub mod demo;
+pub mod coordinator;
 pub mod error;
-pub mod federation;
-pub mod flight_sql;
-pub mod http;
-pub mod identity;
-pub mod loadgen;
-pub mod local_postgres;
-pub mod mapping;
-pub mod masking;
-pub mod member;
-pub mod observe;
+pub mod frontend;
+pub mod gateway;
+pub mod ops;
 pub mod owner;
-pub mod pki;
-pub mod policy;
 pub mod proto;
-pub mod restricted;
-pub mod server;
-pub mod services;
-pub mod source;
-pub mod telemetry;
-pub mod tls;
+pub mod tools;
+pub mod trust;
 
 pub use error::{Error, Fault, Result};

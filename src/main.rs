@@ -10,13 +10,13 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use datafusion::arrow::record_batch::RecordBatch;
 
-use fedgate::audit::Receipt;
-use fedgate::client::{Answer, Client, format_summary};
 use fedgate::config::MemberConfig;
 use fedgate::config::raw::RawRegion;
-use fedgate::identity::Principal;
-use fedgate::pki::{self, Ca};
-use fedgate::server::Gateway;
+use fedgate::gateway::server::Gateway;
+use fedgate::ops::audit::Receipt;
+use fedgate::tools::client::{Answer, Client, format_summary};
+use fedgate::trust::identity::Principal;
+use fedgate::trust::pki::{self, Ca};
 
 /// Exit code of a query whose answer is partial (some members are missing).
 const EXIT_PARTIAL: u8 = 3;
@@ -192,7 +192,7 @@ enum Command {
         #[arg(long)]
         port_base: Option<u16>,
         /// The sample region's templates.
-        #[arg(long, default_value_os_t = fedgate::demo::default_source())]
+        #[arg(long, default_value_os_t = fedgate::tools::demo::default_source())]
         source: PathBuf,
     },
 }
@@ -294,7 +294,7 @@ async fn main() -> ExitCode {
         },
         _ => (None, "fedgate".to_string()),
     };
-    let telemetry = match fedgate::telemetry::init(&fedgate::telemetry::Settings {
+    let telemetry = match fedgate::ops::telemetry::init(&fedgate::ops::telemetry::Settings {
         filter: cli.log.clone(),
         default_filter: default_log.to_string(),
         json: cli.log_json,
@@ -372,7 +372,7 @@ async fn run(cmd: Command) -> Result<ExitCode> {
             let e = client
                 .explain(&sql)
                 .await
-                .map_err(|s| anyhow!(fedgate::client::describe_status(&s)))?;
+                .map_err(|s| anyhow!(fedgate::tools::client::describe_status(&s)))?;
             println!("coordinator plan:\n{}", e.plan);
             for s in e.subqueries {
                 println!("{} -> [{}]:\n  {}", s.dataset, s.members.join(", "), s.sql);
@@ -391,7 +391,7 @@ async fn run(cmd: Command) -> Result<ExitCode> {
             let d = client
                 .describe(purpose.as_deref())
                 .await
-                .map_err(|s| anyhow!(fedgate::client::describe_status(&s)))?;
+                .map_err(|s| anyhow!(fedgate::tools::client::describe_status(&s)))?;
             println!(
                 "region {} (config {}), you are {}",
                 d.region, d.config_version, d.caller
@@ -494,12 +494,12 @@ async fn run(cmd: Command) -> Result<ExitCode> {
             seed,
             json,
         } => {
-            let load = fedgate::loadgen::Load {
+            let load = fedgate::tools::loadgen::Load {
                 sql,
                 range,
                 mode: match rate {
-                    Some(rate) => fedgate::loadgen::Mode::Open { rate },
-                    None => fedgate::loadgen::Mode::Closed {
+                    Some(rate) => fedgate::tools::loadgen::Mode::Open { rate },
+                    None => fedgate::tools::loadgen::Mode::Closed {
                         concurrency,
                         expected_interval,
                     },
@@ -538,8 +538,12 @@ fn parse_range(s: &str) -> Result<(i64, i64), String> {
     Ok((lo, hi))
 }
 
-async fn bench(client: &Client, load: &fedgate::loadgen::Load, json: bool) -> Result<ExitCode> {
-    let r = fedgate::loadgen::run(client, load)
+async fn bench(
+    client: &Client,
+    load: &fedgate::tools::loadgen::Load,
+    json: bool,
+) -> Result<ExitCode> {
+    let r = fedgate::tools::loadgen::run(client, load)
         .await
         .map_err(|e| anyhow!(e))?;
     if json {
@@ -669,7 +673,7 @@ fn progress_line(p: &fedgate::proto::v1::Progress) -> String {
         .members
         .iter()
         .map(|m| {
-            let state = fedgate::client::state_word(m.state);
+            let state = fedgate::tools::client::state_word(m.state);
             if m.rows > 0 {
                 format!("{} {state} {}", m.member, m.rows)
             } else {
@@ -852,7 +856,7 @@ fn with_schema(a: &Answer) -> Vec<RecordBatch> {
 }
 
 async fn check(config: &Path) -> Result<ExitCode> {
-    let r = fedgate::check::check(config).await;
+    let r = fedgate::tools::check::check(config).await;
     for c in &r.checked {
         println!("ok: {c}");
     }
@@ -883,7 +887,8 @@ async fn check(config: &Path) -> Result<ExitCode> {
 fn pki_command(cmd: PkiCommand) -> Result<ExitCode> {
     match cmd {
         PkiCommand::Init { dir, region } => {
-            Principal::new(&region, fedgate::identity::Kind::Office, "x").context("region name")?;
+            Principal::new(&region, fedgate::trust::identity::Kind::Office, "x")
+                .context("region name")?;
             if dir.join("ca.key").exists() {
                 bail!(
                     "{} already holds a CA key; refusing to overwrite it",
@@ -939,8 +944,8 @@ fn parse_receipt(s: &str) -> Result<Receipt, String> {
 
 fn audit_verify(file: &Path, head: Option<&Receipt>) -> Result<ExitCode> {
     let report = match head {
-        Some(h) => fedgate::audit::verify_against(file, h)?,
-        None => fedgate::audit::verify(file)?,
+        Some(h) => fedgate::ops::audit::verify_against(file, h)?,
+        None => fedgate::ops::audit::verify(file)?,
     };
     let verified = match report.records {
         0 => "no record verifies".to_string(),
@@ -968,9 +973,11 @@ fn audit_verify(file: &Path, head: Option<&Receipt>) -> Result<ExitCode> {
 
 /// Starts a local PostgreSQL server on a free loopback port and loads the sample
 /// region's databases into it.
-async fn start_demo_database(source: &Path) -> Result<fedgate::local_postgres::LocalPostgres> {
-    let pg = fedgate::local_postgres::LocalPostgres::launch(None).await?;
-    fedgate::demo::load_databases(&pg, &source.join("data")).await?;
+async fn start_demo_database(
+    source: &Path,
+) -> Result<fedgate::tools::local_postgres::LocalPostgres> {
+    let pg = fedgate::tools::local_postgres::LocalPostgres::launch(None).await?;
+    fedgate::tools::demo::load_databases(&pg, &source.join("data")).await?;
     Ok(pg)
 }
 
@@ -1036,7 +1043,7 @@ async fn demo(
             None
         }
     };
-    let region = fedgate::demo::materialize_with_database(
+    let region = fedgate::tools::demo::materialize_with_database(
         source,
         &dir,
         &|name, template| match name.strip_suffix("/http") {
@@ -1099,7 +1106,7 @@ async fn demo(
 
     let client = Client::connect(&gateway, &region.ca, &cert, &key)?;
     let mut failures = 0;
-    for (title, sql) in fedgate::demo::EXAMPLES {
+    for (title, sql) in fedgate::tools::demo::EXAMPLES {
         println!("\n== {title}\n{sql}");
         // Without a database server, Hangzhou's pipelines are unavailable: the
         // example then shows a partial answer that says so, rather than failing.
@@ -1116,7 +1123,7 @@ async fn demo(
         }
     }
     println!("\n\n### The data owners' access rules at work (enrollment: generated people)");
-    for ex in fedgate::demo::ACCESS_EXAMPLES {
+    for ex in fedgate::tools::demo::ACCESS_EXAMPLES {
         let certs = dir.join("certs");
         let endpoint = region
             .gateways

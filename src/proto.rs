@@ -10,3 +10,28 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("fedgate_descriptor");
 }
+
+/// The lowercase word for a member state.
+pub fn state_word(state: i32) -> &'static str {
+    match v1::MemberState::try_from(state).unwrap_or(v1::MemberState::Unspecified) {
+        v1::MemberState::Ok => "ok",
+        v1::MemberState::Pruned => "pruned",
+        v1::MemberState::Unavailable => "unavailable",
+        v1::MemberState::TimedOut => "timed out",
+        v1::MemberState::Denied => "denied",
+        v1::MemberState::Error => "error",
+        v1::MemberState::Cancelled => "cancelled",
+        v1::MemberState::Cached => "cached",
+        v1::MemberState::Stale => "stale",
+        v1::MemberState::Running => "running",
+        v1::MemberState::Unspecified => "unknown",
+    }
+}
+
+/// A member state as one lowercase identifier (`timed_out`), for JSON and metrics.
+pub fn state_code(state: i32) -> &'static str {
+    match v1::MemberState::try_from(state).unwrap_or(v1::MemberState::Unspecified) {
+        v1::MemberState::TimedOut => "timed_out",
+        _ => state_word(state),
+    }
+}

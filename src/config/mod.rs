@@ -2,6 +2,8 @@
 //! them once into typed values (parsed identities, endpoints, Arrow types, durations,
 //! compiled access rules), collecting every problem with its file and key.
 
+pub mod access;
+pub mod limits;
 pub mod raw;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -14,8 +16,8 @@ use std::time::Duration;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use sha2::{Digest, Sha256};
 
-use crate::identity::{self, Kind, Principal};
-use crate::policy::{AccessLevel, AccessRule};
+use crate::trust::identity::{self, Kind, Principal};
+use access::{AccessLevel, AccessRule, Mask};
 use raw::*;
 
 /// The implicit column of every canonical dataset naming the answering member.
@@ -136,7 +138,7 @@ impl Service {
     pub fn allows(&self, p: &Principal) -> bool {
         self.callers
             .iter()
-            .any(|c| crate::identity::matches_pattern(c, p))
+            .any(|c| crate::trust::identity::matches_pattern(c, p))
     }
 }
 
@@ -178,7 +180,7 @@ pub struct Dataset {
     /// Arrow schema: the fields, all nullable, then `member` (not null).
     pub schema: SchemaRef,
     /// How coordinators may reuse member answers (`None`: never).
-    pub cache: Option<crate::federation::results::CachePolicy>,
+    pub cache: Option<limits::CachePolicy>,
 }
 
 /// A field of a canonical dataset.
@@ -200,7 +202,13 @@ impl Region {
         self.members.iter().find(|m| m.name == name)
     }
 
-    /// Looks up the member a principal belongs to.
+    /// Whether `p` is the identity of a member with a gateway (an endpoint).
+    pub fn has_gateway(&self, p: &Principal) -> bool {
+        self.member_by_principal(p)
+            .is_some_and(|m| m.endpoint.is_some())
+    }
+
+    /// The member whose identity is `p`, if any.
     pub fn member_by_principal(&self, p: &Principal) -> Option<&Member> {
         self.by_identity.get(p).map(|&i| &self.members[i])
     }
@@ -454,7 +462,7 @@ fn validate_services(path: &Path, raw: &[RawService], pr: &mut Problems) -> Vec<
             );
         }
         for c in &s.callers {
-            if let Err(e) = crate::identity::validate_pattern(c) {
+            if let Err(e) = crate::trust::identity::validate_pattern(c) {
                 pr.add(path, format!("{key}.callers"), e);
             }
         }
@@ -462,7 +470,7 @@ fn validate_services(path: &Path, raw: &[RawService], pr: &mut Problems) -> Vec<
             pr.add(path, format!("{key}.sql"), "is empty");
         }
         if let Some(p) = &s.purpose
-            && let Err(why) = crate::policy::validate_purpose(p)
+            && let Err(why) = access::validate_purpose(p)
         {
             pr.add(path, format!("{key}.purpose"), why);
         }
@@ -537,7 +545,7 @@ pub struct Limits {
     /// Most hops a sub-query may have taken.
     pub max_hops: u32,
     /// When a member's circuit breaker opens and for how long.
-    pub breaker: crate::federation::breaker::BreakerSettings,
+    pub breaker: limits::BreakerSettings,
     /// Retries of a sub-query whose member could not be reached, within the retry
     /// budget.
     pub retries: u32,
@@ -549,7 +557,7 @@ pub struct Limits {
     /// Most rows one answer may have.
     pub max_rows: Option<u64>,
     /// Admission limits per principal class.
-    pub classes: BTreeMap<crate::identity::Kind, crate::admission::ClassLimits>,
+    pub classes: BTreeMap<crate::trust::identity::Kind, limits::ClassLimits>,
 }
 
 impl Default for Limits {
@@ -1083,11 +1091,11 @@ fn validate_access(
         let mut masks = BTreeMap::new();
         for (f, m) in &a.fields {
             let fkey = format!("{key}.fields.{f}");
-            let Some(mask) = crate::masking::Mask::parse(m) else {
+            let Some(mask) = Mask::parse(m) else {
                 pr.add(
                     path,
                     fkey,
-                    format!("unknown mask {m:?}; use {}", crate::masking::Mask::NAMES),
+                    format!("unknown mask {m:?}; use {}", Mask::NAMES),
                 );
                 continue;
             };
@@ -1097,18 +1105,14 @@ fn validate_access(
                     fkey,
                     format!("no dataset this rule covers here has a field {f:?}"),
                 ),
-                Some(cf)
-                    if mask != crate::masking::Mask::Deny && cf.data_type != DataType::Utf8 =>
-                {
-                    pr.add(
-                        path,
-                        fkey,
-                        format!(
-                            "mask {m} works on text, but {f} is {}; use deny to withhold it",
-                            cf.data_type
-                        ),
-                    )
-                }
+                Some(cf) if mask != Mask::Deny && cf.data_type != DataType::Utf8 => pr.add(
+                    path,
+                    fkey,
+                    format!(
+                        "mask {m} works on text, but {f} is {}; use deny to withhold it",
+                        cf.data_type
+                    ),
+                ),
                 Some(_) => {
                     masks.insert(f.clone(), mask);
                 }
@@ -1546,7 +1550,7 @@ fn load_hmac_key(
 ) -> Arc<[u8]> {
     let used = access
         .iter()
-        .any(|r| r.masks.values().any(|m| *m == crate::masking::Mask::Hmac));
+        .any(|r| r.masks.values().any(|m| *m == Mask::Hmac));
     let key = read_secret(
         path,
         ("hmac_key", raw.hmac_key.as_ref()),
@@ -1601,7 +1605,7 @@ fn cache_policy(
     key: &str,
     d: &RawDataset,
     pr: &mut Problems,
-) -> Option<crate::federation::results::CachePolicy> {
+) -> Option<limits::CachePolicy> {
     let fresh = duration_setting(
         path,
         format!("{key}.cache_fresh_for"),
@@ -1629,7 +1633,7 @@ fn cache_policy(
         );
         return None;
     }
-    Some(crate::federation::results::CachePolicy {
+    Some(limits::CachePolicy {
         fresh_for: fresh?,
         stale_for: stale.unwrap_or_default(),
     })
@@ -1719,12 +1723,12 @@ fn validate_admission(
     raw: &[RawAdmission],
     total: usize,
     pr: &mut Problems,
-) -> BTreeMap<crate::identity::Kind, crate::admission::ClassLimits> {
-    use crate::admission::{ClassLimits, Rate};
+) -> BTreeMap<crate::trust::identity::Kind, limits::ClassLimits> {
+    use limits::{ClassLimits, Rate};
     let mut out = BTreeMap::new();
     for (i, a) in raw.iter().enumerate() {
         let key = format!("admission[{i}]");
-        let Some(kind) = crate::identity::Kind::parse(&a.class) else {
+        let Some(kind) = crate::trust::identity::Kind::parse(&a.class) else {
             pr.add(
                 path,
                 format!("{key}.class"),

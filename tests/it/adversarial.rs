@@ -18,9 +18,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use fedgate::audit::AuditLog;
-use fedgate::identity::Principal;
-use fedgate::member::MemberEngine;
+use fedgate::ops::audit::AuditLog;
+use fedgate::owner::member::MemberEngine;
+use fedgate::trust::identity::Principal;
 use futures::TryStreamExt;
 
 /// One record: id, name, phone, county, sex, age, score.

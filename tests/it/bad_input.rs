@@ -36,7 +36,7 @@ async fn config_with_unknown_keys_or_missing_files_is_reported_with_file_and_key
     let text = std::fs::read_to_string(&path).unwrap();
 
     std::fs::write(&path, format!("colour = \"green\"\n{text}")).unwrap();
-    let r = fedgate::check::check(&path).await;
+    let r = fedgate::tools::check::check(&path).await;
     let all: Vec<String> = r.errors.iter().map(|p| p.to_string()).collect();
     assert!(
         all.iter()
@@ -49,7 +49,7 @@ async fn config_with_unknown_keys_or_missing_files_is_reported_with_file_and_key
         text.replace("data/anji/census_2020.csv", "data/anji/missing.csv"),
     )
     .unwrap();
-    let r = fedgate::check::check(&path).await;
+    let r = fedgate::tools::check::check(&path).await;
     let all: Vec<String> = r.errors.iter().map(|p| p.to_string()).collect();
     assert!(
         all.iter()
@@ -62,7 +62,7 @@ async fn config_with_unknown_keys_or_missing_files_is_reported_with_file_and_key
         text.replace("pop_total = \"rk\"", "pop_total = \"no_such_column\""),
     )
     .unwrap();
-    let r = fedgate::check::check(&path).await;
+    let r = fedgate::tools::check::check(&path).await;
     let all: Vec<String> = r.errors.iter().map(|p| p.to_string()).collect();
     assert!(all.iter().any(|e| e.contains("no_such_column")), "{all:?}");
 }
@@ -78,7 +78,7 @@ async fn values_a_code_table_cannot_map_are_counted_by_check() {
         t.aliases.clear();
     }
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let r = fedgate::check::check(&path).await;
+    let r = fedgate::tools::check::check(&path).await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     let (h, rows) = read_csv(&region.data().join("hangzhou/fever_clinics.csv"));
     let i = h.iter().position(|c| c == "district").unwrap();
@@ -126,7 +126,7 @@ async fn deep_expressions_are_refused_and_the_gateway_keeps_serving() {
     }
     let big = format!(
         "SELECT '{}' AS x",
-        "a".repeat(fedgate::member::MAX_QUERY_BYTES)
+        "a".repeat(fedgate::owner::member::MAX_QUERY_BYTES)
     );
     let f = client.query(&big, false, None).await.unwrap_err();
     assert!(f.status.message().contains("bytes long"), "{f}");

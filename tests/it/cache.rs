@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use fedgate::config::raw::RawAccessRule;
-use fedgate::demo::Materialized;
 use fedgate::proto::v1::{MemberState, QueryRequest, QuerySummary};
+use fedgate::tools::demo::Materialized;
 
 use crate::proxy::Fault;
 use crate::support::{Region, member_state, member_status, patch_member, patch_region};

@@ -4,7 +4,7 @@
 async fn every_shipped_config_passes_check() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("federation-configs");
     // Hangzhou's pipelines are in PostgreSQL: check reads them from a live server.
-    let pg = fedgate::local_postgres::LocalPostgres::launch(None)
+    let pg = fedgate::tools::local_postgres::LocalPostgres::launch(None)
         .await
         .unwrap();
     let mut checked = 0;
@@ -15,10 +15,10 @@ async fn every_shipped_config_passes_check() {
         }
         // Certificates are generated per run, never committed.
         let dir = tempfile::tempdir().unwrap();
-        fedgate::demo::load_databases(&pg, &src.join("data"))
+        fedgate::tools::demo::load_databases(&pg, &src.join("data"))
             .await
             .unwrap();
-        let m = fedgate::demo::materialize_with_database(
+        let m = fedgate::tools::demo::materialize_with_database(
             &src,
             dir.path(),
             &|_, p| p,
@@ -26,7 +26,7 @@ async fn every_shipped_config_passes_check() {
         )
         .unwrap();
         for (name, path, _) in &m.gateways {
-            let r = fedgate::check::check(path).await;
+            let r = fedgate::tools::check::check(path).await;
             assert!(
                 r.errors.is_empty(),
                 "{}/{name}: {:?}",

@@ -13,7 +13,7 @@ use datafusion::arrow::util::display::array_value_to_string;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use fedgate::config::MemberConfig;
-use fedgate::member::MemberEngine;
+use fedgate::owner::member::MemberEngine;
 
 use crate::support::Region;
 

@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use fedgate::demo::Materialized;
 use fedgate::proto::v1::MemberState;
+use fedgate::tools::demo::Materialized;
 
 use crate::proxy::Fault;
 use crate::support::{PER_MEMBER, Region, member_state as state, member_status as status};

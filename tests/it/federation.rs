@@ -340,7 +340,7 @@ async fn describe_lists_datasets_fields_and_servers() {
 async fn peers_only_answer_member_gateways_and_only_over_canonical_datasets() {
     use fedgate::proto::v1::ExecuteRequest;
     use fedgate::proto::v1::peer_client::PeerClient;
-    use fedgate::tls::{Connector, TlsMaterial};
+    use fedgate::trust::tls::{Connector, TlsMaterial};
     // A client-only identity of the region (the press office), with a certificate.
     let region = Region::start_patched(None, &|l| {
         crate::support::patch_region(l, |r| {
@@ -356,10 +356,13 @@ async fn peers_only_answer_member_gateways_and_only_over_canonical_datasets() {
             r.members.push(press);
         });
         let certs = l.dir.join("certs");
-        let ca = fedgate::pki::Ca::load(&certs.join("ca.crt"), &certs.join("ca.key")).unwrap();
-        let p = fedgate::identity::Principal::parse("fedgate://yrd/office/press").unwrap();
-        let issued = ca.issue(&p, &fedgate::pki::default_hosts(), 1).unwrap();
-        fedgate::pki::write_issued(&issued, &certs, "press").unwrap();
+        let ca =
+            fedgate::trust::pki::Ca::load(&certs.join("ca.crt"), &certs.join("ca.key")).unwrap();
+        let p = fedgate::trust::identity::Principal::parse("fedgate://yrd/office/press").unwrap();
+        let issued = ca
+            .issue(&p, &fedgate::trust::pki::default_hosts(), 1)
+            .unwrap();
+        fedgate::trust::pki::write_issued(&issued, &certs, "press").unwrap();
     })
     .await;
     let port = |m: &str| {
@@ -508,7 +511,7 @@ async fn gateways_answer_the_standard_health_check() {
     use tonic_health::pb::health_client::HealthClient;
     let region = Region::start_only(Some(&["hefei"])).await;
     let (cert, key) = region.office();
-    let tls = fedgate::tls::TlsMaterial::load(&region.layout.ca, &cert, &key).unwrap();
+    let tls = fedgate::trust::tls::TlsMaterial::load(&region.layout.ca, &cert, &key).unwrap();
     let port: u16 = region
         .endpoint("hefei")
         .rsplit(':')
@@ -516,9 +519,10 @@ async fn gateways_answer_the_standard_health_check() {
         .unwrap()
         .parse()
         .unwrap();
-    let ch = fedgate::tls::Connector::new(tls.client_config().unwrap(), "127.0.0.1", port, None)
-        .channel(std::time::Duration::from_secs(5))
-        .unwrap();
+    let ch =
+        fedgate::trust::tls::Connector::new(tls.client_config().unwrap(), "127.0.0.1", port, None)
+            .channel(std::time::Duration::from_secs(5))
+            .unwrap();
     let mut h = HealthClient::new(ch);
     for service in ["fedgate.v1.Federation", "fedgate.v1.Peer"] {
         let r = h

@@ -27,8 +27,8 @@ const CLINICS: &str =
 /// A Flight SQL client of `member`'s gateway as the regional office.
 fn flight_sql(region: &Region, member: &str) -> FlightSqlServiceClient<tonic::transport::Channel> {
     let (cert, key) = region.office();
-    let tls = fedgate::tls::TlsMaterial::load(&region.layout.ca, &cert, &key).unwrap();
-    let channel = fedgate::tls::Connector::new(
+    let tls = fedgate::trust::tls::TlsMaterial::load(&region.layout.ca, &cert, &key).unwrap();
+    let channel = fedgate::trust::tls::Connector::new(
         tls.client_config().unwrap(),
         "127.0.0.1",
         region.port(member),
@@ -72,7 +72,7 @@ async fn flight_sql_answers_carry_the_summary_and_partial_answers_are_never_sile
     assert!(e.to_string().contains("suzhou"), "{e}");
 
     // Asked for, the partial answer comes with a summary that says what is missing.
-    client.set_header(fedgate::flight_sql::ALLOW_PARTIAL_HEADER, "true");
+    client.set_header(fedgate::frontend::flight_sql::ALLOW_PARTIAL_HEADER, "true");
     let (members, metadata) = flight_query(&mut client, CLINICS).await.unwrap();
     assert_eq!(members, ["anji", "hangzhou", "shanghai"]);
     assert_eq!(metadata.len(), 1, "one summary, at the end: {metadata:?}");
@@ -151,9 +151,12 @@ async fn progress_messages_show_members_still_running() {
 #[tokio::test]
 async fn a_service_whose_placeholders_are_not_its_parameters_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let layout =
-        fedgate::demo::materialize(&fedgate::demo::default_source(), dir.path(), &|_, p| p)
-            .unwrap();
+    let layout = fedgate::tools::demo::materialize(
+        &fedgate::tools::demo::default_source(),
+        dir.path(),
+        &|_, p| p,
+    )
+    .unwrap();
     let cases = [
         (
             "SELECT * FROM census WHERE county_code = $code AND pop_total > $min",
@@ -190,14 +193,14 @@ async fn a_service_whose_placeholders_are_not_its_parameters_is_refused_at_start
             }];
         });
         let cfg = fedgate::config::MemberConfig::load(&layout.dir.join("hefei.toml")).unwrap();
-        let e = match fedgate::server::Gateway::start(Arc::new(cfg), None).await {
+        let e = match fedgate::gateway::server::Gateway::start(Arc::new(cfg), None).await {
             Ok(_) => panic!("{sql} with {params:?} was accepted"),
             Err(e) => e.to_string(),
         };
         assert!(e.contains(want), "{e}");
         assert!(e.contains("service s"), "{e}");
         // `fedgate check` finds the same before anything is started.
-        let report = fedgate::check::check(&layout.dir.join("hefei.toml")).await;
+        let report = fedgate::tools::check::check(&layout.dir.join("hefei.toml")).await;
         assert!(
             report
                 .errors
@@ -268,7 +271,7 @@ async fn one_federated_query_is_one_trace_across_the_gateways() {
     );
     // The process-wide subscriber: this test runs in a process of its own under
     // nextest. Every gateway below exports to the collector.
-    let telemetry = fedgate::telemetry::init(&fedgate::telemetry::Settings {
+    let telemetry = fedgate::ops::telemetry::init(&fedgate::ops::telemetry::Settings {
         default_filter: "warn".into(),
         otlp_endpoint: Some(format!("http://{addr}")),
         service_name: "fedgate-test".into(),
@@ -451,13 +454,13 @@ fn flight_sql_as(
     gateway: &str,
 ) -> FlightSqlServiceClient<tonic::transport::Channel> {
     let certs = region.layout.dir.join("certs");
-    let tls = fedgate::tls::TlsMaterial::load(
+    let tls = fedgate::trust::tls::TlsMaterial::load(
         &region.layout.ca,
         &certs.join(format!("{who}.crt")),
         &certs.join(format!("{who}.key")),
     )
     .unwrap();
-    let channel = fedgate::tls::Connector::new(
+    let channel = fedgate::trust::tls::Connector::new(
         tls.client_config().unwrap(),
         "127.0.0.1",
         region.port(gateway),
@@ -497,7 +500,7 @@ async fn http_query(region: &Region, who: &str, gateway: &str, sql: &str) -> (u1
     .is_some_and(|h| h.tls);
     if tls {
         let certs = region.layout.dir.join("certs");
-        let material = fedgate::tls::TlsMaterial::load(
+        let material = fedgate::trust::tls::TlsMaterial::load(
             &region.layout.ca,
             &certs.join(format!("{who}.crt")),
             &certs.join(format!("{who}.key")),

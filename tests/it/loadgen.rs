@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use fedgate::loadgen::{self, Load, Mode};
+use fedgate::tools::loadgen::{self, Load, Mode};
 
 use crate::support::{Region, read_csv};
 

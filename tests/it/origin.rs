@@ -8,11 +8,11 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fedgate::assertion::{self, Vouch};
-use fedgate::identity::Principal;
 use fedgate::proto::v1::peer_client::PeerClient;
 use fedgate::proto::v1::{ExecuteRequest, OriginAssertion, SignedOriginAssertion};
-use fedgate::tls::{Connector, TlsMaterial};
+use fedgate::trust::assertion::{self, Vouch};
+use fedgate::trust::identity::Principal;
+use fedgate::trust::tls::{Connector, TlsMaterial};
 use prost::Message;
 use tonic::transport::Channel;
 
@@ -189,16 +189,16 @@ async fn a_gateway_speaks_only_for_itself_or_with_the_origins_signed_word() {
     // trust.
     let rogue_dir = region.layout.dir.join("rogue");
     std::fs::create_dir_all(&rogue_dir).unwrap();
-    let rogue = fedgate::pki::Ca::generate("yrd").unwrap();
-    let (rogue_ca, _) = fedgate::pki::write_ca(&rogue, &rogue_dir).unwrap();
+    let rogue = fedgate::trust::pki::Ca::generate("yrd").unwrap();
+    let (rogue_ca, _) = fedgate::trust::pki::write_ca(&rogue, &rogue_dir).unwrap();
     let issued = rogue
         .issue(
             &Principal::parse(OFFICE_URI).unwrap(),
-            &fedgate::pki::default_hosts(),
+            &fedgate::trust::pki::default_hosts(),
             1,
         )
         .unwrap();
-    let (crt, key) = fedgate::pki::write_issued(&issued, &rogue_dir, "office").unwrap();
+    let (crt, key) = fedgate::trust::pki::write_issued(&issued, &rogue_dir, "office").unwrap();
     let rogue_material = TlsMaterial::load(&rogue_ca, &crt, &key).unwrap();
     cases.push((
         "signed under another CA",

@@ -166,7 +166,7 @@ async fn plans_are_reused_for_the_same_query_config_and_caller_only() {
         .await
         .unwrap();
     assert!(again.summary.plan_cached);
-    let rows = |a: &fedgate::client::Answer| {
+    let rows = |a: &fedgate::tools::client::Answer| {
         let mut v: Vec<(String, String)> = crate::support::column_strings(&a.batches, "member")
             .into_iter()
             .zip(crate::support::column_strings(

@@ -228,24 +228,26 @@ async fn column_types_map_faithfully() {
         connect_timeout: Duration::from_secs(5),
     };
     // Without the password the server refuses, with a clear reason.
-    let refused = fedgate::source::postgres::PgDatabase::new(&cfg).unwrap();
-    let e = fedgate::source::postgres::PgTable::discover(refused, "public", "t")
+    let refused = fedgate::owner::source::postgres::PgDatabase::new(&cfg).unwrap();
+    let e = fedgate::owner::source::postgres::PgTable::discover(refused, "public", "t")
         .await
         .unwrap_err();
     assert!(e.to_string().contains("password"), "{e}");
     cfg.password = fedgate::config::Secret::new(pg.password.clone());
-    let database = fedgate::source::postgres::PgDatabase::new(&cfg).unwrap();
-    let table = fedgate::source::postgres::PgTable::discover(database, "public", "t")
+    let database = fedgate::owner::source::postgres::PgDatabase::new(&cfg).unwrap();
+    let table = fedgate::owner::source::postgres::PgTable::discover(database, "public", "t")
         .await
         .unwrap();
-    let ctx = fedgate::member::member_context();
+    let ctx = fedgate::owner::member::member_context();
     ctx.register_table("t", Arc::new(table)).unwrap();
 
     let run = |sql: &'static str| {
         let ctx = ctx.clone();
         async move {
             let plan = ctx.state().create_logical_plan(sql).await.unwrap();
-            let physical = fedgate::member::physical_plan(&ctx, &plan).await.unwrap();
+            let physical = fedgate::owner::member::physical_plan(&ctx, &plan)
+                .await
+                .unwrap();
             let text = datafusion::physical_plan::displayable(physical.as_ref())
                 .indent(true)
                 .to_string();
@@ -453,24 +455,26 @@ async fn a_database_down_or_past_the_deadline_is_reported_and_cancelled() {
 /// name the host; a certificate from another CA is refused, by name.
 #[tokio::test]
 async fn tls_to_the_database_verifies_the_server() {
-    let ca = fedgate::pki::Ca::generate("dbs").unwrap();
+    let ca = fedgate::trust::pki::Ca::generate("dbs").unwrap();
     let server =
-        fedgate::identity::Principal::new("dbs", fedgate::identity::Kind::City, "pg").unwrap();
+        fedgate::trust::identity::Principal::new("dbs", fedgate::trust::identity::Kind::City, "pg")
+            .unwrap();
     let issued = ca
-        .issue(&server, &fedgate::pki::default_hosts(), 2)
+        .issue(&server, &fedgate::trust::pki::default_hosts(), 2)
         .unwrap();
-    let pg = fedgate::local_postgres::LocalPostgres::launch(Some((
+    let pg = fedgate::tools::local_postgres::LocalPostgres::launch(Some((
         issued.cert_pem.clone(),
         issued.key_pem.clone(),
     )))
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (good_ca, _) = fedgate::pki::write_ca(&ca, dir.path()).unwrap();
+    let (good_ca, _) = fedgate::trust::pki::write_ca(&ca, dir.path()).unwrap();
     let other = dir.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
     let (bad_ca, _) =
-        fedgate::pki::write_ca(&fedgate::pki::Ca::generate("other").unwrap(), &other).unwrap();
+        fedgate::trust::pki::write_ca(&fedgate::trust::pki::Ca::generate("other").unwrap(), &other)
+            .unwrap();
     let connect = |ca: std::path::PathBuf| {
         let cfg = fedgate::config::Database {
             name: "tls".into(),
@@ -484,8 +488,8 @@ async fn tls_to_the_database_verifies_the_server() {
             connect_timeout: Duration::from_secs(5),
         };
         async move {
-            let db = fedgate::source::postgres::PgDatabase::new(&cfg).unwrap();
-            fedgate::source::postgres::PgTable::discover(db, "pg_catalog", "pg_class").await
+            let db = fedgate::owner::source::postgres::PgDatabase::new(&cfg).unwrap();
+            fedgate::owner::source::postgres::PgTable::discover(db, "pg_catalog", "pg_class").await
         }
     };
     let table = connect(good_ca).await.unwrap();

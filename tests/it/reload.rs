@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fedgate::config::raw::RawAccessRule;
+use fedgate::gateway::server::ReloadOutcome;
 use fedgate::proto::v1::MemberState;
-use fedgate::server::ReloadOutcome;
 
 use crate::support::{PER_MEMBER, Region, member_status, patch_member};
 
@@ -139,7 +139,7 @@ async fn a_bad_new_configuration_is_refused_and_the_running_one_kept() {
 /// The certificate `port`'s gateway presents to a new connection.
 async fn served_certificate(region: &Region, port: u16) -> Vec<u8> {
     let (cert, key) = region.office();
-    let tls = fedgate::tls::TlsMaterial::load(&region.layout.ca, &cert, &key).unwrap();
+    let tls = fedgate::trust::tls::TlsMaterial::load(&region.layout.ca, &cert, &key).unwrap();
     let connector = tokio_rustls::TlsConnector::from(tls.client_config().unwrap());
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -161,7 +161,8 @@ async fn certificates_rotate_under_continuous_queries_and_bad_ones_are_refused()
     let region = Region::start().await;
     let port = region.port("suzhou");
     let certs = region.layout.dir.join("certs");
-    let principal = fedgate::identity::Principal::parse("fedgate://yrd/city/suzhou").unwrap();
+    let principal =
+        fedgate::trust::identity::Principal::parse("fedgate://yrd/city/suzhou").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let load = keep_querying(&region, stop.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -169,9 +170,9 @@ async fn certificates_rotate_under_continuous_queries_and_bad_ones_are_refused()
     // A new certificate from the region CA: used from the next connection on.
     let rotated = region
         .ca()
-        .issue(&principal, &fedgate::pki::default_hosts(), 30)
+        .issue(&principal, &fedgate::trust::pki::default_hosts(), 30)
         .unwrap();
-    fedgate::pki::write_issued(&rotated, &certs, "suzhou").unwrap();
+    fedgate::trust::pki::write_issued(&rotated, &certs, "suzhou").unwrap();
     let outcome = region.gateways["suzhou"].reload().await;
     assert!(
         matches!(
@@ -192,22 +193,22 @@ async fn certificates_rotate_under_continuous_queries_and_bad_ones_are_refused()
         .ca()
         .issue_with_validity(
             &principal,
-            &fedgate::pki::default_hosts(),
+            &fedgate::trust::pki::default_hosts(),
             now - time::Duration::days(30),
             now - time::Duration::days(1),
         )
         .unwrap();
-    fedgate::pki::write_issued(&expired, &certs, "suzhou").unwrap();
+    fedgate::trust::pki::write_issued(&expired, &certs, "suzhou").unwrap();
     match region.gateways["suzhou"].reload().await {
         ReloadOutcome::Rejected { reason } => assert!(reason.contains("expired"), "{reason}"),
         other => panic!("{other:?}"),
     }
     // So is one from another CA.
-    let stranger = fedgate::pki::Ca::generate("yrd")
+    let stranger = fedgate::trust::pki::Ca::generate("yrd")
         .unwrap()
-        .issue(&principal, &fedgate::pki::default_hosts(), 30)
+        .issue(&principal, &fedgate::trust::pki::default_hosts(), 30)
         .unwrap();
-    fedgate::pki::write_issued(&stranger, &certs, "suzhou").unwrap();
+    fedgate::trust::pki::write_issued(&stranger, &certs, "suzhou").unwrap();
     match region.gateways["suzhou"].reload().await {
         ReloadOutcome::Rejected { reason } => {
             assert!(reason.contains("not accepted by the region CA"), "{reason}")

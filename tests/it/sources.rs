@@ -93,7 +93,7 @@ async fn a_parquet_source_maps_like_a_csv_one() {
     );
     let path = use_census_parquet(&region.layout.dir);
 
-    let report = fedgate::check::check(&path).await;
+    let report = fedgate::tools::check::check(&path).await;
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(
         report.checked.iter().any(|c| c == "dataset census: 2 rows"),
@@ -102,14 +102,16 @@ async fn a_parquet_source_maps_like_a_csv_one() {
     );
 
     let cfg = fedgate::config::MemberConfig::load(&path).unwrap();
-    let engine = fedgate::member::MemberEngine::build(Arc::new(cfg))
+    let engine = fedgate::owner::member::MemberEngine::build(Arc::new(cfg))
         .await
         .unwrap();
-    let via = fedgate::identity::Principal::parse("fedgate://yrd/city/shanghai").unwrap();
-    let origin = fedgate::identity::Principal::parse("fedgate://yrd/office/coordination").unwrap();
+    let via = fedgate::trust::identity::Principal::parse("fedgate://yrd/city/shanghai").unwrap();
+    let origin =
+        fedgate::trust::identity::Principal::parse("fedgate://yrd/office/coordination").unwrap();
     // The data owner's network path: authorized, run and on the record.
-    let audit =
-        Arc::new(fedgate::audit::AuditLog::open(&region.layout.dir.join("direct.log")).unwrap());
+    let audit = Arc::new(
+        fedgate::ops::audit::AuditLog::open(&region.layout.dir.join("direct.log")).unwrap(),
+    );
     let ask = fedgate::owner::Ask {
         via: &via,
         origin: &origin,
@@ -122,7 +124,7 @@ async fn a_parquet_source_maps_like_a_csv_one() {
         .await
         .unwrap();
     let batches: Vec<RecordBatch> = futures::TryStreamExt::try_collect(stream).await.unwrap();
-    let log = fedgate::audit::verify(audit.path()).unwrap();
+    let log = fedgate::ops::audit::verify(audit.path()).unwrap();
     assert_eq!(log.records, 1, "the answer is on the record");
     assert!(log.broken.is_none());
     assert_eq!(

@@ -7,9 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use datafusion::arrow::record_batch::RecordBatch;
-use fedgate::client::{Answer, Client, Failure};
-use fedgate::masking::Mask;
+use fedgate::owner::masking::Mask;
 use fedgate::proto::v1::{MemberState, QueryRequest};
+use fedgate::tools::client::{Answer, Client, Failure};
 
 use crate::support::{Region, column_strings};
 
@@ -671,7 +671,7 @@ async fn every_sub_query_answered_or_refused_is_on_a_chain_that_shows_tampering(
 
     // The real log verifies; copies with an edited, a deleted or a swapped record,
     // or cut mid-record, do not, and the first broken record is named.
-    let report = fedgate::audit::verify(&hangzhou_log).unwrap();
+    let report = fedgate::ops::audit::verify(&hangzhou_log).unwrap();
     assert!(report.broken.is_none(), "{:?}", report.broken);
     let n = report.records;
     assert!(n as usize >= subs.len());
@@ -715,7 +715,7 @@ async fn every_sub_query_answered_or_refused_is_on_a_chain_that_shows_tampering(
     ] {
         let p = dir.path().join(what);
         std::fs::write(&p, body).unwrap();
-        let r = fedgate::audit::verify(&p).unwrap();
+        let r = fedgate::ops::audit::verify(&p).unwrap();
         let b = r.broken.unwrap_or_else(|| panic!("{what} copy verified"));
         assert_eq!(b.seq, k as u64 + 1, "{what}: {}", b.problem);
         let out = verify_cli(&p);
@@ -729,7 +729,7 @@ async fn every_sub_query_answered_or_refused_is_on_a_chain_that_shows_tampering(
     // still verifies.
     let p = dir.path().join("cut");
     std::fs::write(&p, &text[..text.len() - 20]).unwrap();
-    let r = fedgate::audit::verify(&p).unwrap();
+    let r = fedgate::ops::audit::verify(&p).unwrap();
     assert_eq!(r.records, n - 1);
     assert_eq!(r.broken.unwrap().seq, n);
 }

@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fedgate::client::Client;
 use fedgate::config::MemberConfig;
-use fedgate::demo::Materialized;
-use fedgate::server::Gateway;
+use fedgate::gateway::server::Gateway;
+use fedgate::tools::client::Client;
+use fedgate::tools::demo::Materialized;
 
 /// The sample region's office, which has a gateway of its own.
 pub const OFFICE: &str = "coordination";
@@ -18,7 +18,7 @@ pub struct Region {
     pub layout: Materialized,
     pub gateways: BTreeMap<String, Gateway>,
     /// The local PostgreSQL server behind Hangzhou's pipelines, when started.
-    pub pg: Option<fedgate::local_postgres::LocalPostgres>,
+    pub pg: Option<fedgate::tools::local_postgres::LocalPostgres>,
 }
 
 impl Region {
@@ -53,12 +53,15 @@ impl Region {
         database: bool,
     ) -> Region {
         let pg = if database {
-            let pg = fedgate::local_postgres::LocalPostgres::launch(None)
+            let pg = fedgate::tools::local_postgres::LocalPostgres::launch(None)
                 .await
                 .unwrap();
-            fedgate::demo::load_databases(&pg, &fedgate::demo::default_source().join("data"))
-                .await
-                .unwrap();
+            fedgate::tools::demo::load_databases(
+                &pg,
+                &fedgate::tools::demo::default_source().join("data"),
+            )
+            .await
+            .unwrap();
             Some(pg)
         } else {
             None
@@ -66,7 +69,8 @@ impl Region {
         let dir = tempfile::tempdir().unwrap();
         let mut listeners = BTreeMap::new();
         let template: fedgate::config::raw::RawRegion = toml::from_str(
-            &std::fs::read_to_string(fedgate::demo::default_source().join("region.toml")).unwrap(),
+            &std::fs::read_to_string(fedgate::tools::demo::default_source().join("region.toml"))
+                .unwrap(),
         )
         .unwrap();
         for m in template.members.iter().filter(|m| m.endpoint.is_some()) {
@@ -77,8 +81,8 @@ impl Region {
             .iter()
             .map(|(n, l)| (n.clone(), l.local_addr().unwrap().port()))
             .collect();
-        let layout = fedgate::demo::materialize_with_database(
-            &fedgate::demo::default_source(),
+        let layout = fedgate::tools::demo::materialize_with_database(
+            &fedgate::tools::demo::default_source(),
             dir.path(),
             // HTTP ports: 0, a free one picked by each gateway.
             &|name, _| ports.get(name).copied().unwrap_or(0),
@@ -178,7 +182,9 @@ impl Region {
     ) -> Vec<datafusion::arrow::record_batch::RecordBatch> {
         let path = self.layout.dir.join(format!("{member}.toml"));
         let cfg = Arc::new(MemberConfig::load(&path).unwrap_or_else(|p| panic!("{p}")));
-        let engine = fedgate::member::MemberEngine::build(cfg).await.unwrap();
+        let engine = fedgate::owner::member::MemberEngine::build(cfg)
+            .await
+            .unwrap();
         let prepared = engine.prepare(sql).await.unwrap();
         let permit = engine.owner_permit(&prepared);
         let stream = engine.execute(&permit, prepared).await.unwrap().stream;
@@ -191,9 +197,9 @@ impl Region {
     }
 
     /// The CA of the region, for issuing extra certificates.
-    pub fn ca(&self) -> fedgate::pki::Ca {
+    pub fn ca(&self) -> fedgate::trust::pki::Ca {
         let certs = self.layout.dir.join("certs");
-        fedgate::pki::Ca::load(&certs.join("ca.crt"), &certs.join("ca.key")).unwrap()
+        fedgate::trust::pki::Ca::load(&certs.join("ca.crt"), &certs.join("ca.key")).unwrap()
     }
 
     /// Starts the sample region with each named member reached through its own

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use fedgate::client::Client;
-use fedgate::identity::Principal;
-use fedgate::pki::{self, Ca};
+use fedgate::tools::client::Client;
+use fedgate::trust::identity::Principal;
+use fedgate::trust::pki::{self, Ca};
 use time::OffsetDateTime;
 
 use crate::support::Region;
@@ -105,14 +105,14 @@ async fn a_client_without_a_certificate_is_refused() {
         .unwrap()
         .parse()
         .unwrap();
-    let ch = fedgate::tls::Connector::new(std::sync::Arc::new(cfg), "127.0.0.1", port, None)
+    let ch = fedgate::trust::tls::Connector::new(std::sync::Arc::new(cfg), "127.0.0.1", port, None)
         .channel(Duration::from_secs(5))
         .unwrap();
     let e = FederationClient::new(ch)
         .describe(DescribeRequest::default())
         .await
         .unwrap_err();
-    let text = fedgate::client::describe_status(&e);
+    let text = fedgate::tools::client::describe_status(&e);
     assert!(text.contains("requires a client certificate"), "{text}");
 }
 
@@ -122,7 +122,7 @@ async fn a_gateway_presenting_another_members_identity_is_not_trusted() {
     // another member there (a misrouted or hijacked address) must not be accepted.
     let region = Region::start_only(Some(&["suzhou"])).await;
     let certs = region.layout.dir.join("certs");
-    let tls = fedgate::tls::TlsMaterial::load(
+    let tls = fedgate::trust::tls::TlsMaterial::load(
         &region.layout.ca,
         &certs.join("shanghai.crt"),
         &certs.join("shanghai.key"),
@@ -136,7 +136,7 @@ async fn a_gateway_presenting_another_members_identity_is_not_trusted() {
         .parse()
         .unwrap();
     let expected = Principal::parse("fedgate://yrd/city/hangzhou").unwrap();
-    let ch = fedgate::tls::Connector::new(
+    let ch = fedgate::trust::tls::Connector::new(
         tls.client_config().unwrap(),
         "127.0.0.1",
         port,
@@ -148,7 +148,7 @@ async fn a_gateway_presenting_another_members_identity_is_not_trusted() {
         .catalog(fedgate::proto::v1::CatalogRequest::default())
         .await
         .unwrap_err();
-    let text = fedgate::client::describe_status(&e);
+    let text = fedgate::tools::client::describe_status(&e);
     assert!(
         text.contains(
             "presented identity fedgate://yrd/city/suzhou, expected fedgate://yrd/city/hangzhou"
@@ -166,7 +166,7 @@ async fn a_member_certificate_that_does_not_match_its_config_does_not_start() {
         .replace("certs/hefei.", "certs/anji.");
     std::fs::write(&path, text).unwrap();
     let cfg = fedgate::config::MemberConfig::load(&path).unwrap();
-    let e = fedgate::server::Gateway::start(std::sync::Arc::new(cfg), None)
+    let e = fedgate::gateway::server::Gateway::start(std::sync::Arc::new(cfg), None)
         .await
         .err()
         .unwrap();

@@ -1,0 +1,684 @@
+//! The coordinator: plans a canonical SQL query as a union of member scans, runs the
+//! member scans concurrently and merges their answers.
+//!
+//! Per query: a DataFusion session whose tables are the region's canonical datasets
+//! ([`table::FederatedTable`]), carrying the query's [`state::QueryState`] as a config
+//! extension so every member scan can report its outcome. The final aggregation,
+//! sorting and limits run here, on the rows the members returned.
+
+pub mod breaker;
+pub mod client;
+pub mod pushdown;
+pub mod results;
+pub mod state;
+pub mod table;
+pub mod unparse;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::TableReference;
+use datafusion::execution::{SendableRecordBatchStream, SessionState};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionContext;
+
+use crate::config::MemberConfig;
+use crate::error::{Error, Result};
+use crate::ops::audit::AuditLog;
+use crate::owner::member::{MemberEngine, session_config};
+use crate::proto::v1::peer_client::PeerClient;
+use crate::proto::v1::{CatalogRequest, DatasetAccess};
+use crate::trust::identity::Principal;
+use crate::trust::tls::{Connector, TlsMaterial};
+use client::MemberClient;
+use state::QueryState;
+use table::FederatedTable;
+
+/// Bound parameter values as part of a plan cache key: names sorted, each value with
+/// its type (`county_code=Utf8("330523")`), so equal values give equal keys.
+fn params_key(p: &datafusion::common::ParamValues) -> String {
+    use datafusion::common::ParamValues;
+    match p {
+        ParamValues::Map(m) => {
+            let mut v: Vec<String> = m
+                .iter()
+                .map(|(k, x)| format!("{k}={:?}", x.value))
+                .collect();
+            v.sort();
+            v.join(",")
+        }
+        ParamValues::List(l) => l
+            .iter()
+            .map(|x| format!("{:?}", x.value))
+            .collect::<Vec<_>>()
+            .join(","),
+    }
+}
+
+/// Options a caller sets on a query.
+#[derive(Debug, Clone)]
+pub struct QueryOptions {
+    /// Return the answering members' rows when some members fail.
+    pub allow_partial: bool,
+    /// The whole query's time budget.
+    pub timeout: Duration,
+    /// Push aggregates and top-k into member sub-queries (off only to compare).
+    pub pushdown: bool,
+    /// Reuse plans of earlier identical queries (off only to compare).
+    pub plan_cache: bool,
+    /// Why the data is asked for; sent with every sub-query.
+    pub purpose: Option<String>,
+    /// Values bound to the query's `$name` placeholders (published services).
+    pub params: Option<datafusion::common::ParamValues>,
+    /// The origin's assertion, sent with every sub-query (see [`crate::trust::assertion`]).
+    pub assertion: Option<Arc<Vec<u8>>>,
+    /// The query's span: member calls are its children, and its trace context
+    /// travels with every sub-query.
+    pub span: tracing::Span,
+}
+
+impl Default for QueryOptions {
+    fn default() -> Self {
+        QueryOptions {
+            allow_partial: false,
+            timeout: Duration::from_secs(30),
+            pushdown: true,
+            plan_cache: true,
+            purpose: None,
+            params: None,
+            assertion: None,
+            span: tracing::Span::none(),
+        }
+    }
+}
+
+/// What a cached plan depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PlanKey {
+    /// The query as parsed and printed, or (with `exact`) the text as received.
+    sql: String,
+    exact: bool,
+    version: String,
+    scope: String,
+    pushdown: bool,
+}
+
+/// A query whose plan is built and whose member scans start as the stream is read.
+pub struct RunningQuery {
+    /// The answer's schema.
+    pub schema: SchemaRef,
+    /// The merged answer.
+    pub stream: SendableRecordBatchStream,
+    /// Per-member outcomes, complete once the stream has ended.
+    pub state: Arc<QueryState>,
+    /// Whether the plan came from the plan cache.
+    pub plan_cached: bool,
+    /// Time from SQL text to a physical plan.
+    pub planning: Duration,
+}
+
+/// How a query would run.
+#[derive(Debug, Clone)]
+pub struct Explained {
+    /// The coordinator's physical plan.
+    pub plan: String,
+    /// Each member scan: dataset, members asked, SQL.
+    pub subqueries: Vec<(String, Vec<String>, String)>,
+    /// What each member would send to its databases: member, then (database, SQL)
+    /// pairs or why the member could not say.
+    pub database_statements: Vec<(String, Result<Vec<DatabaseStatement>>)>,
+}
+
+/// A statement a member sends to one of its databases: (database, SQL).
+pub type DatabaseStatement = (String, String);
+
+/// A copy of a (cached) physical plan for one query: every node with fresh execution
+/// state (`reset_state`, as DataFusion does to run a plan again), every member scan
+/// bound to the query's state. The plan given is not changed.
+fn bind(plan: Arc<dyn ExecutionPlan>, state: &Arc<QueryState>) -> Result<Arc<dyn ExecutionPlan>> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    plan.transform_up(|node| {
+        let any: &dyn std::any::Any = node.as_ref();
+        if let Some(scan) = any.downcast_ref::<table::FederatedScanExec>() {
+            let bound: Arc<dyn ExecutionPlan> = Arc::new(scan.bind(state.clone()));
+            return Ok(Transformed::yes(bound));
+        }
+        Ok(Transformed::yes(node.reset_state()?))
+    })
+    .map(|t| t.data)
+    .map_err(Error::from_datafusion)
+}
+
+fn collect_scans(
+    plan: &dyn datafusion::physical_plan::ExecutionPlan,
+    out: &mut Vec<(String, Vec<String>, String)>,
+) {
+    let any: &dyn std::any::Any = plan;
+    if let Some(scan) = any.downcast_ref::<table::FederatedScanExec>() {
+        out.push((
+            scan.dataset().to_string(),
+            scan.members().into_iter().map(String::from).collect(),
+            scan.member_sql().to_string(),
+        ));
+    }
+    for child in plan.children() {
+        collect_scans(child.as_ref(), out);
+    }
+}
+
+/// Plans and runs federated queries at one gateway.
+pub struct Coordinator {
+    config: Arc<MemberConfig>,
+    clients: Arc<HashMap<String, MemberClient>>,
+    tables: Vec<(String, Arc<FederatedTable>)>,
+    /// Planning sessions with the pushdown rule and without it.
+    sessions: [SessionState; 2],
+    /// Physical plans by query, configuration, caller and options. A plan is never
+    /// run itself: each query runs a copy with fresh execution state whose member
+    /// scans are bound to that query ([`bind`]), so queries sharing a plan share
+    /// nothing at run time.
+    plans: moka::future::Cache<PlanKey, Arc<dyn ExecutionPlan>>,
+    /// Task contexts for running plans of each planning session, made once: they
+    /// hold no per-query data.
+    tasks: [Arc<datafusion::execution::TaskContext>; 2],
+}
+
+/// A planning session over the canonical tables, with or without the pushdown rule.
+fn planning_session(
+    tables: &[(String, Arc<FederatedTable>)],
+    pushdown: bool,
+) -> Result<SessionState> {
+    let mut rules = datafusion::optimizer::Optimizer::new().rules;
+    if pushdown {
+        // After filters are pushed into scans and before common-subexpression
+        // elimination, whose generated projections make member SQL harder to read
+        // (and have tripped members' own optimizers).
+        let at = rules
+            .iter()
+            .position(|r| r.name() == "common_sub_expression_eliminate")
+            .unwrap_or(rules.len());
+        rules.insert(at, Arc::new(pushdown::MemberPushdown));
+    }
+    let state = datafusion::execution::SessionStateBuilder::new()
+        .with_config(session_config())
+        .with_default_features()
+        .with_optimizer_rules(rules)
+        .build();
+    let ctx = SessionContext::new_with_state(state);
+    for (name, t) in tables {
+        ctx.register_table(TableReference::bare(name.as_str()), t.clone())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+    }
+    Ok(ctx.state())
+}
+
+/// Share of a query's budget kept for merging after the members' deadline.
+fn merge_reserve(total: Duration) -> Duration {
+    (total / 10).clamp(Duration::from_millis(20), Duration::from_secs(2))
+}
+
+impl Coordinator {
+    /// Builds clients for every member gateway and one table per canonical dataset.
+    pub fn new(
+        config: Arc<MemberConfig>,
+        local: Option<Arc<MemberEngine>>,
+        tls: &TlsMaterial,
+        audit: Arc<AuditLog>,
+    ) -> Result<Coordinator> {
+        let region = config.region.clone();
+        let client_cfg = tls.client_config()?;
+        let mut clients = HashMap::new();
+        for m in &region.members {
+            let Some(ep) = &m.endpoint else { continue };
+            if m.name == config.member.name {
+                if let Some(engine) = &local {
+                    clients.insert(
+                        m.name.clone(),
+                        MemberClient::Local {
+                            name: m.name.clone(),
+                            engine: engine.clone(),
+                            me: config.member.principal.clone(),
+                            audit: audit.clone(),
+                        },
+                    );
+                }
+                continue;
+            }
+            let channel = Connector::new(
+                client_cfg.clone(),
+                &ep.host,
+                ep.port,
+                Some(m.principal.clone()),
+            )
+            .channel(Duration::from_secs(5))?;
+            clients.insert(
+                m.name.clone(),
+                MemberClient::Remote {
+                    name: m.name.clone(),
+                    endpoint: ep.url.clone(),
+                    client: PeerClient::new(channel.clone())
+                        .max_decoding_message_size(16 * 1024 * 1024),
+                    channel,
+                    health: Arc::new(breaker::MemberHealth::new(
+                        config.limits.breaker,
+                        config.limits.retries,
+                    )),
+                },
+            );
+        }
+        let clients = Arc::new(clients);
+        let results = (config.limits.result_cache_bytes > 0)
+            .then(|| results::ResultCache::new(config.limits.result_cache_bytes));
+        let tables: Vec<(String, Arc<FederatedTable>)> = region
+            .datasets
+            .iter()
+            .map(|d| {
+                let servers = region.servers_of(&d.name).map(|m| m.name.clone()).collect();
+                (
+                    d.name.clone(),
+                    Arc::new(FederatedTable::new(
+                        d.clone(),
+                        servers,
+                        clients.clone(),
+                        results.clone(),
+                    )),
+                )
+            })
+            .collect();
+        let sessions = [
+            planning_session(&tables, true)?,
+            planning_session(&tables, false)?,
+        ];
+        let tasks = [
+            Arc::new(datafusion::execution::TaskContext::from(&sessions[0])),
+            Arc::new(datafusion::execution::TaskContext::from(&sessions[1])),
+        ];
+        Ok(Coordinator {
+            config,
+            clients,
+            tables,
+            sessions,
+            tasks,
+            plans: moka::future::Cache::builder()
+                .max_capacity(1024)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
+        })
+    }
+
+    /// The configuration this coordinator runs under.
+    pub fn config(&self) -> &Arc<MemberConfig> {
+        &self.config
+    }
+
+    /// The planning session, with or without the pushdown rule. Built once per
+    /// coordinator and shared by every query; per-query state travels in the task
+    /// context instead, so nothing is rebuilt per query.
+    fn session(&self, pushdown: bool) -> &SessionState {
+        if pushdown {
+            &self.sessions[0]
+        } else {
+            &self.sessions[1]
+        }
+    }
+
+    /// The canonical datasets a parsed query reads; any other table is an error that
+    /// lists the region's datasets.
+    fn datasets_in(
+        &self,
+        state: &SessionState,
+        stmt: &datafusion::sql::parser::Statement,
+    ) -> Result<BTreeSet<String>> {
+        let mut found = BTreeSet::new();
+        for r in state
+            .resolve_table_references(stmt)
+            .map_err(Error::from_datafusion)?
+        {
+            match &r {
+                TableReference::Bare { table }
+                    if self
+                        .tables
+                        .iter()
+                        .any(|(n, _)| n.as_str() == table.as_ref()) =>
+                {
+                    found.insert(table.to_string());
+                }
+                _ => {
+                    let names: Vec<&str> = self.tables.iter().map(|(n, _)| n.as_str()).collect();
+                    return Err(Error::InvalidQuery(format!(
+                        "unknown dataset {r}; the region's canonical datasets are: {}",
+                        names.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The canonical datasets `sql` reads (what an origin assertion for it covers).
+    pub fn datasets_of(&self, sql: &str) -> Result<BTreeSet<String>> {
+        let state = self.session(true);
+        let stmt = crate::owner::member::parse_query(state, sql)?;
+        self.datasets_in(state, &stmt)
+    }
+
+    /// Plans a caller's SQL into a physical plan, from the plan cache when the same
+    /// normalized query was planned under the same configuration for the same caller.
+    /// Table names are checked against the canonical datasets first, so an unknown
+    /// name is reported with the names that exist. A cached plan comes back as a copy
+    /// with fresh execution state.
+    async fn plan(
+        &self,
+        origin: &Principal,
+        sql: &str,
+        opts: &QueryOptions,
+    ) -> Result<(Arc<dyn ExecutionPlan>, bool)> {
+        let state = self.session(opts.pushdown);
+        // The key holds everything that changes the plan: the query, the
+        // configuration, the caller (whose access scope the plan is made for) and the
+        // planner options. The text as received is looked up first, which spares
+        // parsing a query repeated verbatim; then the query as parsed and printed, so
+        // that spacing and letter case of keywords do not matter.
+        // A plan with bound values is made for those values: they are part of the key.
+        let bound = opts.params.as_ref().map(params_key);
+        let keyed = |text: String| match &bound {
+            Some(b) => format!("{text}\u{0}{b}"),
+            None => text,
+        };
+        let exact = PlanKey {
+            sql: keyed(sql.to_string()),
+            exact: true,
+            version: self.config.version.clone(),
+            scope: origin.uri(),
+            pushdown: opts.pushdown,
+        };
+        let cache = opts.plan_cache;
+        if cache && let Some(p) = self.plans.get(&exact).await {
+            return Ok((p, true));
+        }
+        let stmt = crate::owner::member::parse_query(state, sql)?;
+        let key = PlanKey {
+            sql: keyed(stmt.to_string()),
+            exact: false,
+            ..exact.clone()
+        };
+        if cache && let Some(p) = self.plans.get(&key).await {
+            self.plans.insert(exact, p.clone()).await;
+            return Ok((p, true));
+        }
+        // A cached plan passed these checks when it was made.
+        self.datasets_in(state, &stmt)?;
+        let plan = crate::owner::member::plan_query(state, stmt).await?;
+        // Bound values replace the placeholders as typed literals before anything is
+        // optimized or unparsed into member SQL, so a value is never SQL text.
+        let plan = match &opts.params {
+            Some(values) => plan
+                .with_param_values(values.clone())
+                .map_err(|e| Error::InvalidQuery(format!("binding parameters: {e}")))?,
+            None => plan,
+        };
+        let mut plan = state.optimize(&plan).map_err(Error::from_datafusion)?;
+        if opts.pushdown
+            && let Some(whole) =
+                pushdown::push_whole_query(state, &plan, sql).map_err(Error::from_datafusion)?
+        {
+            plan = whole;
+        }
+        let physical = state
+            .query_planner()
+            .create_physical_plan(&plan, state)
+            .await
+            .map_err(Error::from_datafusion)?;
+        if cache {
+            self.plans.insert(key, physical.clone()).await;
+            self.plans.insert(exact, physical.clone()).await;
+        }
+        Ok((physical, false))
+    }
+
+    fn new_state(
+        &self,
+        query_id: String,
+        origin: Principal,
+        opts: &QueryOptions,
+    ) -> Arc<QueryState> {
+        let member_budget = opts.timeout.saturating_sub(merge_reserve(opts.timeout));
+        let mut state = QueryState::new(
+            query_id,
+            origin,
+            self.config.member.principal.clone(),
+            member_budget,
+            opts.allow_partial,
+            self.config
+                .region
+                .members
+                .iter()
+                .map(|m| m.name.clone())
+                .collect(),
+        );
+        state.purpose = opts.purpose.clone();
+        state.assertion = opts.assertion.clone();
+        state.span = opts.span.clone();
+        Arc::new(state)
+    }
+
+    /// What `origin`, stating `purpose`, may do with each dataset at each member that
+    /// serves it. Each member answers for itself (its rules are in its own file); a
+    /// member that cannot be reached is listed as `unknown` with the reason.
+    pub async fn describe_access(
+        &self,
+        origin: &Principal,
+        purpose: Option<&str>,
+    ) -> Vec<DatasetAccess> {
+        let region = &self.config.region;
+        let asks = region
+            .members
+            .iter()
+            .filter(|m| !m.serves.is_empty())
+            .filter_map(|m| self.clients.get(&m.name).map(|c| (m, c)))
+            .map(|(m, c)| async move {
+                let answer = match c {
+                    MemberClient::Local { engine, .. } => {
+                        Ok(engine.describe_access(origin, purpose))
+                    }
+                    MemberClient::Remote {
+                        client, endpoint, ..
+                    } => {
+                        let mut req = tonic::Request::new(CatalogRequest {
+                            origin: origin.uri(),
+                            purpose: purpose.unwrap_or_default().to_string(),
+                        });
+                        req.set_timeout(Duration::from_secs(5));
+                        client
+                            .clone()
+                            .catalog(req)
+                            .await
+                            .map(|r| r.into_inner().access)
+                            .map_err(|s| format!("{endpoint}: {}", s.message()))
+                    }
+                };
+                answer.unwrap_or_else(|why| {
+                    m.serves
+                        .iter()
+                        .map(|d| DatasetAccess {
+                            member: m.name.clone(),
+                            dataset: d.clone(),
+                            level: "unknown".into(),
+                            reason: format!("the member did not answer: {why}"),
+                            ..DatasetAccess::default()
+                        })
+                        .collect()
+                })
+            });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// A task context for one query: the session's functions and configuration with a
+    /// memory pool of its own, so one query's merge cannot take the memory of others
+    /// (`limits.query_memory_bytes`). A query that needs more fails with a clear error.
+    /// Spilling is off: members' rows are never written to the coordinator's disk.
+    fn task_for_query(&self, session: usize) -> Result<Arc<datafusion::execution::TaskContext>> {
+        let base = &self.tasks[session];
+        let pool = Arc::new(datafusion::execution::memory_pool::GreedyMemoryPool::new(
+            self.config.limits.query_memory_bytes as usize,
+        ));
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
+            &base.runtime_env(),
+        )
+        .with_memory_pool(pool)
+        .with_disk_manager_builder(
+            datafusion::execution::disk_manager::DiskManagerBuilder::default()
+                .with_mode(datafusion::execution::disk_manager::DiskManagerMode::Disabled),
+        )
+        .build_arc()
+        .map_err(Error::from_datafusion)?;
+        Ok(Arc::new(
+            datafusion::execution::TaskContext::from(&self.sessions[session]).with_runtime(runtime),
+        ))
+    }
+
+    /// Plans `sql` for `origin` and returns the running query.
+    pub async fn query(
+        &self,
+        origin: Principal,
+        sql: &str,
+        opts: QueryOptions,
+    ) -> Result<RunningQuery> {
+        let state = self.new_state(uuid::Uuid::new_v4().to_string(), origin.clone(), &opts);
+        let started = std::time::Instant::now();
+        let (physical, plan_cached) = self.plan(&origin, sql, &opts).await?;
+        // Plans (cached or not) are never run themselves, only bound copies.
+        let physical = bind(physical, &state)?;
+        let planning = started.elapsed();
+        let task = self.task_for_query(usize::from(!opts.pushdown))?;
+        let stream = datafusion::physical_plan::execute_stream(physical, task)
+            .map_err(Error::from_datafusion)?;
+        Ok(RunningQuery {
+            schema: stream.schema(),
+            stream,
+            state,
+            plan_cached,
+            planning,
+        })
+    }
+
+    /// The circuit breaker state of each remote member (`closed`, `open`,
+    /// `probing`) and `local` for this gateway's own data.
+    pub fn breaker_states(&self) -> std::collections::BTreeMap<String, &'static str> {
+        self.clients
+            .iter()
+            .map(|(name, c)| {
+                let state = match c.health() {
+                    Some(h) => h.breaker.state_word(),
+                    None => "local",
+                };
+                (name.clone(), state)
+            })
+            .collect()
+    }
+
+    /// The schema `sql`'s answer will have for `origin`, without running it. The
+    /// plan is cached, so running the same text next does not plan it again.
+    pub async fn schema_of(
+        &self,
+        origin: Principal,
+        sql: &str,
+    ) -> Result<datafusion::arrow::datatypes::SchemaRef> {
+        let (plan, _) = self.plan(&origin, sql, &QueryOptions::default()).await?;
+        Ok(plan.schema())
+    }
+
+    /// Checks a published service against the canonical datasets: its SQL plans, and
+    /// its placeholders are exactly its declared parameters, with the declared types
+    /// wherever the planner can infer one.
+    pub async fn check_service(&self, service: &crate::config::Service) -> Result<()> {
+        let state = self.session(true);
+        let stmt = crate::owner::member::parse_query(state, &service.sql)?;
+        let plan = crate::owner::member::plan_query(state, stmt).await?;
+        let found = plan.get_parameter_types().map_err(Error::from_datafusion)?;
+        let mut problems = Vec::new();
+        for (name, inferred) in &found {
+            let bare = name.trim_start_matches('$');
+            match service.params.iter().find(|p| p.name == bare) {
+                None => problems.push(format!("placeholder {name} is not a declared parameter")),
+                Some(p) => {
+                    if let Some(t) = inferred
+                        && *t != p.data_type
+                    {
+                        problems.push(format!(
+                            "parameter {bare} is declared {} but used where {t} is expected",
+                            p.type_name
+                        ));
+                    }
+                }
+            }
+        }
+        for p in &service.params {
+            if !found.contains_key(&format!("${}", p.name)) {
+                problems.push(format!(
+                    "parameter {} is declared but the SQL has no ${} placeholder",
+                    p.name, p.name
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "service {}: {}",
+                service.name,
+                problems.join("; ")
+            )))
+        }
+    }
+
+    /// The physical plan of `sql` as text, with the SQL each member would receive.
+    pub async fn explain(
+        &self,
+        origin: Principal,
+        sql: &str,
+        purpose: Option<String>,
+        assertion: Option<Arc<Vec<u8>>>,
+    ) -> Result<Explained> {
+        let opts = QueryOptions::default();
+        let (plan, _) = self.plan(&origin, sql, &opts).await?;
+        let mut subqueries = Vec::new();
+        collect_scans(plan.as_ref(), &mut subqueries);
+        // Each member explains its own sub-queries under its own rules, in parallel.
+        // One id for the whole explanation: an owner binds an assertion to the first
+        // query id it sees, and a join may send it several scans.
+        let query_id = format!("explain-{}", uuid::Uuid::new_v4());
+        let asks = subqueries.iter().flat_map(|(_, members, sql)| {
+            members.iter().filter_map(|m| {
+                let client = self.clients.get(m)?;
+                let q = client::SubQuery {
+                    sql: sql.clone(),
+                    origin: origin.clone(),
+                    query_id: query_id.clone(),
+                    budget: self.config.limits.default_timeout,
+                    path: vec![self.config.member.principal.uri()],
+                    received: Default::default(),
+                    purpose: purpose.clone(),
+                    assertion: assertion.clone(),
+                    note: Default::default(),
+                    span: tracing::Span::current(),
+                };
+                Some(async move { (m.clone(), client.explain(q).await) })
+            })
+        });
+        let database_statements = futures::future::join_all(asks).await;
+        Ok(Explained {
+            plan: datafusion::physical_plan::displayable(plan.as_ref())
+                .indent(true)
+                .to_string(),
+            subqueries,
+            database_statements,
+        })
+    }
+}

@@ -1,0 +1,657 @@
+//! The HTTP port of a gateway: the status board, Prometheus metrics and a JSON API
+//! for portals and the board's query console.
+//!
+//! Routes: `GET /` (the board, plain HTML/JS served from the binary), `GET /healthz`,
+//! `GET /metrics`, `GET /v1/status`, `GET /v1/services`, `POST /v1/query`,
+//! `POST /v1/services/{name}`.
+//!
+//! Who the caller is: with `tls = true` (the default) the port speaks HTTPS with
+//! mutual TLS and the caller is the identity in its certificate, as on the gRPC
+//! port. With `tls = false` the port is plain HTTP on a loopback address, and every
+//! caller acts as this member itself (its own operators and a portal on the same
+//! host). Queries go through the same [`FederationService`](crate::gateway::server::FederationService)
+//! as gRPC: admission, audit, metrics, and each member's own access rules.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Extension, Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::gateway::server::{Ask, Generation, Outcome, Started};
+use crate::ops::audit::AuditLog;
+use crate::proto::state_code;
+use crate::proto::v1::QuerySummary;
+use crate::trust::identity::Principal;
+
+/// Most rows a JSON answer may have: JSON is for portals and the console. Larger
+/// answers belong on Flight SQL or `Federation.Query`, which stream Arrow.
+pub const MAX_JSON_ROWS: u64 = 100_000;
+
+/// The caller of a request, as the connection established it.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Principal);
+
+#[derive(Clone)]
+struct AppState {
+    current: Arc<ArcSwap<Generation>>,
+    audit: Arc<AuditLog>,
+}
+
+/// A JSON error with an HTTP status of its own (for refusals that are about HTTP,
+/// not about a query).
+fn http_error(status: StatusCode, code: &'static str, message: String) -> Response {
+    (
+        status,
+        axum::Json(json!({ "error": { "code": code, "message": message } })),
+    )
+        .into_response()
+}
+
+/// Requests with a body must say it is JSON. Besides naming the format, this keeps
+/// other web sites a browser visits from posting here: a cross-site request with
+/// this content type needs a CORS preflight, which this port never grants.
+async fn json_bodies_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    if req.method() == axum::http::Method::POST && !json {
+        return http_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_argument",
+            "send the request body as JSON with Content-Type: application/json".into(),
+        );
+    }
+    next.run(req).await
+}
+
+/// On the plain loopback port, only requests addressed to a loopback name are
+/// served: a web page whose name an attacker points at 127.0.0.1 (DNS rebinding)
+/// would otherwise read this member's data as if it were this member.
+async fn loopback_host_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().host())
+        .unwrap_or("");
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return http_error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "permission_denied",
+            format!(
+                "this port serves requests addressed to 127.0.0.1, ::1 or localhost only, not {host:?}"
+            ),
+        );
+    }
+    next.run(req).await
+}
+
+/// The HTTP routes. Each request needs a [`Caller`] extension.
+pub fn router(current: Arc<ArcSwap<Generation>>, audit: Arc<AuditLog>) -> Router {
+    Router::new()
+        .route("/", get(board_html))
+        .route("/board.js", get(board_js))
+        .route("/board.css", get(board_css))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/services", get(services))
+        .route("/v1/query", post(query))
+        .route("/v1/services/{name}", post(invoke))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(json_bodies_only))
+        .layer(axum::middleware::from_fn_with_state(
+            current.clone(),
+            known_callers_only,
+        ))
+        .with_state(AppState { current, audit })
+}
+
+/// Every route, the board's page and `/metrics` included, answers only identities the
+/// region knows, as the gRPC port does.
+async fn known_callers_only(
+    State(current): State<Arc<ArcSwap<Generation>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(Caller(who)) = req.extensions().get::<Caller>().cloned() else {
+        return http_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "the connection established no identity".into(),
+        );
+    };
+    if let Err(e) = known(&current.load(), &who) {
+        return error_response(&e, None);
+    }
+    next.run(req).await
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn board_html() -> Response {
+    asset("text/html; charset=utf-8", include_str!("web/index.html"))
+}
+
+async fn board_js() -> Response {
+    asset(
+        "text/javascript; charset=utf-8",
+        include_str!("web/board.js"),
+    )
+}
+
+async fn board_css() -> Response {
+    asset("text/css; charset=utf-8", include_str!("web/board.css"))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn not_found() -> Response {
+    error_response(
+        &Error::NotFound(
+            "no such path; the API is GET /v1/status, GET /v1/services, POST /v1/query, \
+             POST /v1/services/{name}, GET /metrics, GET /healthz"
+                .into(),
+        ),
+        None,
+    )
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    let g = app.current.load_full();
+    let breakers: Vec<(String, &'static str)> = g
+        .federation
+        .coordinator()
+        .breaker_states()
+        .into_iter()
+        .filter(|(_, s)| *s != "local")
+        .collect();
+    let text = g
+        .federation
+        .observer()
+        .render(&breakers, app.audit.written());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// The HTTP status and JSON code of an error, from its gRPC code (which
+/// [`Error::to_status`] decides, in one place).
+fn http_code(e: &Error) -> (StatusCode, &'static str) {
+    use tonic::Code;
+    match e.to_status().code() {
+        Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_argument"),
+        Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+        Code::PermissionDenied => (StatusCode::FORBIDDEN, "permission_denied"),
+        Code::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+        Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted"),
+        Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
+        Code::Aborted => (StatusCode::BAD_GATEWAY, "aborted"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    }
+}
+
+fn error_response(e: &Error, summary: Option<&QuerySummary>) -> Response {
+    let (status, code) = http_code(e);
+    let mut body = json!({ "error": { "code": code, "message": e.to_string() } });
+    if let Some(s) = summary {
+        body["summary"] = summary_json(s);
+    }
+    let mut r = (status, axum::Json(body)).into_response();
+    if let Error::Busy { retry_after, .. } = e {
+        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    r
+}
+
+/// A query summary as JSON (the HTTP API and Flight SQL's summary message).
+pub fn summary_json(s: &QuerySummary) -> serde_json::Value {
+    json!({
+        "query_id": s.query_id,
+        "rows": s.rows,
+        "elapsed_ms": s.elapsed_us as f64 / 1000.0,
+        "partial": s.partial,
+        "config_version": s.config_version,
+        "bytes_received": s.bytes_received,
+        "members": s.members.iter().map(|m| json!({
+            "member": m.member,
+            "state": state_code(m.state),
+            "rows": m.rows,
+            "elapsed_ms": m.elapsed_us as f64 / 1000.0,
+            "reason": m.reason,
+            "age_ms": m.age_ms,
+            "datasets": m.datasets,
+            "access": m.access,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Refuses callers the region does not know, as the gRPC port does.
+fn known(g: &Generation, caller: &Principal) -> Result<()> {
+    crate::gateway::server::known_identity(&g.config.region, caller)
+}
+
+fn services_json(g: &Generation) -> serde_json::Value {
+    json!(
+        g.config
+            .region
+            .services
+            .iter()
+            .map(|s| json!({
+                "name": s.name,
+                "description": s.description,
+                "callers": s.callers,
+                "purpose": s.purpose,
+                "params": s.params.iter().map(|p| json!({
+                    "name": p.name,
+                    "type": p.type_name,
+                    "description": p.description,
+                })).collect::<Vec<_>>(),
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+async fn services(
+    State(app): State<AppState>,
+    Extension(Caller(who)): Extension<Caller>,
+) -> Response {
+    let g = app.current.load_full();
+    if let Err(e) = known(&g, &who) {
+        return error_response(&e, None);
+    }
+    axum::Json(json!({ "services": services_json(&g) })).into_response()
+}
+
+async fn status(
+    State(app): State<AppState>,
+    Extension(Caller(who)): Extension<Caller>,
+) -> Response {
+    let g = app.current.load_full();
+    if let Err(e) = known(&g, &who) {
+        return error_response(&e, None);
+    }
+    let region = &g.config.region;
+    let breakers = g.federation.coordinator().breaker_states();
+    // This member's own identity (its operators) sees every recent query and the
+    // last error of each member; any other caller sees only its own queries, and no
+    // error text that another caller's query produced.
+    let operator = who == g.config.member.principal;
+    let mut seen = g.federation.observer().members();
+    if !operator {
+        seen.values_mut().for_each(|s| s.last_error = None);
+    }
+    let recent: Vec<_> = g
+        .federation
+        .observer()
+        .recent()
+        .into_iter()
+        .filter(|r| operator || r.origin == who.uri())
+        .collect();
+    let members: Vec<serde_json::Value> = region
+        .members
+        .iter()
+        .map(|m| {
+            let s = seen.get(&m.name).cloned().unwrap_or_default();
+            json!({
+                "name": m.name,
+                "kind": m.kind.to_string(),
+                "identity": m.principal.uri(),
+                "endpoint": m.endpoint.as_ref().map(|e| e.url.clone()),
+                "serves": m.serves,
+                "local": m.name == g.config.member.name,
+                "breaker": breakers.get(&m.name).copied().unwrap_or("none"),
+                "last_state": s.last_state,
+                "last_latency_ms": s.last_latency_ms,
+                "calls": s.calls,
+                "failures": s.failures,
+                "last_error": s.last_error,
+            })
+        })
+        .collect();
+    let datasets: Vec<serde_json::Value> = region
+        .datasets
+        .iter()
+        .map(|d| {
+            json!({
+                "name": d.name,
+                "description": d.description,
+                "members": region.servers_of(&d.name).map(|m| m.name.clone()).collect::<Vec<_>>(),
+                "fields": d.fields.iter().map(|f| json!({
+                    "name": f.name,
+                    "type": f.data_type.to_string(),
+                    "unit": f.unit,
+                    "description": f.description,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    axum::Json(json!({
+        "region": region.name,
+        "member": g.config.member.name,
+        "config_version": g.config.version,
+        "caller": who.uri(),
+        "members": members,
+        "datasets": datasets,
+        "services": services_json(&g),
+        "recent": recent,
+    }))
+    .into_response()
+}
+
+/// `POST /v1/query`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryBody {
+    sql: String,
+    #[serde(default)]
+    allow_partial: bool,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    purpose: Option<String>,
+}
+
+/// Options a service call may carry beside its parameters, as query-string
+/// parameters (the body holds only the service's own parameters).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CallOptions {
+    #[serde(default)]
+    allow_partial: bool,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    purpose: Option<String>,
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        Error::InvalidQuery(format!("the request body is not what this call takes: {e}"))
+    })
+}
+
+/// The origin assertion an HTTP caller sent (`fedgate-origin-assertion`, base64).
+fn assertion_header(headers: &http::HeaderMap) -> Result<Option<std::sync::Arc<Vec<u8>>>> {
+    use base64::Engine as _;
+    let Some(v) = headers.get(crate::trust::assertion::HTTP_HEADER) else {
+        return Ok(None);
+    };
+    let bad = || {
+        Error::InvalidQuery(format!(
+            "header {} is not standard base64",
+            crate::trust::assertion::HTTP_HEADER
+        ))
+    };
+    let text = v.to_str().map_err(|_| bad())?;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map(|b| Some(std::sync::Arc::new(b)))
+        .map_err(|_| bad())
+}
+
+async fn query(
+    State(app): State<AppState>,
+    Extension(Caller(who)): Extension<Caller>,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let g = app.current.load_full();
+    if let Err(e) = known(&g, &who) {
+        return error_response(&e, None);
+    }
+    let q: QueryBody = match parse_json(&body) {
+        Ok(q) => q,
+        Err(e) => return error_response(&e, None),
+    };
+    let assertion = match assertion_header(&headers) {
+        Ok(a) => a,
+        Err(e) => return error_response(&e, None),
+    };
+    let ask = Ask {
+        assertion,
+        allow_partial: q.allow_partial,
+        timeouts: q
+            .timeout_ms
+            .map(std::time::Duration::from_millis)
+            .into_iter()
+            .collect(),
+        purpose: q.purpose.unwrap_or_default(),
+        ..Ask::sql(q.sql)
+    };
+    match g.federation.start(who, ask).await {
+        Ok(started) => answer(started, None).await,
+        Err(e) => error_response(&e, None),
+    }
+}
+
+async fn invoke(
+    State(app): State<AppState>,
+    Extension(Caller(who)): Extension<Caller>,
+    Path(name): Path<String>,
+    options: std::result::Result<
+        axum::extract::Query<CallOptions>,
+        axum::extract::rejection::QueryRejection,
+    >,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let g = app.current.load_full();
+    if let Err(e) = known(&g, &who) {
+        return error_response(&e, None);
+    }
+    let options = match options {
+        Ok(axum::extract::Query(o)) => o,
+        Err(e) => {
+            return error_response(
+                &Error::InvalidQuery(format!(
+                    "the query string takes only allow_partial, timeout_ms and purpose: {e}"
+                )),
+                None,
+            );
+        }
+    };
+    let fed = &g.federation;
+    let given = serde_json::from_slice::<serde_json::Value>(&body)
+        .map_err(|e| Error::InvalidQuery(format!("the request body is not JSON: {e}")))
+        .and_then(|v| crate::frontend::services::given_from_json(&v));
+    let ask =
+        given.and_then(|given| fed.service_ask(&who, &name, &given, options.purpose.as_deref()));
+    let mut ask = match ask {
+        Ok(a) => a,
+        Err(e) => return error_response(&fed.refuse_service(&who, &name, e), None),
+    };
+    ask.allow_partial = options.allow_partial;
+    ask.assertion = match assertion_header(&headers) {
+        Ok(a) => a,
+        Err(e) => return error_response(&e, None),
+    };
+    ask.timeouts = options
+        .timeout_ms
+        .map(std::time::Duration::from_millis)
+        .into_iter()
+        .collect();
+    match fed.start(who, ask).await {
+        Ok(started) => answer(started, Some(&name)).await,
+        Err(e) => error_response(&e, None),
+    }
+}
+
+/// Collects a started query into one JSON document: columns, rows (as objects, with
+/// explicit nulls) and the summary.
+async fn answer(started: Started, service: Option<&str>) -> Response {
+    let Started {
+        schema,
+        mut batches,
+        outcome,
+        ..
+    } = started;
+    let mut rows = Vec::new();
+    let mut count = 0u64;
+    let mut writer = arrow::json::WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, arrow::json::writer::JsonArray>(&mut rows);
+    let mut failure = None;
+    while let Some(b) = batches.recv().await {
+        count += b.num_rows() as u64;
+        if count > MAX_JSON_ROWS {
+            // Dropping the receiver cancels the query; it is recorded as cancelled.
+            failure = Some(Error::TooLarge(format!(
+                "the answer has more than {MAX_JSON_ROWS} rows, the most a JSON answer \
+                 carries; aggregate or narrow it, or use Flight SQL or Federation.Query"
+            )));
+            break;
+        }
+        if let Err(e) = writer.write(&b) {
+            failure = Some(Error::Internal(format!("writing JSON: {e}")));
+            break;
+        }
+    }
+    if let Some(e) = failure {
+        drop(batches);
+        let summary = outcome.await.ok().and_then(|o| o.summary);
+        return error_response(&e, summary.as_ref());
+    }
+    if let Err(e) = writer.finish() {
+        return error_response(&Error::Internal(format!("writing JSON: {e}")), None);
+    }
+    drop(writer);
+    let Ok(Outcome { summary, failure }) = outcome.await else {
+        return error_response(
+            &Error::Internal("the query ended without an outcome".into()),
+            None,
+        );
+    };
+    if let Some(e) = failure {
+        return error_response(&e, summary.as_ref());
+    }
+    let Some(summary) = summary else {
+        return error_response(
+            &Error::Internal("the query ended without a summary".into()),
+            None,
+        );
+    };
+    if rows.is_empty() {
+        rows.extend_from_slice(b"[]");
+    }
+    let columns: Vec<serde_json::Value> = schema
+        .fields()
+        .iter()
+        .map(|f| json!({ "name": f.name(), "type": f.data_type().to_string() }))
+        .collect();
+    // The rows are spliced in as the Arrow JSON writer wrote them, not parsed again.
+    let mut body = Vec::with_capacity(rows.len() + 512);
+    body.extend_from_slice(b"{\"columns\":");
+    body.extend_from_slice(&serde_json::to_vec(&columns).unwrap_or_default());
+    body.extend_from_slice(b",\"rows\":");
+    body.extend_from_slice(&rows);
+    body.extend_from_slice(b",\"summary\":");
+    body.extend_from_slice(&serde_json::to_vec(&summary_json(&summary)).unwrap_or_default());
+    if let Some(name) = service {
+        body.extend_from_slice(b",\"service\":");
+        body.extend_from_slice(&serde_json::to_vec(name).unwrap_or_default());
+    }
+    body.push(b'}');
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Serves the HTTP port until `shutdown` resolves. `tls` is the gateway's live TLS
+/// configuration for mutual TLS, or `None` for plain HTTP acting as `me`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    me: Principal,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    match tls {
+        None => {
+            let app = router
+                .layer(axum::middleware::from_fn(loopback_host_only))
+                .layer(Extension(Caller(me)));
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "HTTP port stopped");
+            }
+        }
+        Some(tls) => {
+            use futures::StreamExt;
+            use hyper_util::rt::{TokioExecutor, TokioIo};
+            use hyper_util::server::conn::auto::Builder;
+            use hyper_util::service::TowerToHyperService;
+            use tonic::transport::server::Connected;
+            let mut incoming = crate::trust::tls::incoming(listener, tls);
+            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            tokio::pin!(shutdown);
+            loop {
+                let conn = tokio::select! {
+                    c = incoming.next() => c,
+                    _ = &mut shutdown => break,
+                };
+                let Some(Ok(conn)) = conn else {
+                    if conn.is_none() {
+                        break;
+                    }
+                    continue;
+                };
+                let who = conn.connect_info().principal;
+                let svc = TowerToHyperService::new(router.clone().layer(Extension(Caller(who))));
+                let builder = Builder::new(TokioExecutor::new());
+                let served = builder.serve_connection_with_upgrades(TokioIo::new(conn), svc);
+                let watched = graceful.watch(served.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = watched.await {
+                        tracing::debug!(error = %e, "HTTPS connection ended with an error");
+                    }
+                });
+            }
+            graceful.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,1012 @@
+//! The data owner's side: canonical views over local sources, run under a permit.
+//!
+//! A [`MemberEngine`] holds two DataFusion contexts. The private one has the local
+//! sources and the mapping functions. The public one, which sub-queries are planned
+//! in, holds only the canonical datasets this member serves, each a view built in the
+//! private context. A sub-query can therefore name canonical datasets and nothing
+//! else: local tables, files and DDL are unreachable from it.
+//!
+//! Flow: [`MemberEngine::prepare`] (parse, resolve datasets) -> [`crate::owner::policy::authorize`]
+//! -> [`MemberEngine::execute`] (which takes the [`Permit`], plans the query among
+//! views that apply the permit's grants, and rewrites it with [`crate::owner::restricted`]).
+//!
+//! Physical plans are cached, keyed by the sub-query's text, the permit's grants and
+//! the size and modification time of every source file: a plan holds the file sizes
+//! it was planned with, and reading a grown CSV file only up to its old size would be
+//! a silently short answer. A cached plan runs as a copy with fresh execution state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use datafusion::catalog::view::ViewTable;
+use datafusion::common::TableReference;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{Dataset, MEMBER_COLUMN, MemberConfig, quote_ident};
+use crate::error::{Error, Result};
+use crate::owner::mapping;
+use crate::owner::masking::Mask;
+use crate::owner::policy::{self, AccessLevel, Grant, Permit};
+use crate::owner::restricted::{self, Owned, Restricted};
+use crate::trust::identity::Principal;
+
+/// SQL options for anything a caller sends: queries only.
+pub fn query_only() -> datafusion::execution::context::SQLOptions {
+    datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+/// Refuses anything but a single query (SELECT, WITH, VALUES), before planning.
+pub fn only_query(stmt: &datafusion::sql::parser::Statement) -> Result<()> {
+    use datafusion::sql::parser::Statement;
+    use datafusion::sql::sqlparser::ast::Statement as Sql;
+    match stmt {
+        Statement::Statement(s) if matches!(**s, Sql::Query(_)) => Ok(()),
+        _ => Err(Error::InvalidQuery(
+            "only queries (SELECT) are accepted; statements that define or change data are not supported".into(),
+        )),
+    }
+}
+
+/// The longest query text a gateway accepts, in bytes.
+pub const MAX_QUERY_BYTES: usize = 1 << 20;
+
+/// How deeply a query's expressions may nest (see [`nesting`]).
+pub const MAX_NESTING: usize = 256;
+
+/// An upper estimate of how deep the expression trees of `sql` nest, read from its
+/// tokens without building them: parentheses, plus the longest run of operators
+/// between two separators (a chain `a + b + ... ` is a tree as deep as it is long).
+/// Planning and optimizing walk these trees recursively, so a query nested past
+/// [`MAX_NESTING`] is refused before anything builds it.
+pub fn nesting(sql: &str) -> Result<usize> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::keywords::Keyword;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| Error::InvalidQuery(format!("the query does not tokenize: {e}")))?;
+    // Per open parenthesis: the operators in the current run.
+    let mut runs: Vec<usize> = vec![0];
+    let mut deepest = 0;
+    for t in &tokens {
+        match t {
+            Token::LParen => runs.push(0),
+            Token::RParen => {
+                if runs.len() > 1 {
+                    runs.pop();
+                }
+            }
+            Token::Comma | Token::SemiColon => *runs.last_mut().expect("one run") = 0,
+            Token::Word(w)
+                if matches!(
+                    w.keyword,
+                    Keyword::SELECT
+                        | Keyword::FROM
+                        | Keyword::WHERE
+                        | Keyword::GROUP
+                        | Keyword::HAVING
+                        | Keyword::ORDER
+                        | Keyword::LIMIT
+                        | Keyword::ON
+                        | Keyword::WHEN
+                        | Keyword::THEN
+                        | Keyword::ELSE
+                        | Keyword::UNION
+                ) =>
+            {
+                *runs.last_mut().expect("one run") = 0
+            }
+            // A qualified name (`t.x`) builds no deeper tree.
+            Token::Whitespace(_) | Token::Word(_) | Token::Number(..) | Token::Period => {}
+            Token::SingleQuotedString(_) | Token::DoubleQuotedString(_) => {}
+            _ => *runs.last_mut().expect("one run") += 1,
+        }
+        if let Token::Word(w) = t
+            && matches!(w.keyword, Keyword::AND | Keyword::OR | Keyword::NOT)
+        {
+            *runs.last_mut().expect("one run") += 1;
+        }
+        deepest = deepest.max(runs.len() + runs.last().copied().unwrap_or(0));
+    }
+    Ok(deepest)
+}
+
+/// Parses a caller's SQL: exactly one query statement, of bounded size and nesting.
+pub fn parse_query(
+    state: &datafusion::execution::SessionState,
+    sql: &str,
+) -> Result<datafusion::sql::parser::Statement> {
+    if sql.len() > MAX_QUERY_BYTES {
+        return Err(Error::InvalidQuery(format!(
+            "the query is {} bytes long, more than the {MAX_QUERY_BYTES} a gateway accepts",
+            sql.len()
+        )));
+    }
+    let depth = nesting(sql)?;
+    if depth > MAX_NESTING {
+        return Err(Error::InvalidQuery(format!(
+            "the query's expressions nest about {depth} levels deep (parentheses and chained \
+             operators), more than the {MAX_NESTING} a gateway plans; split long chains, \
+             for example with IN (...) lists"
+        )));
+    }
+    let stmt = state
+        .sql_to_statement(sql, &state.config().options().sql_parser.dialect)
+        .map_err(Error::from_datafusion)?;
+    only_query(&stmt)?;
+    Ok(stmt)
+}
+
+/// Plans a parsed query, refusing anything that is not read-only.
+pub async fn plan_query(
+    state: &datafusion::execution::SessionState,
+    stmt: datafusion::sql::parser::Statement,
+) -> Result<LogicalPlan> {
+    let plan = state
+        .statement_to_plan(stmt)
+        .await
+        .map_err(Error::from_datafusion)?;
+    query_only()
+        .verify_plan(&plan)
+        .map_err(|e| Error::InvalidQuery(e.to_string()))?;
+    Ok(plan)
+}
+
+/// The session settings shared by every context fedgate builds.
+pub fn session_config() -> SessionConfig {
+    let mut cfg = SessionConfig::new()
+        .with_information_schema(false)
+        .with_target_partitions(2);
+    // Canonical text columns are Utf8 everywhere; keep SQL casts and Parquet reads
+    // from switching to the view variant so that every member returns the same types.
+    cfg.options_mut().sql_parser.map_string_types_to_utf8view = false;
+    cfg.options_mut().execution.parquet.schema_force_view_types = false;
+    cfg
+}
+
+/// A context of a member's engine.
+///
+/// Common-subexpression elimination is left out: it puts a projection of
+/// `__common_expr` columns under filters, a shape DataFusion's SQL unparser writes as a
+/// derived table whose columns the outer query then names by the wrong table. Member
+/// plans are small, so computing a repeated expression twice costs little.
+pub fn member_context() -> SessionContext {
+    context_with(session_config())
+}
+
+/// A member context that runs every plan in one partition: its answers are a
+/// deterministic function of its inputs (no thread decides which rows come first).
+fn sequential_context() -> SessionContext {
+    context_with(session_config().with_target_partitions(1))
+}
+
+fn context_with(config: SessionConfig) -> SessionContext {
+    let mut rules = datafusion::optimizer::Optimizer::new().rules;
+    rules.retain(|r| r.name() != "common_sub_expression_eliminate");
+    let state = datafusion::execution::SessionStateBuilder::new()
+        .with_config(config)
+        .with_default_features()
+        .with_optimizer_rules(rules)
+        .build();
+    SessionContext::new_with_state(state)
+}
+
+/// A parsed sub-query and the canonical datasets it reads.
+pub struct Prepared {
+    statement: datafusion::sql::parser::Statement,
+    /// The text it was parsed from (part of the plan cache's key).
+    sql: String,
+    /// Datasets the query reads.
+    pub datasets: BTreeSet<String>,
+}
+
+/// What a cached member plan depends on besides the engine itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PlanKey {
+    sql: String,
+    /// The permit's grants, in full (levels, masks, dimensions, keys, rules), and its
+    /// description, which the plan's audit hash covers.
+    access: String,
+    /// (path, length, modification time) of every file source, so that a changed
+    /// file is planned anew.
+    files: Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)>,
+}
+
+/// A planned sub-query: the context it was planned in (its task context runs it),
+/// the physical plan and the plan's audit hash.
+struct CachedPlan {
+    ctx: SessionContext,
+    plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    plan_sha256: String,
+}
+
+/// Plans kept per member. Sub-queries repeat (dashboards, the coordinator's own
+/// cached plans); a few hundred distinct ones cover a busy member.
+const PLAN_CACHE_ENTRIES: u64 = 512;
+
+/// A sub-query running under a permit.
+pub struct Executed {
+    /// Its answer.
+    pub stream: SendableRecordBatchStream,
+    /// SHA-256 (hex) of the plan as run: the caller's query after the rewrite its
+    /// grants imposed, with the grants themselves.
+    pub plan_sha256: String,
+}
+
+/// Views planned for one combination of grants: (dataset, deciding rule) pairs.
+type GrantKey = Vec<(String, usize)>;
+
+/// A member's local engine.
+pub struct MemberEngine {
+    config: Arc<MemberConfig>,
+    public: SessionContext,
+    private: SessionContext,
+    /// The mapping view's SQL per served dataset.
+    views: std::sync::RwLock<BTreeMap<String, String>>,
+    /// The member's databases.
+    databases: crate::owner::source::Databases,
+    /// Datasets whose database tables could not be read yet, with the reason. They are
+    /// tried again when a query asks for them; the other datasets are served meanwhile.
+    pending: tokio::sync::Mutex<BTreeMap<String, Error>>,
+    /// Contexts whose datasets are views under particular grants. The number of
+    /// distinct keys is bounded by the rules and datasets, but the map is cleared if it
+    /// ever grows past [`MAX_GRANT_CONTEXTS`], to bound memory whatever the callers do.
+    granted: Mutex<HashMap<GrantKey, Granted>>,
+    /// Physical plans of sub-queries planned before (see the module comment).
+    plans: moka::future::Cache<PlanKey, Arc<CachedPlan>>,
+}
+
+const MAX_GRANT_CONTEXTS: usize = 256;
+
+/// A context for one combination of grants: rows-level datasets are views applying
+/// their masks, restricted ones ([`crate::owner::restricted`]) are withheld tables with the
+/// owner's own plans beside them.
+#[derive(Clone)]
+struct Granted {
+    ctx: SessionContext,
+    restricted: Arc<BTreeMap<String, Restricted>>,
+}
+
+impl MemberEngine {
+    /// Registers the sources and builds one view per served dataset. A file that
+    /// cannot be read is an error; a database that cannot be reached (or lacks a
+    /// table) only makes the datasets that read it unavailable until it can be.
+    pub async fn build(config: Arc<MemberConfig>) -> Result<MemberEngine> {
+        let private = member_context();
+        let mut databases = crate::owner::source::Databases::new();
+        for db in &config.databases {
+            databases.insert(
+                db.name.clone(),
+                crate::owner::source::postgres::PgDatabase::new(db)?,
+            );
+        }
+        for s in &config.sources {
+            if matches!(s.kind, crate::config::SourceKind::File { .. }) {
+                crate::owner::source::register_file(&private, s).await?;
+            }
+        }
+        mapping::register_functions(&private, &config.code_tables);
+        crate::owner::masking::register(&private, config.hmac_key.clone());
+        let mut engine = MemberEngine {
+            public: member_context(),
+            private,
+            views: std::sync::RwLock::new(BTreeMap::new()),
+            databases,
+            pending: tokio::sync::Mutex::new(BTreeMap::new()),
+            granted: Mutex::new(HashMap::new()),
+            plans: moka::future::Cache::builder()
+                .max_capacity(PLAN_CACHE_ENTRIES)
+                .time_to_idle(std::time::Duration::from_secs(600))
+                .build(),
+            config,
+        };
+        for ds in engine.config.member.serves.clone() {
+            if let Err(e) = engine.build_dataset(&ds).await {
+                match e {
+                    Error::Database { .. } => {
+                        tracing::warn!(dataset = %ds, error = %e, "Dataset unavailable until its database answers");
+                        engine.pending.get_mut().insert(ds, e);
+                    }
+                    e => return Err(e),
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Registers the database tables `ds` reads and its view.
+    async fn build_dataset(&self, ds: &str) -> Result<()> {
+        let config = &self.config;
+        let dataset = config
+            .region
+            .dataset(ds)
+            .ok_or_else(|| Error::Config(format!("unknown dataset {ds}")))?;
+        let maps: Vec<_> = config.mappings.iter().filter(|m| m.dataset == ds).collect();
+        for m in &maps {
+            let Some(source) = config.sources.iter().find(|s| s.name == m.source) else {
+                continue;
+            };
+            let registered = self
+                .private
+                .table_exist(quote_ident(&source.name))
+                .unwrap_or(false);
+            if !registered {
+                crate::owner::source::register_table(&self.private, source, &self.databases)
+                    .await?;
+            }
+        }
+        let sql = mapping::view_sql(dataset, &maps, &config.member.name);
+        match register_view(&self.private, &self.public, ds, &sql).await {
+            Ok(()) => {}
+            // A mapped column missing from a database table is the database's news, not
+            // a broken file: report it as such.
+            Err(e) if maps.iter().any(|m| self.is_database_source(&m.source)) => {
+                return Err(Error::Database {
+                    database: maps
+                        .iter()
+                        .filter_map(|m| self.database_of(&m.source))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    unavailable: false,
+                    reason: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+        self.views
+            .write()
+            .expect("views")
+            .insert(ds.to_string(), sql);
+        Ok(())
+    }
+
+    fn database_of(&self, source: &str) -> Option<String> {
+        self.config.sources.iter().find_map(|s| match &s.kind {
+            crate::config::SourceKind::Postgres { database, .. } if s.name == source => {
+                Some(database.clone())
+            }
+            _ => None,
+        })
+    }
+
+    fn is_database_source(&self, source: &str) -> bool {
+        self.database_of(source).is_some()
+    }
+
+    /// Tries again the datasets of `datasets` that were unavailable.
+    async fn ensure_available(&self, datasets: &BTreeSet<String>) -> Result<()> {
+        let mut pending = self.pending.lock().await;
+        for ds in datasets {
+            if !pending.contains_key(ds) {
+                continue;
+            }
+            match self.build_dataset(ds).await {
+                Ok(()) => {
+                    tracing::info!(dataset = %ds, "Dataset available again");
+                    pending.remove(ds);
+                }
+                Err(e) => {
+                    pending.insert(ds.clone(), e.clone());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration this engine was built from.
+    pub fn config(&self) -> &Arc<MemberConfig> {
+        &self.config
+    }
+
+    /// The private context with local sources (for `fedgate check`).
+    pub fn private_context(&self) -> &SessionContext {
+        &self.private
+    }
+
+    /// The canonical datasets served here.
+    pub fn datasets(&self) -> impl Iterator<Item = &Dataset> {
+        self.config
+            .member
+            .serves
+            .iter()
+            .filter_map(|d| self.config.region.dataset(d))
+    }
+
+    /// Parses a sub-query and finds the canonical datasets it reads.
+    pub async fn prepare(&self, sql: &str) -> Result<Prepared> {
+        let state = self.public.state();
+        let statement = parse_query(&state, sql)?;
+        let refs = state
+            .resolve_table_references(&statement)
+            .map_err(Error::from_datafusion)?;
+        let mut datasets = BTreeSet::new();
+        for r in refs {
+            let name = match &r {
+                TableReference::Bare { table } => table.to_string(),
+                other => {
+                    return Err(Error::InvalidQuery(format!(
+                        "table {other} is not a canonical dataset (use bare dataset names)"
+                    )));
+                }
+            };
+            if !self.config.member.serves.contains(&name) {
+                return Err(Error::InvalidQuery(format!(
+                    "member {} does not serve dataset {name:?}",
+                    self.config.member.name
+                )));
+            }
+            datasets.insert(name);
+        }
+        self.ensure_available(&datasets).await?;
+        Ok(Prepared {
+            statement,
+            sql: sql.to_string(),
+            datasets,
+        })
+    }
+
+    /// The canonical field names of each dataset.
+    fn fields_of<'a>(
+        &self,
+        datasets: impl IntoIterator<Item = &'a String>,
+    ) -> BTreeMap<String, Vec<String>> {
+        datasets
+            .into_iter()
+            .map(|d| {
+                let fields = self
+                    .config
+                    .region
+                    .dataset(d)
+                    .map(|ds| ds.fields.iter().map(|f| f.name.clone()).collect())
+                    .unwrap_or_default();
+                (d.clone(), fields)
+            })
+            .collect()
+    }
+
+    /// Authorizes a prepared sub-query for `origin` arriving through `via`.
+    pub fn authorize(
+        &self,
+        via: &Principal,
+        origin: &Principal,
+        purpose: Option<&str>,
+        p: &Prepared,
+    ) -> Result<Permit> {
+        if let Some(purpose) = purpose {
+            policy::validate_purpose(purpose).map_err(Error::InvalidQuery)?;
+        }
+        policy::authorize(
+            &self.config.access,
+            via,
+            via != &self.config.member.principal,
+            origin,
+            purpose,
+            &self.fields_of(&p.datasets),
+        )
+        .map_err(|d| Error::PermissionDenied(format!("member {}: {d}", self.config.member.name)))
+    }
+
+    /// What `origin`, stating `purpose`, may do with each dataset served here, as the
+    /// `Describe` answer carries it.
+    pub fn describe_access(
+        &self,
+        origin: &Principal,
+        purpose: Option<&str>,
+    ) -> Vec<crate::proto::v1::DatasetAccess> {
+        use crate::proto::v1::{DatasetAccess, FieldAccess};
+        let member = &self.config.member.name;
+        self.fields_of(&self.config.member.serves)
+            .into_iter()
+            .map(|(d, fields)| {
+                match policy::grant_for(&self.config.access, None, origin, purpose, &d, &fields) {
+                    Ok(g) => {
+                        let field_access = |f: &String| -> String {
+                            match (g.masks.get(f), g.level) {
+                                (Some(Mask::Deny), _) => "denied".into(),
+                                (Some(m), _) => format!("masked:{}", m.name()),
+                                (None, AccessLevel::Aggregate { .. })
+                                    if g.dimensions.contains(f) =>
+                                {
+                                    "dimension".into()
+                                }
+                                (None, AccessLevel::Aggregate { .. }) => "measure".into(),
+                                (None, AccessLevel::Verify) if g.keys.contains(f) => "key".into(),
+                                (None, AccessLevel::Verify) => "field".into(),
+                                (None, _) => "rows".into(),
+                            }
+                        };
+                        let (level, min_group) = match g.level {
+                            AccessLevel::Aggregate { min_group } => ("aggregate", min_group),
+                            AccessLevel::Rows if !g.masks.is_empty() => ("masked", 0),
+                            AccessLevel::Rows => ("rows", 0),
+                            AccessLevel::Masked => ("masked", 0),
+                            AccessLevel::Verify => ("verify", 0),
+                            AccessLevel::Deny => ("denied", 0),
+                        };
+                        DatasetAccess {
+                            member: member.clone(),
+                            dataset: d.clone(),
+                            level: level.into(),
+                            rule: g.rule_name(),
+                            min_group,
+                            fields: fields
+                                .iter()
+                                .map(|f| FieldAccess {
+                                    field: f.clone(),
+                                    access: field_access(f),
+                                })
+                                .collect(),
+                            purposes: Vec::new(),
+                            reason: g.describe(),
+                        }
+                    }
+                    Err(denial) => DatasetAccess {
+                        member: member.clone(),
+                        dataset: d.clone(),
+                        level: "denied".into(),
+                        rule: denial
+                            .rule
+                            .map(|i| format!("access[{i}]"))
+                            .unwrap_or_default(),
+                        min_group: 0,
+                        fields: fields
+                            .iter()
+                            .map(|f| FieldAccess {
+                                field: f.clone(),
+                                access: "denied".into(),
+                            })
+                            .collect(),
+                        purposes: denial.purposes.clone(),
+                        reason: denial.to_string(),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// A permit for this member's own operator reading its own data (`fedgate check`).
+    pub fn owner_permit(&self, p: &Prepared) -> Permit {
+        policy::owner_permit(&self.config.member.principal, &p.datasets)
+    }
+
+    /// The context in which a query under `permit` is planned: the plain canonical
+    /// views when every grant is rows without masks; otherwise views that apply the
+    /// grants' masks and, for `aggregate` and `verify`, withheld tables with the
+    /// owner's plans that replace them ([`crate::owner::restricted`]).
+    async fn context_for(&self, permit: &Permit) -> Result<Granted> {
+        let plain = permit
+            .grants()
+            .values()
+            .all(|g| g.level == AccessLevel::Rows && g.masks.is_empty());
+        if plain {
+            return Ok(Granted {
+                ctx: self.public.clone(),
+                restricted: Arc::new(BTreeMap::new()),
+            });
+        }
+        let key: GrantKey = permit
+            .grants()
+            .iter()
+            .map(|(d, g)| (d.clone(), g.rule))
+            .collect();
+        if let Some(granted) = self.granted.lock().expect("grant contexts").get(&key) {
+            return Ok(granted.clone());
+        }
+        // Under aggregate and verify grants the caller's plan runs sequentially, so
+        // that what it returns (and which rows a LIMIT keeps) depends on the owner's
+        // plans' output alone.
+        let any_restricted = permit
+            .grants()
+            .values()
+            .any(|g| matches!(g.level, AccessLevel::Aggregate { .. } | AccessLevel::Verify));
+        let ctx = if any_restricted {
+            sequential_context()
+        } else {
+            member_context()
+        };
+        let mut restricted = BTreeMap::new();
+        for (d, g) in permit.grants() {
+            let base = self.views.read().expect("views").get(d).cloned();
+            let (Some(base), Some(ds)) = (base, self.config.region.dataset(d)) else {
+                return Err(Error::Internal(format!("no view for dataset {d}")));
+            };
+            let records = masked_view_sql(ds, &base, g);
+            match g.level {
+                AccessLevel::Aggregate { .. } | AccessLevel::Verify => {
+                    restricted.insert(d.clone(), self.restrict(&ctx, d, &records, g).await?);
+                }
+                _ => register_view(&self.private, &ctx, d, &records).await?,
+            }
+        }
+        let granted = Granted {
+            ctx,
+            restricted: Arc::new(restricted),
+        };
+        let mut map = self.granted.lock().expect("grant contexts");
+        if map.len() >= MAX_GRANT_CONTEXTS {
+            map.clear();
+        }
+        map.insert(key, granted.clone());
+        Ok(granted)
+    }
+
+    /// Registers dataset `d` under a restricted grant as a withheld table in `ctx` and
+    /// plans the owner's own plan over its records (`records`: the view's SQL).
+    async fn restrict(
+        &self,
+        ctx: &SessionContext,
+        d: &str,
+        records: &str,
+        g: &Grant,
+    ) -> Result<Restricted> {
+        let plan_of = |sql: String| async move {
+            self.private
+                .sql(&sql)
+                .await
+                .map(|df| df.into_unoptimized_plan())
+                .map_err(|e| Error::Config(format!("owner's plan of dataset {d}: {e}")))
+        };
+        let records_plan = plan_of(records.to_string()).await?;
+        let schema = Arc::new(records_plan.schema().as_arrow().clone());
+        let fields: Vec<(String, datafusion::arrow::datatypes::DataType)> = schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().clone()))
+            .collect();
+        let owned = match g.level {
+            AccessLevel::Aggregate { min_group } => {
+                let (sql, measures) = restricted::cells_sql(records, &fields, g, min_group);
+                Owned::Cells {
+                    plan: plan_of(sql).await?,
+                    measures,
+                }
+            }
+            _ => Owned::Records { plan: records_plan },
+        };
+        ctx.register_table(
+            TableReference::bare(d),
+            Arc::new(restricted::Withheld::new(d, schema)),
+        )
+        .map_err(|e| Error::Config(format!("registering dataset {d}: {e}")))?;
+        Ok(Restricted {
+            grant: g.clone(),
+            fields,
+            owned,
+        })
+    }
+
+    /// Runs a prepared sub-query under a permit that covers it: plans it among views
+    /// that apply the permit's grants, checks and rewrites it for `aggregate` and
+    /// `verify` grants ([`crate::owner::restricted`]), and starts it.
+    pub async fn execute(&self, permit: &Permit, p: Prepared) -> Result<Executed> {
+        if !p.datasets.is_subset(&permit.datasets()) {
+            return Err(Error::Internal(
+                "permit does not cover the query's datasets".into(),
+            ));
+        }
+        let key = PlanKey {
+            sql: p.sql.clone(),
+            access: format!("{}\n{:?}", permit.describe(), permit.grants()),
+            files: self.file_stamps(),
+        };
+        if let Some(cached) = self.plans.get(&key).await {
+            tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted (plan cached)");
+            let physical = fresh_copy(cached.plan.clone())?;
+            let stream = datafusion::physical_plan::execute_stream(
+                physical,
+                self.bounded_task(&cached.ctx)?,
+            )
+            .map_err(Error::from_datafusion)?;
+            return Ok(Executed {
+                stream,
+                plan_sha256: cached.plan_sha256.clone(),
+            });
+        }
+        let (ctx, plan, plan_sha256, cells) = self.plan_under(permit, p, true).await?;
+        tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
+        let physical = physical_plan(&ctx, &plan).await?;
+        if cells {
+            // The plan holds this moment's cells: it is never reused.
+            let stream =
+                datafusion::physical_plan::execute_stream(physical, self.bounded_task(&ctx)?)
+                    .map_err(Error::from_datafusion)?;
+            return Ok(Executed {
+                stream,
+                plan_sha256,
+            });
+        }
+        self.plans
+            .insert(
+                key,
+                Arc::new(CachedPlan {
+                    ctx: ctx.clone(),
+                    plan: physical.clone(),
+                    plan_sha256: plan_sha256.clone(),
+                }),
+            )
+            .await;
+        let physical = fresh_copy(physical)?;
+        let stream = datafusion::physical_plan::execute_stream(physical, self.bounded_task(&ctx)?)
+            .map_err(Error::from_datafusion)?;
+        Ok(Executed {
+            stream,
+            plan_sha256,
+        })
+    }
+
+    /// A task context for one sub-query in `ctx`, with a memory pool of its own
+    /// (`limits.query_memory_bytes`, as for a query at the coordinator): what one
+    /// sub-query's operators track (aggregates, sorts, joins) is bounded, and one that
+    /// needs more fails with the limit named. The process total is up to
+    /// `max_concurrent_subqueries` such pools. Spilling is off: records are never
+    /// written to disk on a caller's behalf.
+    fn bounded_task(
+        &self,
+        ctx: &SessionContext,
+    ) -> Result<Arc<datafusion::execution::TaskContext>> {
+        use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+        let pool = Arc::new(datafusion::execution::memory_pool::GreedyMemoryPool::new(
+            self.config.limits.query_memory_bytes as usize,
+        ));
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
+            &ctx.runtime_env(),
+        )
+        .with_memory_pool(pool)
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()
+        .map_err(Error::from_datafusion)?;
+        Ok(Arc::new(
+            datafusion::execution::TaskContext::from(&ctx.state()).with_runtime(runtime),
+        ))
+    }
+
+    /// Length and modification time of every file source (every entry of a folder
+    /// source). A file that cannot be read gets no stamp, and the query then reports
+    /// the file's own error when it runs.
+    fn file_stamps(&self) -> Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)> {
+        let mut out = Vec::new();
+        let mut stamp = |path: &std::path::Path| {
+            if let Ok(m) = std::fs::metadata(path) {
+                out.push((path.to_path_buf(), m.len(), m.modified().ok()));
+            }
+        };
+        for s in &self.config.sources {
+            if let crate::config::SourceKind::File { path, .. } = &s.kind {
+                if path.is_dir() {
+                    if let Ok(entries) = std::fs::read_dir(path) {
+                        let mut files: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+                        files.sort();
+                        files.iter().for_each(|f| stamp(f));
+                    }
+                } else {
+                    stamp(path);
+                }
+            }
+        }
+        out
+    }
+
+    /// The statements a prepared sub-query would send to this member's databases
+    /// under `permit`, as (database, SQL) pairs, without running it.
+    pub async fn database_queries(
+        &self,
+        permit: &Permit,
+        p: Prepared,
+    ) -> Result<Vec<(String, String)>> {
+        let (ctx, plan, _, _) = self.plan_under(permit, p, false).await?;
+        let physical = physical_plan(&ctx, &plan).await?;
+        let mut out = Vec::new();
+        collect_database_queries(physical.as_ref(), &mut out);
+        Ok(out)
+    }
+
+    /// Plans a sub-query among the views of its permit and checks it: the context,
+    /// the rewritten logical plan, the plan's hash for the audit record, and whether
+    /// the plan holds computed cells (`materialize`: the cells of `aggregate` grants
+    /// are computed first, see [`MemberEngine::released_cells`]; without it, as for
+    /// explaining, the cells' own plan stays in place).
+    async fn plan_under(
+        &self,
+        permit: &Permit,
+        p: Prepared,
+        materialize: bool,
+    ) -> Result<(SessionContext, LogicalPlan, String, bool)> {
+        if !p.datasets.is_subset(&permit.datasets()) {
+            return Err(Error::Internal(
+                "permit does not cover the query's datasets".into(),
+            ));
+        }
+        let Granted { ctx, restricted } = self.context_for(permit).await?;
+        let plan = plan_query(&ctx.state(), p.statement).await?;
+        let cells = materialize
+            && restricted
+                .iter()
+                .any(|(d, r)| p.datasets.contains(d) && matches!(r.owned, Owned::Cells { .. }));
+        let restricted = if cells {
+            Arc::new(self.released_cells(&restricted, &p.datasets).await?)
+        } else {
+            restricted
+        };
+        let plan = restricted::rewrite(plan, &restricted).map_err(|why| {
+            Error::PermissionDenied(format!("member {}: {why}", self.config.member.name))
+        })?;
+        let plan_sha256 = {
+            let mut h = Sha256::new();
+            h.update(permit.describe().as_bytes());
+            h.update(b"\n");
+            h.update(plan.display_indent().to_string().as_bytes());
+            hex::encode(h.finalize())
+        };
+        Ok((ctx, plan, plan_sha256, cells))
+    }
+
+    /// Computes the released cells of every `aggregate` dataset in `datasets` and
+    /// puts them in place of the cells' plan: an in-memory table holding exactly the
+    /// cells of at least k records, sorted by all their columns. The caller's
+    /// expressions then run over released cells only, in an order that depends on
+    /// them alone (the hash tables that computed them saw withheld groups and
+    /// records, and their output order would tell of them).
+    async fn released_cells(
+        &self,
+        restricted: &BTreeMap<String, Restricted>,
+        datasets: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, Restricted>> {
+        use datafusion::logical_expr::{LogicalPlanBuilder, SortExpr};
+        let mut out = restricted.clone();
+        for (d, r) in restricted {
+            let Owned::Cells { plan, measures } = &r.owned else {
+                continue;
+            };
+            if !datasets.contains(d) {
+                continue;
+            }
+            let order: Vec<SortExpr> = plan
+                .schema()
+                .columns()
+                .into_iter()
+                .map(|c| datafusion::prelude::col(c).sort(true, true))
+                .collect();
+            let sorted = LogicalPlanBuilder::from(plan.clone())
+                .sort(order)
+                .and_then(|b| b.build())
+                .map_err(Error::from_datafusion)?;
+            let physical = physical_plan(&self.private, &sorted).await?;
+            let schema = physical.schema();
+            let batches = datafusion::physical_plan::collect(
+                physical,
+                self.bounded_task(&self.private)?,
+            )
+            .await
+            .map_err(|e| {
+                // The caller may not see record values, and a failure's text
+                // can quote one (a value that did not convert, a database
+                // error): only a memory limit or a deadline is told as it is.
+                let full = Error::from_datafusion(e);
+                tracing::warn!(dataset = %d, error = %full, "Computing the released cells failed");
+                match full {
+                    Error::TooLarge(_) | Error::DeadlineExceeded(_) => full,
+                    _ => Error::Internal(format!(
+                        "member {}: computing the cells of dataset {d} failed; its \
+                                 text is not shown under {}; the member's operators can read \
+                                 it in their log",
+                        self.config.member.name, r.grant.level
+                    )),
+                }
+            })?;
+            let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])
+                .map_err(Error::from_datafusion)?;
+            let scan = LogicalPlanBuilder::scan(
+                format!("{d}_cells"),
+                datafusion::datasource::provider_as_source(Arc::new(table)),
+                None,
+            )
+            .and_then(|b| b.build())
+            .map_err(Error::from_datafusion)?;
+            out.insert(
+                d.clone(),
+                Restricted {
+                    grant: r.grant.clone(),
+                    fields: r.fields.clone(),
+                    owned: Owned::Cells {
+                        plan: scan,
+                        measures: measures.clone(),
+                    },
+                },
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// A copy of a physical plan with fresh execution state in every node
+/// (`reset_state`, as DataFusion does to run a plan again: file scans get a new
+/// shared work queue, for one). The plan given is not changed, so concurrent
+/// sub-queries can each run their own copy of one cached plan.
+fn fresh_copy(
+    plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    plan.transform_up(|node| Ok(Transformed::yes(node.reset_state()?)))
+        .map(|t| t.data)
+        .map_err(Error::from_datafusion)
+}
+
+/// Optimizes a checked plan, moves what it can into the member's databases
+/// ([`crate::owner::source::pushdown`]) and plans its execution.
+pub async fn physical_plan(
+    ctx: &SessionContext,
+    plan: &LogicalPlan,
+) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+    let state = ctx.state();
+    let optimized = state.optimize(plan).map_err(Error::from_datafusion)?;
+    let pushed = crate::owner::source::pushdown::push_into_databases(optimized)
+        .map_err(Error::from_datafusion)?;
+    state
+        .query_planner()
+        .create_physical_plan(&pushed, &state)
+        .await
+        .map_err(Error::from_datafusion)
+}
+
+fn collect_database_queries(
+    plan: &dyn datafusion::physical_plan::ExecutionPlan,
+    out: &mut Vec<(String, String)>,
+) {
+    let any: &dyn std::any::Any = plan;
+    if let Some(e) = any.downcast_ref::<crate::owner::source::postgres::PgExec>() {
+        out.push((e.database().to_string(), e.sql().to_string()));
+    }
+    for child in plan.children() {
+        collect_database_queries(child.as_ref(), out);
+    }
+}
+
+/// Plans `sql` in the private context and registers it as view `name` in `public`.
+async fn register_view(
+    private: &SessionContext,
+    public: &SessionContext,
+    name: &str,
+    sql: &str,
+) -> Result<()> {
+    let plan = private
+        .sql(sql)
+        .await
+        .map_err(|e| Error::Config(format!("view of dataset {name}: {e}")))?
+        .into_unoptimized_plan();
+    let view = ViewTable::new(plan, Some(sql.to_string()));
+    public
+        .register_table(TableReference::bare(name), Arc::new(view))
+        .map_err(|e| Error::Config(format!("registering dataset {name}: {e}")))?;
+    Ok(())
+}
+
+/// The SQL of a dataset's record view under a grant: masked fields masked (or NULL).
+/// Under `aggregate` and `verify` grants only the owner's own plans read it.
+pub fn masked_view_sql(ds: &Dataset, base: &str, g: &Grant) -> String {
+    let mut cols: Vec<String> = ds
+        .fields
+        .iter()
+        .map(|f| {
+            let q = quote_ident(&f.name);
+            match g.masks.get(&f.name) {
+                None => format!("t.{q}"),
+                Some(Mask::Deny) => {
+                    format!("CAST(NULL AS {}) AS {q}", mapping::sql_type(&f.data_type))
+                }
+                Some(m) => format!("{}(t.{q}) AS {q}", m.function_name()),
+            }
+        })
+        .collect();
+    cols.push(format!("t.{}", quote_ident(MEMBER_COLUMN)));
+    format!("SELECT {} FROM ({base}) AS t", cols.join(", "))
+}

@@ -1,0 +1,853 @@
+//! PostgreSQL-compatible databases behind a member.
+//!
+//! A [`PgDatabase`] is one database with a connection pool. Each mapped table becomes a
+//! [`PgTable`] in the member's private context, with its columns discovered from the
+//! catalog and their types mapped faithfully to Arrow. Work is pushed into the database
+//! by [`super::pushdown`], which turns whole sub-plans over one database into SQL; what
+//! runs there is a [`PgExec`], which streams the rows back as Arrow batches.
+//!
+//! Every value is read in PostgreSQL's binary format after a cast, chosen from the
+//! Arrow type the plan expects, in the SQL itself (`CAST(c0 AS int8)`). PostgreSQL
+//! therefore always sends exactly the type the decoder expects, whatever type its own
+//! functions return (`sum(bigint)` is `numeric` there, `Int64` here).
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder, Float64Builder,
+    Int16Builder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use async_trait::async_trait;
+use datafusion::catalog::Session;
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
+use futures::StreamExt;
+use tokio_postgres::types::{FromSql, Type};
+
+use crate::config::{Database, DatabaseTls};
+use crate::error::{Error, Result};
+
+/// Rows per Arrow batch read from a database.
+const BATCH_ROWS: usize = 8192;
+
+/// Microseconds from the Unix epoch to PostgreSQL's epoch (2000-01-01).
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+/// Days from the Unix epoch to PostgreSQL's epoch.
+const PG_EPOCH_DAYS: i32 = 10_957;
+
+/// One database: its pool and what was learned about it.
+pub struct PgDatabase {
+    name: String,
+    /// `host:port/dbname`, for messages.
+    place: String,
+    pool: deadpool_postgres::Pool,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    /// 0 unknown, 1 byte-wise ("C") text ordering, 2 another collation.
+    c_collation: AtomicU8,
+}
+
+impl fmt::Debug for PgDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PgDatabase({} at {})", self.name, self.place)
+    }
+}
+
+impl PgDatabase {
+    /// Prepares a pool for `db`. Nothing connects until the first use.
+    pub fn new(db: &Database) -> Result<Arc<PgDatabase>> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&db.host)
+            .port(db.port)
+            .dbname(&db.dbname)
+            .user(&db.user)
+            .application_name("fedgate")
+            .connect_timeout(db.connect_timeout)
+            // Canonical timestamps are UTC and dates are ISO: the session must agree
+            // with DataFusion for casts pushed into the database to mean the same.
+            .options("-c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=3");
+        if let Some(p) = db.password.expose() {
+            cfg.password(p);
+        }
+        let client_config = match &db.tls {
+            DatabaseTls::Disable => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                crate::trust::tls::database_client_config(None, None)?
+            }
+            DatabaseTls::VerifyFull { ca, client } => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                crate::trust::tls::database_client_config(
+                    Some(ca),
+                    client.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+                )?
+            }
+        };
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_config);
+        let manager = deadpool_postgres::Manager::from_config(
+            cfg,
+            tls.clone(),
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(db.pool_size)
+            .wait_timeout(Some(db.connect_timeout))
+            .create_timeout(Some(db.connect_timeout))
+            .recycle_timeout(Some(db.connect_timeout))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Config(format!("database {}: {e}", db.name)))?;
+        Ok(Arc::new(PgDatabase {
+            name: db.name.clone(),
+            place: format!("{}:{}/{}", db.host, db.port, db.dbname),
+            pool,
+            tls,
+            c_collation: AtomicU8::new(0),
+        }))
+    }
+
+    /// The database's name in the member file.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether text compares byte-wise here, as it does in DataFusion. Ordering
+    /// comparisons of text are pushed only then.
+    pub fn c_collation(&self) -> bool {
+        self.c_collation.load(Ordering::Relaxed) == 1
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| self.pool_error(e))
+    }
+
+    fn pool_error(&self, e: deadpool_postgres::PoolError) -> Error {
+        use deadpool_postgres::PoolError as P;
+        match e {
+            P::Backend(e) => self.error(&e),
+            P::Timeout(_) => Error::Database {
+                database: self.name.clone(),
+                unavailable: true,
+                reason: format!("no connection to {} within the connect timeout", self.place),
+            },
+            other => Error::Database {
+                database: self.name.clone(),
+                unavailable: true,
+                reason: format!("{}: {other}", self.place),
+            },
+        }
+    }
+
+    /// Classifies a database error: who is at fault and whether a retry may help.
+    pub fn error(&self, e: &tokio_postgres::Error) -> Error {
+        let Some(db) = e.as_db_error() else {
+            // No answer from the server: refused, reset, timed out or closed.
+            let mut reason = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(s) = src {
+                reason = format!("{reason}: {s}");
+                src = s.source();
+            }
+            return Error::Database {
+                database: self.name.clone(),
+                unavailable: true,
+                reason: format!("{}: {reason}", self.place),
+            };
+        };
+        let code = db.code().code();
+        let text = format!("{} ({code})", db.message());
+        match &code[..2] {
+            // Data exceptions (division by zero, a value out of range) come from the
+            // caller's query.
+            "22" => Error::InvalidQuery(format!("database {}: {text}", self.name)),
+            // The server is shutting down or out of resources: it may answer later.
+            "53" | "57" if code != "57014" => Error::Database {
+                database: self.name.clone(),
+                unavailable: true,
+                reason: text,
+            },
+            _ => Error::Database {
+                database: self.name.clone(),
+                unavailable: false,
+                reason: text,
+            },
+        }
+    }
+
+    /// Reads a table's columns from the catalog and maps their types to Arrow.
+    pub async fn discover(&self, schema: &str, table: &str) -> Result<SchemaRef> {
+        let client = self.client().await?;
+        if self.c_collation.load(Ordering::Relaxed) == 0 {
+            let row = client
+                .query_one(
+                    "SELECT datcollate FROM pg_database WHERE datname = current_database()",
+                    &[],
+                )
+                .await
+                .map_err(|e| self.error(&e))?;
+            let collate: String = row.get(0);
+            let c = matches!(collate.as_str(), "C" | "POSIX" | "C.UTF-8" | "C.utf8");
+            self.c_collation
+                .store(if c { 1 } else { 2 }, Ordering::Relaxed);
+        }
+        let qualified = format!("{}.{}", quote(schema), quote(table));
+        let rows = client
+            .query(
+                "SELECT a.attname::text, t.typname::text, a.atttypmod, a.attnotnull \
+                 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+                 ORDER BY a.attnum",
+                &[&qualified],
+            )
+            .await
+            .map_err(|e| self.error(&e))?;
+        if rows.is_empty() {
+            return Err(Error::Database {
+                database: self.name.clone(),
+                unavailable: false,
+                reason: format!("table {schema}.{table} does not exist (or has no columns)"),
+            });
+        }
+        let fields: Vec<Field> = rows
+            .iter()
+            .map(|r| {
+                let name: String = r.get(0);
+                let typname: String = r.get(1);
+                let typmod: i32 = r.get(2);
+                let not_null: bool = r.get(3);
+                Field::new(name, arrow_type(&typname, typmod), !not_null)
+            })
+            .collect();
+        Ok(Arc::new(Schema::new(fields)))
+    }
+}
+
+/// Quotes an identifier for PostgreSQL.
+pub fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// The Arrow type of a PostgreSQL column type. Types without an exact Arrow
+/// counterpart (json, uuid, intervals, arrays, ...) are read as their text form.
+pub fn arrow_type(typname: &str, typmod: i32) -> DataType {
+    match typname {
+        "int2" => DataType::Int16,
+        "int4" => DataType::Int32,
+        "int8" => DataType::Int64,
+        "float4" => DataType::Float32,
+        "float8" => DataType::Float64,
+        "bool" => DataType::Boolean,
+        "date" => DataType::Date32,
+        "timestamp" => DataType::Timestamp(TimeUnit::Microsecond, None),
+        "timestamptz" => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        "numeric" => {
+            // typmod packs (precision << 16 | scale) + 4; -1 means unconstrained.
+            if typmod >= 4 {
+                let p = (((typmod - 4) >> 16) & 0xffff) as u8;
+                let s = ((typmod - 4) & 0x7ff) as i8;
+                if (1..=38).contains(&p) && (0..=p as i8).contains(&s) {
+                    return DataType::Decimal128(p, s);
+                }
+            }
+            // Unconstrained numeric: 38 digits, 10 after the point. Values that do not
+            // fit fail the query with a clear error rather than losing digits silently.
+            DataType::Decimal128(38, 10)
+        }
+        _ => DataType::Utf8,
+    }
+}
+
+/// The PostgreSQL type a column is cast to so that it arrives as `t`.
+fn pg_cast(t: &DataType) -> Option<String> {
+    Some(match t {
+        DataType::Int16 => "int2".into(),
+        DataType::Int32 => "int4".into(),
+        DataType::Int64 => "int8".into(),
+        DataType::Float32 => "float4".into(),
+        DataType::Float64 => "float8".into(),
+        DataType::Boolean => "bool".into(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "text".into(),
+        DataType::Date32 => "date".into(),
+        // PostgreSQL keeps microseconds; a plan wanting another unit reads nothing
+        // from the database and converts in the gateway.
+        DataType::Timestamp(TimeUnit::Microsecond, None) => "timestamp".into(),
+        DataType::Timestamp(TimeUnit::Microsecond, Some(_)) => "timestamptz".into(),
+        // Decimals travel as text, parsed exactly at the scale the plan expects.
+        DataType::Decimal128(p, s) => format!("numeric({p},{s})"),
+        DataType::Null => "text".into(),
+        _ => return None,
+    })
+}
+
+/// Whether values of type `t` can be read from a database.
+pub fn readable(t: &DataType) -> bool {
+    pg_cast(t).is_some()
+}
+
+/// The SQL that reads `inner` (whose columns are, by position, `fields`) with every
+/// column cast to the type its field expects, optionally only `projection`.
+pub fn typed_select(
+    inner: &str,
+    fields: &[Arc<Field>],
+    projection: Option<&[usize]>,
+    limit: Option<usize>,
+) -> Result<String> {
+    let names: Vec<String> = (0..fields.len()).map(|i| format!("c{i}")).collect();
+    let all: Vec<usize> = (0..fields.len()).collect();
+    let cols: Vec<String> = projection
+        .unwrap_or(&all)
+        .iter()
+        .map(|&i| {
+            let f = &fields[i];
+            let t = pg_cast(f.data_type()).ok_or_else(|| {
+                Error::Internal(format!(
+                    "column {} of type {} cannot be read from a database",
+                    f.name(),
+                    f.data_type()
+                ))
+            })?;
+            Ok(if matches!(f.data_type(), DataType::Decimal128(..)) {
+                format!("CAST(CAST(q.c{i} AS {t}) AS text)")
+            } else {
+                format!("CAST(q.c{i} AS {t})")
+            })
+        })
+        .collect::<Result<_>>()?;
+    let select = if cols.is_empty() {
+        // A projection of no columns still needs the row count.
+        "NULL".to_string()
+    } else {
+        cols.join(", ")
+    };
+    let mut sql = if fields.is_empty() {
+        format!("SELECT {select} FROM ({inner}) AS q")
+    } else {
+        format!("SELECT {select} FROM ({inner}) AS q({})", names.join(", "))
+    };
+    if let Some(n) = limit {
+        sql.push_str(&format!(" LIMIT {n}"));
+    }
+    Ok(sql)
+}
+
+/// A table in a database, as the member's private context sees it: the query of all
+/// its columns, with the name the pushdown rule writes into SQL.
+#[derive(Debug)]
+pub struct PgTable {
+    schema_name: String,
+    table: String,
+    all: PgQuery,
+}
+
+impl PgTable {
+    /// Discovers `schema.table` in `db`.
+    pub async fn discover(db: Arc<PgDatabase>, schema: &str, table: &str) -> Result<PgTable> {
+        let cols = db.discover(schema, table).await?;
+        let names: Vec<String> = cols.fields().iter().map(|f| quote(f.name())).collect();
+        let sql = format!(
+            "SELECT {} FROM {}.{}",
+            names.join(", "),
+            quote(schema),
+            quote(table)
+        );
+        Ok(PgTable {
+            schema_name: schema.to_string(),
+            table: table.to_string(),
+            all: PgQuery::new(db, sql, cols),
+        })
+    }
+
+    /// The database.
+    pub fn database(&self) -> &Arc<PgDatabase> {
+        &self.all.db
+    }
+
+    /// The table's schema-qualified name on the server.
+    pub fn remote_name(&self) -> (&str, &str) {
+        (&self.schema_name, &self.table)
+    }
+}
+
+#[async_trait]
+impl TableProvider for PgTable {
+    fn schema(&self) -> SchemaRef {
+        self.all.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        // Filters stay in the plan, where the pushdown rule moves whole sub-plans
+        // (filters included) into the database when every expression can go there.
+        self.all.supports_filters_pushdown(filters)
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        self.all.scan(state, projection, filters, limit).await
+    }
+}
+
+/// The result of SQL run in a database, as a table the pushdown rule scans.
+#[derive(Debug)]
+pub struct PgQuery {
+    db: Arc<PgDatabase>,
+    /// The SQL whose columns are, by position, `schema`'s fields.
+    sql: String,
+    schema: SchemaRef,
+}
+
+impl PgQuery {
+    /// A query whose result has `schema` (by position).
+    pub fn new(db: Arc<PgDatabase>, sql: String, schema: SchemaRef) -> PgQuery {
+        PgQuery { db, sql, schema }
+    }
+}
+
+#[async_trait]
+impl TableProvider for PgQuery {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![
+            TableProviderFilterPushDown::Unsupported;
+            filters.len()
+        ])
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        PgExec::try_new(
+            self.db.clone(),
+            &self.sql,
+            self.schema.fields(),
+            projection.map(|p| p.as_slice()),
+            limit,
+        )
+        .map(|e| Arc::new(e) as Arc<dyn ExecutionPlan>)
+        .map_err(Error::into_datafusion)
+    }
+}
+
+/// Runs one SQL statement in a database and streams its rows as Arrow batches.
+#[derive(Debug)]
+pub struct PgExec {
+    db: Arc<PgDatabase>,
+    sql: String,
+    schema: SchemaRef,
+    props: Arc<PlanProperties>,
+}
+
+impl PgExec {
+    fn try_new(
+        db: Arc<PgDatabase>,
+        inner: &str,
+        fields: &arrow::datatypes::Fields,
+        projection: Option<&[usize]>,
+        limit: Option<usize>,
+    ) -> Result<PgExec> {
+        let fields: Vec<Arc<Field>> = fields.iter().cloned().collect();
+        let sql = typed_select(inner, &fields, projection, limit)?;
+        let out: Vec<Arc<Field>> = match projection {
+            Some(p) => p.iter().map(|&i| fields[i].clone()).collect(),
+            None => fields,
+        };
+        let schema = Arc::new(Schema::new(out));
+        let props = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        ));
+        Ok(PgExec {
+            db,
+            sql,
+            schema,
+            props,
+        })
+    }
+
+    /// The database this runs in.
+    pub fn database(&self) -> &str {
+        self.db.name()
+    }
+
+    /// The SQL sent to the database.
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+}
+
+impl DisplayAs for PgExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "DatabaseExec: database={} sql={}",
+            self.db.name, self.sql
+        )
+    }
+}
+
+impl ExecutionPlan for PgExec {
+    fn name(&self) -> &str {
+        "DatabaseExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.props
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        Vec::new()
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(
+            &Arc<dyn datafusion::physical_plan::PhysicalExpr>,
+        ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion>,
+    ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion> {
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if children.is_empty() {
+            Ok(self)
+        } else {
+            Err(DataFusionError::Internal(
+                "DatabaseExec has no children".into(),
+            ))
+        }
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!(
+                "DatabaseExec has one partition, not {partition}"
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<DfResult<RecordBatch>>(2);
+        let db = self.db.clone();
+        let sql = self.sql.clone();
+        let schema = self.schema.clone();
+        tokio::spawn(async move {
+            if let Err(e) = run(&db, &sql, schema, &tx).await {
+                let _ = tx.send(Err(e.into_datafusion())).await;
+            }
+        });
+        let stream =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            stream,
+        )))
+    }
+}
+
+/// Runs `sql` and sends its rows in batches. When the receiver goes away (the query
+/// was cancelled or its deadline passed), the statement is cancelled in the database
+/// too rather than left running.
+async fn run(
+    db: &PgDatabase,
+    sql: &str,
+    schema: SchemaRef,
+    tx: &tokio::sync::mpsc::Sender<DfResult<RecordBatch>>,
+) -> Result<()> {
+    let client = tokio::select! {
+        c = db.client() => c?,
+        _ = tx.closed() => return Ok(()),
+    };
+    let cancel = client.cancel_token();
+    let started = tokio::select! {
+        r = client.query_raw(sql, std::iter::empty::<i32>()) => r,
+        _ = tx.closed() => {
+            cancel_query(db, cancel).await;
+            return Ok(());
+        }
+    };
+    let rows = started.map_err(|e| db.error(&e))?;
+    futures::pin_mut!(rows);
+    let mut batch = Batch::new(&schema);
+    loop {
+        let next = tokio::select! {
+            r = rows.next() => r,
+            _ = tx.closed() => {
+                cancel_query(db, cancel).await;
+                return Ok(());
+            }
+        };
+        match next {
+            None => break,
+            Some(Err(e)) => return Err(db.error(&e)),
+            Some(Ok(row)) => {
+                batch.push(&row)?;
+                if batch.len == BATCH_ROWS {
+                    let b = std::mem::replace(&mut batch, Batch::new(&schema)).finish(&schema)?;
+                    if tx.send(Ok(b)).await.is_err() {
+                        cancel_query(db, cancel).await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    if batch.len > 0 {
+        let _ = tx.send(Ok(batch.finish(&schema)?)).await;
+    }
+    Ok(())
+}
+
+async fn cancel_query(db: &PgDatabase, token: tokio_postgres::CancelToken) {
+    if let Err(e) = token.cancel_query(db.tls.clone()).await {
+        tracing::warn!(database = %db.name, error = %e, "Could not cancel a database query");
+    } else {
+        tracing::debug!(database = %db.name, "Cancelled a database query");
+    }
+}
+
+/// A value's bytes in PostgreSQL's binary format, whatever its type.
+struct Raw<'a>(&'a [u8]);
+
+impl<'a> FromSql<'a> for Raw<'a> {
+    fn from_sql(
+        _ty: &Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw))
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+}
+
+fn be_i64(b: &[u8]) -> Result<i64> {
+    b.try_into()
+        .map(i64::from_be_bytes)
+        .map_err(|_| Error::Internal("a timestamp is not 8 bytes".into()))
+}
+
+fn be_i32(b: &[u8]) -> Result<i32> {
+    b.try_into()
+        .map(i32::from_be_bytes)
+        .map_err(|_| Error::Internal("a date is not 4 bytes".into()))
+}
+
+enum Col {
+    I16(Int16Builder),
+    I32(Int32Builder),
+    I64(Int64Builder),
+    F32(Float32Builder),
+    F64(Float64Builder),
+    Bool(BooleanBuilder),
+    Text(StringBuilder),
+    Date(Date32Builder),
+    Ts(TimestampMicrosecondBuilder),
+    Dec(Decimal128Builder, u8, i8),
+    Null(usize),
+}
+
+struct Batch {
+    cols: Vec<Col>,
+    len: usize,
+}
+
+fn get_err(e: tokio_postgres::Error) -> Error {
+    Error::Internal(format!("reading a database value: {e}"))
+}
+
+impl Batch {
+    fn new(schema: &Schema) -> Batch {
+        let n = BATCH_ROWS;
+        let cols = schema
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Int16 => Col::I16(Int16Builder::with_capacity(n)),
+                DataType::Int32 => Col::I32(Int32Builder::with_capacity(n)),
+                DataType::Int64 => Col::I64(Int64Builder::with_capacity(n)),
+                DataType::Float32 => Col::F32(Float32Builder::with_capacity(n)),
+                DataType::Float64 => Col::F64(Float64Builder::with_capacity(n)),
+                DataType::Boolean => Col::Bool(BooleanBuilder::with_capacity(n)),
+                DataType::Date32 => Col::Date(Date32Builder::with_capacity(n)),
+                DataType::Timestamp(TimeUnit::Microsecond, _) => {
+                    Col::Ts(TimestampMicrosecondBuilder::with_capacity(n))
+                }
+                DataType::Decimal128(p, s) => Col::Dec(Decimal128Builder::with_capacity(n), *p, *s),
+                DataType::Null => Col::Null(0),
+                // Every other type was read as text (see `pg_cast`).
+                _ => Col::Text(StringBuilder::with_capacity(n, n * 16)),
+            })
+            .collect();
+        Batch { cols, len: 0 }
+    }
+
+    fn push(&mut self, row: &tokio_postgres::Row) -> Result<()> {
+        for (i, col) in self.cols.iter_mut().enumerate() {
+            match col {
+                Col::I16(b) => b.append_option(row.try_get::<_, Option<i16>>(i).map_err(get_err)?),
+                Col::I32(b) => b.append_option(row.try_get::<_, Option<i32>>(i).map_err(get_err)?),
+                Col::I64(b) => b.append_option(row.try_get::<_, Option<i64>>(i).map_err(get_err)?),
+                Col::F32(b) => b.append_option(row.try_get::<_, Option<f32>>(i).map_err(get_err)?),
+                Col::F64(b) => b.append_option(row.try_get::<_, Option<f64>>(i).map_err(get_err)?),
+                Col::Bool(b) => {
+                    b.append_option(row.try_get::<_, Option<bool>>(i).map_err(get_err)?)
+                }
+                Col::Text(b) => {
+                    b.append_option(row.try_get::<_, Option<&str>>(i).map_err(get_err)?)
+                }
+                Col::Date(b) => match row.try_get::<_, Option<Raw>>(i).map_err(get_err)? {
+                    None => b.append_null(),
+                    Some(r) => b.append_value(be_i32(r.0)?.saturating_add(PG_EPOCH_DAYS)),
+                },
+                Col::Ts(b) => match row.try_get::<_, Option<Raw>>(i).map_err(get_err)? {
+                    None => b.append_null(),
+                    Some(r) => b.append_value(be_i64(r.0)?.saturating_add(PG_EPOCH_MICROS)),
+                },
+                Col::Dec(b, p, s) => match row.try_get::<_, Option<&str>>(i).map_err(get_err)? {
+                    None => b.append_null(),
+                    Some(t) => {
+                        let v = arrow::compute::kernels::cast_utils::parse_decimal::<
+                            arrow::datatypes::Decimal128Type,
+                        >(t, *p, *s)
+                        .map_err(|e| {
+                            Error::InvalidQuery(format!(
+                                "a database value {t} does not fit DECIMAL({p},{s}): {e}"
+                            ))
+                        })?;
+                        b.append_value(v);
+                    }
+                },
+                Col::Null(n) => *n += 1,
+            }
+        }
+        self.len += 1;
+        Ok(())
+    }
+
+    fn finish(self, schema: &SchemaRef) -> Result<RecordBatch> {
+        let arrays: Vec<ArrayRef> = self
+            .cols
+            .into_iter()
+            .zip(schema.fields())
+            .map(|(c, f)| -> Result<ArrayRef> {
+                Ok(match c {
+                    Col::I16(mut b) => Arc::new(b.finish()),
+                    Col::I32(mut b) => Arc::new(b.finish()),
+                    Col::I64(mut b) => Arc::new(b.finish()),
+                    Col::F32(mut b) => Arc::new(b.finish()),
+                    Col::F64(mut b) => Arc::new(b.finish()),
+                    Col::Bool(mut b) => Arc::new(b.finish()),
+                    Col::Text(mut b) => {
+                        let a: ArrayRef = Arc::new(b.finish());
+                        if f.data_type() == &DataType::Utf8 {
+                            a
+                        } else {
+                            arrow::compute::cast(&a, f.data_type())
+                                .map_err(|e| Error::Internal(e.to_string()))?
+                        }
+                    }
+                    Col::Date(mut b) => Arc::new(b.finish()),
+                    Col::Ts(mut b) => Arc::new(b.finish().with_data_type(f.data_type().clone())),
+                    Col::Dec(mut b, p, s) => Arc::new(
+                        b.finish()
+                            .with_precision_and_scale(p, s)
+                            .map_err(|e| Error::Internal(e.to_string()))?,
+                    ),
+                    Col::Null(n) => arrow::array::new_null_array(&DataType::Null, n),
+                })
+            })
+            .collect::<Result<_>>()?;
+        RecordBatch::try_new_with_options(
+            schema.clone(),
+            arrays,
+            &arrow::array::RecordBatchOptions::new().with_row_count(Some(self.len)),
+        )
+        .map_err(|e| Error::Internal(format!("building a batch from database rows: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn column_types_map_faithfully() {
+        assert_eq!(arrow_type("int4", -1), DataType::Int32);
+        assert_eq!(arrow_type("int8", -1), DataType::Int64);
+        // numeric(12,2): typmod = (12 << 16 | 2) + 4.
+        assert_eq!(
+            arrow_type("numeric", (12 << 16 | 2) + 4),
+            DataType::Decimal128(12, 2)
+        );
+        assert_eq!(arrow_type("numeric", -1), DataType::Decimal128(38, 10));
+        assert_eq!(
+            arrow_type("timestamptz", -1),
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+        );
+        assert_eq!(arrow_type("jsonb", -1), DataType::Utf8);
+    }
+
+    #[test]
+    fn every_column_is_cast_to_the_type_the_plan_expects() {
+        let fields = vec![
+            Arc::new(Field::new("a", DataType::Int64, true)),
+            Arc::new(Field::new("b", DataType::Decimal128(10, 2), true)),
+            Arc::new(Field::new("c", DataType::Utf8, true)),
+        ];
+        let sql = typed_select("SELECT x", &fields, Some(&[2, 0, 1]), Some(5)).unwrap();
+        assert_eq!(
+            sql,
+            "SELECT CAST(q.c2 AS text), CAST(q.c0 AS int8), CAST(CAST(q.c1 AS numeric(10,2)) AS text) \
+             FROM (SELECT x) AS q(c0, c1, c2) LIMIT 5"
+        );
+        assert!(
+            typed_select("SELECT x", &fields, Some(&[]), None)
+                .unwrap()
+                .starts_with("SELECT NULL FROM")
+        );
+    }
+}

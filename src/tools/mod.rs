@@ -1,0 +1,9 @@
+//! Tools around a gateway, not on its request path: `fedgate check` ([`check`]), the
+//! gRPC client the CLI and the tests use ([`client`]), the load generator ([`loadgen`]), the sample region
+//! ([`demo`]) and a throwaway PostgreSQL server ([`local_postgres`]).
+
+pub mod check;
+pub mod client;
+pub mod demo;
+pub mod loadgen;
+pub mod local_postgres;

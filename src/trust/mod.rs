@@ -1,0 +1,8 @@
+//! Who is calling, and who may speak for whom: identities read from certificates
+//! ([`identity`]), mutual TLS ([`tls`]), the development CA ([`pki`]) and origin
+//! assertions ([`assertion`]).
+
+pub mod assertion;
+pub mod identity;
+pub mod pki;
+pub mod tls;
