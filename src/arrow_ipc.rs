@@ -79,6 +79,24 @@ fn from_flight(e: FlightError) -> Error {
     }
 }
 
+/// Encodes a result stream as Arrow IPC chunks, counting its rows as they pass.
+pub fn counted_chunks(
+    stream: datafusion::execution::SendableRecordBatchStream,
+) -> (
+    impl futures::Stream<Item = crate::Result<crate::proto::v1::ArrowChunk>> + Send,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    let rows = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = rows.clone();
+    let schema = stream.schema();
+    let batches = futures::StreamExt::map(stream, move |r| {
+        let b = r.map_err(crate::Error::from_datafusion)?;
+        counted.fetch_add(b.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(b)
+    });
+    (encode(schema, batches), rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,3 +35,23 @@ pub fn state_code(state: i32) -> &'static str {
         _ => state_word(state),
     }
 }
+
+/// A server-streaming gRPC response.
+pub type ResponseStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+/// The deadline a gRPC caller set, if any (`grpc-timeout` header).
+pub fn grpc_timeout<T>(req: &tonic::Request<T>) -> Option<std::time::Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => std::time::Duration::from_secs(n * 3600),
+        "M" => std::time::Duration::from_secs(n * 60),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    })
+}

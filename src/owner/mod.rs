@@ -11,6 +11,7 @@
 pub mod mapping;
 pub mod masking;
 pub mod member;
+pub mod peer;
 pub mod policy;
 pub mod restricted;
 pub mod source;

@@ -481,3 +481,11 @@ pub fn explain_transport_error(text: &str) -> String {
     }
     text.to_string()
 }
+
+/// The caller's principal, put there by the TLS edge.
+pub fn caller<T>(req: &tonic::Request<T>) -> std::result::Result<Principal, tonic::Status> {
+    req.extensions()
+        .get::<PeerInfo>()
+        .map(|i| i.principal.clone())
+        .ok_or_else(|| Error::Internal("connection without TLS identity".into()).to_status())
+}

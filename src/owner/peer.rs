@@ -1,0 +1,400 @@
+//! `Peer`, the gateway-to-gateway service at the data owner: who is calling and for
+//! whom (`PeerService::admit`: a member gateway, speaking for its own identity or with
+//! the origin's gateway's assertion, on a loop-free path), then the owner's path
+//! ([`crate::owner::answer`], [`crate::owner::explain`]) under the member's limits, and
+//! `Catalog` (what an origin may read here).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::arrow_ipc::counted_chunks;
+use crate::config::MemberConfig;
+use crate::error::{Error, Result};
+use crate::ops::audit::AuditLog;
+use crate::owner;
+use crate::owner::member::MemberEngine;
+use crate::proto::v1::peer_server::Peer;
+use crate::proto::v1::*;
+use crate::proto::{ResponseStream, grpc_timeout};
+use crate::trust::identity::Principal;
+use crate::trust::tls::{TlsMaterial, caller};
+
+/// The gateway-to-gateway service at the data owner.
+pub struct PeerService {
+    pub(crate) config: Arc<MemberConfig>,
+    pub(crate) engine: Option<Arc<MemberEngine>>,
+    /// Sub-query slots, kept across reloads while the limit is unchanged.
+    pub(crate) admission: Arc<Semaphore>,
+    pub(crate) audit: Arc<AuditLog>,
+    pub(crate) observer: Arc<crate::ops::observe::Observer>,
+    /// The region CA this member checks origin assertions' signers against.
+    pub(crate) tls: Arc<TlsMaterial>,
+    /// Origin assertions seen, each bound to the query it was first used for; kept
+    /// across reloads.
+    pub(crate) nonces: Arc<crate::trust::assertion::Nonces>,
+}
+
+/// A sub-query's origin, once the owner accepts that the calling gateway speaks for
+/// it.
+struct Admitted {
+    origin: Principal,
+    /// The datasets the origin's assertion covers, when one was needed.
+    covered: Option<std::collections::BTreeSet<String>>,
+}
+
+impl PeerService {
+    /// Checks the calling gateway, the origin, who speaks for it, and the hop path.
+    fn admit(&self, via: &Principal, q: &ExecuteRequest) -> Result<Admitted> {
+        let region = &self.config.region;
+        match region.member_by_principal(via) {
+            Some(m) if m.endpoint.is_some() => {}
+            _ => {
+                return Err(Error::PermissionDenied(format!(
+                    "{via} is not a member gateway of region {}; only member gateways may call Peer",
+                    region.name
+                )));
+            }
+        }
+        let origin = Principal::parse(&q.origin).map_err(|e| Error::InvalidQuery(e.to_string()))?;
+        if region.member_by_principal(&origin).is_none() {
+            return Err(Error::PermissionDenied(format!(
+                "origin {origin} is not a member or known client of region {}",
+                region.name
+            )));
+        }
+        if q.hops == 0 || q.hops as usize != q.path.len() {
+            return Err(Error::InvalidQuery(format!(
+                "hop count {} does not match the path of {} gateways",
+                q.hops,
+                q.path.len()
+            )));
+        }
+        if q.hops > self.config.limits.max_hops {
+            return Err(Error::InvalidQuery(format!(
+                "sub-query has taken {} hops, more than this member's limit of {}",
+                q.hops, self.config.limits.max_hops
+            )));
+        }
+        if q.path
+            .iter()
+            .any(|p| p == &self.config.member.principal.uri())
+        {
+            return Err(Error::InvalidQuery(format!(
+                "sub-query has already passed through {} (loop in path {:?})",
+                self.config.member.name, q.path
+            )));
+        }
+        // An organization's own gateway speaks for its identity; any other gateway
+        // needs the origin's gateway's signed word for this query.
+        if &origin == via {
+            return Ok(Admitted {
+                origin,
+                covered: None,
+            });
+        }
+        if q.origin_assertion.is_empty() {
+            return Err(Error::PermissionDenied(format!(
+                "{via} forwards for {origin} without an origin assertion; a gateway speaks \
+                 only for its own identity unless the origin's gateway vouches for the query \
+                 (Federation.Vouch), so ask through {origin}'s own gateway"
+            )));
+        }
+        let now = std::time::SystemTime::now();
+        let v = crate::trust::assertion::verify(
+            &self.tls,
+            &|p| region.has_gateway(p),
+            &q.origin_assertion,
+            now,
+        )?;
+        v.covers(&crate::trust::assertion::Expected {
+            origin: &origin,
+            via,
+            audience: Some(&self.config.member.principal),
+            purpose: &q.purpose,
+            query_sha256: None,
+            now,
+        })?;
+        self.nonces.bind(&v, &q.query_id)?;
+        Ok(Admitted {
+            origin,
+            covered: Some(v.datasets()),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    type ExecuteStream = ResponseStream<ExecuteResponse>;
+
+    async fn execute(
+        &self,
+        req: Request<ExecuteRequest>,
+    ) -> std::result::Result<Response<Self::ExecuteStream>, Status> {
+        let via = caller(&req)?;
+        let grpc = grpc_timeout(&req);
+        // The data owner's part of the caller's trace.
+        let span = tracing::info_span!(
+            "execute",
+            member = %self.config.member.name,
+            query_id = %req.get_ref().query_id,
+            %via,
+        );
+        crate::ops::telemetry::continue_trace(&span, req.metadata());
+        let q = req.into_inner();
+        let answer = self
+            .execute_traced(via, grpc, q, span.clone())
+            .instrument(span)
+            .await;
+        self.observer.peer_subquery(if answer.is_ok() {
+            "answered"
+        } else {
+            "refused"
+        });
+        answer
+    }
+
+    async fn explain(
+        &self,
+        req: Request<ExecuteRequest>,
+    ) -> std::result::Result<Response<PeerExplainResponse>, Status> {
+        self.explain_impl(req).await
+    }
+
+    async fn catalog(
+        &self,
+        req: Request<CatalogRequest>,
+    ) -> std::result::Result<Response<CatalogResponse>, Status> {
+        self.catalog_impl(req).await
+    }
+}
+
+impl PeerService {
+    async fn execute_traced(
+        &self,
+        via: Principal,
+        grpc: Option<Duration>,
+        q: ExecuteRequest,
+        span: tracing::Span,
+    ) -> std::result::Result<Response<ResponseStream<ExecuteResponse>>, Status> {
+        let purpose = (!q.purpose.is_empty()).then_some(q.purpose.as_str());
+        let engine = self.engine.clone().ok_or_else(|| {
+            Error::InvalidQuery(format!(
+                "member {} serves no datasets",
+                self.config.member.name
+            ))
+            .to_status()
+        })?;
+        // A refusal before the engine runs is on the record too; the origin is the
+        // claimed one when it does not parse.
+        let refused = |origin: &Principal, e: Error| -> Status {
+            let ask = owner::Ask {
+                via: &via,
+                origin,
+                purpose,
+                query_id: &q.query_id,
+                sql: &q.sql,
+                covered: None,
+            };
+            tracing::warn!(query_id = %q.query_id, %via, error = %e, "Sub-query refused");
+            match owner::refuse(&self.audit, &ask, Vec::new(), None, &e) {
+                Ok(()) => e.to_status(),
+                Err(a) => a.to_status(),
+            }
+        };
+        let Admitted { origin, covered } = match self.admit(&via, &q) {
+            Ok(a) => a,
+            Err(e) => {
+                let claimed = Principal::parse(&q.origin).unwrap_or_else(|_| via.clone());
+                return Err(refused(&claimed, e));
+            }
+        };
+        let budget = [
+            (q.budget_ms > 0).then(|| Duration::from_millis(q.budget_ms)),
+            grpc,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.config.limits.default_timeout)
+        .min(self.config.limits.max_timeout);
+        let Ok(permit) = self.admission.clone().try_acquire_owned() else {
+            return Err(refused(
+                &origin,
+                Error::Overloaded(format!(
+                    "member {} is answering its maximum of sub-queries",
+                    self.config.member.name
+                )),
+            ));
+        };
+        let started = Instant::now();
+        tracing::info!(query_id = %q.query_id, %via, %origin, sql = %q.sql, "Sub-query");
+        let ask = owner::Ask {
+            via: &via,
+            origin: &origin,
+            purpose,
+            query_id: &q.query_id,
+            sql: &q.sql,
+            covered: covered.as_ref(),
+        };
+        let note = Arc::new(owner::Note::default());
+        let answer = owner::answer(&engine, &self.audit, ask, note.clone());
+        let stream = match tokio::time::timeout(budget, answer).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                // Already recorded by `owner::answer`.
+                tracing::warn!(query_id = %q.query_id, error = %e, "Sub-query refused");
+                return Err(e.to_status());
+            }
+            Err(_) => return Err(refused(&origin, Error::DeadlineExceeded(budget))),
+        };
+        let version = self.config.version.clone();
+        let observer = self.observer.clone();
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (chunks, rows) = counted_chunks(stream);
+            tokio::pin!(chunks);
+            let deadline = tokio::time::sleep(budget);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    next = chunks.next() => match next {
+                        Some(Ok(c)) => {
+                            observer.bytes_sent("peer", (c.header.len() + c.body.len()) as u64);
+                            if tx.send(Ok(ExecuteResponse { payload: Some(execute_response::Payload::Arrow(c)) })).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => { let _ = tx.send(Err(e.to_status())).await; return; }
+                        None => break,
+                    },
+                    _ = &mut deadline => {
+                        let _ = tx.send(Err(Error::DeadlineExceeded(budget).to_status())).await;
+                        return;
+                    }
+                }
+            }
+            let summary = ExecuteSummary {
+                rows: rows.load(std::sync::atomic::Ordering::Relaxed),
+                elapsed_us: started.elapsed().as_micros() as u64,
+                config_version: version,
+                access: note.access(),
+                audit_hash: note.audit_hash.get().cloned().unwrap_or_default(),
+            };
+            let _ = tx
+                .send(Ok(ExecuteResponse {
+                    payload: Some(execute_response::Payload::Summary(summary)),
+                }))
+                .await;
+        }.instrument(span));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn explain_impl(
+        &self,
+        req: Request<ExecuteRequest>,
+    ) -> std::result::Result<Response<PeerExplainResponse>, Status> {
+        let via = caller(&req)?;
+        let q = req.into_inner();
+        let engine = self.engine.clone().ok_or_else(|| {
+            Error::InvalidQuery(format!(
+                "member {} serves no datasets",
+                self.config.member.name
+            ))
+            .to_status()
+        })?;
+        let purpose = (!q.purpose.is_empty()).then_some(q.purpose.as_str());
+        let Admitted { origin, covered } = match self.admit(&via, &q) {
+            Ok(a) => a,
+            Err(e) => {
+                // A refused explanation is on the record too, under the claimed origin.
+                let claimed = Principal::parse(&q.origin).unwrap_or_else(|_| via.clone());
+                let ask = owner::Ask {
+                    via: &via,
+                    origin: &claimed,
+                    purpose,
+                    query_id: &q.query_id,
+                    sql: &q.sql,
+                    covered: None,
+                };
+                tracing::warn!(query_id = %q.query_id, %via, error = %e, "Explain refused");
+                return Err(match owner::refuse_explain(&self.audit, &ask, &e) {
+                    Ok(()) => e.to_status(),
+                    Err(a) => a.to_status(),
+                });
+            }
+        };
+        let ask = owner::Ask {
+            via: &via,
+            origin: &origin,
+            purpose,
+            query_id: &q.query_id,
+            sql: &q.sql,
+            covered: covered.as_ref(),
+        };
+        let statements = owner::explain(&engine, &self.audit, &ask)
+            .await
+            .map_err(|e| e.to_status())?
+            .into_iter()
+            .map(|(database, sql)| DatabaseStatement {
+                member: self.config.member.name.clone(),
+                database,
+                sql,
+                error: String::new(),
+            })
+            .collect();
+        Ok(Response::new(PeerExplainResponse { statements }))
+    }
+
+    async fn catalog_impl(
+        &self,
+        req: Request<CatalogRequest>,
+    ) -> std::result::Result<Response<CatalogResponse>, Status> {
+        let via = caller(&req)?;
+        if self.config.region.member_by_principal(&via).is_none() {
+            return Err(
+                Error::PermissionDenied(format!("{via} is not a region member")).to_status(),
+            );
+        }
+        let q = req.into_inner();
+        // A gateway describes access for the caller it forwards for; anyone else
+        // (a client) may only ask about itself.
+        let origin = if q.origin.is_empty() {
+            via.clone()
+        } else {
+            let o = Principal::parse(&q.origin)
+                .map_err(|e| Error::InvalidQuery(e.to_string()).to_status())?;
+            let is_gateway = self
+                .config
+                .region
+                .member_by_principal(&via)
+                .is_some_and(|m| m.endpoint.is_some());
+            if o != via && !is_gateway {
+                return Err(Error::PermissionDenied(format!(
+                    "{via} may ask only about its own access"
+                ))
+                .to_status());
+            }
+            o
+        };
+        let purpose = (!q.purpose.is_empty()).then_some(q.purpose.as_str());
+        Ok(Response::new(CatalogResponse {
+            member: self.config.member.name.clone(),
+            config_version: self.config.version.clone(),
+            datasets: self.config.member.serves.iter().cloned().collect(),
+            access: self
+                .engine
+                .as_ref()
+                .map(|e| e.describe_access(&origin, purpose))
+                .unwrap_or_default(),
+        }))
+    }
+}
