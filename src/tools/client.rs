@@ -47,6 +47,16 @@ pub struct Failure {
     pub summary: Option<QuerySummary>,
 }
 
+/// A call refused before any answer: no summary.
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Failure {
+        Failure {
+            status,
+            summary: None,
+        }
+    }
+}
+
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", describe_status(&self.status))
@@ -222,23 +232,8 @@ impl Client {
     ) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
         let (sql, purpose) = (q.sql.clone(), q.purpose.clone());
         let req = with_deadline(q.timeout_ms, q);
-        let req = self
-            .vouched(req, Some(&sql), None, &purpose)
-            .await
-            .map_err(|status| Failure {
-                status,
-                summary: None,
-            })?;
-        let stream = self
-            .inner
-            .clone()
-            .query(req)
-            .await
-            .map_err(|status| Failure {
-                status,
-                summary: None,
-            })?
-            .into_inner();
+        let req = self.vouched(req, Some(&sql), None, &purpose).await?;
+        let stream = self.inner.clone().query(req).await?.into_inner();
         read_answer(stream, sink, progress).await
     }
 
@@ -251,23 +246,8 @@ impl Client {
     ) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
         let (service, purpose) = (q.service.clone(), q.purpose.clone());
         let req = with_deadline(q.timeout_ms, q);
-        let req = self
-            .vouched(req, None, Some(&service), &purpose)
-            .await
-            .map_err(|status| Failure {
-                status,
-                summary: None,
-            })?;
-        let stream = self
-            .inner
-            .clone()
-            .invoke(req)
-            .await
-            .map_err(|status| Failure {
-                status,
-                summary: None,
-            })?
-            .into_inner();
+        let req = self.vouched(req, None, Some(&service), &purpose).await?;
+        let stream = self.inner.clone().invoke(req).await?.into_inner();
         read_answer(stream, sink, progress).await
     }
 

@@ -26,17 +26,7 @@ const CLINICS: &str =
 
 /// A Flight SQL client of `member`'s gateway as the regional office.
 fn flight_sql(region: &Region, member: &str) -> FlightSqlServiceClient<tonic::transport::Channel> {
-    let (cert, key) = region.office();
-    let tls = fedgate::trust::tls::TlsMaterial::load(&region.layout.ca, &cert, &key).unwrap();
-    let channel = fedgate::trust::tls::Connector::new(
-        tls.client_config().unwrap(),
-        "127.0.0.1",
-        region.port(member),
-        None,
-    )
-    .channel(Duration::from_secs(5))
-    .unwrap();
-    FlightSqlServiceClient::new(channel)
+    flight_sql_as(region, crate::support::OFFICE, member)
 }
 
 /// Runs `sql` over Flight SQL: the rows' `member` column and the `app_metadata` of
@@ -45,20 +35,8 @@ async fn flight_query(
     client: &mut FlightSqlServiceClient<tonic::transport::Channel>,
     sql: &str,
 ) -> Result<(Vec<String>, Vec<serde_json::Value>), arrow_flight::error::FlightError> {
-    let info = client.execute(sql.to_string(), None).await?;
-    let ticket = info.endpoint[0].ticket.clone().unwrap();
-    let mut data = client.do_get(ticket).await?.into_inner();
-    let mut members = Vec::new();
-    let mut metadata = Vec::new();
-    while let Some(d) = data.try_next().await? {
-        if !d.app_metadata().is_empty() {
-            metadata.push(serde_json::from_slice(&d.app_metadata()).unwrap());
-        }
-        if let DecodedPayload::RecordBatch(b) = d.payload {
-            members.extend(crate::support::column_strings(&[b], "member"));
-        }
-    }
-    Ok((members, metadata))
+    let (batches, metadata) = flight_batches(client, sql).await?;
+    Ok((crate::support::column_strings(&batches, "member"), metadata))
 }
 
 #[tokio::test]
