@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedgate::config::MemberConfig;
-use fedgate::gateway::server::Gateway;
+use fedgate::gateway::Gateway;
 use fedgate::tools::client::Client;
 use fedgate::tools::local_postgres::LocalPostgres;
 use fedgate::trust::identity::{Kind, Principal};

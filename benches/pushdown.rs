@@ -22,7 +22,7 @@ use datafusion::arrow::array::{Int64Array, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
 use fedgate::config::MemberConfig;
-use fedgate::gateway::server::Gateway;
+use fedgate::gateway::Gateway;
 use fedgate::proto::v1::QueryRequest;
 use fedgate::tools::client::Client;
 use fedgate::trust::identity::{Kind, Principal};

@@ -12,7 +12,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 
 use fedgate::config::MemberConfig;
 use fedgate::config::raw::RawRegion;
-use fedgate::gateway::server::Gateway;
+use fedgate::gateway::Gateway;
 use fedgate::ops::audit::Receipt;
 use fedgate::tools::client::{Answer, Client, format_summary};
 use fedgate::trust::identity::Principal;

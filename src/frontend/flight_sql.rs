@@ -1,7 +1,7 @@
 //! Arrow Flight SQL on the client port, so ADBC, the Flight SQL JDBC driver, pyarrow
 //! and BI tools can query the region as one database.
 //!
-//! The service is a front end of the same [`FederationService`](crate::gateway::server::FederationService) as `Federation.Query`:
+//! The service is a front end of the same [`FederationService`](crate::frontend::FederationService) as `Federation.Query`:
 //! the caller is the certificate's identity, admission, planning, member scans,
 //! audit and metrics are the same. What Flight SQL adds:
 //!
@@ -18,7 +18,6 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
@@ -40,9 +39,11 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use super::{Ask, Current, Outcome, Started};
 use crate::error::Error;
-use crate::gateway::server::{Ask, Generation, Outcome, Started, caller, grpc_timeout};
+use crate::proto::grpc_timeout;
 use crate::trust::identity::Principal;
+use crate::trust::tls::caller;
 
 /// The call header that lets an answer miss members (as `allow_partial`).
 pub const ALLOW_PARTIAL_HEADER: &str = "x-fedgate-allow-partial";
@@ -55,12 +56,12 @@ type DoGetStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send 
 /// Flight SQL under the configuration in force when each call arrives.
 #[derive(Clone)]
 pub struct FlightSql {
-    current: Arc<ArcSwap<Generation>>,
+    current: Current,
 }
 
 impl FlightSql {
     /// The service over the gateway's live configuration.
-    pub fn new(current: Arc<ArcSwap<Generation>>) -> FlightSql {
+    pub fn new(current: Current) -> FlightSql {
         FlightSql { current }
     }
 }
@@ -188,36 +189,31 @@ impl FlightSql {
         timeout: Option<Duration>,
         assertion: Option<std::sync::Arc<Vec<u8>>>,
     ) -> Result<Response<DoGetStream>, Status> {
-        let g = self.current.load_full();
+        let g = self.current.load();
         let ask = Ask {
             allow_partial: partial,
             timeouts: timeout.into_iter().collect(),
             assertion,
             ..Ask::sql(sql)
         };
-        let started = g
-            .federation
-            .start(origin, ask)
-            .await
-            .map_err(|e| e.to_status())?;
-        let observer = g.federation.observer().clone();
+        let started = g.start(origin, ask).await.map_err(|e| e.to_status())?;
+        let observer = g.observer().clone();
         Ok(Response::new(answer(started, move |n| {
             observer.bytes_sent("client", n)
         })))
     }
 
     async fn schema_of(&self, origin: Principal, sql: &str) -> Result<SchemaRef, Status> {
-        let g = self.current.load_full();
-        g.federation
-            .coordinator()
+        let g = self.current.load();
+        g.coordinator()
             .schema_of(origin, sql)
             .await
             .map_err(|e| e.to_status())
     }
 
     fn tables_batch(&self, query: CommandGetTables) -> Result<RecordBatch, Status> {
-        let g = self.current.load_full();
-        let region = &g.config.region;
+        let g = self.current.load();
+        let region = &g.config().region;
         let mut b = query.into_builder();
         for d in &region.datasets {
             b.append(&region.name, SCHEMA_NAME, &d.name, "TABLE", &d.schema)
@@ -256,7 +252,7 @@ impl FlightSqlService for FlightSql {
             sql,
             allow_partial(&request),
             grpc_timeout(&request),
-            crate::gateway::server::assertion_of(&request),
+            super::query::assertion_of(&request),
         )
         .await
     }
@@ -310,7 +306,7 @@ impl FlightSqlService for FlightSql {
             sql,
             allow_partial(&request),
             grpc_timeout(&request),
-            crate::gateway::server::assertion_of(&request),
+            super::query::assertion_of(&request),
         )
         .await
     }
@@ -331,7 +327,7 @@ impl FlightSqlService for FlightSql {
         _request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let mut b = query.into_builder();
-        b.append(&self.current.load().config.region.name);
+        b.append(&self.current.load().config().region.name);
         let schema = b.schema();
         Ok(one_batch(schema, b.build().map_err(arrow_status)?))
     }
@@ -352,7 +348,7 @@ impl FlightSqlService for FlightSql {
         _request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let mut b = query.into_builder();
-        b.append(&self.current.load().config.region.name, SCHEMA_NAME);
+        b.append(&self.current.load().config().region.name, SCHEMA_NAME);
         let schema = b.schema();
         Ok(one_batch(schema, b.build().map_err(arrow_status)?))
     }

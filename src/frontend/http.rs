@@ -9,7 +9,7 @@
 //! mutual TLS and the caller is the identity in its certificate, as on the gRPC
 //! port. With `tls = false` the port is plain HTTP on a loopback address, and every
 //! caller acts as this member itself (its own operators and a portal on the same
-//! host). Queries go through the same [`FederationService`](crate::gateway::server::FederationService)
+//! host). Queries go through the same [`FederationService`](crate::frontend::FederationService)
 //! as gRPC: admission, audit, metrics, and each member's own access rules.
 
 use std::sync::Arc;
@@ -24,8 +24,8 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::{Ask, Current, FederationService, Outcome, Started};
 use crate::error::{Error, Result};
-use crate::gateway::server::{Ask, Generation, Outcome, Started};
 use crate::ops::audit::AuditLog;
 use crate::proto::state_code;
 use crate::proto::v1::QuerySummary;
@@ -41,7 +41,7 @@ pub struct Caller(pub Principal);
 
 #[derive(Clone)]
 struct AppState {
-    current: Arc<ArcSwap<Generation>>,
+    current: Current,
     audit: Arc<AuditLog>,
 }
 
@@ -105,7 +105,7 @@ async fn loopback_host_only(req: axum::extract::Request, next: axum::middleware:
 }
 
 /// The HTTP routes. Each request needs a [`Caller`] extension.
-pub fn router(current: Arc<ArcSwap<Generation>>, audit: Arc<AuditLog>) -> Router {
+pub fn router(current: Current, audit: Arc<AuditLog>) -> Router {
     Router::new()
         .route("/", get(board_html))
         .route("/board.js", get(board_js))
@@ -128,7 +128,7 @@ pub fn router(current: Arc<ArcSwap<Generation>>, audit: Arc<AuditLog>) -> Router
 /// Every route, the board's page and `/metrics` included, answers only identities the
 /// region knows, as the gRPC port does.
 async fn known_callers_only(
-    State(current): State<Arc<ArcSwap<Generation>>>,
+    State(current): State<Current>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -187,18 +187,14 @@ async fn not_found() -> Response {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    let g = app.current.load_full();
+    let g = app.current.load();
     let breakers: Vec<(String, &'static str)> = g
-        .federation
         .coordinator()
         .breaker_states()
         .into_iter()
         .filter(|(_, s)| *s != "local")
         .collect();
-    let text = g
-        .federation
-        .observer()
-        .render(&breakers, app.audit.written());
+    let text = g.observer().render(&breakers, app.audit.written());
     (
         [(
             header::CONTENT_TYPE,
@@ -264,13 +260,13 @@ pub fn summary_json(s: &QuerySummary) -> serde_json::Value {
 }
 
 /// Refuses callers the region does not know, as the gRPC port does.
-fn known(g: &Generation, caller: &Principal) -> Result<()> {
-    crate::gateway::server::known_identity(&g.config.region, caller)
+fn known(g: &FederationService, caller: &Principal) -> Result<()> {
+    super::known_identity(&g.config().region, caller)
 }
 
-fn services_json(g: &Generation) -> serde_json::Value {
+fn services_json(g: &FederationService) -> serde_json::Value {
     json!(
-        g.config
+        g.config()
             .region
             .services
             .iter()
@@ -293,7 +289,7 @@ async fn services(
     State(app): State<AppState>,
     Extension(Caller(who)): Extension<Caller>,
 ) -> Response {
-    let g = app.current.load_full();
+    let g = app.current.load();
     if let Err(e) = known(&g, &who) {
         return error_response(&e, None);
     }
@@ -304,22 +300,21 @@ async fn status(
     State(app): State<AppState>,
     Extension(Caller(who)): Extension<Caller>,
 ) -> Response {
-    let g = app.current.load_full();
+    let g = app.current.load();
     if let Err(e) = known(&g, &who) {
         return error_response(&e, None);
     }
-    let region = &g.config.region;
-    let breakers = g.federation.coordinator().breaker_states();
+    let region = &g.config().region;
+    let breakers = g.coordinator().breaker_states();
     // This member's own identity (its operators) sees every recent query and the
     // last error of each member; any other caller sees only its own queries, and no
     // error text that another caller's query produced.
-    let operator = who == g.config.member.principal;
-    let mut seen = g.federation.observer().members();
+    let operator = who == g.config().member.principal;
+    let mut seen = g.observer().members();
     if !operator {
         seen.values_mut().for_each(|s| s.last_error = None);
     }
     let recent: Vec<_> = g
-        .federation
         .observer()
         .recent()
         .into_iter()
@@ -336,7 +331,7 @@ async fn status(
                 "identity": m.principal.uri(),
                 "endpoint": m.endpoint.as_ref().map(|e| e.url.clone()),
                 "serves": m.serves,
-                "local": m.name == g.config.member.name,
+                "local": m.name == g.config().member.name,
                 "breaker": breakers.get(&m.name).copied().unwrap_or("none"),
                 "last_state": s.last_state,
                 "last_latency_ms": s.last_latency_ms,
@@ -365,8 +360,8 @@ async fn status(
         .collect();
     axum::Json(json!({
         "region": region.name,
-        "member": g.config.member.name,
-        "config_version": g.config.version,
+        "member": g.config().member.name,
+        "config_version": g.config().version,
         "caller": who.uri(),
         "members": members,
         "datasets": datasets,
@@ -433,7 +428,7 @@ async fn query(
     headers: http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    let g = app.current.load_full();
+    let g = app.current.load();
     if let Err(e) = known(&g, &who) {
         return error_response(&e, None);
     }
@@ -456,7 +451,7 @@ async fn query(
         purpose: q.purpose.unwrap_or_default(),
         ..Ask::sql(q.sql)
     };
-    match g.federation.start(who, ask).await {
+    match g.start(who, ask).await {
         Ok(started) => answer(started, None).await,
         Err(e) => error_response(&e, None),
     }
@@ -473,7 +468,7 @@ async fn invoke(
     headers: http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    let g = app.current.load_full();
+    let g = app.current.load();
     if let Err(e) = known(&g, &who) {
         return error_response(&e, None);
     }
@@ -488,7 +483,7 @@ async fn invoke(
             );
         }
     };
-    let fed = &g.federation;
+    let fed = &g;
     let given = serde_json::from_slice::<serde_json::Value>(&body)
         .map_err(|e| Error::InvalidQuery(format!("the request body is not JSON: {e}")))
         .and_then(|v| crate::frontend::services::given_from_json(&v));

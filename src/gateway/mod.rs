@@ -1,5 +1,10 @@
-//! A gateway assembled: the gRPC services, configuration generations and live reload
-//! ([`server`]), and admission of client queries ([`admission`]).
+//! A gateway assembled: the builder that puts the front ends and the data owner's
+//! service behind one TLS port and the HTTP port ([`server`]), and the configuration
+//! generations it serves with and reloads ([`generation`], [`reload`]).
 
-pub mod admission;
+pub mod generation;
+pub mod reload;
 pub mod server;
+
+pub use reload::ReloadOutcome;
+pub use server::Gateway;

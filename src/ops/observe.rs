@@ -365,7 +365,7 @@ impl Observer {
 
     /// Folds the latency samples recorded since the last call into the histograms'
     /// buckets. Until then the recorder keeps every sample, so a gateway nobody
-    /// scrapes would grow without bound: [`crate::gateway::server::Gateway`] calls this every
+    /// scrapes would grow without bound: [`crate::gateway::Gateway`] calls this every
     /// few seconds (rendering does it too).
     pub fn upkeep(&self) {
         self.handle.run_upkeep();

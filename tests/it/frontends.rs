@@ -171,7 +171,7 @@ async fn a_service_whose_placeholders_are_not_its_parameters_is_refused_at_start
             }];
         });
         let cfg = fedgate::config::MemberConfig::load(&layout.dir.join("hefei.toml")).unwrap();
-        let e = match fedgate::gateway::server::Gateway::start(Arc::new(cfg), None).await {
+        let e = match fedgate::gateway::Gateway::start(Arc::new(cfg), None).await {
             Ok(_) => panic!("{sql} with {params:?} was accepted"),
             Err(e) => e.to_string(),
         };

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fedgate::config::raw::RawAccessRule;
-use fedgate::gateway::server::ReloadOutcome;
+use fedgate::gateway::ReloadOutcome;
 use fedgate::proto::v1::MemberState;
 
 use crate::support::{PER_MEMBER, Region, member_status, patch_member};

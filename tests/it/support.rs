@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fedgate::config::MemberConfig;
-use fedgate::gateway::server::Gateway;
+use fedgate::gateway::Gateway;
 use fedgate::tools::client::Client;
 use fedgate::tools::demo::Materialized;
 

@@ -166,7 +166,7 @@ async fn a_member_certificate_that_does_not_match_its_config_does_not_start() {
         .replace("certs/hefei.", "certs/anji.");
     std::fs::write(&path, text).unwrap();
     let cfg = fedgate::config::MemberConfig::load(&path).unwrap();
-    let e = fedgate::gateway::server::Gateway::start(std::sync::Arc::new(cfg), None)
+    let e = fedgate::gateway::Gateway::start(std::sync::Arc::new(cfg), None)
         .await
         .err()
         .unwrap();
