@@ -3,7 +3,16 @@
 //! `owner::masking`; the types live here so that configuration depends on no module
 //! that uses it.
 
+use super::MEMBER_COLUMN;
+use super::problems::Problems;
+use super::raw::*;
+use super::region::CanonicalField;
+use super::region::Dataset;
+use super::region::Region;
+use crate::trust::identity::{self};
+use datafusion::arrow::datatypes::DataType;
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 /// How one field is masked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -127,4 +136,206 @@ pub fn validate_purpose(purpose: &str) -> Result<(), String> {
         return Err("the stated purpose has no code before ':'".into());
     }
     Ok(())
+}
+
+/// Compiles the access rules, checking every name they use against the datasets this
+/// member serves.
+pub(super) fn validate_access(
+    path: &Path,
+    raw: &[RawAccessRule],
+    region: &Region,
+    served: &[&Dataset],
+    pr: &mut Problems,
+) -> Vec<AccessRule> {
+    let mut access = Vec::new();
+    for (i, a) in raw.iter().enumerate() {
+        let key = format!("access[{i}]");
+        for p in &a.principals {
+            if let Err(e) = identity::validate_pattern(p) {
+                pr.add(path, format!("{key}.principals"), e);
+            }
+        }
+        if a.principals.is_empty() {
+            pr.add(path, format!("{key}.principals"), "names no principal");
+        }
+        for p in &a.via {
+            if let Err(e) = identity::validate_pattern(p) {
+                pr.add(path, format!("{key}.via"), e);
+            }
+        }
+        for d in &a.datasets {
+            if d != "*" && region.dataset(d).is_none() {
+                pr.add(
+                    path,
+                    format!("{key}.datasets"),
+                    format!("unknown dataset {d:?}"),
+                );
+            }
+        }
+        // The datasets the rule can apply to here, to check field names against.
+        let covered: Vec<&Dataset> = served
+            .iter()
+            .copied()
+            .filter(|d| a.datasets.iter().any(|x| x == "*" || x == &d.name))
+            .collect();
+        let field = |name: &str| -> Option<&CanonicalField> {
+            covered
+                .iter()
+                .find_map(|d| d.fields.iter().find(|f| f.name == name))
+        };
+        let known = |name: &str| name == MEMBER_COLUMN || field(name).is_some();
+        let mut masks = BTreeMap::new();
+        for (f, m) in &a.fields {
+            let fkey = format!("{key}.fields.{f}");
+            let Some(mask) = Mask::parse(m) else {
+                pr.add(
+                    path,
+                    fkey,
+                    format!("unknown mask {m:?}; use {}", Mask::NAMES),
+                );
+                continue;
+            };
+            match field(f) {
+                None => pr.add(
+                    path,
+                    fkey,
+                    format!("no dataset this rule covers here has a field {f:?}"),
+                ),
+                Some(cf) if mask != Mask::Deny && cf.data_type != DataType::Utf8 => pr.add(
+                    path,
+                    fkey,
+                    format!(
+                        "mask {m} works on text, but {f} is {}; use deny to withhold it",
+                        cf.data_type
+                    ),
+                ),
+                Some(_) => {
+                    masks.insert(f.clone(), mask);
+                }
+            }
+        }
+        let names = |list: &[String], what: &str, pr: &mut Problems| -> BTreeSet<String> {
+            for f in list {
+                if !known(f) {
+                    pr.add(
+                        path,
+                        format!("{key}.{what}"),
+                        format!("no dataset this rule covers here has a field {f:?}"),
+                    );
+                }
+                if masks.contains_key(f) {
+                    pr.add(
+                        path,
+                        format!("{key}.{what}"),
+                        format!(
+                            "{f} is masked by this rule, so it cannot also be one of its {what}"
+                        ),
+                    );
+                }
+            }
+            list.iter().cloned().collect()
+        };
+        let dimensions = names(&a.dimensions, "dimensions", pr);
+        let keys = names(&a.keys, "keys", pr);
+        for p in &a.purposes {
+            if p.is_empty() || p.contains(':') || p.chars().any(char::is_whitespace) {
+                pr.add(
+                    path,
+                    format!("{key}.purposes"),
+                    format!("{p:?} is not a purpose code (one word, no ':' or spaces)"),
+                );
+            }
+        }
+        let misplaced = |what: &str, present: bool, pr: &mut Problems| {
+            if present {
+                pr.add(
+                    path,
+                    format!("{key}.{what}"),
+                    format!("{what} does not apply to level {:?}", a.level),
+                );
+            }
+        };
+        let level = match a.level.as_str() {
+            "rows" => {
+                misplaced("min_group", a.min_group.is_some(), pr);
+                misplaced("dimensions", !a.dimensions.is_empty(), pr);
+                misplaced("keys", !a.keys.is_empty(), pr);
+                AccessLevel::Rows
+            }
+            "masked" => {
+                if a.fields.is_empty() {
+                    pr.add(
+                        path,
+                        format!("{key}.fields"),
+                        "a masked rule must name the fields it masks",
+                    );
+                }
+                misplaced("min_group", a.min_group.is_some(), pr);
+                misplaced("dimensions", !a.dimensions.is_empty(), pr);
+                misplaced("keys", !a.keys.is_empty(), pr);
+                AccessLevel::Masked
+            }
+            "aggregate" => {
+                misplaced("keys", !a.keys.is_empty(), pr);
+                match a.min_group {
+                    Some(k) if k >= 2 => AccessLevel::Aggregate { min_group: k },
+                    Some(k) => {
+                        pr.add(
+                            path,
+                            format!("{key}.min_group"),
+                            format!("{k} would release single records; use 2 or more"),
+                        );
+                        continue;
+                    }
+                    None => {
+                        pr.add(
+                            path,
+                            format!("{key}.min_group"),
+                            "an aggregate rule needs min_group (the smallest group released)",
+                        );
+                        continue;
+                    }
+                }
+            }
+            "verify" => {
+                misplaced("min_group", a.min_group.is_some(), pr);
+                misplaced("dimensions", !a.dimensions.is_empty(), pr);
+                if a.keys.is_empty() {
+                    pr.add(
+                        path,
+                        format!("{key}.keys"),
+                        "a verify rule needs keys: the fields every verification must state",
+                    );
+                }
+                AccessLevel::Verify
+            }
+            "deny" => {
+                misplaced("fields", !a.fields.is_empty(), pr);
+                misplaced("min_group", a.min_group.is_some(), pr);
+                misplaced("dimensions", !a.dimensions.is_empty(), pr);
+                misplaced("keys", !a.keys.is_empty(), pr);
+                AccessLevel::Deny
+            }
+            other => {
+                pr.add(
+                    path,
+                    format!("{key}.level"),
+                    format!("unknown level {other:?}; use rows, masked, aggregate, verify or deny"),
+                );
+                continue;
+            }
+        };
+        access.push(AccessRule {
+            index: i,
+            principals: a.principals.clone(),
+            datasets: a.datasets.clone(),
+            level,
+            masks,
+            dimensions,
+            keys,
+            purposes: a.purposes.clone(),
+            via: a.via.clone(),
+        });
+    }
+    access
 }

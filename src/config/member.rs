@@ -1,0 +1,252 @@
+//! The member file validated together with its region file into one [`MemberConfig`]:
+//! identity, listen addresses, limits, sources, mappings and access rules, with a version
+//! that is a hash of what it was read from.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::access::AccessRule;
+use super::access::validate_access;
+use super::limits::Limits;
+use super::limits::validate_admission;
+use super::limits::validate_limits;
+use super::parse_toml;
+use super::problems::Problems;
+use super::raw::*;
+use super::read_file;
+use super::region::Dataset;
+use super::region::Member;
+use super::region::Region;
+use super::resolve;
+use super::sources::CodeTable;
+use super::sources::Database;
+use super::sources::Mapping;
+use super::sources::Source;
+use super::sources::load_hmac_key;
+use super::sources::validate_databases;
+use super::sources::{validate_code_tables, validate_mappings, validate_sources};
+
+/// The HTTP port of a gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Mutual TLS (callers identified by certificate); otherwise plain HTTP on
+    /// loopback, every caller acting as this member.
+    pub tls: bool,
+}
+
+/// A member's validated configuration, with its region.
+#[derive(Debug)]
+pub struct MemberConfig {
+    /// The member file path.
+    pub path: PathBuf,
+    /// The region.
+    pub region: Arc<Region>,
+    /// This member's entry in the region.
+    pub member: Member,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// The HTTP port, if any.
+    pub http: Option<HttpConfig>,
+    /// OTLP/gRPC endpoint spans are exported to, if any.
+    pub otlp_endpoint: Option<String>,
+    /// Certificate path.
+    pub cert_path: PathBuf,
+    /// Key path.
+    pub key_path: PathBuf,
+    /// Limits.
+    pub limits: Limits,
+    /// Databases that sources read.
+    pub databases: Vec<Database>,
+    /// Local sources.
+    pub sources: Vec<Source>,
+    /// Code tables.
+    pub code_tables: Vec<CodeTable>,
+    /// Mappings.
+    pub mappings: Vec<Mapping>,
+    /// Access rules, in file order (the first match decides).
+    pub access: Vec<AccessRule>,
+    /// The secret key of `hmac` masks (empty when no rule uses one).
+    pub hmac_key: Arc<[u8]>,
+    /// Where this gateway appends its audit records.
+    pub audit_path: PathBuf,
+    /// Version: a hash of the region and member files.
+    pub version: String,
+}
+
+impl MemberConfig {
+    /// Reads and validates a member file together with its region file.
+    pub fn load(path: &Path) -> Result<MemberConfig, Problems> {
+        let mut pr = Problems::default();
+        let text = read_file(path, &mut pr)?;
+        let raw: RawMemberConfig = parse_toml(path, &text, &mut pr)?;
+        let region_path = resolve(path, &raw.region);
+        let region = match Region::load(&region_path) {
+            Ok(r) => Arc::new(r),
+            Err(mut p) => {
+                pr.0.append(&mut p.0);
+                return Err(pr);
+            }
+        };
+        let cfg = Self::validate(path, &text, raw, region, &mut pr);
+        match cfg {
+            Some(c) if pr.is_empty() => Ok(c),
+            _ => Err(pr),
+        }
+    }
+
+    fn validate(
+        path: &Path,
+        text: &str,
+        raw: RawMemberConfig,
+        region: Arc<Region>,
+        pr: &mut Problems,
+    ) -> Option<MemberConfig> {
+        let Some(member) = region.member(&raw.member).cloned() else {
+            pr.add(
+                path,
+                "member",
+                format!(
+                    "{:?} is not a member of region {:?} ({})",
+                    raw.member,
+                    region.name,
+                    region.path.display()
+                ),
+            );
+            return None;
+        };
+        if member.endpoint.is_none() {
+            pr.add(
+                path,
+                "member",
+                format!(
+                    "member {:?} has no endpoint in the region file, so it cannot run a gateway",
+                    member.name
+                ),
+            );
+        }
+        let listen = match raw.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                pr.add(
+                    path,
+                    "listen",
+                    format!("{:?} is not host:port: {e}", raw.listen),
+                );
+                None
+            }
+        };
+        let http = raw.http.as_ref().and_then(|h| validate_http(path, h, pr));
+        let otlp_endpoint = validate_otlp(path, raw.telemetry.as_ref(), pr);
+        let cert_path = resolve(path, &raw.cert);
+        let key_path = resolve(path, &raw.key);
+        for (k, p) in [("cert", &cert_path), ("key", &key_path)] {
+            if !p.is_file() {
+                pr.add(path, k, format!("{} does not exist", p.display()));
+            }
+        }
+        let mut limits = validate_limits(path, &raw.limits, pr);
+        limits.classes =
+            validate_admission(path, &raw.admission, limits.max_concurrent_queries, pr);
+
+        let databases = validate_databases(path, &raw.databases, pr);
+        let (sources, source_names) = validate_sources(path, &raw.sources, &databases, pr);
+
+        let code_tables = validate_code_tables(path, &raw.code_tables, pr);
+        let mappings = validate_mappings(
+            path,
+            &raw.mappings,
+            &region,
+            &member,
+            &source_names,
+            &code_tables,
+            pr,
+        );
+
+        let served: Vec<&Dataset> = member
+            .serves
+            .iter()
+            .filter_map(|d| region.dataset(d))
+            .collect();
+        let access = validate_access(path, &raw.access, &region, &served, pr);
+        let hmac_key = load_hmac_key(path, &raw, &access, pr);
+        let audit_path = match &raw.audit {
+            Some(p) => resolve(path, p),
+            None => resolve(path, Path::new(&format!("audit/{}.log", member.name))),
+        };
+
+        let version = {
+            let mut h = Sha256::new();
+            h.update(region.digest.as_bytes());
+            h.update(text.as_bytes());
+            hex::encode(&h.finalize()[..6])
+        };
+        Some(MemberConfig {
+            path: path.to_path_buf(),
+            member,
+            listen: listen?,
+            http,
+            otlp_endpoint,
+            cert_path,
+            key_path,
+            limits,
+            databases,
+            sources,
+            code_tables,
+            mappings,
+            access,
+            hmac_key,
+            audit_path,
+            version,
+            region,
+        })
+    }
+}
+
+/// Validates `[http]`: an address, and mutual TLS unless it listens on loopback only.
+fn validate_http(path: &Path, h: &RawHttp, pr: &mut Problems) -> Option<HttpConfig> {
+    let listen = match h.listen.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(e) => {
+            pr.add(
+                path,
+                "http.listen",
+                format!("{:?} is not host:port: {e}", h.listen),
+            );
+            return None;
+        }
+    };
+    let tls = h.tls.unwrap_or(true);
+    if !tls && !listen.ip().is_loopback() {
+        pr.add(
+            path,
+            "http.tls",
+            format!(
+                "plain HTTP acts as this member for every caller, so it may listen on \
+                 a loopback address only, not {listen}; use tls = true"
+            ),
+        );
+        return None;
+    }
+    Some(HttpConfig { listen, tls })
+}
+
+/// Validates `[telemetry] otlp_endpoint`: an http:// or https:// URL.
+fn validate_otlp(path: &Path, t: Option<&RawTelemetry>, pr: &mut Problems) -> Option<String> {
+    match t.and_then(|t| t.otlp_endpoint.clone()) {
+        Some(e) if e.starts_with("http://") || e.starts_with("https://") => Some(e),
+        Some(e) => {
+            pr.add(
+                path,
+                "telemetry.otlp_endpoint",
+                format!("{e:?} is not an http:// or https:// URL"),
+            );
+            None
+        }
+        None => None,
+    }
+}
