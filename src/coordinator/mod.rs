@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod client;
 pub mod pushdown;
 pub mod results;
+pub mod scan;
 pub mod state;
 pub mod table;
 pub mod unparse;
@@ -27,7 +28,8 @@ use datafusion::prelude::SessionContext;
 use crate::config::MemberConfig;
 use crate::error::{Error, Result};
 use crate::ops::audit::AuditLog;
-use crate::owner::member::{MemberEngine, session_config};
+use crate::owner::member::MemberEngine;
+use crate::owner::session::session_config;
 use crate::proto::v1::peer_client::PeerClient;
 use crate::proto::v1::{CatalogRequest, DatasetAccess};
 use crate::trust::identity::Principal;
@@ -360,7 +362,7 @@ impl Coordinator {
     /// The canonical datasets `sql` reads (what an origin assertion for it covers).
     pub fn datasets_of(&self, sql: &str) -> Result<BTreeSet<String>> {
         let state = self.session(true);
-        let stmt = crate::owner::member::parse_query(state, sql)?;
+        let stmt = crate::owner::session::parse_query(state, sql)?;
         self.datasets_in(state, &stmt)
     }
 
@@ -398,7 +400,7 @@ impl Coordinator {
         if cache && let Some(p) = self.plans.get(&exact).await {
             return Ok((p, true));
         }
-        let stmt = crate::owner::member::parse_query(state, sql)?;
+        let stmt = crate::owner::session::parse_query(state, sql)?;
         let key = PlanKey {
             sql: keyed(stmt.to_string()),
             exact: false,
@@ -410,7 +412,7 @@ impl Coordinator {
         }
         // A cached plan passed these checks when it was made.
         self.datasets_in(state, &stmt)?;
-        let plan = crate::owner::member::plan_query(state, stmt).await?;
+        let plan = crate::owner::session::plan_query(state, stmt).await?;
         // Bound values replace the placeholders as typed literals before anything is
         // optimized or unparsed into member SQL, so a value is never SQL text.
         let plan = match &opts.params {
@@ -599,8 +601,8 @@ impl Coordinator {
     /// wherever the planner can infer one.
     pub async fn check_service(&self, service: &crate::config::Service) -> Result<()> {
         let state = self.session(true);
-        let stmt = crate::owner::member::parse_query(state, &service.sql)?;
-        let plan = crate::owner::member::plan_query(state, stmt).await?;
+        let stmt = crate::owner::session::parse_query(state, &service.sql)?;
+        let plan = crate::owner::session::plan_query(state, stmt).await?;
         let found = plan.get_parameter_types().map_err(Error::from_datafusion)?;
         let mut problems = Vec::new();
         for (name, inferred) in &found {

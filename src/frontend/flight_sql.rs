@@ -160,19 +160,15 @@ fn answer(started: Started, observer_bytes: impl Fn(u64) + Send + Sync + 'static
         .inspect_ok(move |d| observer_bytes((d.data_header.len() + d.data_body.len()) as u64));
     let tail = futures::stream::once(async move {
         let mut out = Vec::new();
-        match outcome.await {
-            Ok(Outcome { summary, failure }) => {
-                if let Some(s) = summary {
-                    out.push(summary_message(
-                        &schema,
-                        &crate::frontend::http::summary_json(&s),
-                    ));
-                }
-                if let Some(e) = failure {
-                    out.push(Err(e.to_status()));
-                }
-            }
-            Err(_) => out.push(Err(Status::internal("the query ended without an outcome"))),
+        let Outcome { summary, failure } = outcome.wait().await;
+        if let Some(s) = summary {
+            out.push(summary_message(
+                &schema,
+                &crate::frontend::http::summary_json(&s),
+            ));
+        }
+        if let Some(e) = failure {
+            out.push(Err(e.to_status()));
         }
         futures::stream::iter(out)
     })

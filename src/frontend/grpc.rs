@@ -10,7 +10,6 @@ use tonic::{Request, Response, Status};
 use super::query::{Ask, FederationService, Outcome, Started, assertion_of};
 use super::{Current, known_identity};
 use crate::arrow_ipc;
-use crate::error::Error;
 use crate::proto::v1::federation_server::Federation;
 use crate::proto::v1::*;
 use crate::proto::{ResponseStream, grpc_timeout};
@@ -69,28 +68,17 @@ impl FederationService {
                     }
                 }
             }
-            match outcome.await {
-                Ok(Outcome { summary, failure }) => {
-                    if let Some(s) = summary {
-                        let msg = QueryResponse {
-                            payload: Some(query_response::Payload::Summary(s)),
-                        };
-                        if tx.send(Ok(msg)).await.is_err() {
-                            return;
-                        }
-                    }
-                    if let Some(e) = failure {
-                        let _ = tx.send(Err(e.to_status())).await;
-                    }
+            let Outcome { summary, failure } = outcome.wait().await;
+            if let Some(s) = summary {
+                let msg = QueryResponse {
+                    payload: Some(query_response::Payload::Summary(s)),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
                 }
-                Err(_) => {
-                    let _ = tx
-                        .send(Err(Error::Internal(
-                            "the query ended without an outcome".into(),
-                        )
-                        .to_status()))
-                        .await;
-                }
+            }
+            if let Some(e) = failure {
+                let _ = tx.send(Err(e.to_status())).await;
             }
         });
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))

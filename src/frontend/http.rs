@@ -541,19 +541,14 @@ async fn answer(started: Started, service: Option<&str>) -> Response {
     }
     if let Some(e) = failure {
         drop(batches);
-        let summary = outcome.await.ok().and_then(|o| o.summary);
+        let summary = outcome.wait().await.summary;
         return error_response(&e, summary.as_ref());
     }
     if let Err(e) = writer.finish() {
         return error_response(&Error::Internal(format!("writing JSON: {e}")), None);
     }
     drop(writer);
-    let Ok(Outcome { summary, failure }) = outcome.await else {
-        return error_response(
-            &Error::Internal("the query ended without an outcome".into()),
-            None,
-        );
-    };
+    let Outcome { summary, failure } = outcome.wait().await;
     if let Some(e) = failure {
         return error_response(&e, summary.as_ref());
     }

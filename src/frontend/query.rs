@@ -82,6 +82,22 @@ pub struct Outcome {
     pub failure: Option<Error>,
 }
 
+/// The outcome of a started query, sent once the query is on the record.
+#[derive(Debug)]
+pub struct PendingOutcome(oneshot::Receiver<Outcome>);
+
+impl PendingOutcome {
+    /// Waits for the outcome. A query whose driver ended without sending one (which
+    /// would be a defect) ends as an internal failure rather than as a silent success,
+    /// the same on every front end.
+    pub async fn wait(self) -> Outcome {
+        self.0.await.unwrap_or_else(|_| Outcome {
+            summary: None,
+            failure: Some(Error::Internal("the query ended without an outcome".into())),
+        })
+    }
+}
+
 /// A query that has been admitted and planned and is running.
 pub struct Started {
     /// The answer's schema.
@@ -90,7 +106,7 @@ pub struct Started {
     /// or not: see `outcome`). Dropping it cancels the query.
     pub batches: tokio::sync::mpsc::Receiver<datafusion::arrow::record_batch::RecordBatch>,
     /// Sent after the last batch, once the query is on the record.
-    pub outcome: oneshot::Receiver<Outcome>,
+    pub outcome: PendingOutcome,
     /// The per-member states, for progress reports.
     pub state: Arc<crate::coordinator::state::QueryState>,
     /// When the query arrived.
@@ -498,7 +514,7 @@ impl FederationService {
         Ok(Started {
             schema,
             batches: batch_rx,
-            outcome: done_rx,
+            outcome: PendingOutcome(done_rx),
             state,
             started,
         })

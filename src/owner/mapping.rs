@@ -334,7 +334,7 @@ mod tests {
     }
 
     async fn ctx_with(rows: &[(&str, &str, &str)]) -> SessionContext {
-        let ctx = SessionContext::new_with_config(crate::owner::member::session_config());
+        let ctx = SessionContext::new_with_config(crate::owner::session::session_config());
         let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
             datafusion::arrow::datatypes::Field::new("区县", DataType::Utf8, true),
             datafusion::arrow::datatypes::Field::new("人口_万人", DataType::Utf8, true),

@@ -14,6 +14,7 @@ pub mod member;
 pub mod peer;
 pub mod policy;
 pub mod restricted;
+pub mod session;
 pub mod source;
 
 use std::collections::BTreeSet;

@@ -126,7 +126,7 @@ async fn deep_expressions_are_refused_and_the_gateway_keeps_serving() {
     }
     let big = format!(
         "SELECT '{}' AS x",
-        "a".repeat(fedgate::owner::member::MAX_QUERY_BYTES)
+        "a".repeat(fedgate::owner::session::MAX_QUERY_BYTES)
     );
     let f = client.query(&big, false, None).await.unwrap_err();
     assert!(f.status.message().contains("bytes long"), "{f}");

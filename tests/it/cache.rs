@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use fedgate::config::raw::RawAccessRule;
-use fedgate::proto::v1::{MemberState, QueryRequest, QuerySummary};
+use fedgate::proto::v1::{MemberState, QueryRequest};
 use fedgate::tools::demo::Materialized;
 
 use crate::proxy::Fault;
-use crate::support::{Region, member_state, member_status, patch_member, patch_region};
+use crate::support::{Region, member_state, member_status, patch_member, patch_region, states};
 
 const PER_MEMBER: &str = "SELECT member, count(*) AS n FROM census GROUP BY member ORDER BY member";
 
@@ -24,20 +24,9 @@ fn cache_census(fresh: &'static str, stale: Option<&'static str>) -> impl Fn(&Ma
     }
 }
 
-fn states(s: &QuerySummary) -> Vec<(String, MemberState)> {
-    s.members
-        .iter()
-        .map(|m| (m.member.clone(), MemberState::try_from(m.state).unwrap()))
-        .collect()
-}
-
 /// Sub-queries the member's audit log has recorded.
 fn audited(region: &Region, member: &str) -> usize {
-    std::fs::read_to_string(region.audit_log(member))
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("\"sub_query\""))
-        .count()
+    crate::support::sub_query_records(&region.audit_log(member)).len()
 }
 
 #[tokio::test]

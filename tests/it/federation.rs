@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use fedgate::proto::v1::MemberState;
 
-use crate::support::{Region, column_strings, read_csv};
+use crate::support::{Region, column_strings, read_csv, states};
 
 fn count_rows(region: &Region, member: &str, file: &str) -> usize {
     read_csv(&region.data().join(member).join(file)).1.len()
@@ -23,14 +23,6 @@ fn wan_to_persons(s: &str) -> i64 {
     let (int, frac) = s.split_once('.').unwrap();
     assert_eq!(frac.len(), 4, "{s}");
     format!("{int}{frac}").parse().unwrap()
-}
-
-fn states(summary: &fedgate::proto::v1::QuerySummary) -> BTreeMap<String, MemberState> {
-    summary
-        .members
-        .iter()
-        .map(|m| (m.member.clone(), MemberState::try_from(m.state).unwrap()))
-        .collect()
 }
 
 #[tokio::test]

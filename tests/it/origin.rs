@@ -96,13 +96,10 @@ fn now_ms() -> u64 {
 
 /// Hangzhou's refused sub-query records whose reason mentions `what`.
 fn refusals(region: &Region, what: &str) -> usize {
-    std::fs::read_to_string(region.audit_log("hangzhou"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    crate::support::sub_query_records(&region.audit_log("hangzhou"))
+        .into_iter()
         .filter(|r| {
-            r["entry"]["kind"] == "sub_query"
-                && r["entry"]["decision"] == "refused"
+            r["entry"]["decision"] == "refused"
                 && r["entry"]["via"] == ANJI_URI
                 && r["entry"]["reason"]
                     .as_str()

@@ -8,20 +8,7 @@ use std::time::Duration;
 use datafusion::arrow::record_batch::RecordBatch;
 use fedgate::proto::v1::MemberState;
 
-use crate::support::{Region, column_strings, read_csv};
-
-fn states(summary: &fedgate::proto::v1::QuerySummary) -> BTreeMap<String, (MemberState, String)> {
-    summary
-        .members
-        .iter()
-        .map(|m| {
-            (
-                m.member.clone(),
-                (MemberState::try_from(m.state).unwrap(), m.reason.clone()),
-            )
-        })
-        .collect()
-}
+use crate::support::{Region, column_strings, read_csv, states};
 
 /// In-service sections per (member, department), counted from the files the
 /// databases were loaded from and from Suzhou's CSV file.
@@ -99,8 +86,8 @@ async fn departments_databases_and_files_answer_one_query() {
     assert_eq!(got, want);
     assert_eq!(got.len(), 6);
     let st = states(&a.summary);
-    assert_eq!(st["hangzhou"].0, MemberState::Ok, "{st:?}");
-    assert_eq!(st["suzhou"].0, MemberState::Ok, "{st:?}");
+    assert_eq!(st["hangzhou"], MemberState::Ok, "{st:?}");
+    assert_eq!(st["suzhou"], MemberState::Ok, "{st:?}");
 }
 
 /// Explain shows the SQL each database receives: a GROUP BY over one department's
@@ -238,7 +225,7 @@ async fn column_types_map_faithfully() {
     let table = fedgate::owner::source::postgres::PgTable::discover(database, "public", "t")
         .await
         .unwrap();
-    let ctx = fedgate::owner::member::member_context();
+    let ctx = fedgate::owner::session::member_context();
     ctx.register_table("t", Arc::new(table)).unwrap();
 
     let run = |sql: &'static str| {
@@ -438,7 +425,7 @@ async fn a_database_down_or_past_the_deadline_is_reported_and_cancelled() {
         "the member itself answered: {text}"
     );
     let st = states(f.summary.as_ref().unwrap());
-    assert_eq!(st["hangzhou"].0, MemberState::Unavailable, "{st:?}");
+    assert_eq!(st["hangzhou"], MemberState::Unavailable, "{st:?}");
     // Hangzhou's files are still served.
     let a = client
         .query(

@@ -11,7 +11,7 @@ use fedgate::owner::masking::Mask;
 use fedgate::proto::v1::{MemberState, QueryRequest};
 use fedgate::tools::client::{Answer, Client, Failure};
 
-use crate::support::{Region, column_strings};
+use crate::support::{Region, audit_records, column_strings, sub_query_records};
 
 /// One person as the owner's canonical view has them.
 #[derive(Debug, Clone)]
@@ -24,6 +24,8 @@ struct Person {
     sex: String,
     scheme: String,
     status: String,
+    /// Empty when the owner has no value.
+    birth_year: String,
 }
 
 async fn people(region: &Region) -> Vec<Person> {
@@ -32,10 +34,11 @@ async fn people(region: &Region) -> Vec<Person> {
         let b = region
             .owner_rows(
                 m,
-                "SELECT member, id_number, name, phone, county_code, sex, scheme, status FROM enrollment",
+                "SELECT member, id_number, name, phone, county_code, sex, scheme, status, birth_year FROM enrollment",
             )
             .await;
         let col = |n: &str| column_strings(&b, n);
+        let birth_year = col("birth_year");
         let (member, id, name, phone, county, sex, scheme, status) = (
             col("member"),
             col("id_number"),
@@ -56,6 +59,7 @@ async fn people(region: &Region) -> Vec<Person> {
                 sex: sex[i].clone(),
                 scheme: scheme[i].clone(),
                 status: status[i].clone(),
+                birth_year: birth_year[i].clone(),
             });
         }
     }
@@ -162,6 +166,7 @@ async fn masked_answers_equal_the_owners_rows_masked() {
         })
         .collect();
     assert_eq!(got, want);
+    assert!(!got.is_empty(), "the rule releases masked rows");
     let raw: BTreeSet<&str> = people
         .iter()
         .flat_map(|p| [p.id.as_str(), p.phone.as_str()])
@@ -301,7 +306,25 @@ async fn aggregate_answers_release_only_groups_of_whole_cells_of_at_least_k() {
             .collect()
     };
     assert_eq!(got, want);
-    assert!(got.values().all(|n| *n >= 10));
+    // The comparison above proves something only if the reference both releases and
+    // suppresses: some groups lose records to small cells, and some answer.
+    let groups: BTreeSet<(&str, &str, &str)> = people
+        .iter()
+        .map(|p| (p.member.as_str(), p.county.as_str(), p.sex.as_str()))
+        .collect();
+    let whole = groups.iter().filter(|(m, c, s)| {
+        let key = (m.to_string(), c.to_string(), s.to_string());
+        let all = people
+            .iter()
+            .filter(|p| (p.member.as_str(), p.county.as_str(), p.sex.as_str()) == (*m, *c, *s))
+            .count() as i64;
+        want.get(&key) == Some(&all)
+    });
+    assert!(!want.is_empty());
+    assert!(
+        whole.count() < groups.len(),
+        "some group loses a small cell"
+    );
 
     // Differencing: a county's count minus the count of any sub-population selected by
     // dimensions is again a sum of whole cells: zero or at least k, never a lone person.
@@ -393,14 +416,46 @@ async fn aggregate_access_refuses_records_and_everything_that_could_single_one_o
         assert!(msg.contains("access["), "the rule is named: {msg}");
     }
     // Measures may be summed and averaged; groups that fail HAVING simply vanish.
+    // The reference is computed from the owners' records: per county, the records of
+    // cells of at least 10 (the rest are suppressed before any caller's expression
+    // runs), and HAVING keeps the counties whose released count is at least 25.
+    let cells = cells(&people);
+    let mut want: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for p in &people {
+        let key = (
+            p.member.clone(),
+            p.county.clone(),
+            p.sex.clone(),
+            p.scheme.clone(),
+            p.status.clone(),
+        );
+        if cells[&key] >= 10 {
+            let e = want.entry(p.county.clone()).or_insert((0, 0));
+            e.0 += 1;
+            e.1 += p.birth_year.parse::<i64>().unwrap_or(0);
+        }
+    }
+    let before = want.len();
+    want.retain(|_, (n, _)| *n >= 25);
+    assert!(
+        !want.is_empty() && want.len() < before,
+        "HAVING keeps some counties and drops others"
+    );
     let a = ok(
         &office,
-        "SELECT county_code, sum(birth_year) AS s, avg(birth_year) AS a, count(*) AS n \
-         FROM enrollment GROUP BY county_code HAVING count(*) >= 10",
+        "SELECT county_code, sum(birth_year) AS s, count(*) AS n \
+         FROM enrollment GROUP BY county_code HAVING count(*) >= 25",
         "",
     )
     .await;
-    assert!(ints(&a.batches, "n").iter().all(|n| *n >= 10));
+    let (c, s, n) = (
+        column_strings(&a.batches, "county_code"),
+        ints(&a.batches, "s"),
+        ints(&a.batches, "n"),
+    );
+    let got: BTreeMap<String, (i64, i64)> =
+        (0..c.len()).map(|i| (c[i].clone(), (n[i], s[i]))).collect();
+    assert_eq!(got, want);
 }
 
 #[tokio::test]
@@ -571,29 +626,13 @@ async fn describe_tells_each_caller_its_access_per_member_and_field() {
     }
 }
 
-/// The audit log's records as JSON values (one per line).
-fn records(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn sub_queries(path: &std::path::Path) -> Vec<serde_json::Value> {
-    records(path)
-        .into_iter()
-        .filter(|r| r["entry"]["kind"] == "sub_query")
-        .collect()
-}
-
 #[tokio::test]
 async fn every_sub_query_answered_or_refused_is_on_a_chain_that_shows_tampering() {
     let region = Region::start().await;
     let people = people(&region).await;
     let office = region.client("shanghai");
     let hangzhou_log = region.audit_log("hangzhou");
-    let before = sub_queries(&hangzhou_log).len();
+    let before = sub_query_records(&hangzhou_log).len();
     // Answered at hangzhou: 3. Refused at hangzhou: 2 (the filter on member keeps
     // the other members out, so each query is exactly one sub-query there).
     let mut hashes = Vec::new();
@@ -622,7 +661,7 @@ async fn every_sub_query_answered_or_refused_is_on_a_chain_that_shows_tampering(
     ] {
         refused(&office, sql, "").await;
     }
-    let subs = sub_queries(&hangzhou_log);
+    let subs = sub_query_records(&hangzhou_log);
     let new = &subs[before..];
     let decisions: Vec<&str> = new
         .iter()
@@ -654,7 +693,7 @@ async fn every_sub_query_answered_or_refused_is_on_a_chain_that_shows_tampering(
         hashes.iter().map(String::as_str).collect::<Vec<_>>()
     );
     // The coordinator recorded each client query with the members it asked.
-    let queries: Vec<_> = records(&region.audit_log("shanghai"))
+    let queries: Vec<_> = audit_records(&region.audit_log("shanghai"))
         .into_iter()
         .filter(|r| r["entry"]["kind"] == "query")
         .collect();

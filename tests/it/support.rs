@@ -294,6 +294,38 @@ pub fn member_state(
     fedgate::proto::v1::MemberState::try_from(member_status(s, member).state).unwrap()
 }
 
+/// Every member's state in a summary, by member.
+pub fn states(
+    s: &fedgate::proto::v1::QuerySummary,
+) -> std::collections::BTreeMap<String, fedgate::proto::v1::MemberState> {
+    s.members
+        .iter()
+        .map(|m| {
+            (
+                m.member.clone(),
+                fedgate::proto::v1::MemberState::try_from(m.state).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The records of an audit log as JSON, in order.
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The sub-query records (answered or refused) of an audit log.
+pub fn sub_query_records(path: &Path) -> Vec<serde_json::Value> {
+    audit_records(path)
+        .into_iter()
+        .filter(|r| r["entry"]["kind"] == "sub_query")
+        .collect()
+}
+
 /// Edits the materialized member file of `member` as its serde mirror.
 pub fn patch_member(
     layout: &Materialized,
