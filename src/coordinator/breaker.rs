@@ -35,7 +35,7 @@ enum State {
 
 /// What the breaker lets a caller do now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Admission {
+pub enum BreakerVerdict {
     /// Send the sub-query.
     Go,
     /// Check the member's health first; report the result with [`Breaker::success`]
@@ -72,11 +72,11 @@ impl Breaker {
     }
 
     /// Whether a sub-query may be sent at `now`.
-    pub fn admit(&self, now: Instant) -> Admission {
+    pub fn admit(&self, now: Instant) -> BreakerVerdict {
         let mut s = self.lock();
         match &*s {
-            State::Closed { .. } => Admission::Go,
-            State::Open { until, last } if now < *until => Admission::Refuse {
+            State::Closed { .. } => BreakerVerdict::Go,
+            State::Open { until, last } if now < *until => BreakerVerdict::Refuse {
                 reason: format!(
                     "circuit breaker open after {} consecutive failures (last: {last}); \
                      next health probe in {} ms",
@@ -86,9 +86,9 @@ impl Breaker {
             },
             State::Open { last, .. } => {
                 *s = State::Probing { last: last.clone() };
-                Admission::Probe
+                BreakerVerdict::Probe
             }
-            State::Probing { last } => Admission::Refuse {
+            State::Probing { last } => BreakerVerdict::Refuse {
                 reason: format!(
                     "circuit breaker open after {} consecutive failures (last: {last}); \
                      a health probe is under way",
@@ -278,10 +278,10 @@ mod tests {
         b.success();
         assert!(!b.failure(t, "refused"));
         assert!(!b.failure(t, "refused"));
-        assert_eq!(b.admit(t), Admission::Go);
+        assert_eq!(b.admit(t), BreakerVerdict::Go);
         assert!(b.failure(t, "connection refused"));
         match b.admit(t + Duration::from_secs(3)) {
-            Admission::Refuse { reason } => {
+            BreakerVerdict::Refuse { reason } => {
                 assert!(reason.contains("3 consecutive failures"), "{reason}");
                 assert!(reason.contains("connection refused"), "{reason}");
                 assert!(reason.contains("7000 ms"), "{reason}");
@@ -299,19 +299,22 @@ mod tests {
             b.failure(t, "reset");
         }
         let later = t + Duration::from_secs(10);
-        assert_eq!(b.admit(later), Admission::Probe);
+        assert_eq!(b.admit(later), BreakerVerdict::Probe);
         assert!(
-            matches!(b.admit(later), Admission::Refuse { reason } if reason.contains("probe is under way"))
+            matches!(b.admit(later), BreakerVerdict::Refuse { reason } if reason.contains("probe is under way"))
         );
         // A failed probe starts the cool-down again.
         assert!(b.failure(later, "still down"));
         assert!(matches!(
             b.admit(later + Duration::from_secs(9)),
-            Admission::Refuse { .. }
+            BreakerVerdict::Refuse { .. }
         ));
-        assert_eq!(b.admit(later + Duration::from_secs(10)), Admission::Probe);
+        assert_eq!(
+            b.admit(later + Duration::from_secs(10)),
+            BreakerVerdict::Probe
+        );
         b.success();
-        assert_eq!(b.admit(later + Duration::from_secs(10)), Admission::Go);
+        assert_eq!(b.admit(later + Duration::from_secs(10)), BreakerVerdict::Go);
         assert_eq!(b.state_word(), "closed");
     }
 
@@ -323,9 +326,9 @@ mod tests {
             b.failure(t, "reset");
         }
         let later = t + Duration::from_secs(11);
-        assert_eq!(b.admit(later), Admission::Probe);
+        assert_eq!(b.admit(later), BreakerVerdict::Probe);
         b.probe_abandoned(later);
-        assert_eq!(b.admit(later), Admission::Probe);
+        assert_eq!(b.admit(later), BreakerVerdict::Probe);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use tonic::transport::Channel;
 
 use crate::arrow_ipc::{self, Decoded};
-use crate::coordinator::breaker::{Admission, MemberHealth, retry_pause};
+use crate::coordinator::breaker::{BreakerVerdict, MemberHealth, retry_pause};
 use crate::error::{Error, MemberFailure, Result};
 use crate::ops::audit::AuditLog;
 use crate::owner::member::MemberEngine;
@@ -48,8 +48,8 @@ pub struct SubQuery {
 
 impl SubQuery {
     /// The sub-query as the data owner sees it when it arrives through `via`.
-    fn ask<'a>(&'a self, via: &'a Principal) -> owner::Ask<'a> {
-        owner::Ask {
+    fn ask<'a>(&'a self, via: &'a Principal) -> owner::SubQueryAsk<'a> {
+        owner::SubQueryAsk {
             via,
             origin: &self.origin,
             purpose: self.purpose.as_deref(),
@@ -322,15 +322,15 @@ impl MemberClient {
             } => {
                 let deadline = Instant::now() + q.budget;
                 match health.breaker.admit(Instant::now()) {
-                    Admission::Go => {}
-                    Admission::Refuse { reason } => {
+                    BreakerVerdict::Go => {}
+                    BreakerVerdict::Refuse { reason } => {
                         return Err(Error::Member {
                             member: name.clone(),
                             failure: MemberFailure::Unavailable,
                             reason,
                         });
                     }
-                    Admission::Probe => {
+                    BreakerVerdict::Probe => {
                         Self::probe(name, endpoint, channel, health, q.budget).await?;
                     }
                 }

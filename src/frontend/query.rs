@@ -373,7 +373,7 @@ impl FederationService {
             .min()
             .unwrap_or(limits.default_timeout)
             .min(limits.max_timeout);
-        let permit = match self.admission.try_admit(origin.kind(), Instant::now()) {
+        let ticket = match self.admission.try_admit(origin.kind(), Instant::now()) {
             Ok(t) => t,
             Err(r) => {
                 return Err(refuse(Error::Busy {
@@ -425,7 +425,7 @@ impl FederationService {
         tokio::spawn(
             async move {
                 let state = task_state;
-                let _permit = permit;
+                let _ticket = ticket;
                 let mut stream = running.stream;
                 let deadline = tokio::time::sleep(timeout);
                 tokio::pin!(deadline);

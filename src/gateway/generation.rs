@@ -116,7 +116,7 @@ impl Generation {
         let sub_admission = match previous.filter(|p| {
             p.config.limits.max_concurrent_subqueries == config.limits.max_concurrent_subqueries
         }) {
-            Some(p) => p.peer.admission.clone(),
+            Some(p) => p.peer.sub_query_slots.clone(),
             None => Arc::new(Semaphore::new(config.limits.max_concurrent_subqueries)),
         };
         Ok(Generation {
@@ -136,7 +136,7 @@ impl Generation {
             peer: PeerService {
                 config: config.clone(),
                 engine,
-                admission: sub_admission,
+                sub_query_slots: sub_admission,
                 audit,
                 observer,
                 tls,

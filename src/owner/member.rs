@@ -49,7 +49,7 @@ pub struct Prepared {
 
 /// What a cached member plan depends on besides the engine itself.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct PlanKey {
+struct MemberPlanKey {
     sql: String,
     /// The permit's grants, in full (levels, masks, dimensions, keys, rules), and its
     /// description, which the plan's audit hash covers.
@@ -100,7 +100,7 @@ pub struct MemberEngine {
     /// ever grows past [`MAX_GRANT_CONTEXTS`], to bound memory whatever the callers do.
     granted: Mutex<HashMap<GrantKey, Granted>>,
     /// Physical plans of sub-queries planned before (see the module comment).
-    plans: moka::future::Cache<PlanKey, Arc<CachedPlan>>,
+    plans: moka::future::Cache<MemberPlanKey, Arc<CachedPlan>>,
 }
 
 const MAX_GRANT_CONTEXTS: usize = 256;
@@ -532,7 +532,7 @@ impl MemberEngine {
                 "permit does not cover the query's datasets".into(),
             ));
         }
-        let key = PlanKey {
+        let key = MemberPlanKey {
             sql: p.sql.clone(),
             access: format!("{}\n{:?}", permit.describe(), permit.grants()),
             files: self.file_stamps(),

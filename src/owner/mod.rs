@@ -35,7 +35,7 @@ use crate::trust::identity::Principal;
 
 /// Who asks what, as the data owner sees it.
 #[derive(Debug, Clone, Copy)]
-pub struct Ask<'a> {
+pub struct SubQueryAsk<'a> {
     /// The gateway that sent the sub-query (this gateway for local ones).
     pub via: &'a Principal,
     /// The original caller.
@@ -53,7 +53,7 @@ pub struct Ask<'a> {
 }
 
 /// Refuses a sub-query that reads a dataset its origin assertion does not cover.
-fn within_assertion(ask: &Ask<'_>, datasets: &BTreeSet<String>) -> Result<()> {
+fn within_assertion(ask: &SubQueryAsk<'_>, datasets: &BTreeSet<String>) -> Result<()> {
     let Some(covered) = ask.covered else {
         return Ok(());
     };
@@ -120,7 +120,7 @@ impl Note {
 pub async fn explain(
     engine: &MemberEngine,
     audit: &AuditLog,
-    ask: &Ask<'_>,
+    ask: &SubQueryAsk<'_>,
 ) -> Result<Vec<(String, String)>> {
     let record = |datasets: Vec<String>, permit: Option<&Permit>, failed: Option<&Error>| {
         let mut e = entry(ask, datasets, permit);
@@ -163,7 +163,7 @@ pub async fn explain(
     }
 }
 
-fn entry(ask: &Ask, datasets: Vec<String>, permit: Option<&Permit>) -> AuditEntry {
+fn entry(ask: &SubQueryAsk, datasets: Vec<String>, permit: Option<&Permit>) -> AuditEntry {
     AuditEntry {
         kind: EntryKind::SubQuery,
         time: AuditEntry::now_utc(),
@@ -190,7 +190,7 @@ fn entry(ask: &Ask, datasets: Vec<String>, permit: Option<&Permit>) -> AuditEntr
 /// gateway that cannot keep its record must not look as if it did.
 pub fn refuse(
     audit: &AuditLog,
-    ask: &Ask,
+    ask: &SubQueryAsk,
     datasets: Vec<String>,
     permit: Option<&Permit>,
     why: &Error,
@@ -203,7 +203,7 @@ pub fn refuse(
 }
 
 /// Records a refused `Peer.Explain` (refused before the engine saw it).
-pub fn refuse_explain(audit: &AuditLog, ask: &Ask, why: &Error) -> Result<()> {
+pub fn refuse_explain(audit: &AuditLog, ask: &SubQueryAsk, why: &Error) -> Result<()> {
     let mut e = entry(ask, Vec::new(), None);
     e.kind = EntryKind::Explain;
     e.decision = Decision::Refused;
@@ -218,7 +218,7 @@ pub fn refuse_explain(audit: &AuditLog, ask: &Ask, why: &Error) -> Result<()> {
 pub async fn answer(
     engine: &MemberEngine,
     audit: &Arc<AuditLog>,
-    ask: Ask<'_>,
+    ask: SubQueryAsk<'_>,
     note: Arc<Note>,
 ) -> Result<SendableRecordBatchStream> {
     let prepared = match engine.prepare(ask.sql).await {

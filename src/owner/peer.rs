@@ -29,7 +29,7 @@ pub struct PeerService {
     pub(crate) config: Arc<MemberConfig>,
     pub(crate) engine: Option<Arc<MemberEngine>>,
     /// Sub-query slots, kept across reloads while the limit is unchanged.
-    pub(crate) admission: Arc<Semaphore>,
+    pub(crate) sub_query_slots: Arc<Semaphore>,
     pub(crate) audit: Arc<AuditLog>,
     pub(crate) observer: Arc<crate::ops::observe::Observer>,
     /// The region CA this member checks origin assertions' signers against.
@@ -192,7 +192,7 @@ impl PeerService {
         // A refusal before the engine runs is on the record too; the origin is the
         // claimed one when it does not parse.
         let refused = |origin: &Principal, e: Error| -> Status {
-            let ask = owner::Ask {
+            let ask = owner::SubQueryAsk {
                 via: &via,
                 origin,
                 purpose,
@@ -222,7 +222,7 @@ impl PeerService {
         .min()
         .unwrap_or(self.config.limits.default_timeout)
         .min(self.config.limits.max_timeout);
-        let Ok(permit) = self.admission.clone().try_acquire_owned() else {
+        let Ok(slot) = self.sub_query_slots.clone().try_acquire_owned() else {
             return Err(refused(
                 &origin,
                 Error::Overloaded(format!(
@@ -233,7 +233,7 @@ impl PeerService {
         };
         let started = Instant::now();
         tracing::info!(query_id = %q.query_id, %via, %origin, sql = %q.sql, "Sub-query");
-        let ask = owner::Ask {
+        let ask = owner::SubQueryAsk {
             via: &via,
             origin: &origin,
             purpose,
@@ -257,7 +257,7 @@ impl PeerService {
         let (tx, rx) =
             tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             let (chunks, rows) = counted_chunks(stream);
             tokio::pin!(chunks);
             let deadline = tokio::time::sleep(budget);
@@ -317,7 +317,7 @@ impl PeerService {
             Err(e) => {
                 // A refused explanation is on the record too, under the claimed origin.
                 let claimed = Principal::parse(&q.origin).unwrap_or_else(|_| via.clone());
-                let ask = owner::Ask {
+                let ask = owner::SubQueryAsk {
                     via: &via,
                     origin: &claimed,
                     purpose,
@@ -332,7 +332,7 @@ impl PeerService {
                 });
             }
         };
-        let ask = owner::Ask {
+        let ask = owner::SubQueryAsk {
             via: &via,
             origin: &origin,
             purpose,

@@ -476,7 +476,7 @@ async fn ask(
     sql: &str,
 ) -> Result<Vec<String>, String> {
     let via = Principal::parse("fedgate://adv/city/m1").unwrap();
-    let a = fedgate::owner::Ask {
+    let a = fedgate::owner::SubQueryAsk {
         via: &via,
         origin,
         purpose: None,

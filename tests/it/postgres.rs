@@ -1,7 +1,7 @@
 //! PostgreSQL sources: a real server on loopback (started by the tests), Hangzhou's
 //! pipelines in three departments' databases, Suzhou's in a CSV file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -622,4 +622,101 @@ async fn an_aggregate_over_several_databases_runs_in_each() {
         ["gas", "power", "water"]
     );
     assert_eq!(got, want);
+}
+
+/// The first query a BI tool sends to preview a table, `SELECT columns FROM dataset
+/// LIMIT n` without ORDER BY, runs its LIMIT in the database and answers rows of the
+/// dataset, also when the source's name differs from its table's (the gas source is
+/// renamed `g` over table `gis.gas_lines`, in a second schema). An aggregate under a
+/// LIMIT, whose unaliased columns the database writes aggregates first, comes back
+/// in the plan's column order.
+#[tokio::test]
+async fn a_limit_without_order_runs_in_the_database_over_renamed_sources() {
+    let region = Region::start_with_database(Some(&["hangzhou"]), &|m| {
+        let p = m.dir.join("hangzhou.toml");
+        let t = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("name = \"gas_lines\"", "name = \"g\"")
+            .replace("source = \"gas_lines\"", "source = \"g\"");
+        std::fs::write(&p, t).unwrap();
+    })
+    .await;
+    let client = region.client("hangzhou");
+    let rows = |a: &fedgate::tools::client::Answer| -> Vec<String> {
+        let (i, r, l) = (
+            column_strings(&a.batches, "pipe_id"),
+            column_strings(&a.batches, "r"),
+            column_strings(&a.batches, "length_m"),
+        );
+        (0..i.len())
+            .map(|k| format!("{}|{}|{}", i[k], r[k], l[k]))
+            .collect()
+    };
+    for dept in ["water", "gas"] {
+        let base = format!(
+            "SELECT pipe_id, upper(road) AS r, length_m FROM underground_pipelines \
+             WHERE member = 'hangzhou' AND department = '{dept}'"
+        );
+        let all: BTreeSet<String> = rows(&client.query(&base, false, None).await.unwrap())
+            .into_iter()
+            .collect();
+        assert!(all.len() > 8, "{dept}: {}", all.len());
+        for tail in ["LIMIT 5", "LIMIT 5 OFFSET 2", "AND length_m > 0 LIMIT 5"] {
+            let sql = format!("{base} {tail}");
+            let e = client.explain(&sql).await.unwrap();
+            let s: Vec<_> = e
+                .database_statements
+                .iter()
+                .filter(|s| s.member == "hangzhou")
+                .collect();
+            assert_eq!(s.len(), 1, "{sql}: {s:?}");
+            assert!(s[0].error.is_empty(), "{sql}: {s:?}");
+            assert!(
+                s[0].sql.contains("LIMIT") && !s[0].sql.contains("derived_limit"),
+                "{sql}: {}",
+                s[0].sql
+            );
+            let got = rows(&client.query(&sql, false, None).await.unwrap());
+            assert_eq!(got.len(), 5, "{sql}\n{}\n{:?}", e.plan, e.subqueries);
+            for r in &got {
+                assert!(all.contains(r), "{sql}: {r} is not a row of the dataset");
+            }
+        }
+    }
+    // All three databases at once (water, gas and power), each with its LIMIT.
+    let a = client
+        .query(
+            "SELECT pipe_id FROM underground_pipelines WHERE member = 'hangzhou' LIMIT 7",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(column_strings(&a.batches, "pipe_id").len(), 7);
+
+    // An aggregate under a LIMIT, without aliases: every (county, count) pair returned
+    // is one of the full answer's pairs, in the columns asked for.
+    let grouped = |tail: &str| {
+        let client = client.clone();
+        let sql = format!(
+            "SELECT county_code, count(*) FROM underground_pipelines \
+             WHERE member = 'hangzhou' AND department = 'water' GROUP BY county_code {tail}"
+        );
+        async move {
+            let a = client.query(&sql, false, None).await.unwrap();
+            let name = a.batches[0].schema().field(1).name().clone();
+            let (c, n) = (
+                column_strings(&a.batches, "county_code"),
+                column_strings(&a.batches, &name),
+            );
+            (0..c.len())
+                .map(|k| (c[k].clone(), n[k].parse::<i64>().unwrap()))
+                .collect::<BTreeSet<(String, i64)>>()
+        }
+    };
+    let full = grouped("").await;
+    let limited = grouped("LIMIT 2").await;
+    assert!(full.len() > 2, "{full:?}");
+    assert_eq!(limited.len(), 2, "{limited:?}");
+    assert!(limited.is_subset(&full), "{limited:?} within {full:?}");
 }

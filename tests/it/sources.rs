@@ -112,7 +112,7 @@ async fn a_parquet_source_maps_like_a_csv_one() {
     let audit = Arc::new(
         fedgate::ops::audit::AuditLog::open(&region.layout.dir.join("direct.log")).unwrap(),
     );
-    let ask = fedgate::owner::Ask {
+    let ask = fedgate::owner::SubQueryAsk {
         via: &via,
         origin: &origin,
         purpose: None,

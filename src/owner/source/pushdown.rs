@@ -295,7 +295,14 @@ fn node_ok(plan: &LogicalPlan, db: &PgDatabase) -> bool {
         return false;
     }
     match plan {
-        LogicalPlan::Projection(p) => p.expr.iter().all(|e| expr_ok(e, p.input.schema(), c)),
+        // A projection over a LIMIT stays in the gateway: the unparser writes the LIMIT
+        // as a derived table of its own while the projection goes on naming the
+        // tables inside it (`SELECT "h"."x" FROM (... AS "h" LIMIT 5) AS
+        // "derived_limit"`), which the database refuses. The LIMIT itself still runs in
+        // the database; the gateway projects at most its rows.
+        LogicalPlan::Projection(p) => {
+            !limit_below(&p.input) && p.expr.iter().all(|e| expr_ok(e, p.input.schema(), c))
+        }
         // A filter over an aggregate (a HAVING) stays in the gateway: DataFusion's
         // unparser writes it over a derived table that does not name the
         // aggregate's columns, which the database then cannot find.
@@ -502,14 +509,42 @@ fn cast_ok(e: &Expr, to: &DataType, schema: &DFSchema) -> bool {
     }
 }
 
+/// Whether `plan` is a LIMIT that the unparser writes as a derived table under a
+/// projection: one with no aggregate in the same SELECT (an aggregate below keeps the
+/// projection, the LIMIT and the aggregate in one SELECT).
+fn limit_below(plan: &LogicalPlan) -> bool {
+    fn aggregate_in_select(p: &LogicalPlan) -> bool {
+        match p {
+            LogicalPlan::Aggregate(_) => true,
+            LogicalPlan::Limit(_) | LogicalPlan::Sort(_) | LogicalPlan::Filter(_) => {
+                p.inputs().into_iter().any(aggregate_in_select)
+            }
+            _ => false,
+        }
+    }
+    matches!(plan, LogicalPlan::Limit(l) if !aggregate_in_select(&l.input))
+}
+
+/// Whether the top of `plan` is an aggregate, possibly under a LIMIT or ORDER BY: the
+/// unparser then writes the aggregates before the groups.
+fn aggregate_at_top(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::Aggregate(_) => true,
+        LogicalPlan::Limit(l) => aggregate_at_top(&l.input),
+        LogicalPlan::Sort(s) => aggregate_at_top(&s.input),
+        _ => false,
+    }
+}
+
 /// Replaces `plan`, which `db` can run entirely, with a scan of its answer there.
 fn remote_scan(plan: LogicalPlan, db: Arc<PgDatabase>) -> DfResult<LogicalPlan> {
     let schema = plan.schema().clone();
     // The result is read by position, so the SQL must list the columns in the plan's
     // order; the unparser writes an aggregate at the top with its aggregates before
-    // its groups, so it gets a projection in the plan's order.
+    // its groups (also under a LIMIT or ORDER BY), so it gets a projection in the
+    // plan's order.
     let plan = match plan {
-        other @ LogicalPlan::Aggregate(_) => {
+        other if aggregate_at_top(&other) => {
             let cols: Vec<Expr> = other
                 .schema()
                 .columns()
@@ -553,6 +588,12 @@ fn remote_scan(plan: LogicalPlan, db: Arc<PgDatabase>) -> DfResult<LogicalPlan> 
 /// The PostgreSQL SQL of a sub-plan: local table names become the database's, and
 /// `TRY_CAST`s (allowed only where they cannot fail) become `CAST`s.
 pub fn to_sql(plan: LogicalPlan) -> DfResult<String> {
+    // DataFusion copies a LIMIT's row count (skip plus fetch) into the scan below it
+    // and keeps the LIMIT. The unparser writes both into the same SELECT, where the
+    // scan's count replaces the LIMIT's and its OFFSET is lost (`LIMIT 5 OFFSET 2`
+    // answered 7 rows). When the statement carries the LIMIT, the scan's copy is
+    // dropped.
+    let has_limit = plan.exists(|p| Ok(matches!(p, LogicalPlan::Limit(_))))?;
     let plan = plan
         .transform_up(|node| {
             let node = node
@@ -589,7 +630,7 @@ pub fn to_sql(plan: LogicalPlan) -> DfResult<String> {
                 TableScanBuilder::new(TableReference::partial(schema, name), scan.source.clone())
                     .with_projection(scan.projection.clone())
                     .with_filters(scan.filters.clone())
-                    .with_fetch(scan.fetch)
+                    .with_fetch(if has_limit { None } else { scan.fetch })
                     .build()?;
             let alias = SubqueryAlias::try_new(
                 Arc::new(LogicalPlan::TableScan(remote)),
