@@ -26,6 +26,16 @@ pub(crate) async fn start_demo_database(
     Ok(pg)
 }
 
+/// Starts a local MariaDB server on a free loopback port and loads the sample region's
+/// MariaDB databases into it.
+pub(crate) async fn start_demo_mariadb(
+    source: &Path,
+) -> Result<fedgate::tools::local_mariadb::LocalMariaDb> {
+    let db = fedgate::tools::local_mariadb::LocalMariaDb::launch(None).await?;
+    fedgate::tools::demo::load_mysql_databases(&db, &source.join("data")).await?;
+    Ok(db)
+}
+
 pub(crate) async fn demo(
     dir: Option<PathBuf>,
     once: bool,
@@ -79,6 +89,15 @@ pub(crate) async fn demo(
     // Hangzhou's pipelines live in three departments' PostgreSQL databases: start a
     // throwaway server for them. Without one, that dataset is reported unavailable
     // at Hangzhou and everything else still runs.
+    let mariadb = match start_demo_mariadb(source).await {
+        Ok(db) => Some(db),
+        Err(e) => {
+            eprintln!(
+                "note: no MariaDB for Hangzhou's power department ({e}); it will be reported unavailable"
+            );
+            None
+        }
+    };
     let pg = match start_demo_database(source).await {
         Ok(pg) => Some(pg),
         Err(e) => {
@@ -101,7 +120,10 @@ pub(crate) async fn demo(
                 None => 0,
             },
         },
-        pg.as_ref().map(|p| (p.port, p.password.as_str())),
+        &fedgate::tools::demo::DatabaseServers {
+            postgres: pg.as_ref().map(|p| (p.port, p.password.clone())),
+            mysql: mariadb.as_ref().map(|d| (d.port, d.password.clone())),
+        },
     )?;
     let mut gateways = Vec::new();
     for (name, path, _) in &region.gateways {
@@ -155,7 +177,7 @@ pub(crate) async fn demo(
         println!("\n== {title}\n{sql}");
         // Without a database server, Hangzhou's pipelines are unavailable: the
         // example then shows a partial answer that says so, rather than failing.
-        let partial = pg.is_none() && sql.contains("underground_pipelines");
+        let partial = (pg.is_none() || mariadb.is_none()) && sql.contains("underground_pipelines");
         match client
             .query(sql, partial, Some(Duration::from_secs(30)))
             .await

@@ -74,8 +74,13 @@ pub struct MemberConfig {
     pub hmac_key: Arc<[u8]>,
     /// Where this gateway appends its audit records.
     pub audit_path: PathBuf,
-    /// Version: a hash of the region and member files.
+    /// Version: a hash of the region and member files and of every file they name
+    /// (code tables, secrets, certificates and keys): a changed code table or key is
+    /// a new version.
     pub version: String,
+    /// The files beyond the two configuration files that this configuration was read
+    /// from, watched for changes like them.
+    pub files: Vec<PathBuf>,
 }
 
 impl MemberConfig {
@@ -179,10 +184,22 @@ impl MemberConfig {
             None => resolve(path, Path::new(&format!("audit/{}.log", member.name))),
         };
 
+        let files = named_files(path, &raw, &region, &databases, (&cert_path, &key_path));
         let version = {
             let mut h = Sha256::new();
             h.update(region.digest.as_bytes());
             h.update(text.as_bytes());
+            // Each file by name and content; a secret given in the environment by its
+            // value. Only a hash of them is kept, so the version tells nothing of them.
+            for f in &files {
+                h.update(f.to_string_lossy().as_bytes());
+                h.update([0u8]);
+                h.update(Sha256::digest(std::fs::read(f).unwrap_or_default()));
+            }
+            h.update(Sha256::digest(&hmac_key));
+            for d in &databases {
+                h.update(Sha256::digest(d.password.expose().unwrap_or("")));
+            }
             hex::encode(&h.finalize()[..6])
         };
         Some(MemberConfig {
@@ -202,9 +219,49 @@ impl MemberConfig {
             hmac_key,
             audit_path,
             version,
+            files,
             region,
         })
     }
+}
+
+/// The files a member file names beyond itself and the region file: the region's CA,
+/// the gateway's certificate and key, code tables, the HMAC key, and the databases'
+/// password files and TLS files, each once, in a stable order.
+fn named_files(
+    path: &Path,
+    raw: &RawMemberConfig,
+    region: &Region,
+    databases: &[super::sources::Database],
+    (cert, key): (&Path, &Path),
+) -> Vec<PathBuf> {
+    let mut files = std::collections::BTreeSet::new();
+    files.insert(region.ca_path.clone());
+    files.insert(cert.to_path_buf());
+    files.insert(key.to_path_buf());
+    for t in &raw.code_tables {
+        if let Some(p) = &t.path {
+            files.insert(resolve(path, p));
+        }
+    }
+    if let Some(p) = &raw.hmac_key {
+        files.insert(resolve(path, p));
+    }
+    for d in &raw.databases {
+        if let Some(p) = &d.password_file {
+            files.insert(resolve(path, p));
+        }
+    }
+    for d in databases {
+        if let super::sources::DatabaseTls::VerifyFull { ca, client } = &d.tls {
+            files.insert(ca.clone());
+            if let Some((c, k)) = client {
+                files.insert(c.clone());
+                files.insert(k.clone());
+            }
+        }
+    }
+    files.into_iter().collect()
 }
 
 /// Validates `[http]`: an address, and mutual TLS unless it listens on loopback only.

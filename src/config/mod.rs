@@ -19,8 +19,8 @@ pub use member::{HttpConfig, MemberConfig};
 pub use problems::{Problem, Problems};
 pub use region::{CanonicalField, Dataset, Endpoint, Member, Region, Service, ServiceParam};
 pub use sources::{
-    CodeTable, Database, DatabaseTls, FieldMapping, Mapping, Secret, Source, SourceFormat,
-    SourceKind,
+    CodeTable, Database, DatabaseKind, DatabaseTls, Dialect, FieldMapping, Mapping, Secret, Source,
+    SourceFormat, SourceKind,
 };
 
 use std::collections::BTreeSet;
@@ -368,6 +368,69 @@ level = "rows"
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
         }
+    }
+
+    #[test]
+    fn database_kinds_are_checked_with_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ca.crt", "x");
+        write(dir.path(), "region.toml", REGION);
+        let p = write(
+            dir.path(),
+            "hefei.toml",
+            r#"
+member = "hefei"
+region = "region.toml"
+listen = "127.0.0.1:7000"
+cert = "ca.crt"
+key = "ca.crt"
+[[databases]]
+name = "shop"
+kind = "mysql"
+host = "127.0.0.1"
+dbname = "shop"
+dialect = "mysql"
+[[databases]]
+name = "lake"
+kind = "flight-sql"
+host = "127.0.0.1"
+dbname = "x"
+dialect = "duckdb"
+[[databases]]
+name = "old"
+kind = "oracle"
+host = "127.0.0.1"
+dbname = "x"
+user = "u"
+[[databases]]
+name = "pg"
+host = "127.0.0.1"
+dbname = "x"
+user = "u"
+[[sources]]
+name = "census"
+format = "postgres"
+database = "shop"
+table = "census"
+[[mappings]]
+dataset = "census"
+source = "census"
+fields = { county_code = "code", pop = "pop" }
+"#,
+        );
+        let e = MemberConfig::load(&p).unwrap_err().to_string();
+        for want in [
+            "databases[0].user: a mysql database needs user",
+            "databases[0].dialect: only flight-sql databases have a dialect",
+            "databases[1].port: a flight-sql database needs port",
+            "databases[1].dbname: a flight-sql database is reached with TLS",
+            "databases[1].dialect: unknown dialect \"duckdb\"",
+            "databases[2].kind: unknown kind \"oracle\"",
+            "sources[0].format: database \"shop\" is a mysql database, so this source's format is \"mysql\"",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        assert!(!e.contains("databases[3]"), "{e}");
     }
 
     #[test]

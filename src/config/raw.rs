@@ -238,7 +238,8 @@ pub struct RawAdmission {
 pub struct RawSource {
     /// Name used by mappings.
     pub name: String,
-    /// `csv`, `parquet` or `postgres`.
+    /// `csv`, `parquet`, or the kind of the database holding the table: `postgres`,
+    /// `mysql` or `flight-sql`.
     pub format: String,
     /// File path (relative to the member file), for files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -246,29 +247,41 @@ pub struct RawSource {
     /// CSV field delimiter, one character; default `,`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delimiter: Option<String>,
-    /// The database (a `[[databases]]` name), for `postgres`.
+    /// The database (a `[[databases]]` name), for a table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database: Option<String>,
-    /// The table, `schema.table` or `table` (schema `public`), for `postgres`.
+    /// The table, `schema.table` or `table` (schema `public` in PostgreSQL, the
+    /// connection's database in MySQL, none in Flight SQL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table: Option<String>,
 }
 
-/// A PostgreSQL-compatible database that sources read.
+/// A database that sources read.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDatabase {
     /// Name used by sources.
     pub name: String,
+    /// `postgres` (default; PostgreSQL and the databases speaking its protocol),
+    /// `mysql` (MySQL, MariaDB and the databases speaking its protocol) or `flight-sql`
+    /// (an engine serving Arrow Flight SQL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The SQL a `flight-sql` engine speaks: `datafusion` (default), `mysql` or
+    /// `postgres`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dialect: Option<String>,
     /// Host name or IP address.
     pub host: String,
-    /// Port; default 5432.
+    /// Port; default 5432 (postgres) or 3306 (mysql); required for flight-sql.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// Database name on the server.
-    pub dbname: String,
-    /// User to connect as.
-    pub user: String,
+    /// Database name on the server (postgres and mysql).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dbname: Option<String>,
+    /// User to connect as (postgres and mysql).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// File holding the password (relative to the member file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,

@@ -39,10 +39,10 @@ pub enum SourceKind {
         delimiter: u8,
     },
     /// A table in one of the member's databases.
-    Postgres {
+    Table {
         /// The database's name in `[[databases]]`.
         database: String,
-        /// Schema on the server.
+        /// Schema on the server (the database in MySQL; empty for none).
         schema: String,
         /// Table (or view) on the server.
         table: String,
@@ -58,18 +58,65 @@ pub enum SourceFormat {
     Parquet,
 }
 
-/// A PostgreSQL-compatible database.
+/// The SQL a database speaks, which decides what may be pushed into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// PostgreSQL and the databases that speak its SQL (openGauss, KingbaseES, ...).
+    Postgres,
+    /// MySQL and MariaDB, and the engines that speak their SQL (TiDB, OceanBase, Doris,
+    /// StarRocks).
+    MySql,
+    /// An engine built on DataFusion (another fedgate region, Ballista, InfluxDB 3).
+    DataFusion,
+}
+
+impl Dialect {
+    /// The dialect's name in configuration and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "postgres",
+            Dialect::MySql => "mysql",
+            Dialect::DataFusion => "datafusion",
+        }
+    }
+}
+
+/// The protocol a database is reached with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseKind {
+    /// PostgreSQL's wire protocol.
+    Postgres,
+    /// MySQL's wire protocol.
+    MySql,
+    /// Arrow Flight SQL, with the SQL dialect the engine speaks.
+    FlightSql(Dialect),
+}
+
+impl DatabaseKind {
+    /// The kind's name in configuration (a table source's `format`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DatabaseKind::Postgres => "postgres",
+            DatabaseKind::MySql => "mysql",
+            DatabaseKind::FlightSql(_) => "flight-sql",
+        }
+    }
+}
+
+/// A database behind a member.
 #[derive(Debug, Clone)]
 pub struct Database {
     /// Name used by sources.
     pub name: String,
+    /// The protocol it is reached with.
+    pub kind: DatabaseKind,
     /// Host.
     pub host: String,
     /// Port.
     pub port: u16,
-    /// Database name on the server.
+    /// Database name on the server (empty for Flight SQL).
     pub dbname: String,
-    /// User.
+    /// User (empty for Flight SQL, which authenticates with the client certificate).
     pub user: String,
     /// Password, when the server asks for one.
     pub password: Secret,
@@ -175,10 +222,10 @@ pub(super) fn validate_source_kind(
                 SourceFormat::Parquet
             };
             if s.database.is_some() {
-                misplaced(pr, "database", "only postgres sources have a database");
+                misplaced(pr, "database", "only database sources have a database");
             }
             if s.table.is_some() {
-                misplaced(pr, "table", "only postgres sources have a table");
+                misplaced(pr, "table", "only database sources have a table");
             }
             let delimiter = match s.delimiter.as_deref() {
                 None => b',',
@@ -214,44 +261,65 @@ pub(super) fn validate_source_kind(
                 delimiter,
             })
         }
-        "postgres" => {
+        kind @ ("postgres" | "mysql" | "flight-sql") => {
             for (k, set) in [
                 ("path", s.path.is_some()),
                 ("delimiter", s.delimiter.is_some()),
             ] {
                 if set {
-                    misplaced(pr, k, "a postgres source reads a table, not a file");
+                    misplaced(pr, k, "a database source reads a table, not a file");
                 }
             }
             let Some(db) = &s.database else {
                 misplaced(
                     pr,
                     "database",
-                    "a postgres source needs database = NAME of a [[databases]] entry",
+                    "a database source needs database = NAME of a [[databases]] entry",
                 );
                 return None;
             };
-            if !databases.iter().any(|d| &d.name == db) {
-                let known: Vec<&str> = databases.iter().map(|d| d.name.as_str()).collect();
-                pr.add(
+            let declared = databases.iter().find(|d| &d.name == db);
+            match declared {
+                None => {
+                    let known: Vec<&str> = databases.iter().map(|d| d.name.as_str()).collect();
+                    pr.add(
+                        path,
+                        format!("{key}.database"),
+                        format!("no database named {db:?} (declared: {known:?})"),
+                    );
+                }
+                Some(d) if d.kind.name() != kind => pr.add(
                     path,
-                    format!("{key}.database"),
-                    format!("no database named {db:?} (declared: {known:?})"),
-                );
+                    format!("{key}.format"),
+                    format!(
+                        "database {db:?} is a {} database, so this source's format is {:?}",
+                        d.kind.name(),
+                        d.kind.name()
+                    ),
+                ),
+                Some(_) => {}
             }
             let Some(table) = &s.table else {
                 misplaced(
                     pr,
                     "table",
-                    "a postgres source needs table = \"schema.table\"",
+                    "a database source needs table = \"schema.table\" or \"table\"",
                 );
                 return None;
             };
+            // A bare table name is in PostgreSQL's `public` schema, in the MySQL
+            // connection's own database, and in no schema at all in Flight SQL.
+            let default_schema = match declared.map(|d| d.kind) {
+                Some(DatabaseKind::MySql) => declared.map(|d| d.dbname.clone()).unwrap_or_default(),
+                Some(DatabaseKind::FlightSql(_)) => String::new(),
+                _ => "public".to_string(),
+            };
             let (schema, table) = match table.split_once('.') {
                 Some((s, t)) => (s.to_string(), t.to_string()),
-                None => ("public".to_string(), table.clone()),
+                None => (default_schema, table.clone()),
             };
-            if schema.is_empty() || table.is_empty() || table.contains('.') {
+            let bare_ok = kind == "flight-sql" && !table.contains('.');
+            if (schema.is_empty() && !bare_ok) || table.is_empty() || table.contains('.') {
                 pr.add(
                     path,
                     format!("{key}.table"),
@@ -262,7 +330,7 @@ pub(super) fn validate_source_kind(
                 );
                 return None;
             }
-            Some(SourceKind::Postgres {
+            Some(SourceKind::Table {
                 database: db.clone(),
                 schema,
                 table,
@@ -272,7 +340,9 @@ pub(super) fn validate_source_kind(
             pr.add(
                 path,
                 format!("{key}.format"),
-                format!("unknown format {other:?}; use csv, parquet or postgres"),
+                format!(
+                    "unknown format {other:?}; use csv, parquet, postgres, mysql or flight-sql"
+                ),
             );
             None
         }
@@ -290,6 +360,7 @@ pub(super) fn validate_databases(
     for (i, d) in raw.iter().enumerate() {
         let key = format!("databases[{i}]");
         names.check(path, &key, &d.name, pr);
+        let kind = database_kind(path, &key, d, pr);
         let password = read_secret(
             path,
             (&format!("{key}.password_file"), d.password_file.as_ref()),
@@ -387,12 +458,26 @@ pub(super) fn validate_databases(
         if d.host.is_empty() {
             pr.add(path, format!("{key}.host"), "must not be empty");
         }
+        let port = match (kind, d.port) {
+            (_, Some(p)) => p,
+            (DatabaseKind::Postgres, None) => 5432,
+            (DatabaseKind::MySql, None) => 3306,
+            (DatabaseKind::FlightSql(_), None) => {
+                pr.add(
+                    path,
+                    format!("{key}.port"),
+                    "a flight-sql database needs port = N (Flight SQL has no usual port)",
+                );
+                0
+            }
+        };
         out.push(Database {
             name: d.name.clone(),
+            kind,
             host: d.host.clone(),
-            port: d.port.unwrap_or(5432),
-            dbname: d.dbname.clone(),
-            user: d.user.clone(),
+            port,
+            dbname: d.dbname.clone().unwrap_or_default(),
+            user: d.user.clone().unwrap_or_default(),
             password,
             tls,
             pool_size: pool_size.max(1),
@@ -400,6 +485,72 @@ pub(super) fn validate_databases(
         });
     }
     out
+}
+
+/// The kind of a `[[databases]]` entry, with the keys only some kinds have checked.
+fn database_kind(path: &Path, key: &str, d: &RawDatabase, pr: &mut Problems) -> DatabaseKind {
+    let kind = match d.kind.as_deref().unwrap_or("postgres") {
+        "postgres" => DatabaseKind::Postgres,
+        "mysql" => DatabaseKind::MySql,
+        "flight-sql" => DatabaseKind::FlightSql(match d.dialect.as_deref() {
+            None | Some("datafusion") => Dialect::DataFusion,
+            Some("mysql") => Dialect::MySql,
+            Some("postgres") => Dialect::Postgres,
+            Some(other) => {
+                pr.add(
+                    path,
+                    format!("{key}.dialect"),
+                    format!("unknown dialect {other:?}; use datafusion, mysql or postgres"),
+                );
+                Dialect::DataFusion
+            }
+        }),
+        other => {
+            pr.add(
+                path,
+                format!("{key}.kind"),
+                format!("unknown kind {other:?}; use postgres, mysql or flight-sql"),
+            );
+            DatabaseKind::Postgres
+        }
+    };
+    if d.dialect.is_some() && !matches!(kind, DatabaseKind::FlightSql(_)) {
+        pr.add(
+            path,
+            format!("{key}.dialect"),
+            format!(
+                "only flight-sql databases have a dialect; a {} database speaks its own",
+                kind.name()
+            ),
+        );
+    }
+    if matches!(kind, DatabaseKind::FlightSql(_)) {
+        for (k, set) in [
+            ("dbname", d.dbname.is_some()),
+            ("user", d.user.is_some()),
+            ("password_file", d.password_file.is_some()),
+            ("password_env", d.password_env.is_some()),
+        ] {
+            if set {
+                pr.add(
+                    path,
+                    format!("{key}.{k}"),
+                    "a flight-sql database is reached with TLS and a client certificate (ca, cert, key), not a database name, user or password",
+                );
+            }
+        }
+    } else {
+        for (k, set) in [("dbname", d.dbname.is_some()), ("user", d.user.is_some())] {
+            if !set {
+                pr.add(
+                    path,
+                    format!("{key}.{k}"),
+                    format!("a {} database needs {k} = \"...\"", kind.name()),
+                );
+            }
+        }
+    }
+    kind
 }
 
 /// Reads a secret given either as a file (relative to the member file) or as an

@@ -55,13 +55,10 @@ pub(super) struct Reloader {
 
 impl Reloader {
     pub(super) fn watched(config: &MemberConfig) -> Vec<std::path::PathBuf> {
-        vec![
-            config.path.clone(),
-            config.region.path.clone(),
-            config.region.ca_path.clone(),
-            config.cert_path.clone(),
-            config.key_path.clone(),
-        ]
+        let mut files = vec![config.path.clone(), config.region.path.clone()];
+        // The CA, certificate and key, code tables, secrets and database TLS files.
+        files.extend(config.files.iter().cloned());
+        files
     }
 
     pub(super) fn look(

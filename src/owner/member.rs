@@ -122,10 +122,7 @@ impl MemberEngine {
         let private = member_context();
         let mut databases = crate::owner::source::Databases::new();
         for db in &config.databases {
-            databases.insert(
-                db.name.clone(),
-                crate::owner::source::postgres::PgDatabase::new(db)?,
-            );
+            databases.insert(db.name.clone(), crate::owner::source::open(db)?);
         }
         for s in &config.sources {
             if matches!(s.kind, crate::config::SourceKind::File { .. }) {
@@ -209,7 +206,7 @@ impl MemberEngine {
 
     fn database_of(&self, source: &str) -> Option<String> {
         self.config.sources.iter().find_map(|s| match &s.kind {
-            crate::config::SourceKind::Postgres { database, .. } if s.name == source => {
+            crate::config::SourceKind::Table { database, .. } if s.name == source => {
                 Some(database.clone())
             }
             _ => None,
@@ -803,7 +800,7 @@ fn collect_database_queries(
     out: &mut Vec<(String, String)>,
 ) {
     let any: &dyn std::any::Any = plan;
-    if let Some(e) = any.downcast_ref::<crate::owner::source::postgres::PgExec>() {
+    if let Some(e) = any.downcast_ref::<crate::owner::source::remote::RemoteExec>() {
         out.push((e.database().to_string(), e.sql().to_string()));
     }
     for child in plan.children() {

@@ -167,16 +167,25 @@ pub fn materialize(
     dst: &Path,
     port: &dyn Fn(&str, u16) -> u16,
 ) -> Result<Materialized> {
-    materialize_with_database(src, dst, port, None)
+    materialize_with_database(src, dst, port, &DatabaseServers::default())
 }
 
-/// Like [`materialize`], with the members' databases on the local server `db` (its
-/// port and password), loaded by [`load_databases`].
+/// The local database servers a materialized region's databases are on: each kind's
+/// port and password (none: the template's address and a random password).
+#[derive(Debug, Clone, Default)]
+pub struct DatabaseServers {
+    /// The PostgreSQL server, loaded by [`load_databases`].
+    pub postgres: Option<(u16, String)>,
+    /// The MariaDB server, loaded by [`load_mysql_databases`].
+    pub mysql: Option<(u16, String)>,
+}
+
+/// Like [`materialize`], with the members' databases on the local `servers`.
 pub fn materialize_with_database(
     src: &Path,
     dst: &Path,
     port: &dyn Fn(&str, u16) -> u16,
-    db: Option<(u16, &str)>,
+    servers: &DatabaseServers,
 ) -> Result<Materialized> {
     let io = |what: &str, p: &Path, e: std::io::Error| {
         Error::Config(format!("{what} {}: {e}", p.display()))
@@ -258,8 +267,13 @@ pub fn materialize_with_database(
             }
         }
         for d in &mut m.databases {
+            let db = match d.kind.as_deref() {
+                Some("mysql") => servers.mysql.as_ref(),
+                Some("flight-sql") => None,
+                _ => servers.postgres.as_ref(),
+            };
             if let Some((port, _)) = db {
-                d.port = Some(port);
+                d.port = Some(*port);
             }
             if let Some(file) = &d.password_file {
                 let path = dst.join(file);
@@ -267,7 +281,7 @@ pub fn materialize_with_database(
                     std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
                 }
                 let password = match db {
-                    Some((_, pw)) => pw.to_string(),
+                    Some((_, pw)) => pw.clone(),
                     None => uuid::Uuid::new_v4().simple().to_string(),
                 };
                 write(&path, &password)?;
@@ -315,6 +329,81 @@ pub fn materialize_with_database(
         ca: ca_path,
         clients,
     })
+}
+
+/// Creates the sample region's MariaDB databases on `db` and loads them: every
+/// `schema.mysql.sql` under `data` holds sections headed `-- database: NAME`; each
+/// section's tables are created in that database and filled from the CSV file named
+/// after the table. Empty fields are NULL and `t`/`f` in a BOOLEAN column are 1/0, as
+/// PostgreSQL's COPY reads the same files.
+pub async fn load_mysql_databases(
+    db: &crate::tools::local_mariadb::LocalMariaDb,
+    data: &Path,
+) -> Result<()> {
+    use mysql_async::prelude::Queryable;
+    let mut scripts = Vec::new();
+    find_files(data, "schema.mysql.sql", &mut scripts);
+    let mut conn = db.connect(None).await?;
+    let fail = |what: String, e: mysql_async::Error| Error::Config(format!("{what}: {e}"));
+    for script in scripts {
+        let text = std::fs::read_to_string(&script)
+            .map_err(|e| Error::Config(format!("reading {}: {e}", script.display())))?;
+        let dir = script.parent().unwrap_or(data);
+        for section in text.split("-- database: ").skip(1) {
+            let (name, ddl) = section.split_once('\n').unwrap_or((section, ""));
+            let name = name.trim();
+            conn.query_drop(format!(
+                "CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
+            ))
+            .await
+            .map_err(|e| fail(format!("creating database {name}"), e))?;
+            conn.query_drop(format!("USE `{name}`"))
+                .await
+                .map_err(|e| fail(format!("using database {name}"), e))?;
+            conn.query_drop(ddl)
+                .await
+                .map_err(|e| fail(format!("{} ({name})", script.display()), e))?;
+            for stmt in ddl.split(';') {
+                let Some(rest) = stmt.split("CREATE TABLE").nth(1) else {
+                    continue;
+                };
+                let table = rest.split('(').next().unwrap_or("").trim();
+                let booleans: Vec<String> = conn
+                    .exec(
+                        "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+                         WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND COLUMN_TYPE = 'tinyint(1)'",
+                        (name, table),
+                    )
+                    .await
+                    .map_err(|e| fail(format!("reading the columns of {table}"), e))?;
+                let csv = dir.join(format!("{table}.csv"));
+                let (header, rows) = read_text_csv(&csv)?;
+                let flags: Vec<bool> = header.iter().map(|h| booleans.contains(h)).collect();
+                let cols: Vec<String> = header.iter().map(|h| format!("`{h}`")).collect();
+                let marks = vec!["?"; cols.len()].join(", ");
+                let insert = format!(
+                    "INSERT INTO `{table}` ({}) VALUES ({marks})",
+                    cols.join(", ")
+                );
+                let params = rows.into_iter().map(|r| {
+                    r.into_iter()
+                        .zip(&flags)
+                        .map(|(v, &flag)| match (v, flag) {
+                            (None, _) => mysql_async::Value::NULL,
+                            (Some(v), true) if v == "t" => mysql_async::Value::Int(1),
+                            (Some(v), true) if v == "f" => mysql_async::Value::Int(0),
+                            (Some(v), _) => mysql_async::Value::Bytes(v.into_bytes()),
+                        })
+                        .collect::<Vec<_>>()
+                });
+                conn.exec_batch(insert, params)
+                    .await
+                    .map_err(|e| fail(format!("loading {table}"), e))?;
+            }
+        }
+    }
+    let _ = conn.disconnect().await;
+    Ok(())
 }
 
 /// Creates the sample region's databases on `pg` and loads them: every `schema.sql`
@@ -378,6 +467,48 @@ pub async fn load_databases(
         }
     }
     Ok(())
+}
+
+/// A CSV file's rows, every field as text and empty fields as `None`.
+type TextRows = Vec<Vec<Option<String>>>;
+
+/// A CSV file's header and rows.
+fn read_text_csv(path: &Path) -> Result<(Vec<String>, TextRows)> {
+    use arrow::array::{Array, AsArray};
+    let err = |e: &dyn std::fmt::Display| Error::Config(format!("reading {}: {e}", path.display()));
+    let open = || std::fs::File::open(path).map_err(|e| err(&e));
+    let (inferred, _) = arrow::csv::reader::Format::default()
+        .with_header(true)
+        .infer_schema(open()?, Some(0))
+        .map_err(|e| err(&e))?;
+    let header: Vec<String> = inferred.fields().iter().map(|f| f.name().clone()).collect();
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(
+        header
+            .iter()
+            .map(|h| arrow::datatypes::Field::new(h, arrow::datatypes::DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ));
+    let reader = arrow::csv::ReaderBuilder::new(schema)
+        .with_header(true)
+        .build(open()?)
+        .map_err(|e| err(&e))?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| err(&e))?;
+        for i in 0..batch.num_rows() {
+            rows.push(
+                batch
+                    .columns()
+                    .iter()
+                    .map(|c| {
+                        let c = c.as_string::<i32>();
+                        (!c.is_null(i) && !c.value(i).is_empty()).then(|| c.value(i).to_string())
+                    })
+                    .collect(),
+            );
+        }
+    }
+    Ok((header, rows))
 }
 
 fn find_files(dir: &Path, name: &str, out: &mut Vec<PathBuf>) {

@@ -6,4 +6,5 @@ pub mod check;
 pub mod client;
 pub mod demo;
 pub mod loadgen;
+pub mod local_mariadb;
 pub mod local_postgres;

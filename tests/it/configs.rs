@@ -7,6 +7,9 @@ async fn every_shipped_config_passes_check() {
     let pg = fedgate::tools::local_postgres::LocalPostgres::launch(None)
         .await
         .unwrap();
+    let mariadb = fedgate::tools::local_mariadb::LocalMariaDb::launch(None)
+        .await
+        .unwrap();
     let mut checked = 0;
     for entry in std::fs::read_dir(&root).unwrap() {
         let src = entry.unwrap().path();
@@ -18,11 +21,17 @@ async fn every_shipped_config_passes_check() {
         fedgate::tools::demo::load_databases(&pg, &src.join("data"))
             .await
             .unwrap();
+        fedgate::tools::demo::load_mysql_databases(&mariadb, &src.join("data"))
+            .await
+            .unwrap();
         let m = fedgate::tools::demo::materialize_with_database(
             &src,
             dir.path(),
             &|_, p| p,
-            Some((pg.port, pg.password.as_str())),
+            &fedgate::tools::demo::DatabaseServers {
+                postgres: Some((pg.port, pg.password.clone())),
+                mysql: Some((mariadb.port, mariadb.password.clone())),
+            },
         )
         .unwrap();
         for (name, path, _) in &m.gateways {

@@ -205,6 +205,7 @@ async fn column_types_map_faithfully() {
     .unwrap();
     let mut cfg = fedgate::config::Database {
         name: "typed".into(),
+        kind: fedgate::config::DatabaseKind::Postgres,
         host: "127.0.0.1".into(),
         port: pg.port,
         dbname: "typed".into(),
@@ -215,14 +216,14 @@ async fn column_types_map_faithfully() {
         connect_timeout: Duration::from_secs(5),
     };
     // Without the password the server refuses, with a clear reason.
-    let refused = fedgate::owner::source::postgres::PgDatabase::new(&cfg).unwrap();
-    let e = fedgate::owner::source::postgres::PgTable::discover(refused, "public", "t")
+    let refused = fedgate::owner::source::open(&cfg).unwrap();
+    let e = fedgate::owner::source::remote::RemoteTable::discover(refused, "public", "t")
         .await
         .unwrap_err();
     assert!(e.to_string().contains("password"), "{e}");
     cfg.password = fedgate::config::Secret::new(pg.password.clone());
-    let database = fedgate::owner::source::postgres::PgDatabase::new(&cfg).unwrap();
-    let table = fedgate::owner::source::postgres::PgTable::discover(database, "public", "t")
+    let database = fedgate::owner::source::open(&cfg).unwrap();
+    let table = fedgate::owner::source::remote::RemoteTable::discover(database, "public", "t")
         .await
         .unwrap();
     let ctx = fedgate::owner::session::member_context();
@@ -465,6 +466,7 @@ async fn tls_to_the_database_verifies_the_server() {
     let connect = |ca: std::path::PathBuf| {
         let cfg = fedgate::config::Database {
             name: "tls".into(),
+            kind: fedgate::config::DatabaseKind::Postgres,
             host: "127.0.0.1".into(),
             port: pg.port,
             dbname: "postgres".into(),
@@ -475,8 +477,9 @@ async fn tls_to_the_database_verifies_the_server() {
             connect_timeout: Duration::from_secs(5),
         };
         async move {
-            let db = fedgate::owner::source::postgres::PgDatabase::new(&cfg).unwrap();
-            fedgate::owner::source::postgres::PgTable::discover(db, "pg_catalog", "pg_class").await
+            let db = fedgate::owner::source::open(&cfg).unwrap();
+            fedgate::owner::source::remote::RemoteTable::discover(db, "pg_catalog", "pg_class")
+                .await
         }
     };
     let table = connect(good_ca).await.unwrap();

@@ -283,3 +283,56 @@ async fn sighup_reloads_a_change_the_file_watcher_cannot_see() {
     let suzhou = member_status(&a.summary, "suzhou");
     assert_eq!(suzhou.state, MemberState::Denied as i32, "{suzhou:?}");
 }
+
+/// A member's configuration version covers the files its member file names: a
+/// changed code table is a new version, noticed by the file watcher and applied to
+/// the next query; so is a changed HMAC key file.
+#[tokio::test]
+async fn a_changed_code_table_or_secret_file_is_a_new_version() {
+    let region = Region::start_only(Some(&["hangzhou"])).await;
+    let gateway = &region.gateways["hangzhou"];
+    let client = region.client("hangzhou");
+    let sql = "SELECT DISTINCT county_code FROM fever_clinics \
+               WHERE member = 'hangzhou' AND county_published = '西湖区'";
+    let a = client.query(sql, false, None).await.unwrap();
+    assert_eq!(
+        crate::support::column_strings(&a.batches, "county_code"),
+        ["330106"]
+    );
+
+    // The code table gives 西湖区 another code; nothing else changes.
+    let table = region.layout.dir.join("data/hangzhou/district_codes.csv");
+    let text = std::fs::read_to_string(&table).unwrap();
+    assert!(text.contains("西湖区,330106"));
+    let version = gateway.version();
+    std::fs::write(&table, text.replace("西湖区,330106", "西湖区,330199")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gateway.version() == version {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the changed code table was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a = client.query(sql, false, None).await.unwrap();
+    assert_eq!(
+        crate::support::column_strings(&a.batches, "county_code"),
+        ["330199"]
+    );
+
+    // A new HMAC key is a new version too (an explicit reload, as after a rotation).
+    let version = gateway.version();
+    let key = region.layout.dir.join("secrets/enrollment.hmac");
+    std::fs::write(&key, "a-rotated-secret-key-of-enough-bytes\n").unwrap();
+    match gateway.reload().await {
+        ReloadOutcome::Applied { version: v } => assert_ne!(v, version),
+        // The watcher may have applied it first.
+        ReloadOutcome::Unchanged => assert_ne!(gateway.version(), version),
+        other => panic!("{other:?}"),
+    }
+    // Writing the same bytes again changes nothing.
+    std::fs::write(&key, "a-rotated-secret-key-of-enough-bytes\n").unwrap();
+    let now = gateway.version();
+    assert_eq!(gateway.reload().await, ReloadOutcome::Unchanged);
+    assert_eq!(gateway.version(), now);
+}

@@ -19,6 +19,8 @@ pub struct Region {
     pub gateways: BTreeMap<String, Gateway>,
     /// The local PostgreSQL server behind Hangzhou's pipelines, when started.
     pub pg: Option<fedgate::tools::local_postgres::LocalPostgres>,
+    /// The local MariaDB server behind Hangzhou's power department, when started.
+    pub mariadb: Option<fedgate::tools::local_mariadb::LocalMariaDb>,
 }
 
 impl Region {
@@ -38,8 +40,9 @@ impl Region {
         Self::start_full(only, patch, false).await
     }
 
-    /// Like [`Region::start_patched`], with Hangzhou's pipeline databases on a local
-    /// PostgreSQL server (started, loaded, and stopped when the region is dropped).
+    /// Like [`Region::start_patched`], with Hangzhou's pipeline databases on local
+    /// PostgreSQL and MariaDB servers (started, loaded, and stopped when the region is
+    /// dropped).
     pub async fn start_with_database(
         only: Option<&[&str]>,
         patch: &dyn Fn(&Materialized),
@@ -52,19 +55,22 @@ impl Region {
         patch: &dyn Fn(&Materialized),
         database: bool,
     ) -> Region {
-        let pg = if database {
-            let pg = fedgate::tools::local_postgres::LocalPostgres::launch(None)
+        let (pg, mariadb) = if database {
+            let data = fedgate::tools::demo::default_source().join("data");
+            let (pg, mariadb) = tokio::join!(
+                fedgate::tools::local_postgres::LocalPostgres::launch(None),
+                fedgate::tools::local_mariadb::LocalMariaDb::launch(None)
+            );
+            let (pg, mariadb) = (pg.unwrap(), mariadb.unwrap());
+            fedgate::tools::demo::load_databases(&pg, &data)
                 .await
                 .unwrap();
-            fedgate::tools::demo::load_databases(
-                &pg,
-                &fedgate::tools::demo::default_source().join("data"),
-            )
-            .await
-            .unwrap();
-            Some(pg)
+            fedgate::tools::demo::load_mysql_databases(&mariadb, &data)
+                .await
+                .unwrap();
+            (Some(pg), Some(mariadb))
         } else {
-            None
+            (None, None)
         };
         let dir = tempfile::tempdir().unwrap();
         let mut listeners = BTreeMap::new();
@@ -86,7 +92,10 @@ impl Region {
             dir.path(),
             // HTTP ports: 0, a free one picked by each gateway.
             &|name, _| ports.get(name).copied().unwrap_or(0),
-            pg.as_ref().map(|p| (p.port, p.password.as_str())),
+            &fedgate::tools::demo::DatabaseServers {
+                postgres: pg.as_ref().map(|p| (p.port, p.password.clone())),
+                mysql: mariadb.as_ref().map(|d| (d.port, d.password.clone())),
+            },
         )
         .unwrap();
         patch(&layout);
@@ -110,6 +119,7 @@ impl Region {
             layout,
             gateways,
             pg,
+            mariadb,
         }
     }
 

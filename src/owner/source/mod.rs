@@ -3,10 +3,14 @@
 //! CSV files are read with every column as text. Published tables keep codes with
 //! leading zeros (`021`), mixed units and free-form dates, so types are decided by the
 //! mapping (a cast, a date format, a code table), never guessed from a sample.
-//! Database tables keep the types their columns have ([`postgres::arrow_type`]).
+//! Database tables keep the types their columns have ([`postgres::arrow_type`],
+//! [`mysql::arrow_type`], or the Arrow types a Flight SQL engine answers with).
 
+pub mod flight_sql;
+pub mod mysql;
 pub mod postgres;
 pub mod pushdown;
+pub mod remote;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,12 +18,22 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
 
-use crate::config::{Source, SourceFormat, SourceKind};
+use crate::config::{Database, DatabaseKind, Source, SourceFormat, SourceKind};
 use crate::error::{Error, Result};
-use postgres::{PgDatabase, PgTable};
+use remote::{RemoteDatabase, RemoteTable};
 
 /// The member's databases by name.
-pub type Databases = BTreeMap<String, Arc<PgDatabase>>;
+pub type Databases = BTreeMap<String, Arc<dyn RemoteDatabase>>;
+
+/// Prepares the connection pool (or channel) of a database. Nothing connects until
+/// the first use.
+pub fn open(db: &Database) -> Result<Arc<dyn RemoteDatabase>> {
+    Ok(match db.kind {
+        DatabaseKind::Postgres => postgres::PgDatabase::new(db)?,
+        DatabaseKind::MySql => mysql::MySqlDatabase::new(db)?,
+        DatabaseKind::FlightSql(dialect) => flight_sql::FlightSqlDatabase::new(db, dialect)?,
+    })
+}
 
 /// Registers a file source as a table named after it in `ctx`. A file that cannot be
 /// read is a configuration error.
@@ -63,7 +77,7 @@ pub async fn register_file(ctx: &SessionContext, s: &Source) -> Result<()> {
 /// reading its columns from the database. Fails when the database cannot be reached
 /// or the table is missing; the caller decides what that costs.
 pub async fn register_table(ctx: &SessionContext, s: &Source, dbs: &Databases) -> Result<()> {
-    let SourceKind::Postgres {
+    let SourceKind::Table {
         database,
         schema,
         table,
@@ -74,7 +88,7 @@ pub async fn register_table(ctx: &SessionContext, s: &Source, dbs: &Databases) -
     let db = dbs
         .get(database)
         .ok_or_else(|| Error::Internal(format!("no database {database}")))?;
-    let t = PgTable::discover(db.clone(), schema, table).await?;
+    let t = RemoteTable::discover(db.clone(), schema, table).await?;
     ctx.register_table(crate::config::quote_ident(&s.name), Arc::new(t))
         .map_err(|e| Error::Internal(format!("registering source {}: {e}", s.name)))?;
     Ok(())

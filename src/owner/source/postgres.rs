@@ -1,10 +1,10 @@
 //! PostgreSQL-compatible databases behind a member.
 //!
-//! A [`PgDatabase`] is one database with a connection pool. Each mapped table becomes a
-//! [`PgTable`] in the member's private context, with its columns discovered from the
-//! catalog and their types mapped faithfully to Arrow. Work is pushed into the database
-//! by [`super::pushdown`], which turns whole sub-plans over one database into SQL; what
-//! runs there is a [`PgExec`], which streams the rows back as Arrow batches.
+//! A [`PgDatabase`] is one database with a connection pool, a
+//! [`RemoteDatabase`](super::remote::RemoteDatabase): its tables' columns are
+//! discovered from the catalog and their types mapped faithfully to Arrow, and the
+//! statements [`super::pushdown`] writes for it run here and stream back as Arrow
+//! batches.
 //!
 //! Every value is read in PostgreSQL's binary format after a cast, chosen from the
 //! Arrow type the plan expects, in the SQL itself (`CAST(c0 AS int8)`). PostgreSQL
@@ -22,25 +22,12 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use async_trait::async_trait;
-use datafusion::catalog::Session;
-use datafusion::datasource::{TableProvider, TableType};
-use datafusion::error::{DataFusionError, Result as DfResult};
-use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
-use datafusion::physical_expr::EquivalenceProperties;
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
-};
 use futures::StreamExt;
 use tokio_postgres::types::{FromSql, Type};
 
+use super::remote::{BATCH_ROWS, BatchSender, Dialect, RemoteDatabase};
 use crate::config::{Database, DatabaseTls};
 use crate::error::{Error, Result};
-
-/// Rows per Arrow batch read from a database.
-const BATCH_ROWS: usize = 8192;
 
 /// Microseconds from the Unix epoch to PostgreSQL's epoch (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -118,17 +105,6 @@ impl PgDatabase {
         }))
     }
 
-    /// The database's name in the member file.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Whether text compares byte-wise here, as it does in DataFusion. Ordering
-    /// comparisons of text are pushed only then.
-    pub fn c_collation(&self) -> bool {
-        self.c_collation.load(Ordering::Relaxed) == 1
-    }
-
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(|e| self.pool_error(e))
     }
@@ -185,9 +161,37 @@ impl PgDatabase {
             },
         }
     }
+}
+
+#[async_trait]
+impl RemoteDatabase for PgDatabase {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    /// Ordering comparisons of text are pushed only under the "C" collation.
+    fn byte_wise_text(&self) -> bool {
+        self.c_collation.load(Ordering::Relaxed) == 1
+    }
+
+    fn readable(&self, t: &DataType) -> bool {
+        pg_cast(t).is_some()
+    }
+
+    fn statement(&self, inner: &str, fields: &[Arc<Field>]) -> Result<String> {
+        typed_select(inner, fields, None, None)
+    }
+
+    async fn run(&self, sql: &str, schema: SchemaRef, tx: &BatchSender) -> Result<()> {
+        run(self, sql, schema, tx).await
+    }
 
     /// Reads a table's columns from the catalog and maps their types to Arrow.
-    pub async fn discover(&self, schema: &str, table: &str) -> Result<SchemaRef> {
+    async fn discover(&self, schema: &str, table: &str) -> Result<SchemaRef> {
         let client = self.client().await?;
         if self.c_collation.load(Ordering::Relaxed) == 0 {
             let row = client
@@ -291,11 +295,6 @@ fn pg_cast(t: &DataType) -> Option<String> {
     })
 }
 
-/// Whether values of type `t` can be read from a database.
-pub fn readable(t: &DataType) -> bool {
-    pg_cast(t).is_some()
-}
-
 /// The SQL that reads `inner` (whose columns are, by position, `fields`) with every
 /// column cast to the type its field expects, optionally only `projection`.
 pub fn typed_select(
@@ -342,260 +341,10 @@ pub fn typed_select(
     Ok(sql)
 }
 
-/// A table in a database, as the member's private context sees it: the query of all
-/// its columns, with the name the pushdown rule writes into SQL.
-#[derive(Debug)]
-pub struct PgTable {
-    schema_name: String,
-    table: String,
-    all: PgQuery,
-}
-
-impl PgTable {
-    /// Discovers `schema.table` in `db`.
-    pub async fn discover(db: Arc<PgDatabase>, schema: &str, table: &str) -> Result<PgTable> {
-        let cols = db.discover(schema, table).await?;
-        let names: Vec<String> = cols.fields().iter().map(|f| quote(f.name())).collect();
-        let sql = format!(
-            "SELECT {} FROM {}.{}",
-            names.join(", "),
-            quote(schema),
-            quote(table)
-        );
-        Ok(PgTable {
-            schema_name: schema.to_string(),
-            table: table.to_string(),
-            all: PgQuery::new(db, sql, cols),
-        })
-    }
-
-    /// The database.
-    pub fn database(&self) -> &Arc<PgDatabase> {
-        &self.all.db
-    }
-
-    /// The table's schema-qualified name on the server.
-    pub fn remote_name(&self) -> (&str, &str) {
-        (&self.schema_name, &self.table)
-    }
-}
-
-#[async_trait]
-impl TableProvider for PgTable {
-    fn schema(&self) -> SchemaRef {
-        self.all.schema()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
-        // Filters stay in the plan, where the pushdown rule moves whole sub-plans
-        // (filters included) into the database when every expression can go there.
-        self.all.supports_filters_pushdown(filters)
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        self.all.scan(state, projection, filters, limit).await
-    }
-}
-
-/// The result of SQL run in a database, as a table the pushdown rule scans.
-#[derive(Debug)]
-pub struct PgQuery {
-    db: Arc<PgDatabase>,
-    /// The SQL whose columns are, by position, `schema`'s fields.
-    sql: String,
-    schema: SchemaRef,
-}
-
-impl PgQuery {
-    /// A query whose result has `schema` (by position).
-    pub fn new(db: Arc<PgDatabase>, sql: String, schema: SchemaRef) -> PgQuery {
-        PgQuery { db, sql, schema }
-    }
-}
-
-#[async_trait]
-impl TableProvider for PgQuery {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Temporary
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
-        Ok(vec![
-            TableProviderFilterPushDown::Unsupported;
-            filters.len()
-        ])
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        limit: Option<usize>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        PgExec::try_new(
-            self.db.clone(),
-            &self.sql,
-            self.schema.fields(),
-            projection.map(|p| p.as_slice()),
-            limit,
-        )
-        .map(|e| Arc::new(e) as Arc<dyn ExecutionPlan>)
-        .map_err(Error::into_datafusion)
-    }
-}
-
-/// Runs one SQL statement in a database and streams its rows as Arrow batches.
-#[derive(Debug)]
-pub struct PgExec {
-    db: Arc<PgDatabase>,
-    sql: String,
-    schema: SchemaRef,
-    props: Arc<PlanProperties>,
-}
-
-impl PgExec {
-    fn try_new(
-        db: Arc<PgDatabase>,
-        inner: &str,
-        fields: &arrow::datatypes::Fields,
-        projection: Option<&[usize]>,
-        limit: Option<usize>,
-    ) -> Result<PgExec> {
-        let fields: Vec<Arc<Field>> = fields.iter().cloned().collect();
-        let sql = typed_select(inner, &fields, projection, limit)?;
-        let out: Vec<Arc<Field>> = match projection {
-            Some(p) => p.iter().map(|&i| fields[i].clone()).collect(),
-            None => fields,
-        };
-        let schema = Arc::new(Schema::new(out));
-        let props = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(schema.clone()),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        ));
-        Ok(PgExec {
-            db,
-            sql,
-            schema,
-            props,
-        })
-    }
-
-    /// The database this runs in.
-    pub fn database(&self) -> &str {
-        self.db.name()
-    }
-
-    /// The SQL sent to the database.
-    pub fn sql(&self) -> &str {
-        &self.sql
-    }
-}
-
-impl DisplayAs for PgExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(
-            f,
-            "DatabaseExec: database={} sql={}",
-            self.db.name, self.sql
-        )
-    }
-}
-
-impl ExecutionPlan for PgExec {
-    fn name(&self) -> &str {
-        "DatabaseExec"
-    }
-
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.props
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        Vec::new()
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(
-            &Arc<dyn datafusion::physical_plan::PhysicalExpr>,
-        ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion>,
-    ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion> {
-        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-    }
-
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        if children.is_empty() {
-            Ok(self)
-        } else {
-            Err(DataFusionError::Internal(
-                "DatabaseExec has no children".into(),
-            ))
-        }
-    }
-
-    fn execute(
-        &self,
-        partition: usize,
-        _context: Arc<TaskContext>,
-    ) -> DfResult<SendableRecordBatchStream> {
-        if partition != 0 {
-            return Err(DataFusionError::Internal(format!(
-                "DatabaseExec has one partition, not {partition}"
-            )));
-        }
-        let (tx, rx) = tokio::sync::mpsc::channel::<DfResult<RecordBatch>>(2);
-        let db = self.db.clone();
-        let sql = self.sql.clone();
-        let schema = self.schema.clone();
-        tokio::spawn(async move {
-            if let Err(e) = run(&db, &sql, schema, &tx).await {
-                let _ = tx.send(Err(e.into_datafusion())).await;
-            }
-        });
-        let stream =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            self.schema.clone(),
-            stream,
-        )))
-    }
-}
-
 /// Runs `sql` and sends its rows in batches. When the receiver goes away (the query
 /// was cancelled or its deadline passed), the statement is cancelled in the database
 /// too rather than left running.
-async fn run(
-    db: &PgDatabase,
-    sql: &str,
-    schema: SchemaRef,
-    tx: &tokio::sync::mpsc::Sender<DfResult<RecordBatch>>,
-) -> Result<()> {
+async fn run(db: &PgDatabase, sql: &str, schema: SchemaRef, tx: &BatchSender) -> Result<()> {
     let client = tokio::select! {
         c = db.client() => c?,
         _ = tx.closed() => return Ok(()),

@@ -2,16 +2,21 @@
 //!
 //! [`push_into_databases`] runs on a member's optimized logical plans. It finds the
 //! largest sub-plans that read tables of a single database and whose every operator
-//! and expression means the same there as in DataFusion, unparses each into
-//! PostgreSQL SQL and replaces it with a scan of that SQL's result. What cannot go (a
+//! and expression means the same there as in DataFusion, unparses each into the
+//! database's SQL dialect and replaces it with a scan of that statement's result. What cannot go (a
 //! mapping's code-table lookup, a mask, a join across two databases) stays in the
 //! gateway, above the scans, so the answer is the same either way: correct first,
 //! then fast.
 //!
 //! "Means the same" is decided conservatively, node by node and expression by
-//! expression: an allow-list, not a deny-list. Casts are pushed only where both
-//! engines cannot fail and agree on the value; ordering comparisons of text only where
-//! the database compares text byte-wise, as DataFusion does.
+//! expression, for each dialect: an allow-list, not a deny-list. Casts are pushed only
+//! where both engines cannot fail and agree on the value; comparisons of text only
+//! where the database compares text byte-wise, as DataFusion does (PostgreSQL's
+//! equality always is, its ordering only under the "C" collation; MySQL's case- and
+//! accent-insensitive collations make even equality differ). MySQL's division gives
+//! decimals and NULL for a zero divisor, its `CONCAT` is NULL when any argument is,
+//! it sorts NULLs first and has no FULL JOIN: those stay in the gateway, or are
+//! written so that they mean the same (NULL ordering).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,13 +28,46 @@ use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::error::Result as DfResult;
 use datafusion::logical_expr::expr::{AggregateFunction, Cast};
 use datafusion::logical_expr::{
-    BinaryExpr, Distinct, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator,
+    BinaryExpr, Distinct, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, Operator, SortExpr,
     SubqueryAlias, TableScan, TableScanBuilder,
 };
 use datafusion::sql::unparser::Unparser;
-use datafusion::sql::unparser::dialect::PostgreSqlDialect;
+use datafusion::sql::unparser::dialect::{CustomDialectBuilder, DefaultDialect, PostgreSqlDialect};
 
-use super::postgres::{PgDatabase, PgQuery, PgTable, readable};
+use super::remote::{Dialect, RemoteDatabase, RemoteQuery, RemoteTable, same};
+
+/// A database's handle, as the rule passes it around.
+type Db = Arc<dyn RemoteDatabase>;
+
+/// What the rule needs to know of a database to decide what may go there.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    dialect: Dialect,
+    byte_wise: bool,
+}
+
+impl Target {
+    fn of(db: &dyn RemoteDatabase) -> Target {
+        Target {
+            dialect: db.dialect(),
+            byte_wise: db.byte_wise_text(),
+        }
+    }
+
+    /// Whether `<`, `ORDER BY`, `MIN` and `BETWEEN` of text mean the same there.
+    fn text_order(self) -> bool {
+        self.byte_wise
+    }
+
+    /// Whether `=`, `IN`, `LIKE`, `GROUP BY` and `DISTINCT` of text mean the same there.
+    fn text_equality(self) -> bool {
+        self.byte_wise || self.dialect == Dialect::Postgres
+    }
+
+    fn mysql(self) -> bool {
+        self.dialect == Dialect::MySql
+    }
+}
 
 /// Names of the scans this rule creates; unique within a process.
 static SCANS: AtomicU64 = AtomicU64::new(0);
@@ -229,10 +267,10 @@ fn split_over_union(plan: &LogicalPlan) -> DfResult<Option<LogicalPlan>> {
 }
 
 /// The database and remote name of a scan, when it reads a database table.
-fn table_of(scan: &TableScan) -> Option<(Arc<PgDatabase>, String, String)> {
+fn table_of(scan: &TableScan) -> Option<(Db, String, String)> {
     let provider = source_as_provider(&scan.source).ok()?;
     let any: &dyn std::any::Any = provider.as_ref();
-    let table = any.downcast_ref::<PgTable>()?;
+    let table = any.downcast_ref::<RemoteTable>()?;
     let (schema, name) = table.remote_name();
     Some((
         table.database().clone(),
@@ -243,14 +281,14 @@ fn table_of(scan: &TableScan) -> Option<(Arc<PgDatabase>, String, String)> {
 
 /// Rewrites the children of `plan` and says which database, if exactly one, could run
 /// all of `plan`.
-fn push(plan: LogicalPlan) -> DfResult<(LogicalPlan, Option<Arc<PgDatabase>>)> {
+fn push(plan: LogicalPlan) -> DfResult<(LogicalPlan, Option<Db>)> {
     if let LogicalPlan::TableScan(scan) = &plan {
         let owner = table_of(scan)
             .filter(|_| scan.filters.is_empty())
             .map(|(db, _, _)| db);
         return Ok((plan, owner));
     }
-    let mut owners: Vec<Option<Arc<PgDatabase>>> = Vec::new();
+    let mut owners: Vec<Option<Db>> = Vec::new();
     let plan = plan
         .map_children(|c| {
             let (c, o) = push(c)?;
@@ -264,10 +302,10 @@ fn push(plan: LogicalPlan) -> DfResult<(LogicalPlan, Option<Arc<PgDatabase>>)> {
     let sole = owners[0].clone().filter(|first| {
         owners
             .iter()
-            .all(|o| o.as_ref().is_some_and(|o| Arc::ptr_eq(o, first)))
+            .all(|o| o.as_ref().is_some_and(|o| same(o, first)))
     });
     if let Some(db) = sole
-        && node_ok(&plan, &db)
+        && node_ok(&plan, db.as_ref())
     {
         return Ok((plan, Some(db)));
     }
@@ -284,34 +322,40 @@ fn push(plan: LogicalPlan) -> DfResult<(LogicalPlan, Option<Arc<PgDatabase>>)> {
 }
 
 /// Whether the database can run this operator (its inputs already can).
-fn node_ok(plan: &LogicalPlan, db: &PgDatabase) -> bool {
-    let c = db.c_collation();
+fn node_ok(plan: &LogicalPlan, db: &dyn RemoteDatabase) -> bool {
+    let t = Target::of(db);
     let out_ok = plan
         .schema()
         .fields()
         .iter()
-        .all(|f| readable(f.data_type()));
+        .all(|f| db.readable(f.data_type()));
     if !out_ok {
         return false;
     }
+    // Whether grouping or deduplicating by these expressions means the same there.
+    let groups_ok = |exprs: &[Expr], schema: &DFSchema| {
+        t.text_equality() || !exprs.iter().any(|e| is_text(e, schema))
+    };
     match plan {
-        // A projection over a LIMIT stays in the gateway: the unparser writes the LIMIT
-        // as a derived table of its own while the projection goes on naming the
-        // tables inside it (`SELECT "h"."x" FROM (... AS "h" LIMIT 5) AS
-        // "derived_limit"`), which the database refuses. The LIMIT itself still runs in
-        // the database; the gateway projects at most its rows.
+        // A projection over a LIMIT or an ORDER BY stays in the gateway: the unparser
+        // writes the LIMIT (or the sort) as a derived table of its own while the
+        // projection goes on naming the tables inside it (`SELECT "h"."x" FROM (... AS
+        // "h" LIMIT 5) AS "derived_limit"`), which the database refuses. The LIMIT and
+        // the ORDER BY still run in the database; the gateway projects their rows, in
+        // their order.
         LogicalPlan::Projection(p) => {
-            !limit_below(&p.input) && p.expr.iter().all(|e| expr_ok(e, p.input.schema(), c))
+            !limit_below(&p.input) && p.expr.iter().all(|e| expr_ok(e, p.input.schema(), t))
         }
         // A filter over an aggregate (a HAVING) stays in the gateway: DataFusion's
         // unparser writes it over a derived table that does not name the
         // aggregate's columns, which the database then cannot find.
         LogicalPlan::Filter(f) => {
-            expr_ok(&f.predicate, f.input.schema(), c) && !over_aggregate(&f.input)
+            expr_ok(&f.predicate, f.input.schema(), t) && !over_aggregate(&f.input)
         }
         LogicalPlan::Aggregate(a) => {
-            a.group_expr.iter().all(|e| expr_ok(e, a.input.schema(), c))
-                && a.aggr_expr.iter().all(|e| expr_ok(e, a.input.schema(), c))
+            a.group_expr.iter().all(|e| expr_ok(e, a.input.schema(), t))
+                && groups_ok(&a.group_expr, a.input.schema())
+                && a.aggr_expr.iter().all(|e| expr_ok(e, a.input.schema(), t))
         }
         LogicalPlan::Sort(s) => {
             // ORDER BY over a projection names its output columns unqualified (see
@@ -330,8 +374,8 @@ fn node_ok(plan: &LogicalPlan, db: &PgDatabase) -> bool {
             };
             unique
                 && s.expr.iter().all(|k| {
-                    expr_ok(&k.expr, s.input.schema(), c)
-                        && (c || !is_text(&k.expr, s.input.schema()))
+                    expr_ok(&k.expr, s.input.schema(), t)
+                        && (t.text_order() || !is_text(&k.expr, s.input.schema()))
                 })
         }
         LogicalPlan::Limit(l) => {
@@ -339,20 +383,42 @@ fn node_ok(plan: &LogicalPlan, db: &PgDatabase) -> bool {
                 e.as_deref()
                     .is_none_or(|e| matches!(e, Expr::Literal(ScalarValue::Int64(_), _)))
             };
-            lit(&l.skip) && lit(&l.fetch)
+            // MySQL has no OFFSET without a LIMIT.
+            let offset_alone = l.fetch.is_none() && l.skip.is_some();
+            lit(&l.skip) && lit(&l.fetch) && !(t.mysql() && offset_alone)
         }
         LogicalPlan::SubqueryAlias(_) => true,
-        LogicalPlan::Distinct(Distinct::All(_)) => true,
+        LogicalPlan::Distinct(Distinct::All(input)) => {
+            let cols: Vec<Expr> = input
+                .schema()
+                .columns()
+                .into_iter()
+                .map(Expr::Column)
+                .collect();
+            groups_ok(&cols, input.schema())
+        }
         LogicalPlan::Union(_) => true,
         LogicalPlan::Join(j) => {
-            matches!(
-                j.join_type,
-                JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full
-            ) && j.null_equality == NullEquality::NullEqualsNothing
-                && j.on
-                    .iter()
-                    .all(|(l, r)| expr_ok(l, &j.schema, c) && expr_ok(r, &j.schema, c))
-                && j.filter.as_ref().is_none_or(|f| expr_ok(f, &j.schema, c))
+            let kinds = if t.mysql() {
+                // MySQL has no FULL JOIN.
+                matches!(
+                    j.join_type,
+                    JoinType::Inner | JoinType::Left | JoinType::Right
+                )
+            } else {
+                matches!(
+                    j.join_type,
+                    JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full
+                )
+            };
+            kinds
+                && j.null_equality == NullEquality::NullEqualsNothing
+                && j.on.iter().all(|(l, r)| {
+                    expr_ok(l, &j.schema, t)
+                        && expr_ok(r, &j.schema, t)
+                        && (t.text_equality() || !is_text(l, &j.schema))
+                })
+                && j.filter.as_ref().is_none_or(|f| expr_ok(f, &j.schema, t))
         }
         // Window functions stay in the gateway: DataFusion's unparser writes a window
         // under a filter as a derived table whose columns the filter cannot name.
@@ -384,7 +450,8 @@ fn is_text(e: &Expr, schema: &DFSchema) -> bool {
     )
 }
 
-/// Scalar functions that PostgreSQL has under the same name with the same meaning.
+/// Scalar functions that PostgreSQL (and DataFusion) have under the same name with the
+/// same meaning.
 const FUNCTIONS: &[&str] = &[
     "lower",
     "upper",
@@ -402,26 +469,40 @@ const FUNCTIONS: &[&str] = &[
     "right",
 ];
 
+/// Scalar functions that MySQL has under the same name with the same meaning. Not
+/// `CONCAT` (NULL when any argument is), `SUBSTR`, `LEFT` and `RIGHT` (negative
+/// positions and lengths mean other things) or the trims (`TRIM` only, no `BTRIM`).
+const MYSQL_FUNCTIONS: &[&str] = &[
+    "lower",
+    "upper",
+    "character_length",
+    "coalesce",
+    "nullif",
+    "abs",
+    "replace",
+];
+
 /// Whether an expression means the same in the database.
-fn expr_ok(e: &Expr, schema: &DFSchema, c_collation: bool) -> bool {
+fn expr_ok(e: &Expr, schema: &DFSchema, t: Target) -> bool {
     let mut ok = true;
     let _ = e.apply(|e| {
         let this = match e {
             Expr::Alias(_) | Expr::Column(_) => true,
-            Expr::Literal(v, _) => matches!(
-                v,
+            Expr::Literal(v, _) => match v {
                 ScalarValue::Null
-                    | ScalarValue::Boolean(_)
-                    | ScalarValue::Int16(_)
-                    | ScalarValue::Int32(_)
-                    | ScalarValue::Int64(_)
-                    | ScalarValue::Float64(_)
-                    | ScalarValue::Utf8(_)
-                    | ScalarValue::Date32(_)
-                    | ScalarValue::Decimal128(..)
-            ),
+                | ScalarValue::Boolean(_)
+                | ScalarValue::Int16(_)
+                | ScalarValue::Int32(_)
+                | ScalarValue::Int64(_)
+                | ScalarValue::Utf8(_)
+                | ScalarValue::Date32(_)
+                | ScalarValue::Decimal128(..) => true,
+                // MySQL reads `1.5` as an exact decimal, not a double.
+                ScalarValue::Float64(_) => !t.mysql(),
+                _ => false,
+            },
             Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-                binary_ok(left, *op, right, schema, c_collation)
+                binary_ok(left, *op, right, schema, t)
             }
             Expr::Not(_)
             | Expr::IsNull(_)
@@ -431,23 +512,51 @@ fn expr_ok(e: &Expr, schema: &DFSchema, c_collation: bool) -> bool {
             | Expr::IsNotTrue(_)
             | Expr::IsNotFalse(_)
             | Expr::Negative(_)
-            | Expr::InList(_)
             | Expr::Case(_) => true,
-            Expr::Between(b) => c_collation || !is_text(&b.expr, schema),
-            Expr::Like(l) => !l.case_insensitive && l.escape_char.is_none(),
-            Expr::Cast(Cast { expr, field }) => cast_ok(expr, field.data_type(), schema),
-            Expr::TryCast(t) => cast_ok(&t.expr, t.field.data_type(), schema),
-            Expr::ScalarFunction(f) => FUNCTIONS.contains(&f.func.name()),
+            Expr::InList(l) => t.text_equality() || !is_text(&l.expr, schema),
+            Expr::Between(b) => t.text_order() || !is_text(&b.expr, schema),
+            Expr::Like(l) => {
+                // MySQL's default LIKE escape under NO_BACKSLASH_ESCAPES is not
+                // DataFusion's: patterns with a backslash stay in the gateway.
+                let backslash = matches!(l.pattern.as_ref(),
+                    Expr::Literal(ScalarValue::Utf8(Some(p)), _) if p.contains('\\'));
+                let literal = matches!(l.pattern.as_ref(), Expr::Literal(..));
+                !l.case_insensitive
+                    && l.escape_char.is_none()
+                    && t.text_equality()
+                    && !(t.mysql() && (backslash || !literal))
+            }
+            Expr::Cast(Cast { expr, field }) => cast_ok(expr, field.data_type(), schema, t),
+            Expr::TryCast(c) => cast_ok(&c.expr, c.field.data_type(), schema, t),
+            Expr::ScalarFunction(f) => {
+                let list = if t.mysql() {
+                    MYSQL_FUNCTIONS
+                } else {
+                    FUNCTIONS
+                };
+                list.contains(&f.func.name())
+            }
             Expr::AggregateFunction(AggregateFunction { func, params }) => {
                 let name = func.name();
                 let plain = params.filter.is_none()
                     && params.order_by.is_empty()
                     && params.null_treatment.is_none();
-                let min_max_text = matches!(name, "min" | "max")
-                    && !c_collation
-                    && params.args.first().is_some_and(|a| is_text(a, schema));
+                let text_arg = params.args.first().is_some_and(|a| is_text(a, schema));
+                let min_max_text = matches!(name, "min" | "max") && text_arg && !t.text_order();
+                let distinct_text = params.distinct && text_arg && !t.text_equality();
+                // MySQL averages integers and decimals as decimals rounded to four more
+                // places; DataFusion averages them as doubles.
+                let float_arg = params.args.first().is_some_and(|a| {
+                    matches!(
+                        a.get_type(schema),
+                        Ok(DataType::Float32 | DataType::Float64)
+                    )
+                });
+                let avg_differs = name == "avg" && t.mysql() && !float_arg;
                 plain
                     && !min_max_text
+                    && !distinct_text
+                    && !avg_differs
                     && (matches!(name, "count" | "sum" | "min" | "max" | "avg"))
                     && (!params.distinct || name == "count")
             }
@@ -463,7 +572,7 @@ fn expr_ok(e: &Expr, schema: &DFSchema, c_collation: bool) -> bool {
     ok
 }
 
-fn binary_ok(left: &Expr, op: Operator, right: &Expr, schema: &DFSchema, c: bool) -> bool {
+fn binary_ok(left: &Expr, op: Operator, right: &Expr, schema: &DFSchema, t: Target) -> bool {
     use Operator::*;
     let float_or_decimal = |e: &Expr| {
         matches!(
@@ -475,26 +584,58 @@ fn binary_ok(left: &Expr, op: Operator, right: &Expr, schema: &DFSchema, c: bool
                 | DataType::Decimal256(..))
         )
     };
+    let text = is_text(left, schema) || is_text(right, schema);
     match op {
-        Eq | NotEq | And | Or | Plus | Minus | Multiply | StringConcat => true,
-        IsDistinctFrom | IsNotDistinctFrom => true,
-        Lt | LtEq | Gt | GtEq => c || !(is_text(left, schema) || is_text(right, schema)),
-        // Integer division truncates in both; float division by zero is an error in
-        // PostgreSQL but infinity in DataFusion, and decimal division rounds to
-        // different scales, so only integer division goes.
-        Divide | Modulo => !(float_or_decimal(left) || float_or_decimal(right)),
+        And | Or | Plus | Minus | Multiply | StringConcat => true,
+        Eq | NotEq | IsDistinctFrom | IsNotDistinctFrom => t.text_equality() || !text,
+        Lt | LtEq | Gt | GtEq => t.text_order() || !text,
+        // Integer division truncates in PostgreSQL as in DataFusion; float division
+        // by zero is an error in PostgreSQL but infinity in DataFusion, and decimal
+        // division rounds to different scales, so only integer division goes. MySQL
+        // divides integers into decimals and gives NULL for a zero divisor, so no
+        // division goes there.
+        Divide | Modulo => match t.dialect {
+            Dialect::DataFusion => true,
+            Dialect::MySql => false,
+            Dialect::Postgres => !(float_or_decimal(left) || float_or_decimal(right)),
+        },
         _ => false,
     }
 }
 
 /// Casts that cannot fail and give the same value in both engines.
-fn cast_ok(e: &Expr, to: &DataType, schema: &DFSchema) -> bool {
+fn cast_ok(e: &Expr, to: &DataType, schema: &DFSchema, t: Target) -> bool {
     use DataType::*;
     let Ok(from) = e.get_type(schema) else {
         return false;
     };
     if &from == to {
         return true;
+    }
+    if t.dialect == Dialect::DataFusion {
+        // The same engine casts the same way; only casts that cannot fail go.
+        return matches!(
+            (&from, to),
+            (Int16, Int32 | Int64)
+                | (Int32, Int64)
+                | (Int16 | Int32 | Int64 | Float32, Float64)
+                | (Int16 | Int32 | Int64 | Utf8 | Date32 | Boolean, Utf8)
+                | (Timestamp(_, None), Date32)
+                | (Null, _)
+        );
+    }
+    if t.mysql() {
+        // MySQL casts to SIGNED, DOUBLE, DECIMAL, CHAR and DATE only; a boolean is a
+        // number there (`1`, not `true`), and FLOAT widens through its decimal text.
+        return match (&from, to) {
+            (Int16, Int32 | Int64) | (Int32, Int64) => true,
+            (Int16 | Int32 | Int64, Float64) => true,
+            (Int16 | Int32 | Int64, Decimal128(p, s)) => *p as i32 - *s as i32 >= 19,
+            (Int16 | Int32 | Int64 | Date32, Utf8) => true,
+            (Timestamp(_, None), Date32) => true,
+            (Null, Int32 | Int64 | Float64 | Utf8 | Date32 | Decimal128(..)) => true,
+            _ => false,
+        };
     }
     match (&from, to) {
         (Int16, Int32 | Int64) | (Int32, Int64) => true,
@@ -509,9 +650,10 @@ fn cast_ok(e: &Expr, to: &DataType, schema: &DFSchema) -> bool {
     }
 }
 
-/// Whether `plan` is a LIMIT that the unparser writes as a derived table under a
-/// projection: one with no aggregate in the same SELECT (an aggregate below keeps the
-/// projection, the LIMIT and the aggregate in one SELECT).
+/// Whether `plan` is a LIMIT or ORDER BY that the unparser writes as a derived table
+/// under a projection: one with no aggregate in the same SELECT (an aggregate below
+/// keeps the projection, the LIMIT and the aggregate in one SELECT). The optimizer
+/// folds `ORDER BY ... LIMIT` into a sort with a row count, which is written the same.
 fn limit_below(plan: &LogicalPlan) -> bool {
     fn aggregate_in_select(p: &LogicalPlan) -> bool {
         match p {
@@ -522,7 +664,11 @@ fn limit_below(plan: &LogicalPlan) -> bool {
             _ => false,
         }
     }
-    matches!(plan, LogicalPlan::Limit(l) if !aggregate_in_select(&l.input))
+    match plan {
+        LogicalPlan::Limit(l) => !aggregate_in_select(&l.input),
+        LogicalPlan::Sort(s) => !aggregate_in_select(&s.input),
+        _ => false,
+    }
 }
 
 /// Whether the top of `plan` is an aggregate, possibly under a LIMIT or ORDER BY: the
@@ -537,7 +683,7 @@ fn aggregate_at_top(plan: &LogicalPlan) -> bool {
 }
 
 /// Replaces `plan`, which `db` can run entirely, with a scan of its answer there.
-fn remote_scan(plan: LogicalPlan, db: Arc<PgDatabase>) -> DfResult<LogicalPlan> {
+fn remote_scan(plan: LogicalPlan, db: Db) -> DfResult<LogicalPlan> {
     let schema = plan.schema().clone();
     // The result is read by position, so the SQL must list the columns in the plan's
     // order; the unparser writes an aggregate at the top with its aggregates before
@@ -558,14 +704,14 @@ fn remote_scan(plan: LogicalPlan, db: Arc<PgDatabase>) -> DfResult<LogicalPlan> 
         }
         plan => plan,
     };
-    let sql = to_sql(plan)?;
+    let sql = to_sql(plan, db.dialect())?;
     let fields: Vec<Field> = schema
         .fields()
         .iter()
         .enumerate()
         .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), f.is_nullable()))
         .collect();
-    let provider = PgQuery::new(db, sql, Arc::new(Schema::new(fields)));
+    let provider = RemoteQuery::new(db, sql, Arc::new(Schema::new(fields)));
     let name = format!("__fedgate_db_{}", SCANS.fetch_add(1, Ordering::Relaxed));
     let scan =
         LogicalPlanBuilder::scan(name.as_str(), provider_as_source(Arc::new(provider)), None)?;
@@ -585,9 +731,10 @@ fn remote_scan(plan: LogicalPlan, db: Arc<PgDatabase>) -> DfResult<LogicalPlan> 
     scan.project(exprs)?.build()
 }
 
-/// The PostgreSQL SQL of a sub-plan: local table names become the database's, and
-/// `TRY_CAST`s (allowed only where they cannot fail) become `CAST`s.
-pub fn to_sql(plan: LogicalPlan) -> DfResult<String> {
+/// The SQL of a sub-plan in `dialect`: local table names become the database's,
+/// `TRY_CAST`s (allowed only where they cannot fail) become `CAST`s, and in MySQL each
+/// sort key gets a key before it that puts its NULLs where DataFusion puts them.
+pub fn to_sql(plan: LogicalPlan, dialect: Dialect) -> DfResult<String> {
     // DataFusion copies a LIMIT's row count (skip plus fetch) into the scan below it
     // and keeps the LIMIT. The unparser writes both into the same SELECT, where the
     // scan's count replaces the LIMIT's and its OFFSET is lost (`LIMIT 5 OFFSET 2`
@@ -596,16 +743,87 @@ pub fn to_sql(plan: LogicalPlan) -> DfResult<String> {
     let has_limit = plan.exists(|p| Ok(matches!(p, LogicalPlan::Limit(_))))?;
     let plan = plan
         .transform_up(|node| {
+            // The schema the node's expressions are evaluated against.
+            let input = match &node {
+                LogicalPlan::Join(j) => j.schema.clone(),
+                n => n
+                    .inputs()
+                    .first()
+                    .map(|i| i.schema().clone())
+                    .unwrap_or_else(|| n.schema().clone()),
+            };
             let node = node
                 .map_expressions(|e| {
-                    e.transform(|e| match e {
-                        Expr::TryCast(t) => Ok(Transformed::yes(Expr::Cast(Cast::new_from_field(
-                            t.expr, t.field,
-                        )))),
-                        e => Ok(Transformed::no(e)),
+                    e.transform(|e| {
+                        let c = match e {
+                            Expr::TryCast(t) => Cast::new_from_field(t.expr, t.field),
+                            Expr::Cast(c) => c,
+                            e => return Ok(Transformed::no(e)),
+                        };
+                        // MySQL cannot write most types in a CAST (`CAST(x AS BOOL)` is
+                        // a syntax error); a cast to the type a value already has goes.
+                        let same =
+                            c.expr.get_type(&input).ok().as_ref() == Some(c.field.data_type());
+                        Ok(Transformed::yes(if dialect == Dialect::MySql && same {
+                            *c.expr
+                        } else {
+                            Expr::Cast(c)
+                        }))
                     })
                 })?
                 .data;
+            let node = if dialect == Dialect::MySql {
+                nulls_as_keys(node)?
+            } else {
+                node
+            };
+            // The optimizer copies a LIMIT's row count (skip plus fetch) into the sort
+            // below it; the unparser writes both into one SELECT, where the sort's
+            // count replaces the LIMIT's (`LIMIT 3 OFFSET 2` became `LIMIT 5 OFFSET 2`).
+            // The LIMIT says it all, so the sort's copy is dropped.
+            let node = match node {
+                LogicalPlan::Limit(mut l) => {
+                    if let LogicalPlan::Sort(s) = l.input.as_ref()
+                        && s.fetch.is_some()
+                    {
+                        let mut s = s.clone();
+                        s.fetch = None;
+                        l.input = Arc::new(LogicalPlan::Sort(s));
+                    }
+                    LogicalPlan::Limit(l)
+                }
+                node => node,
+            };
+            // An alias over a table (`people AS a`, as in a self-join) names the
+            // table itself: the table's own alias, added below, would hide it.
+            let node = match node {
+                LogicalPlan::SubqueryAlias(outer) => match outer.input.as_ref() {
+                    // Bottom-up, every database table below has already been given its
+                    // own alias: this inner alias is that one.
+                    LogicalPlan::SubqueryAlias(inner)
+                        if matches!(inner.input.as_ref(), LogicalPlan::TableScan(t)
+                            if table_of(t).is_some()) =>
+                    {
+                        LogicalPlan::SubqueryAlias(SubqueryAlias::try_new(
+                            inner.input.clone(),
+                            outer.alias.clone(),
+                        )?)
+                    }
+                    _ => LogicalPlan::SubqueryAlias(outer),
+                },
+                node => node,
+            };
+            // Only PostgreSQL has `SELECT FROM t` (no columns, as under `count(*)`):
+            // elsewhere the SELECT gets one constant column nothing above reads.
+            let node = match node {
+                LogicalPlan::Projection(p) if p.expr.is_empty() && dialect != Dialect::Postgres => {
+                    LogicalPlan::Projection(datafusion::logical_expr::Projection::try_new(
+                        vec![datafusion::prelude::lit(1i64).alias("__one")],
+                        p.input,
+                    )?)
+                }
+                node => node,
+            };
             // The unparser writes ORDER BY into the SELECT of the projection below it,
             // where only the output names (unqualified) denote computed columns.
             if let LogicalPlan::Sort(sort) = &node
@@ -626,12 +844,16 @@ pub fn to_sql(plan: LogicalPlan) -> DfResult<String> {
             let Some((_, schema, name)) = table_of(scan) else {
                 return Ok(Transformed::no(node));
             };
-            let remote =
-                TableScanBuilder::new(TableReference::partial(schema, name), scan.source.clone())
-                    .with_projection(scan.projection.clone())
-                    .with_filters(scan.filters.clone())
-                    .with_fetch(if has_limit { None } else { scan.fetch })
-                    .build()?;
+            let reference = if schema.is_empty() {
+                TableReference::bare(name)
+            } else {
+                TableReference::partial(schema, name)
+            };
+            let remote = TableScanBuilder::new(reference, scan.source.clone())
+                .with_projection(scan.projection.clone())
+                .with_filters(scan.filters.clone())
+                .with_fetch(if has_limit { None } else { scan.fetch })
+                .build()?;
             let alias = SubqueryAlias::try_new(
                 Arc::new(LogicalPlan::TableScan(remote)),
                 scan.table_name.clone(),
@@ -639,6 +861,63 @@ pub fn to_sql(plan: LogicalPlan) -> DfResult<String> {
             Ok(Transformed::yes(LogicalPlan::SubqueryAlias(alias)))
         })?
         .data;
-    let statement = Unparser::new(&PostgreSqlDialect {}).plan_to_sql(&plan)?;
+    let statement = match dialect {
+        Dialect::Postgres => Unparser::new(&PostgreSqlDialect {}).plan_to_sql(&plan)?,
+        Dialect::DataFusion => Unparser::new(&DefaultDialect {}).plan_to_sql(&plan)?,
+        Dialect::MySql => Unparser::new(&mysql_dialect()).plan_to_sql(&plan)?,
+    };
     Ok(statement.to_string())
+}
+
+/// MySQL as the unparser should write it: MariaDB has no column list after a derived
+/// table's alias (`AS t(a, b)`), so the names go into the derived table's SELECT.
+fn mysql_dialect() -> datafusion::sql::unparser::dialect::CustomDialect {
+    use datafusion::sql::sqlparser::ast;
+    use datafusion::sql::unparser::dialect::{DateFieldExtractStyle, IntervalStyle};
+    let signed = || {
+        ast::DataType::Custom(
+            ast::ObjectName::from(vec![ast::Ident::new("SIGNED")]),
+            vec![],
+        )
+    };
+    CustomDialectBuilder::new()
+        .with_identifier_quote_style('`')
+        .with_supports_nulls_first_in_sort(false)
+        .with_interval_style(IntervalStyle::MySQL)
+        .with_utf8_cast_dtype(ast::DataType::Char(None))
+        .with_large_utf8_cast_dtype(ast::DataType::Char(None))
+        .with_date_field_extract_style(DateFieldExtractStyle::Extract)
+        .with_int64_cast_dtype(signed())
+        .with_int32_cast_dtype(signed())
+        .with_timestamp_cast_dtype(ast::DataType::Datetime(None), ast::DataType::Datetime(None))
+        .with_requires_derived_table_alias(true)
+        .with_supports_column_alias_in_table_alias(false)
+        .build()
+}
+
+/// A MySQL sort puts NULLs first in ascending order and last in descending order, and
+/// cannot be told otherwise. Each sort key whose values may be NULL gets a key before
+/// it, `k IS NULL`, ordered so that the NULLs land where DataFusion's key puts them.
+fn nulls_as_keys(node: LogicalPlan) -> DfResult<LogicalPlan> {
+    let LogicalPlan::Sort(sort) = node else {
+        return Ok(node);
+    };
+    let schema = sort.input.schema().clone();
+    let mut keys = Vec::with_capacity(sort.expr.len() * 2);
+    for k in sort.expr {
+        if k.expr.nullable(&schema)? {
+            keys.push(SortExpr::new(
+                Expr::IsNull(Box::new(k.expr.clone())),
+                // `false` sorts before `true`: NULLs last is `IS NULL` ascending.
+                !k.nulls_first,
+                k.nulls_first,
+            ));
+        }
+        keys.push(k);
+    }
+    Ok(LogicalPlan::Sort(datafusion::logical_expr::Sort {
+        expr: keys,
+        input: sort.input,
+        fetch: sort.fetch,
+    }))
 }

@@ -1,6 +1,7 @@
 -- Hangzhou's three departments' pipeline tables (SYNTHETIC data, see scripts/build_pipelines_data.py).
 -- One database per department; `fedgate demo` creates them on a local PostgreSQL server
--- and loads the CSV file named after each table.
+-- and loads the CSV file named after each table. The power department's database is
+-- MariaDB: see schema.mysql.sql.
 -- database: hz_water
 CREATE TABLE public.water_mains (
   pipe_no text PRIMARY KEY, district_code int4 NOT NULL, road text, diameter_mm int4,
@@ -10,7 +11,3 @@ CREATE SCHEMA gis;
 CREATE TABLE gis.gas_lines (
   id int8 PRIMARY KEY, qx_dm text NOT NULL, street text, dn int4, pressure text,
   length_m float8, laid_on date, state text, inspected_at timestamptz);
--- database: hz_power
-CREATE TABLE public.cable_ducts (
-  duct_id text PRIMARY KEY, area text, road_name text, voltage_kv numeric(6,1),
-  duct_width_mm int4, length_m float8, commissioned date, retired boolean);
