@@ -17,6 +17,7 @@ mod flight_source;
 mod frontends;
 mod loadgen;
 mod mysql;
+mod oracle;
 mod origin;
 mod planner;
 mod policy_props;

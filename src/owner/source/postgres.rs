@@ -43,6 +43,9 @@ pub struct PgDatabase {
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// 0 unknown, 1 byte-wise ("C") text ordering, 2 another collation.
     c_collation: AtomicU8,
+    /// 0 unknown, 1 a character type that maps the case of every letter, 2 one that
+    /// maps ASCII letters only ("C", "POSIX").
+    unicode_case: AtomicU8,
 }
 
 impl fmt::Debug for PgDatabase {
@@ -102,6 +105,7 @@ impl PgDatabase {
             pool,
             tls,
             c_collation: AtomicU8::new(0),
+            unicode_case: AtomicU8::new(0),
         }))
     }
 
@@ -178,6 +182,10 @@ impl RemoteDatabase for PgDatabase {
         self.c_collation.load(Ordering::Relaxed) == 1
     }
 
+    fn unicode_case(&self) -> bool {
+        self.unicode_case.load(Ordering::Relaxed) == 1
+    }
+
     fn readable(&self, t: &DataType) -> bool {
         pg_cast(t).is_some()
     }
@@ -196,15 +204,19 @@ impl RemoteDatabase for PgDatabase {
         if self.c_collation.load(Ordering::Relaxed) == 0 {
             let row = client
                 .query_one(
-                    "SELECT datcollate FROM pg_database WHERE datname = current_database()",
+                    "SELECT datcollate::text, datctype::text FROM pg_database \
+                     WHERE datname = current_database()",
                     &[],
                 )
                 .await
                 .map_err(|e| self.error(&e))?;
-            let collate: String = row.get(0);
+            let (collate, ctype): (String, String) = (row.get(0), row.get(1));
             let c = matches!(collate.as_str(), "C" | "POSIX" | "C.UTF-8" | "C.utf8");
             self.c_collation
                 .store(if c { 1 } else { 2 }, Ordering::Relaxed);
+            let ascii_only = matches!(ctype.as_str(), "C" | "POSIX");
+            self.unicode_case
+                .store(if ascii_only { 2 } else { 1 }, Ordering::Relaxed);
         }
         let qualified = format!("{}.{}", quote(schema), quote(table));
         let rows = client

@@ -44,6 +44,7 @@ type Db = Arc<dyn RemoteDatabase>;
 struct Target {
     dialect: Dialect,
     byte_wise: bool,
+    unicode_case: bool,
 }
 
 impl Target {
@@ -51,6 +52,7 @@ impl Target {
         Target {
             dialect: db.dialect(),
             byte_wise: db.byte_wise_text(),
+            unicode_case: db.unicode_case(),
         }
     }
 
@@ -534,7 +536,8 @@ fn expr_ok(e: &Expr, schema: &DFSchema, t: Target) -> bool {
                 } else {
                     FUNCTIONS
                 };
-                list.contains(&f.func.name())
+                let case = matches!(f.func.name(), "upper" | "lower");
+                list.contains(&f.func.name()) && (t.unicode_case || !case)
             }
             Expr::AggregateFunction(AggregateFunction { func, params }) => {
                 let name = func.name();

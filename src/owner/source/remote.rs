@@ -53,6 +53,12 @@ pub trait RemoteDatabase: Send + Sync + fmt::Debug {
     /// there this governs ordering only).
     fn byte_wise_text(&self) -> bool;
 
+    /// Whether `upper` and `lower` map every letter there, as they do in DataFusion
+    /// (PostgreSQL under the "C" character type maps ASCII letters only).
+    fn unicode_case(&self) -> bool {
+        true
+    }
+
     /// Whether values of type `t` can be read from it.
     fn readable(&self, t: &arrow::datatypes::DataType) -> bool;
 
