@@ -423,6 +423,7 @@ fields = { county_code = "code", pop = "pop" }
             "databases[0].user: a mysql database needs user",
             "databases[0].dialect: only flight-sql databases have a dialect",
             "databases[1].port: a flight-sql database needs port",
+            "databases[1].tls: a flight-sql database is reached only with tls = \"verify-full\"",
             "databases[1].dbname: a flight-sql database is reached with TLS",
             "databases[1].dialect: unknown dialect \"duckdb\"",
             "databases[2].kind: unknown kind \"oracle\"",

@@ -437,6 +437,13 @@ pub(super) fn validate_databases(
                 DatabaseTls::Disable
             }
         };
+        if matches!(kind, DatabaseKind::FlightSql(_)) && matches!(tls, DatabaseTls::Disable) {
+            pr.add(
+                path,
+                format!("{key}.tls"),
+                "a flight-sql database is reached only with tls = \"verify-full\" (its client certificate is how the engine knows the member)",
+            );
+        }
         let pool_size = d.pool_size.unwrap_or(8);
         if pool_size == 0 {
             pr.add(path, format!("{key}.pool_size"), "must be at least 1");

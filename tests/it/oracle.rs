@@ -15,8 +15,9 @@
 //! relative tolerance of 1e-9 (sums of doubles depend on their order); a LIMIT without
 //! ORDER BY by count and by membership in the full answer.
 //!
-//! `FEDGATE_ORACLE_QUERIES=N` sets the queries per test (default 1,000; two tests);
-//! `scripts/oracle` runs a longer campaign. Every difference found is kept in
+//! `FEDGATE_ORACLE_QUERIES=N` sets the queries per test (default 1,000; two tests),
+//! `FEDGATE_ORACLE_SEED=K` other data and queries; `scripts/oracle` runs a longer
+//! campaign. Every difference found is kept in
 //! [`REGRESSIONS`], which runs first.
 
 use std::collections::BTreeMap;
@@ -87,7 +88,7 @@ impl Lcg {
 }
 
 const MEMBERS: [&str; 5] = ["wuxi", "ningbo", "jiaxing", "shaoxing", "taizhou"];
-const CATEGORIES: [&str; 6] = ["a", "b", "B", "c", "ä", "a b"];
+const CATEGORIES: [&str; 7] = ["a", "b", "B", "c", "ä", "a b", "ß"];
 const WORDS: [&str; 8] = [
     "alpha", "beta", "Gamma", "delta", "杭州", "x_y", "a%b", "zeta",
 ];
@@ -930,6 +931,11 @@ async fn campaign(seed: u64) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000);
+    // Other data and other queries: FEDGATE_ORACLE_SEED=K runs seeds 10K+1 and 10K+2.
+    let seed = std::env::var("FEDGATE_ORACLE_SEED")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(seed, |k| k * 10 + seed);
     let w = world(seed).await;
     // The comparison is only worth something if work really runs in every kind of
     // database: an aggregate goes into PostgreSQL, MariaDB and the Flight SQL engine.

@@ -94,7 +94,13 @@ impl FlightSqlDatabase {
                         | Code::Aborted
                         | Code::Unknown
                 );
-                let mut reason = format!("{} ({:?})", status.message(), status.code());
+                // An engine's message may quote values; one that could not be reached
+                // is said so by its code and transport error only.
+                let mut reason = if unavailable {
+                    format!("{:?}", status.code())
+                } else {
+                    format!("{} ({:?})", status.message(), status.code())
+                };
                 let mut src = std::error::Error::source(&*status);
                 while let Some(s) = src {
                     reason = format!("{reason}: {s}");
@@ -166,7 +172,9 @@ pub fn arrow_type(t: &DataType) -> DataType {
         DataType::Float64 => DataType::Float64,
         DataType::Boolean => DataType::Boolean,
         DataType::Binary | DataType::LargeBinary | DataType::BinaryView => DataType::Binary,
-        DataType::Date32 | DataType::Date64 => DataType::Date32,
+        DataType::Date32 => DataType::Date32,
+        // Date64 counts milliseconds and may carry a time of day: kept exactly.
+        DataType::Date64 => DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
         DataType::Timestamp(unit, tz) => DataType::Timestamp(*unit, tz.clone()),
         DataType::Decimal128(p, s) => DataType::Decimal128(*p, *s),
         DataType::Null => DataType::Null,
@@ -297,14 +305,25 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> std::result::Result<Recor
             if c.data_type() == f.data_type() {
                 return Ok(c.clone());
             }
-            arrow::compute::cast_with_options(c, f.data_type(), &strict).map_err(|_| {
+            let refused = || {
                 format!(
                     "column {} of type {} cannot be read as {}",
                     f.name(),
                     c.data_type(),
                     f.data_type()
                 )
-            })
+            };
+            let cast = arrow::compute::cast_with_options(c, f.data_type(), &strict)
+                .map_err(|_| refused())?;
+            // A cast that succeeds may still round (a decimal's scale, a double to a
+            // float, nanoseconds to microseconds): it must come back to the same
+            // values, or the answer would not be the engine's.
+            let back = arrow::compute::cast_with_options(&cast, c.data_type(), &strict)
+                .map_err(|_| refused())?;
+            if back.as_ref() != c.as_ref() {
+                return Err(refused());
+            }
+            Ok(cast)
         })
         .collect::<std::result::Result<_, String>>()?;
     RecordBatch::try_new_with_options(
@@ -325,7 +344,10 @@ mod tests {
         assert_eq!(arrow_type(&DataType::UInt32), DataType::Int64);
         assert_eq!(arrow_type(&DataType::UInt64), DataType::Decimal128(20, 0));
         assert_eq!(arrow_type(&DataType::LargeUtf8), DataType::Utf8);
-        assert_eq!(arrow_type(&DataType::Date64), DataType::Date32);
+        assert_eq!(
+            arrow_type(&DataType::Date64),
+            DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None)
+        );
     }
 
     #[test]
@@ -352,5 +374,21 @@ mod tests {
         )])
         .unwrap();
         assert!(conform(&text, &schema).is_err());
+        // A decimal whose scale would shrink is refused rather than rounded.
+        let narrow = Arc::new(Schema::new(vec![Field::new(
+            "d",
+            DataType::Decimal128(10, 1),
+            true,
+        )]));
+        let exact = RecordBatch::try_from_iter(vec![(
+            "x",
+            Arc::new(
+                arrow::array::Decimal128Array::from(vec![125, 120])
+                    .with_precision_and_scale(10, 2)
+                    .unwrap(),
+            ) as ArrayRef,
+        )])
+        .unwrap();
+        assert!(conform(&exact, &narrow).is_err());
     }
 }

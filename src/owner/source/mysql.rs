@@ -33,14 +33,15 @@ use super::remote::{BATCH_ROWS, BatchSender, Dialect, RemoteDatabase};
 use crate::config::{Database, DatabaseTls};
 use crate::error::{Error, Result};
 
-/// What every session runs first. The collation is MariaDB's byte-wise one without
-/// padding, or MySQL 8's (`utf8mb4_0900_bin`), whichever the server has.
-const SESSION_SETUP: &[&str] = &[
-    "SET NAMES utf8mb4",
-    "SET collation_connection = IF(VERSION() LIKE '%MariaDB%', 'utf8mb4_nopad_bin', 'utf8mb4_0900_bin')",
-    "SET time_zone = '+00:00'",
-    "SET sql_mode = 'NO_BACKSLASH_ESCAPES,PIPES_AS_CONCAT,ONLY_FULL_GROUP_BY,STRICT_ALL_TABLES,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO'",
-];
+/// What every session runs first, as one statement: the driver runs a list of them
+/// in reverse order, and `SET NAMES` after the collation would undo it. The collation
+/// of literals is MariaDB's byte-wise one without padding, or MySQL 8's
+/// (`utf8mb4_0900_bin`), whichever the server has.
+const SESSION_SETUP: &str = "SET character_set_client = 'utf8mb4', \
+     character_set_results = 'utf8mb4', \
+     collation_connection = IF(VERSION() LIKE '%MariaDB%', 'utf8mb4_nopad_bin', 'utf8mb4_0900_bin'), \
+     time_zone = '+00:00', \
+     sql_mode = 'NO_BACKSLASH_ESCAPES,PIPES_AS_CONCAT,ONLY_FULL_GROUP_BY,STRICT_ALL_TABLES,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO'";
 
 /// One database: its pool and what was learned about it.
 pub struct MySqlDatabase {
@@ -48,6 +49,9 @@ pub struct MySqlDatabase {
     /// `host:port/dbname`, for messages.
     place: String,
     pool: mysql_async::Pool,
+    /// How to open a connection outside the pool (to stop a statement when the pool
+    /// is full).
+    opts: mysql_async::Opts,
     connect_timeout: Duration,
     /// Whether every text column discovered so far compares byte-wise, without
     /// padding (`utf8mb4_nopad_bin`, `utf8mb4_0900_bin`, binary strings).
@@ -98,11 +102,12 @@ impl MySqlDatabase {
             .prefer_socket(false)
             .ssl_opts(ssl)
             .pool_opts(pool_opts)
-            .setup(SESSION_SETUP.iter().map(|s| s.to_string()).collect());
+            .setup(vec![SESSION_SETUP.to_string()]);
         Ok(Arc::new(MySqlDatabase {
             name: db.name.clone(),
             place: format!("{}:{}/{}", db.host, db.port, db.dbname),
-            pool: mysql_async::Pool::new(opts),
+            pool: mysql_async::Pool::new(opts.clone()),
+            opts: opts.into(),
             connect_timeout: db.connect_timeout,
             byte_wise: AtomicBool::new(true),
         }))
@@ -128,9 +133,19 @@ impl MySqlDatabase {
                 match s.code {
                     // A value out of range, division by zero, a bad value for a cast:
                     // the caller's query.
-                    1264 | 1292 | 1365 | 1366 | 1690 => {
-                        Error::InvalidQuery(format!("database {}: {text}", self.name))
-                    }
+                    // The server's message may quote the value ("Truncated incorrect
+                    // DOUBLE value: ..."), which the caller's grant may not cover: only
+                    // the kind of error is passed on.
+                    1264 | 1292 | 1365 | 1366 | 1690 => Error::InvalidQuery(format!(
+                        "database {}: {} ({})",
+                        self.name,
+                        match s.code {
+                            1365 => "division by zero",
+                            1264 | 1690 => "a value out of range",
+                            _ => "a value of the wrong type",
+                        },
+                        s.code
+                    )),
                     // Too many connections, shutting down, out of memory, lock wait: it
                     // may answer later.
                     1040 | 1053 | 1037 | 1038 | 1041 | 1205 | 1213 => Error::Database {
@@ -167,11 +182,18 @@ impl MySqlDatabase {
     /// half-read answer would otherwise be read to its end when its connection is
     /// dropped.
     async fn kill(&self, id: u32) {
+        // A connection of its own, not from the pool: the pool may be full, with the
+        // very connection to stop among its connections.
         let killed = async {
-            let mut c = self.conn().await?;
-            c.query_drop(format!("KILL QUERY {id}"))
+            let mut c = mysql_async::Conn::new(self.opts.clone())
                 .await
-                .map_err(|e| self.error(&e))
+                .map_err(|e| self.error(&e))?;
+            let done = c
+                .query_drop(format!("KILL QUERY {id}"))
+                .await
+                .map_err(|e| self.error(&e));
+            let _ = c.disconnect().await;
+            done
         };
         match tokio::time::timeout(self.connect_timeout, killed).await {
             Ok(Ok(())) => tracing::debug!(database = %self.name, "Cancelled a database query"),
@@ -217,7 +239,7 @@ pub fn arrow_type(data_type: &str, column_type: &str, precision: u64, scale: u64
         "datetime" => DataType::Timestamp(TimeUnit::Microsecond, None),
         // Stored in UTC and shown in the session's time zone, which is UTC.
         "timestamp" => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-        "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" => {
+        "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "bit" => {
             DataType::Binary
         }
         _ => DataType::Utf8,
@@ -305,7 +327,14 @@ impl RemoteDatabase for MySqlDatabase {
                 precision.unwrap_or(0),
                 scale.unwrap_or(0),
             );
-            if t == DataType::Utf8 && !byte_wise_collation(collation.as_deref()) {
+            // Text compares as DataFusion compares it only in a byte-wise collation, and
+            // only if it is text there: a TIME, JSON, ENUM or wide DECIMAL read as text
+            // compares and sorts by its own rules in the database.
+            let string = matches!(
+                data_type.to_ascii_lowercase().as_str(),
+                "char" | "varchar" | "tinytext" | "text" | "mediumtext" | "longtext"
+            );
+            if t == DataType::Utf8 && (!string || !byte_wise_collation(collation.as_deref())) {
                 self.byte_wise.store(false, Ordering::Relaxed);
             }
             fields.push(Field::new(name, t, nullable != "NO"));
@@ -485,6 +514,9 @@ impl Batch {
                 }
                 continue;
             }
+            if matches!(col, Col::Null(_)) {
+                return Err(misfit(field, "a value where only NULL was expected"));
+            }
             match col {
                 Col::I16(b) => b.append_value(
                     i16::try_from(integer(&v, field)?)
@@ -655,6 +687,7 @@ mod tests {
             DataType::Binary
         );
         assert_eq!(arrow_type("json", "longtext", 0, 0), DataType::Utf8);
+        assert_eq!(arrow_type("bit", "bit(8)", 8, 0), DataType::Binary);
     }
 
     #[test]

@@ -43,9 +43,10 @@ pub struct PgDatabase {
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// 0 unknown, 1 byte-wise ("C") text ordering, 2 another collation.
     c_collation: AtomicU8,
-    /// 0 unknown, 1 a character type that maps the case of every letter, 2 one that
-    /// maps ASCII letters only ("C", "POSIX").
-    unicode_case: AtomicU8,
+    /// Whether a column of a type that is not text there (json, uuid, interval,
+    /// citext, ...) is read as text: such a column compares by its own rules in the
+    /// database, so no comparison of text is pushed.
+    opaque_text: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for PgDatabase {
@@ -105,7 +106,7 @@ impl PgDatabase {
             pool,
             tls,
             c_collation: AtomicU8::new(0),
-            unicode_case: AtomicU8::new(0),
+            opaque_text: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -150,8 +151,14 @@ impl PgDatabase {
         let text = format!("{} ({code})", db.message());
         match &code[..2] {
             // Data exceptions (division by zero, a value out of range) come from the
-            // caller's query.
-            "22" => Error::InvalidQuery(format!("database {}: {text}", self.name)),
+            // caller's query. The server's message may quote the value ("invalid input
+            // syntax for type integer: ..."), which the caller's grant may not cover:
+            // only the kind of exception is passed on.
+            "22" => Error::InvalidQuery(format!(
+                "database {}: {} ({code})",
+                self.name,
+                crate::owner::source::remote::data_exception(code)
+            )),
             // The server is shutting down or out of resources: it may answer later.
             "53" | "57" if code != "57014" => Error::Database {
                 database: self.name.clone(),
@@ -179,11 +186,12 @@ impl RemoteDatabase for PgDatabase {
 
     /// Ordering comparisons of text are pushed only under the "C" collation.
     fn byte_wise_text(&self) -> bool {
-        self.c_collation.load(Ordering::Relaxed) == 1
+        self.c_collation.load(Ordering::Relaxed) == 1 && !self.opaque_text.load(Ordering::Relaxed)
     }
 
-    fn unicode_case(&self) -> bool {
-        self.unicode_case.load(Ordering::Relaxed) == 1
+    /// Equality of text is byte-wise under every deterministic collation.
+    fn text_equality(&self) -> bool {
+        !self.opaque_text.load(Ordering::Relaxed)
     }
 
     fn readable(&self, t: &DataType) -> bool {
@@ -204,19 +212,15 @@ impl RemoteDatabase for PgDatabase {
         if self.c_collation.load(Ordering::Relaxed) == 0 {
             let row = client
                 .query_one(
-                    "SELECT datcollate::text, datctype::text FROM pg_database \
-                     WHERE datname = current_database()",
+                    "SELECT datcollate::text FROM pg_database WHERE datname = current_database()",
                     &[],
                 )
                 .await
                 .map_err(|e| self.error(&e))?;
-            let (collate, ctype): (String, String) = (row.get(0), row.get(1));
+            let collate: String = row.get(0);
             let c = matches!(collate.as_str(), "C" | "POSIX" | "C.UTF-8" | "C.utf8");
             self.c_collation
                 .store(if c { 1 } else { 2 }, Ordering::Relaxed);
-            let ascii_only = matches!(ctype.as_str(), "C" | "POSIX");
-            self.unicode_case
-                .store(if ascii_only { 2 } else { 1 }, Ordering::Relaxed);
         }
         let qualified = format!("{}.{}", quote(schema), quote(table));
         let rows = client
@@ -243,7 +247,13 @@ impl RemoteDatabase for PgDatabase {
                 let typname: String = r.get(1);
                 let typmod: i32 = r.get(2);
                 let not_null: bool = r.get(3);
-                Field::new(name, arrow_type(&typname, typmod), !not_null)
+                let t = arrow_type(&typname, typmod);
+                if t == DataType::Utf8
+                    && !matches!(typname.as_str(), "text" | "varchar" | "bpchar" | "name")
+                {
+                    self.opaque_text.store(true, Ordering::Relaxed);
+                }
+                Field::new(name, t, !not_null)
             })
             .collect();
         Ok(Arc::new(Schema::new(fields)))

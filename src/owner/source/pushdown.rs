@@ -44,7 +44,7 @@ type Db = Arc<dyn RemoteDatabase>;
 struct Target {
     dialect: Dialect,
     byte_wise: bool,
-    unicode_case: bool,
+    equality: bool,
 }
 
 impl Target {
@@ -52,7 +52,7 @@ impl Target {
         Target {
             dialect: db.dialect(),
             byte_wise: db.byte_wise_text(),
-            unicode_case: db.unicode_case(),
+            equality: db.text_equality(),
         }
     }
 
@@ -63,7 +63,7 @@ impl Target {
 
     /// Whether `=`, `IN`, `LIKE`, `GROUP BY` and `DISTINCT` of text mean the same there.
     fn text_equality(self) -> bool {
-        self.byte_wise || self.dialect == Dialect::Postgres
+        self.equality
     }
 
     fn mysql(self) -> bool {
@@ -323,14 +323,21 @@ fn push(plan: LogicalPlan) -> DfResult<(LogicalPlan, Option<Db>)> {
     Ok((plan, None))
 }
 
+/// Whether a name can be written into SQL as a quoted identifier: the unparser's
+/// quoting leaves a quote after a backslash as it is, which would end the identifier
+/// early. Names from a caller's query (aliases) are the caller's to choose.
+fn safe_ident(name: &str) -> bool {
+    !name.contains(['"', '`', '\'', '\\'])
+}
+
 /// Whether the database can run this operator (its inputs already can).
 fn node_ok(plan: &LogicalPlan, db: &dyn RemoteDatabase) -> bool {
     let t = Target::of(db);
-    let out_ok = plan
-        .schema()
-        .fields()
-        .iter()
-        .all(|f| db.readable(f.data_type()));
+    let out_ok = plan.schema().iter().all(|(q, f)| {
+        db.readable(f.data_type())
+            && safe_ident(f.name())
+            && q.is_none_or(|q| safe_ident(&q.to_string()))
+    });
     if !out_ok {
         return false;
     }
@@ -453,10 +460,10 @@ fn is_text(e: &Expr, schema: &DFSchema) -> bool {
 }
 
 /// Scalar functions that PostgreSQL (and DataFusion) have under the same name with the
-/// same meaning.
+/// same meaning. Not `upper` and `lower`: DataFusion maps every letter by Unicode's
+/// full case mapping (`ß` to `SS`), databases map one character to one, and
+/// PostgreSQL under the "C" character type only ASCII letters.
 const FUNCTIONS: &[&str] = &[
-    "lower",
-    "upper",
     "btrim",
     "ltrim",
     "rtrim",
@@ -472,33 +479,39 @@ const FUNCTIONS: &[&str] = &[
 ];
 
 /// Scalar functions that MySQL has under the same name with the same meaning. Not
-/// `CONCAT` (NULL when any argument is), `SUBSTR`, `LEFT` and `RIGHT` (negative
+/// `upper` and `lower` (see [`FUNCTIONS`]), `CONCAT` (NULL when any argument is), `SUBSTR`, `LEFT` and `RIGHT` (negative
 /// positions and lengths mean other things) or the trims (`TRIM` only, no `BTRIM`).
-const MYSQL_FUNCTIONS: &[&str] = &[
-    "lower",
-    "upper",
-    "character_length",
-    "coalesce",
-    "nullif",
-    "abs",
-    "replace",
-];
+const MYSQL_FUNCTIONS: &[&str] = &["character_length", "coalesce", "nullif", "abs", "replace"];
 
 /// Whether an expression means the same in the database.
 fn expr_ok(e: &Expr, schema: &DFSchema, t: Target) -> bool {
     let mut ok = true;
     let _ = e.apply(|e| {
         let this = match e {
-            Expr::Alias(_) | Expr::Column(_) => true,
+            Expr::Alias(a) => {
+                safe_ident(&a.name)
+                    && a.relation
+                        .as_ref()
+                        .is_none_or(|r| safe_ident(&r.to_string()))
+            }
+            Expr::Column(c) => {
+                safe_ident(&c.name)
+                    && c.relation
+                        .as_ref()
+                        .is_none_or(|r| safe_ident(&r.to_string()))
+            }
             Expr::Literal(v, _) => match v {
                 ScalarValue::Null
                 | ScalarValue::Boolean(_)
                 | ScalarValue::Int16(_)
                 | ScalarValue::Int32(_)
                 | ScalarValue::Int64(_)
-                | ScalarValue::Utf8(_)
                 | ScalarValue::Date32(_)
                 | ScalarValue::Decimal128(..) => true,
+                // The unparser's quoting leaves a quote after a backslash, and a
+                // doubled quote, as they are: such text would end the literal early
+                // in the database. It stays in the gateway.
+                ScalarValue::Utf8(v) => v.as_deref().is_none_or(|v| !v.contains(['\'', '\\'])),
                 // MySQL reads `1.5` as an exact decimal, not a double.
                 ScalarValue::Float64(_) => !t.mysql(),
                 _ => false,
@@ -513,8 +526,11 @@ fn expr_ok(e: &Expr, schema: &DFSchema, t: Target) -> bool {
             | Expr::IsFalse(_)
             | Expr::IsNotTrue(_)
             | Expr::IsNotFalse(_)
-            | Expr::Negative(_)
-            | Expr::Case(_) => true,
+            | Expr::Negative(_) => true,
+            // CASE x WHEN 'a' compares text.
+            Expr::Case(c) => {
+                t.text_equality() || c.expr.as_ref().is_none_or(|e| !is_text(e, schema))
+            }
             Expr::InList(l) => t.text_equality() || !is_text(&l.expr, schema),
             Expr::Between(b) => t.text_order() || !is_text(&b.expr, schema),
             Expr::Like(l) => {
@@ -536,8 +552,10 @@ fn expr_ok(e: &Expr, schema: &DFSchema, t: Target) -> bool {
                 } else {
                     FUNCTIONS
                 };
-                let case = matches!(f.func.name(), "upper" | "lower");
-                list.contains(&f.func.name()) && (t.unicode_case || !case)
+                // NULLIF compares its arguments.
+                let compares_text =
+                    f.func.name() == "nullif" && f.args.first().is_some_and(|a| is_text(a, schema));
+                list.contains(&f.func.name()) && (t.text_equality() || !compares_text)
             }
             Expr::AggregateFunction(AggregateFunction { func, params }) => {
                 let name = func.name();
@@ -588,9 +606,20 @@ fn binary_ok(left: &Expr, op: Operator, right: &Expr, schema: &DFSchema, t: Targ
         )
     };
     let text = is_text(left, schema) || is_text(right, schema);
+    // MySQL computes in BIGINT, DOUBLE and DECIMAL and subtracts dates as numbers: its
+    // arithmetic means DataFusion's only on those types.
+    let mysql_number = |e: &Expr| {
+        matches!(
+            e.get_type(schema),
+            Ok(DataType::Int64 | DataType::Float64 | DataType::Decimal128(..))
+        )
+    };
     match op {
-        And | Or | Plus | Minus | Multiply | StringConcat => true,
-        Eq | NotEq | IsDistinctFrom | IsNotDistinctFrom => t.text_equality() || !text,
+        And | Or | StringConcat => true,
+        Plus | Minus | Multiply => !t.mysql() || (mysql_number(left) && mysql_number(right)),
+        // MySQL has no IS [NOT] DISTINCT FROM.
+        IsDistinctFrom | IsNotDistinctFrom => !t.mysql() && (t.text_equality() || !text),
+        Eq | NotEq => t.text_equality() || !text,
         Lt | LtEq | Gt | GtEq => t.text_order() || !text,
         // Integer division truncates in PostgreSQL as in DataFusion; float division
         // by zero is an error in PostgreSQL but infinity in DataFusion, and decimal

@@ -53,10 +53,10 @@ pub trait RemoteDatabase: Send + Sync + fmt::Debug {
     /// there this governs ordering only).
     fn byte_wise_text(&self) -> bool;
 
-    /// Whether `upper` and `lower` map every letter there, as they do in DataFusion
-    /// (PostgreSQL under the "C" character type maps ASCII letters only).
-    fn unicode_case(&self) -> bool {
-        true
+    /// Whether `=`, `IN`, `GROUP BY` and `DISTINCT` of text mean there what they mean in
+    /// DataFusion. By default when text compares byte-wise.
+    fn text_equality(&self) -> bool {
+        self.byte_wise_text()
     }
 
     /// Whether values of type `t` can be read from it.
@@ -73,6 +73,18 @@ pub trait RemoteDatabase: Send + Sync + fmt::Debug {
     /// away (the query was cancelled or its deadline passed), the statement is
     /// cancelled in the database too rather than left running.
     async fn run(&self, sql: &str, schema: SchemaRef, tx: &BatchSender) -> Result<()>;
+}
+
+/// What a SQLSTATE data exception (class 22) is, in words that carry no value.
+pub fn data_exception(code: &str) -> &'static str {
+    match code {
+        "22012" => "division by zero",
+        "22003" => "a value out of range",
+        "22001" => "a string too long",
+        "22007" | "22008" => "an invalid date or time",
+        "22P02" | "22018" => "a value of the wrong type",
+        _ => "a data exception",
+    }
 }
 
 /// Whether two handles are the same database.
