@@ -648,10 +648,12 @@ fn predicate(g: &mut Lcg, alias: &str) -> String {
             12 => format!("{} <> '{}'", a("origin"), g.pick(&DEPOTS).0),
             13 => format!("{} < '{}'", a("category"), g.pick(&CATEGORIES)),
             14 => format!("coalesce({}, 0) % 3 = {}", a("qty"), g.below(3)),
+            // Each engine maps case its own way (DataFusion `ß` to `SS`, PostgreSQL one
+            // letter to one): both sides go through the same engine's upper.
             _ => format!(
-                "upper({}) = '{}'",
+                "upper({}) = upper('{}')",
                 a("category"),
-                g.pick(&CATEGORIES).to_uppercase()
+                g.pick(&CATEGORIES)
             ),
         }
     };
