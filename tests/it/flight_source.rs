@@ -6,11 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::prelude::SessionContext;
 use fedgate::owner::source::remote::{RemoteDatabase, RemoteTable};
 
-use crate::support::{OFFICE, Region};
+use crate::support::{OFFICE, Region, member_rows as rows, run_member_sql as run};
 
 fn config(region: &Region, ca: std::path::PathBuf) -> fedgate::config::Database {
     let certs = region.layout.dir.join("certs");
@@ -32,41 +30,6 @@ fn config(region: &Region, ca: std::path::PathBuf) -> fedgate::config::Database 
         pool_size: 2,
         connect_timeout: Duration::from_secs(5),
     }
-}
-
-async fn run(ctx: &SessionContext, sql: &str) -> (Vec<RecordBatch>, String) {
-    let plan = ctx.state().create_logical_plan(sql).await.unwrap();
-    let physical = fedgate::owner::member::physical_plan(ctx, &plan)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let text = datafusion::physical_plan::displayable(physical.as_ref())
-        .indent(true)
-        .to_string();
-    let batches = datafusion::physical_plan::collect(physical, ctx.task_ctx())
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}\n{text}"));
-    (batches, text)
-}
-
-fn rows(batches: &[RecordBatch]) -> Vec<String> {
-    let mut out = Vec::new();
-    for b in batches {
-        for r in 0..b.num_rows() {
-            let cells: Vec<String> = b
-                .columns()
-                .iter()
-                .map(|c| {
-                    if c.is_null(r) {
-                        "NULL".to_string()
-                    } else {
-                        datafusion::arrow::util::display::array_value_to_string(c, r).unwrap()
-                    }
-                })
-                .collect();
-            out.push(cells.join("|"));
-        }
-    }
-    out
 }
 
 /// Tables of another region, read over Flight SQL: their columns are the schema the

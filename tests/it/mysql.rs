@@ -12,7 +12,7 @@ use datafusion::prelude::SessionContext;
 use fedgate::owner::source::remote::{RemoteDatabase, RemoteTable};
 use fedgate::tools::local_mariadb::{LocalMariaDb, ServerTls};
 
-use crate::support::column_strings;
+use crate::support::{column_strings, member_rows as rows, run_member_sql as run};
 
 fn config(db: &LocalMariaDb, name: &str, dbname: &str) -> fedgate::config::Database {
     fedgate::config::Database {
@@ -41,44 +41,6 @@ async fn register(
         .await
         .unwrap();
     ctx.register_table(name, Arc::new(t)).unwrap();
-}
-
-/// Plans `sql` as a member does (pushdown included) and runs it: the batches and the
-/// physical plan's text.
-async fn run(ctx: &SessionContext, sql: &str) -> (Vec<RecordBatch>, String) {
-    let plan = ctx.state().create_logical_plan(sql).await.unwrap();
-    let physical = fedgate::owner::member::physical_plan(ctx, &plan)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let text = datafusion::physical_plan::displayable(physical.as_ref())
-        .indent(true)
-        .to_string();
-    let batches = datafusion::physical_plan::collect(physical, ctx.task_ctx())
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}\n{text}"));
-    (batches, text)
-}
-
-/// Every row of `batches` as text, columns joined by `|`.
-fn rows(batches: &[RecordBatch]) -> Vec<String> {
-    let mut out = Vec::new();
-    for b in batches {
-        for r in 0..b.num_rows() {
-            let cells: Vec<String> = b
-                .columns()
-                .iter()
-                .map(|c| {
-                    if c.is_null(r) {
-                        "NULL".to_string()
-                    } else {
-                        datafusion::arrow::util::display::array_value_to_string(c, r).unwrap()
-                    }
-                })
-                .collect();
-            out.push(cells.join("|"));
-        }
-    }
-    out
 }
 
 /// MySQL column types arrive as the Arrow types they are (unsigned integers widened,

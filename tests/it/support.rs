@@ -395,3 +395,44 @@ pub fn column_strings(
     }
     out
 }
+
+/// Plans `sql` as a member does (pushdown included) and runs it: the batches and the
+/// physical plan's text.
+pub async fn run_member_sql(
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+) -> (Vec<datafusion::arrow::record_batch::RecordBatch>, String) {
+    let plan = ctx.state().create_logical_plan(sql).await.unwrap();
+    let physical = fedgate::owner::member::physical_plan(ctx, &plan)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let text = datafusion::physical_plan::displayable(physical.as_ref())
+        .indent(true)
+        .to_string();
+    let batches = datafusion::physical_plan::collect(physical, ctx.task_ctx())
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}\n{text}"));
+    (batches, text)
+}
+
+/// Every row of `batches` as text, columns joined by `|`.
+pub fn member_rows(batches: &[datafusion::arrow::record_batch::RecordBatch]) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in batches {
+        for r in 0..b.num_rows() {
+            let cells: Vec<String> = b
+                .columns()
+                .iter()
+                .map(|c| {
+                    if c.is_null(r) {
+                        "NULL".to_string()
+                    } else {
+                        datafusion::arrow::util::display::array_value_to_string(c, r).unwrap()
+                    }
+                })
+                .collect();
+            out.push(cells.join("|"));
+        }
+    }
+    out
+}
