@@ -207,6 +207,7 @@ fn planning_session(
         .with_config(session_config())
         .with_default_features()
         .with_optimizer_rules(rules)
+        .with_physical_optimizer_rules(crate::owner::session::physical_rules())
         .build();
     let ctx = SessionContext::new_with_state(state);
     for (name, t) in tables {

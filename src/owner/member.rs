@@ -786,13 +786,32 @@ pub async fn physical_plan(
 ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
     let state = ctx.state();
     let optimized = state.optimize(plan).map_err(Error::from_datafusion)?;
-    let pushed = crate::owner::source::pushdown::push_into_databases(optimized)
-        .map_err(Error::from_datafusion)?;
+    let pushed =
+        crate::owner::source::pushdown::push_into_databases(optimized).map_err(engine_failure)?;
     state
         .query_planner()
         .create_physical_plan(&pushed, &state)
         .await
-        .map_err(Error::from_datafusion)
+        .map_err(engine_failure)
+}
+
+/// A failure after the caller's plan was checked and optimized is the member's own:
+/// the plan then holds the member's views expanded (its file paths, its local column
+/// names and expressions), which its text would show to the caller. The caller is
+/// told that planning failed here; the operators read the text in their log.
+fn engine_failure(e: datafusion::error::DataFusionError) -> Error {
+    match Error::from_datafusion(e) {
+        // These name no part of the plan.
+        e @ (Error::TooLarge(_) | Error::DeadlineExceeded(_) | Error::Database { .. }) => e,
+        e => {
+            tracing::warn!(error = %e, "Planning a permitted sub-query failed");
+            Error::Internal(
+                "the member could not plan this sub-query; its operators can read why in \
+                 their log"
+                    .into(),
+            )
+        }
+    }
 }
 
 fn collect_database_queries(
@@ -846,4 +865,31 @@ pub fn masked_view_sql(ds: &Dataset, base: &str, g: &Grant) -> String {
         .collect();
     cols.push(format!("t.{}", quote_ident(MEMBER_COLUMN)));
     format!("SELECT {} FROM ({base}) AS t", cols.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_planning_failure_keeps_the_members_layout_to_itself() {
+        // DataFusion's ordering check quotes the whole physical plan: file paths and
+        // local column names of the member's views.
+        let e = datafusion::error::DataFusionError::Plan(
+            "Plan: [\"DataSourceExec: file_groups={1 group: [[/srv/wx/ship.csv]]}, \
+             projection=[编号, 数量]\"] does not satisfy order requirements"
+                .into(),
+        );
+        let told = engine_failure(e);
+        assert!(matches!(told, Error::Internal(_)), "{told:?}");
+        let text = told.to_string();
+        assert!(
+            !text.contains("ship.csv") && !text.contains("编号"),
+            "{text}"
+        );
+        assert!(text.contains("could not plan"), "{text}");
+        // A memory limit names nothing of the plan and is told as it is.
+        let e = datafusion::error::DataFusionError::ResourcesExhausted("4 MiB".into());
+        assert!(matches!(engine_failure(e), Error::TooLarge(_)));
+    }
 }
