@@ -12,7 +12,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::cli::admin::shutdown_signal;
 use crate::cli::query::print_answer;
 use fedgate::config::MemberConfig;
-use fedgate::config::raw::RawRegion;
 use fedgate::gateway::Gateway;
 use fedgate::tools::client::Client;
 
@@ -42,42 +41,29 @@ pub(crate) async fn demo(
     port_base: Option<u16>,
     source: &Path,
 ) -> Result<ExitCode> {
-    let region_path = source.join("region.toml");
-    let text = std::fs::read_to_string(&region_path)
-        .with_context(|| format!("reading the sample region {}", region_path.display()))?;
-    let template: RawRegion = toml::from_str(&text)?;
+    // Every gateway: the engines' (Suzhou's data lake) and the region's members'.
+    let templates = fedgate::tools::demo::gateway_templates(source)
+        .with_context(|| format!("reading the sample region in {}", source.display()))?;
     // Bind every gateway's port first, so the configs written name ports that are ours.
     let mut listeners = BTreeMap::new();
     let mut ports = BTreeMap::new();
-    for (i, m) in template
-        .members
-        .iter()
-        .filter(|m| m.endpoint.is_some())
-        .enumerate()
-    {
+    for (i, (name, template)) in templates.iter().enumerate() {
         let wanted = match port_base {
             Some(b) => b
                 .checked_add(i as u16)
                 .ok_or_else(|| anyhow!("--port-base too high"))?,
-            None => m
-                .endpoint
-                .as_deref()
-                .and_then(|e| e.rsplit(':').next()?.parse().ok())
-                .unwrap_or(0),
+            None => *template,
         };
         let l = match tokio::net::TcpListener::bind(("127.0.0.1", wanted)).await {
             Ok(l) => l,
             Err(e) if port_base.is_none() => {
-                eprintln!(
-                    "note: port {wanted} is taken ({e}); using a free port for {}",
-                    m.name
-                );
+                eprintln!("note: port {wanted} is taken ({e}); using a free port for {name}");
                 tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?
             }
             Err(e) => bail!("cannot listen on 127.0.0.1:{wanted}: {e}"),
         };
-        ports.insert(m.name.clone(), l.local_addr()?.port());
-        listeners.insert(m.name.clone(), l);
+        ports.insert(name.clone(), l.local_addr()?.port());
+        listeners.insert(name.clone(), l);
     }
     let (dir, _temp) = match dir {
         Some(d) => (d, None),
@@ -86,9 +72,10 @@ pub(crate) async fn demo(
             (t.path().to_path_buf(), Some(t))
         }
     };
-    // Hangzhou's pipelines live in three departments' PostgreSQL databases: start a
-    // throwaway server for them. Without one, that dataset is reported unavailable
-    // at Hangzhou and everything else still runs.
+    // Hangzhou's pipelines live in three departments' databases (two PostgreSQL, one
+    // MariaDB): start throwaway servers for them. Without one, that dataset is reported
+    // unavailable at Hangzhou and everything else still runs. Suzhou's data lake (a
+    // Flight SQL engine) is a gateway started below with the others.
     let mariadb = match start_demo_mariadb(source).await {
         Ok(db) => Some(db),
         Err(e) => {

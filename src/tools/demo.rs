@@ -34,7 +34,7 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ),
     (
         "Pipelines in service under two districts, across departments and cities \
-         (Hangzhou: three departments' PostgreSQL databases; Suzhou: one CSV file)",
+         (Hangzhou: three departments' databases, PostgreSQL and MariaDB; Suzhou: its data lake over Arrow Flight SQL)",
         "SELECT member, county_code, department, count(*) AS sections, \
          round(sum(length_m) / 1000, 1) AS km FROM underground_pipelines \
          WHERE county_code IN ('330106', '320508') AND in_service \
@@ -180,12 +180,103 @@ pub struct DatabaseServers {
     pub mysql: Option<(u16, String)>,
 }
 
-/// Like [`materialize`], with the members' databases on the local `servers`.
+/// The engines the sample region's members read over Arrow Flight SQL, each a folder
+/// of templates under the region's (`<engine>/region.toml` and a member file): Suzhou's
+/// data lake, an analytical engine as a Doris or StarRocks cluster would be. The one
+/// Flight SQL server this machine has is fedgate, so the lake is a gateway of a
+/// region of its own, with its own CA; Suzhou's gateway reads it with a certificate
+/// of that CA, as it would present to the engine.
+pub const ENGINES: &[&str] = &["lake"];
+
+/// Every gateway the materialized sample region runs, as (name, template port): the
+/// region's members that have an endpoint, in region order, then the engines' (named
+/// `<engine>/<member>`). A port base numbers them in this order, so the members' ports
+/// stay where they were; [`Materialized::gateways`] starts the engines first.
+pub fn gateway_templates(src: &Path) -> Result<Vec<(String, u16)>> {
+    let mut out = Vec::new();
+    let mut add = |dir: &Path, prefix: &str| -> Result<()> {
+        let path = dir.join("region.toml");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))?;
+        let region: RawRegion =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        for m in &region.members {
+            if let Some(ep) = &m.endpoint {
+                out.push((format!("{prefix}{}", m.name), template_port(ep)));
+            }
+        }
+        Ok(())
+    };
+    add(src, "")?;
+    for engine in ENGINES {
+        let dir = src.join(engine);
+        if dir.join("region.toml").is_file() {
+            add(&dir, &format!("{engine}/"))?;
+        }
+    }
+    Ok(out)
+}
+
+/// The port of a template endpoint or address (`https://127.0.0.1:7101`), 0 if none.
+fn template_port(address: &str) -> u16 {
+    address
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Like [`materialize`], with the members' databases on the local `servers`. The
+/// engines of [`ENGINES`] are materialized into their folders under `dst` first, and
+/// their gateways come first in [`Materialized::gateways`]: a Flight SQL database of a
+/// member whose template port is an engine gateway's template port is given that
+/// gateway's port.
 pub fn materialize_with_database(
     src: &Path,
     dst: &Path,
     port: &dyn Fn(&str, u16) -> u16,
     servers: &DatabaseServers,
+) -> Result<Materialized> {
+    let mut engines = Vec::new();
+    let engine_ports = std::cell::RefCell::new(BTreeMap::new());
+    for engine in ENGINES {
+        let dir = src.join(engine);
+        if !dir.join("region.toml").is_file() {
+            continue;
+        }
+        let prefix = format!("{engine}/");
+        let m = materialize_region(
+            &dir,
+            &dst.join(engine),
+            &|name, template| {
+                let p = port(&format!("{prefix}{name}"), template);
+                if !name.ends_with("/http") {
+                    engine_ports.borrow_mut().insert(template, p);
+                }
+                p
+            },
+            servers,
+            &BTreeMap::new(),
+        )?;
+        engines.extend(
+            m.gateways
+                .into_iter()
+                .map(|(n, path, ep)| (format!("{prefix}{n}"), path, ep)),
+        );
+    }
+    let mut region = materialize_region(src, dst, port, servers, &engine_ports.into_inner())?;
+    engines.append(&mut region.gateways);
+    region.gateways = engines;
+    Ok(region)
+}
+
+/// Materializes one region's templates (see [`materialize_with_database`]).
+fn materialize_region(
+    src: &Path,
+    dst: &Path,
+    port: &dyn Fn(&str, u16) -> u16,
+    servers: &DatabaseServers,
+    engine_ports: &BTreeMap<u16, u16>,
 ) -> Result<Materialized> {
     let io = |what: &str, p: &Path, e: std::io::Error| {
         Error::Config(format!("{what} {}: {e}", p.display()))
@@ -199,12 +290,7 @@ pub fn materialize_with_database(
     let mut ports = BTreeMap::new();
     for m in &mut region.members {
         if let Some(ep) = &m.endpoint {
-            let template = ep
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(0);
-            let p = port(&m.name, template);
+            let p = port(&m.name, template_port(ep));
             m.endpoint = Some(format!("https://127.0.0.1:{p}"));
             ports.insert(m.name.clone(), p);
         }
@@ -240,13 +326,7 @@ pub fn materialize_with_database(
         if let Some(h) = &mut m.http {
             // The HTTP port is asked for under `<member>/http`; 0 lets the gateway
             // pick a free one (it reports the address it bound).
-            let template = h
-                .listen
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(0);
-            let p = port_of(&format!("{}/http", m.member), template);
+            let p = port_of(&format!("{}/http", m.member), template_port(&h.listen));
             h.listen = format!("127.0.0.1:{p}");
         }
         if let Some(key) = &m.hmac_key {
@@ -269,7 +349,13 @@ pub fn materialize_with_database(
         for d in &mut m.databases {
             let db = match d.kind.as_deref() {
                 Some("mysql") => servers.mysql.as_ref(),
-                Some("flight-sql") => None,
+                Some("flight-sql") => {
+                    // An engine of the sample region: its gateway's port.
+                    if let Some(p) = d.port.and_then(|t| engine_ports.get(&t)) {
+                        d.port = Some(*p);
+                    }
+                    None
+                }
                 _ => servers.postgres.as_ref(),
             };
             if let Some((port, _)) = db {
@@ -303,7 +389,9 @@ pub fn materialize_with_database(
             .unwrap_or(usize::MAX)
     };
     gateways.sort_by_key(|(n, _, _)| order(n));
-    copy_dir(&src.join("data"), &dst.join("data"))?;
+    if src.join("data").is_dir() {
+        copy_dir(&src.join("data"), &dst.join("data"))?;
+    }
 
     let certs = dst.join("certs");
     let ca = Ca::generate(&region.region)?;

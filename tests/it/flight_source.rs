@@ -108,3 +108,98 @@ async fn flight_sql_sources_answer_what_the_engine_answers() {
         .unwrap_err();
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 }
+
+/// The sample region's Flight SQL source: Suzhou's pipeline survey lives in the city's
+/// data lake, an engine of its own behind its own CA. A query's sub-plan over it runs
+/// there as one statement (the aggregate included), the answer is the survey's, the
+/// lake's own log shows Suzhou's gateway reading it, and when the lake is down the
+/// answer names it while Suzhou's other datasets keep serving.
+#[tokio::test]
+async fn the_sample_regions_data_lake_answers_over_flight_sql_and_its_outage_is_named() {
+    use crate::support::{column_strings, read_csv, states, sub_query_records};
+    let mut region = Region::start_only(Some(&["shanghai", "suzhou"])).await;
+    let client = region.client("shanghai");
+    let sql = "SELECT department, count(*) AS n FROM underground_pipelines \
+               WHERE member = 'suzhou' AND in_service GROUP BY department ORDER BY department";
+    let e = client.explain(sql).await.unwrap();
+    let lake: Vec<&str> = e
+        .database_statements
+        .iter()
+        .filter(|s| s.database == "lake")
+        .map(|s| s.sql.as_str())
+        .collect();
+    assert!(
+        lake.len() == 1 && lake[0].contains("count(") && lake[0].contains("gx_guanxian"),
+        "{lake:?}"
+    );
+
+    // The reference: the survey file the lake serves, counted here.
+    let (h, rows) = read_csv(&region.data().join("suzhou/pipelines.csv"));
+    let (owner, status) = (
+        h.iter().position(|c| c == "权属单位").unwrap(),
+        h.iter().position(|c| c == "状态").unwrap(),
+    );
+    let mut want = std::collections::BTreeMap::<&str, usize>::new();
+    for r in rows.iter().filter(|r| r[status] == "在用") {
+        let d = match r[owner].as_str() {
+            "自来水公司" => "water",
+            "燃气集团" => "gas",
+            "供电公司" => "power",
+            other => panic!("unexpected department {other}"),
+        };
+        *want.entry(d).or_default() += 1;
+    }
+    assert!(want.len() == 3, "{want:?}");
+    let a = client.query(sql, false, None).await.unwrap();
+    assert_eq!(
+        column_strings(&a.batches, "department"),
+        want.keys().map(|k| k.to_string()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        column_strings(&a.batches, "n"),
+        want.values().map(|n| n.to_string()).collect::<Vec<_>>()
+    );
+
+    // The lake answered Suzhou's gateway under its own rules, and wrote it down.
+    let lake_log = region.layout.dir.join("lake/audit/warehouse.log");
+    let read: Vec<_> = sub_query_records(&lake_log)
+        .into_iter()
+        .filter(|r| r["entry"]["origin"] == "fedgate://szlake/city/suzhou")
+        .collect();
+    assert!(
+        !read.is_empty(),
+        "no record of suzhou in {}",
+        lake_log.display()
+    );
+    for r in &read {
+        assert_eq!(
+            r["entry"]["datasets"],
+            serde_json::json!(["gx_guanxian"]),
+            "{r}"
+        );
+    }
+
+    region.stop("lake/warehouse").await;
+    let f = client.query(sql, false, None).await.unwrap_err();
+    let text = f.to_string();
+    assert!(
+        text.contains("member suzhou is unavailable: database lake"),
+        "{text}"
+    );
+    let st = states(f.summary.as_ref().unwrap());
+    assert_eq!(
+        st["suzhou"],
+        fedgate::proto::v1::MemberState::Unavailable,
+        "{st:?}"
+    );
+    let a = client
+        .query(
+            "SELECT count(*) AS n FROM fever_clinics WHERE member = 'suzhou'",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(column_strings(&a.batches, "n").len(), 1);
+    assert_ne!(column_strings(&a.batches, "n"), ["0"]);
+}

@@ -1,5 +1,5 @@
 //! PostgreSQL sources: a real server on loopback (started by the tests), Hangzhou's
-//! pipelines in three departments' databases, Suzhou's in a CSV file.
+//! pipelines in three departments' databases, Suzhou's in its data lake over Arrow Flight SQL.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -74,14 +74,12 @@ impl Region {
         };
         let dir = tempfile::tempdir().unwrap();
         let mut listeners = BTreeMap::new();
-        let template: fedgate::config::raw::RawRegion = toml::from_str(
-            &std::fs::read_to_string(fedgate::tools::demo::default_source().join("region.toml"))
-                .unwrap(),
-        )
-        .unwrap();
-        for m in template.members.iter().filter(|m| m.endpoint.is_some()) {
+        for (name, _) in
+            fedgate::tools::demo::gateway_templates(&fedgate::tools::demo::default_source())
+                .unwrap()
+        {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            listeners.insert(m.name.clone(), l);
+            listeners.insert(name, l);
         }
         let ports: BTreeMap<String, u16> = listeners
             .iter()
@@ -103,8 +101,12 @@ impl Region {
         for (name, path, _) in &layout.gateways {
             let l = listeners.remove(name).unwrap();
             // The office's own gateway always runs: it vouches for the office's
-            // queries through the others.
-            if name != OFFICE && only.is_some_and(|o| !o.contains(&name.as_str())) {
+            // queries through the others. So do the engines members read (Suzhou's
+            // data lake, `lake/warehouse`), which are not members of the region.
+            if name != OFFICE
+                && !name.contains('/')
+                && only.is_some_and(|o| !o.contains(&name.as_str()))
+            {
                 drop(l);
                 continue;
             }
