@@ -203,3 +203,34 @@ async fn the_sample_regions_data_lake_answers_over_flight_sql_and_its_outage_is_
     assert_eq!(column_strings(&a.batches, "n").len(), 1);
     assert_ne!(column_strings(&a.batches, "n"), ["0"]);
 }
+
+/// Under the MySQL dialect (Doris, StarRocks) `||` is a logical OR unless the session
+/// says otherwise, and a member sets up no session on a Flight SQL engine: a
+/// concatenation stays in the gateway while the rest of the query goes to the engine.
+#[tokio::test]
+async fn a_mysql_dialect_engine_is_never_sent_a_concatenation() {
+    let region = Region::start_only(Some(&["shanghai"])).await;
+    let mut cfg = config(&region, region.layout.ca.clone());
+    cfg.kind = fedgate::config::DatabaseKind::FlightSql(fedgate::config::Dialect::MySql);
+    let engine = fedgate::owner::source::open(&cfg).unwrap();
+    let ctx = fedgate::owner::session::member_context();
+    let t = RemoteTable::discover(engine, "", "census").await.unwrap();
+    ctx.register_table("census", Arc::new(t)).unwrap();
+    let sql = "SELECT county_name || '-' || county_code AS label, pop_total FROM census \
+               WHERE pop_total > 100000";
+    let plan = ctx.state().create_logical_plan(sql).await.unwrap();
+    let physical = fedgate::owner::member::physical_plan(&ctx, &plan)
+        .await
+        .unwrap();
+    let text = datafusion::physical_plan::displayable(physical.as_ref())
+        .indent(true)
+        .to_string();
+    let statement = text
+        .lines()
+        .find(|l| l.contains("DatabaseExec"))
+        .unwrap_or_else(|| panic!("nothing ran in the engine\n{text}"));
+    assert!(statement.contains("100000"), "{statement}");
+    assert!(!statement.contains("||"), "{statement}");
+    // The concatenation is computed here, over what the engine sent.
+    assert!(text.contains("||"), "{text}");
+}

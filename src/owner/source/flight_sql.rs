@@ -198,6 +198,12 @@ impl RemoteDatabase for FlightSqlDatabase {
         self.dialect == Dialect::DataFusion
     }
 
+    /// The member sets no session mode on a Flight SQL engine: in the MySQL dialect
+    /// `||` keeps the engine's default meaning, OR.
+    fn pipes_concatenate(&self) -> bool {
+        self.dialect != Dialect::MySql
+    }
+
     fn readable(&self, t: &DataType) -> bool {
         matches!(
             t,

@@ -45,6 +45,7 @@ struct Target {
     dialect: Dialect,
     byte_wise: bool,
     equality: bool,
+    concat: bool,
 }
 
 impl Target {
@@ -53,6 +54,7 @@ impl Target {
             dialect: db.dialect(),
             byte_wise: db.byte_wise_text(),
             equality: db.text_equality(),
+            concat: db.pipes_concatenate(),
         }
     }
 
@@ -615,7 +617,8 @@ fn binary_ok(left: &Expr, op: Operator, right: &Expr, schema: &DFSchema, t: Targ
         )
     };
     match op {
-        And | Or | StringConcat => true,
+        And | Or => true,
+        StringConcat => t.concat,
         Plus | Minus | Multiply => !t.mysql() || (mysql_number(left) && mysql_number(right)),
         // MySQL has no IS [NOT] DISTINCT FROM.
         IsDistinctFrom | IsNotDistinctFrom => !t.mysql() && (t.text_equality() || !text),

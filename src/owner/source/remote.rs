@@ -59,6 +59,14 @@ pub trait RemoteDatabase: Send + Sync + fmt::Debug {
         self.byte_wise_text()
     }
 
+    /// Whether `a || b` concatenates there. It does in PostgreSQL and DataFusion and in
+    /// the MySQL sessions a member sets up (`PIPES_AS_CONCAT`); in an engine of the
+    /// MySQL dialect whose session the member does not set (Doris, StarRocks over
+    /// Flight SQL) it is a logical OR.
+    fn pipes_concatenate(&self) -> bool {
+        true
+    }
+
     /// Whether values of type `t` can be read from it.
     fn readable(&self, t: &arrow::datatypes::DataType) -> bool;
 
