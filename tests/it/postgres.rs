@@ -302,6 +302,28 @@ async fn column_types_map_faithfully() {
     assert_eq!(column_strings(&b, "s"), ["123456789.124"]);
     assert_eq!(column_strings(&b, "m"), ["2038-01-19T03:14:08Z"]);
     assert_eq!(column_strings(&b, "n"), ["2"]);
+
+    // An unconstrained numeric with more places than the 10 it is read with fails,
+    // without the value: it is never rounded (by a cast in the database or by the
+    // parser here). The column is named as the statement sent names it (`c0`): the
+    // names below a pushed plan can be the member's local ones.
+    db.batch_execute("UPDATE t SET free = 0.123456789012 WHERE id = 3")
+        .await
+        .unwrap();
+    let plan = ctx
+        .state()
+        .create_logical_plan("SELECT free FROM t ORDER BY id")
+        .await
+        .unwrap();
+    let physical = fedgate::owner::member::physical_plan(&ctx, &plan)
+        .await
+        .unwrap();
+    let e = datafusion::physical_plan::collect(physical, ctx.task_ctx())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more places") && e.contains("column c0"), "{e}");
+    assert!(!e.contains("123456789012"), "{e}");
 }
 
 /// A wrong password, a missing table and a missing column are each reported by

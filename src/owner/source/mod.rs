@@ -6,6 +6,7 @@
 //! Database tables keep the types their columns have ([`postgres::arrow_type`],
 //! [`mysql::arrow_type`], or the Arrow types a Flight SQL engine answers with).
 
+mod columns;
 pub mod flight_sql;
 pub mod mysql;
 pub mod postgres;

@@ -19,17 +19,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
-    Float64Builder, Int16Builder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
-    TimestampMicrosecondBuilder,
-};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use async_trait::async_trait;
 use mysql_async::Value;
 use mysql_async::prelude::Queryable;
 
-use super::remote::{BATCH_ROWS, BatchSender, Dialect, RemoteDatabase};
+use super::columns::{Batch, Col, decimal, misfit};
+use super::remote::{BatchSender, Dialect, RemoteDatabase};
 use crate::config::{Database, DatabaseTls};
 use crate::error::{Error, Result};
 
@@ -368,8 +364,8 @@ impl RemoteDatabase for MySqlDatabase {
             match next.map_err(|e| self.error(&e))? {
                 None => break,
                 Some(row) => {
-                    batch.push(row.unwrap(), &schema)?;
-                    if batch.len == BATCH_ROWS {
+                    push_row(&mut batch, row.unwrap(), &schema)?;
+                    if batch.full() {
                         let b =
                             std::mem::replace(&mut batch, Batch::new(&schema)).finish(&schema)?;
                         if tx.send(Ok(b)).await.is_err() {
@@ -380,43 +376,11 @@ impl RemoteDatabase for MySqlDatabase {
                 }
             }
         }
-        if batch.len > 0 {
+        if batch.len() > 0 {
             let _ = tx.send(Ok(batch.finish(&schema)?)).await;
         }
         Ok(())
     }
-}
-
-enum Col {
-    I16(Int16Builder),
-    I32(Int32Builder),
-    I64(Int64Builder),
-    F32(Float32Builder),
-    F64(Float64Builder),
-    Bool(BooleanBuilder),
-    Text(StringBuilder),
-    Bytes(BinaryBuilder),
-    Date(Date32Builder),
-    Ts(TimestampMicrosecondBuilder),
-    Dec(Decimal128Builder, u8, i8),
-    Null(usize),
-}
-
-/// Rows being gathered into one Arrow batch.
-struct Batch {
-    cols: Vec<Col>,
-    len: usize,
-}
-
-/// A value that does not fit the type the plan expects. It names the column and the
-/// type, never the value: the error may travel to a caller whose grant does not cover
-/// the raw column.
-fn misfit(field: &Field, what: &str) -> Error {
-    Error::Internal(format!(
-        "the database answered {what} for column {} of type {}",
-        field.name(),
-        field.data_type()
-    ))
 }
 
 /// An exact integer from a number the database sent (a DECIMAL arrives as its text).
@@ -461,197 +425,100 @@ fn days_from_civil(y: i32, m: u32, d: u32) -> Option<i32> {
     })
 }
 
-impl Batch {
-    fn new(schema: &Schema) -> Batch {
-        let n = BATCH_ROWS;
-        let cols = schema
-            .fields()
-            .iter()
-            .map(|f| match f.data_type() {
-                DataType::Int16 => Col::I16(Int16Builder::with_capacity(n)),
-                DataType::Int32 => Col::I32(Int32Builder::with_capacity(n)),
-                DataType::Int64 => Col::I64(Int64Builder::with_capacity(n)),
-                DataType::Float32 => Col::F32(Float32Builder::with_capacity(n)),
-                DataType::Float64 => Col::F64(Float64Builder::with_capacity(n)),
-                DataType::Boolean => Col::Bool(BooleanBuilder::with_capacity(n)),
-                DataType::Binary => Col::Bytes(BinaryBuilder::with_capacity(n, n * 16)),
-                DataType::Date32 => Col::Date(Date32Builder::with_capacity(n)),
-                DataType::Timestamp(TimeUnit::Microsecond, _) => {
-                    Col::Ts(TimestampMicrosecondBuilder::with_capacity(n))
-                }
-                DataType::Decimal128(p, s) => Col::Dec(Decimal128Builder::with_capacity(n), *p, *s),
-                DataType::Null => Col::Null(0),
-                // Every other type the plan may expect here is text (see `readable`).
-                _ => Col::Text(StringBuilder::with_capacity(n, n * 16)),
-            })
-            .collect();
-        Batch { cols, len: 0 }
+/// Appends one row of values to `batch`, converted strictly to the plan's types.
+fn push_row(batch: &mut Batch, values: Vec<Value>, schema: &Schema) -> Result<()> {
+    if values.len() != batch.cols.len() {
+        return Err(Error::Internal(format!(
+            "the database answered {} columns where {} were expected",
+            values.len(),
+            batch.cols.len()
+        )));
     }
-
-    fn push(&mut self, values: Vec<Value>, schema: &Schema) -> Result<()> {
-        if values.len() != self.cols.len() {
-            return Err(Error::Internal(format!(
-                "the database answered {} columns where {} were expected",
-                values.len(),
-                self.cols.len()
-            )));
+    for ((col, v), field) in batch.cols.iter_mut().zip(values).zip(schema.fields()) {
+        if v == Value::NULL {
+            col.append_null();
+            continue;
         }
-        for ((col, v), field) in self.cols.iter_mut().zip(values).zip(schema.fields()) {
-            if v == Value::NULL {
-                match col {
-                    Col::I16(b) => b.append_null(),
-                    Col::I32(b) => b.append_null(),
-                    Col::I64(b) => b.append_null(),
-                    Col::F32(b) => b.append_null(),
-                    Col::F64(b) => b.append_null(),
-                    Col::Bool(b) => b.append_null(),
-                    Col::Text(b) => b.append_null(),
-                    Col::Bytes(b) => b.append_null(),
-                    Col::Date(b) => b.append_null(),
-                    Col::Ts(b) => b.append_null(),
-                    Col::Dec(b, _, _) => b.append_null(),
-                    Col::Null(n) => *n += 1,
-                }
-                continue;
-            }
-            if matches!(col, Col::Null(_)) {
-                return Err(misfit(field, "a value where only NULL was expected"));
-            }
-            match col {
-                Col::I16(b) => b.append_value(
-                    i16::try_from(integer(&v, field)?)
-                        .map_err(|_| misfit(field, "an integer out of range"))?,
-                ),
-                Col::I32(b) => b.append_value(
-                    i32::try_from(integer(&v, field)?)
-                        .map_err(|_| misfit(field, "an integer out of range"))?,
-                ),
-                Col::I64(b) => b.append_value(integer(&v, field)?),
-                Col::F32(b) => match v {
-                    Value::Float(f) => b.append_value(f),
-                    other => b.append_value(float(&other, field)? as f32),
-                },
-                Col::F64(b) => b.append_value(float(&v, field)?),
-                Col::Bool(b) => match integer(&v, field)? {
-                    0 => b.append_value(false),
-                    1 => b.append_value(true),
-                    _ => return Err(misfit(field, "a number other than 0 and 1")),
-                },
-                Col::Text(b) => match v {
-                    Value::Bytes(bytes) => b.append_value(
-                        std::str::from_utf8(&bytes)
-                            .map_err(|_| misfit(field, "text that is not UTF-8"))?,
-                    ),
-                    Value::Int(i) => b.append_value(i.to_string()),
-                    Value::UInt(u) => b.append_value(u.to_string()),
-                    Value::Time(neg, days, h, m, s, us) => {
-                        let sign = if neg { "-" } else { "" };
-                        let hours = u64::from(days) * 24 + u64::from(h);
-                        if us == 0 {
-                            b.append_value(format!("{sign}{hours:02}:{m:02}:{s:02}"))
-                        } else {
-                            b.append_value(format!("{sign}{hours:02}:{m:02}:{s:02}.{us:06}"))
-                        }
-                    }
-                    _ => return Err(misfit(field, "a value of another type")),
-                },
-                Col::Bytes(b) => match v {
-                    Value::Bytes(bytes) => b.append_value(bytes),
-                    _ => return Err(misfit(field, "a value of another type")),
-                },
-                Col::Date(b) => match v {
-                    Value::Date(y, m, d, ..) => b.append_value(
-                        days_from_civil(i32::from(y), u32::from(m), u32::from(d))
-                            .ok_or_else(|| misfit(field, "a zero or invalid date"))?,
-                    ),
-                    _ => return Err(misfit(field, "a value of another type")),
-                },
-                Col::Ts(b) => match v {
-                    Value::Date(y, mo, d, h, mi, s, us) => {
-                        let days = days_from_civil(i32::from(y), u32::from(mo), u32::from(d))
-                            .ok_or_else(|| misfit(field, "a zero or invalid date"))?;
-                        let secs = i64::from(days) * 86_400
-                            + i64::from(h) * 3600
-                            + i64::from(mi) * 60
-                            + i64::from(s);
-                        b.append_value(secs * 1_000_000 + i64::from(us))
-                    }
-                    _ => return Err(misfit(field, "a value of another type")),
-                },
-                Col::Dec(b, p, s) => {
-                    let text = match &v {
-                        Value::Bytes(bytes) => std::str::from_utf8(bytes)
-                            .map_err(|_| misfit(field, "bytes"))?
-                            .to_string(),
-                        Value::Int(i) => i.to_string(),
-                        Value::UInt(u) => u.to_string(),
-                        _ => return Err(misfit(field, "a value of another type")),
-                    };
-                    // More fraction digits than the plan's scale would be cut: refuse.
-                    if let Some((_, frac)) = text.split_once('.')
-                        && frac.trim_end_matches('0').len() > *s as usize
-                    {
-                        return Err(misfit(field, "a decimal with more places"));
-                    }
-                    let value = arrow::compute::kernels::cast_utils::parse_decimal::<
-                        arrow::datatypes::Decimal128Type,
-                    >(&text, *p, *s)
-                    .map_err(|_| {
-                        Error::InvalidQuery(format!(
-                            "a value of column {} does not fit DECIMAL({p},{s})",
-                            field.name()
-                        ))
-                    })?;
-                    b.append_value(value);
-                }
-                Col::Null(n) => *n += 1,
-            }
+        if matches!(col, Col::Null(_)) {
+            return Err(misfit(field, "a value where only NULL was expected"));
         }
-        self.len += 1;
-        Ok(())
-    }
-
-    fn finish(self, schema: &SchemaRef) -> Result<RecordBatch> {
-        let arrays: Vec<ArrayRef> = self
-            .cols
-            .into_iter()
-            .zip(schema.fields())
-            .map(|(c, f)| -> Result<ArrayRef> {
-                Ok(match c {
-                    Col::I16(mut b) => Arc::new(b.finish()),
-                    Col::I32(mut b) => Arc::new(b.finish()),
-                    Col::I64(mut b) => Arc::new(b.finish()),
-                    Col::F32(mut b) => Arc::new(b.finish()),
-                    Col::F64(mut b) => Arc::new(b.finish()),
-                    Col::Bool(mut b) => Arc::new(b.finish()),
-                    Col::Text(mut b) => {
-                        let a: ArrayRef = Arc::new(b.finish());
-                        if f.data_type() == &DataType::Utf8 {
-                            a
-                        } else {
-                            arrow::compute::cast(&a, f.data_type())
-                                .map_err(|e| Error::Internal(e.to_string()))?
-                        }
+        match col {
+            Col::I16(b) => b.append_value(
+                i16::try_from(integer(&v, field)?)
+                    .map_err(|_| misfit(field, "an integer out of range"))?,
+            ),
+            Col::I32(b) => b.append_value(
+                i32::try_from(integer(&v, field)?)
+                    .map_err(|_| misfit(field, "an integer out of range"))?,
+            ),
+            Col::I64(b) => b.append_value(integer(&v, field)?),
+            Col::F32(b) => match v {
+                Value::Float(f) => b.append_value(f),
+                other => b.append_value(float(&other, field)? as f32),
+            },
+            Col::F64(b) => b.append_value(float(&v, field)?),
+            Col::Bool(b) => match integer(&v, field)? {
+                0 => b.append_value(false),
+                1 => b.append_value(true),
+                _ => return Err(misfit(field, "a number other than 0 and 1")),
+            },
+            Col::Text(b) => match v {
+                Value::Bytes(bytes) => b.append_value(
+                    std::str::from_utf8(&bytes)
+                        .map_err(|_| misfit(field, "text that is not UTF-8"))?,
+                ),
+                Value::Int(i) => b.append_value(i.to_string()),
+                Value::UInt(u) => b.append_value(u.to_string()),
+                Value::Time(neg, days, h, m, s, us) => {
+                    let sign = if neg { "-" } else { "" };
+                    let hours = u64::from(days) * 24 + u64::from(h);
+                    if us == 0 {
+                        b.append_value(format!("{sign}{hours:02}:{m:02}:{s:02}"))
+                    } else {
+                        b.append_value(format!("{sign}{hours:02}:{m:02}:{s:02}.{us:06}"))
                     }
-                    Col::Bytes(mut b) => Arc::new(b.finish()),
-                    Col::Date(mut b) => Arc::new(b.finish()),
-                    Col::Ts(mut b) => Arc::new(b.finish().with_data_type(f.data_type().clone())),
-                    Col::Dec(mut b, p, s) => Arc::new(
-                        b.finish()
-                            .with_precision_and_scale(p, s)
-                            .map_err(|e| Error::Internal(e.to_string()))?,
-                    ),
-                    Col::Null(n) => arrow::array::new_null_array(&DataType::Null, n),
-                })
-            })
-            .collect::<Result<_>>()?;
-        RecordBatch::try_new_with_options(
-            schema.clone(),
-            arrays,
-            &arrow::array::RecordBatchOptions::new().with_row_count(Some(self.len)),
-        )
-        .map_err(|e| Error::Internal(format!("building a batch from database rows: {e}")))
+                }
+                _ => return Err(misfit(field, "a value of another type")),
+            },
+            Col::Bytes(b) => match v {
+                Value::Bytes(bytes) => b.append_value(bytes),
+                _ => return Err(misfit(field, "a value of another type")),
+            },
+            Col::Date(b) => match v {
+                Value::Date(y, m, d, ..) => b.append_value(
+                    days_from_civil(i32::from(y), u32::from(m), u32::from(d))
+                        .ok_or_else(|| misfit(field, "a zero or invalid date"))?,
+                ),
+                _ => return Err(misfit(field, "a value of another type")),
+            },
+            Col::Ts(b) => match v {
+                Value::Date(y, mo, d, h, mi, s, us) => {
+                    let days = days_from_civil(i32::from(y), u32::from(mo), u32::from(d))
+                        .ok_or_else(|| misfit(field, "a zero or invalid date"))?;
+                    let secs = i64::from(days) * 86_400
+                        + i64::from(h) * 3600
+                        + i64::from(mi) * 60
+                        + i64::from(s);
+                    b.append_value(secs * 1_000_000 + i64::from(us))
+                }
+                _ => return Err(misfit(field, "a value of another type")),
+            },
+            Col::Dec(b, p, s) => {
+                let text = match &v {
+                    Value::Bytes(bytes) => std::str::from_utf8(bytes)
+                        .map_err(|_| misfit(field, "bytes"))?
+                        .to_string(),
+                    Value::Int(i) => i.to_string(),
+                    Value::UInt(u) => u.to_string(),
+                    _ => return Err(misfit(field, "a value of another type")),
+                };
+                b.append_value(decimal(&text, *p, *s, field)?);
+            }
+            Col::Null(n) => *n += 1,
+        }
     }
+    batch.row_done();
+    Ok(())
 }
 
 #[cfg(test)]
@@ -702,15 +569,12 @@ mod tests {
         assert!(!e.to_string().contains("42"), "{e}");
         let schema = Schema::new(vec![Field::new("d", DataType::Decimal128(5, 1), true)]);
         let mut b = Batch::new(&schema);
-        let e = b
-            .push(vec![Value::Bytes(b"1.25".to_vec())], &schema)
-            .unwrap_err();
+        let e = push_row(&mut b, vec![Value::Bytes(b"1.25".to_vec())], &schema).unwrap_err();
         assert!(e.to_string().contains("more places"), "{e}");
-        b.push(vec![Value::Bytes(b"1.20".to_vec())], &schema)
-            .unwrap();
+        push_row(&mut b, vec![Value::Bytes(b"1.20".to_vec())], &schema).unwrap();
         let flag = Schema::new(vec![Field::new("f", DataType::Boolean, true)]);
         let mut b = Batch::new(&flag);
-        assert!(b.push(vec![Value::Int(2)], &flag).is_err());
+        assert!(push_row(&mut b, vec![Value::Int(2)], &flag).is_err());
     }
 
     #[test]

@@ -15,17 +15,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use arrow::array::{
-    ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder, Float64Builder,
-    Int16Builder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
-    TimestampMicrosecondBuilder,
-};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use async_trait::async_trait;
 use futures::StreamExt;
 use tokio_postgres::types::{FromSql, Type};
 
-use super::remote::{BATCH_ROWS, BatchSender, Dialect, RemoteDatabase};
+use super::columns::{Batch, Col, decimal, misfit};
+use super::remote::{BatchSender, Dialect, RemoteDatabase};
 use crate::config::{Database, DatabaseTls};
 use crate::error::{Error, Result};
 
@@ -288,7 +284,8 @@ pub fn arrow_type(typname: &str, typmod: i32) -> DataType {
                 }
             }
             // Unconstrained numeric: 38 digits, 10 after the point. Values that do not
-            // fit fail the query with a clear error rather than losing digits silently.
+            // fit (more places, more digits) fail the query with a clear error naming
+            // the column rather than losing digits silently (see `pg_cast`).
             DataType::Decimal128(38, 10)
         }
         _ => DataType::Utf8,
@@ -310,8 +307,10 @@ fn pg_cast(t: &DataType) -> Option<String> {
         // from the database and converts in the gateway.
         DataType::Timestamp(TimeUnit::Microsecond, None) => "timestamp".into(),
         DataType::Timestamp(TimeUnit::Microsecond, Some(_)) => "timestamptz".into(),
-        // Decimals travel as text, parsed exactly at the scale the plan expects.
-        DataType::Decimal128(p, s) => format!("numeric({p},{s})"),
+        // Decimals travel as text at the database's own scale and are parsed exactly:
+        // a value with more places than the plan's scale fails the query. A cast to
+        // numeric(p,s) would round it in the database, silently.
+        DataType::Decimal128(..) => "numeric".into(),
         DataType::Null => "text".into(),
         _ => return None,
     })
@@ -394,8 +393,8 @@ async fn run(db: &PgDatabase, sql: &str, schema: SchemaRef, tx: &BatchSender) ->
             None => break,
             Some(Err(e)) => return Err(db.error(&e)),
             Some(Ok(row)) => {
-                batch.push(&row)?;
-                if batch.len == BATCH_ROWS {
+                push_row(&mut batch, &row, &schema)?;
+                if batch.full() {
                     let b = std::mem::replace(&mut batch, Batch::new(&schema)).finish(&schema)?;
                     if tx.send(Ok(b)).await.is_err() {
                         cancel_query(db, cancel).await;
@@ -405,7 +404,7 @@ async fn run(db: &PgDatabase, sql: &str, schema: SchemaRef, tx: &BatchSender) ->
             }
         }
     }
-    if batch.len > 0 {
+    if batch.len() > 0 {
         let _ = tx.send(Ok(batch.finish(&schema)?)).await;
     }
     Ok(())
@@ -447,138 +446,40 @@ fn be_i32(b: &[u8]) -> Result<i32> {
         .map_err(|_| Error::Internal("a date is not 4 bytes".into()))
 }
 
-enum Col {
-    I16(Int16Builder),
-    I32(Int32Builder),
-    I64(Int64Builder),
-    F32(Float32Builder),
-    F64(Float64Builder),
-    Bool(BooleanBuilder),
-    Text(StringBuilder),
-    Date(Date32Builder),
-    Ts(TimestampMicrosecondBuilder),
-    Dec(Decimal128Builder, u8, i8),
-    Null(usize),
-}
-
-struct Batch {
-    cols: Vec<Col>,
-    len: usize,
-}
-
 fn get_err(e: tokio_postgres::Error) -> Error {
     Error::Internal(format!("reading a database value: {e}"))
 }
 
-impl Batch {
-    fn new(schema: &Schema) -> Batch {
-        let n = BATCH_ROWS;
-        let cols = schema
-            .fields()
-            .iter()
-            .map(|f| match f.data_type() {
-                DataType::Int16 => Col::I16(Int16Builder::with_capacity(n)),
-                DataType::Int32 => Col::I32(Int32Builder::with_capacity(n)),
-                DataType::Int64 => Col::I64(Int64Builder::with_capacity(n)),
-                DataType::Float32 => Col::F32(Float32Builder::with_capacity(n)),
-                DataType::Float64 => Col::F64(Float64Builder::with_capacity(n)),
-                DataType::Boolean => Col::Bool(BooleanBuilder::with_capacity(n)),
-                DataType::Date32 => Col::Date(Date32Builder::with_capacity(n)),
-                DataType::Timestamp(TimeUnit::Microsecond, _) => {
-                    Col::Ts(TimestampMicrosecondBuilder::with_capacity(n))
-                }
-                DataType::Decimal128(p, s) => Col::Dec(Decimal128Builder::with_capacity(n), *p, *s),
-                DataType::Null => Col::Null(0),
-                // Every other type was read as text (see `pg_cast`).
-                _ => Col::Text(StringBuilder::with_capacity(n, n * 16)),
-            })
-            .collect();
-        Batch { cols, len: 0 }
-    }
-
-    fn push(&mut self, row: &tokio_postgres::Row) -> Result<()> {
-        for (i, col) in self.cols.iter_mut().enumerate() {
-            match col {
-                Col::I16(b) => b.append_option(row.try_get::<_, Option<i16>>(i).map_err(get_err)?),
-                Col::I32(b) => b.append_option(row.try_get::<_, Option<i32>>(i).map_err(get_err)?),
-                Col::I64(b) => b.append_option(row.try_get::<_, Option<i64>>(i).map_err(get_err)?),
-                Col::F32(b) => b.append_option(row.try_get::<_, Option<f32>>(i).map_err(get_err)?),
-                Col::F64(b) => b.append_option(row.try_get::<_, Option<f64>>(i).map_err(get_err)?),
-                Col::Bool(b) => {
-                    b.append_option(row.try_get::<_, Option<bool>>(i).map_err(get_err)?)
-                }
-                Col::Text(b) => {
-                    b.append_option(row.try_get::<_, Option<&str>>(i).map_err(get_err)?)
-                }
-                Col::Date(b) => match row.try_get::<_, Option<Raw>>(i).map_err(get_err)? {
-                    None => b.append_null(),
-                    Some(r) => b.append_value(be_i32(r.0)?.saturating_add(PG_EPOCH_DAYS)),
-                },
-                Col::Ts(b) => match row.try_get::<_, Option<Raw>>(i).map_err(get_err)? {
-                    None => b.append_null(),
-                    Some(r) => b.append_value(be_i64(r.0)?.saturating_add(PG_EPOCH_MICROS)),
-                },
-                Col::Dec(b, p, s) => match row.try_get::<_, Option<&str>>(i).map_err(get_err)? {
-                    None => b.append_null(),
-                    Some(t) => {
-                        let v = arrow::compute::kernels::cast_utils::parse_decimal::<
-                            arrow::datatypes::Decimal128Type,
-                        >(t, *p, *s)
-                        .map_err(|e| {
-                            Error::InvalidQuery(format!(
-                                "a database value {t} does not fit DECIMAL({p},{s}): {e}"
-                            ))
-                        })?;
-                        b.append_value(v);
-                    }
-                },
-                Col::Null(n) => *n += 1,
-            }
+/// Appends one row to `batch`, converted strictly to the plan's types.
+fn push_row(batch: &mut Batch, row: &tokio_postgres::Row, schema: &Schema) -> Result<()> {
+    for (i, (col, field)) in batch.cols.iter_mut().zip(schema.fields()).enumerate() {
+        match col {
+            Col::I16(b) => b.append_option(row.try_get::<_, Option<i16>>(i).map_err(get_err)?),
+            Col::I32(b) => b.append_option(row.try_get::<_, Option<i32>>(i).map_err(get_err)?),
+            Col::I64(b) => b.append_option(row.try_get::<_, Option<i64>>(i).map_err(get_err)?),
+            Col::F32(b) => b.append_option(row.try_get::<_, Option<f32>>(i).map_err(get_err)?),
+            Col::F64(b) => b.append_option(row.try_get::<_, Option<f64>>(i).map_err(get_err)?),
+            Col::Bool(b) => b.append_option(row.try_get::<_, Option<bool>>(i).map_err(get_err)?),
+            Col::Text(b) => b.append_option(row.try_get::<_, Option<&str>>(i).map_err(get_err)?),
+            Col::Date(b) => match row.try_get::<_, Option<Raw>>(i).map_err(get_err)? {
+                None => b.append_null(),
+                Some(r) => b.append_value(be_i32(r.0)?.saturating_add(PG_EPOCH_DAYS)),
+            },
+            Col::Ts(b) => match row.try_get::<_, Option<Raw>>(i).map_err(get_err)? {
+                None => b.append_null(),
+                Some(r) => b.append_value(be_i64(r.0)?.saturating_add(PG_EPOCH_MICROS)),
+            },
+            Col::Dec(b, p, s) => match row.try_get::<_, Option<&str>>(i).map_err(get_err)? {
+                None => b.append_null(),
+                Some(t) => b.append_value(decimal(t, *p, *s, field)?),
+            },
+            // Bytes are read as text (see `pg_cast`): a binary column is not planned.
+            Col::Bytes(_) => return Err(misfit(field, "bytes where text was read")),
+            Col::Null(n) => *n += 1,
         }
-        self.len += 1;
-        Ok(())
     }
-
-    fn finish(self, schema: &SchemaRef) -> Result<RecordBatch> {
-        let arrays: Vec<ArrayRef> = self
-            .cols
-            .into_iter()
-            .zip(schema.fields())
-            .map(|(c, f)| -> Result<ArrayRef> {
-                Ok(match c {
-                    Col::I16(mut b) => Arc::new(b.finish()),
-                    Col::I32(mut b) => Arc::new(b.finish()),
-                    Col::I64(mut b) => Arc::new(b.finish()),
-                    Col::F32(mut b) => Arc::new(b.finish()),
-                    Col::F64(mut b) => Arc::new(b.finish()),
-                    Col::Bool(mut b) => Arc::new(b.finish()),
-                    Col::Text(mut b) => {
-                        let a: ArrayRef = Arc::new(b.finish());
-                        if f.data_type() == &DataType::Utf8 {
-                            a
-                        } else {
-                            arrow::compute::cast(&a, f.data_type())
-                                .map_err(|e| Error::Internal(e.to_string()))?
-                        }
-                    }
-                    Col::Date(mut b) => Arc::new(b.finish()),
-                    Col::Ts(mut b) => Arc::new(b.finish().with_data_type(f.data_type().clone())),
-                    Col::Dec(mut b, p, s) => Arc::new(
-                        b.finish()
-                            .with_precision_and_scale(p, s)
-                            .map_err(|e| Error::Internal(e.to_string()))?,
-                    ),
-                    Col::Null(n) => arrow::array::new_null_array(&DataType::Null, n),
-                })
-            })
-            .collect::<Result<_>>()?;
-        RecordBatch::try_new_with_options(
-            schema.clone(),
-            arrays,
-            &arrow::array::RecordBatchOptions::new().with_row_count(Some(self.len)),
-        )
-        .map_err(|e| Error::Internal(format!("building a batch from database rows: {e}")))
-    }
+    batch.row_done();
+    Ok(())
 }
 
 #[cfg(test)]
@@ -612,7 +513,7 @@ mod tests {
         let sql = typed_select("SELECT x", &fields, Some(&[2, 0, 1]), Some(5)).unwrap();
         assert_eq!(
             sql,
-            "SELECT CAST(q.c2 AS text), CAST(q.c0 AS int8), CAST(CAST(q.c1 AS numeric(10,2)) AS text) \
+            "SELECT CAST(q.c2 AS text), CAST(q.c0 AS int8), CAST(CAST(q.c1 AS numeric) AS text) \
              FROM (SELECT x) AS q(c0, c1, c2) LIMIT 5"
         );
         assert!(
