@@ -303,6 +303,25 @@ async fn column_types_map_faithfully() {
     assert_eq!(column_strings(&b, "m"), ["2038-01-19T03:14:08Z"]);
     assert_eq!(column_strings(&b, "n"), ["2"]);
 
+    // char(n) compares without trailing blanks in PostgreSQL, and is read without
+    // them: a literal ending in a blank matches nothing here, so it is not sent.
+    db.batch_execute("CREATE TABLE padded (c char(4)); INSERT INTO padded VALUES ('ab')")
+        .await
+        .unwrap();
+    let padded = fedgate::owner::source::remote::RemoteTable::discover(
+        fedgate::owner::source::open(&cfg).unwrap(),
+        "public",
+        "padded",
+    )
+    .await
+    .unwrap();
+    ctx.register_table("padded", Arc::new(padded)).unwrap();
+    let (b, plan) = run("SELECT count(*) AS n FROM padded WHERE c = 'ab '").await;
+    assert_eq!(column_strings(&b, "n"), ["0"], "{plan}");
+    let (b, plan) = run("SELECT count(*) AS n FROM padded WHERE c = 'ab'").await;
+    assert_eq!(column_strings(&b, "n"), ["1"], "{plan}");
+    assert!(plan.contains("count("), "{plan}");
+
     // An unconstrained numeric with more places than the 10 it is read with fails,
     // without the value: it is never rounded (by a cast in the database or by the
     // parser here). The column is named as the statement sent names it (`c0`): the

@@ -513,7 +513,13 @@ fn expr_ok(e: &Expr, schema: &DFSchema, t: Target) -> bool {
                 // The unparser's quoting leaves a quote after a backslash, and a
                 // doubled quote, as they are: such text would end the literal early
                 // in the database. It stays in the gateway.
-                ScalarValue::Utf8(v) => v.as_deref().is_none_or(|v| !v.contains(['\'', '\\'])),
+                // PostgreSQL's char(n) (and MySQL's CHAR) compares without trailing
+                // blanks, and a member reads such a column without them: a literal
+                // that ends in a blank would match there and not here.
+                ScalarValue::Utf8(v) => v.as_deref().is_none_or(|v| {
+                    !v.contains(['\'', '\\'])
+                        && (t.dialect == Dialect::DataFusion || !v.ends_with(' '))
+                }),
                 // MySQL reads `1.5` as an exact decimal, not a double.
                 ScalarValue::Float64(_) => !t.mysql(),
                 _ => false,
