@@ -27,7 +27,6 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
-use futures::StreamExt;
 
 pub use crate::config::Dialect;
 use crate::error::{Error, Result};
@@ -366,37 +365,31 @@ impl ExecutionPlan for RemoteExec {
             }
         });
         let projection = self.projection.clone();
-        let mut left = self.limit;
         // The statement is read whole, by position; a projection or row limit that
-        // DataFusion gives the scan is applied here, as the rows arrive.
-        let stream =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) })
-                .map(move |b| {
-                    let b = b?;
-                    let b = match &projection {
-                        Some(p) => b.project(p)?,
-                        None => b,
-                    };
-                    Ok(match left.as_mut() {
-                        Some(n) => {
-                            let take = b.num_rows().min(*n);
-                            *n -= take;
-                            b.slice(0, take)
-                        }
-                        None => b,
-                    })
-                })
-                .take_while({
-                    let limit = self.limit;
-                    let mut seen = 0usize;
-                    move |b: &DfResult<RecordBatch>| {
-                        let more = limit.is_none_or(|l| seen < l) || b.is_err();
-                        if let Ok(b) = b {
-                            seen += b.num_rows();
-                        }
-                        futures::future::ready(more)
-                    }
+        // DataFusion gives the scan is applied here, as the rows arrive. Once the limit
+        // is met the channel is dropped, which stops the statement in the database.
+        let stream = futures::stream::unfold((rx, self.limit), move |(mut rx, left)| {
+            let projection = projection.clone();
+            async move {
+                if left == Some(0) {
+                    return None;
+                }
+                let b = rx.recv().await?.and_then(|b| match &projection {
+                    Some(p) => Ok(b.project(p)?),
+                    None => Ok(b),
                 });
+                let (b, left) = match (b, left) {
+                    (Ok(b), Some(n)) => {
+                        let take = b.num_rows().min(n);
+                        (Ok(b.slice(0, take)), Some(n - take))
+                    }
+                    (Ok(b), None) => (Ok(b), None),
+                    // An error is the last thing the stream tells.
+                    (Err(e), _) => (Err(e), Some(0)),
+                };
+                Some((b, (rx, left)))
+            }
+        });
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             self.props.eq_properties.schema().clone(),
             stream,
