@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 
+use super::local_server::{is_root, run};
 use crate::error::{Error, Result};
 
 /// A running server; killed when dropped.
@@ -42,14 +43,6 @@ fn find(program: &str) -> Option<PathBuf> {
         .iter()
         .map(|d| Path::new(d).join(program))
         .find(|p| p.is_file())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 /// The server binaries, installing Debian's package when they are missing and this
@@ -102,10 +95,7 @@ impl LocalMariaDb {
     /// async runtime's threads. With `tls`, the server accepts TLS and the user must
     /// use it.
     pub async fn launch(tls: Option<ServerTls>) -> Result<LocalMariaDb> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| Error::Config(format!("finding a free port for MariaDB: {e}")))?
-            .port();
+        let port = super::local_server::free_port("MariaDB")?;
         let db = tokio::task::spawn_blocking(move || Self::start_blocking(port, tls))
             .await
             .map_err(|e| Error::Internal(format!("starting MariaDB: {e}")))??;
@@ -291,8 +281,7 @@ impl LocalMariaDb {
 
     /// Writes the user's password to `path`, for a member file's `password_file`.
     pub fn write_password(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, &self.password)
-            .map_err(|e| Error::Config(format!("writing {}: {e}", path.display())))
+        super::local_server::write_password(path, &self.password)
     }
 
     /// Kills the server at once.
@@ -308,18 +297,4 @@ impl Drop for LocalMariaDb {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .map_err(|e| Error::Config(format!("running {cmd:?}: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::Config(format!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    Ok(())
 }

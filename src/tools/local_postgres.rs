@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::local_server::{is_root, run};
 use crate::error::{Error, Result};
 
 /// A running server; stopped when dropped.
@@ -48,23 +49,12 @@ fn bindir() -> Result<PathBuf> {
         })
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
 impl LocalPostgres {
     /// Creates a cluster and starts it on a free loopback port, off the async
     /// runtime's threads (initdb and pg_ctl take seconds); with `tls`, a certificate
     /// and key (PEM) it also accepts TLS with.
     pub async fn launch(tls: Option<(String, String)>) -> Result<LocalPostgres> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| Error::Config(format!("finding a free port for PostgreSQL: {e}")))?
-            .port();
+        let port = super::local_server::free_port("PostgreSQL")?;
         tokio::task::spawn_blocking(move || {
             Self::start_blocking(port, tls.as_ref().map(|(c, k)| (c.as_str(), k.as_str())))
         })
@@ -105,7 +95,7 @@ impl LocalPostgres {
             write(&c, cert)?;
             write(&k, key)?;
             // PostgreSQL refuses a key file that others can read.
-            pg.run(Command::new("chmod").arg("600").arg(&k))?;
+            run(Command::new("chmod").arg("600").arg(&k))?;
             ssl = format!(
                 " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
                 c.display(),
@@ -113,31 +103,29 @@ impl LocalPostgres {
             );
         }
         if let Some(user) = &pg.run_as {
-            pg.run(Command::new("chown").args(["-R", user]).arg(pg.dir.path()))?;
+            run(Command::new("chown").args(["-R", user]).arg(pg.dir.path()))?;
         }
         let data = pg.data();
-        pg.run(
-            pg.pg_command("initdb")
-                .arg("-D")
-                .arg(&data)
-                .args(["-U", &pg.user, "-E", "UTF8", "--no-locale", "--no-sync"])
-                .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
-                .arg(format!("--pwfile={}", pwfile.display())),
-        )?;
+        run(pg
+            .pg_command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", &pg.user, "-E", "UTF8", "--no-locale", "--no-sync"])
+            .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
+            .arg(format!("--pwfile={}", pwfile.display())))?;
         let options = format!(
             "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={} \
              -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
              -c shared_preload_libraries=pg_stat_statements -c max_connections=200{ssl}",
             pg.dir.path().display()
         );
-        pg.run(
-            pg.pg_command("pg_ctl")
-                .arg("-D")
-                .arg(&data)
-                .args(["-w", "-t", "60", "-l"])
-                .arg(pg.dir.path().join("server.log"))
-                .args(["-o", &options, "start"]),
-        )?;
+        run(pg
+            .pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-w", "-t", "60", "-l"])
+            .arg(pg.dir.path().join("server.log"))
+            .args(["-o", &options, "start"]))?;
         Ok(pg)
     }
 
@@ -162,20 +150,6 @@ impl LocalPostgres {
         }
     }
 
-    fn run(&self, cmd: &mut Command) -> Result<()> {
-        let out = cmd
-            .output()
-            .map_err(|e| Error::Config(format!("running {cmd:?}: {e}")))?;
-        if !out.status.success() {
-            return Err(Error::Config(format!(
-                "{cmd:?} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        Ok(())
-    }
-
     /// Connects to `dbname` as the superuser.
     pub async fn connect(&self, dbname: &str) -> Result<tokio_postgres::Client> {
         let (client, conn) = tokio_postgres::Config::new()
@@ -193,13 +167,12 @@ impl LocalPostgres {
 
     /// Writes the superuser's password to `path`, for a member file's `password_file`.
     pub fn write_password(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, &self.password)
-            .map_err(|e| Error::Config(format!("writing {}: {e}", path.display())))
+        super::local_server::write_password(path, &self.password)
     }
 
     /// Stops the server at once (`pg_ctl stop -m immediate`).
     pub fn stop(&self) {
-        let _ = self.run(self.pg_command("pg_ctl").arg("-D").arg(self.data()).args([
+        let _ = run(self.pg_command("pg_ctl").arg("-D").arg(self.data()).args([
             "-m",
             "immediate",
             "-w",
