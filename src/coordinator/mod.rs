@@ -422,10 +422,11 @@ impl Coordinator {
                 .map_err(|e| Error::InvalidQuery(format!("binding parameters: {e}")))?,
             None => plan,
         };
-        let mut plan = state.optimize(&plan).map_err(Error::from_datafusion)?;
+        let written = plan;
+        let mut plan = state.optimize(&written).map_err(Error::from_datafusion)?;
         if opts.pushdown
-            && let Some(whole) =
-                pushdown::push_whole_query(state, &plan, sql).map_err(Error::from_datafusion)?
+            && let Some(whole) = pushdown::push_whole_query(state, &written, &plan, sql)
+                .map_err(Error::from_datafusion)?
         {
             plan = whole;
         }

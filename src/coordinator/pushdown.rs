@@ -406,8 +406,15 @@ fn push_aggregate(a: &Aggregate) -> DfResult<Option<LogicalPlan>> {
 /// Sends the whole query to one member when every dataset it reads is answered by
 /// that member alone (after pruning by `member` and by the catalog): the member runs
 /// joins, sorts and everything else itself, and only the final rows travel.
+///
+/// `plan` is the optimized plan and `written` the plan as written: the member plans
+/// the SQL text, which may name datasets the optimizer proved irrelevant (`(x IN
+/// (SELECT ...) AND m) OR m` is `m`). The answer does not depend on those, but the
+/// member must serve them or it refuses the query, so the query goes whole only
+/// when it does.
 pub fn push_whole_query(
     state: &dyn Session,
+    written: &LogicalPlan,
     plan: &LogicalPlan,
     sql: &str,
 ) -> DfResult<Option<LogicalPlan>> {
@@ -440,6 +447,22 @@ pub fn push_whole_query(
         return Ok(None);
     }
     let member = targets[0].clone();
+    let mut serves_every_named = true;
+    written.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            let any: Arc<dyn std::any::Any + Send + Sync> = source_as_provider(&scan.source)?;
+            if let Ok(t) = any.downcast::<FederatedTable>()
+                && !t.targets(state, &[])?.contains(&member)
+            {
+                serves_every_named = false;
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if !serves_every_named {
+        return Ok(None);
+    }
     let mut datasets: Vec<String> = scans
         .iter()
         .map(|(t, _)| t.dataset().name.clone())
