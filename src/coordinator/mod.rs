@@ -424,7 +424,12 @@ impl Coordinator {
         };
         let written = plan;
         let mut plan = state.optimize(&written).map_err(Error::from_datafusion)?;
+        // A whole query goes to its member as the text written, which for a published
+        // service holds the `$name` placeholders, not the values: a member has no way
+        // to be given them, and a value must never become SQL text by splicing. Such
+        // a query goes as the per-dataset sub-queries unparsed from the bound plan.
         if opts.pushdown
+            && opts.params.is_none()
             && let Some(whole) = pushdown::push_whole_query(state, &written, &plan, sql)
                 .map_err(Error::from_datafusion)?
         {

@@ -398,6 +398,88 @@ async fn a_service_plan_is_reused_only_for_the_same_values() {
     );
 }
 
+/// A service whose query one member answers alone, with a parameter of each kind:
+/// the values are bound at the coordinator and reach the member as typed literals
+/// of the sub-query (a query with placeholders is never sent whole as written).
+#[tokio::test]
+async fn a_service_answered_by_one_member_gets_its_values_there() {
+    let region = Region::start_patched(None, &|layout| {
+        crate::support::patch_region(layout, |r| {
+            r.services.push(fedgate::config::raw::RawService {
+                name: "hangzhou_big_counties".into(),
+                description: String::new(),
+                callers: vec!["fedgate://yrd/county/*".into()],
+                sql: "SELECT county_code FROM census WHERE member = 'hangzhou' \
+                      AND pop_total > $min AND county_code <> $except ORDER BY county_code"
+                    .into(),
+                purpose: None,
+                params: vec![
+                    fedgate::config::raw::RawParam {
+                        name: "min".into(),
+                        data_type: "int64".into(),
+                        description: String::new(),
+                    },
+                    fedgate::config::raw::RawParam {
+                        name: "except".into(),
+                        data_type: "utf8".into(),
+                        description: String::new(),
+                    },
+                ],
+            })
+        })
+    })
+    .await;
+    let anji = region.client_as("anji", "anji");
+    let expected = anji
+        .query(
+            "SELECT county_code FROM census WHERE member = 'hangzhou' \
+             AND pop_total > 1000000 AND county_code <> '330106' ORDER BY county_code",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    let expected = crate::support::column_strings(&expected.batches, "county_code");
+    assert!(expected.len() >= 2, "{expected:?}");
+    use fedgate::proto::v1::{ParamValue, param_value::Value};
+    let mut got = Vec::new();
+    let (_, summary) = anji
+        .invoke_watched(
+            fedgate::proto::v1::InvokeRequest {
+                service: "hangzhou_big_counties".into(),
+                params: [
+                    (
+                        "min".to_string(),
+                        ParamValue {
+                            value: Some(Value::Int64(1_000_000)),
+                        },
+                    ),
+                    (
+                        "except".to_string(),
+                        ParamValue {
+                            value: Some(Value::Text("330106".into())),
+                        },
+                    ),
+                ]
+                .into(),
+                timeout_ms: 20_000,
+                ..Default::default()
+            },
+            |b| {
+                got.extend(crate::support::column_strings(&[b], "county_code"));
+                Ok(())
+            },
+            |_| {},
+        )
+        .await
+        .unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(got, expected);
+    assert_eq!(
+        crate::support::member_state(&summary, "hangzhou"),
+        fedgate::proto::v1::MemberState::Ok
+    );
+}
+
 /// Runs `sql` over Flight SQL: every batch and the `app_metadata` of every message
 /// that carried one.
 async fn flight_batches(
