@@ -23,6 +23,9 @@
 //!   (throughput and queries per CPU-second).
 //! - `memory`: a gateway's resident memory idle, per open connection, and while a
 //!   10,000,000-row answer streams through two hops.
+//! - `fairness`: a county portal's open-loop calls of a published service while one
+//!   city floods the data owner with heavy queries at rising concurrency, against an
+//!   owner with one pool of sub-query slots and an owner with shares per class.
 //!
 //! Run: `cargo bench --bench region` (`-- --rounds N`, `-- --only hop,fdw`,
 //! `-- --smoke` for a few seconds on tiny data, `-- --out FILE` to also write the
@@ -66,6 +69,12 @@ struct Sizes {
     heavy_requests: u64,
     /// One-way delay of the emulated link in the fan-out section.
     link_delay: Duration,
+    /// Rows of the table the city's flood aggregates in the fairness section.
+    flood_rows: i64,
+    /// Concurrent callers of the city's flood, rising.
+    flood_levels: &'static [usize],
+    /// Measured time of each fairness variant.
+    fair_window: Duration,
 }
 
 const FULL: Sizes = Sizes {
@@ -76,6 +85,9 @@ const FULL: Sizes = Sizes {
     requests: 200,
     heavy_requests: 3,
     link_delay: Duration::from_millis(5),
+    flood_rows: 2_000_000,
+    flood_levels: &[4, 16, 64],
+    fair_window: Duration::from_secs(10),
 };
 
 const SMOKE: Sizes = Sizes {
@@ -86,6 +98,9 @@ const SMOKE: Sizes = Sizes {
     requests: 5,
     heavy_requests: 1,
     link_delay: Duration::from_millis(5),
+    flood_rows: 20_000,
+    flood_levels: &[2],
+    fair_window: Duration::from_secs(1),
 };
 
 /// Rows in each file-backed member's `readings`.
@@ -666,6 +681,7 @@ async fn run_load(
         timeout: Duration::from_secs(300),
         allow_partial: false,
         seed,
+        service: None,
     };
     let r = loadgen::run(client, &load).await.unwrap();
     assert_eq!(r.failed(), 0, "{} failed: {:?}", sql[0], r.first_error);
@@ -1185,6 +1201,7 @@ async fn deadline_load(
         timeout,
         allow_partial: true,
         seed: 7,
+        service: None,
     };
     loadgen::run(client, &load).await.unwrap()
 }
@@ -1382,6 +1399,306 @@ async fn memory(region: &Region, sizes: Sizes, idle_hub_kib: u64, out: &mut Stri
     ));
 }
 
+// ---------------------------------------------------------------------------------
+// Fairness: a county keeps its service when a city floods the region.
+
+/// The county portal's calls per second.
+const COUNTY_RATE: f64 = 20.0;
+
+/// A region of its own: two data owners with the same data, `plain` (one pool of
+/// sub-query slots, first come first served) and `fair` (shares per class of the
+/// query's origin), the county's gateway `county` whose portal calls a published
+/// service, and the flooding city's gateway `flood`. None of them is in the main
+/// region, so nothing else runs while this is measured.
+async fn start_fair_region(sizes: Sizes) -> (tempfile::TempDir, BTreeMap<String, Proc>) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::generate("fair").unwrap();
+    let certs = d.join("certs");
+    let (ca_path, _) = pki::write_ca(&ca, &certs).unwrap();
+    let registry = d.join("registry.parquet");
+    write_parquet(&registry, 1..FILE_ROWS + 1, true);
+    let work = d.join("work.parquet");
+    write_parquet(&work, 1..sizes.flood_rows + 1, true);
+    let gateways = [
+        ("plain", Kind::City),
+        ("fair", Kind::City),
+        ("county", Kind::County),
+        ("flood", Kind::City),
+    ];
+    let ports: BTreeMap<&str, u16> = gateways.iter().map(|(n, _)| (*n, free_port())).collect();
+    let mut region = format!("region = \"fair\"\nca = \"{}\"\n", ca_path.display());
+    for (name, kind) in gateways {
+        let serves = if matches!(name, "plain" | "fair") {
+            "[\"registry\", \"work\"]"
+        } else {
+            "[]"
+        };
+        region.push_str(&format!(
+            "[[members]]\nname = \"{name}\"\nkind = \"{kind}\"\nendpoint = \"https://127.0.0.1:{}\"\nserves = {serves}\n",
+            ports[name]
+        ));
+        pki::write_issued(
+            &ca.issue(
+                &Principal::new("fair", kind, name).unwrap(),
+                &pki::default_hosts(),
+                2,
+            )
+            .unwrap(),
+            &certs,
+            name,
+        )
+        .unwrap();
+    }
+    for t in ["registry", "work"] {
+        region.push_str(&format!(
+            "[[datasets]]\nname = \"{t}\"\n{READINGS_FIELDS}\n"
+        ));
+    }
+    for owner in ["plain", "fair"] {
+        region.push_str(&format!(
+            "[[services]]\nname = \"lookup_{owner}\"\ncallers = [\"fedgate://fair/county/*\"]\n\
+             sql = \"SELECT id, county_code, x FROM registry WHERE member = '{owner}' AND id = $id\"\n\
+             params = [ {{ name = \"id\", type = \"int64\" }} ]\n"
+        ));
+    }
+    std::fs::write(d.join("region.toml"), region).unwrap();
+    for (name, _) in gateways {
+        let mut cfg = format!(
+            "member = \"{name}\"\nregion = \"region.toml\"\nlisten = \"127.0.0.1:{}\"\n\
+             cert = \"certs/{name}.crt\"\nkey = \"certs/{name}.key\"\n",
+            ports[name]
+        );
+        if matches!(name, "plain" | "fair") {
+            // The same slots in all; the fair owner keeps four for counties and lets
+            // the cities hold at most two at once.
+            cfg.push_str("[limits]\nmax_concurrent_subqueries = 16\n");
+            if name == "fair" {
+                cfg.push_str(
+                    "[[subquery_admission]]\nclass = \"county\"\nreserved = 4\n\
+                     [[subquery_admission]]\nclass = \"city\"\nmax_concurrent = 2\n",
+                );
+            }
+            for (t, file) in [("registry", &registry), ("work", &work)] {
+                cfg.push_str(&format!(
+                    "[[sources]]\nname = \"{t}\"\nformat = \"parquet\"\npath = \"{}\"\n\
+                     [[mappings]]\ndataset = \"{t}\"\nsource = \"{t}\"\n\
+                     fields.id = \"id\"\nfields.county_code = \"county_code\"\nfields.x = \"x\"\n",
+                    file.display()
+                ));
+            }
+            cfg.push_str(
+                "[[access]]\nprincipals = [\"fedgate://fair/*\"]\ndatasets = [\"*\"]\nlevel = \"rows\"\n",
+            );
+        }
+        std::fs::write(d.join(format!("{name}.toml")), cfg).unwrap();
+    }
+    let mut procs = BTreeMap::new();
+    for (name, _) in gateways {
+        procs.insert(name.to_string(), spawn(d, name, ports[name]));
+    }
+    (dir, procs)
+}
+
+/// One measurement: the city's flood at `level` callers (closed loop, started a
+/// second early so that it is in full swing) against `owner`, while the county
+/// portal calls its lookup service at [`COUNTY_RATE`] for `window`.
+async fn flood_and_county(
+    county: &Client,
+    city: &Client,
+    owner: &str,
+    level: usize,
+    window: Duration,
+) -> (Report, Option<Report>) {
+    let flood = (level > 0).then(|| {
+        let city = city.clone();
+        let load = Load {
+            sql: vec![format!(
+                "SELECT county_code, count(*) AS n, sum(x) AS total FROM work \
+                 WHERE member = '{owner}' GROUP BY county_code"
+            )],
+            range: (1, 1),
+            mode: Mode::Closed {
+                concurrency: level,
+                expected_interval: None,
+            },
+            duration: window + Duration::from_secs(1),
+            max_requests: None,
+            warmup: Duration::ZERO,
+            timeout: Duration::from_secs(60),
+            allow_partial: false,
+            seed: 3,
+            service: None,
+        };
+        tokio::spawn(async move { loadgen::run(&city, &load).await.unwrap() })
+    });
+    if flood.is_some() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let load = Load {
+        sql: Vec::new(),
+        range: (1, FILE_ROWS),
+        mode: Mode::Open { rate: COUNTY_RATE },
+        duration: window,
+        max_requests: None,
+        warmup: Duration::ZERO,
+        timeout: Duration::from_secs(10),
+        allow_partial: false,
+        seed: 5,
+        service: Some(loadgen::ServiceCall {
+            name: format!("lookup_{owner}"),
+            param: "id".into(),
+            text: false,
+        }),
+    };
+    let county = loadgen::run(county, &load).await.unwrap();
+    let flood = match flood {
+        Some(f) => Some(f.await.unwrap()),
+        None => None,
+    };
+    (county, flood)
+}
+
+async fn fairness(sizes: Sizes, out: &mut String) {
+    let (dir, procs) = start_fair_region(sizes).await;
+    let certs = dir.path().join("certs");
+    let client = |name: &str| {
+        Client::connect(
+            &format!("https://127.0.0.1:{}", procs[name].port),
+            &certs.join("ca.crt"),
+            &certs.join(format!("{name}.crt")),
+            &certs.join(format!("{name}.key")),
+        )
+        .unwrap()
+    };
+    let (county, city) = (client("county"), client("flood"));
+    for owner in ["plain", "fair"] {
+        warm(
+            &city,
+            &[format!(
+                "SELECT count(*) FROM work WHERE member = '{owner}'"
+            )],
+            (1, 1),
+            2,
+        )
+        .await;
+        let r = flood_and_county(&county, &city, owner, 0, Duration::from_millis(500)).await;
+        assert_eq!(
+            r.0.failed(),
+            0,
+            "{owner}: {:?}\n{}",
+            r.0.first_error,
+            std::fs::read_to_string(&procs[owner].log).unwrap_or_default()
+        );
+    }
+    let levels: Vec<usize> = std::iter::once(0)
+        .chain(sizes.flood_levels.iter().copied())
+        .collect();
+    let rounds = sizes.rounds.min(3);
+    // (owner, level) -> per-round county p50, p99; county calls and failures; city
+    // answers per second and refusals.
+    type Key = (&'static str, usize);
+    let mut p50: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
+    let mut p99: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
+    let mut calls: BTreeMap<Key, (u64, u64)> = BTreeMap::new();
+    let mut city_rate: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
+    let mut city_failed: BTreeMap<Key, u64> = BTreeMap::new();
+    let mut first_county_error: Option<String> = None;
+    for r in 0..rounds {
+        let owners = if r % 2 == 0 {
+            ["plain", "fair"]
+        } else {
+            ["fair", "plain"]
+        };
+        for owner in owners {
+            for &level in &levels {
+                let (c, f) =
+                    flood_and_county(&county, &city, owner, level, sizes.fair_window).await;
+                let k = (owner, level);
+                p50.entry(k).or_default().push(c.latency_us.p50 as f64);
+                p99.entry(k).or_default().push(c.latency_us.p99 as f64);
+                let e = calls.entry(k).or_default();
+                e.0 += c.requests;
+                e.1 += c.failed();
+                if first_county_error.is_none() {
+                    first_county_error = c
+                        .first_error
+                        .clone()
+                        .map(|m| format!("{owner}, {level} callers: {m}"));
+                }
+                if let Some(f) = f {
+                    city_rate.entry(k).or_default().push(f.throughput);
+                    *city_failed.entry(k).or_default() += f.failed();
+                }
+                eprintln!(
+                    "fairness round {r} {owner} flood {level}: county p50 {} p99 {} failed {}",
+                    ms(c.latency_us.p50 as f64),
+                    ms(c.latency_us.p99 as f64),
+                    c.failed()
+                );
+            }
+        }
+    }
+    let heaviest = *levels.last().unwrap();
+    let mut table = String::new();
+    let mut verdicts = BTreeMap::new();
+    for owner in ["plain", "fair"] {
+        let quiet = median(p99[&(owner, 0)].clone());
+        for &level in &levels {
+            let k = (owner, level);
+            let (n, failed) = calls[&k];
+            let q99 = median(p99[&k].clone());
+            let city = city_rate
+                .get(&k)
+                .map(|v| format!("{:.1}", median(v.clone())))
+                .unwrap_or_else(|| "—".into());
+            let refused = city_failed
+                .get(&k)
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "—".into());
+            table.push_str(&format!(
+                "| {owner} | {level} | {} | {} | {:.2} | {}/{} | {city} | {refused} |\n",
+                ms(median(p50[&k].clone())),
+                ms(q99),
+                q99 / quiet,
+                n - failed,
+                n,
+            ));
+            if level == heaviest {
+                verdicts.insert(owner, (q99 / quiet, failed));
+            }
+        }
+    }
+    let (fair_ratio, fair_failed) = verdicts["fair"];
+    let (plain_ratio, plain_failed) = verdicts["plain"];
+    out.push_str(&format!(
+        "### Fairness: a county keeps its service while a city floods the owner\n\n\
+         A region of its own: two data owners with the same data (`registry`, {} rows; `work`, {} rows), \
+         `plain` with one pool of 16 sub-query slots and `fair` with the same 16 of which 4 are kept \
+         for counties and at most 2 go to cities at once (`[[subquery_admission]]`); the county's \
+         gateway `county` and the city's gateway `flood`, no data of their own. The county portal \
+         calls the published service `lookup_<owner>` (a primary-key lookup in `registry`) at the \
+         county's gateway, open loop at {COUNTY_RATE:.0} calls per second for {} s; meanwhile the city's \
+         callers, a closed loop of the given size started a second earlier, run a GROUP BY over `work` \
+         through the city's gateway. Every gateway is its own process on this machine's cores. \
+         Latency is from each call's due time (no coordinated omission); medians of {rounds} rounds, \
+         the owners and the flood sizes interleaved.\n\n\
+         | owner | city callers | county p50 | county p99 | p99 / no flood | county answered | city answers/s | city queries refused or failed |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n{table}\n\
+         Target: under the heaviest flood ({heaviest} callers) the county's p99 within 1.5x of its p99 \
+         with no flood, and no county call refused or failed. Fair owner: {fair_ratio:.2}x, {fair_failed} \
+         failed: {}. Plain owner, for comparison: {plain_ratio:.2}x, {plain_failed} failed.{}\n\n",
+        FILE_ROWS,
+        sizes.flood_rows,
+        sizes.fair_window.as_secs_f64(),
+        verdict(fair_ratio <= 1.5 && fair_failed == 0),
+        first_county_error
+            .map(|e| format!(" First county failure: `{}`.", e.replace('`', "'")))
+            .unwrap_or_default(),
+    ));
+    drop(procs);
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1424,7 +1741,7 @@ fn main() {
     if let Some(r) = arg("--rounds").and_then(|r| r.parse().ok()) {
         sizes.rounds = r;
     }
-    let all = ["hop", "fdw", "fanout", "resilience", "memory"];
+    let all = ["hop", "fdw", "fanout", "resilience", "memory", "fairness"];
     let only = arg("--only");
     let sections: Vec<&str> = all
         .iter()
@@ -1457,6 +1774,7 @@ fn main() {
                 "fanout" => fanout(&region, sizes, &mut out).await,
                 "resilience" => resilience(&region, sizes, &mut out).await,
                 "memory" => memory(&region, sizes, idle, &mut out).await,
+                "fairness" => fairness(sizes, &mut out).await,
                 _ => unreachable!(),
             }
             eprintln!("{s} done in {:.1} s", t.elapsed().as_secs_f64());

@@ -31,6 +31,9 @@ pub enum MemberFailure {
     TimedOut,
     /// It refused under its own access rules.
     Denied,
+    /// It refused for load: the slots it gives the origin's class were in use, or
+    /// the class was over its rate. It said when to try again.
+    Busy(Duration),
     /// It answered with an error.
     Failed,
 }
@@ -124,6 +127,7 @@ fn failure_words(f: MemberFailure) -> &'static str {
         MemberFailure::Unavailable => "is unavailable",
         MemberFailure::TimedOut => "timed out",
         MemberFailure::Denied => "denied the request",
+        MemberFailure::Busy(_) => "is busy",
         MemberFailure::Failed => "failed",
     }
 }
@@ -157,7 +161,7 @@ impl Error {
             Error::Member { failure, .. } => {
                 matches!(
                     failure,
-                    MemberFailure::Unavailable | MemberFailure::TimedOut
+                    MemberFailure::Unavailable | MemberFailure::TimedOut | MemberFailure::Busy(_)
                 )
             }
             Error::DeadlineExceeded(_) | Error::Overloaded(_) | Error::Busy { .. } => true,
@@ -187,6 +191,7 @@ impl Error {
                 MemberFailure::Unavailable => Code::Unavailable,
                 MemberFailure::TimedOut => Code::DeadlineExceeded,
                 MemberFailure::Denied => Code::PermissionDenied,
+                MemberFailure::Busy(_) => Code::ResourceExhausted,
                 MemberFailure::Failed => Code::Aborted,
             },
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -211,7 +216,11 @@ impl Error {
             }
             // gRPC's own name for "retry after": clients with a retry policy honour
             // it, and others can read it.
-            Error::Busy { retry_after, .. } => {
+            Error::Busy { retry_after, .. }
+            | Error::Member {
+                failure: MemberFailure::Busy(retry_after),
+                ..
+            } => {
                 let mut md = tonic::metadata::MetadataMap::new();
                 md.insert(
                     RETRY_PUSHBACK_METADATA,

@@ -19,6 +19,7 @@ pub fn state_word(state: i32) -> &'static str {
         v1::MemberState::Unavailable => "unavailable",
         v1::MemberState::TimedOut => "timed out",
         v1::MemberState::Denied => "denied",
+        v1::MemberState::Busy => "busy",
         v1::MemberState::Error => "error",
         v1::MemberState::Cancelled => "cancelled",
         v1::MemberState::Cached => "cached",

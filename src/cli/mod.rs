@@ -329,6 +329,7 @@ pub(crate) async fn run(cmd: Command) -> Result<ExitCode> {
                 timeout,
                 allow_partial,
                 seed,
+                service: None,
             };
             bench(&connect(&conn)?, &load, json).await
         }

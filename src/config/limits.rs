@@ -36,13 +36,16 @@ pub struct CachePolicy {
     pub stale_for: Duration,
 }
 
-/// What one class may use (`[[admission]]` in the member file).
+/// What one class may use (`[[admission]]` and `[[subquery_admission]]` in the
+/// member file).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClassLimits {
     /// Slots only this class may use.
     pub reserved: usize,
     /// Most slots this class may hold, reserved and shared together.
     pub max_concurrent: Option<usize>,
+    /// Most slots one origin (principal) of this class may hold.
+    pub max_per_origin: Option<usize>,
     /// Sustained queries per second, with the burst allowed above it.
     pub rate: Option<Rate>,
 }
@@ -81,8 +84,10 @@ pub struct Limits {
     pub query_memory_bytes: u64,
     /// Most rows one answer may have.
     pub max_rows: Option<u64>,
-    /// Admission limits per principal class.
+    /// Admission limits of client queries per principal class.
     pub classes: BTreeMap<crate::trust::identity::Kind, ClassLimits>,
+    /// Admission limits of sub-queries per class of their origin.
+    pub subquery_classes: BTreeMap<crate::trust::identity::Kind, ClassLimits>,
 }
 
 impl Default for Limits {
@@ -99,6 +104,7 @@ impl Default for Limits {
             query_memory_bytes: 1024 * 1024 * 1024,
             max_rows: None,
             classes: BTreeMap::new(),
+            subquery_classes: BTreeMap::new(),
         }
     }
 }
@@ -242,15 +248,19 @@ pub(super) fn validate_limits(path: &Path, raw: &RawLimits, pr: &mut Problems) -
     l
 }
 
+/// Validates one door's classes: `section` is `admission` (client queries, out of
+/// `limits.max_concurrent_queries`) or `subquery_admission` (sub-queries by their
+/// origin's class, out of `limits.max_concurrent_subqueries`).
 pub(super) fn validate_admission(
     path: &Path,
+    section: &str,
     raw: &[RawAdmission],
-    total: usize,
+    total: (&str, usize),
     pr: &mut Problems,
 ) -> BTreeMap<crate::trust::identity::Kind, ClassLimits> {
     let mut out = BTreeMap::new();
     for (i, a) in raw.iter().enumerate() {
-        let key = format!("admission[{i}]");
+        let key = format!("{section}[{i}]");
         let Some(kind) = crate::trust::identity::Kind::parse(&a.class) else {
             pr.add(
                 path,
@@ -272,6 +282,13 @@ pub(super) fn validate_admission(
                     "{max} must be at least 1 and at least the {} reserved",
                     a.reserved
                 ),
+            );
+        }
+        if a.max_per_origin == Some(0) {
+            pr.add(
+                path,
+                format!("{key}.max_per_origin"),
+                "0 must be at least 1: an origin with no slot could never ask",
             );
         }
         let rate = match a.rate_per_second {
@@ -307,6 +324,7 @@ pub(super) fn validate_admission(
         let limits = ClassLimits {
             reserved: a.reserved,
             max_concurrent: a.max_concurrent,
+            max_per_origin: a.max_per_origin,
             rate,
         };
         match out.entry(kind) {
@@ -321,13 +339,12 @@ pub(super) fn validate_admission(
         }
     }
     let reserved: usize = out.values().map(|c| c.reserved).sum();
+    let (limit, total) = total;
     if reserved > total {
         pr.add(
             path,
-            "admission",
-            format!(
-                "the classes reserve {reserved} slots, more than limits.max_concurrent_queries ({total})"
-            ),
+            section,
+            format!("the classes reserve {reserved} slots, more than limits.{limit} ({total})"),
         );
     }
     out

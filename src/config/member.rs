@@ -155,8 +155,23 @@ impl MemberConfig {
             }
         }
         let mut limits = validate_limits(path, &raw.limits, pr);
-        limits.classes =
-            validate_admission(path, &raw.admission, limits.max_concurrent_queries, pr);
+        limits.classes = validate_admission(
+            path,
+            "admission",
+            &raw.admission,
+            ("max_concurrent_queries", limits.max_concurrent_queries),
+            pr,
+        );
+        limits.subquery_classes = validate_admission(
+            path,
+            "subquery_admission",
+            &raw.subquery_admission,
+            (
+                "max_concurrent_subqueries",
+                limits.max_concurrent_subqueries,
+            ),
+            pr,
+        );
 
         let databases = validate_databases(path, &raw.databases, pr);
         let (sources, source_names) = validate_sources(path, &raw.sources, &databases, pr);

@@ -239,6 +239,7 @@ cert = "missing.crt"
 key = "missing.key"
 [limits]
 max_concurrent_queries = 4
+max_concurrent_subqueries = 2
 breaker_failures = 0
 breaker_open_for = "soon"
 retries = 9
@@ -257,6 +258,10 @@ class = "office"
 burst = 5
 [[admission]]
 class = "city"
+[[subquery_admission]]
+class = "county"
+reserved = 3
+max_per_origin = 0
 "#,
         );
         let e = MemberConfig::load(&p).unwrap_err().to_string();
@@ -270,6 +275,8 @@ class = "city"
             "admission[3].burst: needs rate_per_second",
             "admission[4].class: city is listed twice",
             "admission: the classes reserve 5 slots, more than limits.max_concurrent_queries (4)",
+            "subquery_admission[0].max_per_origin: 0 must be at least 1",
+            "subquery_admission: the classes reserve 3 slots, more than limits.max_concurrent_subqueries (2)",
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
         }

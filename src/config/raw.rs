@@ -147,6 +147,9 @@ pub struct RawMemberConfig {
     /// Admission of client queries per principal class.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub admission: Vec<RawAdmission>,
+    /// Admission of sub-queries other gateways send here, per class of their origin.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subquery_admission: Vec<RawAdmission>,
     /// Databases (PostgreSQL or a database speaking its protocol) that sources read.
     #[serde(default)]
     pub databases: Vec<RawDatabase>,
@@ -224,6 +227,9 @@ pub struct RawAdmission {
     /// Most queries this class may run here at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<usize>,
+    /// Most queries one origin (principal) of this class may run here at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_origin: Option<usize>,
     /// Sustained queries per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_per_second: Option<f64>,

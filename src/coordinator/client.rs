@@ -119,6 +119,12 @@ const MIN_BUDGET_TO_RETRY: Duration = Duration::from_millis(100);
 
 /// True for a failure of the link or the member's gateway itself, as opposed to an
 /// answer from the member (a refusal, an error of one of its databases).
+/// The retry hint of a refusal for load (`grpc-retry-pushback-ms`).
+fn retry_hint(s: &tonic::Status) -> Option<Duration> {
+    let v = s.metadata().get(crate::error::RETRY_PUSHBACK_METADATA)?;
+    v.to_str().ok()?.parse().ok().map(Duration::from_millis)
+}
+
 fn is_transport_failure(s: &tonic::Status) -> bool {
     s.code() == tonic::Code::Unavailable
         && s.metadata().get(crate::error::DATABASE_METADATA).is_none()
@@ -166,6 +172,12 @@ fn status_error(member: &str, endpoint: &str, budget: Duration, s: tonic::Status
         Code::Unavailable => MemberFailure::Unavailable,
         Code::DeadlineExceeded | Code::Cancelled => MemberFailure::TimedOut,
         Code::PermissionDenied | Code::Unauthenticated => MemberFailure::Denied,
+        // The owner refused for load and said when to try again: its admission, not
+        // the link or the member failing.
+        Code::ResourceExhausted => match retry_hint(&s) {
+            Some(after) => MemberFailure::Busy(after),
+            None => MemberFailure::Failed,
+        },
         _ => MemberFailure::Failed,
     };
     if s.metadata().get(crate::error::DATABASE_METADATA).is_some() {
@@ -354,6 +366,26 @@ impl MemberClient {
                         Err(s) => {
                             let transport = is_transport_failure(&s);
                             let e = status_error(name, endpoint, budget, s);
+                            if let Error::Member {
+                                failure: MemberFailure::Busy(after),
+                                ..
+                            } = &e
+                            {
+                                // The owner is healthy and said when it expects a
+                                // slot: wait that long and ask once more, if the
+                                // deadline leaves room for an answer afterwards. No
+                                // breaker failure: the link and the member are fine.
+                                let left = deadline.saturating_duration_since(Instant::now());
+                                if attempt >= health.retries || left < *after + MIN_BUDGET_TO_RETRY
+                                {
+                                    return Err(e);
+                                }
+                                attempt += 1;
+                                tracing::info!(member = %name, attempt, error = %e, "Asking a busy member again");
+                                q.note.retrying(e.reason());
+                                tokio::time::sleep(*after).await;
+                                continue;
+                            }
                             if !transport {
                                 return Err(e);
                             }

@@ -12,6 +12,7 @@
 //! host). Queries go through the same [`FederationService`](crate::frontend::FederationService)
 //! as gRPC: admission, audit, metrics, and each member's own access rules.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -194,7 +195,9 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .into_iter()
         .filter(|(_, s)| *s != "local")
         .collect();
-    let text = g.observer().render(&breakers, app.audit.written());
+    let text = g
+        .observer()
+        .render(&breakers, &g.admission(), app.audit.written());
     (
         [(
             header::CONTENT_TYPE,
@@ -367,6 +370,7 @@ async fn status(
         "datasets": datasets,
         "services": services_json(&g),
         "recent": recent,
+        "admission": g.admission().into_iter().collect::<BTreeMap<_, _>>(),
     }))
     .into_response()
 }

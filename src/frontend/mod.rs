@@ -7,7 +7,6 @@
 //! handed a [`Current`], which yields the service of the configuration version in
 //! force. The gateway builder depends on them, never the other way round.
 
-pub mod admission;
 pub mod flight_sql;
 pub mod grpc;
 pub mod http;

@@ -117,7 +117,9 @@ pub struct Started {
 #[derive(Clone)]
 pub struct FederationService {
     pub(crate) coordinator: Arc<Coordinator>,
-    pub(crate) admission: Arc<crate::frontend::admission::Admission>,
+    pub(crate) admission: Arc<crate::ops::admission::Admission>,
+    /// The data owner's admission of sub-queries (shown beside this door's).
+    pub(crate) subquery_admission: Arc<crate::ops::admission::Admission>,
     pub(crate) audit: Arc<AuditLog>,
     pub(crate) observer: Arc<crate::ops::observe::Observer>,
     /// This gateway's certificate and key: it signs assertions for its own identity
@@ -146,6 +148,15 @@ impl FederationService {
     /// The coordinator of this configuration version.
     pub fn coordinator(&self) -> &Arc<Coordinator> {
         &self.coordinator
+    }
+
+    /// The slots of both doors now: client queries here, and sub-queries other
+    /// gateways send to this data owner.
+    pub fn admission(&self) -> [(&'static str, crate::ops::admission::Load); 2] {
+        [
+            ("queries", self.admission.load()),
+            ("subqueries", self.subquery_admission.load()),
+        ]
     }
 
     /// The gateway's metrics and recent history.
@@ -373,7 +384,10 @@ impl FederationService {
             .min()
             .unwrap_or(limits.default_timeout)
             .min(limits.max_timeout);
-        let ticket = match self.admission.try_admit(origin.kind(), Instant::now()) {
+        let ticket = match self
+            .admission
+            .try_admit(origin.kind(), &origin.uri(), Instant::now())
+        {
             Ok(t) => t,
             Err(r) => {
                 return Err(refuse(Error::Busy {

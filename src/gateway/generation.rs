@@ -2,16 +2,17 @@
 //! query entry point with its coordinator, the data owner's service, the TLS server
 //! configurations), built once per version and swapped in whole by a reload.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::config::MemberConfig;
 use crate::coordinator::Coordinator;
 use crate::error::{Error, Result};
 use crate::frontend::FederationService;
+use crate::ops::admission::Admission;
 use crate::ops::audit::AuditLog;
 use crate::owner::member::MemberEngine;
 use crate::owner::peer::PeerService;
@@ -102,23 +103,24 @@ impl Generation {
                 bad.join("; ")
             )));
         }
-        let same_slots = previous.filter(|p| {
-            p.config.limits.max_concurrent_queries == config.limits.max_concurrent_queries
-                && p.config.limits.classes == config.limits.classes
-        });
-        let admission = match same_slots {
-            Some(p) => p.federation.admission.clone(),
-            None => crate::frontend::admission::Admission::new(
-                config.limits.max_concurrent_queries,
-                config.limits.classes.clone(),
-            ),
+        // Each door keeps its controller, and the slots held, across a reload that
+        // leaves its limits unchanged.
+        let keep = |old: Option<&Arc<Admission>>, total: usize, classes: &BTreeMap<_, _>| match old
+        {
+            Some(a) if a.has_limits(total, classes) => a.clone(),
+            _ => Admission::new(total, classes.clone()),
         };
-        let sub_admission = match previous.filter(|p| {
-            p.config.limits.max_concurrent_subqueries == config.limits.max_concurrent_subqueries
-        }) {
-            Some(p) => p.peer.sub_query_slots.clone(),
-            None => Arc::new(Semaphore::new(config.limits.max_concurrent_subqueries)),
-        };
+        let limits = &config.limits;
+        let admission = keep(
+            previous.map(|p| &p.federation.admission),
+            limits.max_concurrent_queries,
+            &limits.classes,
+        );
+        let sub_admission = keep(
+            previous.map(|p| &p.peer.admission),
+            limits.max_concurrent_subqueries,
+            &limits.subquery_classes,
+        );
         Ok(Generation {
             tls_digest: tls_digest(&config),
             server_tls: tls.server_config()?,
@@ -126,6 +128,7 @@ impl Generation {
             federation: FederationService {
                 coordinator,
                 admission,
+                subquery_admission: sub_admission.clone(),
                 audit: audit.clone(),
                 observer: observer.clone(),
                 tls: tls.clone(),
@@ -136,7 +139,7 @@ impl Generation {
             peer: PeerService {
                 config: config.clone(),
                 engine,
-                sub_query_slots: sub_admission,
+                admission: sub_admission,
                 audit,
                 observer,
                 tls,

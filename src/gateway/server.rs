@@ -212,6 +212,11 @@ impl Gateway {
         self.reloader.current.load().config.version.clone()
     }
 
+    /// The slots of both doors now (as the board shows them).
+    pub fn admission(&self) -> [(&'static str, crate::ops::admission::Load); 2] {
+        self.reloader.current.load().federation.admission()
+    }
+
     /// Stops accepting, lets in-flight calls finish, and waits.
     pub async fn shutdown(mut self) {
         self.watcher.abort();

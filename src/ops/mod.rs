@@ -1,6 +1,8 @@
-//! What operators read: the hash-chained audit log ([`audit`]), metrics and the status
-//! board's data ([`observe`]), and traces and logs ([`telemetry`]).
+//! What operators read and set: the hash-chained audit log ([`audit`]), metrics and the
+//! status board's data ([`observe`]), traces and logs ([`telemetry`]), and the fair
+//! admission of queries and sub-queries by principal class ([`admission`]).
 
+pub mod admission;
 pub mod audit;
 pub mod observe;
 pub mod telemetry;

@@ -224,12 +224,24 @@ impl Observer {
                 Unit::Count,
                 "Sub-queries answered for other gateways, by outcome.",
             ),
+            (
+                "fedgate_admission_slots",
+                Unit::Count,
+                "Slots per door (queries, subqueries) and class: reserved, cap, in_use.",
+            ),
+            (
+                "fedgate_admission_refused_total",
+                Unit::Count,
+                "Queries refused for load, per door (queries, subqueries) and class.",
+            ),
         ] {
             match name {
                 "fedgate_query_duration_seconds" | "fedgate_member_call_duration_seconds" => {
                     r.describe_histogram(name.into(), Some(unit), help.into())
                 }
-                "fedgate_breaker_state" => r.describe_gauge(name.into(), Some(unit), help.into()),
+                "fedgate_breaker_state" | "fedgate_admission_slots" => {
+                    r.describe_gauge(name.into(), Some(unit), help.into())
+                }
                 _ => r.describe_counter(name.into(), Some(unit), help.into()),
             }
         }
@@ -372,8 +384,50 @@ impl Observer {
     }
 
     /// The metrics in Prometheus' text format. `breakers` are the remote members'
-    /// breaker states now; `audit_records` the audit log's count.
-    pub fn render(&self, breakers: &[(String, &'static str)], audit_records: u64) -> String {
+    /// breaker states now; `admission` each door's slots now; `audit_records` the
+    /// audit log's count.
+    pub fn render(
+        &self,
+        breakers: &[(String, &'static str)],
+        admission: &[(&'static str, crate::ops::admission::Load)],
+        audit_records: u64,
+    ) -> String {
+        for (door, load) in admission {
+            let slots = |class: &str, kind: &str, v: usize| {
+                self.recorder
+                    .register_gauge(
+                        &key(
+                            "fedgate_admission_slots",
+                            &[
+                                ("door", door.to_string()),
+                                ("class", class.to_string()),
+                                ("slots", kind.to_string()),
+                            ],
+                        ),
+                        &META,
+                    )
+                    .set(v as f64);
+            };
+            slots("all", "total", load.total);
+            slots("shared", "total", load.shared);
+            slots("shared", "in_use", load.shared_in_use);
+            for c in &load.classes {
+                slots(c.class, "reserved", c.reserved);
+                slots(c.class, "in_use", c.in_use);
+                if let Some(m) = c.max_concurrent {
+                    slots(c.class, "cap", m);
+                }
+                self.recorder
+                    .register_counter(
+                        &key(
+                            "fedgate_admission_refused_total",
+                            &[("door", door.to_string()), ("class", c.class.to_string())],
+                        ),
+                        &META,
+                    )
+                    .absolute(c.refused);
+            }
+        }
         for (member, state) in breakers {
             let v = match *state {
                 "open" => 1.0,
@@ -451,7 +505,26 @@ fields = [{ name = "x", type = "int64" }]
                 summary: Some(&summary),
             },
         );
-        let text = o.render(&[("a".into(), "open")], 7);
+        let slots = crate::ops::admission::Admission::new(
+            4,
+            BTreeMap::from([(
+                crate::trust::identity::Kind::County,
+                crate::ops::admission::ClassLimits {
+                    reserved: 1,
+                    max_concurrent: None,
+                    max_per_origin: None,
+                    rate: None,
+                },
+            )]),
+        );
+        let _held = slots
+            .try_admit(
+                crate::trust::identity::Kind::City,
+                "c",
+                std::time::Instant::now(),
+            )
+            .unwrap();
+        let text = o.render(&[("a".into(), "open")], &[("subqueries", slots.load())], 7);
         for want in [
             r#"fedgate_queries_total{class="county",outcome="failed"} 1"#,
             r#"fedgate_member_status_total{member="a",state="timed_out"} 1"#,
@@ -460,6 +533,10 @@ fields = [{ name = "x", type = "int64" }]
             "fedgate_cache_misses_total 1",
             "fedgate_bytes_received_total 100",
             r#"fedgate_member_call_duration_seconds_bucket{member="a",le="0.0025"} 1"#,
+            r#"fedgate_admission_slots{door="subqueries",class="county",slots="reserved"} 1"#,
+            r#"fedgate_admission_slots{door="subqueries",class="city",slots="in_use"} 1"#,
+            r#"fedgate_admission_slots{door="subqueries",class="shared",slots="in_use"} 1"#,
+            r#"fedgate_admission_refused_total{door="subqueries",class="city"} 0"#,
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -28,8 +27,9 @@ use crate::trust::tls::{TlsMaterial, caller};
 pub struct PeerService {
     pub(crate) config: Arc<MemberConfig>,
     pub(crate) engine: Option<Arc<MemberEngine>>,
-    /// Sub-query slots, kept across reloads while the limit is unchanged.
-    pub(crate) sub_query_slots: Arc<Semaphore>,
+    /// Sub-query slots by the class of each sub-query's origin
+    /// (`[[subquery_admission]]`), kept across reloads while the limits are unchanged.
+    pub(crate) admission: Arc<crate::ops::admission::Admission>,
     pub(crate) audit: Arc<AuditLog>,
     pub(crate) observer: Arc<crate::ops::observe::Observer>,
     /// The region CA this member checks origin assertions' signers against.
@@ -222,14 +222,24 @@ impl PeerService {
         .min()
         .unwrap_or(self.config.limits.default_timeout)
         .min(self.config.limits.max_timeout);
-        let Ok(slot) = self.sub_query_slots.clone().try_acquire_owned() else {
-            return Err(refused(
-                &origin,
-                Error::Overloaded(format!(
-                    "member {} is answering its maximum of sub-queries",
-                    self.config.member.name
-                )),
-            ));
+        // Admission by the origin's class, not by the calling gateway: a city's
+        // analysts asking through any gateway share the city class's slots here, and
+        // a county's sub-queries find the share reserved for counties. The refusal is
+        // the owner's own, with a hint of when to retry, and is on the record.
+        let slot = match self
+            .admission
+            .try_admit(origin.kind(), &origin.uri(), Instant::now())
+        {
+            Ok(t) => t,
+            Err(r) => {
+                return Err(refused(
+                    &origin,
+                    Error::Busy {
+                        reason: r.reason,
+                        retry_after: r.retry_after,
+                    },
+                ));
+            }
         };
         let started = Instant::now();
         tracing::info!(query_id = %q.query_id, %via, %origin, sql = %q.sql, "Sub-query");

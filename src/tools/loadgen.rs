@@ -1,5 +1,5 @@
-//! A load generator for a gateway's `Federation.Query`, used by `fedgate bench` and
-//! by the benchmarks.
+//! A load generator for a gateway's `Federation.Query` (or a published service's
+//! `Federation.Invoke`), used by `fedgate bench` and by the benchmarks.
 //!
 //! Two modes. **Closed loop**: a fixed number of callers, each sending its next query
 //! when the previous one has been answered; it measures service time. **Open loop**:
@@ -24,7 +24,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::Mutex;
 
-use crate::proto::v1::{MemberState, QueryRequest};
+use crate::proto::v1::{InvokeRequest, MemberState, ParamValue, QueryRequest, param_value};
 use crate::tools::client::Client;
 
 /// How queries are sent.
@@ -66,6 +66,20 @@ pub struct Load {
     pub allow_partial: bool,
     /// Seed of the `{n}` sequence, so that runs can be repeated.
     pub seed: u64,
+    /// Call this published service instead of sending `sql`.
+    pub service: Option<ServiceCall>,
+}
+
+/// A published service called with one parameter, a key drawn from the load's range
+/// for every call (as `{n}` is for SQL).
+#[derive(Debug, Clone)]
+pub struct ServiceCall {
+    /// The service's name in the region file.
+    pub name: String,
+    /// The name of the parameter.
+    pub param: String,
+    /// Send the key as text (for a `utf8` parameter) rather than as an `int64`.
+    pub text: bool,
 }
 
 impl Default for Load {
@@ -83,6 +97,7 @@ impl Default for Load {
             timeout: Duration::from_secs(30),
             allow_partial: false,
             seed: 1,
+            service: None,
         }
     }
 }
@@ -172,19 +187,46 @@ struct Shared {
 /// and message.
 async fn one(client: &Client, load: &Load, sql: String) -> Result<u64, (String, String)> {
     let mut rows = 0u64;
-    let q = QueryRequest {
-        sql,
-        allow_partial: load.allow_partial,
-        timeout_ms: load.timeout.as_millis() as u64,
-        ..Default::default()
+    let sink = |b: datafusion::arrow::record_batch::RecordBatch| {
+        rows += b.num_rows() as u64;
+        Ok(())
     };
-    match client
-        .query_each(q, |b| {
-            rows += b.num_rows() as u64;
-            Ok(())
-        })
-        .await
-    {
+    let answer = match &load.service {
+        None => {
+            let q = QueryRequest {
+                sql,
+                allow_partial: load.allow_partial,
+                timeout_ms: load.timeout.as_millis() as u64,
+                ..Default::default()
+            };
+            client.query_each(q, sink).await
+        }
+        Some(call) => {
+            // In service mode the "text" of a call is its key (see `template`).
+            let key: i64 = sql
+                .parse()
+                .map_err(|_| ("key".to_string(), format!("not a key: {sql}")))?;
+            let q = InvokeRequest {
+                service: call.name.clone(),
+                params: [(
+                    call.param.clone(),
+                    ParamValue {
+                        value: Some(if call.text {
+                            param_value::Value::Text(key.to_string())
+                        } else {
+                            param_value::Value::Int64(key)
+                        }),
+                    },
+                )]
+                .into(),
+                allow_partial: load.allow_partial,
+                timeout_ms: load.timeout.as_millis() as u64,
+                ..Default::default()
+            };
+            client.invoke_watched(q, sink, |_| {}).await
+        }
+    };
+    match answer {
         Ok((_, summary)) => {
             // A cached answer is a complete one; a stale answer stands in for a
             // member that failed, which only --allow-partial accepts.
@@ -220,7 +262,11 @@ pub fn query_text(sql: &[String], range: (i64, i64), i: u64, keys: &mut Keys) ->
     }
 }
 
+/// The `i`-th query's SQL, or in service mode its key.
 fn template(load: &Load, i: u64, keys: &mut Keys) -> String {
+    if load.service.is_some() {
+        return keys.next(load.range).to_string();
+    }
     query_text(&load.sql, load.range, i, keys)
 }
 
@@ -252,7 +298,7 @@ async fn record(shared: &Shared, load: &Load, took: Duration, r: Result<u64, (St
 
 /// Runs `load` against `client` and reports.
 pub async fn run(client: &Client, load: &Load) -> Result<Report, String> {
-    if load.sql.is_empty() {
+    if load.sql.is_empty() && load.service.is_none() {
         return Err("no SQL to send".into());
     }
     if load.range.0 > load.range.1 {

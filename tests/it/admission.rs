@@ -13,6 +13,7 @@ fn admission(class: &str) -> RawAdmission {
         class: class.into(),
         reserved: 0,
         max_concurrent: None,
+        max_per_origin: None,
         rate_per_second: None,
         burst: None,
     }
@@ -172,5 +173,142 @@ async fn a_merge_over_the_memory_limit_fails_with_the_limit_named() {
     assert!(
         f.status.message().contains("limits.query_memory_bytes"),
         "{f}"
+    );
+}
+
+/// Starts the sample region with Suzhou's data lake behind a fault proxy and Suzhou
+/// answering at most three sub-queries at once, with `county_reserved` of them kept
+/// for counties.
+async fn suzhou_behind_a_slow_lake(county_reserved: usize) -> (Region, crate::proxy::FaultProxy) {
+    let lake = crate::proxy::FaultProxy::start().await;
+    let region = Region::start_patched(None, &|layout| {
+        let (_, _, endpoint) = layout
+            .gateways
+            .iter()
+            .find(|(n, _, _)| n == "lake/warehouse")
+            .expect("the sample region's data lake");
+        lake.set_target(endpoint.rsplit(':').next().unwrap().parse().unwrap());
+        crate::support::patch_member(layout, "suzhou", |m| {
+            let db = m.databases.iter_mut().find(|d| d.name == "lake").unwrap();
+            db.port = Some(lake.port);
+            m.limits.max_concurrent_subqueries = Some(3);
+            m.subquery_admission = if county_reserved > 0 {
+                vec![RawAdmission {
+                    reserved: county_reserved,
+                    ..admission("county")
+                }]
+            } else {
+                Vec::new()
+            };
+        })
+    })
+    .await;
+    (region, lake)
+}
+
+/// Shanghai's analysts flood Suzhou's pipeline survey (every such sub-query waits on
+/// the slow lake and holds its slot at Suzhou), while Anji's county gateway asks a
+/// question of every member. Returns Anji's summary and how the flood's queries
+/// ended.
+async fn county_query_during_a_city_flood(
+    region: &Region,
+) -> (fedgate::proto::v1::QuerySummary, Vec<Result<(), String>>) {
+    let flood: Vec<_> = (0..6)
+        .map(|_| {
+            let c = region.client_as("shanghai", "shanghai");
+            tokio::spawn(async move {
+                c.query(
+                    "SELECT count(*) FROM underground_pipelines WHERE member = 'suzhou'",
+                    false,
+                    Some(Duration::from_secs(20)),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|f| f.to_string())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let county = region
+        .client_as("anji", "anji")
+        .query(PER_MEMBER, true, Some(Duration::from_secs(10)))
+        .await
+        .unwrap_or_else(|f| panic!("the county's query failed: {f}"));
+    let mut ended = Vec::new();
+    for q in flood {
+        ended.push(q.await.unwrap());
+    }
+    (county.summary, ended)
+}
+
+#[tokio::test]
+async fn a_city_flooding_an_owner_leaves_the_counties_their_share_there() {
+    let (region, lake) = suzhou_behind_a_slow_lake(1).await;
+    lake.set(Fault::Delay(Duration::from_millis(300)));
+    let (summary, flood) = county_query_during_a_city_flood(&region).await;
+    // The county's sub-query at Suzhou took the slot kept for counties.
+    assert_eq!(
+        crate::support::member_state(&summary, "suzhou"),
+        fedgate::proto::v1::MemberState::Ok,
+        "{summary:?}"
+    );
+    assert_eq!(summary.rows, 5, "{summary:?}");
+    assert!(!summary.partial, "{summary:?}");
+    // The city held the two shared slots; the rest of its flood was refused by
+    // Suzhou as busy (the owner's refusal, named as such), not failed on the link.
+    let answered = flood.iter().filter(|r| r.is_ok()).count();
+    assert!((1..=2).contains(&answered), "{flood:?}");
+    for e in flood.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(
+            e.contains("member suzhou is busy")
+                && e.contains("no slots are reserved for city callers"),
+            "{e}"
+        );
+    }
+    // Suzhou's board and metrics show the shares, their use and the refusals.
+    let loads = region.gateways["suzhou"].admission();
+    let (_, sub) = loads.iter().find(|(d, _)| *d == "subqueries").unwrap();
+    let city = sub.classes.iter().find(|c| c.class == "city").unwrap();
+    let county = sub.classes.iter().find(|c| c.class == "county").unwrap();
+    assert_eq!((county.reserved, county.refused), (1, 0));
+    assert!(city.refused >= 4, "{sub:?}");
+    // Refusals are on the owner's record.
+    let refused = crate::support::sub_query_records(&region.audit_log("suzhou"))
+        .into_iter()
+        .filter(|r| {
+            r["entry"]["reason"]
+                .as_str()
+                .is_some_and(|m| m.contains("no slots are reserved for city callers"))
+        })
+        .count();
+    assert!(refused >= 4, "{refused} refusals recorded");
+}
+
+#[tokio::test]
+async fn without_a_county_share_the_county_finds_the_owner_busy_and_is_told_so() {
+    let (region, lake) = suzhou_behind_a_slow_lake(0).await;
+    lake.set(Fault::Delay(Duration::from_millis(300)));
+    let (summary, _) = county_query_during_a_city_flood(&region).await;
+    // The same flood, no share kept: Suzhou refuses the county too. The partial answer
+    // says so, as the owner's refusal with its retry hint, after the coordinator asked
+    // once more.
+    let s = crate::support::member_status(&summary, "suzhou");
+    assert_eq!(
+        crate::support::member_state(&summary, "suzhou"),
+        fedgate::proto::v1::MemberState::Busy,
+        "{summary:?}"
+    );
+    assert!(
+        s.reason
+            .contains("no slots are reserved for county callers")
+            && s.reason.contains("retry in"),
+        "{}",
+        s.reason
+    );
+    assert!(summary.partial, "{summary:?}");
+    assert_eq!(summary.rows, 4, "{summary:?}");
+    assert_eq!(
+        crate::support::member_state(&summary, "hangzhou"),
+        fedgate::proto::v1::MemberState::Ok
     );
 }

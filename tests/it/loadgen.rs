@@ -92,6 +92,38 @@ async fn answers_rows_schedule_and_failures_are_counted() {
     );
     assert_eq!(r.latency_us.p50, 0, "failures are not latencies");
 
+    // A published service: every call binds a key from the range as its parameter,
+    // and the rows counted are the service's.
+    let near = client
+        .query(
+            "SELECT count(*) AS n FROM fever_clinics WHERE substr(county_code, 1, 4) = '3305'",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    let near = crate::support::column_strings(&near.batches, "n")[0]
+        .parse::<u64>()
+        .unwrap();
+    assert!(near > 0);
+    let r = loadgen::run(
+        &client,
+        &Load {
+            sql: Vec::new(),
+            range: (330523, 330523),
+            max_requests: Some(3),
+            service: Some(loadgen::ServiceCall {
+                name: "fever_clinics_near".into(),
+                param: "county_code".into(),
+                text: true,
+            }),
+            ..load("", closed(1))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.ok, r.failed(), r.rows), (3, 0, 3 * near), "{r:?}");
+
     // A member down: without allow_partial every query fails; with it, every answer
     // is complete apart from that member's rows.
     region.stop("anji").await;

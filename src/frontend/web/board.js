@@ -14,7 +14,7 @@ const REFRESH_MS = 2000;
 const TONES = {
   closed: "green", open: "red", probing: "amber", local: "blue", none: "grey",
   ok: "green", cached: "teal", stale: "amber", pruned: "grey", unavailable: "red",
-  timed_out: "red", denied: "purple", error: "red", cancelled: "grey",
+  timed_out: "red", denied: "purple", busy: "amber", error: "red", cancelled: "grey",
   answered: "green", failed: "red", refused: "purple",
 };
 
@@ -87,6 +87,38 @@ function memberRow(m, self) {
     num(m.failures, m.failures > 0 ? "bad" : ""),
     el("td", {}, m.last_error ? clipped(m.last_error, "small err-text") : dim()),
   );
+}
+
+// One row per class of each door, after a row for the door's shared slots. The
+// load bar shows the slots a class holds against what it may reach: its cap, or its
+// reserved slots plus the shared ones.
+const DOORS = { queries: "client queries", subqueries: "sub-queries" };
+function admissionRows(admission) {
+  return Object.entries(admission || {}).flatMap(([door, load]) => {
+    const shared = el("tr", { dataset: { door, class: "shared" } },
+      el("td", {}, el("strong", { text: DOORS[door] || door }), el("span", { className: "muted small", text: ` ${load.total} slots` })),
+      el("td", { className: "muted", text: "shared" }),
+      num(load.shared), num(null), num(null),
+      num(load.shared_in_use),
+      el("td", {}, loadBar(load.shared_in_use, load.shared)),
+      num(null));
+    const classes = (load.classes || []).map((c) => {
+      const reach = c.max_concurrent ?? (c.reserved + load.shared);
+      return el("tr", { dataset: { door, class: c.class } },
+        el("td", {}),
+        el("td", { text: c.class }),
+        num(c.reserved), num(c.max_concurrent), num(c.max_per_origin),
+        num(c.in_use),
+        el("td", {}, loadBar(c.in_use, reach)),
+        num(c.refused, c.refused > 0 ? "bad" : ""));
+    });
+    return [shared, ...classes];
+  });
+}
+
+function loadBar(used, of) {
+  return el("meter", { className: "load", title: `${used} of ${of}`,
+    attrs: { min: 0, max: Math.max(of, 1), value: Math.min(used, Math.max(of, 1)), high: Math.max(of, 1) * 0.8 } });
 }
 
 function datasetRow(d) {
@@ -162,6 +194,8 @@ function renderStatus(s) {
       : [el("li", { className: "muted", text: "No published services." })]));
     renderServiceCaller(services);
   });
+  renderIfChanged("admission", s.admission, (a) =>
+    fillBody($("admission"), admissionRows(a), "No admission limits."));
   renderIfChanged("recent", s.recent, (rows) =>
     fillBody($("recent"), rows.map(recentRow), "No queries yet."));
 }
