@@ -6,6 +6,7 @@ downloads are never used) against hangzhou's plain HTTP port.
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,35 @@ def count(text: str) -> int:
     digits = re.sub(r"[^0-9]", "", text)
     assert digits, f"not a number: {text!r}"
     return int(digits)
+
+
+def test_board_shows_the_admission_shares(page, http_ports, demo_dir):
+    """The Admission table shows both doors' shares as hangzhou's member file sets
+    them (read here with tomllib, not through the gateway)."""
+    member = tomllib.loads((demo_dir / "hangzhou.toml").read_text())
+    limits = member["limits"]
+    page.goto(f"http://127.0.0.1:{http_ports['hangzhou']}/")
+    page.wait_for_selector('#admission tr[data-door="subqueries"][data-class="county"]', state="attached")
+
+    def cells(door: str, cls: str) -> list[str]:
+        row = page.locator(f'#admission tr[data-door="{door}"][data-class="{cls}"]')
+        return [t.strip() for t in row.locator("td").all_text_contents()]
+
+    for door, section, total in [("queries", "admission", limits["max_concurrent_queries"]),
+                                 ("subqueries", "subquery_admission", limits["max_concurrent_subqueries"])]:
+        shares = member[section]
+        reserved = sum(s.get("reserved", 0) for s in shares)
+        # The door's row: its slots in all, and the shared ones.
+        head = cells(door, "shared")
+        assert f"{total} slots" in head[0], head
+        assert count(head[2]) == total - reserved, head
+        for share in shares:
+            row = cells(door, share["class"])
+            assert row[1] == share["class"], row
+            assert count(row[2]) == share.get("reserved", 0), row
+            if "max_per_origin" in share:
+                assert count(row[4]) == share["max_per_origin"], row
+    assert page.locator("#admission meter.load").count() > 0
 
 
 def test_board_runs_a_query(page, http_ports, artifacts_dir, expected):
