@@ -1470,13 +1470,13 @@ async fn start_fair_region(sizes: Sizes) -> (tempfile::TempDir, BTreeMap<String,
             ports[name]
         );
         if matches!(name, "plain" | "fair") {
-            // The same slots in all; the fair owner keeps four for counties and lets
-            // the cities hold at most two at once.
+            // The same slots in all; the fair owner keeps four for counties, lets the
+            // cities hold at most two at once and runs theirs on its low-priority lane.
             cfg.push_str("[limits]\nmax_concurrent_subqueries = 16\n");
             if name == "fair" {
                 cfg.push_str(
                     "[[subquery_admission]]\nclass = \"county\"\nreserved = 4\n\
-                     [[subquery_admission]]\nclass = \"city\"\nmax_concurrent = 2\n",
+                     [[subquery_admission]]\nclass = \"city\"\nmax_concurrent = 2\npriority = \"low\"\n",
                 );
             }
             for (t, file) in [("registry", &registry), ("work", &work)] {
@@ -1675,7 +1675,8 @@ async fn fairness(sizes: Sizes, out: &mut String) {
         "### Fairness: a county keeps its service while a city floods the owner\n\n\
          A region of its own: two data owners with the same data (`registry`, {} rows; `work`, {} rows), \
          `plain` with one pool of 16 sub-query slots and `fair` with the same 16 of which 4 are kept \
-         for counties and at most 2 go to cities at once (`[[subquery_admission]]`); the county's \
+         for counties and at most 2 go to cities at once, whose work runs on the owner's \
+         low-priority lane (`[[subquery_admission]]`, `priority = \"low\"`); the county's \
          gateway `county` and the city's gateway `flood`, no data of their own. The county portal \
          calls the published service `lookup_<owner>` (a primary-key lookup in `registry`) at the \
          county's gateway, open loop at {COUNTY_RATE:.0} calls per second for {} s; meanwhile the city's \

@@ -46,6 +46,8 @@ pub struct ClassLimits {
     pub max_concurrent: Option<usize>,
     /// Most slots one origin (principal) of this class may hold.
     pub max_per_origin: Option<usize>,
+    /// Sub-queries of this class run on the owner's low-priority lane.
+    pub low_priority: bool,
     /// Sustained queries per second, with the burst allowed above it.
     pub rate: Option<Rate>,
 }
@@ -291,6 +293,27 @@ pub(super) fn validate_admission(
                 "0 must be at least 1: an origin with no slot could never ask",
             );
         }
+        let low_priority = match a.priority.as_deref() {
+            None | Some("normal") => false,
+            Some("low") if section == "subquery_admission" => true,
+            Some("low") => {
+                pr.add(
+                    path,
+                    format!("{key}.priority"),
+                    "applies to sub-queries only: set it in [[subquery_admission]], where \
+                     the data owner's engine runs them",
+                );
+                false
+            }
+            Some(other) => {
+                pr.add(
+                    path,
+                    format!("{key}.priority"),
+                    format!("{other:?} is not a priority (normal or low)"),
+                );
+                false
+            }
+        };
         let rate = match a.rate_per_second {
             Some(r) if !(r.is_finite() && r > 0.0) => {
                 pr.add(
@@ -325,6 +348,7 @@ pub(super) fn validate_admission(
             reserved: a.reserved,
             max_concurrent: a.max_concurrent,
             max_per_origin: a.max_per_origin,
+            low_priority,
             rate,
         };
         match out.entry(kind) {

@@ -262,6 +262,10 @@ class = "city"
 class = "county"
 reserved = 3
 max_per_origin = 0
+priority = "urgent"
+[[admission]]
+class = "county"
+priority = "low"
 "#,
         );
         let e = MemberConfig::load(&p).unwrap_err().to_string();
@@ -276,6 +280,8 @@ max_per_origin = 0
             "admission[4].class: city is listed twice",
             "admission: the classes reserve 5 slots, more than limits.max_concurrent_queries (4)",
             "subquery_admission[0].max_per_origin: 0 must be at least 1",
+            "subquery_admission[0].priority: \"urgent\" is not a priority (normal or low)",
+            "admission[5].priority: applies to sub-queries only",
             "subquery_admission: the classes reserve 3 slots, more than limits.max_concurrent_subqueries (2)",
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");

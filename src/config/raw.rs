@@ -230,6 +230,10 @@ pub struct RawAdmission {
     /// Most queries one origin (principal) of this class may run here at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_per_origin: Option<usize>,
+    /// `normal` or `low`: sub-queries of a `low` class run on the owner's
+    /// low-priority threads (`[[subquery_admission]]` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
     /// Sustained queries per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_per_second: Option<f64>,

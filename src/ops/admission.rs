@@ -141,6 +141,11 @@ impl Admission {
         self.total == total && &self.classes == classes
     }
 
+    /// Whether queries of `class` run on the data owner's low-priority lane.
+    pub fn low_priority(&self, class: Kind) -> bool {
+        self.classes.get(&class).is_some_and(|l| l.low_priority)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -314,6 +319,7 @@ mod tests {
             reserved,
             max_concurrent: None,
             max_per_origin: None,
+            low_priority: false,
             rate: None,
         }
     }
@@ -359,6 +365,7 @@ mod tests {
                     reserved: 0,
                     max_concurrent: Some(2),
                     max_per_origin: None,
+                    low_priority: false,
                     rate: None,
                 },
             )]),
@@ -383,6 +390,7 @@ mod tests {
                     reserved: 0,
                     max_concurrent: None,
                     max_per_origin: None,
+                    low_priority: false,
                     rate: Some(Rate {
                         per_second: 4.0,
                         burst: 2.0,
@@ -420,6 +428,7 @@ mod tests {
                     reserved: 4,
                     max_concurrent: None,
                     max_per_origin: Some(2),
+                    low_priority: false,
                     rate: None,
                 },
             )]),

@@ -513,6 +513,7 @@ fields = [{ name = "x", type = "int64" }]
                     reserved: 1,
                     max_concurrent: None,
                     max_per_origin: None,
+                    low_priority: false,
                     rate: None,
                 },
             )]),

@@ -243,31 +243,63 @@ impl PeerService {
         };
         let started = Instant::now();
         tracing::info!(query_id = %q.query_id, %via, %origin, sql = %q.sql, "Sub-query");
-        let ask = owner::SubQueryAsk {
-            via: &via,
-            origin: &origin,
-            purpose,
-            query_id: &q.query_id,
-            sql: &q.sql,
-            covered: covered.as_ref(),
-        };
-        let note = Arc::new(owner::Note::default());
-        let answer = owner::answer(&engine, &self.audit, ask, note.clone());
-        let stream = match tokio::time::timeout(budget, answer).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                // Already recorded by `owner::answer`.
-                tracing::warn!(query_id = %q.query_id, error = %e, "Sub-query refused");
-                return Err(e.to_status());
-            }
-            Err(_) => return Err(refused(&origin, Error::DeadlineExceeded(budget))),
-        };
-        let version = self.config.version.clone();
-        let observer = self.observer.clone();
+        // The whole sub-query (planning, the engine's own tasks, its databases) runs
+        // on the lane of the origin's class; the call's outcome comes back here, so
+        // a refusal or a planning error is still the call's status.
+        let lane = crate::owner::lanes::handle(self.admission.low_priority(origin.kind()));
+        let (ready, planned) = tokio::sync::oneshot::channel::<std::result::Result<(), Status>>();
         let (tx, rx) =
             tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
-        tokio::spawn(async move {
+        let (audit, version, observer) = (
+            self.audit.clone(),
+            self.config.version.clone(),
+            self.observer.clone(),
+        );
+        lane.spawn(async move {
             let _slot = slot;
+            let purpose = (!q.purpose.is_empty()).then_some(q.purpose.as_str());
+            let ask = owner::SubQueryAsk {
+                via: &via,
+                origin: &origin,
+                purpose,
+                query_id: &q.query_id,
+                sql: &q.sql,
+                covered: covered.as_ref(),
+            };
+            let note = Arc::new(owner::Note::default());
+            let answer = owner::answer(&engine, &audit, ask, note.clone());
+            let stream = match tokio::time::timeout(budget, answer).await {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    // Already recorded by `owner::answer`.
+                    tracing::warn!(query_id = %q.query_id, error = %e, "Sub-query refused");
+                    let _ = ready.send(Err(e.to_status()));
+                    return;
+                }
+                Err(_) => {
+                    let e = Error::DeadlineExceeded(budget);
+                    tracing::warn!(query_id = %q.query_id, %via, error = %e, "Sub-query refused");
+                    let ask = owner::SubQueryAsk {
+                        via: &via,
+                        origin: &origin,
+                        purpose,
+                        query_id: &q.query_id,
+                        sql: &q.sql,
+                        covered: None,
+                    };
+                    let status = match owner::refuse(&audit, &ask, Vec::new(), None, &e) {
+                        Ok(()) => e.to_status(),
+                        Err(a) => a.to_status(),
+                    };
+                    let _ = ready.send(Err(status));
+                    return;
+                }
+            };
+            if ready.send(Ok(())).is_err() {
+                // The caller is gone; dropping the stream records the sub-query as
+                // cancelled.
+                return;
+            }
             let (chunks, rows) = counted_chunks(stream);
             tokio::pin!(chunks);
             let deadline = tokio::time::sleep(budget);
@@ -303,9 +335,13 @@ impl PeerService {
                 }))
                 .await;
         }.instrument(span));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        match planned.await {
+            Ok(Ok(())) => Ok(Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))),
+            Ok(Err(status)) => Err(status),
+            Err(_) => Err(Error::Internal("the sub-query's task ended before it was planned".into()).to_status()),
+        }
     }
 
     async fn explain_impl(

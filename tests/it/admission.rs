@@ -14,6 +14,7 @@ fn admission(class: &str) -> RawAdmission {
         reserved: 0,
         max_concurrent: None,
         max_per_origin: None,
+        priority: None,
         rate_per_second: None,
         burst: None,
     }
