@@ -340,7 +340,10 @@ impl PeerService {
                 tokio_stream::wrappers::ReceiverStream::new(rx),
             ))),
             Ok(Err(status)) => Err(status),
-            Err(_) => Err(Error::Internal("the sub-query's task ended before it was planned".into()).to_status()),
+            Err(_) => Err(Error::Internal(
+                "the sub-query's task ended before it was planned".into(),
+            )
+            .to_status()),
         }
     }
 

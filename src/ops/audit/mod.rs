@@ -38,8 +38,10 @@
 //!
 //! # Crashes
 //!
-//! Each record is written with one write call and then `sync_data`, so a gateway that
-//! is killed leaves at most one incomplete record at the end of the file. [`verify`]
+//! Each record is written with one write call, and is on disk (`sync_data`, shared by
+//! the appends that arrive together: group commit) before its append returns, so a
+//! gateway that is killed leaves at most one incomplete record at the end of the file,
+//! and every record whose receipt was handed out is complete. [`verify`]
 //! reports it; [`AuditLog::open`] cuts it off and appends a [`EntryKind::Recovered`]
 //! record saying how many bytes were discarded, so the cut itself is on the record.
 //! Any other break makes `open` fail: a gateway never silently starts a new chain.
@@ -48,7 +50,8 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -204,8 +207,30 @@ impl fmt::Display for Receipt {
 pub struct AuditLog {
     path: PathBuf,
     inner: Mutex<Inner>,
-    /// Records appended by this process (for metrics).
-    written: std::sync::atomic::AtomicU64,
+    /// Records appended by this process and on disk (for metrics).
+    written: AtomicU64,
+    /// The last record whose bytes are in the file (not necessarily on disk yet).
+    in_file: AtomicU64,
+    /// A second handle of the file, for `sync_data` outside the write lock.
+    sync_file: File,
+    /// Group commit: how far the file is on disk, and whether a sync is running.
+    durable: Mutex<Durable>,
+    /// Signalled when a sync ends.
+    synced: Condvar,
+    /// `sync_data` calls made by appends (fewer than appends when they group).
+    syncs: AtomicU64,
+}
+
+/// The disk's side of group commit.
+#[derive(Debug)]
+struct Durable {
+    /// Every record up to this one is on disk.
+    seq: u64,
+    /// An append is running `sync_data` now; the others wait for it.
+    syncing: bool,
+    /// A sync failed: the records after `seq` may never reach the disk, and no
+    /// further record is written.
+    failed: Option<String>,
 }
 
 #[derive(Debug)]
@@ -284,8 +309,20 @@ impl AuditLog {
                     ))
                 })?;
         }
+        let sync_file = file
+            .try_clone()
+            .map_err(|e| Error::Config(format!("audit log {shown}: cannot open it twice: {e}")))?;
         let log = AuditLog {
             written: Default::default(),
+            in_file: AtomicU64::new(scan.report.head.seq),
+            sync_file,
+            durable: Mutex::new(Durable {
+                seq: scan.report.head.seq,
+                syncing: false,
+                failed: None,
+            }),
+            synced: Condvar::new(),
+            syncs: Default::default(),
             path: path.to_path_buf(),
             inner: Mutex::new(Inner {
                 file,
@@ -321,13 +358,76 @@ impl AuditLog {
 
     /// Appends one record and returns its receipt.
     ///
-    /// The record is serialized and hashed, the whole line is handed to the OS in one
-    /// write call (`write_all` only writes again if the OS takes part of it, as when
-    /// the disk fills), and the data is on disk (`sync_data`) before this returns, all
-    /// under a mutex so that concurrent appends keep the chain linear. On an error
-    /// nothing was appended; a caller should then treat the query as not audited
-    /// (and refuse it rather than answer it unrecorded).
+    /// The record is serialized and hashed, and the whole line is handed to the OS in
+    /// one write call (`write_all` only writes again if the OS takes part of it, as
+    /// when the disk fills) under a mutex, so that concurrent appends keep the chain
+    /// linear. Then the data is on disk (`sync_data`) before this returns, by group
+    /// commit: one append syncs the file for every record written before the sync
+    /// began, and the appends that arrive meanwhile wait for it or for the next one.
+    /// A burst of appends (a flood of refused queries, say) costs a few syncs instead
+    /// of one each, and keeps other queries' records from queueing behind them.
+    ///
+    /// On an error the query must be treated as not audited (refused rather than
+    /// answered unrecorded). A failed write is cut back off the file; a failed sync
+    /// stops the log (no record after it is written, every append waiting on it
+    /// fails), since the records it should have covered may never reach the disk.
     pub fn append(&self, entry: &AuditEntry) -> Result<Receipt> {
+        let receipt = self.write(entry)?;
+        self.wait_durable(receipt.seq)?;
+        self.written.fetch_add(1, Ordering::Relaxed);
+        Ok(receipt)
+    }
+
+    /// Waits until record `seq` is on disk, syncing the file if no one else is.
+    fn wait_durable(&self, seq: u64) -> Result<()> {
+        let mut d = self.durable.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if d.seq >= seq {
+                return Ok(());
+            }
+            if let Some(why) = &d.failed {
+                return Err(Error::Internal(format!(
+                    "audit log {}: {why}; no further records are written",
+                    self.path.display()
+                )));
+            }
+            if d.syncing {
+                d = self.synced.wait(d).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            d.syncing = true;
+            drop(d);
+            // Every record up to `target` was in the file before the sync began.
+            let target = self.in_file.load(Ordering::Acquire);
+            let r = self.sync_file.sync_data();
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+            d = self.durable.lock().unwrap_or_else(PoisonError::into_inner);
+            d.syncing = false;
+            match r {
+                Ok(()) => d.seq = d.seq.max(target),
+                Err(e) => {
+                    d.failed = Some(format!("syncing records up to {target} failed ({e})"));
+                    // Stop writes too, so nothing follows records that may be lost.
+                    self.inner
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .failed
+                        .get_or_insert_with(|| {
+                            format!("syncing records up to {target} failed ({e})")
+                        });
+                }
+            }
+            self.synced.notify_all();
+        }
+    }
+
+    /// `sync_data` calls made by appends so far.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Writes one record into the file (not yet synced) and returns its receipt.
+    fn write(&self, entry: &AuditEntry) -> Result<Receipt> {
         // Serialize outside the lock; only the short framing depends on the head.
         let entry_json = serde_json::to_string(entry)
             .map_err(|e| Error::Internal(format!("serializing an audit entry: {e}")))?;
@@ -341,10 +441,7 @@ impl AuditLog {
         }
         let seq = inner.head.seq + 1;
         let (line, hash) = frame(seq, &inner.head.hash, &entry_json);
-        let written = inner
-            .file
-            .write_all(&line)
-            .and_then(|()| inner.file.sync_data());
+        let written = inner.file.write_all(&line);
         if let Err(e) = written {
             // Part of the line may be in the file. Cut it back off so the next append
             // does not follow a torn record; if even that fails, stop appending.
@@ -365,8 +462,7 @@ impl AuditLog {
         }
         inner.len += line.len() as u64;
         inner.head = Receipt { seq, hash };
-        self.written
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.in_file.store(seq, Ordering::Release);
         Ok(inner.head.clone())
     }
 
@@ -381,7 +477,7 @@ impl AuditLog {
 
     /// Records appended since the log was opened.
     pub fn written(&self) -> u64 {
-        self.written.load(std::sync::atomic::Ordering::Relaxed)
+        self.written.load(Ordering::Relaxed)
     }
 
     /// The file this log writes.
