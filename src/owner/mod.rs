@@ -188,7 +188,10 @@ fn entry(ask: &SubQueryAsk, datasets: Vec<String>, permit: Option<&Permit>) -> A
 
 /// Records a refused sub-query. The refusal itself is returned to the caller either
 /// way; if the record cannot be written, that error is returned instead, since a
-/// gateway that cannot keep its record must not look as if it did.
+/// gateway that cannot keep its record must not look as if it did. A refusal for load
+/// (`Error::Busy`) released nothing and is most likely one of a flood: its record is
+/// written in chain order at once but not waited on (`append_unawaited`), so the flood
+/// costs no sync of its own.
 pub fn refuse(
     audit: &AuditLog,
     ask: &SubQueryAsk,
@@ -199,7 +202,11 @@ pub fn refuse(
     let mut e = entry(ask, datasets, permit);
     e.decision = Decision::Refused;
     e.reason = Some(why.to_string());
-    audit.append(&e)?;
+    if matches!(why, Error::Busy { .. }) {
+        audit.append_unawaited(&e)?;
+    } else {
+        audit.append(&e)?;
+    }
     Ok(())
 }
 

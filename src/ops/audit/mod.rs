@@ -378,6 +378,17 @@ impl AuditLog {
         Ok(receipt)
     }
 
+    /// Appends a record of something that released nothing (a sub-query refused for
+    /// load) without waiting for the disk: when this returns the record is in the
+    /// file in chain order, so a killed gateway keeps it; it reaches the disk with the
+    /// next append's sync or when the log is closed. A flood of such refusals then
+    /// costs no sync of its own, and the records of answers do not wait behind them.
+    pub fn append_unawaited(&self, entry: &AuditEntry) -> Result<Receipt> {
+        let receipt = self.write(entry)?;
+        self.written.fetch_add(1, Ordering::Relaxed);
+        Ok(receipt)
+    }
+
     /// Waits until record `seq` is on disk, syncing the file if no one else is.
     fn wait_durable(&self, seq: u64) -> Result<()> {
         let mut d = self.durable.lock().unwrap_or_else(PoisonError::into_inner);
@@ -483,6 +494,19 @@ impl AuditLog {
     /// The file this log writes.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl Drop for AuditLog {
+    /// Records appended without waiting reach the disk before the log is closed.
+    fn drop(&mut self) {
+        let durable = self
+            .durable
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        if durable.failed.is_none() && durable.seq < *self.in_file.get_mut() {
+            let _ = self.sync_file.sync_data();
+        }
     }
 }
 

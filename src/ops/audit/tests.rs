@@ -483,6 +483,24 @@ fn concurrent_appends_keep_the_chain_linear() {
 }
 
 #[test]
+fn a_record_appended_unawaited_is_in_the_chain_and_synced_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = AuditLog::open(&path).unwrap();
+    let first = log.append_unawaited(&entry(1)).unwrap();
+    assert_eq!(log.syncs(), 0);
+    // In the file, in chain order, at once.
+    assert_eq!(verify(&path).unwrap().records, 1);
+    let second = log.append(&entry(2)).unwrap();
+    assert_eq!((first.seq, second.seq), (1, 2));
+    assert_eq!(log.syncs(), 1, "one sync covers both");
+    let third = log.append_unawaited(&entry(3)).unwrap();
+    drop(log);
+    let report = verify(&path).unwrap();
+    assert_eq!((report.records, report.head), (3, third));
+}
+
+#[test]
 fn appends_one_at_a_time_sync_each_record() {
     let dir = tempfile::tempdir().unwrap();
     let (path, receipts) = file_log(dir.path(), 5);
