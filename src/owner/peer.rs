@@ -127,6 +127,16 @@ impl PeerService {
     }
 }
 
+/// Records a sub-query refused before the engine answered it and returns the status
+/// for the caller (or the audit failure, if the record could not be written).
+fn record_refusal(audit: &AuditLog, ask: &owner::SubQueryAsk, e: Error) -> Status {
+    tracing::warn!(query_id = %ask.query_id, via = %ask.via, error = %e, "Sub-query refused");
+    match owner::refuse(audit, ask, Vec::new(), None, &e) {
+        Ok(()) => e.to_status(),
+        Err(a) => a.to_status(),
+    }
+}
+
 #[tonic::async_trait]
 impl Peer for PeerService {
     type ExecuteStream = ResponseStream<ExecuteResponse>;
@@ -200,11 +210,7 @@ impl PeerService {
                 sql: &q.sql,
                 covered: None,
             };
-            tracing::warn!(query_id = %q.query_id, %via, error = %e, "Sub-query refused");
-            match owner::refuse(&self.audit, &ask, Vec::new(), None, &e) {
-                Ok(()) => e.to_status(),
-                Err(a) => a.to_status(),
-            }
+            record_refusal(&self.audit, &ask, e)
         };
         let Admitted { origin, covered } = match self.admit(&via, &q) {
             Ok(a) => a,
@@ -277,20 +283,8 @@ impl PeerService {
                     return;
                 }
                 Err(_) => {
-                    let e = Error::DeadlineExceeded(budget);
-                    tracing::warn!(query_id = %q.query_id, %via, error = %e, "Sub-query refused");
-                    let ask = owner::SubQueryAsk {
-                        via: &via,
-                        origin: &origin,
-                        purpose,
-                        query_id: &q.query_id,
-                        sql: &q.sql,
-                        covered: None,
-                    };
-                    let status = match owner::refuse(&audit, &ask, Vec::new(), None, &e) {
-                        Ok(()) => e.to_status(),
-                        Err(a) => a.to_status(),
-                    };
+                    let ask = owner::SubQueryAsk { covered: None, ..ask };
+                    let status = record_refusal(&audit, &ask, Error::DeadlineExceeded(budget));
                     let _ = ready.send(Err(status));
                     return;
                 }
