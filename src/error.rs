@@ -120,6 +120,10 @@ pub enum Error {
     /// A failure inside the gateway that the caller cannot fix.
     #[error("internal error: {0}")]
     Internal(String),
+
+    /// The caller cancelled the query (a PostgreSQL cancel request).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
 }
 
 fn failure_words(f: MemberFailure) -> &'static str {
@@ -139,7 +143,8 @@ impl Error {
             Error::Unauthenticated(_)
             | Error::PermissionDenied(_)
             | Error::InvalidQuery(_)
-            | Error::NotFound(_) => Fault::Caller,
+            | Error::NotFound(_)
+            | Error::Cancelled(_) => Fault::Caller,
             Error::Member { .. } => Fault::Peer,
             Error::DeadlineExceeded(_) => Fault::Peer,
             Error::Overloaded(_) | Error::Internal(_) => Fault::Internal,
@@ -179,6 +184,69 @@ impl Error {
         }
     }
 
+    /// The hint a refusal for load carries: when to ask again.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Busy { retry_after, .. }
+            | Error::Member {
+                failure: MemberFailure::Busy(retry_after),
+                ..
+            } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// The one place where library errors become PostgreSQL error codes (SQLSTATE),
+    /// for the PostgreSQL port. A malformed query is told apart by what the planner
+    /// said: syntax, an unknown table (dataset) or an unknown column.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            Error::Unauthenticated(_) => "28000",
+            Error::PermissionDenied(_) => "42501",
+            Error::InvalidQuery(m) => {
+                let m = m.to_ascii_lowercase();
+                if m.starts_with("unknown dataset")
+                    || m.contains("table") && m.contains("not found")
+                {
+                    "42P01"
+                } else if m.contains("no field named")
+                    || m.contains("column") && m.contains("not found")
+                {
+                    "42703"
+                } else if m.contains("syntax error")
+                    || m.contains("parsererror")
+                    || m.contains("expected:")
+                {
+                    "42601"
+                } else if m.starts_with("only queries") {
+                    "25006"
+                } else if m.contains("binding parameters") {
+                    "22023"
+                } else {
+                    "42000"
+                }
+            }
+            Error::NotFound(_) => "42704",
+            Error::Member { failure, .. } => match failure {
+                MemberFailure::Unavailable => "08006",
+                MemberFailure::TimedOut => "57014",
+                MemberFailure::Denied => "42501",
+                MemberFailure::Busy(_) => "53300",
+                MemberFailure::Failed => "58000",
+            },
+            Error::DeadlineExceeded(_) => "57014",
+            Error::Busy { .. } | Error::Overloaded(_) => "53300",
+            Error::TooLarge(_) => "54000",
+            Error::Database {
+                unavailable: true, ..
+            } => "08006",
+            Error::Database { .. } | Error::Config(_) | Error::Tls(_) | Error::Internal(_) => {
+                "XX000"
+            }
+            Error::Cancelled(_) => "57014",
+        }
+    }
+
     /// The one place where library errors become gRPC statuses.
     pub fn to_status(&self) -> tonic::Status {
         use tonic::Code;
@@ -203,6 +271,7 @@ impl Error {
             } => Code::Unavailable,
             Error::Database { .. } => Code::Internal,
             Error::Config(_) | Error::Tls(_) | Error::Internal(_) => Code::Internal,
+            Error::Cancelled(_) => Code::Cancelled,
         };
         match self {
             // A member's database, not the member, is unavailable: say so in the

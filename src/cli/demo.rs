@@ -97,15 +97,20 @@ pub(crate) async fn demo(
     let region = fedgate::tools::demo::materialize_with_database(
         source,
         &dir,
-        &|name, template| match name.strip_suffix("/http") {
-            None => ports[name],
-            // HTTP ports: the gateway's port + 1000 with --port-base, else the
-            // template's port if it is free, else any free port.
-            Some(member) => match port_base {
-                Some(_) => ports[member].saturating_add(1000),
+        &|name, template| {
+            // HTTP ports: the gateway's port + 1000 with --port-base, PostgreSQL
+            // ports + 2000; else the template's port if it is free, else any free port.
+            let (member, offset) =
+                match (name.strip_suffix("/http"), name.strip_suffix("/postgres")) {
+                    (Some(m), _) => (m, 1000),
+                    (_, Some(m)) => (m, 2000),
+                    _ => return ports[name],
+                };
+            match port_base {
+                Some(_) => ports[member].saturating_add(offset),
                 None if std::net::TcpListener::bind(("127.0.0.1", template)).is_ok() => template,
                 None => 0,
-            },
+            }
         },
         &fedgate::tools::demo::DatabaseServers {
             postgres: pg.as_ref().map(|p| (p.port, p.password.clone())),

@@ -52,6 +52,8 @@ pub struct MemberConfig {
     pub listen: SocketAddr,
     /// The HTTP port, if any.
     pub http: Option<HttpConfig>,
+    /// The PostgreSQL wire protocol port's address, if it has one.
+    pub postgres: Option<SocketAddr>,
     /// OTLP/gRPC endpoint spans are exported to, if any.
     pub otlp_endpoint: Option<String>,
     /// Certificate path.
@@ -146,6 +148,18 @@ impl MemberConfig {
             }
         };
         let http = raw.http.as_ref().and_then(|h| validate_http(path, h, pr));
+        let postgres = raw.postgres.as_ref().and_then(|p| {
+            p.listen
+                .parse::<SocketAddr>()
+                .map_err(|e| {
+                    pr.add(
+                        path,
+                        "postgres.listen",
+                        format!("{:?} is not host:port: {e}", p.listen),
+                    )
+                })
+                .ok()
+        });
         let otlp_endpoint = validate_otlp(path, raw.telemetry.as_ref(), pr);
         let cert_path = resolve(path, &raw.cert);
         let key_path = resolve(path, &raw.key);
@@ -222,6 +236,7 @@ impl MemberConfig {
             member,
             listen: listen?,
             http,
+            postgres,
             otlp_endpoint,
             cert_path,
             key_path,

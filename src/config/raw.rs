@@ -138,6 +138,9 @@ pub struct RawMemberConfig {
     /// The HTTP port: status board, metrics, JSON API (absent: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<RawHttp>,
+    /// The PostgreSQL wire protocol port for SQL clients and BI tools (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<RawPostgres>,
     /// Trace export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<RawTelemetry>,
@@ -453,6 +456,15 @@ pub struct RawHttp {
     /// every caller acts as this member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<bool>,
+}
+
+/// `[postgres]`: the gateway's PostgreSQL wire protocol port. Always TLS with a client
+/// certificate from the region CA: the certificate is the caller's identity.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgres {
+    /// Address to listen on, `host:port`.
+    pub listen: String,
 }
 
 /// `[telemetry]`: where spans go.

@@ -170,6 +170,31 @@ fn collect_scans(
     }
 }
 
+/// The one schema the canonical datasets are listed under by the front ends that
+/// list tables (Flight SQL, the PostgreSQL port), in a catalog named after the region.
+pub const CANONICAL_SCHEMA: &str = "canonical";
+
+/// Positional placeholders `$1..$n` in order, with the types the planner inferred; a
+/// named placeholder or a gap is an error.
+pub fn ordered_placeholders(
+    found: std::collections::HashMap<String, Option<datafusion::arrow::datatypes::DataType>>,
+) -> Result<Vec<Option<datafusion::arrow::datatypes::DataType>>> {
+    let mut out = vec![None; found.len()];
+    for (name, t) in found {
+        let i: usize = name
+            .strip_prefix('$')
+            .and_then(|n| n.parse().ok())
+            .filter(|i| (1..=out.len()).contains(i))
+            .ok_or_else(|| {
+                Error::InvalidQuery(format!(
+                    "placeholder {name}: only positional parameters $1, $2, ... can be bound here"
+                ))
+            })?;
+        out[i - 1] = t;
+    }
+    Ok(out)
+}
+
 /// Plans and runs federated queries at one gateway.
 pub struct Coordinator {
     config: Arc<MemberConfig>,
@@ -363,8 +388,68 @@ impl Coordinator {
     /// The canonical datasets `sql` reads (what an origin assertion for it covers).
     pub fn datasets_of(&self, sql: &str) -> Result<BTreeSet<String>> {
         let state = self.session(true);
-        let stmt = crate::owner::session::parse_query(state, sql)?;
+        let (stmt, _) = self.parse(state, sql)?;
         self.datasets_in(state, &stmt)
+    }
+
+    /// Parses a caller's query. Datasets may be named as clients list them, qualified
+    /// with the schema (`canonical.census`) or with the region's catalog and the
+    /// schema (`yrd.canonical.census`); such names are made bare here, and the text
+    /// printed from the rewritten statement is returned beside it (a member is sent
+    /// bare names only).
+    fn parse(
+        &self,
+        state: &SessionState,
+        sql: &str,
+    ) -> Result<(datafusion::sql::parser::Statement, Option<String>)> {
+        use datafusion::sql::sqlparser::ast::{ObjectNamePart, visit_relations_mut};
+        let mut stmt = crate::owner::session::parse_query(state, sql)?;
+        let datafusion::sql::parser::Statement::Statement(inner) = &mut stmt else {
+            return Ok((stmt, None));
+        };
+        let schema = CANONICAL_SCHEMA;
+        let region = self.config.region.name.as_str();
+        let mut rewritten = false;
+        let _ = visit_relations_mut(inner.as_mut(), |name| {
+            let parts: Vec<Option<String>> = name
+                .0
+                .iter()
+                .map(|p| p.as_ident().map(|i| i.value.clone()))
+                .collect();
+            let qualified = match parts.as_slice() {
+                [Some(s), Some(_)] => s.eq_ignore_ascii_case(schema),
+                [Some(c), Some(s), Some(_)] => {
+                    c.eq_ignore_ascii_case(region) && s.eq_ignore_ascii_case(schema)
+                }
+                _ => false,
+            };
+            if qualified && let Some(ObjectNamePart::Identifier(table)) = name.0.pop() {
+                name.0 = vec![ObjectNamePart::Identifier(table)];
+                rewritten = true;
+            }
+            std::ops::ControlFlow::<()>::Continue(())
+        });
+        let text = rewritten.then(|| stmt.to_string());
+        Ok((stmt, text))
+    }
+
+    /// The answer schema of `sql` and the types the planner infers for its
+    /// positional placeholders (`$1`, `$2`, ...), without running or binding it: what
+    /// the PostgreSQL port's Describe answers for a prepared statement.
+    pub async fn describe(
+        &self,
+        sql: &str,
+    ) -> Result<(
+        datafusion::arrow::datatypes::SchemaRef,
+        Vec<Option<datafusion::arrow::datatypes::DataType>>,
+    )> {
+        let state = self.session(true);
+        let (stmt, _) = self.parse(state, sql)?;
+        self.datasets_in(state, &stmt)?;
+        let plan = crate::owner::session::plan_query(state, stmt).await?;
+        let found = plan.get_parameter_types().map_err(Error::from_datafusion)?;
+        let params = ordered_placeholders(found)?;
+        Ok((Arc::new(plan.schema().as_arrow().clone()), params))
     }
 
     /// Plans a caller's SQL into a physical plan, from the plan cache when the same
@@ -401,7 +486,8 @@ impl Coordinator {
         if cache && let Some(p) = self.plans.get(&exact).await {
             return Ok((p, true));
         }
-        let stmt = crate::owner::session::parse_query(state, sql)?;
+        let (stmt, rewritten) = self.parse(state, sql)?;
+        let sql = rewritten.as_deref().unwrap_or(sql);
         let key = PlanKey {
             sql: keyed(stmt.to_string()),
             exact: false,

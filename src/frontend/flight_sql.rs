@@ -49,7 +49,7 @@ use crate::trust::tls::caller;
 pub const ALLOW_PARTIAL_HEADER: &str = "x-fedgate-allow-partial";
 
 /// The one schema name the canonical datasets are listed under.
-pub const SCHEMA_NAME: &str = "canonical";
+pub const SCHEMA_NAME: &str = crate::coordinator::CANONICAL_SCHEMA;
 
 type DoGetStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
 

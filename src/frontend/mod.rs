@@ -10,6 +10,7 @@
 pub mod flight_sql;
 pub mod grpc;
 pub mod http;
+pub mod postgres;
 pub mod query;
 pub mod services;
 

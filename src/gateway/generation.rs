@@ -33,6 +33,8 @@ pub struct Generation {
     pub(super) server_tls: Arc<rustls::ServerConfig>,
     /// The same for the HTTP port (which also offers HTTP/1.1).
     pub(super) http_tls: Arc<rustls::ServerConfig>,
+    /// The same for the PostgreSQL port (PostgreSQL's ALPN name).
+    pub(super) postgres_tls: Arc<rustls::ServerConfig>,
     /// A digest of the CA, certificate and key files, to notice rotated certificates.
     pub(super) tls_digest: String,
 }
@@ -125,6 +127,7 @@ impl Generation {
             tls_digest: tls_digest(&config),
             server_tls: tls.server_config()?,
             http_tls: tls.http_server_config()?,
+            postgres_tls: tls.postgres_server_config()?,
             federation: FederationService {
                 coordinator,
                 admission,

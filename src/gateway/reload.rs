@@ -45,6 +45,7 @@ pub(super) struct Reloader {
     pub(super) current: Arc<ArcSwap<Generation>>,
     pub(super) tls: Arc<ArcSwap<rustls::ServerConfig>>,
     pub(super) http_tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    pub(super) postgres_tls: Arc<ArcSwap<rustls::ServerConfig>>,
     pub(super) audit: Arc<AuditLog>,
     pub(super) observer: Arc<crate::ops::observe::Observer>,
     /// The watched files as last seen.
@@ -137,6 +138,7 @@ impl Reloader {
                 let version = g.config.version.clone();
                 self.tls.store(g.server_tls.clone());
                 self.http_tls.store(g.http_tls.clone());
+                self.postgres_tls.store(g.postgres_tls.clone());
                 self.current.store(Arc::new(g));
                 ReloadOutcome::Applied { version }
             }

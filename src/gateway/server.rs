@@ -33,11 +33,14 @@ pub struct Gateway {
     pub addr: SocketAddr,
     /// The HTTP port's address, if it has one.
     pub http_addr: Option<SocketAddr>,
+    /// The PostgreSQL port's address, if it has one.
+    pub postgres_addr: Option<SocketAddr>,
     /// This gateway's member name.
     pub member: String,
     shutdown: Option<oneshot::Sender<()>>,
     http_stop: tokio::sync::watch::Sender<bool>,
     http_task: Option<tokio::task::JoinHandle<()>>,
+    postgres_task: Option<tokio::task::JoinHandle<()>>,
     task: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     reloader: Arc<Reloader>,
     watcher: tokio::task::JoinHandle<()>,
@@ -79,8 +82,21 @@ impl Gateway {
             Some(l) => Some(l.local_addr().map_err(|e| Error::Internal(e.to_string()))?),
             None => None,
         };
+        let postgres_listener = match &config.postgres {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| Error::Config(format!("postgres.listen {a}: {e}")))?,
+            ),
+            None => None,
+        };
+        let postgres_addr = match &postgres_listener {
+            Some(l) => Some(l.local_addr().map_err(|e| Error::Internal(e.to_string()))?),
+            None => None,
+        };
         let tls = Arc::new(ArcSwap::from(first.server_tls.clone()));
         let http_tls = Arc::new(ArcSwap::from(first.http_tls.clone()));
+        let postgres_tls = Arc::new(ArcSwap::from(first.postgres_tls.clone()));
         let current = Arc::new(ArcSwap::from_pointee(first));
         let front = {
             let current = current.clone();
@@ -129,6 +145,17 @@ impl Gateway {
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = rx.await;
         }));
+        let postgres_task = postgres_listener.map(|l| {
+            let mut stopped = http_stopped.clone();
+            tokio::spawn(crate::frontend::postgres::serve(
+                l,
+                postgres_tls.clone(),
+                crate::frontend::postgres::Door::new(front.clone()),
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            ))
+        });
         let http_task = match (http_listener, &config.http) {
             (Some(l), Some(h)) => {
                 let routes = crate::frontend::http::router(front.clone(), audit.clone());
@@ -152,6 +179,7 @@ impl Gateway {
             current,
             tls,
             http_tls,
+            postgres_tls,
             audit,
             observer,
             busy: tokio::sync::Mutex::new(()),
@@ -187,14 +215,16 @@ impl Gateway {
                 }
             })
         };
-        tracing::info!(member = %config.member.name, %addr, http = ?http_addr, version = %config.version, "Gateway serving");
+        tracing::info!(member = %config.member.name, %addr, http = ?http_addr, postgres = ?postgres_addr, version = %config.version, "Gateway serving");
         Ok(Gateway {
             addr,
             http_addr,
+            postgres_addr,
             member: config.member.name.clone(),
             shutdown: Some(tx),
             http_stop,
             http_task,
+            postgres_task,
             task,
             reloader,
             watcher,
@@ -227,6 +257,9 @@ impl Gateway {
         }
         let _ = (&mut self.task).await;
         if let Some(h) = self.http_task.take() {
+            let _ = h.await;
+        }
+        if let Some(h) = self.postgres_task.take() {
             let _ = h.await;
         }
     }

@@ -250,7 +250,7 @@ pub fn materialize_with_database(
             &dst.join(engine),
             &|name, template| {
                 let p = port(&format!("{prefix}{name}"), template);
-                if !name.ends_with("/http") {
+                if !name.ends_with("/http") && !name.ends_with("/postgres") {
                     engine_ports.borrow_mut().insert(template, p);
                 }
                 p
@@ -328,6 +328,11 @@ fn materialize_region(
             // pick a free one (it reports the address it bound).
             let p = port_of(&format!("{}/http", m.member), template_port(&h.listen));
             h.listen = format!("127.0.0.1:{p}");
+        }
+        if let Some(pg) = &mut m.postgres {
+            // Likewise the PostgreSQL port, under `<member>/postgres`.
+            let p = port_of(&format!("{}/postgres", m.member), template_port(&pg.listen));
+            pg.listen = format!("127.0.0.1:{p}");
         }
         if let Some(key) = &m.hmac_key {
             // A fresh secret per materialized region, never one kept in the

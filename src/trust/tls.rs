@@ -148,6 +148,15 @@ impl TlsMaterial {
         Ok(Arc::new(cfg))
     }
 
+    /// The server config of the PostgreSQL port: the same identity and client
+    /// verification, with PostgreSQL's ALPN name (clients from PostgreSQL 17 offer it;
+    /// older ones offer none, which is accepted).
+    pub fn postgres_server_config(&self) -> Result<Arc<ServerConfig>> {
+        let mut cfg = (*self.server_config()?).clone();
+        cfg.alpn_protocols = vec![b"postgresql".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
     /// A TLS 1.3 client config presenting this party's certificate.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>> {
         let verifier = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())

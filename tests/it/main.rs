@@ -19,6 +19,7 @@ mod loadgen;
 mod mysql;
 mod oracle;
 mod origin;
+mod pgdoor;
 mod planner;
 mod policy_props;
 mod postgres;

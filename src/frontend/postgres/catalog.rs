@@ -1,0 +1,197 @@
+//! The catalog a PostgreSQL client sees: `pg_catalog` and `information_schema` over
+//! the canonical datasets, as tables of one schema `canonical` in a database named
+//! after the region.
+//!
+//! Clients (psql's `\dt` and `\d`, the JDBC driver's metadata calls, SQLAlchemy
+//! reflection, DBeaver's and Metabase's sync) send their own catalog queries. They
+//! are answered at this gateway from a DataFusion session whose only tables are the
+//! canonical datasets' *schemas* (empty tables) and the catalog tables of
+//! `datafusion-pg-catalog`: a catalog query can read names and types, never rows,
+//! whatever it says. Queries that read datasets go the federation path instead
+//! ([`route`] decides), and a query mixing both is refused.
+
+use std::sync::{Arc, Mutex};
+
+use datafusion::catalog::MemTable;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::sqlparser::ast::{ObjectName, Statement, visit_relations};
+use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
+use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+
+use crate::config::MemberConfig;
+use crate::error::{Error, Result};
+
+/// The one schema the canonical datasets are listed under.
+pub const SCHEMA: &str = crate::coordinator::CANONICAL_SCHEMA;
+
+/// Memory one catalog query may use: catalog answers are small.
+const CATALOG_MEMORY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Where a statement is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Only catalog tables, or no table at all (`SELECT 1`, `SELECT version()`): here.
+    Catalog,
+    /// Canonical datasets (or names that are neither): the federation path.
+    Datasets,
+}
+
+/// The catalog session of the configuration version in force, built once per version.
+#[derive(Default)]
+pub struct Catalogs {
+    built: Mutex<Option<(String, Arc<Catalog>)>>,
+}
+
+/// One configuration version's catalog session.
+pub struct Catalog {
+    ctx: SessionContext,
+    /// The region's name (the database and catalog name clients see).
+    pub region: String,
+    datasets: Vec<String>,
+    catalog_tables: Vec<String>,
+    parser: PostgresCompatibilityParser,
+}
+
+impl Catalogs {
+    /// The catalog of `config`'s version.
+    pub fn of(&self, config: &MemberConfig) -> Result<Arc<Catalog>> {
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((v, c)) = built.as_ref()
+            && *v == config.version
+        {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(Catalog::build(config)?);
+        *built = Some((config.version.clone(), c.clone()));
+        Ok(c)
+    }
+}
+
+impl Catalog {
+    fn build(config: &MemberConfig) -> Result<Catalog> {
+        let region = &config.region;
+        let internal = |e: &dyn std::fmt::Display| Error::Internal(format!("catalog: {e}"));
+        let mut cfg = SessionConfig::new()
+            .with_default_catalog_and_schema(region.name.as_str(), SCHEMA)
+            .with_create_default_catalog_and_schema(true)
+            .with_information_schema(true)
+            .with_target_partitions(1);
+        cfg.options_mut().sql_parser.map_string_types_to_utf8view = false;
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(CATALOG_MEMORY_BYTES, 1.0)
+            .build_arc()
+            .map_err(|e| internal(&e))?;
+        let ctx = SessionContext::new_with_config_rt(cfg, runtime);
+        for d in &region.datasets {
+            let empty =
+                MemTable::try_new(d.schema.clone(), vec![vec![]]).map_err(|e| internal(&e))?;
+            ctx.register_table(d.name.as_str(), Arc::new(empty))
+                .map_err(|e| internal(&e))?;
+        }
+        datafusion_pg_catalog::setup_pg_catalog(&ctx, &region.name, EmptyContextProvider)
+            .map_err(|e| internal(&e))?;
+        let catalog_tables = ctx
+            .catalog(&region.name)
+            .and_then(|c| c.schema("pg_catalog"))
+            .map(|s| s.table_names())
+            .unwrap_or_default();
+        Ok(Catalog {
+            ctx,
+            region: region.name.clone(),
+            datasets: region.datasets.iter().map(|d| d.name.clone()).collect(),
+            catalog_tables,
+            parser: PostgresCompatibilityParser::new(),
+        })
+    }
+
+    /// Where `stmt` is answered. A statement reading both catalog tables and datasets
+    /// is refused: catalog answers are made here, dataset answers by the members, and
+    /// the two do not join.
+    pub fn route(&self, stmt: &Statement) -> Result<Route> {
+        let (mut catalog, mut data) = (false, false);
+        let _ = visit_relations(stmt, |name: &ObjectName| {
+            if self.is_catalog_table(name) {
+                catalog = true;
+            } else {
+                data = true;
+            }
+            std::ops::ControlFlow::<()>::Continue(())
+        });
+        match (catalog, data) {
+            (true, true) => Err(Error::InvalidQuery(
+                "a query may read the catalog (pg_catalog, information_schema) or the \
+                 canonical datasets, not both"
+                    .into(),
+            )),
+            (_, true) => Ok(Route::Datasets),
+            _ => Ok(Route::Catalog),
+        }
+    }
+
+    fn is_catalog_table(&self, name: &ObjectName) -> bool {
+        let parts: Vec<String> = name
+            .0
+            .iter()
+            .filter_map(|p| p.as_ident().map(|i| i.value.to_ascii_lowercase()))
+            .collect();
+        match parts.as_slice() {
+            [table] => {
+                self.catalog_tables.iter().any(|t| t == table)
+                    && !self.datasets.iter().any(|d| d == table)
+            }
+            [schema, _] | [_, schema, _] => {
+                schema == "pg_catalog" || schema == "information_schema"
+            }
+            _ => false,
+        }
+    }
+
+    /// Plans a catalog query: the client's text through the PostgreSQL compatibility
+    /// rewrites, then DataFusion, refusing anything but a query.
+    pub async fn plan(&self, sql: &str) -> Result<LogicalPlan> {
+        let mut stmts = self
+            .parser
+            .parse(sql)
+            .map_err(|e| Error::InvalidQuery(format!("syntax error: {e}")))?;
+        if stmts.len() != 1 {
+            return Err(Error::InvalidQuery(format!(
+                "expected one statement, found {}",
+                stmts.len()
+            )));
+        }
+        let stmt = stmts.remove(0);
+        if !matches!(stmt, Statement::Query(_)) {
+            return Err(Error::InvalidQuery(
+                "only queries (SELECT) are accepted; statements that define or change data \
+                 are not supported"
+                    .into(),
+            ));
+        }
+        let state = self.ctx.state();
+        let plan = state
+            .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
+                stmt,
+            )))
+            .await
+            .map_err(Error::from_datafusion)?;
+        crate::owner::session::query_only()
+            .verify_plan(&plan)
+            .map_err(|e| Error::InvalidQuery(e.to_string()))?;
+        Ok(plan)
+    }
+
+    /// Runs a planned catalog query.
+    pub async fn run(
+        &self,
+        plan: LogicalPlan,
+    ) -> Result<datafusion::physical_plan::SendableRecordBatchStream> {
+        let df = self
+            .ctx
+            .execute_logical_plan(plan)
+            .await
+            .map_err(Error::from_datafusion)?;
+        df.execute_stream().await.map_err(Error::from_datafusion)
+    }
+}
