@@ -12,6 +12,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use datafusion::arrow::datatypes::DataType;
 use datafusion::catalog::MemTable;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::LogicalPlan;
@@ -69,6 +70,60 @@ impl Catalogs {
     }
 }
 
+/// `version()` as PostgreSQL words it, naming fedgate.
+fn version_udf() -> datafusion::logical_expr::ScalarUDF {
+    use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+    let text = format!(
+        "PostgreSQL 16.6 (fedgate {}, a federation gateway; PostgreSQL wire protocol)",
+        env!("CARGO_PKG_VERSION")
+    );
+    create_udf(
+        "version",
+        vec![],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(move |_: &[ColumnarValue]| {
+            Ok(ColumnarValue::Scalar(
+                datafusion::scalar::ScalarValue::Utf8(Some(text.clone())),
+            ))
+        }),
+    )
+}
+
+/// `to_regtype(name)`: NULL, the answer for a type that does not exist. psycopg and
+/// SQLAlchemy ask it for extension types (`hstore`), which a gateway never has.
+fn to_regtype_udf() -> datafusion::logical_expr::ScalarUDF {
+    use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+    create_udf(
+        "to_regtype",
+        vec![DataType::Utf8],
+        DataType::Int32,
+        Volatility::Immutable,
+        Arc::new(|_: &[ColumnarValue]| {
+            Ok(ColumnarValue::Scalar(
+                datafusion::scalar::ScalarValue::Int32(None),
+            ))
+        }),
+    )
+}
+
+/// `pg_get_serial_sequence(table, column)`: NULL, as for every column without a
+/// sequence (datasets have none). SQLAlchemy's column reflection asks it.
+fn no_serial_sequence_udf() -> datafusion::logical_expr::ScalarUDF {
+    use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+    create_udf(
+        "pg_get_serial_sequence",
+        vec![DataType::Utf8, DataType::Utf8],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(|_: &[ColumnarValue]| {
+            Ok(ColumnarValue::Scalar(
+                datafusion::scalar::ScalarValue::Utf8(None),
+            ))
+        }),
+    )
+}
+
 impl Catalog {
     fn build(config: &MemberConfig) -> Result<Catalog> {
         let region = &config.region;
@@ -92,6 +147,11 @@ impl Catalog {
         }
         datafusion_pg_catalog::setup_pg_catalog(&ctx, &region.name, EmptyContextProvider)
             .map_err(|e| internal(&e))?;
+        // Drivers read the server's version from `version()` in PostgreSQL's words
+        // (SQLAlchemy parses "PostgreSQL <major>.<minor>").
+        ctx.register_udf(version_udf());
+        ctx.register_udf(to_regtype_udf());
+        ctx.register_udf(no_serial_sequence_udf());
         let catalog_tables = ctx
             .catalog(&region.name)
             .and_then(|c| c.schema("pg_catalog"))

@@ -223,6 +223,7 @@ impl Door {
             Command::Transaction { begin: true, tag } => Response::TransactionStart(Tag::new(tag)),
             Command::Transaction { begin: false, tag } => Response::TransactionEnd(Tag::new(tag)),
             Command::Discard => Response::Execution(Tag::new("DISCARD ALL")),
+            Command::Savepoint { tag } => Response::Execution(Tag::new(tag)),
         })
     }
 
@@ -725,7 +726,7 @@ impl QueryParser for Parser {
                     if all {
                         "setting".into()
                     } else {
-                        name.to_ascii_lowercase()
+                        session::canonical_name(name)
                     },
                     None,
                     None,

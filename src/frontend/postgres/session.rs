@@ -99,6 +99,9 @@ pub enum Command {
     Transaction { begin: bool, tag: &'static str },
     /// `DISCARD ALL` and friends (connection pools send them).
     Discard,
+    /// `SAVEPOINT`, `RELEASE [SAVEPOINT]`, `ROLLBACK TO [SAVEPOINT]` (psycopg's nested
+    /// transactions send them): accepted, and like transactions they change nothing.
+    Savepoint { tag: &'static str },
 }
 
 impl Session {
@@ -239,9 +242,10 @@ impl Session {
 
 /// Setting names are case-insensitive; PostgreSQL's own ones are known by their
 /// lower-case names.
-fn canonical_name(name: &str) -> String {
+pub fn canonical_name(name: &str) -> String {
     let n = name.trim().trim_matches('"').to_ascii_lowercase();
     match n.as_str() {
+        "transaction isolation level" => "transaction_isolation".into(),
         "time zone" | "time_zone" => "timezone".into(),
         "names" => "client_encoding".into(),
         _ => n,
@@ -326,6 +330,11 @@ pub fn command(sql: &str) -> Option<Command> {
             begin: false,
             tag: "COMMIT",
         }),
+        "SAVEPOINT" => Some(Command::Savepoint { tag: "SAVEPOINT" }),
+        "RELEASE" => Some(Command::Savepoint { tag: "RELEASE" }),
+        "ROLLBACK" if upper(1).as_deref() == Some("TO") => {
+            Some(Command::Savepoint { tag: "ROLLBACK" })
+        }
         "ROLLBACK" | "ABORT" => Some(Command::Transaction {
             begin: false,
             tag: "ROLLBACK",
@@ -402,6 +411,14 @@ mod tests {
         assert!(matches!(
             command("BEGIN READ ONLY"),
             Some(Command::Transaction { begin: true, .. })
+        ));
+        assert_eq!(
+            command("ROLLBACK TO SAVEPOINT _pg3_1"),
+            Some(Command::Savepoint { tag: "ROLLBACK" })
+        );
+        assert!(matches!(
+            command("rollback"),
+            Some(Command::Transaction { begin: false, .. })
         ));
         assert_eq!(command("SELECT 1"), None);
         assert_eq!(command("SETTLE"), None);
