@@ -39,6 +39,18 @@ pub struct HttpConfig {
     pub tls: bool,
 }
 
+/// The PostgreSQL wire protocol port of a gateway (always TLS with client certificates).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// The most connections open at once; one more is refused with SQLSTATE 53300.
+    pub max_connections: usize,
+}
+
+/// The default of `[postgres] max_connections`.
+pub const DEFAULT_POSTGRES_CONNECTIONS: usize = 256;
+
 /// A member's validated configuration, with its region.
 #[derive(Debug)]
 pub struct MemberConfig {
@@ -52,8 +64,8 @@ pub struct MemberConfig {
     pub listen: SocketAddr,
     /// The HTTP port, if any.
     pub http: Option<HttpConfig>,
-    /// The PostgreSQL wire protocol port's address, if it has one.
-    pub postgres: Option<SocketAddr>,
+    /// The PostgreSQL wire protocol port, if it has one.
+    pub postgres: Option<PostgresConfig>,
     /// OTLP/gRPC endpoint spans are exported to, if any.
     pub otlp_endpoint: Option<String>,
     /// Certificate path.
@@ -148,18 +160,10 @@ impl MemberConfig {
             }
         };
         let http = raw.http.as_ref().and_then(|h| validate_http(path, h, pr));
-        let postgres = raw.postgres.as_ref().and_then(|p| {
-            p.listen
-                .parse::<SocketAddr>()
-                .map_err(|e| {
-                    pr.add(
-                        path,
-                        "postgres.listen",
-                        format!("{:?} is not host:port: {e}", p.listen),
-                    )
-                })
-                .ok()
-        });
+        let postgres = raw
+            .postgres
+            .as_ref()
+            .and_then(|p| validate_postgres(path, p, pr));
         let otlp_endpoint = validate_otlp(path, raw.telemetry.as_ref(), pr);
         let cert_path = resolve(path, &raw.cert);
         let key_path = resolve(path, &raw.key);
@@ -320,6 +324,38 @@ fn validate_http(path: &Path, h: &RawHttp, pr: &mut Problems) -> Option<HttpConf
         return None;
     }
     Some(HttpConfig { listen, tls })
+}
+
+/// Validates `[postgres]`: an address and a positive connection cap.
+fn validate_postgres(
+    path: &Path,
+    p: &super::raw::RawPostgres,
+    pr: &mut Problems,
+) -> Option<PostgresConfig> {
+    let listen = p
+        .listen
+        .parse::<SocketAddr>()
+        .map_err(|e| {
+            pr.add(
+                path,
+                "postgres.listen",
+                format!("{:?} is not host:port: {e}", p.listen),
+            )
+        })
+        .ok()?;
+    let max_connections = p.max_connections.unwrap_or(DEFAULT_POSTGRES_CONNECTIONS);
+    if max_connections == 0 {
+        pr.add(
+            path,
+            "postgres.max_connections",
+            "must be at least 1".to_string(),
+        );
+        return None;
+    }
+    Some(PostgresConfig {
+        listen,
+        max_connections,
+    })
 }
 
 /// Validates `[telemetry] otlp_endpoint`: an http:// or https:// URL.

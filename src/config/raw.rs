@@ -465,6 +465,9 @@ pub struct RawHttp {
 pub struct RawPostgres {
     /// Address to listen on, `host:port`.
     pub listen: String,
+    /// The most connections the port keeps open at once (default 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
 }
 
 /// `[telemetry]`: where spans go.

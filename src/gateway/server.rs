@@ -83,10 +83,10 @@ impl Gateway {
             None => None,
         };
         let postgres_listener = match &config.postgres {
-            Some(a) => Some(
-                TcpListener::bind(a)
+            Some(p) => Some(
+                TcpListener::bind(p.listen)
                     .await
-                    .map_err(|e| Error::Config(format!("postgres.listen {a}: {e}")))?,
+                    .map_err(|e| Error::Config(format!("postgres.listen {}: {e}", p.listen)))?,
             ),
             None => None,
         };
@@ -145,17 +145,19 @@ impl Gateway {
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = rx.await;
         }));
-        let postgres_task = postgres_listener.map(|l| {
-            let mut stopped = http_stopped.clone();
-            tokio::spawn(crate::frontend::postgres::serve(
-                l,
-                postgres_tls.clone(),
-                crate::frontend::postgres::Door::new(front.clone()),
-                async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                },
-            ))
-        });
+        let postgres_task = postgres_listener
+            .zip(config.postgres.as_ref())
+            .map(|(l, p)| {
+                let mut stopped = http_stopped.clone();
+                tokio::spawn(crate::frontend::postgres::serve(
+                    l,
+                    postgres_tls.clone(),
+                    crate::frontend::postgres::Door::new(front.clone(), p.max_connections),
+                    async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    },
+                ))
+            });
         let http_task = match (http_listener, &config.http) {
             (Some(l), Some(h)) => {
                 let routes = crate::frontend::http::router(front.clone(), audit.clone());

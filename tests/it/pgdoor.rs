@@ -440,3 +440,84 @@ async fn a_cancel_request_cancels_the_federated_query() {
     proxies["suzhou"].set(Fault::Pass);
     assert_eq!(simple_column(&client, "SELECT 3").await, [Some("3".into())]);
 }
+
+#[tokio::test]
+async fn the_port_caps_its_connections_and_catalog_queries_get_a_time_budget() {
+    let region = Region::start_patched(Some(&[]), &|layout| {
+        crate::support::patch_member(layout, OFFICE, |raw| {
+            raw.postgres
+                .as_mut()
+                .expect("a [postgres] section")
+                .max_connections = Some(1);
+        })
+    })
+    .await;
+    let (first, _) = connect_as(&region, "office", OFFICE).await;
+    assert_eq!(simple_column(&first, "SELECT 1").await, [Some("1".into())]);
+
+    // A second connection while the first is open: refused with 53300, naming the cap.
+    let (cert, key) = region.office();
+    let addr = region.gateways[OFFICE].postgres_addr.unwrap();
+    let conn = format!(
+        "host=localhost port={} user=analyst sslmode=require",
+        addr.port()
+    );
+    let e = tokio_postgres::connect(&conn, tls(&region.layout.ca, &cert, &key))
+        .await
+        .err()
+        .expect("a connection beyond the cap is refused");
+    assert_eq!(code_of(&e), SqlState::TOO_MANY_CONNECTIONS, "{e:?}");
+    assert!(message_of(&e).contains("max_connections"), "{e:?}");
+
+    // A catalog query (no dataset: answered at the gateway) that runs for most of a
+    // second in a debug build
+    // (millions of rows of catalog tables crossed) ends at its budget with 57014.
+    first
+        .simple_query("SET fedgate.timeout = '10ms'")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let e = first
+        .simple_query(
+            "SELECT count(*) FROM pg_catalog.pg_proc a, pg_catalog.pg_proc b \
+             WHERE a.oid + b.oid = 7",
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(code_of(&e), SqlState::QUERY_CANCELED, "{e:?}");
+    assert!(message_of(&e).contains("deadline"), "{e:?}");
+    // With room, the same query answers: the budget alone stopped it.
+    first
+        .simple_query("SET fedgate.timeout = '120s'")
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_column(
+            &first,
+            "SELECT count(*) FROM pg_catalog.pg_proc a, pg_catalog.pg_proc b \
+             WHERE a.oid + b.oid = 7"
+        )
+        .await,
+        [Some("0".into())]
+    );
+
+    // Closing the first connection frees its slot.
+    drop(first);
+    let mut reconnected = None;
+    for _ in 0..50 {
+        if let Ok(c) = tokio_postgres::connect(&conn, tls(&region.layout.ca, &cert, &key)).await {
+            reconnected = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        reconnected.is_some(),
+        "the slot of a closed connection is freed"
+    );
+}

@@ -13,6 +13,7 @@
 use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::MemTable;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::LogicalPlan;
@@ -20,6 +21,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::sqlparser::ast::{ObjectName, Statement, visit_relations};
 use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+use futures::StreamExt;
 
 use crate::config::MemberConfig;
 use crate::error::{Error, Result};
@@ -242,16 +244,48 @@ impl Catalog {
         Ok(plan)
     }
 
-    /// Runs a planned catalog query.
+    /// Runs a planned catalog query on the process's low-priority lane
+    /// (`owner::lanes`): a caller's expressions over the catalog cost CPU that no
+    /// admission slot accounts for, so they get what the machine has left over. The
+    /// batches come back over a channel; dropping the stream (the client's deadline,
+    /// a cancel, a closed connection) aborts the task at its next yield.
     pub async fn run(
         &self,
         plan: LogicalPlan,
-    ) -> Result<datafusion::physical_plan::SendableRecordBatchStream> {
+    ) -> Result<impl futures::Stream<Item = Result<RecordBatch>> + Send + Unpin + 'static> {
         let df = self
             .ctx
             .execute_logical_plan(plan)
             .await
             .map_err(Error::from_datafusion)?;
-        df.execute_stream().await.map_err(Error::from_datafusion)
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let task = crate::owner::lanes::handle(true).spawn(async move {
+            let mut stream = match df.execute_stream().await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(Error::from_datafusion(e))).await;
+                    return;
+                }
+            };
+            while let Some(b) = stream.next().await {
+                if tx.send(b.map_err(Error::from_datafusion)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let guard = AbortOnDrop(task.abort_handle());
+        Ok(Box::pin(futures::stream::unfold(
+            (rx, guard),
+            |(mut rx, guard)| async move { rx.recv().await.map(|b| (b, (rx, guard))) },
+        )))
+    }
+}
+
+/// Aborts a task when the stream holding it is dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

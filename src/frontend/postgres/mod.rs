@@ -83,6 +83,8 @@ pub struct Door {
     sessions: Mutex<HashMap<i32, (SecretKey, Weak<Session>)>>,
     /// Process ids (counted) and secret keys (random) for cancel requests.
     keys: RandomPidSecretKeyGenerator,
+    /// One permit per open session (`[postgres] max_connections`).
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 /// The handlers pgwire asks for, all backed by one [`Door`].
@@ -110,8 +112,9 @@ pub struct Parser(Arc<Door>);
 
 impl Door {
     /// A door over the configuration versions `current` yields.
-    pub fn new(current: Current) -> Arc<Door> {
+    pub fn new(current: Current, max_connections: usize) -> Arc<Door> {
         Arc::new(Door {
+            connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             current,
             catalogs: Catalogs::default(),
             sessions: Mutex::new(HashMap::new()),
@@ -155,6 +158,7 @@ impl Door {
 
     /// Plans one statement's text (for the extended protocol's Parse).
     async fn prepare(&self, sql: &str) -> Result<Option<Prepared>> {
+        check_length(sql)?;
         if sql.trim().trim_end_matches(';').trim().is_empty() {
             return Ok(None);
         }
@@ -189,26 +193,9 @@ impl Door {
                 Response::Execution(Tag::new("RESET"))
             }
             Command::Show { name } => {
-                let (column, rows) = session.show(name)?;
-                let all = rows.len() != 1 || name.eq_ignore_ascii_case("all");
-                let mut fields = Vec::new();
-                if all {
-                    fields.push(FieldInfo::new(
-                        "name".into(),
-                        None,
-                        None,
-                        Type::TEXT,
-                        format.format_for(0),
-                    ));
-                }
-                fields.push(FieldInfo::new(
-                    if all { "setting".into() } else { column },
-                    None,
-                    None,
-                    Type::TEXT,
-                    format.format_for(fields.len()),
-                ));
-                let fields = Arc::new(fields);
+                let (_, rows) = session.show(name)?;
+                let fields = Arc::new(show_fields(name, format));
+                let all = fields.len() == 2;
                 let f = fields.clone();
                 let rows = rows.into_iter().map(move |(k, v)| {
                     let mut e = DataRowEncoder::new(f.clone());
@@ -235,12 +222,30 @@ impl Door {
         format: &Format,
         options: Arc<FormatOptions>,
     ) -> Result<Response> {
+        // Catalog queries read no rows, but a caller's expressions still cost CPU
+        // (`generate_series`): they get the same time budget as any query.
+        let g = self.current.load();
+        let limits = &g.config().limits;
+        let budget = session
+            .ask_settings()
+            .timeouts
+            .into_iter()
+            .min()
+            .unwrap_or(limits.default_timeout)
+            .min(limits.max_timeout);
+        let deadline = (tokio::time::Instant::now() + budget, budget);
         let fields = fields_of(plan.schema().as_arrow(), format, options)?;
-        let stream = self.catalog()?.run(plan).await?;
-        let batches = stream.map(|b| b.map_err(Error::from_datafusion));
+        let batches = self.catalog()?.run(plan).await?;
         Ok(Response::Query(QueryResponse::new(
             fields.clone(),
-            rows(batches, fields, session.cancelled(), None, None),
+            rows(
+                batches,
+                fields,
+                session.cancelled(),
+                None,
+                None,
+                Some(deadline),
+            ),
         )))
     }
 
@@ -281,6 +286,7 @@ impl Door {
                 cancelled,
                 Some(outcome),
                 Some(session.clone()),
+                None,
             ),
         )))
     }
@@ -293,6 +299,7 @@ impl Door {
         stmt: Option<&Statement>,
         options: Arc<FormatOptions>,
     ) -> Result<Response> {
+        check_length(text)?;
         let format = Format::UnifiedText;
         if let Some(c) = session::command(text) {
             return self.command(session, &c, &format);
@@ -324,6 +331,10 @@ impl Door {
 /// parse is returned whole, for the session statements the parser does not know
 /// (`SHOW TRANSACTION ISOLATION LEVEL`) or for its syntax error to be reported.
 fn split(query: &str) -> Vec<(String, Option<Statement>)> {
+    if check_length(query).is_err() {
+        // Not parsed at all: the statement's answer is the length error.
+        return vec![(query.to_string(), None)];
+    }
     match SqlParser::parse_sql(&PostgreSqlDialect {}, query) {
         Ok(stmts) if stmts.len() == 1 => {
             let s = stmts.into_iter().next();
@@ -335,6 +346,18 @@ fn split(query: &str) -> Vec<(String, Option<Statement>)> {
             .collect(),
         Err(_) => vec![(query.trim().trim_end_matches(';').to_string(), None)],
     }
+}
+
+/// Refuses a query text longer than any door accepts, before anything parses it.
+fn check_length(sql: &str) -> Result<()> {
+    let max = crate::owner::session::MAX_QUERY_BYTES;
+    if sql.len() > max {
+        return Err(Error::InvalidQuery(format!(
+            "the query is {} bytes long, more than the {max} a gateway accepts",
+            sql.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Parses exactly one statement.
@@ -362,6 +385,22 @@ fn fields_of(
                 "the answer has a column type this port cannot send: {e}"
             ))
         })
+}
+
+/// The columns `SHOW name` answers with: the setting's value under its name, or for
+/// `SHOW ALL` each setting's name and value (as PostgreSQL does).
+fn show_fields(name: &str, format: &Format) -> Vec<FieldInfo> {
+    let column = session::canonical_name(name);
+    let names = if column == "all" {
+        vec!["name".to_string(), "setting".to_string()]
+    } else {
+        vec![column]
+    };
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| FieldInfo::new(n, None, None, Type::TEXT, format.format_for(i)))
+        .collect()
 }
 
 /// The error a cancel request ends a query with.
@@ -421,11 +460,13 @@ fn rows(
     cancel: tokio::sync::watch::Receiver<u64>,
     outcome: Option<super::query::PendingOutcome>,
     session: Option<Arc<Session>>,
+    deadline: Option<(tokio::time::Instant, std::time::Duration)>,
 ) -> impl Stream<Item = PgWireResult<DataRow>> + Send + 'static {
     struct State<B> {
         batches: Option<B>,
         outcome: Option<super::query::PendingOutcome>,
         cancel: tokio::sync::watch::Receiver<u64>,
+        deadline: Option<(tokio::time::Instant, std::time::Duration)>,
         rows: Option<RowEncoder>,
         fields: Arc<Vec<FieldInfo>>,
         session: Option<Arc<Session>>,
@@ -434,6 +475,7 @@ fn rows(
         batches: Some(batches),
         outcome,
         cancel,
+        deadline,
         rows: None,
         fields,
         session,
@@ -447,23 +489,35 @@ fn rows(
                 st.rows = None;
             }
             let batches = st.batches.as_mut()?;
+            // The federation path keeps its own deadline; catalog answers get the door's.
+            let deadline = st.deadline;
+            let expired = async move {
+                match deadline {
+                    Some((at, budget)) => {
+                        tokio::time::sleep_until(at).await;
+                        Error::DeadlineExceeded(budget)
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 biased;
-                _ = st.cancel.changed() => None,
-                b = batches.next() => Some(b),
+                _ = st.cancel.changed() => Err(canceled_error()),
+                e = expired => Err(e),
+                b = batches.next() => Ok(b),
             };
             match next {
-                None => {
+                Err(e) => {
                     st.batches = None;
                     st.outcome = None;
-                    return Some((Err(pg_error(&canceled_error())), st));
+                    return Some((Err(pg_error(&e)), st));
                 }
-                Some(Some(Ok(b))) => st.rows = Some(RowEncoder::new(b, st.fields.clone())),
-                Some(Some(Err(e))) => {
+                Ok(Some(Ok(b))) => st.rows = Some(RowEncoder::new(b, st.fields.clone())),
+                Ok(Some(Err(e))) => {
                     st.batches = None;
                     return Some((Err(pg_error(&e)), st));
                 }
-                Some(None) => {
+                Ok(None) => {
                     st.batches = None;
                     let outcome = st.outcome.take()?;
                     let Outcome { summary, failure } = tokio::select! {
@@ -557,6 +611,17 @@ impl StartupHandler for Handlers {
                 return Err(pg_error(&e));
             }
         };
+        // The permit lives in the session and is released when the connection ends.
+        let Ok(permit) = self.0.connections.clone().try_acquire_owned() else {
+            let e = Error::Overloaded(
+                "this gateway's PostgreSQL port has all its connections open \
+                 ([postgres] max_connections); close one or try again later"
+                    .into(),
+            );
+            tracing::warn!(origin = %origin, "PostgreSQL connection refused: too many open");
+            return Err(pg_error(&e));
+        };
+        client.session_extensions().insert(permit);
         let (pid, key) = self.0.keys.generate(client);
         client.set_pid_and_secret_key(pid, key.clone());
         let session = Arc::new(Session::new(origin, client.metadata()));
@@ -710,31 +775,7 @@ impl QueryParser for Parser {
     ) -> PgWireResult<Vec<FieldInfo>> {
         let format = format.cloned().unwrap_or_default();
         match stmt {
-            Prepared::Command(Command::Show { name }) => {
-                let all = name.eq_ignore_ascii_case("all");
-                let mut f = Vec::new();
-                if all {
-                    f.push(FieldInfo::new(
-                        "name".into(),
-                        None,
-                        None,
-                        Type::TEXT,
-                        format.format_for(0),
-                    ));
-                }
-                f.push(FieldInfo::new(
-                    if all {
-                        "setting".into()
-                    } else {
-                        session::canonical_name(name)
-                    },
-                    None,
-                    None,
-                    Type::TEXT,
-                    format.format_for(f.len()),
-                ));
-                Ok(f)
-            }
+            Prepared::Command(Command::Show { name }) => Ok(show_fields(name, &format)),
             Prepared::Command(_) => Ok(Vec::new()),
             Prepared::Catalog(plan) => {
                 arrow_schema_to_pg_fields(plan.schema().as_arrow(), &format, None)
