@@ -23,6 +23,11 @@
 //!   (throughput and queries per CPU-second).
 //! - `memory`: a gateway's resident memory idle, per open connection, and while a
 //!   10,000,000-row answer streams through two hops.
+//! - `doors`: a primary-key lookup and a GROUP BY through the PostgreSQL port
+//!   (simple protocol with the key in the text, as psql sends it, and a prepared
+//!   statement with the key bound, as JDBC sends it) against the same through
+//!   Flight SQL and `Federation.Query`; the coordinator's memory while a
+//!   10,000,000-row answer streams through the PostgreSQL port in portal fetches.
 //! - `fairness`: a county portal's open-loop calls of a published service while one
 //!   city floods the data owner with heavy queries at rising concurrency, against an
 //!   owner with one pool of sub-query slots and an owner with shares per class.
@@ -383,6 +388,8 @@ struct Region {
     ca: PathBuf,
     links: Links,
     pg: Option<LocalPostgres>,
+    /// The hub's PostgreSQL port (the `doors` section).
+    hub_postgres: Option<u16>,
 }
 
 impl Region {
@@ -421,6 +428,9 @@ async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
         fan = fan.max(4);
     }
     let with_pg = sections.contains(&"fdw");
+    // The member `solo` serves the 10,000,000-row `big` for the streaming measures.
+    let streams = sections.contains(&"memory") || sections.contains(&"doors");
+    let hub_postgres = sections.contains(&"doors").then(free_port);
     let links = Links {
         delay_us: Arc::new(AtomicU64::new(0)),
         slow: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
@@ -451,7 +461,7 @@ async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
         };
         let serves = match name.as_str() {
             "hub" => "[]",
-            "solo" if sections.contains(&"memory") => "[\"readings\", \"big\"]",
+            "solo" if streams => "[\"readings\", \"big\"]",
             "solo" => "[\"readings\"]",
             n if n.starts_with('p') => "[\"pg_readings\"]",
             _ => "[\"readings\", \"readings_cached\"]",
@@ -522,7 +532,10 @@ async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
                 cfg.push_str(&mapping("readings_cached", "readings", &readings));
             }
         }
-        if name == "solo" && sections.contains(&"memory") {
+        if let (Some(port), "hub") = (hub_postgres, name.as_str()) {
+            cfg.push_str(&format!("[postgres]\nlisten = \"127.0.0.1:{port}\"\n"));
+        }
+        if name == "solo" && streams {
             let file = d.join("big.parquet");
             write_parquet(&file, 0..sizes.stream_rows, false);
             cfg.push_str(&format!(
@@ -558,6 +571,7 @@ async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
         ca: ca_path,
         links,
         pg,
+        hub_postgres,
     }
 }
 
@@ -1400,6 +1414,260 @@ async fn memory(region: &Region, sizes: Sizes, idle_hub_kib: u64, out: &mut Stri
 }
 
 // ---------------------------------------------------------------------------------
+// Doors: the PostgreSQL port against Flight SQL and the native call.
+
+/// The hub's own TLS material (an organization's tools query through its gateway).
+fn hub_tls(region: &Region) -> fedgate::trust::tls::TlsMaterial {
+    let certs = region.dir.path().join("certs");
+    fedgate::trust::tls::TlsMaterial::load(
+        &region.ca,
+        &certs.join("hub.crt"),
+        &certs.join("hub.key"),
+    )
+    .unwrap()
+}
+
+/// A PostgreSQL session on the hub's port, as the hub's identity.
+async fn hub_postgres(region: &Region) -> tokio_postgres::Client {
+    let mut cfg = (*hub_tls(region).client_config().unwrap()).clone();
+    // The gateway's client configuration offers HTTP/2 for gRPC; a PostgreSQL client
+    // offers none.
+    cfg.alpn_protocols.clear();
+    let conn = format!(
+        "host=localhost port={} user=bench dbname=bench sslmode=require",
+        region.hub_postgres.unwrap()
+    );
+    let (client, connection) =
+        tokio_postgres::connect(&conn, tokio_postgres_rustls::MakeRustlsConnect::new(cfg))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// A Flight SQL client of the hub, as the hub's identity.
+fn hub_flight_sql(
+    region: &Region,
+) -> arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel> {
+    let channel = fedgate::trust::tls::Connector::new(
+        hub_tls(region).client_config().unwrap(),
+        "127.0.0.1",
+        region.proc("hub").port,
+        None,
+    )
+    .channel(Duration::from_secs(5))
+    .unwrap();
+    arrow_flight::sql::client::FlightSqlServiceClient::new(channel)
+}
+
+/// One way of asking the hub a query.
+#[derive(Clone, Copy, PartialEq)]
+enum Door {
+    /// `Federation.Query`, fedgate's own call.
+    Native,
+    /// Flight SQL: `GetFlightInfo` of the statement, then `DoGet` of its ticket.
+    FlightSql,
+    /// The PostgreSQL simple query protocol, the key written into the text.
+    PgSimple,
+    /// The PostgreSQL extended protocol: prepared once, the key bound each time.
+    PgPrepared,
+}
+
+impl Door {
+    fn label(self) -> &'static str {
+        match self {
+            Door::Native => "`Federation.Query`",
+            Door::FlightSql => "Flight SQL",
+            Door::PgSimple => "PostgreSQL, simple protocol",
+            Door::PgPrepared => "PostgreSQL, prepared and bound",
+        }
+    }
+}
+
+/// The clients of every door, each connected once.
+struct Doors {
+    native: Client,
+    flight: arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+    pg: tokio_postgres::Client,
+}
+
+impl Doors {
+    /// Runs `sql` (`{n}` replaced by `key`; `$1` in `prepared` bound to it) through
+    /// `door`; the rows of the answer.
+    async fn ask(
+        &mut self,
+        door: Door,
+        sql: &str,
+        prepared: Option<&tokio_postgres::Statement>,
+        key: i64,
+    ) -> usize {
+        let text = sql.replace("{n}", &key.to_string());
+        match door {
+            Door::Native => self
+                .native
+                .query_with(QueryRequest {
+                    sql: text,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|f| panic!("{f}"))
+                .batches
+                .iter()
+                .map(|b| b.num_rows())
+                .sum(),
+            Door::FlightSql => {
+                let info = self.flight.execute(text, None).await.unwrap();
+                let ticket = info.endpoint[0].ticket.clone().unwrap();
+                let mut stream = self.flight.do_get(ticket).await.unwrap();
+                let mut rows = 0;
+                while let Some(b) = futures::StreamExt::next(&mut stream).await {
+                    rows += b.unwrap().num_rows();
+                }
+                rows
+            }
+            Door::PgSimple => self
+                .pg
+                .simple_query(&text)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+                .count(),
+            Door::PgPrepared => {
+                let statement = prepared.expect("a prepared statement");
+                let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+                    if statement.params().is_empty() {
+                        &[]
+                    } else {
+                        &[&key]
+                    };
+                self.pg.query(statement, params).await.unwrap().len()
+            }
+        }
+    }
+}
+
+async fn doors(region: &Region, sizes: Sizes, out: &mut String) {
+    let mut d = Doors {
+        native: region.client("hub"),
+        flight: hub_flight_sql(region),
+        pg: hub_postgres(region).await,
+    };
+    let all = [
+        Door::Native,
+        Door::FlightSql,
+        Door::PgSimple,
+        Door::PgPrepared,
+    ];
+    let shapes = [
+        (
+            "primary-key lookup (one row, a new key every time)",
+            "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id = {n}",
+            "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id = $1",
+            1usize,
+        ),
+        (
+            "GROUP BY county (100 rows from 10,000; the same query every time)",
+            "SELECT county_code, count(*) AS n, sum(x) AS total FROM readings \
+             WHERE member = 'solo' GROUP BY county_code",
+            "SELECT county_code, count(*) AS n, sum(x) AS total FROM readings \
+             WHERE member = 'solo' GROUP BY county_code",
+            COUNTIES as usize,
+        ),
+    ];
+    let range = (1, FILE_ROWS);
+    let mut rows = Vec::new();
+    for (label, sql, param_sql, expect) in shapes {
+        let prepared = d.pg.prepare(param_sql).await.unwrap();
+        // Warm every door (connections, plan caches at hub and member).
+        for door in all {
+            for k in 1..=10 {
+                assert_eq!(d.ask(door, sql, Some(&prepared), k).await, expect, "{sql}");
+            }
+        }
+        let mut p50s: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        let mut ratios: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        for r in 0..sizes.rounds {
+            let mut this_round = [0.0f64; 4];
+            // Every door in every round, the order rotated.
+            for i in 0..all.len() {
+                let which = (i + r) % all.len();
+                let mut keys = loadgen::Keys::new(r as u64 + 1);
+                let mut times = Vec::new();
+                for _ in 0..sizes.requests {
+                    let key = keys.next(range);
+                    let t = Instant::now();
+                    let n = d.ask(all[which], sql, Some(&prepared), key).await;
+                    times.push(t.elapsed().as_secs_f64() * 1e6);
+                    assert_eq!(n, expect, "{sql}");
+                }
+                this_round[which] = median(times);
+            }
+            for (i, p) in this_round.iter().enumerate() {
+                p50s.entry(i).or_default().push(*p);
+                ratios.entry(i).or_default().push(p / this_round[1]);
+            }
+        }
+        for (i, door) in all.iter().enumerate() {
+            let ratio = median(ratios[&i].clone());
+            rows.push(format!(
+                "| {label} | {} | {} | {ratio:.2} |",
+                door.label(),
+                ms(median(p50s[&i].clone())),
+            ));
+        }
+    }
+
+    // The streamed answer through the PostgreSQL port, fetched in portions of
+    // 10,000 rows as JDBC does with a fetch size; counted here, never kept.
+    let hub = region.proc("hub");
+    let hub_before = hub.rss_kib().0;
+    hub.reset_peak();
+    let fetch = 10_000;
+    let t = Instant::now();
+    let tx = d.pg.transaction().await.unwrap();
+    let portal = tx.bind("SELECT id, x FROM big", &[]).await.unwrap();
+    let mut streamed = 0u64;
+    loop {
+        let part = tx.query_portal(&portal, fetch).await.unwrap();
+        streamed += part.len() as u64;
+        if part.len() < fetch as usize {
+            break;
+        }
+    }
+    tx.commit().await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(streamed, sizes.stream_rows as u64);
+    let hub_peak = hub.rss_kib().1;
+    let mib = |k: u64| k as f64 / 1024.0;
+    let bound = 256.0;
+    out.push_str(&format!(
+        "### Doors: the PostgreSQL port, Flight SQL and `Federation.Query`\n\n\
+         The same queries asked of the coordinator `hub` (the rows are at `solo`, one hop away) \
+         through each of its doors, one at a time, {} per door per round, the doors' order rotated \
+         every round; one connection per door, kept. The PostgreSQL port is asked in the simple \
+         protocol with the key in the text (as psql sends a query) and through a statement \
+         prepared once and executed with the key bound (as JDBC and psycopg do); Flight SQL makes \
+         two calls per query (`GetFlightInfo`, then `DoGet`), as its clients do. The ratio is \
+         against Flight SQL in the same round (median of {} rounds).\n\n\
+         | query | door | p50 | ratio to Flight SQL |\n|---|---|---:|---:|\n{}\n\n\
+         Streaming {} rows (`SELECT id, x FROM big`) through the PostgreSQL port in portal \
+         fetches of {fetch} rows took {:.1} s ({:.2} M rows/s); the coordinator's peak resident \
+         memory (`VmHWM`, reset before; resident before: {:.1} MiB) was **{:.1} MiB**, target at \
+         most {bound} MiB: {}.\n\n",
+        sizes.requests,
+        sizes.rounds,
+        rows.join("\n"),
+        sizes.stream_rows,
+        took.as_secs_f64(),
+        streamed as f64 / took.as_secs_f64() / 1e6,
+        mib(hub_before),
+        mib(hub_peak),
+        verdict(mib(hub_peak) <= bound),
+    ));
+}
+
+// ---------------------------------------------------------------------------------
 // Fairness: a county keeps its service when a city floods the region.
 
 /// The county portal's calls per second.
@@ -1742,7 +2010,15 @@ fn main() {
     if let Some(r) = arg("--rounds").and_then(|r| r.parse().ok()) {
         sizes.rounds = r;
     }
-    let all = ["hop", "fdw", "fanout", "resilience", "memory", "fairness"];
+    let all = [
+        "hop",
+        "fdw",
+        "fanout",
+        "resilience",
+        "memory",
+        "doors",
+        "fairness",
+    ];
     let only = arg("--only");
     let sections: Vec<&str> = all
         .iter()
@@ -1775,6 +2051,7 @@ fn main() {
                 "fanout" => fanout(&region, sizes, &mut out).await,
                 "resilience" => resilience(&region, sizes, &mut out).await,
                 "memory" => memory(&region, sizes, idle, &mut out).await,
+                "doors" => doors(&region, sizes, &mut out).await,
                 "fairness" => fairness(sizes, &mut out).await,
                 _ => unreachable!(),
             }

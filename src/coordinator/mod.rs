@@ -195,6 +195,51 @@ pub fn ordered_placeholders(
     Ok(out)
 }
 
+/// Numbers `?` placeholders (as JDBC, ODBC and ADBC write them) `$1`, `$2`, ... in
+/// the order they appear in the text, which is the order their values are bound in.
+/// A statement mixing `?` with `$n` is refused: which value goes where would be a
+/// guess. Whether anything was renumbered is returned.
+fn number_question_marks(stmt: &mut datafusion::sql::sqlparser::ast::Statement) -> Result<bool> {
+    use datafusion::sql::sqlparser::ast::{Expr, Value, visit_expressions, visit_expressions_mut};
+    use std::ops::ControlFlow;
+    let (mut marks, mut numbered) = (Vec::new(), false);
+    let _ = visit_expressions(stmt, |e| {
+        if let Expr::Value(v) = e
+            && let Value::Placeholder(p) = &v.value
+        {
+            if p == "?" {
+                marks.push(v.span.start);
+            } else {
+                numbered = true;
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    if marks.is_empty() {
+        return Ok(false);
+    }
+    let refuse = |why: &str| Err(Error::InvalidQuery(format!("placeholders: {why}")));
+    if numbered {
+        return refuse("use either ? or $1, $2, ... in one statement, not both");
+    }
+    marks.sort();
+    let before = marks.len();
+    marks.dedup();
+    if marks.len() != before {
+        return refuse("the ? placeholders could not be told apart by their place in the text");
+    }
+    let _ = visit_expressions_mut(stmt, |e| {
+        if let Expr::Value(v) = e
+            && matches!(&v.value, Value::Placeholder(p) if p == "?")
+            && let Ok(i) = marks.binary_search(&v.span.start)
+        {
+            v.value = Value::Placeholder(format!("${}", i + 1));
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    Ok(true)
+}
+
 /// Plans and runs federated queries at one gateway.
 pub struct Coordinator {
     config: Arc<MemberConfig>,
@@ -429,6 +474,9 @@ impl Coordinator {
             }
             std::ops::ControlFlow::<()>::Continue(())
         });
+        if let datafusion::sql::parser::Statement::Statement(inner) = &mut stmt {
+            rewritten |= number_question_marks(inner.as_mut())?;
+        }
         let text = rewritten.then(|| stmt.to_string());
         Ok((stmt, text))
     }
@@ -684,8 +732,13 @@ impl Coordinator {
         &self,
         origin: Principal,
         sql: &str,
+        params: Option<datafusion::common::ParamValues>,
     ) -> Result<datafusion::arrow::datatypes::SchemaRef> {
-        let (plan, _) = self.plan(&origin, sql, &QueryOptions::default()).await?;
+        let opts = QueryOptions {
+            params,
+            ..QueryOptions::default()
+        };
+        let (plan, _) = self.plan(&origin, sql, &opts).await?;
         Ok(plan.schema())
     }
 
@@ -775,5 +828,43 @@ impl Coordinator {
             subqueries,
             database_statements,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numbered(sql: &str) -> Result<String> {
+        let state = crate::owner::session::member_context().state();
+        let stmt = crate::owner::session::parse_query(&state, sql)?;
+        let datafusion::sql::parser::Statement::Statement(mut inner) = stmt else {
+            panic!("not a statement: {sql}");
+        };
+        number_question_marks(inner.as_mut())?;
+        Ok(inner.to_string())
+    }
+
+    /// `?` placeholders are numbered in the order of the text, whatever order the
+    /// statement's parts are visited in; a `?` inside a text literal is text.
+    #[test]
+    fn question_marks_are_numbered_in_text_order() {
+        let out = numbered(
+            "SELECT a, ? AS k FROM t WHERE b = ? AND c IN (?, '?') \
+             GROUP BY a HAVING count(*) > ? ORDER BY a LIMIT ?",
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "SELECT a, $1 AS k FROM t WHERE b = $2 AND c IN ($3, '?') \
+             GROUP BY a HAVING count(*) > $4 ORDER BY a LIMIT $5"
+        );
+        // Already numbered, or no placeholders: unchanged.
+        assert_eq!(
+            numbered("SELECT a FROM t WHERE b = $2 AND c = $1").unwrap(),
+            "SELECT a FROM t WHERE b = $2 AND c = $1"
+        );
+        let e = numbered("SELECT a FROM t WHERE b = ? AND c = $1").unwrap_err();
+        assert!(e.to_string().contains("either ? or $1"), "{e}");
     }
 }

@@ -5,10 +5,15 @@
 //! the caller is the certificate's identity, admission, planning, member scans,
 //! audit and metrics are the same. What Flight SQL adds:
 //!
-//! - statements and prepared statements (without parameters) whose ticket or handle
-//!   is the SQL text itself, run as whoever presents it;
+//! - statements, whose ticket is the SQL text itself, and prepared statements with
+//!   parameters, whose handle is the SQL and, once bound over `DoPut`, the values
+//!   (the protocol's updated handle): the gateway keeps nothing per statement, and a
+//!   ticket or handle is run as whoever presents it, like the SQL it carries. The
+//!   values are bound into the plan as typed values, never written into SQL;
 //! - the catalog calls clients use to list tables and columns: one catalog named
-//!   after the region, one schema `canonical`, one table per canonical dataset;
+//!   after the region, one schema `canonical`, one table per canonical dataset; the
+//!   type list (`GetXdbcTypeInfo`) of the canonical types; the key calls, which are
+//!   empty because canonical datasets declare no keys;
 //! - the per-member summary: every answer ends with an empty record batch whose
 //!   `app_metadata` is the summary as JSON. An answer missing members fails unless
 //!   the caller sent the call header `x-fedgate-allow-partial: true`; then the rows
@@ -16,25 +21,30 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
+use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
-use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
-use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::metadata::{
+    SqlInfoData, SqlInfoDataBuilder, XdbcTypeInfo, XdbcTypeInfoData, XdbcTypeInfoDataBuilder,
+};
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
-    ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetDbSchemas,
-    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
-    CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+    ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetCrossReference,
+    CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys, CommandGetPrimaryKeys,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandGetXdbcTypeInfo,
+    CommandPreparedStatementQuery, CommandStatementQuery, DoPutPreparedStatementResult, Nullable,
+    ProstMessageExt, Searchable, SqlInfo, TicketStatementQuery, XdbcDataType,
 };
 use arrow_flight::{
     Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, IpcMessage, SchemaAsIpc,
     Ticket,
 };
-use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::{ParamValues, ScalarValue};
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -85,6 +95,223 @@ fn flight_error(e: FlightError) -> Status {
 
 fn arrow_status(e: impl std::fmt::Display) -> Status {
     Error::Internal(format!("arrow: {e}")).to_status()
+}
+
+/// What a prepared statement's handle carries. The handle lives with the client: the
+/// SQL, and once the client bound values over `DoPut`, those values as one row of
+/// Arrow IPC (Flight SQL lets the server answer `DoPut` with an updated handle, so a
+/// stateless server can take parameters). A handle is run as whoever presents it,
+/// so a forged one can do no more than the SQL and values it carries.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Handle {
+    #[prost(string, tag = "1")]
+    sql: String,
+    #[prost(bytes = "vec", optional, tag = "2")]
+    params: Option<Vec<u8>>,
+}
+
+/// The first bytes of every handle this gateway issues.
+const HANDLE_PREFIX: &[u8] = b"fedgate.prepared.v1:";
+
+/// The most bytes of Arrow IPC a bound parameter row may take (the values of one
+/// row; a larger row is refused at `DoPut`).
+const MAX_PARAM_BYTES: usize = 1 << 20;
+
+impl Handle {
+    fn encode_handle(&self) -> Vec<u8> {
+        let mut out = HANDLE_PREFIX.to_vec();
+        self.encode(&mut out).expect("a Vec grows as needed");
+        out
+    }
+
+    fn decode_handle(bytes: &[u8]) -> Result<Handle, Status> {
+        let bad = || {
+            Error::InvalidQuery(
+                "the prepared statement handle was not issued by a fedgate gateway; \
+                 create the prepared statement again"
+                    .into(),
+            )
+            .to_status()
+        };
+        let body = bytes.strip_prefix(HANDLE_PREFIX).ok_or_else(bad)?;
+        Handle::decode(body).map_err(|_| bad())
+    }
+
+    /// The bound values, in placeholder order (`$1` or the first `?` first).
+    fn values(&self) -> Result<Option<ParamValues>, Status> {
+        let Some(ipc) = &self.params else {
+            return Ok(None);
+        };
+        let batch = row_from_ipc(ipc)?;
+        let values = (0..batch.num_columns())
+            .map(|i| ScalarValue::try_from_array(batch.column(i), 0).map(Into::into))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::InvalidQuery(format!("a bound parameter: {e}")).to_status())?;
+        Ok(Some(ParamValues::List(values)))
+    }
+}
+
+/// One row of bound values as an Arrow IPC stream.
+fn row_to_ipc(row: &RecordBatch) -> Result<Vec<u8>, Status> {
+    let mut out = Vec::new();
+    let mut w = datafusion::arrow::ipc::writer::StreamWriter::try_new(&mut out, &row.schema())
+        .map_err(arrow_status)?;
+    w.write(row).map_err(arrow_status)?;
+    w.finish().map_err(arrow_status)?;
+    drop(w);
+    Ok(out)
+}
+
+/// The row of bound values a handle carries (checked: one row).
+fn row_from_ipc(ipc: &[u8]) -> Result<RecordBatch, Status> {
+    let bad = |why: String| {
+        Error::InvalidQuery(format!("the prepared statement handle's values: {why}")).to_status()
+    };
+    let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(ipc, None)
+        .map_err(|e| bad(e.to_string()))?;
+    let mut rows = None;
+    for b in reader {
+        let b = b.map_err(|e| bad(e.to_string()))?;
+        if b.num_rows() == 0 {
+            continue;
+        }
+        if rows.is_some() || b.num_rows() != 1 {
+            return Err(bad("more than one row".into()));
+        }
+        rows = Some(b);
+    }
+    rows.ok_or_else(|| bad("no row".into()))
+}
+
+/// The parameter schema of a prepared statement: `$1`, `$2`, ... with the types the
+/// planner infers (`Null` where it cannot).
+fn parameter_schema(types: &[Option<DataType>]) -> Schema {
+    Schema::new(
+        types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                Field::new(
+                    format!("${}", i + 1),
+                    t.clone().unwrap_or(DataType::Null),
+                    true,
+                )
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// The canonical types, as `GetXdbcTypeInfo` lists them.
+fn xdbc_types() -> &'static XdbcTypeInfoData {
+    static TYPES: OnceLock<XdbcTypeInfoData> = OnceLock::new();
+    TYPES.get_or_init(|| {
+        let mut b = XdbcTypeInfoDataBuilder::new();
+        // (name, type, column size, literal prefix/suffix, case sensitive, searchable)
+        let types = [
+            (
+                "BIGINT",
+                XdbcDataType::XdbcBigint,
+                Some(19),
+                None,
+                false,
+                Searchable::Basic,
+            ),
+            (
+                "BOOLEAN",
+                XdbcDataType::XdbcBit,
+                Some(1),
+                None,
+                false,
+                Searchable::Basic,
+            ),
+            (
+                "DATE",
+                XdbcDataType::XdbcDate,
+                Some(10),
+                Some("DATE '"),
+                false,
+                Searchable::Basic,
+            ),
+            (
+                "DOUBLE",
+                XdbcDataType::XdbcDouble,
+                Some(15),
+                None,
+                false,
+                Searchable::Basic,
+            ),
+            (
+                "VARCHAR",
+                XdbcDataType::XdbcVarchar,
+                None,
+                Some("'"),
+                true,
+                Searchable::Full,
+            ),
+        ];
+        for (name, ty, size, prefix, case_sensitive, searchable) in types {
+            b.append(XdbcTypeInfo {
+                type_name: name.into(),
+                data_type: ty,
+                column_size: size,
+                literal_prefix: prefix.map(Into::into),
+                literal_suffix: prefix.map(|_| "'".into()),
+                create_params: None,
+                nullable: Nullable::NullabilityNullable,
+                case_sensitive,
+                searchable,
+                unsigned_attribute: matches!(
+                    ty,
+                    XdbcDataType::XdbcBigint | XdbcDataType::XdbcDouble
+                )
+                .then_some(false),
+                fixed_prec_scale: false,
+                auto_increment: None,
+                local_type_name: Some(name.into()),
+                minimum_scale: None,
+                maximum_scale: None,
+                sql_data_type: ty,
+                datetime_subcode: None,
+                num_prec_radix: matches!(ty, XdbcDataType::XdbcBigint | XdbcDataType::XdbcDouble)
+                    .then_some(10),
+                interval_precision: None,
+            });
+        }
+        b.build().expect("static type info builds")
+    })
+}
+
+/// The schema of `GetPrimaryKeys` answers.
+fn primary_keys_schema() -> SchemaRef {
+    let text = |n: &str, nullable| Field::new(n, DataType::Utf8, nullable);
+    Arc::new(Schema::new(vec![
+        text("catalog_name", true),
+        text("db_schema_name", true),
+        text("table_name", false),
+        text("column_name", false),
+        text("key_name", true),
+        Field::new("key_sequence", DataType::Int32, false),
+    ]))
+}
+
+/// The schema of `GetExportedKeys`, `GetImportedKeys` and `GetCrossReference`.
+fn foreign_keys_schema() -> SchemaRef {
+    let text = |n: &str, nullable| Field::new(n, DataType::Utf8, nullable);
+    Arc::new(Schema::new(vec![
+        text("pk_catalog_name", true),
+        text("pk_db_schema_name", true),
+        text("pk_table_name", false),
+        text("pk_column_name", false),
+        text("fk_catalog_name", true),
+        text("fk_db_schema_name", true),
+        text("fk_table_name", false),
+        text("fk_column_name", false),
+        Field::new("key_sequence", DataType::Int32, false),
+        text("fk_key_name", true),
+        text("pk_key_name", true),
+        Field::new("update_rule", DataType::UInt8, false),
+        Field::new("delete_rule", DataType::UInt8, false),
+    ]))
 }
 
 /// What the server says about itself (GetSqlInfo).
@@ -177,16 +404,19 @@ fn answer(started: Started, observer_bytes: impl Fn(u64) + Send + Sync + 'static
 }
 
 impl FlightSql {
-    async fn run(
+    async fn run<T>(
         &self,
-        origin: Principal,
+        request: &Request<T>,
         sql: String,
-        partial: bool,
-        timeout: Option<Duration>,
-        assertion: Option<std::sync::Arc<Vec<u8>>>,
+        params: Option<ParamValues>,
     ) -> Result<Response<DoGetStream>, Status> {
+        let origin = caller(request)?;
+        let partial = allow_partial(request);
+        let timeout = grpc_timeout(request);
+        let assertion = super::query::assertion_of(request);
         let g = self.current.load();
         let ask = Ask {
+            params,
             allow_partial: partial,
             timeouts: timeout.into_iter().collect(),
             assertion,
@@ -199,10 +429,27 @@ impl FlightSql {
         })))
     }
 
-    async fn schema_of(&self, origin: Principal, sql: &str) -> Result<SchemaRef, Status> {
+    /// The answer schema of `sql` and its placeholders' inferred types, without
+    /// binding or running it.
+    async fn describe(&self, sql: &str) -> Result<(SchemaRef, Vec<Option<DataType>>), Status> {
         let g = self.current.load();
         g.coordinator()
-            .schema_of(origin, sql)
+            .describe(sql)
+            .await
+            .map_err(|e| e.to_status())
+    }
+
+    /// The schema the answer to `sql` (with `params` bound) will be streamed with,
+    /// from the plan it will run.
+    async fn schema_of(
+        &self,
+        origin: Principal,
+        sql: &str,
+        params: Option<ParamValues>,
+    ) -> Result<SchemaRef, Status> {
+        let g = self.current.load();
+        g.coordinator()
+            .schema_of(origin, sql, params)
             .await
             .map_err(|e| e.to_status())
     }
@@ -229,7 +476,7 @@ impl FlightSqlService for FlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let origin = caller(&request)?;
-        let schema = self.schema_of(origin, &query.query).await?;
+        let schema = self.schema_of(origin, &query.query, None).await?;
         let ticket = TicketStatementQuery {
             statement_handle: query.query.into_bytes().into(),
         };
@@ -241,16 +488,8 @@ impl FlightSqlService for FlightSql {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        let origin = caller(&request)?;
         let sql = sql_of(&ticket.statement_handle, "ticket")?;
-        self.run(
-            origin,
-            sql,
-            allow_partial(&request),
-            grpc_timeout(&request),
-            super::query::assertion_of(&request),
-        )
-        .await
+        self.run(&request, sql, None).await
     }
 
     async fn do_action_create_prepared_statement(
@@ -259,14 +498,83 @@ impl FlightSqlService for FlightSql {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let origin = caller(&request)?;
-        let schema = self.schema_of(origin, &query.query).await?;
-        let IpcMessage(schema_bytes) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
-            .try_into()
-            .map_err(arrow_status)?;
+        let (mut schema, types) = self.describe(&query.query).await?;
+        // Without placeholders, the schema of the plan that will run (the planner's
+        // answer schema may say a column cannot be null where the streamed one says
+        // it can; clients compare the two).
+        if types.is_empty() {
+            schema = self.schema_of(origin, &query.query, None).await?;
+        }
+        let ipc = |schema: &Schema| -> Result<_, Status> {
+            let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
+                .try_into()
+                .map_err(arrow_status)?;
+            Ok(bytes)
+        };
+        let handle = Handle {
+            sql: query.query,
+            params: None,
+        };
         Ok(ActionCreatePreparedStatementResult {
-            prepared_statement_handle: query.query.into_bytes().into(),
-            dataset_schema: schema_bytes,
-            parameter_schema: Default::default(),
+            prepared_statement_handle: handle.encode_handle().into(),
+            dataset_schema: ipc(&schema)?,
+            parameter_schema: if types.is_empty() {
+                Default::default()
+            } else {
+                ipc(&parameter_schema(&types))?
+            },
+        })
+    }
+
+    /// Binds values to a prepared statement: one row whose columns are the
+    /// placeholders in order. The answer is an updated handle that carries them.
+    async fn do_put_prepared_statement_query(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        caller(&request)?;
+        let mut handle = Handle::decode_handle(&query.prepared_statement_handle)?;
+        let (_, types) = self.describe(&handle.sql).await?;
+        let bad =
+            |why: String| Error::InvalidQuery(format!("binding parameters: {why}")).to_status();
+        let data = request
+            .into_inner()
+            .map_err(|s| FlightError::Tonic(Box::new(s)));
+        let mut batches = FlightRecordBatchStream::new_from_flight_data(data);
+        let mut row: Option<RecordBatch> = None;
+        while let Some(b) = batches.next().await {
+            let b = b.map_err(|e| bad(e.to_string()))?;
+            if b.num_rows() == 0 {
+                continue;
+            }
+            // One execution per prepared statement: several rows would ask for one
+            // answer per row, which Flight SQL's single result stream cannot tell apart.
+            if row.is_some() || b.num_rows() > 1 {
+                return Err(bad(
+                    "one row of values is bound at a time; execute once per row".into(),
+                ));
+            }
+            row = Some(b);
+        }
+        let row = row.ok_or_else(|| bad("no row of values was sent".into()))?;
+        if row.num_columns() != types.len() {
+            return Err(bad(format!(
+                "the statement has {} placeholder(s), {} value(s) were sent",
+                types.len(),
+                row.num_columns()
+            )));
+        }
+        let ipc = row_to_ipc(&row)?;
+        if ipc.len() > MAX_PARAM_BYTES {
+            return Err(bad(format!(
+                "the values take {} bytes, more than the {MAX_PARAM_BYTES} allowed",
+                ipc.len()
+            )));
+        }
+        handle.params = Some(ipc);
+        Ok(DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(handle.encode_handle().into()),
         })
     }
 
@@ -285,8 +593,9 @@ impl FlightSqlService for FlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let origin = caller(&request)?;
-        let sql = sql_of(&cmd.prepared_statement_handle, "handle")?;
-        let schema = self.schema_of(origin, &sql).await?;
+        let handle = Handle::decode_handle(&cmd.prepared_statement_handle)?;
+        let params = handle.values()?;
+        let schema = self.schema_of(origin, &handle.sql, params).await?;
         info(&schema, &cmd, request.into_inner())
     }
 
@@ -295,16 +604,9 @@ impl FlightSqlService for FlightSql {
         cmd: CommandPreparedStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        let origin = caller(&request)?;
-        let sql = sql_of(&cmd.prepared_statement_handle, "handle")?;
-        self.run(
-            origin,
-            sql,
-            allow_partial(&request),
-            grpc_timeout(&request),
-            super::query::assertion_of(&request),
-        )
-        .await
+        let handle = Handle::decode_handle(&cmd.prepared_statement_handle)?;
+        let params = handle.values()?;
+        self.run(&request, handle.sql, params).await
     }
 
     async fn get_flight_info_catalogs(
@@ -409,14 +711,106 @@ impl FlightSqlService for FlightSql {
         Ok(one_batch(schema, b.build().map_err(arrow_status)?))
     }
 
+    async fn get_flight_info_xdbc_type_info(
+        &self,
+        query: CommandGetXdbcTypeInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        let schema = query.into_builder(xdbc_types()).schema();
+        info(&schema, &query, request.into_inner())
+    }
+
+    async fn do_get_xdbc_type_info(
+        &self,
+        query: CommandGetXdbcTypeInfo,
+        _request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let b = query.into_builder(xdbc_types());
+        let schema = b.schema();
+        Ok(one_batch(schema, b.build().map_err(arrow_status)?))
+    }
+
+    async fn get_flight_info_primary_keys(
+        &self,
+        query: CommandGetPrimaryKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        info(&primary_keys_schema(), &query, request.into_inner())
+    }
+
+    async fn do_get_primary_keys(
+        &self,
+        _query: CommandGetPrimaryKeys,
+        _request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let schema = primary_keys_schema();
+        Ok(one_batch(schema.clone(), RecordBatch::new_empty(schema)))
+    }
+
+    async fn get_flight_info_exported_keys(
+        &self,
+        query: CommandGetExportedKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        info(&foreign_keys_schema(), &query, request.into_inner())
+    }
+
+    async fn do_get_exported_keys(
+        &self,
+        _query: CommandGetExportedKeys,
+        _request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let schema = foreign_keys_schema();
+        Ok(one_batch(schema.clone(), RecordBatch::new_empty(schema)))
+    }
+
+    async fn get_flight_info_imported_keys(
+        &self,
+        query: CommandGetImportedKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        info(&foreign_keys_schema(), &query, request.into_inner())
+    }
+
+    async fn do_get_imported_keys(
+        &self,
+        _query: CommandGetImportedKeys,
+        _request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let schema = foreign_keys_schema();
+        Ok(one_batch(schema.clone(), RecordBatch::new_empty(schema)))
+    }
+
+    async fn get_flight_info_cross_reference(
+        &self,
+        query: CommandGetCrossReference,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        info(&foreign_keys_schema(), &query, request.into_inner())
+    }
+
+    async fn do_get_cross_reference(
+        &self,
+        _query: CommandGetCrossReference,
+        _request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let schema = foreign_keys_schema();
+        Ok(one_batch(schema.clone(), RecordBatch::new_empty(schema)))
+    }
+
     async fn do_get_fallback(
         &self,
         _request: Request<Ticket>,
         message: Any,
     ) -> Result<Response<DoGetStream>, Status> {
         Err(Status::unimplemented(format!(
-            "fedgate does not serve the Flight SQL ticket {}; it serves statements, \
-             prepared statements and the catalog calls",
+            "fedgate does not serve the Flight SQL ticket {}; it serves queries \
+             (statements and prepared statements) and the catalog calls; it changes no data",
             message.type_url
         )))
     }

@@ -66,7 +66,15 @@ pub fn init(s: &Settings) -> Result<Telemetry> {
         .as_deref()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(&s.default_filter));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: a log written to a file or a collector gets plain
+    // text, without escape codes (and none when NO_COLOR is set).
+    let ansi = {
+        use std::io::IsTerminal;
+        std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+    };
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let fmt = if s.json {
         fmt.json().with_filter(filter).boxed()
     } else {

@@ -83,3 +83,47 @@ async fn every_shipped_config_passes_check() {
     }
     assert!(checked >= 5, "only {checked} member configs found");
 }
+
+/// A gateway whose log goes to a file writes plain text: no terminal colour codes.
+#[tokio::test]
+async fn a_log_written_to_a_file_has_no_colour_codes() {
+    let region = crate::support::Region::start_only(Some(&[])).await;
+    let (_, config, _) = region
+        .layout
+        .gateways
+        .iter()
+        .find(|(name, _, _)| name == "anji")
+        .unwrap()
+        .clone();
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("anji.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fedgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("FEDGATE_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut log = String::new();
+    while started.elapsed() < std::time::Duration::from_secs(60) {
+        log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("serving on") || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        log.contains("serving on"),
+        "the gateway did not start:\n{log}"
+    );
+    assert!(log.contains("INFO"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file:\n{log:?}"
+    );
+}

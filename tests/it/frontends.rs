@@ -724,3 +724,205 @@ async fn restricted_grants_hold_on_every_front_end() {
         }
     }
 }
+
+/// Flight SQL prepared statements take parameters (`?` as JDBC and ADBC write them, or
+/// `$1`), bound over DoPut into an updated handle as typed values, and the metadata
+/// calls BI drivers make are answered.
+#[tokio::test]
+async fn flight_sql_prepared_statements_bind_typed_values_and_drivers_metadata_answers() {
+    use arrow_flight::sql::{
+        CommandGetPrimaryKeys, CommandGetTables, CommandGetXdbcTypeInfo,
+        CommandPreparedStatementQuery, ProstMessageExt,
+    };
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+
+    let region = Region::start().await;
+    let mut client = flight_sql(&region, crate::support::OFFICE);
+    let one = |name: &str, values: Arc<dyn datafusion::arrow::array::Array>| {
+        let field = Field::new(name, values.data_type().clone(), true);
+        RecordBatch::try_new(Arc::new(Schema::new(vec![field])), vec![values]).unwrap()
+    };
+    async fn rows_of(
+        client: &mut FlightSqlServiceClient<tonic::transport::Channel>,
+        info: arrow_flight::FlightInfo,
+    ) -> Result<Vec<datafusion::arrow::record_batch::RecordBatch>, arrow_flight::error::FlightError>
+    {
+        let ticket = info.endpoint[0].ticket.clone().unwrap();
+        client.do_get(ticket).await?.try_collect().await
+    }
+
+    // The answer written with the literal, through a name qualified as clients list it.
+    let (literal, _) = flight_batches(
+        &mut client,
+        "SELECT county_name, pop_total FROM yrd.canonical.census WHERE county_code = '330523'",
+    )
+    .await
+    .unwrap();
+    let literal_rows = crate::support::column_strings(&literal, "county_name");
+    assert_eq!(literal_rows.len(), 1, "{literal_rows:?}");
+
+    // `?` placeholder: the parameter schema says what the planner inferred, and the
+    // bound value gives the literal's answer.
+    let mut stmt = client
+        .prepare(
+            "SELECT county_name, pop_total FROM census WHERE county_code = ?".into(),
+            None,
+        )
+        .await
+        .unwrap();
+    let params = stmt.parameter_schema().unwrap().clone();
+    assert_eq!(params.fields().len(), 1, "{params:?}");
+    assert_eq!(params.field(0).data_type(), &DataType::Utf8);
+    stmt.set_parameters(one("$1", Arc::new(StringArray::from(vec!["330523"]))))
+        .unwrap();
+    let info = stmt.execute().await.unwrap();
+    let got = rows_of(&mut client, info).await.unwrap();
+    assert_eq!(
+        crate::support::column_strings(&got, "county_name"),
+        literal_rows
+    );
+    // A value that would be SQL if spliced into the text is a value: it matches nothing.
+    stmt.set_parameters(one(
+        "$1",
+        Arc::new(StringArray::from(vec!["330523' OR '1'='1"])),
+    ))
+    .unwrap();
+    let info = stmt.execute().await.unwrap();
+    let hostile = rows_of(&mut client, info).await.unwrap();
+    assert_eq!(hostile.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+
+    // `$1` with an integer, run twice with different values.
+    let mut big = client
+        .prepare(
+            "SELECT count(*) AS n FROM census WHERE pop_total > $1".into(),
+            None,
+        )
+        .await
+        .unwrap();
+    let mut counts = Vec::new();
+    for threshold in [0i64, 1_000_000] {
+        big.set_parameters(one("$1", Arc::new(Int64Array::from(vec![threshold]))))
+            .unwrap();
+        let info = big.execute().await.unwrap();
+        let b = rows_of(&mut client, info).await.unwrap();
+        let n = b
+            .iter()
+            .find(|b| b.num_rows() == 1)
+            .map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .value(0)
+            })
+            .unwrap();
+        counts.push(n);
+    }
+    assert!(
+        counts[0] > counts[1] && counts[1] > 0,
+        "more counties above 0 than above a million: {counts:?}"
+    );
+
+    // Bad bindings are refused with what is wrong.
+    let mut two = client
+        .prepare(
+            "SELECT county_name FROM census WHERE county_code = ? AND pop_total > ?".into(),
+            None,
+        )
+        .await
+        .unwrap();
+    two.set_parameters(one("$1", Arc::new(StringArray::from(vec!["330523"]))))
+        .unwrap();
+    let e = two.execute().await.unwrap_err().to_string();
+    assert!(e.contains("2 placeholder(s), 1 value(s)"), "{e}");
+    two.set_parameters(
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("a", DataType::Utf8, true),
+                Field::new("b", DataType::Int64, true),
+            ])),
+            vec![
+                Arc::new(StringArray::from(vec!["330523", "330522"])),
+                Arc::new(Int64Array::from(vec![1, 2])),
+            ],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let e = two.execute().await.unwrap_err().to_string();
+    assert!(e.contains("one row of values"), "{e}");
+    let e = client
+        .prepare(
+            "SELECT county_name FROM census WHERE county_code = ? AND pop_total > $2".into(),
+            None,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("either ? or $1"), "{e}");
+
+    // A handle the gateway did not issue is refused, and so is one whose values were
+    // altered into something that is not one row.
+    for (handle, why) in [
+        (
+            b"SELECT * FROM enrollment".to_vec(),
+            "not issued by a fedgate gateway",
+        ),
+        (
+            b"fedgate.prepared.v1:\x0a\x08SELECT 1\x12\x03abc".to_vec(),
+            "the prepared statement handle's values",
+        ),
+    ] {
+        let cmd = CommandPreparedStatementQuery {
+            prepared_statement_handle: handle.into(),
+        };
+        let ticket = arrow_flight::Ticket::new(prost::Message::encode_to_vec(&cmd.as_any()));
+        let e = match client.do_get(ticket).await {
+            Ok(s) => match s.try_collect::<Vec<_>>().await {
+                Ok(b) => panic!("a forged handle was answered: {b:?}"),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(why), "{e}");
+    }
+
+    // Metadata drivers ask for: the canonical types, keys (none declared), and tables
+    // filtered by a name pattern.
+    let info = client
+        .get_xdbc_type_info(CommandGetXdbcTypeInfo { data_type: None })
+        .await
+        .unwrap();
+    let types = rows_of(&mut client, info).await.unwrap();
+    let mut names = crate::support::column_strings(&types, "type_name");
+    names.sort();
+    assert_eq!(names, ["BIGINT", "BOOLEAN", "DATE", "DOUBLE", "VARCHAR"]);
+    let info = client
+        .get_primary_keys(CommandGetPrimaryKeys {
+            catalog: None,
+            db_schema: Some("canonical".into()),
+            table: "census".into(),
+        })
+        .await
+        .unwrap();
+    let keys = rows_of(&mut client, info).await.unwrap();
+    assert_eq!(keys.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+    assert!(keys.is_empty() || keys[0].schema().field_with_name("key_sequence").is_ok());
+    let info = client
+        .get_tables(CommandGetTables {
+            catalog: None,
+            db_schema_filter_pattern: Some("canonical".into()),
+            table_name_filter_pattern: Some("cen%".into()),
+            table_types: vec![],
+            include_schema: false,
+        })
+        .await
+        .unwrap();
+    let tables = rows_of(&mut client, info).await.unwrap();
+    assert_eq!(
+        crate::support::column_strings(&tables, "table_name"),
+        ["census"]
+    );
+}

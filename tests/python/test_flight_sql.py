@@ -88,6 +88,33 @@ def test_catalog_metadata(adbc_conn):
     assert schema.field("pop_total").type == pa.int64()
 
 
+def test_parameterized_query(adbc_conn):
+    """ADBC binds the values of `?` placeholders over DoPut; the gateway hands back an
+    updated handle carrying them and binds them into the plan as typed values."""
+    literal = fetch_table(
+        adbc_conn, "SELECT county_name, pop_total FROM census WHERE county_code = '330523'"
+    )
+    assert literal.num_rows == 1
+    with adbc_conn.cursor() as cur:
+        cur.execute(
+            "SELECT county_name, pop_total FROM census WHERE county_code = ?",
+            parameters=("330523",),
+        )
+        bound = cur.fetch_arrow_table()
+        assert bound.to_pylist() == literal.to_pylist()
+        # A value that would be SQL if spliced in matches nothing.
+        cur.execute(
+            "SELECT county_name FROM census WHERE county_code = ?",
+            parameters=("330523' OR '1'='1",),
+        )
+        assert cur.fetch_arrow_table().num_rows == 0
+        cur.execute("SELECT count(*) AS n FROM census WHERE pop_total > ?", parameters=(1_000_000,))
+        above = cur.fetch_arrow_table()["n"][0].as_py()
+        cur.execute("SELECT count(*) AS n FROM census WHERE pop_total > ?", parameters=(0,))
+        everything = cur.fetch_arrow_table()["n"][0].as_py()
+        assert 0 < above < everything, (above, everything)
+
+
 # --- pyarrow.flight with a hand-encoded Flight SQL command -----------------------------
 #
 # A Flight SQL command is a protobuf google.protobuf.Any wrapping the command message,
