@@ -280,6 +280,7 @@ fn planning_session(
         .with_physical_optimizer_rules(crate::owner::session::physical_rules())
         .build();
     let ctx = SessionContext::new_with_state(state);
+    crate::owner::bounded::bound_functions(&ctx);
     for (name, t) in tables {
         ctx.register_table(TableReference::bare(name.as_str()), t.clone())
             .map_err(|e| Error::Internal(e.to_string()))?;

@@ -8,6 +8,7 @@
 //! batch and before the end-of-answer summary that the coordinator requires, so no
 //! answer is complete without its record — or when it fails or is abandoned.
 
+pub mod bounded;
 pub mod lanes;
 pub mod mapping;
 pub mod masking;

@@ -195,7 +195,9 @@ pub(crate) fn context_with(config: SessionConfig) -> SessionContext {
         .with_optimizer_rules(rules)
         .with_physical_optimizer_rules(physical_rules())
         .build();
-    SessionContext::new_with_state(state)
+    let ctx = SessionContext::new_with_state(state);
+    crate::owner::bounded::bound_functions(&ctx);
+    ctx
 }
 
 #[cfg(test)]

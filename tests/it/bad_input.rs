@@ -175,3 +175,40 @@ async fn a_sub_query_over_the_members_memory_limit_fails_there_with_the_limit_na
     let a = client.query(small, false, None).await.unwrap();
     assert_eq!(a.summary.rows, 1);
 }
+
+/// A function asked to make a value of a size the caller picks with a number
+/// (`repeat('x', 100000000000)`: 40 bytes of SQL, 100 GB of memory) is refused before
+/// it runs: while the coordinator folds constants, and at the member that evaluates
+/// it over rows. The gateways keep serving.
+#[tokio::test]
+async fn functions_asked_for_huge_values_are_refused_and_the_gateways_keep_serving() {
+    let region = Region::start_only(Some(&["shanghai", "suzhou"])).await;
+    let client = region.client("shanghai");
+    for sql in [
+        "SELECT repeat('x', 100000000000) AS x",
+        "SELECT length(lpad('x', 2000000000)) AS n",
+        "SELECT cardinality(range(1, 100000000000)) AS n",
+        "SELECT length(repeat(county_name, 1000000000)) AS n FROM census WHERE member = 'suzhou'",
+    ] {
+        let f = client.query(sql, false, None).await.unwrap_err();
+        let reasons = f
+            .summary
+            .as_ref()
+            .map(|s| format!("{:?}", s.members))
+            .unwrap_or_default();
+        assert!(
+            f.status.message().contains("one call may make")
+                || reasons.contains("one call may make"),
+            "{sql}: {f} {reasons}"
+        );
+    }
+    let a = client
+        .query(
+            "SELECT length(repeat(county_name, 3)) AS n FROM census WHERE member = 'suzhou'",
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(a.summary.rows > 0);
+}

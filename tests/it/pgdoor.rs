@@ -245,6 +245,16 @@ async fn psql_style_sessions_query_the_region_over_client_certificate_tls() {
             "SELECT c.relname FROM pg_catalog.pg_class c, census",
             SqlState::SYNTAX_ERROR_OR_ACCESS_RULE_VIOLATION,
         ),
+        // A value of a size picked with a number, on the catalog path (no dataset)
+        // and on the federation path.
+        (
+            "SELECT repeat('x', 100000000000)",
+            SqlState::PROGRAM_LIMIT_EXCEEDED,
+        ),
+        (
+            "SELECT repeat(county_name, 100000000000) FROM census",
+            SqlState::PROGRAM_LIMIT_EXCEEDED,
+        ),
     ] {
         let e = client.simple_query(sql).await.unwrap_err();
         assert_eq!(code_of(&e), code, "{sql}: {e:?}");

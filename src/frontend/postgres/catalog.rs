@@ -154,6 +154,7 @@ impl Catalog {
         ctx.register_udf(version_udf());
         ctx.register_udf(to_regtype_udf());
         ctx.register_udf(no_serial_sequence_udf());
+        crate::owner::bounded::bound_functions(&ctx);
         let catalog_tables = ctx
             .catalog(&region.name)
             .and_then(|c| c.schema("pg_catalog"))

@@ -1,0 +1,506 @@
+//! Functions whose answer can be far larger than their arguments, bounded.
+//!
+//! A few built-in functions make a value of a size the caller chooses with a number:
+//! `repeat('x', 100000000000)` is 40 bytes of SQL and 100 GB of memory, allocated
+//! before any memory pool sees it (scalar functions are not accounted), and it runs
+//! wherever the expression is evaluated: while a coordinator folds constants at
+//! planning, in its merge, or at a data owner asked by a coordinator that is not
+//! honest. Each such function is replaced in every session fedgate builds by a
+//! wrapper that estimates, from the arguments, how many bytes the call would make and
+//! refuses the call (the query fails as too large) beyond [`MAX_CALL_BYTES`], before
+//! the function runs. Everything else about the function (name, signature,
+//! simplification, how it is written into a member's SQL) is the original's.
+//!
+//! The list is of functions whose output is not bounded by a small multiple of their
+//! inputs (a count, a length or a range chosen by the caller), and of those taking
+//! any number of arguments (`concat(s, s, ..., s)`), whose output is the sum of them.
+//! Functions that return at most a small constant factor of their input are not
+//! wrapped. A DataFusion upgrade must be reviewed against this list: the test beside
+//! this module fails when a listed function no longer exists under its name.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::compute::kernels::length::length;
+use datafusion::arrow::compute::{cast, cast_with_options};
+use datafusion::arrow::datatypes::{
+    DataType, FieldRef, Int64Type, IntervalMonthDayNanoType, TimeUnit,
+};
+use datafusion::common::{Result as DfResult, ScalarValue};
+use datafusion::execution::FunctionRegistry;
+use datafusion::logical_expr::simplify::{ExprSimplifyResult, SimplifyContext};
+use datafusion::logical_expr::{
+    ColumnarValue, Documentation, Expr, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF,
+    ScalarUDFImpl, Signature,
+};
+use datafusion::prelude::SessionContext;
+
+use crate::error::Error;
+
+/// The most bytes one call of a bounded function may make, over all rows of the
+/// batch it runs on.
+pub const MAX_CALL_BYTES: u128 = 128 << 20;
+
+/// How a function's output size follows from its arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Growth {
+    /// `repeat(text, n)`: the text's length times n.
+    Repeat,
+    /// `lpad/rpad(text, n[, fill])`: n characters of up to 4 bytes, or the text.
+    Pad,
+    /// `replace(text, from, to)`: every occurrence of `from` may become `to`.
+    Replace,
+    /// `regexp_replace(text, pattern, replacement[, flags])`: every match (at most
+    /// one per position, empty ones included) may become the replacement, whose group
+    /// references may copy the whole text.
+    RegexpReplace,
+    /// `array_repeat(value, n)`: n copies of the value.
+    ArrayRepeat,
+    /// `range/generate_series(start, stop[, step])`: one element per step.
+    Range,
+    /// `array_resize(list, n[, value])`: n elements.
+    Resize,
+    /// Any number of arguments, the output about their sum.
+    Sum,
+}
+
+/// The functions bounded, by name (aliases are the original's).
+const BOUNDED: &[(&str, Growth)] = &[
+    ("repeat", Growth::Repeat),
+    ("lpad", Growth::Pad),
+    ("rpad", Growth::Pad),
+    ("replace", Growth::Replace),
+    ("regexp_replace", Growth::RegexpReplace),
+    ("array_repeat", Growth::ArrayRepeat),
+    ("range", Growth::Range),
+    ("generate_series", Growth::Range),
+    ("array_resize", Growth::Resize),
+    ("concat", Growth::Sum),
+    ("concat_ws", Growth::Sum),
+    ("array_concat", Growth::Sum),
+    ("make_array", Growth::Sum),
+];
+
+/// Replaces the bounded functions registered in `ctx` by their bounded wrappers.
+/// Functions the context does not have are skipped (a catalog session may have
+/// fewer).
+pub fn bound_functions(ctx: &SessionContext) {
+    for (name, growth) in BOUNDED {
+        if let Ok(udf) = ctx.udf(name) {
+            ctx.register_udf(ScalarUDF::new_from_impl(Bounded {
+                inner: udf,
+                growth: *growth,
+            }));
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Bounded {
+    inner: Arc<ScalarUDF>,
+    growth: Growth,
+}
+
+/// One argument, read row by row without copying its values.
+enum Arg<'a> {
+    Scalar(&'a ScalarValue),
+    Array(&'a ArrayRef),
+}
+
+impl<'a> Arg<'a> {
+    fn of(v: &'a ColumnarValue) -> Arg<'a> {
+        match v {
+            ColumnarValue::Scalar(s) => Arg::Scalar(s),
+            ColumnarValue::Array(a) => Arg::Array(a),
+        }
+    }
+
+    /// Bytes of the argument over `rows` rows.
+    fn bytes(&self, rows: usize) -> u128 {
+        match self {
+            Arg::Scalar(s) => s.size() as u128 * rows as u128,
+            Arg::Array(a) => a.get_array_memory_size() as u128,
+        }
+    }
+
+    /// Per-row byte lengths of a text or binary argument (the value's size for other
+    /// types).
+    fn lengths(&self, rows: usize) -> Vec<u128> {
+        let of_array = |a: &ArrayRef| -> Option<Vec<u128>> {
+            let l = length(a).ok()?;
+            let l = cast(&l, &DataType::Int64).ok()?;
+            Some(
+                l.as_primitive::<Int64Type>()
+                    .iter()
+                    .map(|v| v.unwrap_or(0).max(0) as u128)
+                    .collect(),
+            )
+        };
+        match self {
+            Arg::Scalar(s) => {
+                let one = s
+                    .to_array_of_size(1)
+                    .ok()
+                    .and_then(|a| of_array(&a))
+                    .and_then(|v| v.first().copied())
+                    .unwrap_or(s.size() as u128);
+                vec![one; rows]
+            }
+            Arg::Array(a) => of_array(a).unwrap_or_else(|| {
+                let each = a.get_array_memory_size() as u128 / a.len().max(1) as u128;
+                vec![each; a.len()]
+            }),
+        }
+    }
+
+    /// Per-row integer values (dates in days, timestamps in their unit); `None`
+    /// where the value is null or not a number.
+    fn integers(&self, rows: usize) -> Vec<Option<i128>> {
+        let of_array = |a: &ArrayRef| -> Vec<Option<i128>> {
+            let target = match a.data_type() {
+                DataType::Date64 => {
+                    // Milliseconds to days.
+                    return cast(a, &DataType::Int64)
+                        .map(|c| {
+                            c.as_primitive::<Int64Type>()
+                                .iter()
+                                .map(|v| v.map(|ms| ms as i128 / 86_400_000))
+                                .collect()
+                        })
+                        .unwrap_or_else(|_| vec![None; a.len()]);
+                }
+                _ => DataType::Int64,
+            };
+            let opts = datafusion::arrow::compute::CastOptions {
+                safe: true,
+                ..Default::default()
+            };
+            let through = match a.data_type() {
+                DataType::Date32 => cast(a, &DataType::Int32).ok(),
+                _ => Some(a.clone()),
+            };
+            match through.and_then(|t| cast_with_options(&t, &target, &opts).ok()) {
+                Some(c) => c
+                    .as_primitive::<Int64Type>()
+                    .iter()
+                    .map(|v| v.map(i128::from))
+                    .collect(),
+                None => vec![None; a.len()],
+            }
+        };
+        match self {
+            Arg::Scalar(s) => {
+                let one = s
+                    .to_array_of_size(1)
+                    .ok()
+                    .map(|a| of_array(&a))
+                    .and_then(|v| v.first().copied().flatten());
+                vec![one; rows]
+            }
+            Arg::Array(a) => of_array(a),
+        }
+    }
+
+    /// Per-row steps of a `range` given as an interval, in the unit of `of` (days
+    /// for dates, the timestamp's unit), counting a month as 28 days so that the
+    /// number of steps is overestimated, never under.
+    fn steps_in(&self, rows: usize, of: &DataType) -> Vec<Option<i128>> {
+        let per_day: i128 = match of {
+            DataType::Timestamp(TimeUnit::Second, _) => 86_400,
+            DataType::Timestamp(TimeUnit::Millisecond, _) => 86_400_000,
+            DataType::Timestamp(TimeUnit::Microsecond, _) => 86_400_000_000,
+            DataType::Timestamp(TimeUnit::Nanosecond, _) => 86_400_000_000_000,
+            _ => 1,
+        };
+        let of_array = |a: &ArrayRef| -> Vec<Option<i128>> {
+            match cast(
+                a,
+                &DataType::Interval(datafusion::arrow::datatypes::IntervalUnit::MonthDayNano),
+            ) {
+                Ok(c) => c
+                    .as_primitive::<IntervalMonthDayNanoType>()
+                    .iter()
+                    .map(|v| {
+                        v.map(|i| {
+                            let days = i.months as i128 * 28 + i.days as i128;
+                            days * per_day + i.nanoseconds as i128 * per_day / 86_400_000_000_000
+                        })
+                    })
+                    .collect(),
+                Err(_) => self_integers(a),
+            }
+        };
+        match self {
+            Arg::Scalar(s) => {
+                let one = s
+                    .to_array_of_size(1)
+                    .ok()
+                    .map(|a| of_array(&a))
+                    .and_then(|v| v.first().copied().flatten());
+                vec![one; rows]
+            }
+            Arg::Array(a) => of_array(a),
+        }
+    }
+}
+
+fn self_integers(a: &ArrayRef) -> Vec<Option<i128>> {
+    Arg::Array(a).integers(a.len())
+}
+
+/// Bytes one call would make, estimated from above.
+fn estimate(growth: Growth, args: &[ColumnarValue], rows: usize) -> u128 {
+    let a: Vec<Arg> = args.iter().map(Arg::of).collect();
+    let zero = || vec![0u128; rows];
+    let n_or = |i: usize| -> Vec<u128> {
+        a.get(i)
+            .map(|x| {
+                x.integers(rows)
+                    .into_iter()
+                    .map(|v| v.unwrap_or(0).max(0) as u128)
+                    .collect()
+            })
+            .unwrap_or_else(zero)
+    };
+    let len_or = |i: usize| a.get(i).map(|x| x.lengths(rows)).unwrap_or_else(zero);
+    let per_row: Vec<u128> = match growth {
+        Growth::Sum => return a.iter().map(|x| x.bytes(rows)).sum(),
+        Growth::Repeat => {
+            let (text, n) = (len_or(0), n_or(1));
+            text.iter()
+                .zip(&n)
+                .map(|(t, n)| t.saturating_mul(*n))
+                .collect()
+        }
+        Growth::Pad => {
+            let (text, n) = (len_or(0), n_or(1));
+            text.iter()
+                .zip(&n)
+                .map(|(t, n)| (*t).max(n.saturating_mul(4)))
+                .collect()
+        }
+        Growth::Replace => {
+            let (text, from, to) = (len_or(0), len_or(1), len_or(2));
+            (0..rows)
+                .map(|i| {
+                    let hits = text[i] / from[i].max(1);
+                    text[i] + hits.saturating_mul(to[i])
+                })
+                .collect()
+        }
+        Growth::RegexpReplace => {
+            let (text, repl) = (len_or(0), len_or(2));
+            (0..rows)
+                .map(|i| {
+                    // Each of up to text+1 matches becomes the replacement, whose
+                    // group references copy at most the text each.
+                    let per_match = repl[i].saturating_mul(text[i].max(1));
+                    text[i] + (text[i] + 1).saturating_mul(per_match)
+                })
+                .collect()
+        }
+        Growth::ArrayRepeat => {
+            let (value, n) = (len_or(0), n_or(1));
+            value
+                .iter()
+                .zip(&n)
+                .map(|(v, n)| (*v).max(8).saturating_mul(*n))
+                .collect()
+        }
+        Growth::Resize => {
+            let n = n_or(1);
+            let value = if a.len() > 2 {
+                len_or(2)
+            } else {
+                vec![8; rows]
+            };
+            n.iter()
+                .zip(&value)
+                .map(|(n, v)| n.saturating_mul((*v).max(8)))
+                .collect()
+        }
+        Growth::Range => {
+            // One argument: range(stop) from 0.
+            let (start, stop, step_arg) = match a.len() {
+                1 => (vec![Some(0); rows], a[0].integers(rows), None),
+                _ => (a[0].integers(rows), a[1].integers(rows), a.get(2)),
+            };
+            let unit = args
+                .first()
+                .map(|v| v.data_type())
+                .unwrap_or(DataType::Int64);
+            let step = match step_arg {
+                Some(s) if matches!(s_type(s), DataType::Interval(_)) => s.steps_in(rows, &unit),
+                Some(s) => s.integers(rows),
+                None => vec![Some(1); rows],
+            };
+            (0..rows)
+                .map(|i| match (start[i], stop[i]) {
+                    (Some(lo), Some(hi)) => {
+                        let step = step[i].unwrap_or(1).unsigned_abs().max(1);
+                        ((hi - lo).unsigned_abs() / step + 1).saturating_mul(8)
+                    }
+                    _ => 0,
+                })
+                .collect()
+        }
+    };
+    per_row.iter().fold(0u128, |t, b| t.saturating_add(*b))
+}
+
+fn s_type(a: &Arg) -> DataType {
+    match a {
+        Arg::Scalar(s) => s.data_type(),
+        Arg::Array(a) => a.data_type().clone(),
+    }
+}
+
+impl Bounded {
+    fn check(&self, args: &ScalarFunctionArgs) -> DfResult<()> {
+        let bytes = estimate(self.growth, &args.args, args.number_rows);
+        if bytes > MAX_CALL_BYTES {
+            return Err(Error::TooLarge(format!(
+                "{}(...) would make about {} MiB, more than the {} MiB one call may make here",
+                self.inner.name(),
+                bytes >> 20,
+                MAX_CALL_BYTES >> 20
+            ))
+            .into_datafusion());
+        }
+        Ok(())
+    }
+}
+
+impl ScalarUDFImpl for Bounded {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+
+    fn schema_name(&self, args: &[Expr]) -> DfResult<String> {
+        self.inner.inner().schema_name(args)
+    }
+
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> DfResult<DataType> {
+        self.inner.return_type(arg_types)
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> DfResult<FieldRef> {
+        self.inner.return_field_from_args(args)
+    }
+
+    fn is_strict(&self) -> bool {
+        self.inner.inner().is_strict()
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        self.check(&args)?;
+        self.inner.invoke_with_args(args)
+    }
+
+    fn simplify(&self, args: Vec<Expr>, info: &SimplifyContext) -> DfResult<ExprSimplifyResult> {
+        self.inner.simplify(args, info)
+    }
+
+    fn short_circuits(&self) -> bool {
+        self.inner.short_circuits()
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> DfResult<Vec<DataType>> {
+        self.inner.coerce_types(arg_types)
+    }
+
+    fn documentation(&self) -> Option<&Documentation> {
+        self.inner.documentation()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member's context, which has the bounded functions.
+    fn ctx() -> SessionContext {
+        crate::owner::session::member_context()
+    }
+
+    async fn run(ctx: &SessionContext, sql: &str) -> std::result::Result<usize, Error> {
+        let df = ctx.sql(sql).await.map_err(Error::from_datafusion)?;
+        let batches = df.collect().await.map_err(Error::from_datafusion)?;
+        Ok(batches.iter().map(|b| b.num_rows()).sum())
+    }
+
+    /// Every bounded function exists under its name in the sessions fedgate builds
+    /// (a DataFusion upgrade that renames one fails here, and is reviewed).
+    #[test]
+    fn every_bounded_function_exists() {
+        let ctx = SessionContext::new();
+        for (name, _) in BOUNDED {
+            assert!(ctx.udf(name).is_ok(), "{name} is not registered");
+        }
+    }
+
+    /// Calls asking for more than a call may make are refused before they run, as
+    /// constants and over rows; ordinary calls answer as before.
+    #[tokio::test]
+    async fn huge_values_are_refused_and_ordinary_ones_answer() {
+        let ctx = ctx();
+        for sql in [
+            "SELECT repeat('x', 100000000000)",
+            "SELECT length(repeat('abc', 2000000000))",
+            "SELECT lpad('a', 1000000000)",
+            "SELECT rpad('a', 1000000000, 'xy')",
+            "SELECT replace(repeat('a', 100000), 'a', repeat('b', 100000))",
+            "SELECT regexp_replace(repeat('a', 20000), '', repeat('b', 20000), 'g')",
+            "SELECT array_repeat(1, 1000000000)",
+            "SELECT cardinality(range(1, 10000000000))",
+            "SELECT generate_series(TIMESTAMP '2000-01-01 00:00:00', TIMESTAMP '2100-01-01 00:00:00', INTERVAL '1 second')",
+            "SELECT array_resize(make_array(1), 1000000000)",
+            "SELECT length(repeat(v, 100000000)) FROM (VALUES ('aaaa'), ('bb')) t(v)",
+            "SELECT repeat('a', n) FROM (VALUES (1), (200000000)) t(n)",
+        ] {
+            match run(&ctx, sql).await {
+                Err(Error::TooLarge(m)) => assert!(m.contains("one call may make"), "{sql}: {m}"),
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+        for (sql, rows) in [
+            (
+                "SELECT repeat('ab', 1000), lpad('7', 5, '0'), rpad('7', 5)",
+                1,
+            ),
+            (
+                "SELECT replace('a-b-c', '-', '+'), regexp_replace('a1b22', '[0-9]+', 'n', 'g')",
+                1,
+            ),
+            (
+                "SELECT array_repeat('x', 3), range(1, 10), generate_series(1, 5)",
+                1,
+            ),
+            (
+                "SELECT generate_series(DATE '2026-01-01', DATE '2026-12-31', INTERVAL '1 day')",
+                1,
+            ),
+            (
+                "SELECT array_resize(make_array(1, 2), 10, 0), concat('a', 'b'), concat_ws('-', 'a', 'b')",
+                1,
+            ),
+            (
+                "SELECT repeat(v, n) FROM (VALUES ('a', 3), ('bb', 2), (NULL, 1)) t(v, n)",
+                3,
+            ),
+        ] {
+            let got = run(&ctx, sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert_eq!(got, rows, "{sql}");
+        }
+    }
+}
