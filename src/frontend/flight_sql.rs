@@ -21,6 +21,7 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
@@ -142,13 +143,66 @@ impl Handle {
         let Some(ipc) = &self.params else {
             return Ok(None);
         };
+        if ipc.len() > MAX_PARAM_BYTES {
+            return Err(Error::InvalidQuery(format!(
+                "the prepared statement handle's values take {} bytes, more than the {MAX_PARAM_BYTES} allowed",
+                ipc.len()
+            ))
+            .to_status());
+        }
         let batch = row_from_ipc(ipc)?;
+        check_value_types(&batch)?;
         let values = (0..batch.num_columns())
             .map(|i| ScalarValue::try_from_array(batch.column(i), 0).map(Into::into))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Error::InvalidQuery(format!("a bound parameter: {e}")).to_status())?;
         Ok(Some(ParamValues::List(values)))
     }
+}
+
+/// The most messages a `DoPut` of values may take.
+const MAX_PARAM_MESSAGES: usize = 16;
+
+/// How long a `DoPut` of values may take to arrive.
+const PARAM_READ_TIME: Duration = Duration::from_secs(30);
+
+/// Bound values are of the kinds a canonical query compares with: numbers, text,
+/// booleans, dates and NULL. Anything else (lists, structs, time zones the gateway
+/// does not know) is refused by name before it reaches the planner.
+fn check_value_types(row: &RecordBatch) -> Result<(), Status> {
+    for f in row.schema().fields() {
+        let ok = matches!(
+            f.data_type(),
+            DataType::Null
+                | DataType::Boolean
+                | DataType::Int8
+                | DataType::Int16
+                | DataType::Int32
+                | DataType::Int64
+                | DataType::UInt8
+                | DataType::UInt16
+                | DataType::UInt32
+                | DataType::UInt64
+                | DataType::Float32
+                | DataType::Float64
+                | DataType::Decimal128(..)
+                | DataType::Utf8
+                | DataType::LargeUtf8
+                | DataType::Utf8View
+                | DataType::Date32
+                | DataType::Date64
+        );
+        if !ok {
+            return Err(Error::InvalidQuery(format!(
+                "binding parameters: the value {:?} is of type {}; values are numbers, text, \
+                 booleans, dates or NULL",
+                f.name(),
+                f.data_type()
+            ))
+            .to_status());
+        }
+    }
+    Ok(())
 }
 
 /// One row of bound values as an Arrow IPC stream.
@@ -538,26 +592,51 @@ impl FlightSqlService for FlightSql {
         let (_, types) = self.describe(&handle.sql).await?;
         let bad =
             |why: String| Error::InvalidQuery(format!("binding parameters: {why}")).to_status();
-        let data = request
-            .into_inner()
-            .map_err(|s| FlightError::Tonic(Box::new(s)));
+        // What is read is bounded before it is decoded: a few messages of at most
+        // twice the values' limit in all (a stream of dictionary deltas, say, would
+        // otherwise grow without end), within the call's time.
+        let mut taken = (0usize, 0usize);
+        let data = request.into_inner().map(move |m| {
+            let m = m.map_err(|s| FlightError::Tonic(Box::new(s)))?;
+            taken.0 += 1;
+            taken.1 += m.data_header.len() + m.data_body.len() + m.app_metadata.len();
+            if taken.0 > MAX_PARAM_MESSAGES || taken.1 > 2 * MAX_PARAM_BYTES {
+                return Err(FlightError::ProtocolError(format!(
+                    "more than {MAX_PARAM_MESSAGES} messages or {} bytes of values",
+                    2 * MAX_PARAM_BYTES
+                )));
+            }
+            Ok(m)
+        });
         let mut batches = FlightRecordBatchStream::new_from_flight_data(data);
         let mut row: Option<RecordBatch> = None;
-        while let Some(b) = batches.next().await {
-            let b = b.map_err(|e| bad(e.to_string()))?;
-            if b.num_rows() == 0 {
-                continue;
+        let read = async {
+            while let Some(b) = batches.next().await {
+                let b = b.map_err(|e| bad(e.to_string()))?;
+                if b.num_rows() == 0 {
+                    continue;
+                }
+                // One execution per prepared statement: several rows would ask for one
+                // answer per row, which Flight SQL's single result stream cannot tell
+                // apart.
+                if row.is_some() || b.num_rows() > 1 {
+                    return Err(bad(
+                        "one row of values is bound at a time; execute once per row".into(),
+                    ));
+                }
+                row = Some(b);
             }
-            // One execution per prepared statement: several rows would ask for one
-            // answer per row, which Flight SQL's single result stream cannot tell apart.
-            if row.is_some() || b.num_rows() > 1 {
-                return Err(bad(
-                    "one row of values is bound at a time; execute once per row".into(),
-                ));
-            }
-            row = Some(b);
-        }
+            Ok(())
+        };
+        tokio::time::timeout(PARAM_READ_TIME, read)
+            .await
+            .map_err(|_| {
+                bad(format!(
+                    "the values did not arrive within {PARAM_READ_TIME:?}"
+                ))
+            })??;
         let row = row.ok_or_else(|| bad("no row of values was sent".into()))?;
+        check_value_types(&row)?;
         if row.num_columns() != types.len() {
             return Err(bad(format!(
                 "the statement has {} placeholder(s), {} value(s) were sent",

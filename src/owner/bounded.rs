@@ -8,8 +8,9 @@
 //! honest. Each such function is replaced in every session fedgate builds by a
 //! wrapper that estimates, from the arguments, how many bytes the call would make and
 //! refuses the call (the query fails as too large) beyond [`MAX_CALL_BYTES`], before
-//! the function runs. Everything else about the function (name, signature,
-//! simplification, how it is written into a member's SQL) is the original's.
+//! the function runs. Everything else about the function (name, signature, how it is
+//! written into a member's SQL) is the original's, except simplification: a
+//! simplified call is built on the original function, which would drop the bound.
 //!
 //! The list is of functions whose output is not bounded by a small multiple of their
 //! inputs (a count, a length or a range chosen by the caller), and of those taking
@@ -28,7 +29,6 @@ use datafusion::arrow::datatypes::{
 };
 use datafusion::common::{Result as DfResult, ScalarValue};
 use datafusion::execution::FunctionRegistry;
-use datafusion::logical_expr::simplify::{ExprSimplifyResult, SimplifyContext};
 use datafusion::logical_expr::{
     ColumnarValue, Documentation, Expr, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF,
     ScalarUDFImpl, Signature,
@@ -62,6 +62,13 @@ enum Growth {
     Resize,
     /// Any number of arguments, the output about their sum.
     Sum,
+    /// `concat_ws(separator, ...)`: the arguments and a separator between each two.
+    Join,
+    /// `array_to_string(list, delimiter[, null_text])`: the delimiter per element.
+    ListToText,
+    /// `array_replace_all/array_replace_n(list, from, to[, n])`: any element may
+    /// become `to`.
+    ListReplace,
 }
 
 /// The functions bounded, by name (aliases are the original's).
@@ -76,7 +83,10 @@ const BOUNDED: &[(&str, Growth)] = &[
     ("generate_series", Growth::Range),
     ("array_resize", Growth::Resize),
     ("concat", Growth::Sum),
-    ("concat_ws", Growth::Sum),
+    ("concat_ws", Growth::Join),
+    ("array_to_string", Growth::ListToText),
+    ("array_replace_all", Growth::ListReplace),
+    ("array_replace_n", Growth::ListReplace),
     ("array_concat", Growth::Sum),
     ("make_array", Growth::Sum),
 ];
@@ -123,33 +133,94 @@ impl<'a> Arg<'a> {
         }
     }
 
-    /// Per-row byte lengths of a text or binary argument (the value's size for other
-    /// types).
+    /// Per-row sizes in bytes: the byte length of a text or binary value, the size
+    /// of any other value (a list's with all its elements).
     fn lengths(&self, rows: usize) -> Vec<u128> {
-        let of_array = |a: &ArrayRef| -> Option<Vec<u128>> {
-            let l = length(a).ok()?;
-            let l = cast(&l, &DataType::Int64).ok()?;
-            Some(
-                l.as_primitive::<Int64Type>()
+        let of_array = |a: &ArrayRef| -> Vec<u128> {
+            let texty = matches!(
+                a.data_type(),
+                DataType::Utf8
+                    | DataType::LargeUtf8
+                    | DataType::Utf8View
+                    | DataType::Binary
+                    | DataType::LargeBinary
+                    | DataType::BinaryView
+            );
+            if texty
+                && let Ok(l) = length(a)
+                && let Ok(l) = cast(&l, &DataType::Int64)
+            {
+                return l
+                    .as_primitive::<Int64Type>()
                     .iter()
                     .map(|v| v.unwrap_or(0).max(0) as u128)
-                    .collect(),
-            )
+                    .collect();
+            }
+            // Any other type (lists, dictionaries, structs): each row's own value. A
+            // row that cannot be read counts as the whole array.
+            let whole = a.get_array_memory_size() as u128;
+            (0..a.len())
+                .map(|i| {
+                    ScalarValue::try_from_array(a, i)
+                        .map(|v| v.size() as u128)
+                        .unwrap_or(whole)
+                })
+                .collect()
         };
         match self {
             Arg::Scalar(s) => {
                 let one = s
                     .to_array_of_size(1)
                     .ok()
-                    .and_then(|a| of_array(&a))
-                    .and_then(|v| v.first().copied())
+                    .and_then(|a| of_array(&a).first().copied())
                     .unwrap_or(s.size() as u128);
                 vec![one; rows]
             }
-            Arg::Array(a) => of_array(a).unwrap_or_else(|| {
-                let each = a.get_array_memory_size() as u128 / a.len().max(1) as u128;
-                vec![each; a.len()]
-            }),
+            Arg::Array(a) => of_array(a),
+        }
+    }
+
+    /// Per-row element counts of a list argument (0 for anything else).
+    fn elements(&self, rows: usize) -> Vec<u128> {
+        let of_array = |a: &ArrayRef| -> Vec<u128> {
+            let listy = matches!(
+                a.data_type(),
+                DataType::List(_)
+                    | DataType::LargeList(_)
+                    | DataType::FixedSizeList(..)
+                    | DataType::ListView(_)
+                    | DataType::LargeListView(_)
+            );
+            match (
+                listy,
+                length(a).ok().and_then(|l| cast(&l, &DataType::Int64).ok()),
+            ) {
+                (true, Some(l)) => l
+                    .as_primitive::<Int64Type>()
+                    .iter()
+                    .map(|v| v.unwrap_or(0).max(0) as u128)
+                    .collect(),
+                _ => vec![0; a.len()],
+            }
+        };
+        match self {
+            Arg::Scalar(s) => {
+                let one = s
+                    .to_array_of_size(1)
+                    .ok()
+                    .and_then(|a| of_array(&a).first().copied())
+                    .unwrap_or(0);
+                vec![one; rows]
+            }
+            Arg::Array(a) => of_array(a),
+        }
+    }
+
+    /// The text of a scalar text argument.
+    fn text(&self) -> Option<&str> {
+        match self {
+            Arg::Scalar(s) => s.try_as_str().flatten(),
+            Arg::Array(_) => None,
         }
     }
 
@@ -201,33 +272,36 @@ impl<'a> Arg<'a> {
         }
     }
 
-    /// Per-row steps of a `range` given as an interval, in the unit of `of` (days
-    /// for dates, the timestamp's unit), counting a month as 28 days so that the
-    /// number of steps is overestimated, never under.
+    /// Per-row steps of a `range` given as an interval: in days for dates, in
+    /// nanoseconds for timestamps, a month counted as 28 days so that the number of
+    /// steps is overestimated. A step of 0 means one that may never advance (zero, or
+    /// parts of mixed signs: `1 month -28 days` returns to where it started after
+    /// February) and makes the estimate unbounded.
     fn steps_in(&self, rows: usize, of: &DataType) -> Vec<Option<i128>> {
-        let per_day: i128 = match of {
-            DataType::Timestamp(TimeUnit::Second, _) => 86_400,
-            DataType::Timestamp(TimeUnit::Millisecond, _) => 86_400_000,
-            DataType::Timestamp(TimeUnit::Microsecond, _) => 86_400_000_000,
-            DataType::Timestamp(TimeUnit::Nanosecond, _) => 86_400_000_000_000,
-            _ => 1,
-        };
+        const DAY_NS: i128 = 86_400_000_000_000;
+        let timestamps = matches!(of, DataType::Timestamp(..));
         let of_array = |a: &ArrayRef| -> Vec<Option<i128>> {
-            match cast(
-                a,
-                &DataType::Interval(datafusion::arrow::datatypes::IntervalUnit::MonthDayNano),
-            ) {
+            let unit = DataType::Interval(datafusion::arrow::datatypes::IntervalUnit::MonthDayNano);
+            match cast(a, &unit) {
                 Ok(c) => c
                     .as_primitive::<IntervalMonthDayNanoType>()
                     .iter()
                     .map(|v| {
                         v.map(|i| {
-                            let days = i.months as i128 * 28 + i.days as i128;
-                            days * per_day + i.nanoseconds as i128 * per_day / 86_400_000_000_000
+                            let parts = [i.months as i128, i.days as i128, i.nanoseconds as i128];
+                            let mixed =
+                                parts.iter().any(|p| *p > 0) && parts.iter().any(|p| *p < 0);
+                            let days = parts[0] * 28 + parts[1];
+                            let step = if timestamps {
+                                days * DAY_NS + parts[2]
+                            } else {
+                                days + parts[2] / DAY_NS
+                            };
+                            if mixed { 0 } else { step }
                         })
                     })
                     .collect(),
-                Err(_) => self_integers(a),
+                Err(_) => vec![Some(0); a.len()],
             }
         };
         match self {
@@ -242,10 +316,6 @@ impl<'a> Arg<'a> {
             Arg::Array(a) => of_array(a),
         }
     }
-}
-
-fn self_integers(a: &ArrayRef) -> Vec<Option<i128>> {
-    Arg::Array(a).integers(a.len())
 }
 
 /// Bytes one call would make, estimated from above.
@@ -265,6 +335,32 @@ fn estimate(growth: Growth, args: &[ColumnarValue], rows: usize) -> u128 {
     let len_or = |i: usize| a.get(i).map(|x| x.lengths(rows)).unwrap_or_else(zero);
     let per_row: Vec<u128> = match growth {
         Growth::Sum => return a.iter().map(|x| x.bytes(rows)).sum(),
+        Growth::Join => {
+            // The separator between every two of the other arguments.
+            let others = a.len().saturating_sub(1) as u128;
+            let sep = a.first().map(|x| x.bytes(rows)).unwrap_or(0);
+            return a.iter().map(|x| x.bytes(rows)).sum::<u128>()
+                + sep.saturating_mul(others.saturating_sub(1));
+        }
+        Growth::ListToText => {
+            // The delimiter (and the null text) once per element.
+            let (list, each) = (a.first(), len_or(1));
+            let null_text = len_or(2);
+            let elements = list.map(|x| x.elements(rows)).unwrap_or_else(zero);
+            let whole = list.map(|x| x.bytes(rows)).unwrap_or(0);
+            return (0..rows).fold(whole, |t, i| {
+                t.saturating_add(elements[i].saturating_mul(each[i] + null_text[i]))
+            });
+        }
+        Growth::ListReplace => {
+            // Every element may become the replacement.
+            let (list, to) = (a.first(), len_or(2));
+            let elements = list.map(|x| x.elements(rows)).unwrap_or_else(zero);
+            let whole = list.map(|x| x.bytes(rows)).unwrap_or(0);
+            return (0..rows).fold(whole, |t, i| {
+                t.saturating_add(elements[i].saturating_mul(to[i].max(8)))
+            });
+        }
         Growth::Repeat => {
             let (text, n) = (len_or(0), n_or(1));
             text.iter()
@@ -290,12 +386,24 @@ fn estimate(growth: Growth, args: &[ColumnarValue], rows: usize) -> u128 {
         }
         Growth::RegexpReplace => {
             let (text, repl) = (len_or(0), len_or(2));
+            // Group references (`\1`, `${1}`) copy at most the whole text each; every
+            // match (one without the `g` flag, else up to one per position) gets the
+            // replacement's own text.
+            let refs = match a.get(2).and_then(|r| r.text()) {
+                Some(r) => r.chars().filter(|c| *c == '\\' || *c == '$').count() as u128,
+                None => u128::MAX,
+            };
+            let global = match a.get(3) {
+                None => false,
+                Some(f) => f.text().is_none_or(|f| f.contains('g')),
+            };
             (0..rows)
                 .map(|i| {
-                    // Each of up to text+1 matches becomes the replacement, whose
-                    // group references copy at most the text each.
-                    let per_match = repl[i].saturating_mul(text[i].max(1));
-                    text[i] + (text[i] + 1).saturating_mul(per_match)
+                    let matches = if global { text[i] + 1 } else { 1 };
+                    let refs = refs.min(repl[i]);
+                    text[i]
+                        .saturating_add(matches.saturating_mul(repl[i]))
+                        .saturating_add(refs.saturating_mul(text[i]))
                 })
                 .collect()
         }
@@ -308,36 +416,50 @@ fn estimate(growth: Growth, args: &[ColumnarValue], rows: usize) -> u128 {
                 .collect()
         }
         Growth::Resize => {
-            let n = n_or(1);
+            let (list, n) = (len_or(0), n_or(1));
             let value = if a.len() > 2 {
                 len_or(2)
             } else {
                 vec![8; rows]
             };
-            n.iter()
-                .zip(&value)
-                .map(|(n, v)| n.saturating_mul((*v).max(8)))
+            (0..rows)
+                .map(|i| list[i].saturating_add(n[i].saturating_mul(value[i].max(8))))
                 .collect()
         }
         Growth::Range => {
-            // One argument: range(stop) from 0.
-            let (start, stop, step_arg) = match a.len() {
-                1 => (vec![Some(0); rows], a[0].integers(rows), None),
-                _ => (a[0].integers(rows), a[1].integers(rows), a.get(2)),
-            };
             let unit = args
                 .first()
                 .map(|v| v.data_type())
                 .unwrap_or(DataType::Int64);
+            // Timestamps are stepped in nanoseconds whatever their unit.
+            let scale: i128 = match unit {
+                DataType::Timestamp(TimeUnit::Second, _) => 1_000_000_000,
+                DataType::Timestamp(TimeUnit::Millisecond, _) => 1_000_000,
+                DataType::Timestamp(TimeUnit::Microsecond, _) => 1_000,
+                _ => 1,
+            };
+            let scaled = |v: Vec<Option<i128>>| -> Vec<Option<i128>> {
+                v.into_iter().map(|x| x.map(|x| x * scale)).collect()
+            };
+            // One argument: range(stop) from 0.
+            let (start, stop, step_arg) = match a.len() {
+                1 => (vec![Some(0); rows], a[0].integers(rows), None),
+                _ => (
+                    scaled(a[0].integers(rows)),
+                    scaled(a[1].integers(rows)),
+                    a.get(2),
+                ),
+            };
             let step = match step_arg {
                 Some(s) if matches!(s_type(s), DataType::Interval(_)) => s.steps_in(rows, &unit),
                 Some(s) => s.integers(rows),
                 None => vec![Some(1); rows],
             };
             (0..rows)
-                .map(|i| match (start[i], stop[i]) {
-                    (Some(lo), Some(hi)) => {
-                        let step = step[i].unwrap_or(1).unsigned_abs().max(1);
+                .map(|i| match (start[i], stop[i], step[i]) {
+                    (Some(_), Some(_), Some(0)) => u128::MAX,
+                    (Some(lo), Some(hi), step) => {
+                        let step = step.unwrap_or(1).unsigned_abs().max(1);
                         ((hi - lo).unsigned_abs() / step + 1).saturating_mul(8)
                     }
                     _ => 0,
@@ -405,10 +527,6 @@ impl ScalarUDFImpl for Bounded {
         self.inner.invoke_with_args(args)
     }
 
-    fn simplify(&self, args: Vec<Expr>, info: &SimplifyContext) -> DfResult<ExprSimplifyResult> {
-        self.inner.simplify(args, info)
-    }
-
     fn short_circuits(&self) -> bool {
         self.inner.short_circuits()
     }
@@ -465,6 +583,19 @@ mod tests {
             "SELECT array_resize(make_array(1), 1000000000)",
             "SELECT length(repeat(v, 100000000)) FROM (VALUES ('aaaa'), ('bb')) t(v)",
             "SELECT repeat('a', n) FROM (VALUES (1), (200000000)) t(n)",
+            // A step that returns to where it started after February.
+            "SELECT generate_series(DATE '2001-02-01', DATE '2001-01-01', INTERVAL '1 month -28 days')",
+            // Timestamps in seconds stepped by a nanosecond.
+            "SELECT generate_series(to_timestamp_seconds('2001-01-01T00:00:00'), \
+             to_timestamp_seconds('2001-01-01T00:01:00'), INTERVAL '1 nanosecond')",
+            // Lists are as large as their elements, not as their count.
+            "SELECT array_repeat(make_array(repeat('x', 10000000)), 1000)",
+            "SELECT array_resize(make_array(repeat('x', 10000000)), 1000, repeat('y', 10000000))",
+            // The separator between every two arguments.
+            "SELECT concat_ws(repeat('x', 10000000), '', '', '', '', '', '', '', '', '', '', '', '', '', '', '')",
+            // A delimiter per element.
+            "SELECT array_to_string(array_repeat('', 100000), repeat('x', 10000))",
+            "SELECT array_replace_all(array_repeat('a', 100000), 'a', repeat('b', 10000))",
         ] {
             match run(&ctx, sql).await {
                 Err(Error::TooLarge(m)) => assert!(m.contains("one call may make"), "{sql}: {m}"),

@@ -853,6 +853,15 @@ async fn flight_sql_prepared_statements_bind_typed_values_and_drivers_metadata_a
     .unwrap();
     let e = two.execute().await.unwrap_err().to_string();
     assert!(e.contains("one row of values"), "{e}");
+    // Values are of the kinds a query compares with, not lists or structs.
+    let list = datafusion::arrow::array::ListArray::from_iter_primitive::<
+        datafusion::arrow::datatypes::Int64Type,
+        _,
+        _,
+    >(vec![Some(vec![Some(1), Some(2)])]);
+    stmt.set_parameters(one("$1", Arc::new(list))).unwrap();
+    let e = stmt.execute().await.unwrap_err().to_string();
+    assert!(e.contains("values are numbers, text"), "{e}");
     let e = client
         .prepare(
             "SELECT county_name FROM census WHERE county_code = ? AND pop_total > $2".into(),
