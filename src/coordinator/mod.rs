@@ -273,6 +273,7 @@ fn planning_session(
             .unwrap_or(rules.len());
         rules.insert(at, Arc::new(pushdown::MemberPushdown));
     }
+    rules.push(Arc::new(crate::owner::bounded::ProjectedConstants));
     let state = datafusion::execution::SessionStateBuilder::new()
         .with_config(session_config())
         .with_default_features()

@@ -540,6 +540,75 @@ impl ScalarUDFImpl for Bounded {
     }
 }
 
+/// The most bytes of text and binary constants the expressions of a plan's
+/// projections, aggregates and windows may hold together. Such a constant is copied
+/// into every row those operators make (`SELECT '<1 MiB of text>' FROM census` makes
+/// 8 GiB per batch of 8,192 rows), so the sum bounds what one batch can take however
+/// the constants were written or folded. Constants in filters and joins are compared,
+/// not copied, and do not count.
+pub const MAX_PROJECTED_CONSTANT_BYTES: usize = 64 << 10;
+
+/// An optimizer rule that changes nothing and refuses a plan whose projected
+/// constants exceed [`MAX_PROJECTED_CONSTANT_BYTES`]. It runs last, after constants
+/// are folded.
+#[derive(Debug, Default)]
+pub struct ProjectedConstants;
+
+impl datafusion::optimizer::OptimizerRule for ProjectedConstants {
+    fn name(&self) -> &str {
+        "fedgate_projected_constants"
+    }
+
+    fn rewrite(
+        &self,
+        plan: datafusion::logical_expr::LogicalPlan,
+        _config: &dyn datafusion::optimizer::OptimizerConfig,
+    ) -> DfResult<datafusion::common::tree_node::Transformed<datafusion::logical_expr::LogicalPlan>>
+    {
+        let bytes = projected_constant_bytes(&plan)?;
+        if bytes > MAX_PROJECTED_CONSTANT_BYTES {
+            return Err(Error::TooLarge(format!(
+                "the query's output columns hold {} KiB of constant text, more than the {} KiB \
+                 a query may copy into every row it makes",
+                bytes >> 10,
+                MAX_PROJECTED_CONSTANT_BYTES >> 10
+            ))
+            .into_datafusion());
+        }
+        Ok(datafusion::common::tree_node::Transformed::no(plan))
+    }
+}
+
+/// Bytes of text and binary constants in the expressions of the plan's projections,
+/// aggregates and windows (subqueries included).
+fn projected_constant_bytes(plan: &datafusion::logical_expr::LogicalPlan) -> DfResult<usize> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::LogicalPlan as P;
+    let mut total = 0usize;
+    plan.apply_with_subqueries(|node| {
+        if matches!(node, P::Projection(_) | P::Aggregate(_) | P::Window(_)) {
+            node.apply_expressions(|e| {
+                e.apply(|x| {
+                    if let Expr::Literal(v, _) = x {
+                        total = total.saturating_add(match v {
+                            ScalarValue::Utf8(Some(s))
+                            | ScalarValue::LargeUtf8(Some(s))
+                            | ScalarValue::Utf8View(Some(s)) => s.len(),
+                            ScalarValue::Binary(Some(b))
+                            | ScalarValue::LargeBinary(Some(b))
+                            | ScalarValue::BinaryView(Some(b)) => b.len(),
+                            other => other.size(),
+                        });
+                    }
+                    Ok(TreeNodeRecursion::Continue)
+                })
+            })?;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,6 +622,31 @@ mod tests {
         let df = ctx.sql(sql).await.map_err(Error::from_datafusion)?;
         let batches = df.collect().await.map_err(Error::from_datafusion)?;
         Ok(batches.iter().map(|b| b.num_rows()).sum())
+    }
+
+    /// Constants copied into every row are bounded in sum, however they were written
+    /// or folded; constants that are only compared are not.
+    #[tokio::test]
+    async fn constants_copied_into_every_row_are_bounded() {
+        let ctx = ctx();
+        let big = "x".repeat(40_000);
+        for sql in [
+            format!("SELECT '{big}' AS a, '{big}' AS b"),
+            "SELECT repeat('x', 100000000) AS a".to_string(),
+            format!("SELECT concat(v, '{big}{big}') FROM (VALUES ('a')) t(v)"),
+            format!("SELECT max('{big}{big}') FROM (VALUES ('a')) t(v)"),
+        ] {
+            match run(&ctx, &sql).await {
+                Err(Error::TooLarge(m)) => assert!(m.contains("every row"), "{m}"),
+                other => panic!("{}: {other:?}", &sql[..60.min(sql.len())]),
+            }
+        }
+        for sql in [
+            format!("SELECT '{big}' AS a"),
+            format!("SELECT v FROM (VALUES ('a')) t(v) WHERE v <> '{big}{big}{big}'"),
+        ] {
+            assert_eq!(run(&ctx, &sql).await.unwrap(), 1);
+        }
     }
 
     /// Every bounded function exists under its name in the sessions fedgate builds
@@ -598,7 +692,12 @@ mod tests {
             "SELECT array_replace_all(array_repeat('a', 100000), 'a', repeat('b', 10000))",
         ] {
             match run(&ctx, sql).await {
-                Err(Error::TooLarge(m)) => assert!(m.contains("one call may make"), "{sql}: {m}"),
+                // Refused by the call's bound, or, where a part was folded into a
+                // large constant first, by the bound on constants copied per row.
+                Err(Error::TooLarge(m)) => assert!(
+                    m.contains("one call may make") || m.contains("every row"),
+                    "{sql}: {m}"
+                ),
                 other => panic!("{sql}: {other:?}"),
             }
         }

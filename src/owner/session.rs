@@ -189,6 +189,7 @@ pub(crate) fn sequential_context() -> SessionContext {
 pub(crate) fn context_with(config: SessionConfig) -> SessionContext {
     let mut rules = datafusion::optimizer::Optimizer::new().rules;
     rules.retain(|r| r.name() != "common_sub_expression_eliminate");
+    rules.push(Arc::new(crate::owner::bounded::ProjectedConstants));
     let state = datafusion::execution::SessionStateBuilder::new()
         .with_config(config)
         .with_default_features()
