@@ -109,6 +109,183 @@ fn to_regtype_udf() -> datafusion::logical_expr::ScalarUDF {
     )
 }
 
+/// `json_build_object(key, value, ...)`: a JSON object of the pairs, as text.
+/// SQLAlchemy's column reflection names it in branches for identity columns and
+/// collations, which datasets never have, but the statement must plan.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct JsonBuildObject {
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for JsonBuildObject {
+    fn name(&self) -> &str {
+        "json_build_object"
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> datafusion::common::Result<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> datafusion::common::Result<datafusion::logical_expr::ColumnarValue> {
+        use datafusion::scalar::ScalarValue as S;
+        if args.args.len() % 2 != 0 {
+            return datafusion::common::plan_err!(
+                "json_build_object takes pairs of keys and values"
+            );
+        }
+        let arrays = datafusion::logical_expr::ColumnarValue::values_to_arrays(&args.args)?;
+        let mut out = datafusion::arrow::array::StringBuilder::new();
+        for row in 0..args.number_rows {
+            let mut object = serde_json::Map::new();
+            for pair in arrays.chunks(2) {
+                let key = S::try_from_array(&pair[0], row)?;
+                let value = S::try_from_array(&pair[1], row)?;
+                let json = match &value {
+                    v if v.is_null() => serde_json::Value::Null,
+                    S::Boolean(Some(b)) => serde_json::Value::Bool(*b),
+                    S::Int8(Some(_))
+                    | S::Int16(Some(_))
+                    | S::Int32(Some(_))
+                    | S::Int64(Some(_))
+                    | S::UInt8(Some(_))
+                    | S::UInt16(Some(_))
+                    | S::UInt32(Some(_))
+                    | S::UInt64(Some(_))
+                    | S::Float32(Some(_))
+                    | S::Float64(Some(_)) => serde_json::from_str(&value.to_string())
+                        .unwrap_or(serde_json::Value::String(value.to_string())),
+                    other => serde_json::Value::String(other.to_string()),
+                };
+                object.insert(key.to_string(), json);
+            }
+            out.append_value(serde_json::Value::Object(object).to_string());
+        }
+        Ok(datafusion::logical_expr::ColumnarValue::Array(Arc::new(
+            out.finish(),
+        )))
+    }
+}
+
+/// `fedgate_like_escape(pattern, escape)`: the pattern rewritten from an escape
+/// character of the client's choosing (`LIKE 'pg/_%' ESCAPE '/'`, as SQLAlchemy
+/// writes) to the backslash, the one DataFusion's LIKE knows.
+fn like_escape_udf() -> datafusion::logical_expr::ScalarUDF {
+    use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+    create_udf(
+        LIKE_ESCAPE,
+        vec![DataType::Utf8, DataType::Utf8],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| {
+            use datafusion::arrow::array::AsArray;
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let (Some(patterns), Some(escapes)) = (
+                arrays[0].as_string_opt::<i32>(),
+                arrays[1].as_string_opt::<i32>(),
+            ) else {
+                return datafusion::common::plan_err!("LIKE ... ESCAPE takes text");
+            };
+            let out: datafusion::arrow::array::StringArray = patterns
+                .iter()
+                .zip(escapes.iter())
+                .map(|(p, e)| {
+                    let (p, e) = (p?, e?.chars().next()?);
+                    let mut out = String::with_capacity(p.len());
+                    let mut chars = p.chars();
+                    while let Some(c) = chars.next() {
+                        if c == e {
+                            if let Some(next) = chars.next() {
+                                out.push('\\');
+                                out.push(next);
+                            }
+                        } else if c == '\\' {
+                            out.push_str("\\\\");
+                        } else {
+                            out.push(c);
+                        }
+                    }
+                    Some(out)
+                })
+                .collect();
+            Ok(ColumnarValue::Array(Arc::new(out)))
+        }),
+    )
+}
+
+/// The name of [`like_escape_udf`].
+const LIKE_ESCAPE: &str = "fedgate_like_escape";
+
+/// Moves `LIKE ... ESCAPE 'c'` (any `c` but the backslash) onto the backslash.
+fn rewrite_like_escapes(stmt: &mut Statement) {
+    use datafusion::sql::sqlparser::ast::{
+        Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList, FunctionArguments,
+        Ident, Value,
+    };
+    let _ = datafusion::sql::sqlparser::ast::visit_expressions_mut(stmt, |e| {
+        if let Expr::Like {
+            pattern,
+            escape_char,
+            ..
+        }
+        | Expr::ILike {
+            pattern,
+            escape_char,
+            ..
+        } = e
+            && let Some(esc) = escape_char
+            && let Value::SingleQuotedString(c) = &esc.value
+            && c.chars().count() == 1
+            && c != "\\"
+        {
+            let arg = |x: Expr| FunctionArg::Unnamed(FunctionArgExpr::Expr(x));
+            let escape = Expr::value(Value::SingleQuotedString(c.clone()));
+            let call = Expr::Function(Function {
+                name: ObjectName::from(vec![Ident::new(LIKE_ESCAPE)]),
+                uses_odbc_syntax: false,
+                parameters: FunctionArguments::None,
+                args: FunctionArguments::List(FunctionArgumentList {
+                    duplicate_treatment: None,
+                    args: vec![arg((**pattern).clone()), arg(escape)],
+                    clauses: vec![],
+                }),
+                filter: None,
+                null_treatment: None,
+                over: None,
+                within_group: vec![],
+            });
+            **pattern = call;
+            *escape_char = None;
+        }
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+}
+
+/// `pg_collation_is_visible(oid)`: true. Visibility is about the search path, and
+/// everything a client can see in this catalog is on it.
+fn collation_visible_udf() -> datafusion::logical_expr::ScalarUDF {
+    use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+    create_udf(
+        "pg_collation_is_visible",
+        vec![DataType::Int64],
+        DataType::Boolean,
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let out: datafusion::arrow::array::BooleanArray = (0..arrays[0].len())
+                .map(|i| (!arrays[0].is_null(i)).then_some(true))
+                .collect();
+            Ok(ColumnarValue::Array(Arc::new(out)))
+        }),
+    )
+}
+
 /// `pg_get_serial_sequence(table, column)`: NULL, as for every column without a
 /// sequence (datasets have none). SQLAlchemy's column reflection asks it.
 fn no_serial_sequence_udf() -> datafusion::logical_expr::ScalarUDF {
@@ -154,6 +331,15 @@ impl Catalog {
         ctx.register_udf(version_udf());
         ctx.register_udf(to_regtype_udf());
         ctx.register_udf(no_serial_sequence_udf());
+        ctx.register_udf(like_escape_udf());
+        ctx.register_udf(collation_visible_udf());
+        ctx.register_udf(datafusion::logical_expr::ScalarUDF::new_from_impl(
+            JsonBuildObject {
+                signature: datafusion::logical_expr::Signature::variadic_any(
+                    datafusion::logical_expr::Volatility::Immutable,
+                ),
+            },
+        ));
         crate::owner::bounded::bound_functions(&ctx);
         let catalog_tables = ctx
             .catalog(&region.name)
@@ -224,7 +410,8 @@ impl Catalog {
                 stmts.len()
             )));
         }
-        let stmt = stmts.remove(0);
+        let mut stmt = stmts.remove(0);
+        rewrite_like_escapes(&mut stmt);
         if !matches!(stmt, Statement::Query(_)) {
             return Err(Error::InvalidQuery(
                 "only queries (SELECT) are accepted; statements that define or change data \
