@@ -135,6 +135,24 @@ async fn psql_style_sessions_query_the_region_over_client_certificate_tls() {
     )
     .await;
     assert_eq!(classes, expected);
+    // LIKE with an escape character of the driver's choosing (SQLAlchemy's).
+    let schemas = simple_column(
+        &client,
+        "SELECT nspname FROM pg_catalog.pg_namespace \
+         WHERE nspname NOT LIKE 'pg/_%' ESCAPE '/' AND nspname LIKE 'c%' ORDER BY 1",
+    )
+    .await;
+    assert_eq!(schemas, [Some("canonical".to_string())]);
+    let pg_schemas = simple_column(
+        &client,
+        "SELECT count(*) FROM pg_catalog.pg_namespace WHERE nspname LIKE 'pg/_%' ESCAPE '/'",
+    )
+    .await;
+    assert_ne!(
+        pg_schemas,
+        [Some("0".to_string())],
+        "pg_catalog is a pg_ schema"
+    );
     let columns = client
         .query(
             "SELECT column_name, data_type FROM information_schema.columns \

@@ -111,6 +111,7 @@ def test_sqlalchemy_connects_lists_tables_and_queries(pg_port, certs, office, ex
         got = c.execute(sa.text("SELECT pop_total FROM census WHERE county_code = :c"),
                         {"c": ANJI}).scalar_one()
         assert got == anji_population(expected)
+        assert sa.inspect(c).get_schema_names() == ["canonical"]
         names = sa.inspect(c).get_table_names(schema="canonical")
         assert sorted(names) == ["census", "divisions", "enrollment", "fever_clinics",
                                  "underground_pipelines"]
