@@ -135,7 +135,7 @@ impl datafusion::logical_expr::ScalarUDFImpl for JsonBuildObject {
         args: datafusion::logical_expr::ScalarFunctionArgs,
     ) -> datafusion::common::Result<datafusion::logical_expr::ColumnarValue> {
         use datafusion::scalar::ScalarValue as S;
-        if args.args.len() % 2 != 0 {
+        if !args.args.len().is_multiple_of(2) {
             return datafusion::common::plan_err!(
                 "json_build_object takes pairs of keys and values"
             );
