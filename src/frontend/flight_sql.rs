@@ -589,7 +589,6 @@ impl FlightSqlService for FlightSql {
     ) -> Result<DoPutPreparedStatementResult, Status> {
         caller(&request)?;
         let mut handle = Handle::decode_handle(&query.prepared_statement_handle)?;
-        let (_, types) = self.describe(&handle.sql).await?;
         let bad =
             |why: String| Error::InvalidQuery(format!("binding parameters: {why}")).to_status();
         // What is read is bounded before it is decoded: a few messages of at most
@@ -636,14 +635,10 @@ impl FlightSqlService for FlightSql {
                 ))
             })??;
         let row = row.ok_or_else(|| bad("no row of values was sent".into()))?;
+        // Whether the values fit the placeholders is checked where they are bound
+        // into the plan, when the statement is executed: planning it here as well
+        // would plan every execution twice.
         check_value_types(&row)?;
-        if row.num_columns() != types.len() {
-            return Err(bad(format!(
-                "the statement has {} placeholder(s), {} value(s) were sent",
-                types.len(),
-                row.num_columns()
-            )));
-        }
         let ipc = row_to_ipc(&row)?;
         if ipc.len() > MAX_PARAM_BYTES {
             return Err(bad(format!(

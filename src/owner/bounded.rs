@@ -125,6 +125,27 @@ impl<'a> Arg<'a> {
         }
     }
 
+    /// `of_array` row by row: over the array, or once over the scalar (as an array of
+    /// one row) for every row; `fallback` where the scalar cannot be read.
+    fn per_row<T: Clone>(
+        &self,
+        rows: usize,
+        fallback: T,
+        of_array: impl Fn(&ArrayRef) -> Vec<T>,
+    ) -> Vec<T> {
+        match self {
+            Arg::Scalar(s) => {
+                let one = s
+                    .to_array_of_size(1)
+                    .ok()
+                    .and_then(|a| of_array(&a).into_iter().next())
+                    .unwrap_or(fallback);
+                vec![one; rows]
+            }
+            Arg::Array(a) => of_array(a),
+        }
+    }
+
     /// Bytes of the argument over `rows` rows.
     fn bytes(&self, rows: usize) -> u128 {
         match self {
@@ -146,15 +167,8 @@ impl<'a> Arg<'a> {
                     | DataType::LargeBinary
                     | DataType::BinaryView
             );
-            if texty
-                && let Ok(l) = length(a)
-                && let Ok(l) = cast(&l, &DataType::Int64)
-            {
-                return l
-                    .as_primitive::<Int64Type>()
-                    .iter()
-                    .map(|v| v.unwrap_or(0).max(0) as u128)
-                    .collect();
+            if texty && let Some(l) = lengths_of(a) {
+                return l;
             }
             // Any other type (lists, dictionaries, structs): each row's own value. A
             // row that cannot be read counts as the whole array.
@@ -167,17 +181,11 @@ impl<'a> Arg<'a> {
                 })
                 .collect()
         };
-        match self {
-            Arg::Scalar(s) => {
-                let one = s
-                    .to_array_of_size(1)
-                    .ok()
-                    .and_then(|a| of_array(&a).first().copied())
-                    .unwrap_or(s.size() as u128);
-                vec![one; rows]
-            }
-            Arg::Array(a) => of_array(a),
-        }
+        let fallback = match self {
+            Arg::Scalar(s) => s.size() as u128,
+            Arg::Array(_) => 0,
+        };
+        self.per_row(rows, fallback, of_array)
     }
 
     /// Per-row element counts of a list argument (0 for anything else).
@@ -191,29 +199,12 @@ impl<'a> Arg<'a> {
                     | DataType::ListView(_)
                     | DataType::LargeListView(_)
             );
-            match (
-                listy,
-                length(a).ok().and_then(|l| cast(&l, &DataType::Int64).ok()),
-            ) {
-                (true, Some(l)) => l
-                    .as_primitive::<Int64Type>()
-                    .iter()
-                    .map(|v| v.unwrap_or(0).max(0) as u128)
-                    .collect(),
-                _ => vec![0; a.len()],
+            match listy.then(|| lengths_of(a)).flatten() {
+                Some(l) => l,
+                None => vec![0; a.len()],
             }
         };
-        match self {
-            Arg::Scalar(s) => {
-                let one = s
-                    .to_array_of_size(1)
-                    .ok()
-                    .and_then(|a| of_array(&a).first().copied())
-                    .unwrap_or(0);
-                vec![one; rows]
-            }
-            Arg::Array(a) => of_array(a),
-        }
+        self.per_row(rows, 0, of_array)
     }
 
     /// The text of a scalar text argument.
@@ -228,48 +219,26 @@ impl<'a> Arg<'a> {
     /// where the value is null or not a number.
     fn integers(&self, rows: usize) -> Vec<Option<i128>> {
         let of_array = |a: &ArrayRef| -> Vec<Option<i128>> {
-            let target = match a.data_type() {
-                DataType::Date64 => {
-                    // Milliseconds to days.
-                    return cast(a, &DataType::Int64)
-                        .map(|c| {
-                            c.as_primitive::<Int64Type>()
-                                .iter()
-                                .map(|v| v.map(|ms| ms as i128 / 86_400_000))
-                                .collect()
-                        })
-                        .unwrap_or_else(|_| vec![None; a.len()]);
-                }
-                _ => DataType::Int64,
+            // Dates are counted in days: Date32 holds days, Date64 milliseconds.
+            let (through, per) = match a.data_type() {
+                DataType::Date32 => (cast(a, &DataType::Int32).ok(), 1),
+                DataType::Date64 => (cast(a, &DataType::Int64).ok(), 86_400_000),
+                _ => (Some(a.clone()), 1),
             };
             let opts = datafusion::arrow::compute::CastOptions {
                 safe: true,
                 ..Default::default()
             };
-            let through = match a.data_type() {
-                DataType::Date32 => cast(a, &DataType::Int32).ok(),
-                _ => Some(a.clone()),
-            };
-            match through.and_then(|t| cast_with_options(&t, &target, &opts).ok()) {
+            match through.and_then(|t| cast_with_options(&t, &DataType::Int64, &opts).ok()) {
                 Some(c) => c
                     .as_primitive::<Int64Type>()
                     .iter()
-                    .map(|v| v.map(i128::from))
+                    .map(|v| v.map(|n| i128::from(n) / per))
                     .collect(),
                 None => vec![None; a.len()],
             }
         };
-        match self {
-            Arg::Scalar(s) => {
-                let one = s
-                    .to_array_of_size(1)
-                    .ok()
-                    .map(|a| of_array(&a))
-                    .and_then(|v| v.first().copied().flatten());
-                vec![one; rows]
-            }
-            Arg::Array(a) => of_array(a),
-        }
+        self.per_row(rows, None, of_array)
     }
 
     /// Per-row steps of a `range` given as an interval: in days for dates, in
@@ -304,18 +273,20 @@ impl<'a> Arg<'a> {
                 Err(_) => vec![Some(0); a.len()],
             }
         };
-        match self {
-            Arg::Scalar(s) => {
-                let one = s
-                    .to_array_of_size(1)
-                    .ok()
-                    .map(|a| of_array(&a))
-                    .and_then(|v| v.first().copied().flatten());
-                vec![one; rows]
-            }
-            Arg::Array(a) => of_array(a),
-        }
+        // A scalar step that cannot be read counts as one that may never advance.
+        self.per_row(rows, Some(0), of_array)
     }
+}
+
+/// Arrow's `length` of every row (bytes of a text, elements of a list), nulls as 0.
+fn lengths_of(a: &ArrayRef) -> Option<Vec<u128>> {
+    let l = cast(&length(a).ok()?, &DataType::Int64).ok()?;
+    Some(
+        l.as_primitive::<Int64Type>()
+            .iter()
+            .map(|v| v.unwrap_or(0).max(0) as u128)
+            .collect(),
+    )
 }
 
 /// Bytes one call would make, estimated from above.
@@ -342,23 +313,23 @@ fn estimate(growth: Growth, args: &[ColumnarValue], rows: usize) -> u128 {
             return a.iter().map(|x| x.bytes(rows)).sum::<u128>()
                 + sep.saturating_mul(others.saturating_sub(1));
         }
-        Growth::ListToText => {
-            // The delimiter (and the null text) once per element.
-            let (list, each) = (a.first(), len_or(1));
-            let null_text = len_or(2);
+        Growth::ListToText | Growth::ListReplace => {
+            // Per element: the delimiter and the null text (array_to_string), or the
+            // replacement any element may become (array_replace_all/_n).
+            let per_element: Vec<u128> = if growth == Growth::ListToText {
+                len_or(1)
+                    .iter()
+                    .zip(len_or(2))
+                    .map(|(d, n)| d + n)
+                    .collect()
+            } else {
+                len_or(2).iter().map(|to| (*to).max(8)).collect()
+            };
+            let list = a.first();
             let elements = list.map(|x| x.elements(rows)).unwrap_or_else(zero);
             let whole = list.map(|x| x.bytes(rows)).unwrap_or(0);
             return (0..rows).fold(whole, |t, i| {
-                t.saturating_add(elements[i].saturating_mul(each[i] + null_text[i]))
-            });
-        }
-        Growth::ListReplace => {
-            // Every element may become the replacement.
-            let (list, to) = (a.first(), len_or(2));
-            let elements = list.map(|x| x.elements(rows)).unwrap_or_else(zero);
-            let whole = list.map(|x| x.bytes(rows)).unwrap_or(0);
-            return (0..rows).fold(whole, |t, i| {
-                t.saturating_add(elements[i].saturating_mul(to[i].max(8)))
+                t.saturating_add(elements[i].saturating_mul(per_element[i]))
             });
         }
         Growth::Repeat => {

@@ -836,7 +836,10 @@ async fn flight_sql_prepared_statements_bind_typed_values_and_drivers_metadata_a
     two.set_parameters(one("$1", Arc::new(StringArray::from(vec!["330523"]))))
         .unwrap();
     let e = two.execute().await.unwrap_err().to_string();
-    assert!(e.contains("2 placeholder(s), 1 value(s)"), "{e}");
+    assert!(
+        e.contains("binding parameters") && e.contains("placeholder with id $2"),
+        "{e}"
+    );
     two.set_parameters(
         RecordBatch::try_new(
             Arc::new(Schema::new(vec![

@@ -252,6 +252,10 @@ async fn psql_style_sessions_query_the_region_over_client_certificate_tls() {
     );
 
     // Errors carry the SQLSTATE of their kind.
+    let big_constant_over_pg_proc = format!(
+        "SELECT '{}' AS a FROM pg_catalog.pg_proc",
+        "x".repeat(100_000)
+    );
     for (sql, code) in [
         ("SELECT * FROM no_such_dataset", SqlState::UNDEFINED_TABLE),
         (
@@ -273,6 +277,8 @@ async fn psql_style_sessions_query_the_region_over_client_certificate_tls() {
             "SELECT repeat(county_name, 100000000000) FROM census",
             SqlState::PROGRAM_LIMIT_EXCEEDED,
         ),
+        // A constant copied into every row of a catalog table.
+        (&big_constant_over_pg_proc, SqlState::PROGRAM_LIMIT_EXCEEDED),
     ] {
         let e = client.simple_query(sql).await.unwrap_err();
         assert_eq!(code_of(&e), code, "{sql}: {e:?}");

@@ -341,6 +341,9 @@ impl Catalog {
             },
         ));
         crate::owner::bounded::bound_functions(&ctx);
+        // Catalog tables have rows (pg_proc thousands): a constant in the select list
+        // is copied into each, as over datasets.
+        ctx.add_optimizer_rule(Arc::new(crate::owner::bounded::ProjectedConstants));
         let catalog_tables = ctx
             .catalog(&region.name)
             .and_then(|c| c.schema("pg_catalog"))
