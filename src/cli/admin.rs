@@ -69,9 +69,24 @@ pub(crate) async fn serve(config: &Path) -> Result<ExitCode> {
     if let Some(h) = gw.http_addr {
         eprintln!("fedgate: status board, metrics and JSON API on {h}");
     }
+    if let Some(p) = gw.probes_addr {
+        eprintln!("fedgate: probes (GET /livez, GET /readyz) on http://{p}");
+    }
     tokio::select! {
         r = gw.wait() => { r?; }
         _ = shutdown_signal() => {
+            // Not ready at once, still serving for the drain period, so that what load
+            // balancers send before they notice is answered; a second signal cuts the
+            // period short. Then no new connections, and the queries in flight finish.
+            gw.begin_drain().await;
+            eprintln!(
+                "fedgate: draining for {} (not ready, still serving); a second signal stops sooner",
+                humantime::format_duration(gw.drain_period())
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(gw.drain_period()) => {}
+                _ = shutdown_signal() => {}
+            }
             eprintln!("fedgate: shutting down, letting in-flight queries finish");
             gw.shutdown().await;
         }

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -39,6 +40,33 @@ pub struct HttpConfig {
     pub tls: bool,
 }
 
+/// `[lifecycle]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleConfig {
+    /// How long the gateway keeps serving after SIGTERM while reporting not ready.
+    pub drain: Duration,
+    /// The plain-HTTP probe listener, if any.
+    pub probes: Option<SocketAddr>,
+    /// The longest a connection is kept before the peer is asked to reconnect.
+    pub max_connection_age: Duration,
+}
+
+/// The default of `[lifecycle] drain`.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
+/// The default of `[lifecycle] max_connection_age`: a revoked certificate's
+/// connection ends within this long of the revocation list naming it.
+pub const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            drain: DEFAULT_DRAIN,
+            probes: None,
+            max_connection_age: DEFAULT_MAX_CONNECTION_AGE,
+        }
+    }
+}
+
 /// The PostgreSQL wire protocol port of a gateway (always TLS with client certificates).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PostgresConfig {
@@ -68,6 +96,8 @@ pub struct MemberConfig {
     pub postgres: Option<PostgresConfig>,
     /// OTLP/gRPC endpoint spans are exported to, if any.
     pub otlp_endpoint: Option<String>,
+    /// Probes, drain and connection age.
+    pub lifecycle: LifecycleConfig,
     /// Certificate path.
     pub cert_path: PathBuf,
     /// Key path.
@@ -165,6 +195,7 @@ impl MemberConfig {
             .as_ref()
             .and_then(|p| validate_postgres(path, p, pr));
         let otlp_endpoint = validate_otlp(path, raw.telemetry.as_ref(), pr);
+        let lifecycle = validate_lifecycle(path, raw.lifecycle.as_ref(), pr);
         let cert_path = resolve(path, &raw.cert);
         let key_path = resolve(path, &raw.key);
         for (k, p) in [("cert", &cert_path), ("key", &key_path)] {
@@ -242,6 +273,7 @@ impl MemberConfig {
             http,
             postgres,
             otlp_endpoint,
+            lifecycle,
             cert_path,
             key_path,
             limits,
@@ -356,6 +388,51 @@ fn validate_postgres(
         listen,
         max_connections,
     })
+}
+
+/// Validates `[lifecycle]`: durations, and an address for the probes.
+fn validate_lifecycle(
+    path: &Path,
+    l: Option<&super::raw::RawLifecycle>,
+    pr: &mut Problems,
+) -> LifecycleConfig {
+    let Some(l) = l else {
+        return LifecycleConfig::default();
+    };
+    let drain = super::limits::duration_setting(path, "lifecycle.drain".into(), &l.drain, pr)
+        .unwrap_or(DEFAULT_DRAIN);
+    let max_connection_age = super::limits::duration_setting(
+        path,
+        "lifecycle.max_connection_age".into(),
+        &l.max_connection_age,
+        pr,
+    )
+    .unwrap_or(DEFAULT_MAX_CONNECTION_AGE);
+    // A connection younger than a second would be torn down while it is still
+    // completing its handshake; no one means that.
+    if max_connection_age < Duration::from_secs(1) {
+        pr.add(
+            path,
+            "lifecycle.max_connection_age",
+            "must be at least 1s".to_string(),
+        );
+    }
+    let probes = l.probes.as_ref().and_then(|a| {
+        a.parse::<SocketAddr>()
+            .map_err(|e| {
+                pr.add(
+                    path,
+                    "lifecycle.probes",
+                    format!("{a:?} is not host:port: {e}"),
+                )
+            })
+            .ok()
+    });
+    LifecycleConfig {
+        drain,
+        probes,
+        max_connection_age,
+    }
 }
 
 /// Validates `[telemetry] otlp_endpoint`: an http:// or https:// URL.

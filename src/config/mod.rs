@@ -243,6 +243,10 @@ max_concurrent_subqueries = 2
 breaker_failures = 0
 breaker_open_for = "soon"
 retries = 9
+[lifecycle]
+drain = "later"
+probes = "nowhere"
+max_connection_age = "10ms"
 [[admission]]
 class = "town"
 [[admission]]
@@ -273,6 +277,9 @@ priority = "low"
             "limits.breaker_failures: must be at least 1",
             "limits.breaker_open_for: \"soon\" is not a duration",
             "limits.retries: 9 is more than 3",
+            "lifecycle.drain: \"later\" is not a duration",
+            "lifecycle.probes: \"nowhere\" is not host:port",
+            "lifecycle.max_connection_age: must be at least 1s",
             "admission[0].class: \"town\" is not a principal class",
             "admission[1].max_concurrent: 2 must be at least 1 and at least the 3 reserved",
             "admission[2].rate_per_second: -1 must be a positive number",

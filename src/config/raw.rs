@@ -144,6 +144,9 @@ pub struct RawMemberConfig {
     /// Trace export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<RawTelemetry>,
+    /// Probes, draining on SIGTERM and connection age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<RawLifecycle>,
     /// Limits.
     #[serde(default)]
     pub limits: RawLimits,
@@ -468,6 +471,28 @@ pub struct RawPostgres {
     /// The most connections the port keeps open at once (default 256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+}
+
+/// `[lifecycle]`: how the gateway tells orchestrators it is ready, how it stops, and
+/// how long a connection may live.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLifecycle {
+    /// After SIGTERM the gateway reports itself not ready at once and keeps serving
+    /// for this long, so that load balancers stop sending, then stops accepting, lets
+    /// in-flight queries finish and exits, e.g. `"10s"` (default 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<String>,
+    /// A plain-HTTP listener, `host:port`, answering only `GET /livez` and
+    /// `GET /readyz` (no data, no identity), for orchestrators that cannot present a
+    /// client certificate (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<String>,
+    /// The longest a caller's or peer's connection is kept, e.g. `"30m"` (the
+    /// default); then it is asked to reconnect, which checks its certificate, and
+    /// revocation, again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connection_age: Option<String>,
 }
 
 /// `[telemetry]`: where spans go.

@@ -2,7 +2,8 @@
 //! for portals and the board's query console.
 //!
 //! Routes: `GET /` (the board, plain HTML/JS served from the binary), `GET /healthz`,
-//! `GET /metrics`, `GET /v1/status`, `GET /v1/services`, `POST /v1/query`,
+//! `GET /livez` and `GET /readyz` (the probes, also served alone on `[lifecycle]
+//! probes` by [`serve_probes`]), `GET /metrics`, `GET /v1/status`, `GET /v1/services`, `POST /v1/query`,
 //! `POST /v1/services/{name}`.
 //!
 //! Who the caller is: with `tls = true` (the default) the port speaks HTTPS with
@@ -28,6 +29,7 @@ use serde_json::json;
 use super::{Ask, Current, FederationService, Outcome, Started};
 use crate::error::{Error, Result};
 use crate::ops::audit::AuditLog;
+use crate::ops::lifecycle::{Lifecycle, Phase};
 use crate::proto::state_code;
 use crate::proto::v1::QuerySummary;
 use crate::trust::identity::Principal;
@@ -105,8 +107,54 @@ async fn loopback_host_only(req: axum::extract::Request, next: axum::middleware:
     next.run(req).await
 }
 
+/// `GET /livez` and `GET /readyz`. They tell only the gateway's phase, so they need no
+/// identity: an orchestrator's probe presents no client certificate.
+pub fn probe_routes(lifecycle: Arc<Lifecycle>) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "live\n" }))
+        .route(
+            "/readyz",
+            get(|State(l): State<Arc<Lifecycle>>| async move {
+                let phase = l.phase();
+                let status = if phase == Phase::Ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (
+                    status,
+                    [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+                    format!("{}\n", phase.as_str()),
+                )
+            }),
+        )
+        .with_state(lifecycle)
+}
+
+/// Serves the probes alone on a plain-HTTP listener until `shutdown` resolves; every
+/// other path is 404. It starts before the gateway's sources load, so `/readyz`
+/// answers "starting" while they do.
+pub async fn serve_probes(
+    listener: tokio::net::TcpListener,
+    lifecycle: Arc<Lifecycle>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let app = probe_routes(lifecycle).fallback(|| async {
+        (
+            StatusCode::NOT_FOUND,
+            "this port answers GET /livez and GET /readyz only\n",
+        )
+    });
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "probe port stopped");
+    }
+}
+
 /// The HTTP routes. Each request needs a [`Caller`] extension.
-pub fn router(current: Current, audit: Arc<AuditLog>) -> Router {
+pub fn router(current: Current, audit: Arc<AuditLog>, lifecycle: Arc<Lifecycle>) -> Router {
     Router::new()
         .route("/", get(board_html))
         .route("/board.js", get(board_js))
@@ -124,6 +172,8 @@ pub fn router(current: Current, audit: Arc<AuditLog>) -> Router {
             known_callers_only,
         ))
         .with_state(AppState { current, audit })
+        // Merged after the identity layer, which therefore does not apply to them.
+        .merge(probe_routes(lifecycle))
 }
 
 /// Every route, the board's page and `/metrics` included, answers only identities the
@@ -180,7 +230,7 @@ async fn not_found() -> Response {
     error_response(
         &Error::NotFound(
             "no such path; the API is GET /v1/status, GET /v1/services, POST /v1/query, \
-             POST /v1/services/{name}, GET /metrics, GET /healthz"
+             POST /v1/services/{name}, GET /metrics, GET /healthz, GET /livez, GET /readyz"
                 .into(),
         ),
         None,

@@ -114,6 +114,8 @@ impl Reloader {
             ("member", config.member.name != old.config.member.name),
             ("audit", config.audit_path != old.config.audit_path),
             ("http", config.http != old.config.http),
+            ("postgres", config.postgres != old.config.postgres),
+            ("lifecycle", config.lifecycle != old.config.lifecycle),
             (
                 "telemetry",
                 config.otlp_endpoint != old.config.otlp_endpoint,

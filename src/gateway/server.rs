@@ -5,6 +5,12 @@
 //! check (the principal must be a region member or known client) -> services:
 //! `Federation` and Flight SQL (the query entry point, then the coordinator), `Peer`
 //! (the data owner's engine), `grpc.health.v1.Health` and reflection; and the HTTP port.
+//!
+//! Life: the probe port is served first, answering "starting" while the first
+//! configuration (sources included) is built; then every port is served and the gateway
+//! is ready. [`Gateway::begin_drain`] (SIGTERM) makes `/readyz` and gRPC health say
+//! "not serving" while everything is still served; [`Gateway::shutdown`] then stops
+//! accepting and waits for the queries in flight.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::frontend::Current;
 use crate::frontend::grpc::{LiveFederation, identity_check};
 use crate::ops::audit::AuditLog;
+use crate::ops::lifecycle::Lifecycle;
 use crate::proto::v1::federation_server::FederationServer;
 use crate::proto::v1::peer_server::PeerServer;
 
@@ -35,8 +42,18 @@ pub struct Gateway {
     pub http_addr: Option<SocketAddr>,
     /// The PostgreSQL port's address, if it has one.
     pub postgres_addr: Option<SocketAddr>,
+    /// The probe port's address, if it has one.
+    pub probes_addr: Option<SocketAddr>,
     /// This gateway's member name.
     pub member: String,
+    lifecycle: Arc<Lifecycle>,
+    health: tonic_health::server::HealthReporter,
+    /// `[lifecycle] drain`.
+    drain: Duration,
+    /// The longest a query may run here: how long [`Gateway::shutdown`] waits for the
+    /// queries in flight at most.
+    longest_query: Duration,
+    probes_task: Option<tokio::task::JoinHandle<()>>,
     shutdown: Option<oneshot::Sender<()>>,
     http_stop: tokio::sync::watch::Sender<bool>,
     http_task: Option<tokio::task::JoinHandle<()>>,
@@ -55,6 +72,30 @@ impl Gateway {
         config: Arc<MemberConfig>,
         listener: Option<TcpListener>,
     ) -> Result<Gateway> {
+        let lifecycle = Arc::new(Lifecycle::default());
+        // Every port but the probes' stops when this says so (or when it is dropped,
+        // should the start fail below).
+        let (http_stop, http_stopped) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        // The probes come first, so that an orchestrator sees "starting" while the
+        // sources load, not a refused connection it would take for a dead process.
+        let (probes_addr, probes_task) = match config.lifecycle.probes {
+            Some(a) => {
+                let l = TcpListener::bind(a)
+                    .await
+                    .map_err(|e| Error::Config(format!("lifecycle.probes {a}: {e}")))?;
+                let addr = l.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+                let task = tokio::spawn(crate::frontend::http::serve_probes(
+                    l,
+                    lifecycle.clone(),
+                    stopped(http_stopped.clone()),
+                ));
+                (Some(addr), Some(task))
+            }
+            None => (None, None),
+        };
         let audit = Arc::new(AuditLog::open(&config.audit_path)?);
         let observer = Arc::new(crate::ops::observe::Observer::new());
         let first =
@@ -121,8 +162,12 @@ impl Gateway {
             .map_err(|e| Error::Internal(format!("gRPC reflection: {e}")))?;
 
         let (tx, rx) = oneshot::channel::<()>();
-        let (http_stop, http_stopped) = tokio::sync::watch::channel(false);
         let router = tonic::transport::Server::builder()
+            // A connection is asked to end (GOAWAY) at this age, so that a peer whose
+            // certificate has since been revoked must handshake again; its streams in
+            // flight get the longest query deadline to finish.
+            .max_connection_age(config.lifecycle.max_connection_age)
+            .max_connection_age_grace(config.limits.max_timeout)
             .layer(tonic::service::InterceptorLayer::new(identity_check(
                 front.clone(),
             )))
@@ -148,29 +193,23 @@ impl Gateway {
         let postgres_task = postgres_listener
             .zip(config.postgres.as_ref())
             .map(|(l, p)| {
-                let mut stopped = http_stopped.clone();
                 tokio::spawn(crate::frontend::postgres::serve(
                     l,
                     postgres_tls.clone(),
                     crate::frontend::postgres::Door::new(front.clone(), p.max_connections),
-                    async move {
-                        let _ = stopped.wait_for(|s| *s).await;
-                    },
+                    stopped(http_stopped.clone()),
                 ))
             });
         let http_task = match (http_listener, &config.http) {
             (Some(l), Some(h)) => {
-                let routes = crate::frontend::http::router(front.clone(), audit.clone());
-                let mut stopped = http_stopped;
-                let shutdown = async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                };
+                let routes =
+                    crate::frontend::http::router(front.clone(), audit.clone(), lifecycle.clone());
                 Some(tokio::spawn(crate::frontend::http::serve(
                     l,
                     routes,
                     h.tls.then(|| http_tls.clone()),
                     config.member.principal.clone(),
-                    shutdown,
+                    stopped(http_stopped.clone()),
                 )))
             }
             _ => None,
@@ -217,12 +256,19 @@ impl Gateway {
                 }
             })
         };
-        tracing::info!(member = %config.member.name, %addr, http = ?http_addr, postgres = ?postgres_addr, version = %config.version, "Gateway serving");
+        lifecycle.ready();
+        tracing::info!(member = %config.member.name, %addr, http = ?http_addr, postgres = ?postgres_addr, probes = ?probes_addr, version = %config.version, "Gateway serving");
         Ok(Gateway {
             addr,
             http_addr,
             postgres_addr,
+            probes_addr,
             member: config.member.name.clone(),
+            lifecycle,
+            health,
+            drain: config.lifecycle.drain,
+            longest_query: config.limits.max_timeout,
+            probes_task,
             shutdown: Some(tx),
             http_stop,
             http_task,
@@ -249,8 +295,46 @@ impl Gateway {
         self.reloader.current.load().federation.admission()
     }
 
+    /// `[lifecycle] drain`: how long to keep serving after [`Gateway::begin_drain`].
+    pub fn drain_period(&self) -> Duration {
+        self.drain
+    }
+
+    /// Stops being ready: `/readyz` answers 503 "draining" and gRPC health says
+    /// NOT_SERVING for every service, so load balancers and coordinators' probes send
+    /// new work elsewhere. Everything is still served; [`Gateway::shutdown`] ends it.
+    pub async fn begin_drain(&self) {
+        self.lifecycle.drain();
+        self.health
+            .set_not_serving::<FederationServer<LiveFederation>>()
+            .await;
+        self.health.set_not_serving::<PeerServer<LivePeer>>().await;
+        // The empty name is the server as a whole, which is what most probes ask.
+        self.health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        tracing::info!(member = %self.member, drain = ?self.drain, "draining: not ready, still serving");
+    }
+
+    /// Drains for the configured period, then shuts down (SIGTERM's course).
+    pub async fn drain(self) {
+        self.begin_drain().await;
+        tokio::time::sleep(self.drain).await;
+        self.shutdown().await;
+    }
+
+    /// Queries running here now: client queries this gateway coordinates and
+    /// sub-queries it answers for peers, on every door.
+    pub fn in_flight(&self) -> usize {
+        self.admission()
+            .iter()
+            .flat_map(|(_, load)| load.classes.iter().map(|c| c.in_use))
+            .sum()
+    }
+
     /// Stops accepting, lets in-flight calls finish, and waits.
     pub async fn shutdown(mut self) {
+        self.lifecycle.drain();
         self.watcher.abort();
         self.upkeep.abort();
         let _ = self.http_stop.send(true);
@@ -262,6 +346,16 @@ impl Gateway {
             let _ = h.await;
         }
         if let Some(h) = self.postgres_task.take() {
+            let _ = h.await;
+        }
+        // gRPC and HTTP waited for their calls above; a PostgreSQL session outlives its
+        // port's accept loop, so its query in flight is waited for here, by the slots
+        // queries hold. Every query ends by its deadline, which bounds the wait.
+        let until = tokio::time::Instant::now() + self.longest_query;
+        while self.in_flight() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(h) = self.probes_task.take() {
             let _ = h.await;
         }
     }
