@@ -44,6 +44,40 @@ pub(crate) enum PkiCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Issue a new certificate and key for the identity and host names of an existing
+    /// certificate, replacing its files (each through a rename, so a gateway watching
+    /// them reloads once it sees both). The old certificate stays valid until it
+    /// expires or is revoked.
+    Renew {
+        /// Folder holding `ca.crt` and `ca.key`.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The certificate to renew (PEM); replaced by the new one.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its key, replaced by the new key (default: the certificate's path with the
+        /// extension `.key`).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Days of validity.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+    /// Add certificates to the region's revocation list (`ca.crl` in the CA folder),
+    /// or, with none, issue the list again with a new next-update date. Gateways whose
+    /// region file names the list (`crls`) refuse the certificates on new connections
+    /// once they reload, and end older connections at `[lifecycle] max_connection_age`.
+    Revoke {
+        /// Folder holding `ca.crt` and `ca.key`.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Certificates (PEM) to revoke.
+        #[arg(long = "cert")]
+        certs: Vec<PathBuf>,
+        /// Days until the list's next update.
+        #[arg(long, default_value_t = 30)]
+        days: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -173,6 +207,62 @@ pub(crate) fn pki_command(cmd: PkiCommand) -> Result<ExitCode> {
                 "issued {principal}: {} and {}",
                 crt.display(),
                 key.display()
+            );
+        }
+        PkiCommand::Renew {
+            ca_dir,
+            cert,
+            key,
+            days,
+        } => {
+            let ca = Ca::load(&ca_dir.join("ca.crt"), &ca_dir.join("ca.key"))?;
+            let old = std::fs::read_to_string(&cert)
+                .with_context(|| format!("reading {}", cert.display()))?;
+            let (old_serial, _) = pki::serial_of(&old)?;
+            let (principal, issued) = ca.renew(&old, days)?;
+            let key = key.unwrap_or_else(|| cert.with_extension("key"));
+            // The key first: a gateway that reloads between the two renames sees the
+            // old certificate with the new key, refuses that pair and keeps running
+            // until it sees the new certificate too.
+            pki::write_atomically(&key, &issued.key_pem, true)?;
+            pki::write_atomically(&cert, &issued.cert_pem, false)?;
+            println!(
+                "renewed {principal} for {days} days: {} and {} (the old certificate, serial {}, stays valid until it expires or is revoked)",
+                cert.display(),
+                key.display(),
+                hex::encode(old_serial)
+            );
+        }
+        PkiCommand::Revoke {
+            ca_dir,
+            certs,
+            days,
+        } => {
+            let ca = Ca::load(&ca_dir.join("ca.crt"), &ca_dir.join("ca.key"))?;
+            let path = ca_dir.join("ca.crl");
+            let mut revoked = match std::fs::read(&path) {
+                Ok(bytes) => pki::revoked_in(&bytes)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            };
+            let now = chrono::Utc::now().timestamp();
+            for c in &certs {
+                let pem = std::fs::read_to_string(c)
+                    .with_context(|| format!("reading {}", c.display()))?;
+                let (serial, principal) = pki::serial_of(&pem)?;
+                if revoked.iter().any(|r| r.serial == serial) {
+                    println!("{principal} ({}) was already revoked", c.display());
+                    continue;
+                }
+                println!("revoking {principal}: serial {}", hex::encode(&serial));
+                revoked.push(pki::Revoked { serial, at: now });
+            }
+            let pem = ca.revocation_list(&revoked, days)?;
+            pki::write_atomically(&path, &pem, false)?;
+            println!(
+                "wrote {} ({} revoked, next update in {days} days)",
+                path.display(),
+                revoked.len()
             );
         }
     }

@@ -303,6 +303,7 @@ fn named_files(
 ) -> Vec<PathBuf> {
     let mut files = std::collections::BTreeSet::new();
     files.insert(region.ca_path.clone());
+    files.extend(region.crl_paths.iter().cloned());
     files.insert(cert.to_path_buf());
     files.insert(key.to_path_buf());
     for t in &raw.code_tables {

@@ -16,6 +16,10 @@ pub struct RawRegion {
     pub region: String,
     /// CA bundle (PEM) that all members' and clients' certificates chain to.
     pub ca: PathBuf,
+    /// Certificate revocation lists issued by the region CA (PEM or DER): a
+    /// certificate they name is refused everywhere, reloaded when the files change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crls: Vec<PathBuf>,
     /// Members and known clients.
     #[serde(default)]
     pub members: Vec<RawMember>,

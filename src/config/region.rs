@@ -29,6 +29,8 @@ pub struct Region {
     pub name: String,
     /// The CA bundle path.
     pub ca_path: PathBuf,
+    /// The region's certificate revocation lists.
+    pub crl_paths: Vec<PathBuf>,
     /// Members in file order.
     pub members: Vec<Member>,
     /// Canonical datasets in file order.
@@ -190,6 +192,16 @@ impl Region {
                 format!("CA bundle {} does not exist", ca_path.display()),
             );
         }
+        let crl_paths: Vec<PathBuf> = raw.crls.iter().map(|c| resolve(path, c)).collect();
+        for (i, c) in crl_paths.iter().enumerate() {
+            if !c.is_file() {
+                pr.add(
+                    path,
+                    format!("crls[{i}]"),
+                    format!("revocation list {} does not exist", c.display()),
+                );
+            }
+        }
         let mut datasets = Vec::new();
         let mut seen = Declared::new("dataset");
         for (i, d) in raw.datasets.iter().enumerate() {
@@ -329,6 +341,7 @@ impl Region {
             path: path.to_path_buf(),
             name: raw.region,
             ca_path,
+            crl_paths,
             members,
             datasets,
             services,

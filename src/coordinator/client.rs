@@ -168,7 +168,13 @@ fn member_error(member: &str, e: Error) -> Error {
 /// Classifies a gRPC status from a member that had `budget` to answer.
 fn status_error(member: &str, endpoint: &str, budget: Duration, s: tonic::Status) -> Error {
     use tonic::Code;
+    // In TLS 1.3 the server checks the client's certificate after the client has
+    // finished its handshake, so a refusal (a revoked certificate, say) arrives as an
+    // alert on the first read, which tonic reports with code Unknown: the link
+    // failed, not the member's answer.
+    let refused_link = s.code() == Code::Unknown && s.message().starts_with("transport error");
     let failure = match s.code() {
+        _ if refused_link => MemberFailure::Unavailable,
         Code::Unavailable => MemberFailure::Unavailable,
         Code::DeadlineExceeded | Code::Cancelled => MemberFailure::TimedOut,
         Code::PermissionDenied | Code::Unauthenticated => MemberFailure::Denied,

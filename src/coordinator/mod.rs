@@ -255,6 +255,8 @@ pub struct Coordinator {
     /// Task contexts for running plans of each planning session, made once: they
     /// hold no per-query data.
     tasks: [Arc<datafusion::execution::TaskContext>; 2],
+    /// When the TLS material the clients use expires (for the metrics).
+    expiries: crate::trust::tls::Expiries,
 }
 
 /// A planning session over the canonical tables, with or without the pushdown rule.
@@ -295,6 +297,11 @@ fn merge_reserve(total: Duration) -> Duration {
 }
 
 impl Coordinator {
+    /// When this gateway's certificate, the CA and the revocation lists expire.
+    pub fn tls_expiries(&self) -> &crate::trust::tls::Expiries {
+        &self.expiries
+    }
+
     /// Builds clients for every member gateway and one table per canonical dataset.
     pub fn new(
         config: Arc<MemberConfig>,
@@ -372,6 +379,7 @@ impl Coordinator {
         ];
         Ok(Coordinator {
             config,
+            expiries: tls.expiries.clone(),
             clients,
             tables,
             sessions,

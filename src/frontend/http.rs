@@ -245,9 +245,12 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .into_iter()
         .filter(|(_, s)| *s != "local")
         .collect();
-    let text = g
-        .observer()
-        .render(&breakers, &g.admission(), app.audit.written());
+    let text = g.observer().render(
+        &breakers,
+        &g.admission(),
+        app.audit.written(),
+        g.coordinator().tls_expiries(),
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -43,7 +43,10 @@ pub struct Generation {
 pub(super) fn tls_digest(config: &MemberConfig) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for p in [&config.region.ca_path, &config.cert_path, &config.key_path] {
+    let files = [&config.region.ca_path, &config.cert_path, &config.key_path]
+        .into_iter()
+        .chain(&config.region.crl_paths);
+    for p in files {
         h.update(std::fs::read(p).unwrap_or_default());
         h.update([0u8]);
     }
@@ -59,8 +62,9 @@ impl Generation {
         observer: Arc<crate::ops::observe::Observer>,
         previous: Option<&Generation>,
     ) -> Result<Generation> {
-        let tls = Arc::new(TlsMaterial::load(
+        let tls = Arc::new(TlsMaterial::load_with_crls(
             &config.region.ca_path,
+            &config.region.crl_paths,
             &config.cert_path,
             &config.key_path,
         )?);

@@ -164,10 +164,11 @@ impl Gateway {
         let (tx, rx) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
             // A connection is asked to end (GOAWAY) at this age, so that a peer whose
-            // certificate has since been revoked must handshake again; its streams in
-            // flight get the longest query deadline to finish.
+            // certificate has since been revoked must handshake again; its calls in
+            // flight finish (each within its deadline). No grace period is set: with
+            // one, tonic skips the GOAWAY and closes the connection only when age and
+            // grace have both passed, cutting whatever is in flight then.
             .max_connection_age(config.lifecycle.max_connection_age)
-            .max_connection_age_grace(config.limits.max_timeout)
             .layer(tonic::service::InterceptorLayer::new(identity_check(
                 front.clone(),
             )))

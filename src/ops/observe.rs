@@ -385,13 +385,36 @@ impl Observer {
 
     /// The metrics in Prometheus' text format. `breakers` are the remote members'
     /// breaker states now; `admission` each door's slots now; `audit_records` the
-    /// audit log's count.
+    /// audit log's count; `tls` when the gateway's certificate, the CA and the
+    /// revocation lists expire.
     pub fn render(
         &self,
         breakers: &[(String, &'static str)],
         admission: &[(&'static str, crate::ops::admission::Load)],
         audit_records: u64,
+        tls: &crate::trust::tls::Expiries,
     ) -> String {
+        // Timestamps, not seconds left, as Prometheus exporters of certificates do: an
+        // alert is `fedgate_certificate_expiry_timestamp_seconds - time() < 30 * 86400`.
+        for (what, at) in [("gateway", tls.certificate), ("ca", tls.ca)] {
+            self.recorder
+                .register_gauge(
+                    &key(
+                        "fedgate_certificate_expiry_timestamp_seconds",
+                        &[("certificate", what.to_string())],
+                    ),
+                    &META,
+                )
+                .set(at as f64);
+        }
+        if let Some(next) = tls.crl_next_update {
+            self.recorder
+                .register_gauge(
+                    &key("fedgate_crl_next_update_timestamp_seconds", &[]),
+                    &META,
+                )
+                .set(next as f64);
+        }
         for (door, load) in admission {
             let slots = |class: &str, kind: &str, v: usize| {
                 self.recorder
@@ -525,7 +548,16 @@ fields = [{ name = "x", type = "int64" }]
                 std::time::Instant::now(),
             )
             .unwrap();
-        let text = o.render(&[("a".into(), "open")], &[("subqueries", slots.load())], 7);
+        let text = o.render(
+            &[("a".into(), "open")],
+            &[("subqueries", slots.load())],
+            7,
+            &crate::trust::tls::Expiries {
+                certificate: 1_900_000_000,
+                ca: 2_000_000_000,
+                crl_next_update: None,
+            },
+        );
         for want in [
             r#"fedgate_queries_total{class="county",outcome="failed"} 1"#,
             r#"fedgate_member_status_total{member="a",state="timed_out"} 1"#,
@@ -538,6 +570,8 @@ fields = [{ name = "x", type = "int64" }]
             r#"fedgate_admission_slots{door="subqueries",class="city",slots="in_use"} 1"#,
             r#"fedgate_admission_slots{door="subqueries",class="shared",slots="in_use"} 1"#,
             r#"fedgate_admission_refused_total{door="subqueries",class="city"} 0"#,
+            r#"fedgate_certificate_expiry_timestamp_seconds{certificate="gateway"} 1900000000"#,
+            r#"fedgate_certificate_expiry_timestamp_seconds{certificate="ca"} 2000000000"#,
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -38,8 +38,16 @@ pub async fn check(path: &std::path::Path) -> Report {
         "member {} ({}) of region {}, config version {}",
         cfg.member.name, cfg.member.principal, cfg.region.name, cfg.version
     ));
-    match TlsMaterial::load(&cfg.region.ca_path, &cfg.cert_path, &cfg.key_path) {
+    match TlsMaterial::load_with_crls(
+        &cfg.region.ca_path,
+        &cfg.region.crl_paths,
+        &cfg.cert_path,
+        &cfg.key_path,
+    ) {
         Ok(tls) => {
+            for w in expiry_warnings(&tls.expiries, chrono::Utc::now().timestamp()) {
+                r.warnings.push(problem("cert", w));
+            }
             if tls.principal != cfg.member.principal {
                 r.errors.push(problem(
                     "cert",
@@ -126,7 +134,12 @@ async fn check_services(cfg: &Arc<MemberConfig>, r: &mut Report) {
         key,
         message,
     };
-    let Ok(tls) = TlsMaterial::load(&cfg.region.ca_path, &cfg.cert_path, &cfg.key_path) else {
+    let Ok(tls) = TlsMaterial::load_with_crls(
+        &cfg.region.ca_path,
+        &cfg.region.crl_paths,
+        &cfg.cert_path,
+        &cfg.key_path,
+    ) else {
         // Reported above; a coordinator cannot be built without it.
         return;
     };
@@ -179,4 +192,74 @@ async fn engine_count(engine: &MemberEngine, sql: &str) -> Result<i64, String> {
         .downcast_ref::<datafusion::arrow::array::Int64Array>()
         .map(|a| a.value(0))
         .unwrap_or(0))
+}
+
+/// A gateway certificate is warned about this long before it expires.
+pub const CERTIFICATE_WARNING_DAYS: i64 = 30;
+/// The CA, which every member must replace together, this long before.
+pub const CA_WARNING_DAYS: i64 = 90;
+
+/// What is about to expire, or has: the gateway's certificate within
+/// [`CERTIFICATE_WARNING_DAYS`], the CA within [`CA_WARNING_DAYS`], and a revocation
+/// list past its next update (the gateway still uses it, but no newer one was
+/// installed, so revocations since may be missing).
+pub fn expiry_warnings(e: &crate::trust::tls::Expiries, now: i64) -> Vec<String> {
+    const DAY: i64 = 86_400;
+    let when = |t: i64| {
+        chrono::DateTime::from_timestamp(t, 0)
+            .map(|d| d.format("%Y-%m-%d %H:%M UTC").to_string())
+            .unwrap_or_else(|| t.to_string())
+    };
+    let mut w = Vec::new();
+    if e.certificate - now < CERTIFICATE_WARNING_DAYS * DAY {
+        w.push(format!(
+            "the gateway's certificate expires on {} ({} days); renew it with `fedgate pki renew`",
+            when(e.certificate),
+            (e.certificate - now) / DAY
+        ));
+    }
+    if e.ca - now < CA_WARNING_DAYS * DAY {
+        w.push(format!(
+            "the region CA expires on {} ({} days); every member needs the new CA before then",
+            when(e.ca),
+            (e.ca - now) / DAY
+        ));
+    }
+    if let Some(next) = e.crl_next_update
+        && next < now
+    {
+        w.push(format!(
+            "a revocation list was due to be replaced on {}; revocations since may be missing",
+            when(next)
+        ));
+    }
+    w
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::*;
+    use crate::trust::tls::Expiries;
+
+    #[test]
+    fn what_is_close_to_expiry_is_warned_about_and_nothing_else() {
+        const DAY: i64 = 86_400;
+        let now = 1_800_000_000;
+        let fine = Expiries {
+            certificate: now + 31 * DAY,
+            ca: now + 91 * DAY,
+            crl_next_update: Some(now + DAY),
+        };
+        assert!(expiry_warnings(&fine, now).is_empty());
+        let close = Expiries {
+            certificate: now + 29 * DAY,
+            ca: now + 89 * DAY,
+            crl_next_update: Some(now - 1),
+        };
+        let w = expiry_warnings(&close, now);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].contains("(29 days)") && w[0].contains("fedgate pki renew"));
+        assert!(w[1].contains("region CA"));
+        assert!(w[2].contains("revocation list"));
+    }
 }

@@ -4,12 +4,16 @@
 //! the tests and a first trial deployment can make a CA and member/client certificates
 //! without other tools. Certificates carry the principal as a URI SAN and, for
 //! gateways, the host names and addresses their endpoints use.
+//!
+//! It also keeps the region's revocation list (`ca.crl`, [`Ca::revoke`]) and renews a
+//! certificate for the same identity and hosts ([`Ca::renew`]).
 
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -140,6 +144,113 @@ impl Ca {
     }
 }
 
+/// A certificate named in a revocation list: its serial number, and when it was
+/// revoked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// The serial number's bytes, as in the certificate.
+    pub serial: Vec<u8>,
+    /// When it was revoked (Unix seconds).
+    pub at: i64,
+}
+
+/// The certificates a revocation list (PEM or DER) names.
+pub fn revoked_in(crl: &[u8]) -> Result<Vec<Revoked>> {
+    use rustls_pki_types::{CertificateRevocationListDer, pem::PemObject};
+    use x509_parser::prelude::*;
+    let der = match CertificateRevocationListDer::from_pem_slice(crl) {
+        Ok(d) => d.as_ref().to_vec(),
+        Err(_) => crl.to_vec(),
+    };
+    let (_, list) = CertificateRevocationList::from_der(&der)
+        .map_err(|e| pki_err("reading the revocation list", e))?;
+    Ok(list
+        .iter_revoked_certificates()
+        .map(|r| Revoked {
+            serial: r.raw_serial().to_vec(),
+            at: r.revocation_date.timestamp(),
+        })
+        .collect())
+}
+
+/// The serial number of a certificate (PEM), and the identity it carries.
+pub fn serial_of(cert_pem: &str) -> Result<(Vec<u8>, Principal)> {
+    use x509_parser::prelude::*;
+    let der = cert_der(cert_pem)?;
+    let (_, cert) =
+        X509Certificate::from_der(&der).map_err(|e| pki_err("reading the certificate", e))?;
+    let principal = crate::trust::identity::principal_from_cert(&der)?;
+    Ok((cert.raw_serial().to_vec(), principal))
+}
+
+fn cert_der(cert_pem: &str) -> Result<Vec<u8>> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map(|d| d.as_ref().to_vec())
+        .map_err(|e| pki_err("reading the certificate", e))
+}
+
+impl Ca {
+    /// A revocation list naming `revoked` (and nothing else), valid for `days`, signed
+    /// by this CA, PEM. Its number is the time of issue in milliseconds, so that a
+    /// later list always has a larger number.
+    pub fn revocation_list(&self, revoked: &[Revoked], days: i64) -> Result<String> {
+        let now = OffsetDateTime::now_utc();
+        let number = u64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + Duration::days(days.max(1)),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|r| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&r.serial),
+                    revocation_time: OffsetDateTime::from_unix_timestamp(r.at).unwrap_or(now),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(|e| pki_err("signing the revocation list", e))?;
+        crl.pem()
+            .map_err(|e| pki_err("encoding the revocation list", e))
+    }
+
+    /// Issues a new certificate and key for the identity and host names of
+    /// `cert_pem`, valid from an hour ago for `days` days. The old certificate stays
+    /// valid until it expires or is revoked.
+    pub fn renew(&self, cert_pem: &str, days: i64) -> Result<(Principal, Issued)> {
+        use x509_parser::prelude::*;
+        let der = cert_der(cert_pem)?;
+        let principal = crate::trust::identity::principal_from_cert(&der)?;
+        let (_, cert) =
+            X509Certificate::from_der(&der).map_err(|e| pki_err("reading the certificate", e))?;
+        let mut hosts = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => hosts.push(d.to_string()),
+                    GeneralName::IPAddress(b) => {
+                        let ip = match b.len() {
+                            4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                            16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                            _ => None,
+                        };
+                        hosts.extend(ip.map(|ip| ip.to_string()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let issued = self.issue(&principal, &hosts, days)?;
+        Ok((principal, issued))
+    }
+}
+
 /// The host names a loopback gateway certificate carries by default.
 pub fn default_hosts() -> Vec<String> {
     vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
@@ -161,6 +272,17 @@ pub fn write_issued(issued: &Issued, dir: &Path, name: &str) -> Result<(PathBuf,
     write(&crt, &issued.cert_pem, false)?;
     write(&key, &issued.key_pem, true)?;
     Ok((crt, key))
+}
+
+/// Writes `text` to `path` through a temporary file in the same folder and a rename,
+/// so that a gateway watching the file never reads half of it.
+pub fn write_atomically(path: &Path, text: &str, private: bool) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    write(&tmp, text, private)?;
+    std::fs::rename(&tmp, path).map_err(|e| pki_err(&format!("replacing {}", path.display()), e))
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -197,6 +319,122 @@ mod tests {
         let issued = ca.issue(&p, &default_hosts(), 30).unwrap();
         let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
         assert_eq!(principal_from_cert(&der).unwrap(), p);
+    }
+
+    fn chain_of(pem: &str) -> Vec<CertificateDer<'static>> {
+        vec![CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()]
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_refused_everywhere_and_the_others_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("yrd").unwrap();
+        let (ca_crt, _) = write_ca(&ca, dir.path()).unwrap();
+        let hefei = Principal::parse("fedgate://yrd/city/hefei").unwrap();
+        let anji = Principal::parse("fedgate://yrd/county/anji").unwrap();
+        let h = ca.issue(&hefei, &default_hosts(), 30).unwrap();
+        let a = ca.issue(&anji, &[], 30).unwrap();
+        let (h_crt, h_key) = write_issued(&h, dir.path(), "hefei").unwrap();
+        let (serial, who) = serial_of(&a.cert_pem).unwrap();
+        assert_eq!(who, anji);
+        let crl = dir.path().join("ca.crl");
+        let pem = ca
+            .revocation_list(
+                &[Revoked {
+                    serial,
+                    at: 1_700_000_000,
+                }],
+                7,
+            )
+            .unwrap();
+        std::fs::write(&crl, &pem).unwrap();
+        assert_eq!(revoked_in(pem.as_bytes()).unwrap().len(), 1);
+
+        let now = rustls_pki_types::UnixTime::now();
+        let plain = crate::trust::tls::TlsMaterial::load(&ca_crt, &h_crt, &h_key).unwrap();
+        plain.verify_chain(&chain_of(&a.cert_pem), now).unwrap();
+        let checked = crate::trust::tls::TlsMaterial::load_with_crls(
+            &ca_crt,
+            std::slice::from_ref(&crl),
+            &h_crt,
+            &h_key,
+        )
+        .unwrap();
+        let e = checked
+            .verify_chain(&chain_of(&a.cert_pem), now)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Revoked"), "{e}");
+        checked.verify_chain(&chain_of(&h.cert_pem), now).unwrap();
+        checked.verify_own_certificate().unwrap();
+        assert!(checked.expiries.crl_next_update.is_some());
+
+        // A list signed by another CA says nothing about this region's certificates,
+        // so a certificate it would have to vouch for is refused, not let through.
+        let other = Ca::generate("elsewhere").unwrap();
+        std::fs::write(&crl, other.revocation_list(&[], 7).unwrap()).unwrap();
+        let foreign = crate::trust::tls::TlsMaterial::load_with_crls(
+            &ca_crt,
+            std::slice::from_ref(&crl),
+            &h_crt,
+            &h_key,
+        )
+        .unwrap();
+        assert!(foreign.verify_own_certificate().is_err());
+        // A file that is not a revocation list is refused with its name.
+        std::fs::write(&crl, "not a list").unwrap();
+        let e = crate::trust::tls::TlsMaterial::load_with_crls(
+            &ca_crt,
+            std::slice::from_ref(&crl),
+            &h_crt,
+            &h_key,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("ca.crl"), "{e}");
+    }
+
+    #[test]
+    fn a_renewed_certificate_keeps_its_identity_and_hosts_with_a_new_key() {
+        let ca = Ca::generate("yrd").unwrap();
+        let p = Principal::parse("fedgate://yrd/city/suzhou").unwrap();
+        let hosts = vec!["gw.suzhou.example".to_string(), "10.1.2.3".to_string()];
+        let old = ca.issue(&p, &hosts, 1).unwrap();
+        let (who, new) = ca.renew(&old.cert_pem, 400).unwrap();
+        assert_eq!(who, p);
+        assert_ne!(new.key_pem, old.key_pem);
+        assert_ne!(
+            serial_of(&new.cert_pem).unwrap().0,
+            serial_of(&old.cert_pem).unwrap().0
+        );
+        let (again, _) = ca.renew(&new.cert_pem, 1).unwrap();
+        assert_eq!(again, p);
+        use x509_parser::prelude::*;
+        let der = chain_of(&new.cert_pem).remove(0);
+        let (_, cert) = X509Certificate::from_der(der.as_ref()).unwrap();
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        for want in [
+            "gw.suzhou.example",
+            "0a:01:02:03",
+            "fedgate://yrd/city/suzhou",
+        ] {
+            assert!(
+                names.iter().any(|n| n.contains(want)),
+                "{want} not in {names:?}"
+            );
+        }
+        let days =
+            (cert.validity().not_after.timestamp() - chrono::Utc::now().timestamp()) / 86_400;
+        assert!((399..=400).contains(&days), "{days}");
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! server certificate against the region CA and then that it carries the identity the
 //! region file names for that endpoint, so a valid certificate of another member
 //! cannot impersonate this one.
+//!
+//! With the region's revocation lists (`crls` in `region.toml`), every verifier here
+//! (client certificates, servers' certificates, and the chains of origin assertions)
+//! refuses a certificate the lists name; reloaded with the configuration.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,7 +24,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -40,36 +44,124 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 #[derive(Clone)]
 pub struct TlsMaterial {
     roots: Arc<RootCertStore>,
+    /// The region's revocation lists (none: no revocation checks).
+    crls: Vec<CertificateRevocationListDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     /// The identity in `chain[0]`.
     pub principal: Principal,
+    /// When this party's certificate, the CA, and each revocation list (its next
+    /// update) expire, as Unix seconds: for the metrics and `fedgate check`.
+    pub expiries: Expiries,
+}
+
+/// When the parts of a party's TLS material stop being good, as Unix seconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expiries {
+    /// This party's certificate's `notAfter`.
+    pub certificate: i64,
+    /// The earliest `notAfter` of the CA bundle.
+    pub ca: i64,
+    /// The earliest `nextUpdate` of the revocation lists, if there are any that say.
+    pub crl_next_update: Option<i64>,
+}
+
+fn not_after(der: &[u8]) -> Option<i64> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 impl TlsMaterial {
     /// Loads the region CA bundle and this party's certificate and key.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsMaterial> {
+        Self::load_with_crls(ca, &[], cert, key)
+    }
+
+    /// Loads the region CA bundle, its revocation lists (PEM `X509 CRL` blocks or
+    /// DER), and this party's certificate and key.
+    pub fn load_with_crls(
+        ca: &Path,
+        crl_files: &[std::path::PathBuf],
+        cert: &Path,
+        key: &Path,
+    ) -> Result<TlsMaterial> {
         let ca_certs = load_certs(ca)?;
+        let ca_expiry = ca_certs
+            .iter()
+            .filter_map(|c| not_after(c))
+            .min()
+            .unwrap_or(i64::MAX);
         let mut roots = RootCertStore::empty();
         for c in ca_certs {
             roots
                 .add(c)
                 .map_err(|e| Error::Tls(format!("CA bundle {}: {e}", ca.display())))?;
         }
+        let mut crls = Vec::new();
+        let mut crl_next_update: Option<i64> = None;
+        for f in crl_files {
+            for crl in load_crls(f)? {
+                use x509_parser::prelude::*;
+                let (_, parsed) = CertificateRevocationList::from_der(crl.as_ref())
+                    .map_err(|e| Error::Tls(format!("revocation list {}: {e}", f.display())))?;
+                if let Some(next) = parsed.next_update() {
+                    let t = next.timestamp();
+                    crl_next_update = Some(crl_next_update.map_or(t, |c| c.min(t)));
+                }
+                crls.push(crl);
+            }
+        }
         let chain = load_certs(cert)?;
         let key_der = PrivateKeyDer::from_pem_file(key)
             .map_err(|e| Error::Tls(format!("private key {}: {e}", key.display())))?;
         let principal = principal_from_cert(&chain[0])
             .map_err(|e| Error::Tls(format!("certificate {}: {e}", cert.display())))?;
+        let expiries = Expiries {
+            certificate: not_after(&chain[0]).unwrap_or(i64::MAX),
+            ca: ca_expiry,
+            crl_next_update,
+        };
         let m = TlsMaterial {
             roots: Arc::new(roots),
+            crls,
             chain,
             key: Arc::new(key_der),
             principal,
+            expiries,
         };
-        // Building both configs checks that the key matches the certificate.
+        // Building both configs checks that the key matches the certificate and that
+        // every revocation list parses.
         m.server_config()?;
+        m.client_config()?;
         Ok(m)
+    }
+
+    /// The verifier of client certificates (and of origin assertions' chains): the
+    /// region CA, and the revocation lists for end entities. A list names the
+    /// certificates of one issuer; the region has one, so a certificate with no list
+    /// of its issuer is refused rather than let through unchecked.
+    fn client_verifier(&self) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+        let mut b = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider());
+        if !self.crls.is_empty() {
+            b = b
+                .with_crls(self.crls.iter().cloned())
+                .only_check_end_entity_revocation();
+        }
+        b.build()
+            .map_err(|e| Error::Tls(format!("client verifier: {e}")))
+    }
+
+    /// The verifier of servers' certificates, with the same lists.
+    fn server_verifier(&self) -> Result<Arc<WebPkiServerVerifier>> {
+        let mut b = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider());
+        if !self.crls.is_empty() {
+            b = b
+                .with_crls(self.crls.iter().cloned())
+                .only_check_end_entity_revocation();
+        }
+        b.build()
+            .map_err(|e| Error::Tls(format!("server verifier: {e}")))
     }
 
     /// This party's certificate chain, end entity first.
@@ -94,10 +186,7 @@ impl TlsMaterial {
         let Some((end, rest)) = chain.split_first() else {
             return Err(Error::Tls("empty certificate chain".into()));
         };
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
-        verifier
+        self.client_verifier()?
             .verify_client_cert(end, rest, now)
             .map(|_| ())
             .map_err(|e| Error::Tls(e.to_string()))
@@ -106,10 +195,7 @@ impl TlsMaterial {
     /// Checks that this party's own certificate chains to the region CA and is valid
     /// now, the way peers will check it.
     pub fn verify_own_certificate(&self) -> Result<()> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
-        verifier
+        self.client_verifier()?
             .verify_client_cert(
                 &self.chain[0],
                 &self.chain[1..],
@@ -126,9 +212,7 @@ impl TlsMaterial {
 
     /// A TLS 1.3 server config that requires a client certificate from the region CA.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
+        let verifier = self.client_verifier()?;
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| Error::Tls(e.to_string()))?
@@ -159,9 +243,7 @@ impl TlsMaterial {
 
     /// A TLS 1.3 client config presenting this party's certificate.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>> {
-        let verifier = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| Error::Tls(format!("server verifier: {e}")))?;
+        let verifier = self.server_verifier()?;
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| Error::Tls(e.to_string()))?
@@ -203,6 +285,24 @@ pub fn database_client_config(
                 .map_err(|e| Error::Tls(format!("database client certificate and key: {e}")))
         }
     }
+}
+
+/// The revocation lists in a file: PEM `X509 CRL` blocks, or one DER list.
+fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+    if bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        let crls: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+        if crls.is_empty() {
+            return Err(Error::Tls(format!(
+                "{} holds no revocation list (PEM \"X509 CRL\")",
+                path.display()
+            )));
+        }
+        return Ok(crls);
+    }
+    Ok(vec![CertificateRevocationListDer::from(bytes)])
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
@@ -450,6 +550,14 @@ impl tower::Service<http::Uri> for Connector {
 /// alone ("UnknownCA") is cryptic.
 pub fn explain_transport_error(text: &str) -> String {
     let hints = [
+        (
+            "CertificateRevoked",
+            "the gateway refused this certificate: the region has revoked it",
+        ),
+        (
+            "Revoked",
+            "a certificate has been revoked by the region (the gateway's, or this one)",
+        ),
         (
             "UnknownCA",
             "the gateway refused this certificate: it does not chain to the region CA",

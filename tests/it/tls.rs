@@ -176,3 +176,136 @@ async fn a_member_certificate_that_does_not_match_its_config_does_not_start() {
         "{e}"
     );
 }
+
+/// The region revokes a portal's certificate and Hangzhou's gateway certificate. Once
+/// the gateways reload the list: a new connection with the portal's certificate is
+/// refused, naming the revocation; the connection it opened before keeps working only
+/// until its age runs out; coordinators no longer reach Hangzhou, and Hangzhou, as a
+/// client, no longer reaches the others; Hangzhou refuses to load its own revoked
+/// certificate, saying why.
+#[tokio::test]
+async fn revoked_certificates_are_refused_on_new_connections_and_old_ones_end_at_their_age() {
+    use crate::support::{OFFICE, PER_MEMBER, member_state, patch_member, patch_region};
+    use fedgate::gateway::ReloadOutcome;
+    use fedgate::proto::v1::MemberState;
+    const AGE: Duration = Duration::from_secs(4);
+    let region = Region::start_patched(None, &|layout| {
+        let certs = layout.dir.join("certs");
+        let ca = Ca::load(&certs.join("ca.crt"), &certs.join("ca.key")).unwrap();
+        std::fs::write(certs.join("ca.crl"), ca.revocation_list(&[], 7).unwrap()).unwrap();
+        patch_region(layout, |r| r.crls = vec!["certs/ca.crl".into()]);
+        patch_member(layout, OFFICE, |m| {
+            m.lifecycle = Some(fedgate::config::raw::RawLifecycle {
+                max_connection_age: Some("4s".into()),
+                ..Default::default()
+            })
+        });
+    })
+    .await;
+    let certs = region.layout.dir.join("certs");
+    let office = Principal::parse("fedgate://yrd/office/coordination").unwrap();
+    let (portal_crt, portal_key) = write_cert(
+        region.dir.path(),
+        "portal",
+        &region.ca().issue(&office, &[], 1).unwrap(),
+    );
+    let portal = Client::connect(
+        &region.endpoint(OFFICE),
+        &region.layout.ca,
+        &portal_crt,
+        &portal_key,
+    )
+    .unwrap();
+    let connected = std::time::Instant::now();
+    let a = portal.query(PER_MEMBER, false, None).await.unwrap();
+    assert_eq!(member_state(&a.summary, "hangzhou"), MemberState::Ok);
+
+    let mut revoked = Vec::new();
+    for pem in [
+        std::fs::read_to_string(&portal_crt).unwrap(),
+        std::fs::read_to_string(certs.join("hangzhou.crt")).unwrap(),
+    ] {
+        let (serial, _) = pki::serial_of(&pem).unwrap();
+        revoked.push(pki::Revoked {
+            serial,
+            at: time::OffsetDateTime::now_utc().unix_timestamp(),
+        });
+    }
+    pki::write_atomically(
+        &certs.join("ca.crl"),
+        &region.ca().revocation_list(&revoked, 7).unwrap(),
+        false,
+    )
+    .unwrap();
+    assert!(matches!(
+        region.gateways[OFFICE].reload().await,
+        ReloadOutcome::Applied { .. }
+    ));
+    // The connection the portal opened before the list named it stays up for now:
+    // a handshake is where certificates are checked.
+    let before_age = connected.elapsed();
+    if before_age < AGE - Duration::from_millis(500) {
+        let a = portal
+            .query(PER_MEMBER, true, None)
+            .await
+            .expect("the open connection still serves until its age runs out");
+        assert_eq!(member_state(&a.summary, "suzhou"), MemberState::Ok);
+    }
+    let e = Client::connect(
+        &region.endpoint(OFFICE),
+        &region.layout.ca,
+        &portal_crt,
+        &portal_key,
+    )
+    .unwrap()
+    .query(PER_MEMBER, false, Some(Duration::from_secs(5)))
+    .await
+    .expect_err("a new connection with a revoked certificate")
+    .to_string();
+    assert!(e.contains("revoked"), "{e}");
+
+    // The coordinator's new configuration dials Hangzhou afresh and refuses its
+    // revoked certificate.
+    let a = region
+        .client(OFFICE)
+        .query(PER_MEMBER, true, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        member_state(&a.summary, "hangzhou"),
+        MemberState::Unavailable
+    );
+    assert_eq!(member_state(&a.summary, "suzhou"), MemberState::Ok);
+
+    // Once its age has run out, the portal's old connection ends, and reconnecting
+    // with the revoked certificate fails.
+    tokio::time::sleep((AGE + Duration::from_secs(1)).saturating_sub(connected.elapsed())).await;
+    let e = portal
+        .query(PER_MEMBER, true, Some(Duration::from_secs(5)))
+        .await
+        .expect_err("the aged-out connection was replaced by a refused one")
+        .to_string();
+    assert!(e.contains("revoked"), "{e}");
+
+    // The revoked gateway as a client: the others refuse it once they reload.
+    for (name, g) in &region.gateways {
+        let outcome = g.reload().await;
+        if name == "hangzhou" {
+            match outcome {
+                ReloadOutcome::Rejected { reason } => {
+                    assert!(reason.contains("Revoked"), "{reason}")
+                }
+                other => panic!("hangzhou loaded its revoked certificate: {other:?}"),
+            }
+        }
+    }
+    let a = region
+        .client_as_unvouched("hangzhou", "hangzhou")
+        .query(PER_MEMBER, true, None)
+        .await
+        .unwrap();
+    let suzhou = crate::support::member_status(&a.summary, "suzhou");
+    assert_eq!(suzhou.state, MemberState::Unavailable as i32, "{suzhou:?}");
+    assert!(suzhou.reason.contains("revoked"), "{suzhou:?}");
+    assert_eq!(member_state(&a.summary, "hangzhou"), MemberState::Ok);
+}
