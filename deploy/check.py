@@ -35,6 +35,7 @@ that a cluster accepts and runs the manifests (no cluster).
 from __future__ import annotations
 
 import argparse
+import json
 import base64
 import os
 import re
@@ -1045,6 +1046,51 @@ def throwaway_pki(binary: Path | None, ex: Example, tmp: Path) -> tuple[dict[str
     return {"ca.crt": ca / "ca.crt", "tls.crt": crt, "tls.key": key}, ca
 
 
+def check_config_schemas(binary: Path) -> None:
+    """Every configuration file the project ships, against the JSON Schema the binary
+    generates (`fedgate config schema`), with an independent validator (Python's
+    jsonschema); and files with a misspelt key or an unknown value, which must fail."""
+    import jsonschema
+    import tomllib
+
+    R.section("configuration files against `fedgate config schema`")
+    schemas = {}
+    for kind in ("region", "member"):
+        p = run([str(binary), "config", "schema", kind])
+        if not R.check(p.returncode == 0, f"fedgate config schema {kind} prints a schema", output(p)):
+            return
+        schema = json.loads(p.stdout)
+        jsonschema.Draft202012Validator.check_schema(schema)
+        schemas[kind] = jsonschema.Draft202012Validator(schema)
+    R.ok("both are valid JSON Schema (draft 2020-12)")
+    shipped = sorted(
+        f for f in REPO.rglob("*.toml")
+        if f.name != "Cargo.toml" and not any(part in (".git", "target") for part in f.relative_to(REPO).parts)
+    )
+    counts = {"region": 0, "member": 0}
+    for f in shipped:
+        doc = tomllib.loads(f.read_text())
+        kind = "member" if "member" in doc else "region"
+        errors = sorted(schemas[kind].iter_errors(doc), key=lambda e: list(e.path))
+        if R.check(not errors, f"{f.relative_to(REPO)} is a valid {kind} file",
+                   "\n".join(f"{list(e.path)}: {e.message}" for e in errors)):
+            counts[kind] += 1
+    R.check(counts["region"] >= 3 and counts["member"] >= 8,
+            f"{counts['region']} region files and {counts['member']} member files checked")
+    # The schema must refuse what the gateway refuses, or an editor would accept it.
+    member = tomllib.loads((REPO / "federation-configs/demo/hangzhou.toml").read_text())
+    region = tomllib.loads((REPO / "federation-configs/demo/region.toml").read_text())
+    bad = [
+        ("member", {**member, "lisen": member["listen"]}, "a misspelt top-level key"),
+        ("member", {**member, "lifecycle": {"drian": "5s"}}, "a misspelt key in a table"),
+        ("member", {**member, "access": [{**member["access"][0], "level": "everything"}]}, "an unknown access level"),
+        ("region", {**region, "members": [{**region["members"][0], "kind": "province"}]}, "an unknown member kind"),
+        ("region", {k: v for k, v in region.items() if k != "ca"}, "a missing required key"),
+    ]
+    for kind, doc, what in bad:
+        R.check(not schemas[kind].is_valid(doc), f"the {kind} schema refuses {what}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", type=Path, help="the fedgate binary (default: $FEDGATE_BIN)")
@@ -1077,6 +1123,7 @@ def main() -> int:
             R.skip("deploy/README.md's commands, fedgate check, and running the example", "--static-only")
         else:
             check_readme_commands(binary)
+            check_config_schemas(binary)
             if ca is not None:
                 check_with_binary(binary, ex, tmp, tls, ca)
     print("\nNot verified here (no Docker daemon or registry, systemd is not this machine's init, no "

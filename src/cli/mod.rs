@@ -30,6 +30,27 @@ use query::parse_range;
 use query::run_query;
 use query::show_progress;
 
+#[derive(clap::Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Print the JSON Schema of a configuration file, generated from the code (point an
+    /// editor at it: a first line `#:schema ./member.schema.json` for Taplo and Even
+    /// Better TOML).
+    Schema {
+        /// Which file.
+        #[arg(value_enum)]
+        file: SchemaOf,
+    },
+}
+
+/// The two kinds of configuration file.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum SchemaOf {
+    /// `region.toml`.
+    Region,
+    /// A member's own file.
+    Member,
+}
+
 /// Exit code of a query whose answer is partial (some members are missing).
 pub(crate) const EXIT_PARTIAL: u8 = 3;
 
@@ -139,6 +160,11 @@ pub(crate) enum Command {
     Pki {
         #[command(subcommand)]
         command: PkiCommand,
+    },
+    /// Configuration files: their JSON Schema, for editors.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
     },
     /// Work with a gateway's tamper-evident audit log.
     Audit {
@@ -295,6 +321,16 @@ pub(crate) async fn run(cmd: Command) -> Result<ExitCode> {
         Command::Describe { conn, purpose } => describe(&connect(&conn)?, purpose.as_deref()).await,
         Command::Check { config } => check(&config).await,
         Command::Pki { command } => pki_command(command),
+        Command::Config {
+            command: ConfigCommand::Schema { file },
+        } => {
+            let schema = match file {
+                SchemaOf::Region => fedgate::config::raw::region_schema(),
+                SchemaOf::Member => fedgate::config::raw::member_schema(),
+            };
+            println!("{}", serde_json::to_string_pretty(&schema)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit {
             command: AuditCommand::Verify { file, head },
         } => audit_verify(&file, head.as_ref()),

@@ -6,10 +6,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// `region.toml`: the same file at every member.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRegion {
     /// Region name, the first segment of every identity (`fedgate://<region>/...`).
@@ -33,7 +34,7 @@ pub struct RawRegion {
 
 /// A published service: a named query over the canonical datasets whose parameters
 /// are bound as typed values, never spliced into its text.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawService {
     /// Name in `Federation.Invoke` and `POST /v1/services/{name}`.
@@ -55,12 +56,13 @@ pub struct RawService {
 }
 
 /// A parameter of a published service.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawParam {
     /// Name (`$name` in the SQL; the key in a JSON body).
     pub name: String,
     /// `utf8`, `int64`, `float64`, `boolean` or `date`.
+    #[schemars(extend("enum" = ["utf8", "string", "text", "int64", "bigint", "float64", "double", "boolean", "bool", "date", "date32"]))]
     #[serde(rename = "type")]
     pub data_type: String,
     /// What to pass.
@@ -69,12 +71,13 @@ pub struct RawParam {
 }
 
 /// A region member: a gateway (with an endpoint) or a client-only identity.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawMember {
     /// Short name, unique in the region.
     pub name: String,
     /// `city`, `county` or `office`.
+    #[schemars(extend("enum" = ["city", "county", "office"]))]
     pub kind: String,
     /// Certificate identity; defaults to `fedgate://<region>/<kind>/<name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,7 +91,7 @@ pub struct RawMember {
 }
 
 /// A canonical dataset of the region.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawDataset {
     /// Table name in SQL.
@@ -109,12 +112,13 @@ pub struct RawDataset {
 }
 
 /// A field of a canonical dataset.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawField {
     /// Column name.
     pub name: String,
     /// `utf8`, `int64`, `float64`, `boolean` or `date`.
+    #[schemars(extend("enum" = ["utf8", "string", "text", "int64", "bigint", "float64", "double", "boolean", "bool", "date", "date32"]))]
     #[serde(rename = "type")]
     pub data_type: String,
     /// What the field means.
@@ -126,7 +130,7 @@ pub struct RawField {
 }
 
 /// One member's own file.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawMemberConfig {
     /// This gateway's member name in the region file.
@@ -187,7 +191,7 @@ pub struct RawMemberConfig {
 }
 
 /// Limits of a gateway.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     /// Deadline for queries that state none, e.g. `"30s"`.
@@ -226,9 +230,10 @@ pub struct RawLimits {
 }
 
 /// What one principal class may use of a gateway's query slots.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmission {
+    #[schemars(extend("enum" = ["office", "city", "county"]))]
     /// `office`, `city` or `county`.
     pub class: String,
     /// Slots only this class may use.
@@ -243,6 +248,7 @@ pub struct RawAdmission {
     /// `normal` or `low`: sub-queries of a `low` class run on the owner's
     /// low-priority threads (`[[subquery_admission]]` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["normal", "low"]))]
     pub priority: Option<String>,
     /// Sustained queries per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,12 +259,13 @@ pub struct RawAdmission {
 }
 
 /// A local data source: a file, or a table in one of the member's databases.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
     /// Name used by mappings.
     pub name: String,
     /// `csv`, `parquet`, or the kind of the database holding the table: `postgres`,
+    #[schemars(extend("enum" = ["csv", "parquet", "postgres", "mysql", "flight-sql"]))]
     /// `mysql` or `flight-sql`.
     pub format: String,
     /// File path (relative to the member file), for files.
@@ -277,7 +284,7 @@ pub struct RawSource {
 }
 
 /// A database that sources read.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawDatabase {
     /// Name used by sources.
@@ -286,10 +293,12 @@ pub struct RawDatabase {
     /// `mysql` (MySQL, MariaDB and the databases speaking its protocol) or `flight-sql`
     /// (an engine serving Arrow Flight SQL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["postgres", "mysql", "flight-sql"]))]
     pub kind: Option<String>,
     /// The SQL a `flight-sql` engine speaks: `datafusion` (default), `mysql` or
     /// `postgres`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["datafusion", "mysql", "postgres"]))]
     pub dialect: Option<String>,
     /// Host name or IP address.
     pub host: String,
@@ -311,6 +320,7 @@ pub struct RawDatabase {
     /// `disable` (default) or `verify-full` (TLS, server certificate checked against
     /// `ca` and the host name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["disable", "verify-full"]))]
     pub tls: Option<String>,
     /// CA bundle (PEM) that signed the server's certificate, for `verify-full`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -330,7 +340,7 @@ pub struct RawDatabase {
 }
 
 /// A code table: local names to canonical codes.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCodeTable {
     /// Name used by mappings.
@@ -350,7 +360,7 @@ pub struct RawCodeTable {
 }
 
 /// How one local source becomes (part of) a canonical dataset.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawMapping {
     /// Canonical dataset.
@@ -365,7 +375,7 @@ pub struct RawMapping {
 }
 
 /// A field definition: an SQL expression over local columns, or a table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum RawFieldMapping {
     /// An SQL expression over local columns.
@@ -375,7 +385,7 @@ pub enum RawFieldMapping {
 }
 
 /// A field definition with a conversion.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawFieldDetail {
     /// A local column, taken as is (any characters; quoting is done for you).
@@ -420,13 +430,14 @@ impl<'de> Deserialize<'de> for RawFieldMapping {
 }
 
 /// An access rule at the data owner.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAccessRule {
     /// Principal patterns: an identity, `fedgate://yrd/county/*`, or `*`.
     pub principals: Vec<String>,
     /// Canonical datasets, or `*`.
     pub datasets: Vec<String>,
+    #[schemars(extend("enum" = ["rows", "masked", "aggregate", "verify", "deny"]))]
     /// `rows`, `masked`, `aggregate`, `verify` or `deny`.
     pub level: String,
     /// Field masks: field name to `id_keep_ends`, `id_region`, `phone`, `surname`,
@@ -453,7 +464,7 @@ pub struct RawAccessRule {
 }
 
 /// `[http]`: the gateway's HTTP port.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawHttp {
     /// Address to listen on, `host:port`.
@@ -467,7 +478,7 @@ pub struct RawHttp {
 
 /// `[postgres]`: the gateway's PostgreSQL wire protocol port. Always TLS with a client
 /// certificate from the region CA: the certificate is the caller's identity.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPostgres {
     /// Address to listen on, `host:port`.
@@ -479,7 +490,7 @@ pub struct RawPostgres {
 
 /// `[lifecycle]`: how the gateway tells orchestrators it is ready, how it stops, and
 /// how long a connection may live.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawLifecycle {
     /// After SIGTERM the gateway reports itself not ready at once and keeps serving
@@ -500,10 +511,26 @@ pub struct RawLifecycle {
 }
 
 /// `[telemetry]`: where spans go.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawTelemetry {
     /// OTLP/gRPC collector endpoint, e.g. `http://127.0.0.1:4317`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+}
+
+/// The JSON Schema of `region.toml` (draft 2020-12), generated from [`RawRegion`], for
+/// editors (`fedgate config schema region`).
+pub fn region_schema() -> serde_json::Value {
+    let mut s = schemars::schema_for!(RawRegion).to_value();
+    s["title"] = "fedgate region file (region.toml)".into();
+    s
+}
+
+/// The JSON Schema of a member file (draft 2020-12), generated from
+/// [`RawMemberConfig`] (`fedgate config schema member`).
+pub fn member_schema() -> serde_json::Value {
+    let mut s = schemars::schema_for!(RawMemberConfig).to_value();
+    s["title"] = "fedgate member file (<member>.toml)".into();
+    s
 }
