@@ -118,6 +118,8 @@ pub struct MemberConfig {
     pub hmac_key: Arc<[u8]>,
     /// Where this gateway appends its audit records.
     pub audit_path: PathBuf,
+    /// Where the audit records are also exported as JSON lines, if anywhere.
+    pub audit_export: Option<PathBuf>,
     /// Version: a hash of the region and member files and of every file they name
     /// (code tables, secrets, certificates and keys): a changed code table or key is
     /// a new version.
@@ -248,6 +250,14 @@ impl MemberConfig {
             None => resolve(path, Path::new(&format!("audit/{}.log", member.name))),
         };
 
+        let audit_export = raw.audit_export.as_ref().map(|e| resolve(path, &e.path));
+        if audit_export.as_ref() == Some(&audit_path) {
+            pr.add(
+                path,
+                "audit_export.path",
+                "must not be the audit log itself".to_string(),
+            );
+        }
         let files = named_files(path, &raw, &region, &databases, (&cert_path, &key_path));
         let version = {
             let mut h = Sha256::new();
@@ -284,6 +294,7 @@ impl MemberConfig {
             access,
             hmac_key,
             audit_path,
+            audit_export,
             version,
             files,
             region,

@@ -188,6 +188,9 @@ pub struct RawMemberConfig {
     /// The audit log (default: `audit/<member>.log` beside this file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<PathBuf>,
+    /// Audit records also shipped as JSON lines, for a SIEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_export: Option<RawAuditExport>,
 }
 
 /// Limits of a gateway.
@@ -508,6 +511,15 @@ pub struct RawLifecycle {
     /// revocation, again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connection_age: Option<String>,
+}
+
+/// `[audit_export]`: the audit records as JSON lines (schema `fedgate.audit.v1`) in a
+/// file a log shipper forwards.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuditExport {
+    /// The JSON-lines file (relative to this file); a cursor is kept beside it.
+    pub path: PathBuf,
 }
 
 /// `[telemetry]`: where spans go.

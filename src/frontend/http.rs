@@ -162,6 +162,8 @@ pub fn router(current: Current, audit: Arc<AuditLog>, lifecycle: Arc<Lifecycle>)
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/audit", get(audit_tail))
+        .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/services", get(services))
         .route("/v1/query", post(query))
         .route("/v1/services/{name}", post(invoke))
@@ -230,7 +232,8 @@ async fn not_found() -> Response {
     error_response(
         &Error::NotFound(
             "no such path; the API is GET /v1/status, GET /v1/services, POST /v1/query, \
-             POST /v1/services/{name}, GET /metrics, GET /healthz, GET /livez, GET /readyz"
+             POST /v1/services/{name}, GET /v1/audit, GET /v1/audit/verify, GET /metrics, GET /healthz, \
+             GET /livez, GET /readyz"
                 .into(),
         ),
         None,
@@ -250,6 +253,12 @@ async fn metrics(State(app): State<AppState>) -> Response {
         &g.admission(),
         app.audit.written(),
         g.coordinator().tls_expiries(),
+        app.audit.export_progress().map(|p| {
+            (
+                p.seq.load(std::sync::atomic::Ordering::Relaxed),
+                p.broken_at.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        }),
     );
     (
         [(
@@ -350,6 +359,94 @@ async fn services(
         return error_response(&e, None);
     }
     axum::Json(json!({ "services": services_json(&g) })).into_response()
+}
+
+/// Most records `GET /v1/audit` returns at once.
+const MAX_AUDIT_PAGE: usize = 500;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditPage {
+    /// How many of the latest records (default 50).
+    limit: Option<usize>,
+}
+
+/// The audit log is this member's own record of who read what: only its own identity
+/// (its operators, on the plain loopback port or with the gateway's certificate) may
+/// browse or verify it.
+fn operator_only(g: &FederationService, who: &Principal) -> Option<Response> {
+    (who != &g.config().member.principal).then(|| {
+        http_error(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            format!(
+                "the audit log is shown to this member's own identity ({}) only",
+                g.config().member.principal
+            ),
+        )
+    })
+}
+
+/// `GET /v1/audit?limit=N`: the latest records, newest last, as the log holds them.
+async fn audit_tail(
+    State(app): State<AppState>,
+    Extension(Caller(who)): Extension<Caller>,
+    axum::extract::Query(page): axum::extract::Query<AuditPage>,
+) -> Response {
+    let g = app.current.load();
+    if let Some(r) = operator_only(&g, &who) {
+        return r;
+    }
+    let limit = page.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_AUDIT_PAGE {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("limit must be from 1 to {MAX_AUDIT_PAGE}"),
+        );
+    }
+    let path = app.audit.path().to_path_buf();
+    let read = tokio::task::spawn_blocking(move || crate::ops::audit::tail(&path, limit)).await;
+    match read {
+        Ok(Ok(lines)) => {
+            let records: Vec<serde_json::Value> = lines
+                .iter()
+                .filter_map(|l| serde_json::from_slice(l).ok())
+                .collect();
+            axum::Json(json!({
+                "log": app.audit.path().display().to_string(),
+                "head": { "seq": app.audit.head().seq, "hash": app.audit.head().hash },
+                "records": records,
+            }))
+            .into_response()
+        }
+        Ok(Err(e)) => error_response(&e, None),
+        Err(e) => error_response(&Error::Internal(e.to_string()), None),
+    }
+}
+
+/// `GET /v1/audit/verify`: the whole chain checked, as `fedgate audit verify` does.
+async fn audit_verify(
+    State(app): State<AppState>,
+    Extension(Caller(who)): Extension<Caller>,
+) -> Response {
+    let g = app.current.load();
+    if let Some(r) = operator_only(&g, &who) {
+        return r;
+    }
+    let path = app.audit.path().to_path_buf();
+    match tokio::task::spawn_blocking(move || crate::ops::audit::verify(&path)).await {
+        Ok(Ok(report)) => axum::Json(json!({
+            "records": report.records,
+            "head": { "seq": report.head.seq, "hash": report.head.hash },
+            "broken": report.broken.map(|b| json!({
+                "seq": b.seq, "line": b.line, "problem": b.problem,
+            })),
+        }))
+        .into_response(),
+        Ok(Err(e)) => error_response(&e, None),
+        Err(e) => error_response(&Error::Internal(e.to_string()), None),
+    }
 }
 
 async fn status(

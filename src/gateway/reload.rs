@@ -113,6 +113,10 @@ impl Reloader {
             ("listen", config.listen != old.config.listen),
             ("member", config.member.name != old.config.member.name),
             ("audit", config.audit_path != old.config.audit_path),
+            (
+                "audit_export",
+                config.audit_export != old.config.audit_export,
+            ),
             ("http", config.http != old.config.http),
             ("postgres", config.postgres != old.config.postgres),
             ("lifecycle", config.lifecycle != old.config.lifecycle),

@@ -54,6 +54,7 @@ pub struct Gateway {
     /// queries in flight at most.
     longest_query: Duration,
     probes_task: Option<tokio::task::JoinHandle<()>>,
+    exporter: Option<tokio::task::JoinHandle<()>>,
     shutdown: Option<oneshot::Sender<()>>,
     http_stop: tokio::sync::watch::Sender<bool>,
     http_task: Option<tokio::task::JoinHandle<()>>,
@@ -97,6 +98,19 @@ impl Gateway {
             None => (None, None),
         };
         let audit = Arc::new(AuditLog::open(&config.audit_path)?);
+        // Off every query's path: the exporter reads the log back from the file.
+        let exporter = match &config.audit_export {
+            Some(sink) => Some(tokio::spawn(
+                crate::ops::audit::export::Exporter::new(
+                    audit.clone(),
+                    sink,
+                    &config.member.name,
+                    &config.member.principal.uri(),
+                )?
+                .run(),
+            )),
+            None => None,
+        };
         let observer = Arc::new(crate::ops::observe::Observer::new());
         let first =
             Generation::build(config.clone(), audit.clone(), observer.clone(), None).await?;
@@ -270,6 +284,7 @@ impl Gateway {
             drain: config.lifecycle.drain,
             longest_query: config.limits.max_timeout,
             probes_task,
+            exporter,
             shutdown: Some(tx),
             http_stop,
             http_task,
@@ -338,6 +353,10 @@ impl Gateway {
         self.lifecycle.drain();
         self.watcher.abort();
         self.upkeep.abort();
+        // What it has not exported yet it exports at the next start, from its cursor.
+        if let Some(e) = self.exporter.take() {
+            e.abort();
+        }
         let _ = self.http_stop.send(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -373,6 +392,9 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        if let Some(e) = &self.exporter {
+            e.abort();
+        }
         self.watcher.abort();
         self.upkeep.abort();
         let _ = self.http_stop.send(true);

@@ -393,7 +393,18 @@ impl Observer {
         admission: &[(&'static str, crate::ops::admission::Load)],
         audit_records: u64,
         tls: &crate::trust::tls::Expiries,
+        audit_export: Option<(u64, u64)>,
     ) -> String {
+        // The exported record's seq, and the record the export stopped at because the
+        // log does not verify there (0: none).
+        if let Some((seq, broken_at)) = audit_export {
+            self.recorder
+                .register_gauge(&key("fedgate_audit_exported_seq", &[]), &META)
+                .set(seq as f64);
+            self.recorder
+                .register_gauge(&key("fedgate_audit_export_broken_at_seq", &[]), &META)
+                .set(broken_at as f64);
+        }
         // Timestamps, not seconds left, as Prometheus exporters of certificates do: an
         // alert is `fedgate_certificate_expiry_timestamp_seconds - time() < 30 * 86400`.
         for (what, at) in [("gateway", tls.certificate), ("ca", tls.ca)] {
@@ -557,6 +568,7 @@ fields = [{ name = "x", type = "int64" }]
                 ca: 2_000_000_000,
                 crl_next_update: None,
             },
+            Some((5, 0)),
         );
         for want in [
             r#"fedgate_queries_total{class="county",outcome="failed"} 1"#,
@@ -572,6 +584,7 @@ fields = [{ name = "x", type = "int64" }]
             r#"fedgate_admission_refused_total{door="subqueries",class="city"} 0"#,
             r#"fedgate_certificate_expiry_timestamp_seconds{certificate="gateway"} 1900000000"#,
             r#"fedgate_certificate_expiry_timestamp_seconds{certificate="ca"} 2000000000"#,
+            "fedgate_audit_exported_seq 5",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AttrValue;
 
 use crate::proxy::Fault;
-use crate::support::{PER_MEMBER, Region, patch_region};
+use crate::support::{OFFICE, PER_MEMBER, Region, patch_region};
 
 /// Fever-clinic hospitals per member: Hefei serves no list and is never asked.
 const CLINICS: &str =
@@ -535,11 +535,24 @@ fn flight_sql_as(
 /// has TLS (HTTP/1.1 by hand: the tests have no HTTP client crate). The status line
 /// and body.
 async fn http_query(region: &Region, who: &str, gateway: &str, sql: &str) -> (u16, String) {
+    let body = serde_json::json!({ "sql": sql }).to_string();
+    http_request(region, who, gateway, "POST", "/v1/query", &body).await
+}
+
+/// One HTTP/1.1 request on `gateway`'s HTTP port as `who` (over mutual TLS when the
+/// port has TLS; a plain loopback port acts as the gateway's own member).
+async fn http_request(
+    region: &Region,
+    who: &str,
+    gateway: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = region.gateways[gateway].http_addr.expect("an HTTP port");
-    let body = serde_json::json!({ "sql": sql }).to_string();
     let request = format!(
-        "POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         addr.port(),
         body.len()
@@ -937,4 +950,81 @@ async fn flight_sql_prepared_statements_bind_typed_values_and_drivers_metadata_a
         crate::support::column_strings(&tables, "table_name"),
         ["census"]
     );
+}
+
+/// A member's audit records are exported as JSON lines (schema `fedgate.audit.v1`) as
+/// its log holds them, and its own operators browse and verify the log over HTTP;
+/// any other identity is refused.
+#[tokio::test]
+async fn audit_records_are_exported_and_browsable_by_the_members_own_operators_only() {
+    let region = Region::start_patched(None, &|layout| {
+        crate::support::patch_member(layout, "hangzhou", |m| {
+            m.audit_export = Some(fedgate::config::raw::RawAuditExport {
+                path: "export/hangzhou.jsonl".into(),
+            })
+        })
+    })
+    .await;
+    let a = region
+        .client(OFFICE)
+        .query(crate::support::PER_MEMBER, false, None)
+        .await
+        .unwrap();
+    assert!(a.summary.members.iter().any(|m| m.member == "hangzhou"));
+    let log = crate::support::audit_records(&region.audit_log("hangzhou"));
+    let last = log.last().unwrap().clone();
+    let sink = region.layout.dir.join("export/hangzhou.jsonl");
+    let started = std::time::Instant::now();
+    let exported = loop {
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&sink)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.iter().any(|l| l["hash"] == last["hash"]) {
+            break lines;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not exported: {lines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(exported.len(), log.len());
+    for (e, l) in exported.iter().zip(&log) {
+        assert_eq!(e["schema"], "fedgate.audit.v1");
+        assert_eq!(e["member_identity"], "fedgate://yrd/city/hangzhou");
+        assert_eq!(
+            (&e["seq"], &e["hash"], &e["entry"]),
+            (&l["seq"], &l["hash"], &l["entry"])
+        );
+    }
+
+    // Hangzhou's plain loopback port acts as Hangzhou itself: its operators.
+    let (code, body) =
+        http_request(&region, OFFICE, "hangzhou", "GET", "/v1/audit?limit=2", "").await;
+    assert_eq!(code, 200, "{body}");
+    let page: serde_json::Value =
+        serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let records = page["records"].as_array().unwrap();
+    assert!(!records.is_empty() && records.len() <= 2);
+    assert_eq!(records.last().unwrap()["hash"], last["hash"]);
+    let (code, body) =
+        http_request(&region, OFFICE, "hangzhou", "GET", "/v1/audit/verify", "").await;
+    assert_eq!(code, 200, "{body}");
+    let report: serde_json::Value =
+        serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert!(report["broken"].is_null(), "{report}");
+    assert_eq!(report["records"].as_u64().unwrap() as usize, log.len());
+    let (code, _) = http_request(&region, OFFICE, "hangzhou", "GET", "/v1/audit?limit=0", "").await;
+    assert_eq!(code, 400);
+    // Over mutual TLS: the office's gateway shows its own log to the office, and not
+    // to another member.
+    let (code, _) = http_request(&region, OFFICE, OFFICE, "GET", "/v1/audit", "").await;
+    assert_eq!(code, 200);
+    for path in ["/v1/audit", "/v1/audit/verify"] {
+        let (code, body) = http_request(&region, "hefei", OFFICE, "GET", path, "").await;
+        assert_eq!(code, 403, "{path}: {body}");
+        assert!(body.contains("own identity"), "{body}");
+    }
 }

@@ -5,6 +5,7 @@ downloads are never used) against hangzhou's plain HTTP port.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -121,3 +122,21 @@ def test_board_runs_a_query(page, http_ports, artifacts_dir, expected):
     shot = artifacts_dir / "status-board.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 0
+
+
+def test_board_shows_and_verifies_the_members_own_audit_log(page, http_ports, demo_dir):
+    """Hangzhou's loopback port acts as Hangzhou itself, so its board shows Hangzhou's
+    audit log; the records shown are the last ones of the file (read here directly),
+    and the Verify button reports the chain intact."""
+    page.goto(f"http://127.0.0.1:{http_ports['hangzhou']}/")
+    page.wait_for_selector("#audit-records tr[data-seq]", state="attached")
+    shown = page.eval_on_selector_all("#audit-records tr[data-seq]", "rows => rows.map(r => Number(r.dataset.seq))")
+    log = sorted(demo_dir.rglob("hangzhou.log"))
+    assert log, f"no audit log of hangzhou under {demo_dir}"
+    seqs = [json.loads(line)["seq"] for line in log[0].read_text().splitlines() if line.endswith("}")]
+    assert shown and set(shown) <= set(seqs), (shown, seqs[-5:])
+    assert shown == sorted(shown), shown
+    page.click("#audit-verify")
+    page.wait_for_selector("#audit-verdict[data-state]", state="attached")
+    assert page.get_attribute("#audit-verdict", "data-state") == "intact", page.inner_text("#audit-verdict")
+    assert "records verify" in page.inner_text("#audit-verdict")

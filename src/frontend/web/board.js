@@ -200,6 +200,63 @@ function renderStatus(s) {
     fillBody($("recent"), rows.map(recentRow), "No queries yet."));
 }
 
+// ---------------------------------------------------------------- audit log
+
+function auditRow(r) {
+  const e = r.entry || {};
+  const tr = el("tr", {},
+    el("td", { className: "num", text: String(r.seq) }),
+    el("td", { text: fmtTime(e.time) }),
+    el("td", { text: e.kind || "" }),
+    el("td", { text: e.origin || "" }),
+    el("td", { text: (e.datasets || []).join(", ") }),
+    el("td", { text: e.decision || "" }),
+    el("td", { text: e.level || e.reason || "" }),
+    el("td", { className: "num", text: String(e.rows ?? "") }),
+    el("td", { className: "mono", text: (r.hash || "").slice(0, 12), title: r.hash || "" }));
+  tr.dataset.seq = String(r.seq);
+  return tr;
+}
+
+// Only this member's own identity may read its log: for anyone else the gateway
+// answers 403 and the section stays hidden.
+async function refreshAudit() {
+  try {
+    const resp = await fetch("v1/audit?limit=20", { cache: "no-store", headers: { Accept: "application/json" } });
+    if (!resp.ok) {
+      $("audit").hidden = true;
+      return;
+    }
+    const page = await resp.json();
+    $("audit").hidden = false;
+    renderIfChanged("audit", page.records, (rows) =>
+      fillBody($("audit-records"), rows.map(auditRow), "No records yet."));
+  } catch (e) {
+    $("audit").hidden = true;
+  }
+}
+
+async function verifyAudit() {
+  const verdict = $("audit-verdict");
+  verdict.textContent = "verifying…";
+  delete verdict.dataset.state;
+  try {
+    const resp = await fetch("v1/audit/verify", { cache: "no-store", headers: { Accept: "application/json" } });
+    const body = await resp.json();
+    if (!resp.ok) throw new Error(body.error ? body.error.message : `HTTP ${resp.status}`);
+    if (body.broken) {
+      verdict.dataset.state = "broken";
+      verdict.textContent = `broken at record ${body.broken.seq} (line ${body.broken.line}): ${body.broken.problem}`;
+    } else {
+      verdict.dataset.state = "intact";
+      verdict.textContent = `intact: ${body.records} records verify, head ${body.head.seq} ${body.head.hash.slice(0, 12)}`;
+    }
+  } catch (e) {
+    verdict.dataset.state = "error";
+    verdict.textContent = `could not verify: ${e.message}`;
+  }
+}
+
 // The poll is a chain of timeouts rather than setInterval so that a slow gateway
 // never has two status requests in flight; refresh() may also be called early
 // (after a console run) to show the new query in the recent list at once.
@@ -214,6 +271,7 @@ async function refresh() {
     const resp = await fetch("v1/status", { cache: "no-store", headers: { Accept: "application/json" } });
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
     renderStatus(await resp.json());
+    await refreshAudit();
     live.dataset.state = "ok";
     live.textContent = `live · ${fmtTime(new Date().toISOString())}`;
     document.body.dataset.board = "live";
@@ -423,6 +481,7 @@ $("sql").addEventListener("keydown", (e) => {
   }
 });
 $("svc-run").addEventListener("click", callService);
+$("audit-verify").addEventListener("click", verifyAudit);
 $("svc-name").addEventListener("change", renderServiceParams);
 $("svc-params").addEventListener("keydown", (e) => {
   if (e.key === "Enter") {

@@ -58,6 +58,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+pub mod export;
 mod verify;
 
 use verify::scan_reader;
@@ -219,6 +220,8 @@ pub struct AuditLog {
     synced: Condvar,
     /// `sync_data` calls made by appends (fewer than appends when they group).
     syncs: AtomicU64,
+    /// The exporter's progress, when the records are exported.
+    export: std::sync::OnceLock<std::sync::Arc<export::ExportProgress>>,
 }
 
 /// The disk's side of group commit.
@@ -323,6 +326,7 @@ impl AuditLog {
             }),
             synced: Condvar::new(),
             syncs: Default::default(),
+            export: Default::default(),
             path: path.to_path_buf(),
             inner: Mutex::new(Inner {
                 file,
@@ -486,6 +490,19 @@ impl AuditLog {
             .clone()
     }
 
+    /// The exporter's progress, if this log is exported.
+    pub fn export_progress(&self) -> Option<&std::sync::Arc<export::ExportProgress>> {
+        self.export.get()
+    }
+
+    /// Every record up to this one is on disk.
+    pub fn durable_seq(&self) -> u64 {
+        self.durable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .seq
+    }
+
     /// Records appended since the log was opened.
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
@@ -508,6 +525,45 @@ impl Drop for AuditLog {
             let _ = self.sync_file.sync_data();
         }
     }
+}
+
+/// The last `n` complete lines of the log at `path` (without their `\n`), oldest
+/// first, read from the end of the file so a long log costs no more than its tail.
+pub fn tail(path: &Path, n: usize) -> Result<Vec<Vec<u8>>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |e: std::io::Error| Error::Internal(format!("audit log {}: {e}", path.display()));
+    let mut f = File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut start = len;
+    let mut buf: Vec<u8> = Vec::new();
+    const CHUNK: u64 = 64 * 1024;
+    loop {
+        let newlines = buf.iter().filter(|&&b| b == b'\n').count();
+        // n complete lines need n + 1 newlines unless the file's start is reached.
+        if start == 0 || newlines > n {
+            break;
+        }
+        let from = start.saturating_sub(CHUNK);
+        let mut chunk = vec![0u8; (start - from) as usize];
+        f.seek(SeekFrom::Start(from)).map_err(io)?;
+        f.read_exact(&mut chunk).map_err(io)?;
+        chunk.extend_from_slice(&buf);
+        buf = chunk;
+        start = from;
+    }
+    // Drop an incomplete last line (a record being written) and, unless the file's
+    // start was reached, the partial first line.
+    if let Some(end) = buf.iter().rposition(|&b| b == b'\n') {
+        buf.truncate(end);
+    } else {
+        return Ok(Vec::new());
+    }
+    let mut lines: Vec<Vec<u8>> = buf.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+    if start > 0 && !lines.is_empty() {
+        lines.remove(0);
+    }
+    let skip = lines.len().saturating_sub(n);
+    Ok(lines.split_off(skip))
 }
 
 /// The bytes of record `seq` (with its final `\n`) and its hash.

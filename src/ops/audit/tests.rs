@@ -589,3 +589,158 @@ proptest! {
         }
     }
 }
+
+fn sink_lines(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_export_ships_each_durable_record_once_and_resumes_from_its_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("audit.log");
+    let sink = dir.path().join("siem/audit.jsonl");
+    let log = Arc::new(AuditLog::open(&log_path).unwrap());
+    let mut receipts = Vec::new();
+    for i in 1..=3 {
+        receipts.push(log.append(&entry(i)).unwrap());
+    }
+    let mut ex = export::Exporter::new(
+        log.clone(),
+        &sink,
+        "hangzhou",
+        "fedgate://yrd/city/hangzhou",
+    )
+    .unwrap();
+    assert_eq!(ex.run_once().unwrap(), 3);
+    assert_eq!(ex.run_once().unwrap(), 0, "nothing new, nothing shipped");
+    let lines = sink_lines(&sink);
+    assert_eq!(lines.len(), 3);
+    for (l, r) in lines.iter().zip(&receipts) {
+        assert_eq!(l["schema"], export::SCHEMA);
+        assert_eq!(l["member"], "hangzhou");
+        assert_eq!(l["seq"], r.seq);
+        assert_eq!(l["hash"], r.hash.as_str());
+        assert_eq!(l["@timestamp"], l["entry"]["time"]);
+    }
+    assert_eq!(lines[1]["prev"], receipts[0].hash.as_str());
+    assert_eq!(lines[2]["entry"]["rows"], 3);
+
+    // A restarted gateway resumes after the last record shipped.
+    drop(ex);
+    receipts.push(log.append(&entry(4)).unwrap());
+    let mut again = export::Exporter::new(
+        log.clone(),
+        &sink,
+        "hangzhou",
+        "fedgate://yrd/city/hangzhou",
+    )
+    .unwrap();
+    assert_eq!(again.run_once().unwrap(), 1);
+    let lines = sink_lines(&sink);
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[3]["seq"], 4);
+    assert_eq!(
+        again
+            .progress
+            .seq
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+
+    // A cursor that names another log's record (a new log at the same path) starts
+    // over rather than skipping the new log's first records.
+    drop(again);
+    drop(log);
+    std::fs::remove_file(&log_path).unwrap();
+    let fresh = Arc::new(AuditLog::open(&log_path).unwrap());
+    fresh.append(&entry(9)).unwrap();
+    let mut third = export::Exporter::new(
+        fresh.clone(),
+        &sink,
+        "hangzhou",
+        "fedgate://yrd/city/hangzhou",
+    )
+    .unwrap();
+    assert_eq!(third.run_once().unwrap(), 1);
+    assert_eq!(sink_lines(&sink)[4]["seq"], 1);
+}
+
+#[test]
+fn the_export_stops_at_a_record_that_does_not_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("audit.log");
+    let entries: Vec<AuditEntry> = (1..=4).map(entry).collect();
+    let (bytes, _) = memory_log(&entries);
+    // Record 3's row count edited without fixing its hash.
+    let text = String::from_utf8(bytes).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines[2] = lines[2].replace("\"rows\":3", "\"rows\":30");
+    // A log with the edit cannot be opened (its chain is broken), so the gateway's log
+    // holds the intact first two records and the edit appears behind its back.
+    std::fs::write(&log_path, lines[..2].join("\n") + "\n").unwrap();
+    let log = Arc::new(AuditLog::open(&log_path).unwrap());
+    let sink = dir.path().join("audit.jsonl");
+    let mut ex = export::Exporter::new(log.clone(), &sink, "m", "fedgate://yrd/city/m").unwrap();
+    assert_eq!(ex.run_once().unwrap(), 2);
+    // Someone appends the edited record 3 and an intact-looking 4 behind the
+    // gateway's back; the durable mark is past them once the gateway appends again.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        f.write_all((lines[2..].join("\n") + "\n").as_bytes())
+            .unwrap();
+    }
+    let _ = log.append(&entry(5));
+    assert_eq!(ex.run_once().unwrap(), 0);
+    assert_eq!(
+        ex.progress
+            .broken_at
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    assert_eq!(
+        sink_lines(&sink).len(),
+        2,
+        "nothing past the break is shipped"
+    );
+}
+
+#[test]
+fn the_tail_of_a_log_is_its_last_complete_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.log");
+    let log = AuditLog::open(&p).unwrap();
+    // Enough records that the tail is read in more than one chunk.
+    for i in 1..=400 {
+        log.append(&entry(i)).unwrap();
+    }
+    drop(log);
+    let seqs = |n| -> Vec<u64> {
+        tail(&p, n)
+            .unwrap()
+            .iter()
+            .map(|l| {
+                serde_json::from_slice::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(seqs(3), vec![398, 399, 400]);
+    assert_eq!(seqs(400), (1..=400).collect::<Vec<_>>());
+    assert_eq!(seqs(1000).len(), 400);
+    // A record being written (no newline yet) is not shown.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"{\"seq\":401,\"prev\":\"").unwrap();
+    }
+    assert_eq!(seqs(1), vec![400]);
+}

@@ -1,0 +1,274 @@
+//! Audit records shipped to a SIEM as JSON lines, read back from the log itself.
+//!
+//! The exporter follows the audit log file: every record that is on disk is checked
+//! (its `prev` is the hash before it, its `hash` is recomputed from its bytes) and
+//! appended to the sink, a JSON-lines file a log shipper (Fluent Bit, Filebeat, Vector)
+//! forwards. It never sits on a query's path: a query waits for its record in the log,
+//! never for the sink. A cursor beside the sink (`<sink>.cursor`) says how far it got,
+//! so a restarted gateway resumes where it stopped: delivery is at least once (a crash
+//! between writing the sink and the cursor repeats those records), and `member` with
+//! `seq` identifies a record for deduplication. A log whose chain does not verify is
+//! not exported past the break: the export stops, says where, and counts it.
+//!
+//! # The record, version 1 (`"schema": "fedgate.audit.v1"`)
+//!
+//! ```text
+//! {"schema":"fedgate.audit.v1","@timestamp":"2026-12-05T01:02:03.456Z",
+//!  "member":"hangzhou","member_identity":"fedgate://yrd/city/hangzhou",
+//!  "seq":12,"prev":"…","hash":"…","entry":{…the log's entry, unchanged…}}
+//! ```
+//!
+//! `entry` is the log's [`AuditEntry`](super::AuditEntry) as written there (kind, time,
+//! query id, via, origin, purpose, datasets, SQL hash, decision, rule, level, reason,
+//! rows, bytes, members). A new field may appear in `entry` within version 1; a
+//! field removed or changed in meaning is a new version.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{AuditLog, GENESIS, HASH_MARKER};
+use crate::error::{Error, Result};
+
+/// The version of the exported record.
+pub const SCHEMA: &str = "fedgate.audit.v1";
+
+/// How often the exporter looks for new records.
+pub const EXPORT_POLL: Duration = Duration::from_millis(500);
+
+/// How far the sink has the log: the byte offset after the last exported record, its
+/// seq and hash.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Cursor {
+    offset: u64,
+    seq: u64,
+    hash: String,
+}
+
+/// The exporter's progress, for metrics and the board.
+#[derive(Debug, Default)]
+pub struct ExportProgress {
+    /// The last record exported.
+    pub seq: AtomicU64,
+    /// The seq of a record that failed verification (0: none); the export stops there.
+    pub broken_at: AtomicU64,
+}
+
+/// Follows one audit log into one sink.
+pub struct Exporter {
+    log: Arc<AuditLog>,
+    sink: PathBuf,
+    cursor_path: PathBuf,
+    cursor: Cursor,
+    member: String,
+    identity: String,
+    /// Shared with metrics.
+    pub progress: Arc<ExportProgress>,
+}
+
+impl Exporter {
+    /// An exporter of `log` into `sink`, resuming from the cursor beside it if that
+    /// cursor describes this log (same record at the same place); otherwise from the
+    /// first record.
+    pub fn new(log: Arc<AuditLog>, sink: &Path, member: &str, identity: &str) -> Result<Exporter> {
+        let cursor_path = PathBuf::from(format!("{}.cursor", sink.display()));
+        let mut cursor = match std::fs::read(&cursor_path) {
+            Ok(bytes) => serde_json::from_slice::<Cursor>(&bytes).unwrap_or_default(),
+            Err(_) => Cursor::default(),
+        };
+        if cursor.seq > 0 && !cursor_matches(log.path(), &cursor) {
+            tracing::warn!(
+                sink = %sink.display(),
+                seq = cursor.seq,
+                "the audit export cursor does not match the log (a new log?); exporting it from its first record"
+            );
+            cursor = Cursor::default();
+        }
+        if let Some(dir) = sink.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Config(format!("audit export {}: {e}", sink.display())))?;
+        }
+        let progress = log
+            .export
+            .get_or_init(|| Arc::new(ExportProgress::default()))
+            .clone();
+        progress.seq.store(cursor.seq, Ordering::Relaxed);
+        Ok(Exporter {
+            log,
+            sink: sink.to_path_buf(),
+            cursor_path,
+            cursor,
+            member: member.to_string(),
+            identity: identity.to_string(),
+            progress,
+        })
+    }
+
+    /// Exports every durable record not exported yet; returns how many.
+    pub fn run_once(&mut self) -> Result<u64> {
+        if self.progress.broken_at.load(Ordering::Relaxed) != 0 {
+            return Ok(0);
+        }
+        let durable = self.log.durable_seq();
+        if durable <= self.cursor.seq {
+            return Ok(0);
+        }
+        let io = |e: std::io::Error| Error::Internal(format!("audit export: {e}"));
+        let mut f = std::fs::File::open(self.log.path()).map_err(io)?;
+        f.seek(SeekFrom::Start(self.cursor.offset)).map_err(io)?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).map_err(io)?;
+        let mut out = Vec::new();
+        let mut next = self.cursor.clone();
+        let mut rest = &bytes[..];
+        let mut exported = 0;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            let line = &rest[..end];
+            let record = match check(line, &next) {
+                Ok(r) => r,
+                Err(problem) => {
+                    let at = next.seq + 1;
+                    self.progress.broken_at.store(at, Ordering::Relaxed);
+                    tracing::error!(record = at, %problem, log = %self.log.path().display(), "audit export stopped: the log does not verify here");
+                    break;
+                }
+            };
+            if record.seq > durable {
+                break;
+            }
+            let exported_record = serde_json::json!({
+                "schema": SCHEMA,
+                "@timestamp": record.entry.get("time").cloned().unwrap_or_default(),
+                "member": self.member,
+                "member_identity": self.identity,
+                "seq": record.seq,
+                "prev": record.prev,
+                "hash": record.hash,
+                "entry": record.entry,
+            });
+            serde_json::to_writer(&mut out, &exported_record)
+                .map_err(|e| Error::Internal(format!("audit export: {e}")))?;
+            out.push(b'\n');
+            next = Cursor {
+                offset: next.offset + end as u64 + 1,
+                seq: record.seq,
+                hash: record.hash,
+            };
+            exported += 1;
+            rest = &rest[end + 1..];
+        }
+        if exported == 0 {
+            return Ok(0);
+        }
+        let mut sink = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.sink)
+            .map_err(io)?;
+        sink.write_all(&out).map_err(io)?;
+        sink.sync_data().map_err(io)?;
+        // The cursor moves only once the records are on disk in the sink.
+        let tmp = PathBuf::from(format!("{}.tmp", self.cursor_path.display()));
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(&next).map_err(|e| Error::Internal(e.to_string()))?,
+        )
+        .map_err(io)?;
+        std::fs::rename(&tmp, &self.cursor_path).map_err(io)?;
+        self.cursor = next;
+        self.progress.seq.store(self.cursor.seq, Ordering::Relaxed);
+        Ok(exported)
+    }
+
+    /// Exports every [`EXPORT_POLL`] until the task is dropped.
+    pub async fn run(mut self) {
+        loop {
+            let mut me = self;
+            let (back, r) = tokio::task::spawn_blocking(move || {
+                let r = me.run_once();
+                (me, r)
+            })
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            self = back;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, sink = %self.sink.display(), "audit export failed; retrying");
+            }
+            tokio::time::sleep(EXPORT_POLL).await;
+        }
+    }
+}
+
+/// One record of the log, checked against the one before it.
+struct Record {
+    seq: u64,
+    prev: String,
+    hash: String,
+    entry: serde_json::Value,
+}
+
+fn check(line: &[u8], before: &Cursor) -> std::result::Result<Record, String> {
+    let at = line
+        .windows(HASH_MARKER.len())
+        .rposition(|w| w == HASH_MARKER)
+        .ok_or("no hash")?;
+    let computed = hex::encode(Sha256::digest(&line[..at]));
+    #[derive(Deserialize)]
+    struct Raw {
+        seq: u64,
+        prev: String,
+        entry: serde_json::Value,
+        hash: String,
+    }
+    let raw: Raw = serde_json::from_slice(line).map_err(|e| format!("not a record: {e}"))?;
+    let prev_hash = if before.seq == 0 {
+        GENESIS
+    } else {
+        &before.hash
+    };
+    if raw.seq != before.seq + 1 {
+        return Err(format!("seq {} follows {}", raw.seq, before.seq));
+    }
+    if raw.prev != prev_hash {
+        return Err("prev is not the hash of the record before".into());
+    }
+    if raw.hash != computed {
+        return Err("hash does not match the record's bytes".into());
+    }
+    Ok(Record {
+        seq: raw.seq,
+        prev: raw.prev,
+        hash: raw.hash,
+        entry: raw.entry,
+    })
+}
+
+/// Whether the log holds, ending at `cursor.offset`, the record `cursor` names.
+fn cursor_matches(log: &Path, cursor: &Cursor) -> bool {
+    let Ok(mut f) = std::fs::File::open(log) else {
+        return false;
+    };
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return false;
+    };
+    if cursor.offset == 0 || cursor.offset > len {
+        return false;
+    }
+    // The record ends at `offset - 1` (its `\n`); its hash is the 64 hex characters
+    // before the closing `"}`.
+    let Some(start) = cursor.offset.checked_sub(67) else {
+        return false;
+    };
+    let mut tail = [0u8; 67];
+    if f.seek(SeekFrom::Start(start)).is_err() || f.read_exact(&mut tail).is_err() {
+        return false;
+    }
+    &tail[64..] == b"\"}\n" && tail[..64] == *cursor.hash.as_bytes()
+}
