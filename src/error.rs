@@ -313,6 +313,35 @@ impl Error {
             D::SQL(..) | D::Plan(..) | D::SchemaError(..) | D::NotImplemented(..) => {
                 Error::InvalidQuery(strip_df_prefix(&e.find_root().to_string()))
             }
+            // Type checks DataFusion repeats while optimizing report a caller's
+            // mismatched function arguments as internal errors, with planning errors
+            // inside (found by the fuzzer: `substr(member, member)` in a derived table
+            // ordered by a subquery). They are the caller's query, not a fault here.
+            D::Internal(m) if m.contains("Error during planning: ") => Error::InvalidQuery(
+                m.split("\nThis issue was likely caused by a bug in DataFusion")
+                    .next()
+                    .unwrap_or(m)
+                    .trim()
+                    .to_string(),
+            ),
+            // What a query's own expressions raise while it plans or runs (an
+            // aggregate over a NULL literal, an overflow, a division by zero, a value
+            // that does not cast) is the caller's query too, and retrying it does not
+            // help. Faults of reading data (I/O, object stores, a database) are not
+            // among these: they arrive as other variants, or as fedgate errors.
+            D::Execution(m) => Error::InvalidQuery(m.clone()),
+            D::ArrowError(a, _)
+                if matches!(
+                    a.as_ref(),
+                    arrow::error::ArrowError::DivideByZero
+                        | arrow::error::ArrowError::ArithmeticOverflow(_)
+                        | arrow::error::ArrowError::CastError(_)
+                        | arrow::error::ArrowError::InvalidArgumentError(_)
+                        | arrow::error::ArrowError::ComputeError(_)
+                ) =>
+            {
+                Error::InvalidQuery(a.to_string())
+            }
             D::ResourcesExhausted(m) => Error::TooLarge(format!(
                 "it needs more memory than one query may use here \
                  (limits.query_memory_bytes): {m}"
@@ -362,6 +391,53 @@ fn strip_df_prefix(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_planning_error_raised_as_internal_is_the_callers_query() {
+        let e = Error::from_datafusion(datafusion::error::DataFusionError::Internal(
+            "Function 'substr' failed to match any signature, errors: Error during planning: \
+             Function 'substr' requires Int64, but received String (DataType: Utf8).\n\
+             This issue was likely caused by a bug in DataFusion's code. Please help us"
+                .into(),
+        ));
+        match e {
+            Error::InvalidQuery(m) => {
+                assert!(
+                    m.contains("substr") && !m.contains("bug in DataFusion"),
+                    "{m}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Error::from_datafusion(datafusion::error::DataFusionError::Internal("x".into())),
+            Error::Internal(_)
+        ));
+        // Also found by the fuzzer: `sum(NULL)` fails while it plans.
+        assert!(matches!(
+            Error::from_datafusion(datafusion::error::DataFusionError::Execution(
+                "[return_type] SUM not supported for Null".into()
+            )),
+            Error::InvalidQuery(_)
+        ));
+        assert!(matches!(
+            Error::from_datafusion(datafusion::error::DataFusionError::ArrowError(
+                Box::new(arrow::error::ArrowError::DivideByZero),
+                None
+            )),
+            Error::InvalidQuery(_)
+        ));
+        assert!(matches!(
+            Error::from_datafusion(datafusion::error::DataFusionError::ArrowError(
+                Box::new(arrow::error::ArrowError::IoError(
+                    "disk".into(),
+                    std::io::Error::other("x")
+                )),
+                None
+            )),
+            Error::Internal(_)
+        ));
+    }
 
     #[test]
     fn member_errors_name_the_member_and_map_to_codes() {

@@ -311,6 +311,17 @@ impl Gateway {
         self.reloader.current.load().federation.admission()
     }
 
+    /// The routes of the HTTP port, without its listener (identity comes from a
+    /// [`crate::frontend::http::Caller`] extension): for driving requests in process.
+    pub fn http_routes(&self) -> axum::Router {
+        let current = self.reloader.current.clone();
+        crate::frontend::http::router(
+            Current::new(move || current.load().federation.clone()),
+            self.reloader.audit.clone(),
+            self.lifecycle.clone(),
+        )
+    }
+
     /// `[lifecycle] drain`: how long to keep serving after [`Gateway::begin_drain`].
     pub fn drain_period(&self) -> Duration {
         self.drain

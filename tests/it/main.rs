@@ -15,6 +15,7 @@ mod faults;
 mod federation;
 mod flight_source;
 mod frontends;
+mod fuzz;
 mod lifecycle;
 mod loadgen;
 mod mysql;
