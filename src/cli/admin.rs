@@ -122,7 +122,12 @@ pub(crate) async fn serve(config: &Path) -> Result<ExitCode> {
                 _ = shutdown_signal() => {}
             }
             eprintln!("fedgate: shutting down, letting in-flight queries finish");
-            gw.shutdown().await;
+            tokio::select! {
+                _ = gw.shutdown() => {}
+                _ = shutdown_signal() => {
+                    eprintln!("fedgate: stopping now, without the queries in flight");
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

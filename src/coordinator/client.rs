@@ -126,8 +126,21 @@ fn retry_hint(s: &tonic::Status) -> Option<Duration> {
 }
 
 fn is_transport_failure(s: &tonic::Status) -> bool {
-    s.code() == tonic::Code::Unavailable
-        && s.metadata().get(crate::error::DATABASE_METADATA).is_none()
+    s.metadata().get(crate::error::DATABASE_METADATA).is_none()
+        && (s.code() == tonic::Code::Unavailable || link_failed(s))
+}
+
+/// The connection failed under the call rather than the member answering: tonic
+/// reports these with codes Unknown or Cancelled and the transport's words. The
+/// commonest is a member ending an aged connection (`[lifecycle] max_connection_age`,
+/// GOAWAY) just as a new call starts on it (found by the soak: "connection closed",
+/// "not a result of an error"); a read-only sub-query is safe to send again. In TLS 1.3
+/// a refused client certificate arrives the same way, as an alert on the first read.
+fn link_failed(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled)
+        && ["transport error", "h2 protocol error", "connection closed"]
+            .iter()
+            .any(|w| s.message().contains(w))
 }
 
 /// Marks a health probe abandoned if its query is dropped before the probe ends, so
@@ -168,13 +181,8 @@ fn member_error(member: &str, e: Error) -> Error {
 /// Classifies a gRPC status from a member that had `budget` to answer.
 fn status_error(member: &str, endpoint: &str, budget: Duration, s: tonic::Status) -> Error {
     use tonic::Code;
-    // In TLS 1.3 the server checks the client's certificate after the client has
-    // finished its handshake, so a refusal (a revoked certificate, say) arrives as an
-    // alert on the first read, which tonic reports with code Unknown: the link
-    // failed, not the member's answer.
-    let refused_link = s.code() == Code::Unknown && s.message().starts_with("transport error");
     let failure = match s.code() {
-        _ if refused_link => MemberFailure::Unavailable,
+        _ if link_failed(&s) => MemberFailure::Unavailable,
         Code::Unavailable => MemberFailure::Unavailable,
         Code::DeadlineExceeded | Code::Cancelled => MemberFailure::TimedOut,
         Code::PermissionDenied | Code::Unauthenticated => MemberFailure::Denied,

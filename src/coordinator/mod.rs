@@ -257,6 +257,8 @@ pub struct Coordinator {
     tasks: [Arc<datafusion::execution::TaskContext>; 2],
     /// When the TLS material the clients use expires (for the metrics).
     expiries: crate::trust::tls::Expiries,
+    /// Serial numbers the region's revocation lists name.
+    revoked: Arc<std::collections::HashSet<Vec<u8>>>,
 }
 
 /// A planning session over the canonical tables, with or without the pushdown rule.
@@ -297,6 +299,11 @@ fn merge_reserve(total: Duration) -> Duration {
 }
 
 impl Coordinator {
+    /// Whether the revocation lists in force name the certificate with this serial.
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        !serial.is_empty() && self.revoked.contains(serial)
+    }
+
     /// When this gateway's certificate, the CA and the revocation lists expire.
     pub fn tls_expiries(&self) -> &crate::trust::tls::Expiries {
         &self.expiries
@@ -380,6 +387,7 @@ impl Coordinator {
         Ok(Coordinator {
             config,
             expiries: tls.expiries.clone(),
+            revoked: tls.revoked.clone(),
             clients,
             tables,
             sessions,

@@ -296,7 +296,11 @@ impl Federation for FederationService {
 pub fn identity_check(current: Current) -> impl tonic::service::Interceptor + Clone {
     move |req: Request<()>| -> std::result::Result<Request<()>, Status> {
         let p = caller(&req)?;
-        known_identity(&current.load().config().region, &p).map_err(|e| e.to_status())?;
+        let g = current.load();
+        known_identity(&g.config().region, &p).map_err(|e| e.to_status())?;
+        if let Some(info) = req.extensions().get::<crate::trust::tls::PeerInfo>() {
+            super::not_revoked(&g, &p, &info.serial).map_err(|e| e.to_status())?;
+        }
         Ok(req)
     }
 }

@@ -42,6 +42,10 @@ pub const MAX_JSON_ROWS: u64 = 100_000;
 #[derive(Debug, Clone)]
 pub struct Caller(pub Principal);
 
+/// The serial number of the caller's certificate, on a mutual-TLS connection.
+#[derive(Debug, Clone)]
+pub struct CallerSerial(pub Arc<[u8]>);
+
 #[derive(Clone)]
 struct AppState {
     current: Current,
@@ -192,7 +196,15 @@ async fn known_callers_only(
             "the connection established no identity".into(),
         );
     };
-    if let Err(e) = known(&current.load(), &who) {
+    let g = current.load();
+    if let Err(e) = known(&g, &who) {
+        return error_response(&e, None);
+    }
+    // Every request, not only the handshake: a revocation reaches a kept-alive
+    // connection as soon as the lists reload.
+    if let Some(CallerSerial(serial)) = req.extensions().get::<CallerSerial>()
+        && let Err(e) = super::not_revoked(&g, &who, serial)
+    {
         return error_response(&e, None);
     }
     next.run(req).await
@@ -784,8 +796,13 @@ pub async fn serve(
                     }
                     continue;
                 };
-                let who = conn.connect_info().principal;
-                let svc = TowerToHyperService::new(router.clone().layer(Extension(Caller(who))));
+                let info = conn.connect_info();
+                let svc = TowerToHyperService::new(
+                    router
+                        .clone()
+                        .layer(Extension(Caller(info.principal)))
+                        .layer(Extension(CallerSerial(info.serial))),
+                );
                 let builder = Builder::new(TokioExecutor::new());
                 let served = builder.serve_connection_with_upgrades(TokioIo::new(conn), svc);
                 let watched = graceful.watch(served.into_owned());

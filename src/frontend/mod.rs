@@ -39,6 +39,19 @@ impl Current {
     }
 }
 
+/// Refuses a request on a connection whose certificate the revocation lists in force
+/// name. Every front end asks this for every request, not only at the handshake, so a
+/// revocation reaches connections opened before it as soon as the lists reload.
+pub(crate) fn not_revoked(g: &FederationService, p: &Principal, serial: &[u8]) -> Result<()> {
+    if g.coordinator().is_revoked(serial) {
+        tracing::warn!(principal = %p, "Revoked certificate refused");
+        return Err(Error::Unauthenticated(format!(
+            "the certificate of {p} on this connection has been revoked by the region"
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses a (CA-verified) identity the region file does not name as a member or
 /// known client. The gRPC interceptor and the HTTP port both ask this.
 pub(crate) fn known_identity(region: &crate::config::Region, p: &Principal) -> Result<()> {

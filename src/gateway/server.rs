@@ -372,17 +372,29 @@ impl Gateway {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = (&mut self.task).await;
-        if let Some(h) = self.http_task.take() {
-            let _ = h.await;
+        // Every query ends by its deadline, which bounds the whole wait: a client that
+        // keeps a stream open without sending (a health watch, a request whose body
+        // never comes) cannot hold the process past it.
+        let until = tokio::time::Instant::now() + self.longest_query + Duration::from_secs(5);
+        if tokio::time::timeout_at(until, &mut self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("calls still open at the longest query deadline; stopping without them");
+            self.task.abort();
         }
-        if let Some(h) = self.postgres_task.take() {
-            let _ = h.await;
+        for h in [self.http_task.take(), self.postgres_task.take()]
+            .into_iter()
+            .flatten()
+        {
+            let abort = h.abort_handle();
+            if tokio::time::timeout_at(until, h).await.is_err() {
+                abort.abort();
+            }
         }
         // gRPC and HTTP waited for their calls above; a PostgreSQL session outlives its
         // port's accept loop, so its query in flight is waited for here, by the slots
-        // queries hold. Every query ends by its deadline, which bounds the wait.
-        let until = tokio::time::Instant::now() + self.longest_query;
+        // queries hold.
         while self.in_flight() > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -169,10 +169,10 @@ fn entry(ask: &SubQueryAsk, datasets: Vec<String>, permit: Option<&Permit>) -> A
     AuditEntry {
         kind: EntryKind::SubQuery,
         time: AuditEntry::now_utc(),
-        query_id: ask.query_id.to_string(),
+        query_id: crate::ops::audit::caller_text(ask.query_id),
         via: ask.via.uri(),
         origin: ask.origin.uri(),
-        purpose: ask.purpose.map(str::to_string),
+        purpose: ask.purpose.map(crate::ops::audit::caller_text),
         datasets,
         sql_sha256: sql_hash(ask.sql),
         rule: permit.map(|p| {

@@ -50,6 +50,10 @@ pub struct TlsMaterial {
     key: Arc<PrivateKeyDer<'static>>,
     /// The identity in `chain[0]`.
     pub principal: Principal,
+    /// The serial numbers the revocation lists name: every front end checks the
+    /// certificate of each request's connection against them, so a revocation reaches
+    /// connections opened before it at the next reload.
+    pub revoked: Arc<std::collections::HashSet<Vec<u8>>>,
     /// When this party's certificate, the CA, and each revocation list (its next
     /// update) expire, as Unix seconds: for the metrics and `fedgate check`.
     pub expiries: Expiries,
@@ -99,12 +103,18 @@ impl TlsMaterial {
                 .map_err(|e| Error::Tls(format!("CA bundle {}: {e}", ca.display())))?;
         }
         let mut crls = Vec::new();
+        let mut revoked = std::collections::HashSet::new();
         let mut crl_next_update: Option<i64> = None;
         for f in crl_files {
             for crl in load_crls(f)? {
                 use x509_parser::prelude::*;
                 let (_, parsed) = CertificateRevocationList::from_der(crl.as_ref())
                     .map_err(|e| Error::Tls(format!("revocation list {}: {e}", f.display())))?;
+                revoked.extend(
+                    parsed
+                        .iter_revoked_certificates()
+                        .map(|r| r.raw_serial().to_vec()),
+                );
                 if let Some(next) = parsed.next_update() {
                     let t = next.timestamp();
                     crl_next_update = Some(crl_next_update.map_or(t, |c| c.min(t)));
@@ -128,6 +138,7 @@ impl TlsMaterial {
             chain,
             key: Arc::new(key_der),
             principal,
+            revoked: Arc::new(revoked),
             expiries,
         };
         // Building both configs checks that the key matches the certificate and that
@@ -326,6 +337,17 @@ pub struct PeerInfo {
     pub remote: SocketAddr,
     /// The identity in the client certificate (verified to chain to the region CA).
     pub principal: Principal,
+    /// The client certificate's serial number.
+    pub serial: Arc<[u8]>,
+}
+
+/// A certificate's serial number (empty if it cannot be read; such a certificate
+/// never passed the handshake's verification anyway).
+pub fn serial_of(der: &[u8]) -> Arc<[u8]> {
+    use x509_parser::prelude::*;
+    X509Certificate::from_der(der)
+        .map(|(_, c)| Arc::from(c.raw_serial()))
+        .unwrap_or_else(|_| Arc::from(&[][..]))
 }
 
 /// An accepted, authenticated connection.
@@ -431,6 +453,10 @@ pub fn incoming(
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first().cloned());
+                let serial = cert
+                    .as_ref()
+                    .map(|c| serial_of(c))
+                    .unwrap_or_else(|| Arc::from(&[][..]));
                 let principal = match cert.map(|c| principal_from_cert(&c)) {
                     Some(Ok(p)) => p,
                     Some(Err(e)) => {
@@ -445,7 +471,11 @@ pub fn incoming(
                 let _ = tx
                     .send(Ok(TlsConn {
                         io: tls,
-                        info: PeerInfo { remote, principal },
+                        info: PeerInfo {
+                            remote,
+                            principal,
+                            serial,
+                        },
                     }))
                     .await;
             });

@@ -17,7 +17,7 @@ use crate::proxy::Fault;
 use crate::support::{OFFICE, Region};
 
 /// A TLS connector presenting `cert`/`key` and trusting the region CA only.
-fn tls(ca: &Path, cert: &Path, key: &Path) -> tokio_postgres_rustls::MakeRustlsConnect {
+pub(crate) fn tls(ca: &Path, cert: &Path, key: &Path) -> tokio_postgres_rustls::MakeRustlsConnect {
     let material = fedgate::trust::tls::TlsMaterial::load(ca, cert, key).unwrap();
     let mut cfg = (*material.client_config().unwrap()).clone();
     // The gateway's client config offers HTTP/2 for gRPC; a PostgreSQL client
@@ -27,7 +27,7 @@ fn tls(ca: &Path, cert: &Path, key: &Path) -> tokio_postgres_rustls::MakeRustlsC
 }
 
 /// Notices a connection received, in order.
-type Notices = Arc<Mutex<Vec<tokio_postgres::error::DbError>>>;
+pub(crate) type Notices = Arc<Mutex<Vec<tokio_postgres::error::DbError>>>;
 
 /// Connects to `gateway`'s PostgreSQL port as `who` (a client or member certificate).
 async fn connect_as(region: &Region, who: &str, gateway: &str) -> (Client, Notices) {
@@ -43,7 +43,7 @@ async fn connect_as(region: &Region, who: &str, gateway: &str) -> (Client, Notic
     connect_with(region, gateway, tls(&region.layout.ca, &cert, &key)).await
 }
 
-async fn connect_with(
+pub(crate) async fn connect_with(
     region: &Region,
     gateway: &str,
     tls: tokio_postgres_rustls::MakeRustlsConnect,

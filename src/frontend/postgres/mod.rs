@@ -537,9 +537,11 @@ fn rows(
     })
 }
 
-/// The session of a connection that passed startup.
-fn session_of<C: ClientInfo>(client: &C) -> PgWireResult<Arc<Session>> {
-    client
+/// The session of a connection that passed startup, if its certificate is not revoked
+/// by the lists in force: asked before every statement, so that a revocation reaches a
+/// session opened before it as soon as the lists reload.
+fn session_of<C: ClientInfo>(door: &Door, client: &C) -> PgWireResult<Arc<Session>> {
+    let session = client
         .session_extensions()
         .get::<Arc<Session>>()
         .map(|s| (*s).clone())
@@ -547,7 +549,14 @@ fn session_of<C: ClientInfo>(client: &C) -> PgWireResult<Arc<Session>> {
             pg_error(&Error::Unauthenticated(
                 "the session has not started".into(),
             ))
-        })
+        })?;
+    let serial = client
+        .client_certificates()
+        .and_then(|c| c.first())
+        .map(|c| crate::trust::tls::serial_of(c.as_ref()))
+        .unwrap_or_else(|| Arc::from(&[][..]));
+    super::not_revoked(&door.current.load(), &session.origin, &serial).map_err(|e| pg_error(&e))?;
+    Ok(session)
 }
 
 /// Sends the notices queued during the last command.
@@ -672,7 +681,7 @@ impl SimpleQueryHandler for Handlers {
         if !matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
             return Err(PgWireError::NotReadyForQuery);
         }
-        let session = session_of(client)?;
+        let session = session_of(&self.0, client)?;
         let mut status = client.transaction_status();
         client.set_state(PgWireConnectionState::QueryInProgress);
         let statements = split(&query.query);
@@ -749,7 +758,7 @@ impl QueryParser for Parser {
         C: ClientInfo + Unpin + Send + Sync,
     {
         // Only a session that passed startup plans anything.
-        session_of(client)?;
+        session_of(&self.0, client)?;
         self.0.prepare(sql).await.map_err(|e| pg_error(&e))
     }
 
@@ -819,7 +828,7 @@ impl ExtendedQueryHandler for Handlers {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let r = self._on_execute(client, message).await;
-        if let Ok(session) = session_of(client) {
+        if let Ok(session) = session_of(&self.0, client) {
             send_notices(client, &session).await?;
         }
         r
@@ -837,7 +846,7 @@ impl ExtendedQueryHandler for Handlers {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let session = session_of(client)?;
+        let session = session_of(&self.0, client)?;
         let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
         let format = &portal.result_column_format;
         let r = match &portal.statement.statement {

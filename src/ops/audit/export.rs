@@ -38,6 +38,9 @@ use crate::error::{Error, Result};
 /// The version of the exported record.
 pub const SCHEMA: &str = "fedgate.audit.v1";
 
+/// The most bytes of the log one export round reads.
+pub const EXPORT_BATCH_BYTES: u64 = 4 * 1024 * 1024;
+
 /// How often the exporter looks for new records.
 pub const EXPORT_POLL: Duration = Duration::from_millis(500);
 
@@ -123,8 +126,19 @@ impl Exporter {
         let io = |e: std::io::Error| Error::Internal(format!("audit export: {e}"));
         let mut f = std::fs::File::open(self.log.path()).map_err(io)?;
         f.seek(SeekFrom::Start(self.cursor.offset)).map_err(io)?;
+        // A bounded batch per round, so that a long backlog (export turned on for an
+        // old log) costs a batch of memory at a time, not the whole log; a record
+        // longer than the batch is read whole.
+        let mut reader = std::io::BufReader::new(f).take(EXPORT_BATCH_BYTES);
         let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes).map_err(io)?;
+        reader.read_to_end(&mut bytes).map_err(io)?;
+        if !bytes.contains(&b'\n') && bytes.len() as u64 == EXPORT_BATCH_BYTES {
+            use std::io::BufRead;
+            reader
+                .into_inner()
+                .read_until(b'\n', &mut bytes)
+                .map_err(io)?;
+        }
         let mut out = Vec::new();
         let mut next = self.cursor.clone();
         let mut rest = &bytes[..];

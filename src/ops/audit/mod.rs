@@ -527,6 +527,28 @@ impl Drop for AuditLog {
     }
 }
 
+/// The most bytes of caller-chosen text (a query id, a purpose) a record keeps.
+pub const MAX_CALLER_TEXT: usize = 256;
+
+/// Caller-chosen text as a record keeps it: whole up to [`MAX_CALLER_TEXT`] bytes;
+/// longer, its start and the SHA-256 of the whole, so that no caller can grow an owner's
+/// log by megabytes per refused request and the record still identifies the text.
+pub fn caller_text(s: &str) -> String {
+    if s.len() <= MAX_CALLER_TEXT {
+        return s.to_string();
+    }
+    let mut end = 64;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… ({} bytes, sha256 {})",
+        &s[..end],
+        s.len(),
+        hex::encode(Sha256::digest(s.as_bytes()))
+    )
+}
+
 /// The last `n` complete lines of the log at `path` (without their `\n`), oldest
 /// first, read from the end of the file so a long log costs no more than its tail.
 pub fn tail(path: &Path, n: usize) -> Result<Vec<Vec<u8>>> {
@@ -535,21 +557,27 @@ pub fn tail(path: &Path, n: usize) -> Result<Vec<Vec<u8>>> {
     let mut f = File::open(path).map_err(io)?;
     let len = f.metadata().map_err(io)?.len();
     let mut start = len;
-    let mut buf: Vec<u8> = Vec::new();
+    // Chunks from the end, newest first; each newline counted once.
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut newlines = 0usize;
+    let mut read = 0u64;
     const CHUNK: u64 = 64 * 1024;
-    loop {
-        let newlines = buf.iter().filter(|&&b| b == b'\n').count();
-        // n complete lines need n + 1 newlines unless the file's start is reached.
-        if start == 0 || newlines > n {
-            break;
-        }
+    // However long the records, a page reads at most this much.
+    const MAX_READ: u64 = 8 * 1024 * 1024;
+    // n complete lines need n + 1 newlines unless the file's start is reached.
+    while start > 0 && newlines <= n && read < MAX_READ {
         let from = start.saturating_sub(CHUNK);
         let mut chunk = vec![0u8; (start - from) as usize];
         f.seek(SeekFrom::Start(from)).map_err(io)?;
         f.read_exact(&mut chunk).map_err(io)?;
-        chunk.extend_from_slice(&buf);
-        buf = chunk;
+        newlines += chunk.iter().filter(|&&b| b == b'\n').count();
+        read += chunk.len() as u64;
+        chunks.push(chunk);
         start = from;
+    }
+    let mut buf = Vec::with_capacity(read as usize);
+    for c in chunks.iter().rev() {
+        buf.extend_from_slice(c);
     }
     // Drop an incomplete last line (a record being written) and, unless the file's
     // start was reached, the partial first line.

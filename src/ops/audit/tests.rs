@@ -744,3 +744,13 @@ fn the_tail_of_a_log_is_its_last_complete_records() {
     }
     assert_eq!(seqs(1), vec![400]);
 }
+
+#[test]
+fn caller_text_is_kept_whole_when_short_and_bounded_with_its_hash_when_long() {
+    assert_eq!(caller_text("planning:case-7"), "planning:case-7");
+    let long = "规".repeat(1_000_000);
+    let kept = caller_text(&long);
+    assert!(kept.len() < 200, "{}", kept.len());
+    assert!(kept.contains("3000000 bytes, sha256 "), "{kept}");
+    assert!(kept.contains(&hex::encode(Sha256::digest(long.as_bytes()))));
+}
