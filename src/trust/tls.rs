@@ -46,6 +46,9 @@ pub struct TlsMaterial {
     roots: Arc<RootCertStore>,
     /// The region's revocation lists (none: no revocation checks).
     crls: Vec<CertificateRevocationListDer<'static>>,
+    /// Built once: origin assertions are checked with it on every sub-query, and
+    /// building it parses every revocation list.
+    client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     /// The identity in `chain[0]`.
@@ -132,9 +135,12 @@ impl TlsMaterial {
             ca: ca_expiry,
             crl_next_update,
         };
+        let roots = Arc::new(roots);
+        let client_verifier = client_verifier(&roots, &crls)?;
         let m = TlsMaterial {
-            roots: Arc::new(roots),
+            roots,
             crls,
+            client_verifier,
             chain,
             key: Arc::new(key_der),
             principal,
@@ -153,14 +159,7 @@ impl TlsMaterial {
     /// certificates of one issuer; the region has one, so a certificate with no list
     /// of its issuer is refused rather than let through unchecked.
     fn client_verifier(&self) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
-        let mut b = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider());
-        if !self.crls.is_empty() {
-            b = b
-                .with_crls(self.crls.iter().cloned())
-                .only_check_end_entity_revocation();
-        }
-        b.build()
-            .map_err(|e| Error::Tls(format!("client verifier: {e}")))
+        Ok(self.client_verifier.clone())
     }
 
     /// The verifier of servers' certificates, with the same lists.
@@ -296,6 +295,21 @@ pub fn database_client_config(
                 .map_err(|e| Error::Tls(format!("database client certificate and key: {e}")))
         }
     }
+}
+
+/// The verifier of client certificates over `roots`, with `crls` for end entities.
+fn client_verifier(
+    roots: &Arc<RootCertStore>,
+    crls: &[CertificateRevocationListDer<'static>],
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let mut b = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
+    if !crls.is_empty() {
+        b = b
+            .with_crls(crls.iter().cloned())
+            .only_check_end_entity_revocation();
+    }
+    b.build()
+        .map_err(|e| Error::Tls(format!("client verifier: {e}")))
 }
 
 /// The revocation lists in a file: PEM `X509 CRL` blocks, or one DER list.

@@ -324,19 +324,29 @@ fn sql() -> impl Strategy<Value = String> {
         .prop_map(|(q, edits)| {
             let mut chars: Vec<char> = q.chars().collect();
             for (at, how, c) in edits {
-                let i = at.index(chars.len() + 1);
-                match how {
-                    0 => chars.insert(i, c),
-                    1 if i < chars.len() => {
-                        chars.remove(i);
-                    }
-                    _ if i < chars.len() => chars[i] = c,
-                    _ => chars.push(c),
+                if !edit(&mut chars, at, how, c) {
+                    chars.push(c);
                 }
             }
             chars.into_iter().collect()
         });
     prop_oneof![6 => structured_sql(), 2 => tokens, 2 => mutated, 1 => any::<String>()]
+}
+
+/// One edit of `chars` at `at`: 0 inserts `c`, 1 removes a character, 2 replaces one
+/// with `c`. False when the edit does not apply (another kind, or past the end), for
+/// the caller's own.
+fn edit(chars: &mut Vec<char>, at: prop::sample::Index, how: u8, c: char) -> bool {
+    let i = at.index(chars.len() + 1);
+    match how {
+        0 => chars.insert(i, c),
+        1 if i < chars.len() => {
+            chars.remove(i);
+        }
+        2 if i < chars.len() => chars[i] = c,
+        _ => return false,
+    }
+    true
 }
 
 /// A runtime for the async calls of one target.
@@ -549,23 +559,15 @@ fn fuzz_configuration_files() {
             .chars()
             .collect();
         for (at, how, c) in edits {
-            let i = at.index(chars.len() + 1);
-            match how {
-                0 => chars.insert(i, c),
-                1 if i < chars.len() => {
-                    chars.remove(i);
-                }
-                2 if i < chars.len() => chars[i] = c,
-                _ => {
-                    // Duplicate a line: repeated keys and tables.
-                    let text: String = chars.iter().collect();
-                    let line = text
-                        .lines()
-                        .nth(i % text.lines().count().max(1))
-                        .unwrap_or("")
-                        .to_string();
-                    chars.extend(format!("\n{line}\n").chars());
-                }
+            if !edit(&mut chars, at, how, c) {
+                // Duplicate a line: repeated keys and tables.
+                let text: String = chars.iter().collect();
+                let line = text
+                    .lines()
+                    .nth(at.index(text.lines().count().max(1)))
+                    .unwrap_or("")
+                    .to_string();
+                chars.extend(format!("\n{line}\n").chars());
             }
         }
         let text: String = chars.into_iter().collect();

@@ -30,9 +30,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use super::{AuditLog, GENESIS, HASH_MARKER};
+use super::{AuditLog, GENESIS, Receipt};
 use crate::error::{Error, Result};
 
 /// The version of the exported record.
@@ -145,12 +144,22 @@ impl Exporter {
         let mut exported = 0;
         while let Some(end) = rest.iter().position(|&b| b == b'\n') {
             let line = &rest[..end];
-            let record = match check(line, &next) {
-                Ok(r) => r,
-                Err(problem) => {
+            // The same check as `fedgate audit verify`, so nothing it would reject is
+            // shipped.
+            let head = Receipt {
+                seq: next.seq,
+                hash: if next.seq == 0 {
+                    GENESIS.to_string()
+                } else {
+                    next.hash.clone()
+                },
+            };
+            let record = match super::verify::check_next(line, &head, 0) {
+                Ok((_, r)) => r,
+                Err(_) => {
                     let at = next.seq + 1;
                     self.progress.broken_at.store(at, Ordering::Relaxed);
-                    tracing::error!(record = at, %problem, log = %self.log.path().display(), "audit export stopped: the log does not verify here");
+                    tracing::error!(record = at, log = %self.log.path().display(), "audit export stopped: the log does not verify here (`fedgate audit verify` describes it)");
                     break;
                 }
             };
@@ -159,7 +168,7 @@ impl Exporter {
             }
             let exported_record = serde_json::json!({
                 "schema": SCHEMA,
-                "@timestamp": record.entry.get("time").cloned().unwrap_or_default(),
+                "@timestamp": record.entry.time,
                 "member": self.member,
                 "member_identity": self.identity,
                 "seq": record.seq,
@@ -218,50 +227,6 @@ impl Exporter {
             tokio::time::sleep(EXPORT_POLL).await;
         }
     }
-}
-
-/// One record of the log, checked against the one before it.
-struct Record {
-    seq: u64,
-    prev: String,
-    hash: String,
-    entry: serde_json::Value,
-}
-
-fn check(line: &[u8], before: &Cursor) -> std::result::Result<Record, String> {
-    let at = line
-        .windows(HASH_MARKER.len())
-        .rposition(|w| w == HASH_MARKER)
-        .ok_or("no hash")?;
-    let computed = hex::encode(Sha256::digest(&line[..at]));
-    #[derive(Deserialize)]
-    struct Raw {
-        seq: u64,
-        prev: String,
-        entry: serde_json::Value,
-        hash: String,
-    }
-    let raw: Raw = serde_json::from_slice(line).map_err(|e| format!("not a record: {e}"))?;
-    let prev_hash = if before.seq == 0 {
-        GENESIS
-    } else {
-        &before.hash
-    };
-    if raw.seq != before.seq + 1 {
-        return Err(format!("seq {} follows {}", raw.seq, before.seq));
-    }
-    if raw.prev != prev_hash {
-        return Err("prev is not the hash of the record before".into());
-    }
-    if raw.hash != computed {
-        return Err("hash does not match the record's bytes".into());
-    }
-    Ok(Record {
-        seq: raw.seq,
-        prev: raw.prev,
-        hash: raw.hash,
-        entry: raw.entry,
-    })
 }
 
 /// Whether the log holds, ending at `cursor.offset`, the record `cursor` names.

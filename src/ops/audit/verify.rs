@@ -76,12 +76,12 @@ pub(super) fn verify_file(path: &Path, expected: Option<&Receipt>) -> Result<Ver
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct StoredRecord {
-    seq: u64,
-    prev: String,
-    // Parsed only so that a line whose entry has the wrong shape is reported.
-    #[allow(dead_code)]
-    entry: AuditEntry,
-    hash: String,
+    pub(super) seq: u64,
+    pub(super) prev: String,
+    /// Parsed so that a line whose entry has the wrong shape is reported (and for
+    /// the export).
+    pub(super) entry: AuditEntry,
+    pub(super) hash: String,
 }
 
 /// A scan's outcome, with what `open` needs to recover.
@@ -151,8 +151,8 @@ impl<'a> Scanner<'a> {
             }
             None => {}
         }
-        match self.check(line) {
-            Ok(receipt) => {
+        match check_next(line, &self.head, self.lines) {
+            Ok((receipt, _)) => {
                 if let Some(w) = self.witness
                     && w.seq == receipt.seq
                     && w.hash != receipt.hash
@@ -175,87 +175,97 @@ impl<'a> Scanner<'a> {
             Err(fault) => self.fault = Some(fault),
         }
     }
+}
 
-    /// Checks the line expected to hold the next record.
-    fn check(&self, line: &[u8]) -> Result<Receipt, Break> {
-        let seq = self.records + 1;
-        let at = self.lines;
-        let broken = |problem: String| {
-            Break::Final(Broken {
-                seq,
-                line: at,
-                problem,
-            })
-        };
-        if line.is_empty() {
-            return Err(broken("the line is empty, not an audit record".into()));
-        }
-        let Some(marker) = find_last(line, HASH_MARKER) else {
-            return Err(broken(
-                "the line is not an audit record (it does not end with a hash)".into(),
-            ));
-        };
-        let (body, rest) = line.split_at(marker);
-        let stored = &rest[HASH_MARKER.len()..];
-        let computed = hex::encode(Sha256::digest(body));
-        if stored.len() != computed.len() + 2 || !stored.ends_with(b"\"}") {
-            return Err(broken(format!(
-                "record {seq} was altered: its hash field is damaged"
-            )));
-        }
-        if &stored[..computed.len()] != computed.as_bytes() {
-            return Err(broken(format!(
-                "record {seq} was altered: its contents no longer match its hash"
-            )));
-        }
-        if !body.starts_with(RECORD_START) {
-            return Err(broken(
-                "the line has a valid hash but is not an audit record".into(),
-            ));
-        }
-        let record: StoredRecord = serde_json::from_slice(line).map_err(|e| {
-            broken(format!(
-                "the line has a valid hash but is not a well-formed audit record: {e}"
-            ))
-        })?;
-        if record.hash != computed {
-            return Err(broken(
-                "the line has a valid hash but is not a well-formed audit record".into(),
-            ));
-        }
-        if record.seq != seq {
-            return Err(Break::OutOfPlace {
-                seq,
-                line: at,
-                found: record.seq,
-                seen_on: None,
-            });
-        }
-        if record.prev != self.head.hash {
-            let problem = if seq == 1 {
-                format!(
-                    "record 1 does not start a chain: its prev is {}, not the genesis value",
-                    record.prev
-                )
-            } else {
-                format!(
-                    "record {seq} does not follow record {}: its prev is {} but record {} \
+/// Checks `line` (line `at` of the file) as the record after `head`: its hash covers
+/// its bytes, it is a well-formed record, it has the next seq and follows `head`'s hash.
+/// The verifier and the export both ask this, so they accept exactly the same records.
+pub(super) fn check_next(
+    line: &[u8],
+    head: &Receipt,
+    at: u64,
+) -> Result<(Receipt, StoredRecord), Break> {
+    let seq = head.seq + 1;
+    let broken = |problem: String| {
+        Break::Final(Broken {
+            seq,
+            line: at,
+            problem,
+        })
+    };
+    if line.is_empty() {
+        return Err(broken("the line is empty, not an audit record".into()));
+    }
+    let Some(marker) = find_last(line, HASH_MARKER) else {
+        return Err(broken(
+            "the line is not an audit record (it does not end with a hash)".into(),
+        ));
+    };
+    let (body, rest) = line.split_at(marker);
+    let stored = &rest[HASH_MARKER.len()..];
+    let computed = hex::encode(Sha256::digest(body));
+    if stored.len() != computed.len() + 2 || !stored.ends_with(b"\"}") {
+        return Err(broken(format!(
+            "record {seq} was altered: its hash field is damaged"
+        )));
+    }
+    if &stored[..computed.len()] != computed.as_bytes() {
+        return Err(broken(format!(
+            "record {seq} was altered: its contents no longer match its hash"
+        )));
+    }
+    if !body.starts_with(RECORD_START) {
+        return Err(broken(
+            "the line has a valid hash but is not an audit record".into(),
+        ));
+    }
+    let record: StoredRecord = serde_json::from_slice(line).map_err(|e| {
+        broken(format!(
+            "the line has a valid hash but is not a well-formed audit record: {e}"
+        ))
+    })?;
+    if record.hash != computed {
+        return Err(broken(
+            "the line has a valid hash but is not a well-formed audit record".into(),
+        ));
+    }
+    if record.seq != seq {
+        return Err(Break::OutOfPlace {
+            seq,
+            line: at,
+            found: record.seq,
+            seen_on: None,
+        });
+    }
+    if record.prev != head.hash {
+        let problem = if seq == 1 {
+            format!(
+                "record 1 does not start a chain: its prev is {}, not the genesis value",
+                record.prev
+            )
+        } else {
+            format!(
+                "record {seq} does not follow record {}: its prev is {} but record {} \
                      has hash {}; a record before it was replaced, or records from another \
                      log were spliced in",
-                    seq - 1,
-                    record.prev,
-                    seq - 1,
-                    self.head.hash
-                )
-            };
-            return Err(broken(problem));
-        }
-        Ok(Receipt {
+                seq - 1,
+                record.prev,
+                seq - 1,
+                head.hash
+            )
+        };
+        return Err(broken(problem));
+    }
+    Ok((
+        Receipt {
             seq,
             hash: computed,
-        })
-    }
+        },
+        record,
+    ))
+}
 
+impl Scanner<'_> {
     /// Ends the scan; `tail` is what follows the last `\n` (an incomplete record).
     fn finish(self, tail: &[u8]) -> Scan {
         let mut incomplete = false;
