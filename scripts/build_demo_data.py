@@ -19,6 +19,8 @@ Outputs (under federation-configs/demo/data/):
   ORIGIN.md         where every file comes from, and the licences
   UNMAPPED.md       county values that do not match the member's code table
   expected.md       facts for tests, computed directly from the source files
+and, in federation-configs/demo/region.toml, each member's `location` line (the
+division centre points of yrd_division_centroids_adcode2016.csv, for the board's map).
 
 ORIGIN.md and expected.md end with a section that scripts/build_enrollment_data.py
 writes (the SYNTHETIC enrollment data, hangzhou/ybcb.csv and suzhou/insured.csv);
@@ -30,7 +32,7 @@ Output is deterministic (no timestamps, source order kept, sorted reports),
 so re-running yields byte-identical files.
 
 Usage:
-  python3 scripts/build_demo_data.py [--shared DIR] [--out DIR]
+  python3 scripts/build_demo_data.py [--shared DIR] [--out DIR] [--region FILE]
 
 Python 3.11, standard library only.
 """
@@ -50,6 +52,8 @@ DEFAULT_SHARED = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_OUT = REPO_ROOT / "federation-configs" / "demo" / "data"
 
 NBS_FILE = "yrd_divisions_nbs2023.csv"
+CENTROIDS_FILE = "yrd_division_centroids_adcode2016.csv"
+DEFAULT_REGION = REPO_ROOT / "federation-configs" / "demo" / "region.toml"
 CENSUS_FILE = "yrd_census2020_county.csv"
 FEVER_FILE = "yrd_fever_clinic_hospitals_2020.csv"
 
@@ -622,6 +626,12 @@ deterministic; re-running yields byte-identical files.
 **Exception:** `hangzhou/ybcb.csv` and `suzhou/insured.csv` (dataset
 `enrollment`) are SYNTHETIC: generated people, made by
 `scripts/build_enrollment_data.py`; see "enrollment (SYNTHETIC)" at the end.
+So are the pipeline files (dataset `underground_pipelines`):
+`hangzhou/pipelines/*.csv` (loaded into two PostgreSQL databases and one MariaDB
+database by `fedgate demo` with `hangzhou/pipelines/schema.sql` and
+`schema.mysql.sql`) and `suzhou/pipelines.csv` (served by Suzhou's data lake,
+`../lake/`), made by `scripts/build_pipelines_data.py` from a fixed seed. They are not real
+infrastructure: numbers, roads, sizes and dates are drawn at random.
 Everything said below about real data and unchanged values is about the
 other files.
 
@@ -642,8 +652,9 @@ fields quoted only when needed.
 | `yrd_census2020_county.csv` | leiii/census @ `0ba0f1ef`, `census_county_2020_v1.xlsx`, sheet 七普（年鉴）; 《中国人口普查分县资料2020》 | MIT. Cite: Dong, Du & Liu, *Mapping Evolving Population Geography in China*, working paper, 2022 |
 | `yrd_fever_clinic_hospitals_2020.csv` | hhui64/wuhan2020map @ `fd2a2777`, `data_20200211030250.json`; lists published by health commissions (卫健委), 2020-01-21..23 | MIT (repository licence); the records are facts published by government bodies |
 
-Not used: `yrd_division_centroids_adcode2016.csv` (Vonng/adcode, CC BY 4.0),
-`yrd_divisions_mca_gbt2260_2020.csv`, `yrd_towns_nbs2023.csv`,
+| `yrd_division_centroids_adcode2016.csv` | Vonng/adcode @ `b755d6e4`; centre points from the AMap district API (GCJ-02), 2018-02 | CC BY 4.0, "Vonng/adcode, CC BY 4.0". Used only for the members' `location` in `../region.toml` (the status board's map) |
+
+Not used: `yrd_divisions_mca_gbt2260_2020.csv`, `yrd_towns_nbs2023.csv`,
 `yrd_census_city_2010_2020.csv`.
 
 ## Members
@@ -757,12 +768,63 @@ def cross_check(src: Source, facts: dict[str, dict[str, int]]) -> None:
         assert len(src.code_table(member)) == f["division_county_rows"], member
 
 
+# --------------------------------------------------------------------------
+# Member locations (the status board's map)
+# --------------------------------------------------------------------------
+
+# Member -> the division whose centre point places it on the map. The regional
+# coordination office sits in Shanghai, so it is placed at Shanghai's centre too
+# (the board draws members at one point apart, with a leader line).
+PLACED_AT = {**{m: code for m, (_, code) in MEMBERS.items()}, "coordination": "310100"}
+
+
+def member_locations(shared: Path) -> dict[str, tuple[str, str]]:
+    """Member -> (longitude, latitude) as the centroid file writes them (GCJ-02)."""
+    by_code = {r["code"]: r for r in read_csv(shared / CENTROIDS_FILE)
+               if r["level"] in ("province", "city", "county")}
+    out = {}
+    for member, code in PLACED_AT.items():
+        row = by_code.get(code)
+        if row is None:
+            raise SystemExit(f"{CENTROIDS_FILE}: no centre point for {member}'s division {code}")
+        out[member] = (row["lng_gcj02"], row["lat_gcj02"])
+    return out
+
+
+def place_members(region_toml: Path, locations: dict[str, tuple[str, str]]) -> str:
+    """region.toml with each member's `location` line set from `locations`: written
+    after the member's `kind` line (an existing `location` line is replaced). Every
+    other line is kept as it is, comments included."""
+    blocks = re.split(r"(?m)^(?=\[\[)", region_toml.read_text(encoding="utf-8"))
+    placed = set()
+    out = []
+    for block in blocks:
+        name = re.search(r'(?m)^name = "([^"]+)"$', block)
+        if block.startswith("[[members]]") and name and name.group(1) in locations:
+            member = name.group(1)
+            lon, lat = locations[member]
+            block = re.sub(r"(?m)^location = .*\n", "", block)
+            block, n = re.subn(r'(?m)^(kind = "[^"]*"\n)',
+                               lambda m: f"{m.group(1)}location = {{ lon = {lon}, lat = {lat} }}\n",
+                               block, count=1)
+            if n != 1:
+                raise SystemExit(f"{region_toml}: member {member} has no kind line")
+            placed.add(member)
+        out.append(block)
+    missing = sorted(set(locations) - placed)
+    if missing:
+        raise SystemExit(f"{region_toml}: no [[members]] entry for {', '.join(missing)}")
+    return "".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED,
                     help=f"source data directory (default: {DEFAULT_SHARED})")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
                     help=f"output directory (default: {DEFAULT_OUT})")
+    ap.add_argument("--region", type=Path, default=DEFAULT_REGION,
+                    help=f"region file whose members get their location (default: {DEFAULT_REGION})")
     args = ap.parse_args(argv)
 
     src = Source(args.shared)
@@ -780,6 +842,11 @@ def main(argv: list[str] | None = None) -> int:
     w.text("ORIGIN.md", keep_other_sections(args.out / "ORIGIN.md", ORIGIN_MD))
     w.text("UNMAPPED.md", unmapped_report(src))
     w.text("expected.md", keep_other_sections(args.out / "expected.md", expected_md))
+
+    region_text = place_members(args.region, member_locations(args.shared))
+    with args.region.open("w", encoding="utf-8", newline="") as f:
+        f.write(region_text)
+    print(f"{args.region.name}: member locations")
 
     for rel, n in sorted(w.written.items()):
         print(f"{rel}: {n} rows" if n >= 0 else rel)

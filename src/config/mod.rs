@@ -197,6 +197,57 @@ fields = [ { name = "county_code", type = "utf8" }, { name = "pop", type = "int6
     }
 
     #[test]
+    fn member_locations_are_checked_for_their_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ca.crt", "x");
+        let with = |loc: &str| {
+            REGION.replace(
+                "serves = [\"census\"]\n",
+                &format!("serves = [\"census\"]\nlocation = {loc}\n"),
+            )
+        };
+        let p = write(
+            dir.path(),
+            "region.toml",
+            &with("{ lon = 117.23, lat = 31.82 }"),
+        );
+        let r = Region::load(&p).unwrap();
+        let hefei = r.member("hefei").unwrap();
+        assert_eq!(
+            hefei.location,
+            Some(region::Location {
+                lon: 117.23,
+                lat: 31.82
+            })
+        );
+        assert_eq!(r.member("coordination").unwrap().location, None);
+
+        for (loc, want) in [
+            (
+                "{ lon = 181.0, lat = 31.8 }",
+                "members[0].location: longitude 181 is not within -180 to 180 degrees",
+            ),
+            (
+                "{ lon = 117.2, lat = -90.5 }",
+                "members[0].location: latitude -90.5 is not within -90 to 90 degrees",
+            ),
+            (
+                "{ lon = nan, lat = 31.8 }",
+                "members[0].location: longitude NaN is not within",
+            ),
+            ("{ lon = 117.2 }", "missing field `lat`"),
+            (
+                "{ lon = 117.2, lat = 31.8, alt = 3.0 }",
+                "unknown field `alt`",
+            ),
+        ] {
+            let p = write(dir.path(), "region.toml", &with(loc));
+            let e = Region::load(&p).unwrap_err().to_string();
+            assert!(e.contains(want), "{loc}: {e}");
+        }
+    }
+
+    #[test]
     fn resilience_settings_are_checked_with_their_keys() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "ca.crt", "x");

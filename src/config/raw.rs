@@ -88,6 +88,22 @@ pub struct RawMember {
     /// Canonical datasets its gateway serves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub serves: Vec<String>,
+    /// Where the member is, for the map on the status board (and nothing else).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<RawLocation>,
+}
+
+/// A point on the map, in degrees (WGS-84, or GCJ-02 as Chinese map services give
+/// them: the few hundred metres between the two do not show on a regional map).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocation {
+    /// Longitude, -180 to 180 (east is positive).
+    #[schemars(range(min = -180.0, max = 180.0))]
+    pub lon: f64,
+    /// Latitude, -90 to 90 (north is positive).
+    #[schemars(range(min = -90.0, max = 90.0))]
+    pub lat: f64,
 }
 
 /// A canonical dataset of the region.

@@ -94,6 +94,37 @@ pub struct Member {
     pub endpoint: Option<Endpoint>,
     /// Datasets its gateway serves.
     pub serves: BTreeSet<String>,
+    /// Where it is on the board's map, if the region file says.
+    pub location: Option<Location>,
+}
+
+/// A member's place, in degrees: longitude within -180..=180, latitude within -90..=90.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Location {
+    /// Longitude, east positive.
+    pub lon: f64,
+    /// Latitude, north positive.
+    pub lat: f64,
+}
+
+/// Checks a location's ranges (which also refuses NaN and infinities).
+fn validate_location(raw: &super::raw::RawLocation) -> Result<Location, String> {
+    if !(-180.0..=180.0).contains(&raw.lon) {
+        return Err(format!(
+            "longitude {} is not within -180 to 180 degrees",
+            raw.lon
+        ));
+    }
+    if !(-90.0..=90.0).contains(&raw.lat) {
+        return Err(format!(
+            "latitude {} is not within -90 to 90 degrees",
+            raw.lat
+        ));
+    }
+    Ok(Location {
+        lon: raw.lon,
+        lat: raw.lat,
+    })
 }
 
 /// A gateway endpoint.
@@ -328,12 +359,18 @@ impl Region {
                     format!("identity {principal} is used by two members"),
                 );
             }
+            let location = m.location.as_ref().and_then(|l| {
+                validate_location(l)
+                    .map_err(|e| pr.add(path, format!("{key}.location"), e))
+                    .ok()
+            });
             members.push(Member {
                 name: m.name.clone(),
                 kind,
                 principal,
                 endpoint,
                 serves: m.serves.iter().cloned().collect(),
+                location,
             });
         }
         let services = validate_services(path, &raw.services, pr);

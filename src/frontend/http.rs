@@ -3,8 +3,9 @@
 //!
 //! Routes: `GET /` (the board, plain HTML/JS served from the binary), `GET /healthz`,
 //! `GET /livez` and `GET /readyz` (the probes, also served alone on `[lifecycle]
-//! probes` by [`serve_probes`]), `GET /metrics`, `GET /v1/status`, `GET /v1/services`, `POST /v1/query`,
-//! `POST /v1/services/{name}`.
+//! probes` by [`serve_probes`]), `GET /metrics`, `GET /v1/status`, `GET /v1/history`,
+//! `GET /v1/board/map.svg` and `GET /v1/board/charts.svg` (the board's pictures,
+//! [`pictures`]), `GET /v1/services`, `POST /v1/query`, `POST /v1/services/{name}`.
 //!
 //! Who the caller is: with `tls = true` (the default) the port speaks HTTPS with
 //! mutual TLS and the caller is the identity in its certificate, as on the gRPC
@@ -26,7 +27,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Ask, Current, FederationService, Outcome, Started};
+use super::{Ask, Current, FederationService, Outcome, Started, pictures};
 use crate::error::{Error, Result};
 use crate::ops::audit::AuditLog;
 use crate::ops::lifecycle::{Lifecycle, Phase};
@@ -166,6 +167,9 @@ pub fn router(current: Current, audit: Arc<AuditLog>, lifecycle: Arc<Lifecycle>)
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/history", get(history))
+        .route("/v1/board/map.svg", get(map_svg))
+        .route("/v1/board/charts.svg", get(charts_svg))
         .route("/v1/audit", get(audit_tail))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/services", get(services))
@@ -243,7 +247,8 @@ async fn healthz() -> &'static str {
 async fn not_found() -> Response {
     error_response(
         &Error::NotFound(
-            "no such path; the API is GET /v1/status, GET /v1/services, POST /v1/query, \
+            "no such path; the API is GET /v1/status, GET /v1/history, GET /v1/board/map.svg, \
+             GET /v1/board/charts.svg, GET /v1/services, POST /v1/query, \
              POST /v1/services/{name}, GET /v1/audit, GET /v1/audit/verify, GET /metrics, GET /healthz, \
              GET /livez, GET /readyz"
                 .into(),
@@ -503,6 +508,8 @@ async fn status(
                 "calls": s.calls,
                 "failures": s.failures,
                 "last_error": s.last_error,
+                "seen": seen_of(&g, m, &breakers, &s).word(),
+                "location": m.location.map(|l| json!({ "lon": l.lon, "lat": l.lat })),
             })
         })
         .collect();
@@ -533,6 +540,124 @@ async fn status(
         "services": services_json(&g),
         "recent": recent,
         "admission": g.admission().into_iter().collect::<BTreeMap<_, _>>(),
+    }))
+    .into_response()
+}
+
+/// How this gateway sees a member, for the board's table and map.
+fn seen_of(
+    g: &FederationService,
+    m: &crate::config::region::Member,
+    breakers: &BTreeMap<String, &'static str>,
+    s: &crate::ops::observe::MemberSeen,
+) -> pictures::Seen {
+    pictures::seen(
+        m.name == g.config().member.name,
+        m.endpoint.is_some(),
+        breakers.get(&m.name).copied().unwrap_or("none"),
+        s.last_state,
+    )
+}
+
+/// An SVG picture. The policy forbids any script or outside resource even when
+/// the picture is opened on its own rather than inside the board.
+fn svg_response(body: String) -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("image/svg+xml; charset=utf-8"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("default-src 'none'; sandbox"),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `GET /v1/board/map.svg`: the region's members on a map, coloured by their state
+/// as this gateway sees them.
+async fn map_svg(State(app): State<AppState>) -> Response {
+    let g = app.current.load();
+    let region = &g.config().region;
+    let breakers = g.coordinator().breaker_states();
+    let seen = g.observer().members();
+    let mut places = Vec::new();
+    let mut unplaced = Vec::new();
+    for m in &region.members {
+        let s = seen.get(&m.name).cloned().unwrap_or_default();
+        let Some(at) = m.location else {
+            unplaced.push(m.name.clone());
+            continue;
+        };
+        // The last state and latency only: the last error text is for this member's
+        // operators (as on `/v1/status`), and the map is shown to every caller.
+        let detail = match (s.last_state, s.last_latency_ms) {
+            (Some(state), Some(ms)) => format!("last sub-query {state} in {ms:.1} ms"),
+            _ => String::new(),
+        };
+        places.push(pictures::Place {
+            name: m.name.clone(),
+            kind: m.kind.to_string(),
+            lon: at.lon,
+            lat: at.lat,
+            seen: seen_of(&g, m, &breakers, &s),
+            detail,
+        });
+    }
+    svg_response(pictures::map_svg(
+        &region.name,
+        &g.config().member.name,
+        &places,
+        &unplaced,
+    ))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// The members a coordinator sends sub-queries to: those whose gateway serves data.
+fn gateway_members(g: &FederationService) -> Vec<String> {
+    g.config()
+        .region
+        .members
+        .iter()
+        .filter(|m| m.endpoint.is_some() && !m.serves.is_empty())
+        .map(|m| m.name.clone())
+        .collect()
+}
+
+/// `GET /v1/board/charts.svg`: each member's last hour of sub-queries.
+async fn charts_svg(State(app): State<AppState>) -> Response {
+    let g = app.current.load();
+    let now = std::time::SystemTime::now();
+    svg_response(pictures::charts_svg(
+        &gateway_members(&g),
+        &g.observer().history(now),
+        unix_now(),
+    ))
+}
+
+/// `GET /v1/history`: the charts' numbers, minute by minute.
+async fn history(State(app): State<AppState>) -> Response {
+    let g = app.current.load();
+    let now = std::time::SystemTime::now();
+    axum::Json(json!({
+        "now": unix_now(),
+        "minutes": crate::ops::history::MINUTES,
+        "members": g.observer().history(now),
     }))
     .into_response()
 }

@@ -1,5 +1,6 @@
 //! The front ends: the gRPC `Federation` service ([`grpc`]), Arrow Flight SQL
-//! ([`flight_sql`]), the HTTP port with the JSON API and the status board ([`http`]),
+//! ([`flight_sql`]), the HTTP port with the JSON API and the status board ([`http`], its map and charts
+//! in [`pictures`]),
 //! and published services ([`services`]). Each builds an [`Ask`] and starts it through
 //! the one query entry point, [`FederationService::start`] ([`query`]).
 //!
@@ -10,6 +11,7 @@
 pub mod flight_sql;
 pub mod grpc;
 pub mod http;
+pub mod pictures;
 pub mod postgres;
 pub mod query;
 pub mod services;

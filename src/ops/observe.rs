@@ -114,6 +114,7 @@ pub struct Observer {
     handle: PrometheusHandle,
     recent: Mutex<VecDeque<Recent>>,
     members: Mutex<BTreeMap<String, MemberSeen>>,
+    history: crate::ops::history::History,
 }
 
 impl std::fmt::Debug for Observer {
@@ -151,6 +152,7 @@ impl Observer {
             handle,
             recent: Mutex::new(VecDeque::new()),
             members: Mutex::new(BTreeMap::new()),
+            history: crate::ops::history::History::new(),
         };
         o.describe();
         // Counters without labels exist from the start, at zero, so a dashboard
@@ -332,6 +334,12 @@ impl Observer {
                     state,
                     MemberState::Ok | MemberState::Cached | MemberState::Cancelled
                 );
+                self.history.record(
+                    &m.member,
+                    SystemTime::now(),
+                    Duration::from_micros(m.elapsed_us),
+                    !fine,
+                );
                 if !fine {
                     e.failures += 1;
                     e.last_error = Some(if m.reason.is_empty() {
@@ -373,6 +381,14 @@ impl Observer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Each member's calls, minute by minute, over the hour before `now`.
+    pub fn history(
+        &self,
+        now: SystemTime,
+    ) -> BTreeMap<String, Vec<crate::ops::history::MinuteStats>> {
+        self.history.series(now)
     }
 
     /// Folds the latency samples recorded since the last call into the histograms'

@@ -1028,3 +1028,66 @@ async fn audit_records_are_exported_and_browsable_by_the_members_own_operators_o
         assert!(body.contains("own identity"), "{body}");
     }
 }
+
+/// The board's pictures over the office's mutual-TLS HTTP port: every member is on
+/// the map (the sample region places them all) with the state the office's gateway
+/// saw in the query it just coordinated, the charts and `/v1/history` count that
+/// query's sub-queries, and the SVG is served so that it can run nothing even when
+/// opened on its own.
+#[tokio::test]
+async fn the_board_draws_each_member_on_the_map_and_its_last_hour_in_charts() {
+    let region = Region::start().await;
+    let answer = region
+        .client(OFFICE)
+        .query(crate::support::PER_MEMBER, false, None)
+        .await
+        .unwrap();
+    let asked: Vec<&str> = answer
+        .summary
+        .members
+        .iter()
+        .filter(|m| m.state == fedgate::proto::v1::MemberState::Ok as i32)
+        .map(|m| m.member.as_str())
+        .collect();
+    assert!(asked.len() >= 5, "{:?}", answer.summary);
+
+    let (status, map) = http_request(&region, OFFICE, OFFICE, "GET", "/v1/board/map.svg", "").await;
+    assert_eq!(status, 200, "{map}");
+    let head = map.to_ascii_lowercase();
+    assert!(head.contains("content-type: image/svg+xml"), "{map}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'; sandbox"),
+        "{map}"
+    );
+    assert!(head.contains("x-content-type-options: nosniff"), "{map}");
+    for m in &asked {
+        assert!(
+            map.contains(&format!("<g data-member=\"{m}\" data-state=\"up\">")),
+            "{m} is not drawn as up: {map}"
+        );
+    }
+    assert!(map.contains("<g data-member=\"coordination\" data-state=\"this gateway\">"));
+    assert!(!map.contains("Not on the map"), "{map}");
+
+    let (status, history) = http_request(&region, OFFICE, OFFICE, "GET", "/v1/history", "").await;
+    assert_eq!(status, 200, "{history}");
+    let json: serde_json::Value =
+        serde_json::from_str(&history[history.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    let (status, charts) =
+        http_request(&region, OFFICE, OFFICE, "GET", "/v1/board/charts.svg", "").await;
+    assert_eq!(status, 200, "{charts}");
+    for m in &asked {
+        let minutes = json["members"][m].as_array().unwrap();
+        let calls: u64 = minutes.iter().map(|x| x["calls"].as_u64().unwrap()).sum();
+        assert_eq!(calls, 1, "{m}: {json}");
+        assert!(minutes[0]["p50_ms"].as_f64().unwrap() > 0.0, "{json}");
+        assert!(
+            charts.contains(&format!(
+                "<g data-member=\"{m}\" data-calls=\"1\" data-failures=\"0\">"
+            )),
+            "{m}: {charts}"
+        );
+    }
+    // The office's gateway serves no data, so no coordinator asks it: no chart.
+    assert!(!charts.contains("data-member=\"coordination\""), "{charts}");
+}

@@ -10,7 +10,10 @@ import re
 import tomllib
 from pathlib import Path
 
+import urllib.request
+
 import pytest
+from PIL import Image
 from playwright.sync_api import sync_playwright
 
 import fedgate_expected
@@ -140,3 +143,86 @@ def test_board_shows_and_verifies_the_members_own_audit_log(page, http_ports, de
     page.wait_for_selector("#audit-verdict[data-state]", state="attached")
     assert page.get_attribute("#audit-verdict", "data-state") == "intact", page.inner_text("#audit-verdict")
     assert "records verify" in page.inner_text("#audit-verdict")
+
+
+# The map's colours for each state (frontend/pictures.rs), as RGB.
+STATE_COLOURS = {
+    "this gateway": (0x25, 0x63, 0xEB),
+    "up": (0x16, 0xA3, 0x4A),
+    "degraded": (0xD9, 0x77, 0x06),
+    "down": (0xDC, 0x26, 0x26),
+    "not asked yet": (0x9C, 0xA3, 0xAF),
+}
+
+
+def get_json(url: str):
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_board_draws_the_region_map_and_each_members_last_hour(page, http_ports, artifacts_dir, demo_dir):
+    """The map places every member with a location in region.toml (read here with
+    tomllib) by its longitude and latitude and colours it by the state /v1/status
+    reports; the charts count the sub-queries /v1/history counts; and the pixels of
+    the screenshot at each member's point have its state's colour."""
+    base = f"http://127.0.0.1:{http_ports['hangzhou']}"
+    region = tomllib.loads((demo_dir / "region.toml").read_text())
+    located = {m["name"]: m["location"] for m in region["members"] if "location" in m}
+    assert len(located) == len(region["members"]), "the sample region places every member"
+
+    # Queries that reach every member serving data (census is served by all of them).
+    for sql in ["SELECT member, count(*) AS n FROM census GROUP BY member", PER_MEMBER_CLINICS_SQL]:
+        req = urllib.request.Request(f"{base}/v1/query", data=json.dumps({"sql": sql}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=60) as r:
+            assert r.status == 200
+
+    page.goto(f"{base}/")
+    page.wait_for_selector('#map svg g[data-member="hefei"][data-state="up"]', state="attached")
+    page.wait_for_selector('#charts svg g[data-member="hefei"]:not([data-calls="0"])', state="attached")
+    status = get_json(f"{base}/v1/status")
+    history = get_json(f"{base}/v1/history")
+
+    drawn = page.eval_on_selector_all("#map svg g[data-member]", """gs => gs.map(g => {
+        const c = [...g.querySelectorAll('circle')].pop();
+        return [g.dataset.member, g.dataset.state, Number(c.getAttribute('cx')), Number(c.getAttribute('cy'))];
+    })""")
+    at = {m: (x, y) for m, _, x, y in drawn}
+    assert set(at) == set(located), drawn
+    seen = {m["name"]: m["seen"] for m in status["members"]}
+    assert {m: s for m, s, _, _ in drawn} == {m: seen[m] for m in located}, (drawn, seen)
+    assert seen["hangzhou"] == "this gateway" and seen["hefei"] == "up", seen
+
+    # East is to the right and north is up. The office shares Shanghai's point and is
+    # drawn beside it, so it is left out of the ordering.
+    placed = [m for m in located if m != "coordination"]
+    by_lon = sorted(placed, key=lambda m: located[m]["lon"])
+    assert by_lon == sorted(placed, key=lambda m: at[m][0]), (by_lon, at)
+    by_lat = sorted(placed, key=lambda m: -located[m]["lat"])
+    assert by_lat == sorted(placed, key=lambda m: at[m][1]), (by_lat, at)
+    sh, co = at["shanghai"], at["coordination"]
+    assert ((sh[0] - co[0]) ** 2 + (sh[1] - co[1]) ** 2) ** 0.5 >= 18, at
+
+    # The charts: each member's calls in the hour, as /v1/history counts them.
+    charted = dict(page.eval_on_selector_all(
+        "#charts svg g[data-member]", "gs => gs.map(g => [g.dataset.member, Number(g.dataset.calls)])"))
+    counted = {m: sum(x["calls"] for x in minutes) for m, minutes in history["members"].items()}
+    assert charted == {m: counted.get(m, 0) for m in charted}, (charted, counted)
+    assert charted["hefei"] >= 1 and charted["shanghai"] >= 2, charted
+    bars = page.eval_on_selector_all(
+        '#charts svg g[data-member="shanghai"] rect[data-calls]', "rs => rs.map(r => Number(r.dataset.calls))")
+    assert sum(bars) == charted["shanghai"], bars
+
+    # The screenshot: the pixel at each member's point has its state's colour.
+    shot = artifacts_dir / "status-board-map.png"
+    page.locator("#map svg").screenshot(path=str(shot))
+    svg_box = page.locator("#map svg").bounding_box()
+    image = Image.open(shot).convert("RGB")
+    for member, state, _, _ in drawn:
+        circle = page.locator(f'#map svg g[data-member="{member}"] circle').last.bounding_box()
+        x = round(circle["x"] + circle["width"] / 2 - svg_box["x"])
+        y = round(circle["y"] + circle["height"] / 2 - svg_box["y"])
+        pixel = image.getpixel((x, y))
+        want = STATE_COLOURS[state]
+        assert all(abs(a - b) <= 24 for a, b in zip(pixel, want)), (member, state, pixel, want)
+    page.locator("#pictures").screenshot(path=str(artifacts_dir / "status-board-pictures.png"))

@@ -257,6 +257,45 @@ async function verifyAudit() {
   }
 }
 
+// ---------------------------------------------------------------- pictures
+
+// The map and the charts are SVG that the gateway draws (it escapes every name it
+// puts in them). They are parsed as XML, which runs nothing, and as a second guard
+// anything that could run or load something is removed before the picture joins
+// the page: script and foreignObject elements, event-handler attributes, links.
+function sanitizedSvg(text, what) {
+  const doc = new DOMParser().parseFromString(text, "image/svg+xml");
+  const svg = doc.documentElement;
+  if (svg.nodeName !== "svg" || doc.getElementsByTagName("parsererror").length) {
+    throw new Error(`${what} is not an SVG picture`);
+  }
+  for (const bad of svg.querySelectorAll("script, foreignObject, iframe, image, use, a")) bad.remove();
+  for (const node of [svg, ...svg.querySelectorAll("*")]) {
+    for (const attr of [...node.attributes]) {
+      if (/^on/i.test(attr.name) || /href$/i.test(attr.name)) node.removeAttribute(attr.name);
+    }
+  }
+  return document.importNode(svg, true);
+}
+
+// The charts change once a minute at most; the map whenever a member's state does.
+const CHARTS_EVERY_MS = 10000;
+let chartsFetchedAt = 0;
+async function refreshPictures() {
+  const wanted = [["map", "v1/board/map.svg"]];
+  if (Date.now() - chartsFetchedAt >= CHARTS_EVERY_MS) wanted.push(["charts", "v1/board/charts.svg"]);
+  for (const [id, url] of wanted) {
+    const resp = await fetch(url, { cache: "no-store" });
+    if (!resp.ok) throw new Error(`${url}: HTTP ${resp.status}`);
+    const text = await resp.text();
+    if (id === "charts") chartsFetchedAt = Date.now();
+    if (lastRendered.get(url) === text) continue;
+    lastRendered.set(url, text);
+    $(id).replaceChildren(sanitizedSvg(text, url));
+  }
+  document.body.dataset.pictures = "drawn";
+}
+
 // The poll is a chain of timeouts rather than setInterval so that a slow gateway
 // never has two status requests in flight; refresh() may also be called early
 // (after a console run) to show the new query in the recent list at once.
@@ -271,6 +310,7 @@ async function refresh() {
     const resp = await fetch("v1/status", { cache: "no-store", headers: { Accept: "application/json" } });
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
     renderStatus(await resp.json());
+    await refreshPictures();
     await refreshAudit();
     live.dataset.state = "ok";
     live.textContent = `live · ${fmtTime(new Date().toISOString())}`;
@@ -402,6 +442,7 @@ async function run(url, bodyText) {
     buttons.forEach((b) => { b.disabled = false; });
     document.body.dataset.lastRun = outcome;
     document.body.dataset.runs = String(Number(document.body.dataset.runs || 0) + 1);
+    chartsFetchedAt = 0; // the run is in the charts now
     refresh();
   }
 }
