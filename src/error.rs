@@ -388,6 +388,20 @@ fn strip_df_prefix(s: &str) -> String {
     s.to_string()
 }
 
+/// The connection failed under a gRPC call rather than the server answering it: tonic
+/// reports these with codes Unknown or Cancelled and the transport's words. The
+/// commonest is a server ending an aged connection (`[lifecycle] max_connection_age`,
+/// GOAWAY) just as a new call starts on it (found by the soak: "connection closed",
+/// "not a result of an error"); a read-only call that has delivered nothing yet is
+/// safe to send again. In TLS 1.3 a refused client certificate arrives the same way,
+/// as an alert on the first read.
+pub fn link_failed(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled)
+        && ["transport error", "h2 protocol error", "connection closed"]
+            .iter()
+            .any(|w| s.message().contains(w))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -127,20 +127,7 @@ fn retry_hint(s: &tonic::Status) -> Option<Duration> {
 
 fn is_transport_failure(s: &tonic::Status) -> bool {
     s.metadata().get(crate::error::DATABASE_METADATA).is_none()
-        && (s.code() == tonic::Code::Unavailable || link_failed(s))
-}
-
-/// The connection failed under the call rather than the member answering: tonic
-/// reports these with codes Unknown or Cancelled and the transport's words. The
-/// commonest is a member ending an aged connection (`[lifecycle] max_connection_age`,
-/// GOAWAY) just as a new call starts on it (found by the soak: "connection closed",
-/// "not a result of an error"); a read-only sub-query is safe to send again. In TLS 1.3
-/// a refused client certificate arrives the same way, as an alert on the first read.
-fn link_failed(s: &tonic::Status) -> bool {
-    matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled)
-        && ["transport error", "h2 protocol error", "connection closed"]
-            .iter()
-            .any(|w| s.message().contains(w))
+        && (s.code() == tonic::Code::Unavailable || crate::error::link_failed(s))
 }
 
 /// Marks a health probe abandoned if its query is dropped before the probe ends, so
@@ -182,7 +169,7 @@ fn member_error(member: &str, e: Error) -> Error {
 fn status_error(member: &str, endpoint: &str, budget: Duration, s: tonic::Status) -> Error {
     use tonic::Code;
     let failure = match s.code() {
-        _ if link_failed(&s) => MemberFailure::Unavailable,
+        _ if crate::error::link_failed(&s) => MemberFailure::Unavailable,
         Code::Unavailable => MemberFailure::Unavailable,
         Code::DeadlineExceeded | Code::Cancelled => MemberFailure::TimedOut,
         Code::PermissionDenied | Code::Unauthenticated => MemberFailure::Denied,

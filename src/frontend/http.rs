@@ -150,12 +150,89 @@ pub async fn serve_probes(
             "this port answers GET /livez and GET /readyz only\n",
         )
     });
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(error = %e, "probe port stopped");
+    serve_plain(listener, app, MAX_PROBE_CONNECTIONS, shutdown).await;
+}
+
+/// Most connections an HTTP port holds at once; more wait in the kernel's accept
+/// queue until one ends. With [`HEADER_READ_TIMEOUT`], a client that opens
+/// connections and sends nothing, or sends a byte at a time, holds a port's slots
+/// for seconds and never exhausts the process's file descriptors.
+const MAX_CONNECTIONS: usize = 512;
+
+/// The probe port's cap: it needs no identity, so whoever reaches it can open
+/// connections; an orchestrator probes with one or two at a time.
+const MAX_PROBE_CONNECTIONS: usize = 32;
+
+/// How long a connection may take to send a request's headers, counted from when it
+/// opens or finishes its previous request, so an idle kept-alive HTTP/1 connection
+/// is closed after this too.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A connection server for one HTTP version: chosen up front (plain ports speak
+/// HTTP/1, the TLS port what ALPN settled), because detecting the version reads
+/// the first bytes with no deadline at all.
+fn connection_builder(
+    h2: bool,
+) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    // An HTTP/2 connection that stops answering pings is closed.
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .keep_alive_timeout(std::time::Duration::from_secs(10));
+    if h2 { b.http2_only() } else { b.http1_only() }
+}
+
+/// Serves `app` over plain HTTP/1 on `listener`, at most `limit` connections at a
+/// time, until `shutdown` resolves; then waits for the requests in flight.
+async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limit: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limit));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = connection_builder(false);
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = &mut shutdown => break,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of descriptors, for instance: wait rather than spin.
+                tracing::warn!(error = %e, "HTTP accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let served =
+            builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        let watched = graceful.watch(served.into_owned());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = watched.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
     }
+    // The port is freed at once; the connections still open finish their requests.
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// The HTTP routes. Each request needs a [`Caller`] extension.
@@ -214,11 +291,25 @@ async fn known_callers_only(
     next.run(req).await
 }
 
+/// What the board's page may load and run: its own script, style sheet and requests
+/// (and the inline empty icon), nothing from elsewhere, no plug-ins, no framing. A
+/// second line of defence behind the board writing untrusted text as text only.
+const BOARD_POLICY: &str = "default-src 'self'; img-src 'self' data:; object-src 'none'; \
+                            base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
 fn asset(content_type: &'static str, body: &'static str) -> Response {
     (
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(BOARD_POLICY),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
         ],
         body,
     )
@@ -654,10 +745,13 @@ async fn charts_svg(State(app): State<AppState>) -> Response {
 async fn history(State(app): State<AppState>) -> Response {
     let g = app.current.load();
     let now = std::time::SystemTime::now();
+    // Members a reload removed drop out at once, not after their hour.
+    let mut members = g.observer().history(now);
+    members.retain(|m, _| g.config().region.member(m).is_some());
     axum::Json(json!({
         "now": unix_now(),
         "minutes": crate::ops::history::MINUTES,
-        "members": g.observer().history(now),
+        "members": members,
     }))
     .into_response()
 }
@@ -894,23 +988,25 @@ pub async fn serve(
             let app = router
                 .layer(axum::middleware::from_fn(loopback_host_only))
                 .layer(Extension(Caller(me)));
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "HTTP port stopped");
-            }
+            serve_plain(listener, app, MAX_CONNECTIONS, shutdown).await;
         }
         Some(tls) => {
             use futures::StreamExt;
-            use hyper_util::rt::{TokioExecutor, TokioIo};
-            use hyper_util::server::conn::auto::Builder;
+            use hyper_util::rt::TokioIo;
             use hyper_util::service::TowerToHyperService;
             use tonic::transport::server::Connected;
             let mut incoming = crate::trust::tls::incoming(listener, tls);
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+            let (h1, h2) = (connection_builder(false), connection_builder(true));
             tokio::pin!(shutdown);
             loop {
+                // A slot first: without one, finished handshakes wait in the
+                // channel and new connections in the kernel's queue.
+                let slot = tokio::select! {
+                    s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+                    _ = &mut shutdown => break,
+                };
                 let conn = tokio::select! {
                     c = incoming.next() => c,
                     _ = &mut shutdown => break,
@@ -928,10 +1024,11 @@ pub async fn serve(
                         .layer(Extension(Caller(info.principal)))
                         .layer(Extension(CallerSerial(info.serial))),
                 );
-                let builder = Builder::new(TokioExecutor::new());
-                let served = builder.serve_connection_with_upgrades(TokioIo::new(conn), svc);
+                let builder = if conn.negotiated_h2() { &h2 } else { &h1 };
+                let served = builder.serve_connection(TokioIo::new(conn), svc);
                 let watched = graceful.watch(served.into_owned());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = watched.await {
                         tracing::debug!(error = %e, "HTTPS connection ended with an error");
                     }

@@ -4,10 +4,10 @@
 //! (latency p50/p99 and queries per minute).
 //!
 //! No map tiles, fonts or scripts come from anywhere else, so the board works on a
-//! network with no way out. The SVG carries no script and no style sheet (only
-//! presentation attributes, which the board's Content-Security-Policy allows), and
-//! every piece of text in it goes through [`esc`]: names come from the region file
-//! and errors from other organisations.
+//! network with no way out. The SVG carries no script, style sheet or link (only
+//! presentation attributes, which the board's Content-Security-Policy allows and its
+//! allow-list keeps), and every piece of text in it goes through [`esc`]: names come
+//! from the region file.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -106,7 +106,11 @@ pub fn esc(s: &str) -> String {
             '\'' => out.push_str("&#39;"),
             // Characters XML 1.0 does not allow would make the whole picture fail to
             // parse.
-            c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => out.push('\u{FFFD}'),
+            c if ((c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r'))
+                || matches!(c, '\u{FFFE}' | '\u{FFFF}') =>
+            {
+                out.push('\u{FFFD}')
+            }
             c => out.push(c),
         }
     }
@@ -173,12 +177,15 @@ pub fn map_svg(region: &str, this: &str, places: &[Place], unplaced: &[String]) 
 
     // An equirectangular projection scaled by the cosine of the middle latitude: at a
     // region's size it keeps distances and shapes close enough, and needs no library.
+    // Latitudes are drawn within ±85° (as web maps do): nearer the poles the cosine
+    // scale stops meaning anything, and a region there is drawn at the limit.
+    let lat_of = |p: &Place| p.lat.clamp(-85.0, 85.0);
     let (mut lon0, mut lon1, mut lat0, mut lat1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for p in places {
         lon0 = lon0.min(p.lon);
         lon1 = lon1.max(p.lon);
-        lat0 = lat0.min(p.lat);
-        lat1 = lat1.max(p.lat);
+        lat0 = lat0.min(lat_of(p));
+        lat1 = lat1.max(lat_of(p));
     }
     // At least half a degree of room around the points, more for a wide region.
     let pad_lon = ((lon1 - lon0) * 0.15).max(0.5);
@@ -235,7 +242,7 @@ pub fn map_svg(region: &str, this: &str, places: &[Place], unplaced: &[String]) 
     // drawn within reach, then on a small ring around it with a leader line back.
     let mut at: Vec<(f64, f64, f64, f64)> = Vec::with_capacity(places.len());
     for p in places {
-        let (x, y) = project(p.lon, p.lat);
+        let (x, y) = project(p.lon, lat_of(p));
         let mut spot = (x, y);
         'ring: for i in 0..24 {
             let free = at
@@ -439,7 +446,8 @@ pub fn charts_svg(
     now: u64,
 ) -> String {
     let now_minute = now / 60;
-    let first = now_minute + 1 - MINUTES;
+    // (Saturating: a clock that reads the first hour of 1970 draws an empty hour.)
+    let first = (now_minute + 1).saturating_sub(MINUTES);
     let height = TOP + ROW_H * members.len().max(1) as f64 + 28.0;
     let mut svg = String::new();
     let _ = write!(
@@ -653,7 +661,7 @@ pub fn charts_svg(
     let axis_y = TOP + ROW_H * members.len().max(1) as f64;
     for base in [lat_x, qpm_x] {
         for back in [60u64, 45, 30, 15, 0] {
-            let minute = now_minute + 1 - back.max(1);
+            let minute = (now_minute + 1).saturating_sub(back.max(1)).max(first);
             let x = if back == 0 {
                 base + PANEL_W
             } else {
@@ -793,7 +801,28 @@ mod tests {
         assert!(!svg.contains("<image"), "{svg}");
         assert!(!svg.contains("<b>"), "{svg}");
         assert!(!svg.contains('\u{1}'));
+        let odd = map_svg("r", "x", &[place("a\u{FFFF}b", 120.0, 30.0, Seen::Up)], &[]);
+        assert!(!odd.contains('\u{FFFF}') && odd.contains("a\u{FFFD}b"));
         assert!(svg.contains("&lt;script&gt;") && svg.contains("r&amp;d"));
+    }
+
+    #[test]
+    fn regions_near_a_pole_or_at_the_epoch_are_drawn_inside_the_frame() {
+        let places = [
+            place("north", 10.0, 89.9, Seen::Up),
+            place("norther", 12.0, 90.0, Seen::Up),
+        ];
+        let svg = map_svg("arctic", "x", &places, &[]);
+        for m in ["north", "norther"] {
+            let (x, y) = centre(&svg, m);
+            assert!(
+                (0.0..=MAP_W).contains(&x) && (0.0..=MAP_H).contains(&y),
+                "{m}: {x} {y}"
+            );
+        }
+        // A clock in the first hour of 1970 draws an empty hour rather than panicking.
+        let svg = charts_svg(&["a".to_string()], &BTreeMap::new(), 120);
+        assert!(svg.contains("no sub-queries in the last hour"));
     }
 
     #[test]

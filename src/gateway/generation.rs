@@ -78,8 +78,19 @@ impl Generation {
             )));
         }
         // An expired certificate, or one the region CA did not sign, would be refused
-        // by every peer: refuse it here, with the reason, instead.
-        tls.verify_own_certificate()?;
+        // by every peer: refuse it here, with the reason, instead. One the region has
+        // revoked is refused at start too; on a reload the new lists are taken all the
+        // same, so that the other certificates they revoke are refused here as well,
+        // and the operators are told to renew this one.
+        if previous.is_some() && tls.own_certificate_revoked() {
+            tracing::error!(
+                member = %config.member.name,
+                "The region has revoked this gateway's own certificate: its peers refuse it. \
+                 The new revocation lists are in force here; renew the certificate (fedgate pki renew)"
+            );
+        } else {
+            tls.verify_own_certificate()?;
+        }
         let engine = if config.member.serves.is_empty() {
             None
         } else {

@@ -52,6 +52,10 @@ pub(super) struct Reloader {
     pub(super) seen: std::sync::Mutex<Vec<(std::path::PathBuf, Stamp)>>,
     /// One reload at a time.
     pub(super) busy: tokio::sync::Mutex<()>,
+    /// The admission doors of earlier generations (replaced when their limits
+    /// changed): queries admitted there still hold their slots, and a drain waits for
+    /// them too. Each goes when its last ticket does.
+    pub(super) retired: std::sync::Mutex<Vec<std::sync::Weak<crate::ops::admission::Admission>>>,
 }
 
 impl Reloader {
@@ -100,6 +104,47 @@ impl Reloader {
     }
 
     async fn try_reload(&self, old: &Generation) -> ReloadOutcome {
+        match self.try_whole(old).await {
+            ReloadOutcome::Rejected { reason } => ReloadOutcome::Rejected {
+                reason: match self.trust_alone(old).await {
+                    Some(version) => format!(
+                        "{reason}\nThe changed trust files (CA, revocation lists, this \
+                         gateway's certificate) are in force nonetheless, with the running \
+                         configuration ({version})."
+                    ),
+                    None => reason,
+                },
+            },
+            other => other,
+        }
+    }
+
+    /// After a refused reload: when the trust files changed (the CA, the revocation
+    /// lists, this gateway's certificate and key), the running configuration rebuilt
+    /// with them as they now are. A revocation must not wait for an unrelated fix, such
+    /// as an edit that takes a restart or a source that does not load. `None` when
+    /// they did not change or do not load either (logged).
+    async fn trust_alone(&self, old: &Generation) -> Option<String> {
+        if tls_digest(&old.config) == old.tls_digest {
+            return None;
+        }
+        match Generation::build(
+            old.config.clone(),
+            self.audit.clone(),
+            self.observer.clone(),
+            Some(old),
+        )
+        .await
+        {
+            Ok(g) => Some(self.install(old, g)),
+            Err(e) => {
+                tracing::error!(member = %old.config.member.name, error = %e, "The changed trust files do not load with the running configuration either");
+                None
+            }
+        }
+    }
+
+    async fn try_whole(&self, old: &Generation) -> ReloadOutcome {
         let rejected = |reason: String| ReloadOutcome::Rejected { reason };
         let config = match MemberConfig::load(&self.path) {
             Ok(c) => c,
@@ -140,16 +185,46 @@ impl Reloader {
         )
         .await
         {
-            Ok(g) => {
-                let version = g.config.version.clone();
-                self.tls.store(g.server_tls.clone());
-                self.http_tls.store(g.http_tls.clone());
-                self.postgres_tls.store(g.postgres_tls.clone());
-                self.current.store(Arc::new(g));
-                ReloadOutcome::Applied { version }
-            }
+            Ok(g) => ReloadOutcome::Applied {
+                version: self.install(old, g),
+            },
             Err(e) => rejected(e.to_string()),
         }
+    }
+}
+
+impl Reloader {
+    /// Puts `g` in force in place of `old`: its TLS configurations on every port, then
+    /// the generation itself. Returns its version.
+    fn install(&self, old: &Generation, g: Generation) -> String {
+        let version = g.config.version.clone();
+        {
+            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            retired.retain(|w| w.strong_count() > 0);
+            for (was, now) in [
+                (&old.federation.admission, &g.federation.admission),
+                (&old.peer.admission, &g.peer.admission),
+            ] {
+                if !Arc::ptr_eq(was, now) {
+                    retired.push(Arc::downgrade(was));
+                }
+            }
+        }
+        self.tls.store(g.server_tls.clone());
+        self.http_tls.store(g.http_tls.clone());
+        self.postgres_tls.store(g.postgres_tls.clone());
+        self.current.store(Arc::new(g));
+        version
+    }
+
+    /// Slots held on the doors of earlier generations.
+    pub(super) fn retired_in_use(&self) -> usize {
+        let retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .map(|a| a.in_use().values().sum::<usize>())
+            .sum()
     }
 }
 

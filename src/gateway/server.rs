@@ -239,6 +239,7 @@ impl Gateway {
             audit,
             observer,
             busy: tokio::sync::Mutex::new(()),
+            retired: std::sync::Mutex::new(Vec::new()),
         });
         // Latency samples are folded into histogram buckets every few seconds, so
         // the recorder holds buckets, not every sample, whether or not anyone scrapes.
@@ -351,12 +352,15 @@ impl Gateway {
     }
 
     /// Queries running here now: client queries this gateway coordinates and
-    /// sub-queries it answers for peers, on every door.
+    /// sub-queries it answers for peers, on every door, including the doors of
+    /// configurations replaced while they ran.
     pub fn in_flight(&self) -> usize {
-        self.admission()
+        let current: usize = self
+            .admission()
             .iter()
             .flat_map(|(_, load)| load.classes.iter().map(|c| c.in_use))
-            .sum()
+            .sum();
+        current + self.reloader.retired_in_use()
     }
 
     /// Stops accepting, lets in-flight calls finish, and waits.

@@ -395,6 +395,49 @@ mod tests {
         assert!(e.contains("ca.crl"), "{e}");
     }
 
+    /// Two lists of the one CA, the older (revoking nothing) named first: the newer
+    /// decides, in the handshake's verifier as in the per-request serial check, and
+    /// the next update reported is the newer list's.
+    #[test]
+    fn an_older_revocation_list_next_to_a_newer_one_does_not_undo_a_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("yrd").unwrap();
+        let (ca_crt, _) = write_ca(&ca, dir.path()).unwrap();
+        let hefei = Principal::parse("fedgate://yrd/city/hefei").unwrap();
+        let anji = Principal::parse("fedgate://yrd/county/anji").unwrap();
+        let h = ca.issue(&hefei, &default_hosts(), 30).unwrap();
+        let a = ca.issue(&anji, &[], 30).unwrap();
+        let (h_crt, h_key) = write_issued(&h, dir.path(), "hefei").unwrap();
+        let (serial, _) = serial_of(&a.cert_pem).unwrap();
+        let old = dir.path().join("old.crl");
+        std::fs::write(&old, ca.revocation_list(&[], 30).unwrap()).unwrap();
+        // The CRL number is the time of issue in milliseconds.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let new = dir.path().join("new.crl");
+        let revoked = [Revoked {
+            serial: serial.clone(),
+            at: 1_700_000_000,
+        }];
+        std::fs::write(&new, ca.revocation_list(&revoked, 7).unwrap()).unwrap();
+
+        let now = rustls_pki_types::UnixTime::now();
+        for files in [[old.clone(), new.clone()], [new.clone(), old.clone()]] {
+            let m = crate::trust::tls::TlsMaterial::load_with_crls(&ca_crt, &files, &h_crt, &h_key)
+                .unwrap();
+            let e = m
+                .verify_chain(&chain_of(&a.cert_pem), now)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("Revoked"), "{files:?}: {e}");
+            m.verify_chain(&chain_of(&h.cert_pem), now).unwrap();
+            assert!(m.revoked.contains(&serial), "{files:?}");
+            // The newer list is due in 7 days, the older in 30.
+            let due = m.expiries.crl_next_update.unwrap();
+            let in_days = (due - time::OffsetDateTime::now_utc().unix_timestamp()) / 86_400;
+            assert!((6..=7).contains(&in_days), "{files:?}: {in_days}");
+        }
+    }
+
     #[test]
     fn a_renewed_certificate_keeps_its_identity_and_hosts_with_a_new_key() {
         let ca = Ca::generate("yrd").unwrap();

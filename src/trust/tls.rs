@@ -105,9 +105,15 @@ impl TlsMaterial {
                 .add(c)
                 .map_err(|e| Error::Tls(format!("CA bundle {}: {e}", ca.display())))?;
         }
-        let mut crls = Vec::new();
+        // Per issuer, only its newest list (the highest CRL number, then the latest
+        // thisUpdate) goes to the verifiers: rustls checks a certificate against the
+        // first list of its issuer it finds, so an older list named before a newer
+        // one would silently un-revoke every certificate revoked since. The serials
+        // of every list are still refused per request (`revoked`): a revocation is
+        // never undone by another file.
+        let mut newest: std::collections::BTreeMap<Vec<u8>, NewestList> =
+            std::collections::BTreeMap::new();
         let mut revoked = std::collections::HashSet::new();
-        let mut crl_next_update: Option<i64> = None;
         for f in crl_files {
             for crl in load_crls(f)? {
                 use x509_parser::prelude::*;
@@ -118,13 +124,42 @@ impl TlsMaterial {
                         .iter_revoked_certificates()
                         .map(|r| r.raw_serial().to_vec()),
                 );
-                if let Some(next) = parsed.next_update() {
-                    let t = next.timestamp();
-                    crl_next_update = Some(crl_next_update.map_or(t, |c| c.min(t)));
+                let number = parsed
+                    .crl_number()
+                    .map(|n| n.to_bytes_be())
+                    .unwrap_or_default();
+                let issuer = parsed.issuer().as_raw().to_vec();
+                let list = NewestList {
+                    // Big-endian without leading zeros: the longer number is larger.
+                    order: (number.len(), number, parsed.last_update().timestamp()),
+                    next_update: parsed.next_update().map(|t| t.timestamp()),
+                    file: f.clone(),
+                    der: crl,
+                };
+                match newest.get(&issuer) {
+                    Some(kept) if kept.order >= list.order => {
+                        tracing::warn!(
+                            ignored = %list.file.display(),
+                            kept = %kept.file.display(),
+                            "A revocation list is older than another of the same issuer; the newer one is used"
+                        );
+                    }
+                    Some(kept) => {
+                        tracing::warn!(
+                            ignored = %kept.file.display(),
+                            kept = %list.file.display(),
+                            "A revocation list is older than another of the same issuer; the newer one is used"
+                        );
+                        newest.insert(issuer, list);
+                    }
+                    None => {
+                        newest.insert(issuer, list);
+                    }
                 }
-                crls.push(crl);
             }
         }
+        let crl_next_update = newest.values().filter_map(|l| l.next_update).min();
+        let crls: Vec<_> = newest.into_values().map(|l| l.der).collect();
         let chain = load_certs(cert)?;
         let key_der = PrivateKeyDer::from_pem_file(key)
             .map_err(|e| Error::Tls(format!("private key {}: {e}", key.display())))?;
@@ -297,6 +332,15 @@ pub fn database_client_config(
     }
 }
 
+/// One issuer's newest revocation list while the files are read.
+struct NewestList {
+    /// (length of the CRL number, its big-endian bytes, thisUpdate): larger is newer.
+    order: (usize, Vec<u8>, i64),
+    next_update: Option<i64>,
+    file: std::path::PathBuf,
+    der: CertificateRevocationListDer<'static>,
+}
+
 /// The verifier of client certificates over `roots`, with `crls` for end entities.
 fn client_verifier(
     roots: &Arc<RootCertStore>,
@@ -368,6 +412,22 @@ pub fn serial_of(der: &[u8]) -> Arc<[u8]> {
 pub struct TlsConn {
     io: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+}
+
+impl TlsMaterial {
+    /// Whether the revocation lists in force name this party's own certificate.
+    pub fn own_certificate_revoked(&self) -> bool {
+        self.chain
+            .first()
+            .is_some_and(|c| self.revoked.contains(&*serial_of(c)))
+    }
+}
+
+impl TlsConn {
+    /// Whether the client chose HTTP/2 in the handshake (ALPN `h2`).
+    pub fn negotiated_h2(&self) -> bool {
+        self.io.get_ref().1.alpn_protocol() == Some(b"h2".as_slice())
+    }
 }
 
 impl Connected for TlsConn {

@@ -234,3 +234,38 @@ async fn a_mysql_dialect_engine_is_never_sent_a_concatenation() {
     // The concatenation is computed here, over what the engine sent.
     assert!(text.contains("||"), "{text}");
 }
+
+/// The lake ends every connection after a second (`[lifecycle] max_connection_age`,
+/// as an engine behind a load balancer may): Suzhou keeps reading it whole, a call
+/// that starts just as a connection ends being asked again on a fresh one.
+#[tokio::test]
+async fn a_lake_that_ends_its_connections_every_second_is_still_read_whole() {
+    use crate::support::member_state;
+    use fedgate::proto::v1::MemberState;
+    let region = Region::start_patched(Some(&["shanghai", "suzhou"]), &|layout| {
+        crate::support::patch_member(layout, "lake/warehouse", |m| {
+            m.lifecycle = Some(fedgate::config::raw::RawLifecycle {
+                max_connection_age: Some("1s".into()),
+                ..Default::default()
+            });
+        })
+    })
+    .await;
+    let client = region.client("shanghai");
+    let sql = "SELECT count(*) AS n FROM underground_pipelines WHERE member = 'suzhou'";
+    let first = client.query(sql, false, None).await.unwrap();
+    let want = first.batches.clone();
+    let started = std::time::Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        let a = client
+            .query(sql, false, None)
+            .await
+            .unwrap_or_else(|e| panic!("after {answered} answers: {e}"));
+        assert_eq!(member_state(&a.summary, "suzhou"), MemberState::Ok);
+        assert_eq!(a.batches, want);
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert!(answered >= 10, "{answered}");
+}

@@ -52,7 +52,8 @@ fn lifecycle(drain: &str, probes: &str) -> Option<RawLifecycle> {
     })
 }
 
-/// The office's coordinator is drained while it waits on a slow member: the probes and
+/// The office's coordinator is drained while it waits on a slow member (after new
+/// admission limits replaced the door its first query holds a slot on): the probes and
 /// gRPC health turn at once, a query that arrives during the drain is still taken, and
 /// both it and the one already in flight end complete, every member answering. Only
 /// then does the gateway stop, and its ports close.
@@ -91,6 +92,16 @@ async fn a_drained_gateway_turns_unready_at_once_and_finishes_every_query_in_fli
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // New admission limits replace the door the first query holds its slot on; the
+    // gateway still counts it as in flight (and the drain below waits for it).
+    patch_member(&region.layout, OFFICE, |m| {
+        m.limits.max_concurrent_queries = Some(m.limits.max_concurrent_queries.unwrap_or(64) + 1);
+    });
+    assert!(matches!(
+        gw.reload().await,
+        fedgate::gateway::ReloadOutcome::Applied { .. }
+    ));
+    assert_eq!(gw.in_flight(), 1, "the query admitted before the reload");
 
     gw.begin_drain().await;
     assert_eq!(
@@ -244,4 +255,67 @@ async fn sigterm_drains_the_serving_process_for_its_configured_period_then_exits
         "exited {took:?} after SIGTERM, before its 3 s drain"
     );
     assert!(log().contains("draining for 3s"), "{}", log());
+}
+
+/// Connections to the ports that ask no certificate (the probe port, Hangzhou's plain
+/// loopback HTTP port) that send no request, or send their headers a byte at a time,
+/// are closed by the header timeout (10 s) instead of being held open for as long as
+/// the client likes; the ports answer other requests meanwhile.
+#[tokio::test]
+async fn connections_that_send_no_request_or_a_slow_one_are_closed() {
+    let region = Region::start_patched(None, &|layout| {
+        patch_member(layout, "hangzhou", |m| {
+            m.lifecycle = lifecycle("1s", "127.0.0.1:0");
+        })
+    })
+    .await;
+    let probes = region.gateways["hangzhou"]
+        .probes_addr
+        .expect("a probe port");
+    let http = region.gateways["hangzhou"].http_addr.expect("an HTTP port");
+    let closed_after = |addr: SocketAddr, trickle: bool| async move {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let started = Instant::now();
+        let writer = tokio::spawn(async move {
+            if trickle {
+                let _ = w
+                    .write_all(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                    .await;
+                for _ in 0..60 {
+                    if w.write_all(b"X").await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            // Keep the writing half open (an idle client) until the test ends.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(w);
+        });
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(25), r.read_to_end(&mut rest)).await;
+        writer.abort();
+        assert!(
+            ended.is_ok(),
+            "{addr}: still open after 25 s (trickle: {trickle})"
+        );
+        started.elapsed()
+    };
+    let (a, b, c, d, ()) = tokio::join!(
+        closed_after(probes, false),
+        closed_after(probes, true),
+        closed_after(http, false),
+        closed_after(http, true),
+        // Meanwhile both ports answer.
+        async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(get(probes, "/livez").await.map(|r| r.0), Some(200));
+            assert_eq!(get(http, "/healthz").await.map(|r| r.0), Some(200));
+        },
+    );
+    for w in [a, b, c, d] {
+        // Closed by the timeout, not refused at once.
+        assert!(w >= Duration::from_secs(9), "{w:?}");
+    }
 }

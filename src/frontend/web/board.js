@@ -261,18 +261,26 @@ async function verifyAudit() {
 
 // The map and the charts are SVG that the gateway draws (it escapes every name it
 // puts in them). They are parsed as XML, which runs nothing, and as a second guard
-// anything that could run or load something is removed before the picture joins
-// the page: script and foreignObject elements, event-handler attributes, links.
+// only the elements and attributes the gateway draws with are kept: an allow-list,
+// so nothing that could run, load or restyle the page can join it.
+const SVG_ELEMENTS = new Set(["svg", "g", "title", "rect", "circle", "line", "path", "text", "tspan"]);
+const SVG_ATTRIBUTES = new Set([
+  "xmlns", "viewBox", "width", "height", "role", "x", "y", "x1", "y1", "x2", "y2", "cx", "cy", "r", "d",
+  "fill", "stroke", "stroke-width", "stroke-opacity", "stroke-dasharray", "font-family", "font-size",
+  "font-weight", "text-anchor",
+]);
 function sanitizedSvg(text, what) {
   const doc = new DOMParser().parseFromString(text, "image/svg+xml");
   const svg = doc.documentElement;
   if (svg.nodeName !== "svg" || doc.getElementsByTagName("parsererror").length) {
     throw new Error(`${what} is not an SVG picture`);
   }
-  for (const bad of svg.querySelectorAll("script, foreignObject, iframe, image, use, a")) bad.remove();
+  for (const node of [...svg.querySelectorAll("*")]) {
+    if (!SVG_ELEMENTS.has(node.nodeName)) node.remove();
+  }
   for (const node of [svg, ...svg.querySelectorAll("*")]) {
     for (const attr of [...node.attributes]) {
-      if (/^on/i.test(attr.name) || /href$/i.test(attr.name)) node.removeAttribute(attr.name);
+      if (!SVG_ATTRIBUTES.has(attr.name) && !attr.name.startsWith("data-")) node.removeAttribute(attr.name);
     }
   }
   return document.importNode(svg, true);
@@ -290,8 +298,8 @@ async function refreshPictures() {
     const text = await resp.text();
     if (id === "charts") chartsFetchedAt = Date.now();
     if (lastRendered.get(url) === text) continue;
-    lastRendered.set(url, text);
     $(id).replaceChildren(sanitizedSvg(text, url));
+    lastRendered.set(url, text); // only once drawn, so a picture that fails is tried again
   }
   document.body.dataset.pictures = "drawn";
 }

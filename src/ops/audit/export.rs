@@ -97,6 +97,8 @@ impl Exporter {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::Config(format!("audit export {}: {e}", sink.display())))?;
         }
+        cut_torn_line(sink)
+            .map_err(|e| Error::Config(format!("audit export {}: {e}", sink.display())))?;
         let progress = log
             .export
             .get_or_init(|| Arc::new(ExportProgress::default()))
@@ -227,6 +229,49 @@ impl Exporter {
             tokio::time::sleep(EXPORT_POLL).await;
         }
     }
+}
+
+/// Cuts a line the sink ends with that has no newline: a write the process was
+/// stopped in the middle of. Its record, like every one after the cursor, is written
+/// again; without the cut the next record would be glued to half a line, which no
+/// SIEM could parse.
+fn cut_torn_line(sink: &Path) -> std::io::Result<()> {
+    let mut f = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(sink)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    // Back from the end in blocks to the last newline (records are small; a torn
+    // one is at most one record long).
+    let mut end = len;
+    let mut block = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(block.len() as u64);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut block[..n])?;
+        if let Some(i) = block[..n].iter().rposition(|&b| b == b'\n') {
+            let keep = start + i as u64 + 1;
+            if keep < len {
+                tracing::warn!(sink = %sink.display(), bytes = len - keep, "the audit export sink ended in a torn line (a stop mid-write); cut it, its record is written again");
+                f.set_len(keep)?;
+                f.sync_data()?;
+            }
+            return Ok(());
+        }
+        end = start;
+    }
+    if len > 0 {
+        tracing::warn!(sink = %sink.display(), bytes = len, "the audit export sink holds one torn line (a stop mid-write); cut it, its record is written again");
+        f.set_len(0)?;
+        f.sync_data()?;
+    }
+    Ok(())
 }
 
 /// Whether the log holds, ending at `cursor.offset`, the record `cursor` names.

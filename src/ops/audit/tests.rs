@@ -669,6 +669,54 @@ fn the_export_ships_each_durable_record_once_and_resumes_from_its_cursor() {
     assert_eq!(sink_lines(&sink)[4]["seq"], 1);
 }
 
+/// A process stopped in the middle of writing the sink leaves half a line: the next
+/// exporter cuts it and writes its record again, so every line of the sink parses.
+#[test]
+fn a_torn_line_at_the_end_of_the_sink_is_cut_and_its_record_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(AuditLog::open(&dir.path().join("audit.log")).unwrap());
+    for i in 1..=2 {
+        log.append(&entry(i)).unwrap();
+    }
+    let sink = dir.path().join("audit.jsonl");
+    let mut ex = export::Exporter::new(log.clone(), &sink, "m", "fedgate://yrd/city/m").unwrap();
+    assert_eq!(ex.run_once().unwrap(), 2);
+    drop(ex);
+    // Record 3 reached the sink half-written, and the cursor never moved past 2.
+    log.append(&entry(3)).unwrap();
+    let whole = std::fs::read_to_string(&sink).unwrap();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&sink)
+            .unwrap();
+        f.write_all(br#"{"schema":"fedgate.audit.v1","member":"m","se"#)
+            .unwrap();
+    }
+    let mut again = export::Exporter::new(log.clone(), &sink, "m", "fedgate://yrd/city/m").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&sink).unwrap(),
+        whole,
+        "the torn line is cut"
+    );
+    assert_eq!(again.run_once().unwrap(), 1);
+    let lines = sink_lines(&sink);
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+
+    // A sink that is one torn line and nothing else is emptied.
+    let lone = dir.path().join("lone.jsonl");
+    std::fs::write(&lone, b"{\"schema\":").unwrap();
+    drop(export::Exporter::new(log.clone(), &lone, "m", "fedgate://yrd/city/m").unwrap());
+    assert_eq!(std::fs::read(&lone).unwrap(), b"");
+}
+
 #[test]
 fn the_export_stops_at_a_record_that_does_not_verify() {
     let dir = tempfile::tempdir().unwrap();

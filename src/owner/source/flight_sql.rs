@@ -120,18 +120,45 @@ impl FlightSqlDatabase {
         }
     }
 
-    /// The statement's answer, endpoint by endpoint: the engine must answer from
-    /// itself (a ticket without locations, or its own), not send the gateway to other
-    /// servers it was not configured to trust.
+    /// The statement's answer, asked once more when the first attempt failed on the
+    /// link itself (the engine closed an aged connection as the call started): no row
+    /// has been read at that point, so asking again on a fresh connection repeats
+    /// nothing. The engine's own refusals are not retried.
     async fn answer(
         &self,
         sql: &str,
     ) -> Result<Vec<arrow_flight::decode::FlightRecordBatchStream>> {
+        match self.try_answer(sql).await {
+            Err(Attempt::Link(e)) => {
+                tracing::debug!(database = %self.name, error = %e, "Flight SQL link failed before the answer; asking again");
+                self.try_answer(sql).await.map_err(|a| match a {
+                    Attempt::Link(e) => self.error(e),
+                    Attempt::Failed(e) => e,
+                })
+            }
+            Err(Attempt::Failed(e)) => Err(e),
+            Ok(streams) => Ok(streams),
+        }
+    }
+
+    /// The statement's answer, endpoint by endpoint: the engine must answer from
+    /// itself (a ticket without locations, or its own), not send the gateway to other
+    /// servers it was not configured to trust.
+    async fn try_answer(
+        &self,
+        sql: &str,
+    ) -> std::result::Result<Vec<arrow_flight::decode::FlightRecordBatchStream>, Attempt> {
+        let failed = |e: arrow_flight::error::FlightError| match &e {
+            arrow_flight::error::FlightError::Tonic(s) if crate::error::link_failed(s) => {
+                Attempt::Link(e)
+            }
+            _ => Attempt::Failed(self.error(e)),
+        };
         let mut client = self.client();
         let info = client
             .execute(sql.to_string(), None)
             .await
-            .map_err(|e| self.error(e))?;
+            .map_err(failed)?;
         let mut streams = Vec::new();
         for endpoint in info.endpoint {
             let elsewhere = endpoint
@@ -139,24 +166,32 @@ impl FlightSqlDatabase {
                 .iter()
                 .any(|l| !l.uri.is_empty() && l.uri != "arrow-flight-reuse-connection://?");
             if elsewhere {
-                return Err(Error::Database {
+                return Err(Attempt::Failed(Error::Database {
                     database: self.name.clone(),
                     unavailable: false,
                     reason: format!(
                         "{}: the engine answers from other servers, which a member does not follow",
                         self.place
                     ),
-                });
+                }));
             }
-            let ticket = endpoint.ticket.ok_or_else(|| Error::Database {
-                database: self.name.clone(),
-                unavailable: false,
-                reason: format!("{}: an endpoint without a ticket", self.place),
+            let ticket = endpoint.ticket.ok_or_else(|| {
+                Attempt::Failed(Error::Database {
+                    database: self.name.clone(),
+                    unavailable: false,
+                    reason: format!("{}: an endpoint without a ticket", self.place),
+                })
             })?;
-            streams.push(client.do_get(ticket).await.map_err(|e| self.error(e))?);
+            streams.push(client.do_get(ticket).await.map_err(failed)?);
         }
         Ok(streams)
     }
+}
+
+/// How an attempt at an answer failed: on the link (worth one more try) or otherwise.
+enum Attempt {
+    Link(arrow_flight::error::FlightError),
+    Failed(Error),
 }
 
 /// The Arrow type a column announced by an engine is read as: the types the member's
