@@ -195,8 +195,6 @@ async fn serve_plain(
     limit: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    use hyper_util::rt::TokioIo;
-    use hyper_util::service::TowerToHyperService;
     let slots = Arc::new(tokio::sync::Semaphore::new(limit));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = connection_builder(false);
@@ -220,19 +218,35 @@ async fn serve_plain(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let served =
-            builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
-        let watched = graceful.watch(served.into_owned());
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(e) = watched.await {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
-            }
-        });
+        serve_one(&builder, &graceful, tcp, app.clone(), slot);
     }
     // The port is freed at once; the connections still open finish their requests.
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Serves one connection in a task of its own, watched by `graceful`, holding its
+/// `slot` of the port's connection cap until it ends.
+fn serve_one<I>(
+    builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    io: I,
+    app: Router,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let served = builder.serve_connection(
+        hyper_util::rt::TokioIo::new(io),
+        hyper_util::service::TowerToHyperService::new(app),
+    );
+    let watched = graceful.watch(served.into_owned());
+    tokio::spawn(async move {
+        let _slot = slot;
+        if let Err(e) = watched.await {
+            tracing::debug!(error = %e, "HTTP connection ended with an error");
+        }
+    });
 }
 
 /// The HTTP routes. Each request needs a [`Caller`] extension.
@@ -992,8 +1006,6 @@ pub async fn serve(
         }
         Some(tls) => {
             use futures::StreamExt;
-            use hyper_util::rt::TokioIo;
-            use hyper_util::service::TowerToHyperService;
             use tonic::transport::server::Connected;
             let mut incoming = crate::trust::tls::incoming(listener, tls);
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -1018,21 +1030,12 @@ pub async fn serve(
                     continue;
                 };
                 let info = conn.connect_info();
-                let svc = TowerToHyperService::new(
-                    router
-                        .clone()
-                        .layer(Extension(Caller(info.principal)))
-                        .layer(Extension(CallerSerial(info.serial))),
-                );
+                let app = router
+                    .clone()
+                    .layer(Extension(Caller(info.principal)))
+                    .layer(Extension(CallerSerial(info.serial)));
                 let builder = if conn.negotiated_h2() { &h2 } else { &h1 };
-                let served = builder.serve_connection(TokioIo::new(conn), svc);
-                let watched = graceful.watch(served.into_owned());
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    if let Err(e) = watched.await {
-                        tracing::debug!(error = %e, "HTTPS connection ended with an error");
-                    }
-                });
+                serve_one(builder, &graceful, conn, app, slot);
             }
             graceful.shutdown().await;
         }
