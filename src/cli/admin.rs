@@ -91,6 +91,21 @@ pub(crate) enum AuditCommand {
         #[arg(long, value_parser = parse_receipt)]
         head: Option<Receipt>,
     },
+    /// The after-action review of an incident over one or more members' logs: every
+    /// declaration taken, every query and sub-query asked under it (refused ones
+    /// too), and any access outside the declared window or datasets, which is flagged
+    /// (exit 1, as for a broken chain).
+    Report {
+        /// The incident's number.
+        #[arg(long)]
+        incident: String,
+        /// The audit logs, each `FILE` or `NAME=FILE`.
+        #[arg(required = true)]
+        logs: Vec<String>,
+        /// Print the review as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub(crate) async fn serve(config: &Path) -> Result<ExitCode> {

@@ -4,6 +4,7 @@
 
 mod admin;
 mod demo;
+mod incident;
 mod query;
 
 use std::path::PathBuf;
@@ -106,6 +107,10 @@ pub(crate) enum Command {
         /// standard error is a terminal).
         #[arg(long)]
         no_progress: bool,
+        /// Ask under an incident: a declaration file (`fedgate incident declare`). Each
+        /// member opens what its own emergency rules give under it, and no more.
+        #[arg(long)]
+        incident: Option<PathBuf>,
         /// The SQL (canonical datasets; DataFusion dialect).
         sql: String,
     },
@@ -165,6 +170,12 @@ pub(crate) enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Incident declarations: time-boxed emergency access that each owner honours
+    /// under its own emergency rules.
+    Incident {
+        #[command(subcommand)]
+        command: incident::IncidentCommand,
     },
     /// Work with a gateway's tamper-evident audit log.
     Audit {
@@ -280,11 +291,17 @@ pub(crate) async fn run(cmd: Command) -> Result<ExitCode> {
             no_plan_cache,
             purpose,
             no_progress,
+            incident,
             sql,
         } => {
             let client = connect(&conn)?;
             let progress = show_progress(no_progress);
+            let incident = match incident {
+                Some(f) => fedgate::tools::incident::read_file(&f)?,
+                None => Vec::new(),
+            };
             let req = fedgate::proto::v1::QueryRequest {
+                incident,
                 sql,
                 allow_partial,
                 timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
@@ -334,6 +351,15 @@ pub(crate) async fn run(cmd: Command) -> Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Verify { file, head },
         } => audit_verify(&file, head.as_ref()),
+        Command::Audit {
+            command:
+                AuditCommand::Report {
+                    incident: number,
+                    logs,
+                    json,
+                },
+        } => incident::report(&number, &logs, json),
+        Command::Incident { command } => incident::incident(command).await,
         Command::Bench {
             conn,
             sql,

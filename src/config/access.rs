@@ -116,6 +116,17 @@ pub struct AccessRule {
     /// when any gateway entitled to speak for the origin will do. A query asked at
     /// this member's own gateway passes through no other gateway and always qualifies.
     pub via: Vec<String>,
+    /// An emergency rule's terms: it applies only under an incident these accept.
+    pub incident: Option<IncidentRule>,
+}
+
+/// Which incident declarations an emergency rule honours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncidentRule {
+    /// Patterns of the declarers honoured.
+    pub declarers: Vec<String>,
+    /// The longest window honoured.
+    pub max_window: std::time::Duration,
 }
 
 /// The code part of a stated purpose: `epidemic-response: HZ-2026-0042` has the code
@@ -325,7 +336,45 @@ pub(super) fn validate_access(
                 continue;
             }
         };
+        let incident = a.incident.as_ref().and_then(|r| {
+            let mut ok = true;
+            for p in &r.declarers {
+                if let Err(e) = identity::validate_pattern(p) {
+                    pr.add(path, format!("{key}.incident.declarers"), e);
+                    ok = false;
+                }
+            }
+            if r.declarers.is_empty() {
+                pr.add(
+                    path,
+                    format!("{key}.incident.declarers"),
+                    "names no declarer: an emergency rule honours the declarations of the \
+                     identities listed here",
+                );
+                ok = false;
+            }
+            if !(1..=168).contains(&r.max_hours) {
+                pr.add(
+                    path,
+                    format!("{key}.incident.max_hours"),
+                    format!("{} is not 1 to 168 hours", r.max_hours),
+                );
+                ok = false;
+            }
+            ok.then(|| IncidentRule {
+                declarers: r.declarers.clone(),
+                max_window: std::time::Duration::from_secs(r.max_hours * 3600),
+            })
+        });
+        if a.incident.is_some() && a.level == "deny" {
+            pr.add(
+                path,
+                format!("{key}.incident"),
+                "an emergency rule that denies opens nothing; leave it out",
+            );
+        }
         access.push(AccessRule {
+            incident,
             index: i,
             principals: a.principals.clone(),
             datasets: a.datasets.clone(),

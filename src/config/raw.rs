@@ -480,6 +480,23 @@ pub struct RawAccessRule {
     /// for the origin. A query asked at this member's own gateway always qualifies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub via: Vec<String>,
+    /// An emergency rule: it applies only to a query asked under an incident declared
+    /// by one of these declarers and in force, to the datasets and rows the
+    /// declaration's scope names. Without it the rule applies in peacetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<RawIncidentRule>,
+}
+
+/// `incident = { declarers = [...], max_hours = N }` of an emergency access rule.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawIncidentRule {
+    /// Patterns of the identities whose declarations this member honours.
+    pub declarers: Vec<String>,
+    /// The longest window (from start to end) honoured, in hours; a declaration with a
+    /// longer one opens nothing here (a renewal can extend it in steps).
+    #[schemars(range(min = 1, max = 168))]
+    pub max_hours: u64,
 }
 
 /// `[http]`: the gateway's HTTP port.

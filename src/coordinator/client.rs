@@ -40,6 +40,8 @@ pub struct SubQuery {
     pub purpose: Option<String>,
     /// The origin's assertion, when the coordinator is not the origin's own gateway.
     pub assertion: Option<Arc<Vec<u8>>>,
+    /// The incident the caller asks under (a signed declaration).
+    pub incident: Option<Arc<Vec<u8>>>,
     /// Filled by the member: how it shared the data and its audit record's hash.
     pub note: Arc<Note>,
     /// The member call's span; its trace context goes with the request.
@@ -57,6 +59,7 @@ impl SubQuery {
             sql: &self.sql,
             // In process: the owner sees the caller first-hand.
             covered: None,
+            incident: self.incident.as_deref().map(Vec::as_slice),
         }
     }
 
@@ -75,10 +78,25 @@ impl SubQuery {
                 .as_ref()
                 .map(|a| a.as_ref().clone())
                 .unwrap_or_default(),
+            incident: self
+                .incident
+                .as_ref()
+                .map(|a| a.as_ref().clone())
+                .unwrap_or_default(),
         });
         req.set_timeout(self.budget);
         crate::ops::telemetry::inject(&self.span, req.metadata_mut());
         req
+    }
+}
+
+fn emergency<'a>(
+    register: &'a owner::incidents::Register,
+    tls: &'a crate::trust::tls::TlsMaterial,
+) -> owner::Emergency<'a> {
+    owner::Emergency {
+        register,
+        tls: Some(tls),
     }
 }
 
@@ -98,6 +116,10 @@ pub enum MemberClient {
         me: Principal,
         /// This gateway's audit log, where its own data's answers are recorded.
         audit: Arc<AuditLog>,
+        /// The incident declarations this gateway holds.
+        register: Arc<owner::incidents::Register>,
+        /// This gateway's trust material, to check declarations with.
+        tls: Arc<crate::trust::tls::TlsMaterial>,
     },
     /// Another gateway.
     Remote {
@@ -282,7 +304,9 @@ impl MemberClient {
                 engine,
                 me,
                 audit,
-            } => owner::explain(engine, audit, &q.ask(me))
+                register,
+                tls,
+            } => owner::explain(engine, audit, emergency(register, tls), &q.ask(me))
                 .await
                 .map_err(|e| member_error(name, e)),
             MemberClient::Remote {
@@ -316,11 +340,14 @@ impl MemberClient {
                 engine,
                 me,
                 audit,
+                register,
+                tls,
             } => {
                 let ask = q.ask(me);
-                let stream = owner::answer(engine, audit, ask, q.note.clone())
-                    .await
-                    .map_err(|e| member_error(name, e))?;
+                let stream =
+                    owner::answer(engine, audit, emergency(register, tls), ask, q.note.clone())
+                        .await
+                        .map_err(|e| member_error(name, e))?;
                 let name = name.clone();
                 Ok(stream
                     .map_err(move |e| member_error(&name, Error::from_datafusion(e)))

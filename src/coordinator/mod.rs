@@ -76,6 +76,9 @@ pub struct QueryOptions {
     pub params: Option<datafusion::common::ParamValues>,
     /// The origin's assertion, sent with every sub-query (see [`crate::trust::assertion`]).
     pub assertion: Option<Arc<Vec<u8>>>,
+    /// The incident the query is asked under (a signed declaration), sent with every
+    /// sub-query; each owner decides what it opens.
+    pub incident: Option<Arc<Vec<u8>>>,
     /// The query's span: member calls are its children, and its trace context
     /// travels with every sub-query.
     pub span: tracing::Span,
@@ -91,6 +94,7 @@ impl Default for QueryOptions {
             purpose: None,
             params: None,
             assertion: None,
+            incident: None,
             span: tracing::Span::none(),
         }
     }
@@ -315,7 +319,9 @@ impl Coordinator {
         local: Option<Arc<MemberEngine>>,
         tls: &TlsMaterial,
         audit: Arc<AuditLog>,
+        register: Arc<crate::owner::incidents::Register>,
     ) -> Result<Coordinator> {
+        let shared_tls = Arc::new(tls.clone());
         let region = config.region.clone();
         let client_cfg = tls.client_config()?;
         let mut clients = HashMap::new();
@@ -330,6 +336,8 @@ impl Coordinator {
                             engine: engine.clone(),
                             me: config.member.principal.clone(),
                             audit: audit.clone(),
+                            register: register.clone(),
+                            tls: shared_tls.clone(),
                         },
                     );
                 }
@@ -621,6 +629,7 @@ impl Coordinator {
         );
         state.purpose = opts.purpose.clone();
         state.assertion = opts.assertion.clone();
+        state.incident = opts.incident.clone();
         state.span = opts.span.clone();
         Arc::new(state)
     }
@@ -678,6 +687,67 @@ impl Coordinator {
             .into_iter()
             .flatten()
             .collect()
+    }
+
+    /// Delivers a signed incident declaration to every member gateway of the region
+    /// (this gateway's own data in process). Each member decides for itself whether to
+    /// keep it; a member that does not answer is listed as unreachable, with why.
+    pub async fn declare(&self, declaration: &[u8]) -> Vec<crate::proto::v1::DeclareOutcome> {
+        use crate::proto::v1::{DeclareOutcome, DeclareRequest};
+        let region = &self.config.region;
+        let asks = region
+            .members
+            .iter()
+            .filter_map(|m| self.clients.get(&m.name).map(|c| (m, c)))
+            .map(|(m, c)| async move {
+                let outcome = match c {
+                    MemberClient::Local {
+                        engine,
+                        me,
+                        audit,
+                        register,
+                        tls,
+                        ..
+                    } => crate::owner::incidents::deliver(
+                        register,
+                        tls,
+                        &engine.config().access,
+                        audit,
+                        me,
+                        declaration,
+                    )
+                    .map_err(|e| ("not_accepted", e.to_string())),
+                    MemberClient::Remote {
+                        client, endpoint, ..
+                    } => {
+                        let mut req = tonic::Request::new(DeclareRequest {
+                            declaration: declaration.to_vec(),
+                        });
+                        req.set_timeout(Duration::from_secs(10));
+                        client
+                            .clone()
+                            .declare(req)
+                            .await
+                            .map(|r| r.into_inner().outcome)
+                            .map_err(|s| match s.code() {
+                                tonic::Code::PermissionDenied => {
+                                    ("not_accepted", s.message().to_string())
+                                }
+                                _ => ("unreachable", format!("{endpoint}: {}", s.message())),
+                            })
+                    }
+                };
+                let (state, reason) = match outcome {
+                    Ok(r) => ("kept", r),
+                    Err((state, r)) => (state, r),
+                };
+                DeclareOutcome {
+                    member: m.name.clone(),
+                    state: state.into(),
+                    reason,
+                }
+            });
+        futures::future::join_all(asks).await
     }
 
     /// A task context for one query: the session's functions and configuration with a
@@ -832,6 +902,7 @@ impl Coordinator {
                     received: Default::default(),
                     purpose: purpose.clone(),
                     assertion: assertion.clone(),
+                    incident: None,
                     note: Default::default(),
                     span: tracing::Span::current(),
                 };

@@ -30,6 +30,9 @@ pub struct QueryState {
     /// The origin's assertion (an encoded `SignedOriginAssertion`) when this gateway
     /// is not the origin's own; it travels with every sub-query.
     pub assertion: Option<Arc<Vec<u8>>>,
+    /// The incident the query is asked under (an encoded signed declaration); it
+    /// travels with every sub-query, and no answer under it is cached.
+    pub incident: Option<Arc<Vec<u8>>>,
     /// The query's span, parent of its member calls.
     pub span: tracing::Span,
     /// Region member names in file order, for a stable summary.
@@ -93,6 +96,7 @@ impl QueryState {
             allow_partial,
             purpose: None,
             assertion: None,
+            incident: None,
             span: tracing::Span::none(),
             order,
             members: Mutex::new(BTreeMap::new()),

@@ -484,6 +484,7 @@ impl ExecutionPlan for FederatedScanExec {
             received: received.clone(),
             purpose: state.purpose.clone(),
             assertion: state.assertion.clone(),
+            incident: state.incident.clone(),
             note: note.clone(),
         };
         let member = target.name().to_string();
@@ -496,11 +497,12 @@ impl ExecutionPlan for FederatedScanExec {
         let mut cache = None;
         // Answers are kept and reused only for this gateway's own identity: a member
         // answers any other origin on the strength of that query's assertion, which is
-        // good for one query and must not stand behind a later one.
+        // good for one query and must not stand behind a later one. Nor under an
+        // incident: what it opened must not be served after it ends.
         if let Some((policy, results)) = self
             .cache
             .as_ref()
-            .filter(|_| state.origin == state.coordinator)
+            .filter(|_| state.origin == state.coordinator && state.incident.is_none())
         {
             let key = ResultKey {
                 member: member.clone(),

@@ -112,6 +112,7 @@ impl Federation for FederationService {
             no_plan_cache: q.no_plan_cache,
             purpose: q.purpose,
             assertion,
+            incident: (!q.incident.is_empty()).then(|| std::sync::Arc::new(q.incident)),
             ..Ask::default()
         };
         let started = self.start(origin, ask).await.map_err(|e| e.to_status())?;
@@ -190,6 +191,17 @@ impl Federation for FederationService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn declare(
+        &self,
+        req: Request<DeclareRequest>,
+    ) -> std::result::Result<Response<DeclareResponse>, Status> {
+        let who = caller(&req)?;
+        FederationService::declare(self, &who, &req.get_ref().declaration)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.to_status())
     }
 
     async fn vouch(
@@ -347,5 +359,12 @@ impl Federation for LiveFederation {
         req: Request<VouchRequest>,
     ) -> std::result::Result<Response<VouchResponse>, Status> {
         Federation::vouch(&self.0.load(), req).await
+    }
+
+    async fn declare(
+        &self,
+        req: Request<DeclareRequest>,
+    ) -> std::result::Result<Response<DeclareResponse>, Status> {
+        Federation::declare(&self.0.load(), req).await
     }
 }

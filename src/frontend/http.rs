@@ -781,6 +781,10 @@ struct QueryBody {
     timeout_ms: Option<u64>,
     #[serde(default)]
     purpose: Option<String>,
+    /// A signed incident declaration, as `fedgate incident declare` writes it
+    /// (standard base64).
+    #[serde(default)]
+    incident: Option<String>,
 }
 
 /// Options a service call may carry beside its parameters, as query-string
@@ -839,8 +843,19 @@ async fn query(
         Ok(a) => a,
         Err(e) => return error_response(&e, None),
     };
+    let incident = match q.incident.as_deref().map(|t| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(t.trim())
+            .map_err(|_| Error::InvalidQuery("incident is not standard base64".into()))
+    }) {
+        None => None,
+        Some(Ok(b)) => Some(std::sync::Arc::new(b)),
+        Some(Err(e)) => return error_response(&e, None),
+    };
     let ask = Ask {
         assertion,
+        incident,
         allow_partial: q.allow_partial,
         timeouts: q
             .timeout_ms

@@ -43,6 +43,8 @@ pub struct Ask {
     /// The origin's assertion (an encoded `SignedOriginAssertion`), when the caller
     /// asks through a gateway that is not its own.
     pub assertion: Option<Arc<Vec<u8>>>,
+    /// The incident the caller asks under (an encoded signed declaration).
+    pub incident: Option<Arc<Vec<u8>>>,
 }
 
 /// The origin assertion a gRPC caller sent, if any.
@@ -202,6 +204,11 @@ impl FederationService {
             reason: reason.clone(),
             rows: summary.map(|s| s.rows).unwrap_or(0),
             members,
+            incident: ask.incident.as_deref().map(|d| {
+                crate::trust::incident::read_unchecked(d)
+                    .map(|d| d.number().to_string())
+                    .unwrap_or_else(|_| "(unreadable)".into())
+            }),
             ..AuditEntry::default()
         };
         let recorded = self.audit.append(&entry).map(|_| ());
@@ -246,6 +253,24 @@ impl FederationService {
         })?;
         // Each query presents it once here; the owners bind it to the query id.
         self.nonces.bind(&v, &uuid::Uuid::new_v4().to_string())
+    }
+
+    /// Delivers a signed incident declaration to every member (`Federation.Declare`),
+    /// after checking its form and signature here. Any region identity may deliver
+    /// one: a declaration says only what its declarer signed, and each member decides
+    /// by its own rules whether to honour it.
+    pub async fn declare(
+        &self,
+        who: &Principal,
+        declaration: &[u8],
+    ) -> Result<crate::proto::v1::DeclareResponse> {
+        crate::frontend::known_identity(&self.coordinator.config().region, who)?;
+        let d =
+            crate::trust::incident::verify(&self.tls, declaration, std::time::SystemTime::now())?;
+        tracing::info!(%who, incident = %d.number(), kind = d.kind.word(), declarer = %d.declarer, "Delivering an incident declaration");
+        Ok(crate::proto::v1::DeclareResponse {
+            members: self.coordinator.declare(declaration).await,
+        })
     }
 
     /// Signs an origin assertion for this gateway's own identity (`Federation.Vouch`).
@@ -376,6 +401,14 @@ impl FederationService {
         {
             return Err(refuse(e));
         }
+        // The owners check the declaration themselves against their own rules; a
+        // forged or malformed one is refused here at once.
+        if let Some(d) = &ask.incident
+            && let Err(e) =
+                crate::trust::incident::verify(&self.tls, d, std::time::SystemTime::now())
+        {
+            return Err(refuse(e));
+        }
         let timeout = ask
             .timeouts
             .iter()
@@ -417,6 +450,7 @@ impl FederationService {
                     purpose: (!ask.purpose.is_empty()).then(|| ask.purpose.clone()),
                     params: ask.params.clone(),
                     assertion: ask.assertion.clone(),
+                    incident: ask.incident.clone(),
                     span: span.clone(),
                 },
             )

@@ -96,11 +96,20 @@ impl Generation {
         } else {
             Some(Arc::new(MemberEngine::build(config.clone()).await?))
         };
+        // The declarations held are kept across reloads, like the nonces: a reload
+        // must not forget that an incident ended.
+        let incidents = match previous {
+            Some(p) => p.peer.incidents.clone(),
+            None => Arc::new(crate::owner::incidents::Register::open(
+                &crate::owner::incidents::path_beside(&config.audit_path),
+            )?),
+        };
         let coordinator = Arc::new(Coordinator::new(
             config.clone(),
             engine.clone(),
             &tls,
             audit.clone(),
+            incidents.clone(),
         )?);
         // A published service that does not plan, or whose placeholders are not its
         // declared parameters, is a configuration error, found before it is served.
@@ -163,6 +172,7 @@ impl Generation {
                 tls,
                 // Kept across reloads: a reload must not make a used assertion new.
                 nonces: previous.map(|p| p.peer.nonces.clone()).unwrap_or_default(),
+                incidents,
             },
             config,
         })
@@ -199,5 +209,13 @@ impl Peer for LivePeer {
     ) -> std::result::Result<Response<CatalogResponse>, Status> {
         let g = self.0.load_full();
         g.peer.catalog(req).await
+    }
+
+    async fn declare(
+        &self,
+        req: Request<DeclareRequest>,
+    ) -> std::result::Result<Response<PeerDeclareResponse>, Status> {
+        let g = self.0.load_full();
+        g.peer.declare(req).await
     }
 }

@@ -81,7 +81,9 @@ pub struct Executed {
 }
 
 /// Views planned for one combination of grants: (dataset, deciding rule) pairs.
-type GrantKey = Vec<(String, usize)>;
+/// A grant context's key: each dataset with its rule and, under an incident, the
+/// scope (two incidents under one rule open different rows).
+type GrantKey = Vec<(String, usize, Option<policy::Scope>)>;
 
 /// A member's local engine.
 pub struct MemberEngine {
@@ -315,6 +317,7 @@ impl MemberEngine {
         via: &Principal,
         origin: &Principal,
         purpose: Option<&str>,
+        incident: Option<&policy::Incident<'_>>,
         p: &Prepared,
     ) -> Result<Permit> {
         if let Some(purpose) = purpose {
@@ -326,6 +329,7 @@ impl MemberEngine {
             via != &self.config.member.principal,
             origin,
             purpose,
+            incident,
             &self.fields_of(&p.datasets),
         )
         .map_err(|d| Error::PermissionDenied(format!("member {}: {d}", self.config.member.name)))
@@ -343,7 +347,15 @@ impl MemberEngine {
         self.fields_of(&self.config.member.serves)
             .into_iter()
             .map(|(d, fields)| {
-                match policy::grant_for(&self.config.access, None, origin, purpose, &d, &fields) {
+                match policy::grant_for(
+                    &self.config.access,
+                    None,
+                    origin,
+                    purpose,
+                    None,
+                    &d,
+                    &fields,
+                ) {
                     Ok(g) => {
                         let field_access = |f: &String| -> String {
                             match (g.masks.get(f), g.level) {
@@ -418,11 +430,15 @@ impl MemberEngine {
     /// views when every grant is rows without masks; otherwise views that apply the
     /// grants' masks and, for `aggregate` and `verify`, withheld tables with the
     /// owner's plans that replace them ([`crate::owner::restricted`]).
-    async fn context_for(&self, permit: &Permit) -> Result<Granted> {
-        let plain = permit
-            .grants()
-            .values()
-            .all(|g| g.level == AccessLevel::Rows && g.masks.is_empty());
+    ///
+    /// A dataset opened by an incident's scope is, with `materialize`, the scope's
+    /// rows computed first by the owner's own plan and held in memory
+    /// ([`MemberEngine::scoped_rows`]), so the caller's expressions never run over a
+    /// row outside the scope (a view would let the optimizer merge the caller's filter
+    /// with the scope's, and evaluate it on every row). Such a context holds this
+    /// moment's rows and is not kept.
+    async fn context_for(&self, permit: &Permit, materialize: bool) -> Result<Granted> {
+        let plain = permit.grants().values().all(policy::Grant::is_plain);
         if plain {
             return Ok(Granted {
                 ctx: self.public.clone(),
@@ -432,9 +448,10 @@ impl MemberEngine {
         let key: GrantKey = permit
             .grants()
             .iter()
-            .map(|(d, g)| (d.clone(), g.rule))
+            .map(|(d, g)| (d.clone(), g.rule, g.incident.clone()))
             .collect();
-        if let Some(granted) = self.granted.lock().expect("grant contexts").get(&key) {
+        let scoped = permit.grants().values().any(|g| g.incident.is_some());
+        if !scoped && let Some(granted) = self.granted.lock().expect("grant contexts").get(&key) {
             return Ok(granted.clone());
         }
         // Under aggregate and verify grants the caller's plan runs sequentially, so
@@ -460,6 +477,11 @@ impl MemberEngine {
                 AccessLevel::Aggregate { .. } | AccessLevel::Verify => {
                     restricted.insert(d.clone(), self.restrict(&ctx, d, &records, g).await?);
                 }
+                _ if g.incident.is_some() && materialize => {
+                    let table = self.scoped_rows(d, &records, g).await?;
+                    ctx.register_table(TableReference::bare(d.as_str()), Arc::new(table))
+                        .map_err(|e| Error::Config(format!("registering dataset {d}: {e}")))?;
+                }
                 _ => register_view(&self.private, &ctx, d, &records).await?,
             }
         }
@@ -467,12 +489,64 @@ impl MemberEngine {
             ctx,
             restricted: Arc::new(restricted),
         };
+        if scoped {
+            return Ok(granted);
+        }
         let mut map = self.granted.lock().expect("grant contexts");
         if map.len() >= MAX_GRANT_CONTEXTS {
             map.clear();
         }
         map.insert(key, granted.clone());
         Ok(granted)
+    }
+
+    /// The rows of dataset `d` that an incident's scope opens (`records`: the view's
+    /// SQL, scope included), computed by the owner's plan and held in memory, at most
+    /// the sub-query memory limit. A failure is told without its text, which could
+    /// quote a value outside the scope.
+    async fn scoped_rows(
+        &self,
+        d: &str,
+        records: &str,
+        g: &policy::Grant,
+    ) -> Result<datafusion::datasource::MemTable> {
+        let number = g.incident.as_ref().map(|s| s.number.as_str()).unwrap_or("");
+        let plan = self
+            .private
+            .sql(records)
+            .await
+            .map_err(|e| Error::Config(format!("owner's plan of dataset {d}: {e}")))?
+            .into_unoptimized_plan();
+        let physical = physical_plan(&self.private, &plan).await?;
+        let schema = physical.schema();
+        let limit = self.config.limits.query_memory_bytes as usize;
+        let hidden = |e: Error| match e {
+            Error::DeadlineExceeded(_) | Error::TooLarge(_) => e,
+            other => {
+                tracing::warn!(dataset = %d, incident = %number, error = %other, "Reading the rows an incident opens failed");
+                Error::Internal(format!(
+                    "member {}: reading the rows incident {number} opens in dataset {d}                      failed; its text is not shown; the member's operators can read it in                      their log",
+                    self.config.member.name
+                ))
+            }
+        };
+        let mut stream =
+            datafusion::physical_plan::execute_stream(physical, self.bounded_task(&self.private)?)
+                .map_err(|e| hidden(Error::from_datafusion(e)))?;
+        let mut batches = Vec::new();
+        let mut held = 0usize;
+        while let Some(b) = futures::StreamExt::next(&mut stream).await {
+            let b = b.map_err(|e| hidden(Error::from_datafusion(e)))?;
+            held += b.get_array_memory_size();
+            if held > limit {
+                return Err(Error::TooLarge(format!(
+                    "the rows incident {number} opens in dataset {d} take more than the                      {limit} bytes a sub-query may hold here; ask the declarer to narrow                      its scope"
+                )));
+            }
+            batches.push(b);
+        }
+        datafusion::datasource::MemTable::try_new(schema, vec![batches])
+            .map_err(Error::from_datafusion)
     }
 
     /// Registers dataset `d` under a restricted grant as a withheld table in `ctx` and
@@ -551,7 +625,8 @@ impl MemberEngine {
         tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
         let physical = physical_plan(&ctx, &plan).await?;
         if cells {
-            // The plan holds this moment's cells: it is never reused.
+            // The plan holds this moment's cells or an incident's rows: it is never
+            // reused.
             let stream =
                 datafusion::physical_plan::execute_stream(physical, self.bounded_task(&ctx)?)
                     .map_err(Error::from_datafusion)?;
@@ -663,8 +738,9 @@ impl MemberEngine {
                 "permit does not cover the query's datasets".into(),
             ));
         }
-        let Granted { ctx, restricted } = self.context_for(permit).await?;
+        let Granted { ctx, restricted } = self.context_for(permit, materialize).await?;
         let plan = plan_query(&ctx.state(), p.statement).await?;
+        let scoped = permit.grants().values().any(|g| g.incident.is_some());
         let cells = materialize
             && restricted
                 .iter()
@@ -675,7 +751,16 @@ impl MemberEngine {
             restricted
         };
         let plan = restricted::rewrite(plan, &restricted).map_err(|why| {
-            Error::PermissionDenied(format!("member {}: {why}", self.config.member.name))
+            let passed_over: Vec<&str> = permit
+                .grants()
+                .values()
+                .flat_map(|g| g.passed_over.iter().map(String::as_str))
+                .collect();
+            let mut m = format!("member {}: {why}", self.config.member.name);
+            if !passed_over.is_empty() {
+                m.push_str(&format!(" ({})", passed_over.join("; ")));
+            }
+            Error::PermissionDenied(m)
         })?;
         let plan_sha256 = {
             let mut h = Sha256::new();
@@ -684,7 +769,8 @@ impl MemberEngine {
             h.update(plan.display_indent().to_string().as_bytes());
             hex::encode(h.finalize())
         };
-        Ok((ctx, plan, plan_sha256, cells))
+        // A plan holding this moment's cells or an incident's rows is never reused.
+        Ok((ctx, plan, plan_sha256, cells || (materialize && scoped)))
     }
 
     /// Computes the released cells of every `aggregate` dataset in `datasets` and
@@ -864,7 +950,31 @@ pub fn masked_view_sql(ds: &Dataset, base: &str, g: &Grant) -> String {
         })
         .collect();
     cols.push(format!("t.{}", quote_ident(MEMBER_COLUMN)));
-    format!("SELECT {} FROM ({base}) AS t", cols.join(", "))
+    let mut sql = format!("SELECT {} FROM ({base}) AS t", cols.join(", "));
+    // Under an incident only the rows its scope names are in the view, compared as
+    // text to the declared values (quoted here: the values are the declarer's, never
+    // the caller's, but are still treated as data).
+    if let Some(scope) = &g.incident {
+        let conditions: Vec<String> = scope
+            .conditions
+            .iter()
+            .map(|(f, values)| {
+                let list: Vec<String> = values
+                    .iter()
+                    .map(|v| format!("'{}'", v.replace('\'', "''")))
+                    .collect();
+                format!(
+                    "CAST(t.{} AS VARCHAR) IN ({})",
+                    quote_ident(f),
+                    list.join(", ")
+                )
+            })
+            .collect();
+        if !conditions.is_empty() {
+            sql.push_str(&format!(" WHERE {}", conditions.join(" AND ")));
+        }
+    }
+    sql
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! answer is complete without its record — or when it fails or is abandoned.
 
 pub mod bounded;
+pub mod incidents;
 pub mod lanes;
 pub mod mapping;
 pub mod masking;
@@ -52,6 +53,67 @@ pub struct SubQueryAsk<'a> {
     /// (through a gateway that is not the origin's own); `None` when no assertion is
     /// needed.
     pub covered: Option<&'a BTreeSet<String>>,
+    /// The incident the caller asks under: a signed declaration, as received.
+    pub incident: Option<&'a [u8]>,
+}
+
+/// What a member decides incidents with: the declarations it holds and the trust
+/// material it checks new ones against.
+#[derive(Clone, Copy)]
+pub struct Emergency<'a> {
+    /// The declarations held.
+    pub register: &'a incidents::Register,
+    /// The region CA and revocation lists in force (`None`: this path cannot check
+    /// declarations, and refuses any).
+    pub tls: Option<&'a crate::trust::tls::TlsMaterial>,
+}
+
+/// The register of a path that takes no incidents.
+static NO_INCIDENTS: incidents::Register = incidents::Register::none();
+
+impl Emergency<'static> {
+    /// A path without trust material (an engine run in process by a tool or a
+    /// test): a sub-query stating an incident is refused.
+    pub fn none() -> Emergency<'static> {
+        Emergency {
+            register: &NO_INCIDENTS,
+            tls: None,
+        }
+    }
+}
+
+/// The incident a sub-query states, checked: its declaration verified, taken into
+/// the register when a rule honours its declarer, and the latest one held returned.
+fn stated_incident(
+    engine: &MemberEngine,
+    emergency: Emergency<'_>,
+    audit: &AuditLog,
+    ask: &SubQueryAsk<'_>,
+) -> Result<Option<crate::trust::incident::Declaration>> {
+    let Some(bytes) = ask.incident else {
+        return Ok(None);
+    };
+    let Some(tls) = emergency.tls else {
+        return Err(Error::PermissionDenied(
+            "incident declaration refused: this path does not check declarations".into(),
+        ));
+    };
+    let d = crate::trust::incident::verify(tls, bytes, std::time::SystemTime::now())?;
+    if incidents::honoured(&engine.config().access, &d.declarer) {
+        emergency.register.take(&d, audit, ask.via)?;
+    }
+    Ok(Some(emergency.register.in_force(&d)))
+}
+
+/// The number of the incident a sub-query states, for its record (read without
+/// checking: a refused declaration's number is recorded too, and is only ever a
+/// checked form of letters, digits and `-_.`).
+fn stated_number(ask: &SubQueryAsk<'_>) -> Option<String> {
+    let bytes = ask.incident?;
+    Some(match crate::trust::incident::read_unchecked(bytes) {
+        Ok(d) => d.number().to_string(),
+        Err(_) => "(unreadable)".to_string(),
+    })
 }
 
 /// Refuses a sub-query that reads a dataset its origin assertion does not cover.
@@ -122,6 +184,7 @@ impl Note {
 pub async fn explain(
     engine: &MemberEngine,
     audit: &AuditLog,
+    emergency: Emergency<'_>,
     ask: &SubQueryAsk<'_>,
 ) -> Result<Vec<(String, String)>> {
     let record = |datasets: Vec<String>, permit: Option<&Permit>, failed: Option<&Error>| {
@@ -145,8 +208,14 @@ pub async fn explain(
     };
     let datasets: Vec<String> = prepared.datasets.iter().cloned().collect();
     let permit = match within_assertion(ask, &prepared.datasets)
-        .and_then(|()| engine.authorize(ask.via, ask.origin, ask.purpose, &prepared))
-    {
+        .and_then(|()| stated_incident(engine, emergency, audit, ask))
+        .and_then(|incident| {
+            let now = std::time::SystemTime::now();
+            let stated = incident
+                .as_ref()
+                .map(|declaration| policy::Incident { declaration, now });
+            engine.authorize(ask.via, ask.origin, ask.purpose, stated.as_ref(), &prepared)
+        }) {
         Ok(p) => p,
         Err(e) => {
             record(datasets, None, Some(&e))?;
@@ -183,6 +252,7 @@ fn entry(ask: &SubQueryAsk, datasets: Vec<String>, permit: Option<&Permit>) -> A
                 .join(",")
         }),
         level: permit.map(Permit::describe),
+        incident: stated_number(ask),
         ..AuditEntry::default()
     }
 }
@@ -227,6 +297,7 @@ pub fn refuse_explain(audit: &AuditLog, ask: &SubQueryAsk, why: &Error) -> Resul
 pub async fn answer(
     engine: &MemberEngine,
     audit: &Arc<AuditLog>,
+    emergency: Emergency<'_>,
     ask: SubQueryAsk<'_>,
     note: Arc<Note>,
 ) -> Result<SendableRecordBatchStream> {
@@ -242,13 +313,25 @@ pub async fn answer(
         refuse(audit, &ask, datasets, None, &e)?;
         return Err(e);
     }
-    let permit = match engine.authorize(ask.via, ask.origin, ask.purpose, &prepared) {
-        Ok(p) => p,
+    let incident = match stated_incident(engine, emergency, audit, &ask) {
+        Ok(i) => i,
         Err(e) => {
             refuse(audit, &ask, datasets, None, &e)?;
             return Err(e);
         }
     };
+    let now = std::time::SystemTime::now();
+    let stated = incident
+        .as_ref()
+        .map(|declaration| policy::Incident { declaration, now });
+    let permit =
+        match engine.authorize(ask.via, ask.origin, ask.purpose, stated.as_ref(), &prepared) {
+            Ok(p) => p,
+            Err(e) => {
+                refuse(audit, &ask, datasets, None, &e)?;
+                return Err(e);
+            }
+        };
     let executed = match engine.execute(&permit, prepared).await {
         Ok(x) => x,
         Err(e) => {

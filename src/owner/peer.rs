@@ -37,6 +37,8 @@ pub struct PeerService {
     /// Origin assertions seen, each bound to the query it was first used for; kept
     /// across reloads.
     pub(crate) nonces: Arc<crate::trust::assertion::Nonces>,
+    /// The incident declarations this member holds; kept across reloads.
+    pub(crate) incidents: Arc<owner::incidents::Register>,
 }
 
 /// A sub-query's origin, once the owner accepts that the calling gateway speaks for
@@ -181,6 +183,13 @@ impl Peer for PeerService {
     ) -> std::result::Result<Response<CatalogResponse>, Status> {
         self.catalog_impl(req).await
     }
+
+    async fn declare(
+        &self,
+        req: Request<DeclareRequest>,
+    ) -> std::result::Result<Response<PeerDeclareResponse>, Status> {
+        self.declare_impl(req).await
+    }
 }
 
 impl PeerService {
@@ -209,6 +218,7 @@ impl PeerService {
                 query_id: &q.query_id,
                 sql: &q.sql,
                 covered: None,
+                incident: (!q.incident.is_empty()).then_some(q.incident.as_slice()),
             };
             record_refusal(&self.audit, &ask, e)
         };
@@ -261,6 +271,7 @@ impl PeerService {
             self.config.version.clone(),
             self.observer.clone(),
         );
+        let (register, tls) = (self.incidents.clone(), self.tls.clone());
         lane.spawn(async move {
             let _slot = slot;
             let purpose = (!q.purpose.is_empty()).then_some(q.purpose.as_str());
@@ -271,9 +282,14 @@ impl PeerService {
                 query_id: &q.query_id,
                 sql: &q.sql,
                 covered: covered.as_ref(),
+                incident: (!q.incident.is_empty()).then_some(q.incident.as_slice()),
             };
             let note = Arc::new(owner::Note::default());
-            let answer = owner::answer(&engine, &audit, ask, note.clone());
+            let emergency = owner::Emergency {
+                register: &register,
+                tls: Some(&tls),
+            };
+            let answer = owner::answer(&engine, &audit, emergency, ask, note.clone());
             let stream = match tokio::time::timeout(budget, answer).await {
                 Ok(Ok(a)) => a,
                 Ok(Err(e)) => {
@@ -367,6 +383,7 @@ impl PeerService {
                     query_id: &q.query_id,
                     sql: &q.sql,
                     covered: None,
+                    incident: (!q.incident.is_empty()).then_some(q.incident.as_slice()),
                 };
                 tracing::warn!(query_id = %q.query_id, %via, error = %e, "Explain refused");
                 return Err(match owner::refuse_explain(&self.audit, &ask, &e) {
@@ -382,8 +399,13 @@ impl PeerService {
             query_id: &q.query_id,
             sql: &q.sql,
             covered: covered.as_ref(),
+            incident: (!q.incident.is_empty()).then_some(q.incident.as_slice()),
         };
-        let statements = owner::explain(&engine, &self.audit, &ask)
+        let emergency = owner::Emergency {
+            register: &self.incidents,
+            tls: Some(&self.tls),
+        };
+        let statements = owner::explain(&engine, &self.audit, emergency, &ask)
             .await
             .map_err(|e| e.to_status())?
             .into_iter()
@@ -395,6 +417,36 @@ impl PeerService {
             })
             .collect();
         Ok(Response::new(PeerExplainResponse { statements }))
+    }
+
+    /// Takes a declaration delivered by a member gateway into this member's register.
+    async fn declare_impl(
+        &self,
+        req: Request<DeclareRequest>,
+    ) -> std::result::Result<Response<PeerDeclareResponse>, Status> {
+        let via = caller(&req)?;
+        if self
+            .config
+            .region
+            .member_by_principal(&via)
+            .is_none_or(|m| m.endpoint.is_none())
+        {
+            return Err(Error::PermissionDenied(format!(
+                "{via} is not a member gateway; only member gateways may call Peer"
+            ))
+            .to_status());
+        }
+        let outcome = owner::incidents::deliver(
+            &self.incidents,
+            &self.tls,
+            &self.config.access,
+            &self.audit,
+            &via,
+            &req.get_ref().declaration,
+        )
+        .map_err(|e| e.to_status())?;
+        tracing::info!(%via, %outcome, "Incident declaration delivered");
+        Ok(Response::new(PeerDeclareResponse { outcome }))
     }
 
     async fn catalog_impl(

@@ -12,9 +12,11 @@
 //! aggregate-only, verify-only), so the rewrite, not the caller, bounds what leaves.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
 
 use crate::owner::masking::Mask;
 use crate::trust::identity::{Principal, matches_pattern};
+use crate::trust::incident::{Declaration, rfc3339};
 
 pub use crate::config::access::{AccessLevel, AccessRule, purpose_code, validate_purpose};
 
@@ -41,6 +43,76 @@ impl AccessRule {
     pub fn name(&self) -> String {
         format!("access[{}]", self.index)
     }
+
+    /// For an emergency rule: whether the incident the query is asked under lets it
+    /// apply to `dataset` (with `fields`), or why not. `None` for a peacetime rule.
+    fn incident_ok(
+        &self,
+        incident: Option<&Incident<'_>>,
+        purpose: Option<&str>,
+        dataset: &str,
+        fields: &[String],
+    ) -> Option<Result<(), String>> {
+        let terms = self.incident.as_ref()?;
+        let Some(i) = incident else {
+            return Some(Err(String::new()));
+        };
+        let d = i.declaration;
+        let n = d.number();
+        let why = if !terms
+            .declarers
+            .iter()
+            .any(|pat| matches_pattern(pat, &d.declarer))
+        {
+            format!(
+                "{} emergency rule honours declarations of {} (incident {n} is declared by {})",
+                self.name(),
+                terms.declarers.join(", "),
+                d.declarer
+            )
+        } else if !d.in_force(i.now) {
+            format!(
+                "incident {n} is not in force here (its latest declaration, a {}, covers {} to {})",
+                d.kind.word(),
+                rfc3339(d.body.starts_ms),
+                rfc3339(d.body.ends_ms)
+            )
+        } else if d.window() > terms.max_window {
+            format!(
+                "incident {n} runs {} h, longer than the {} h {} honours (renew it in shorter steps)",
+                d.window().as_secs().div_ceil(3600),
+                terms.max_window.as_secs() / 3600,
+                self.name()
+            )
+        } else if !d.body.datasets.iter().any(|x| x == dataset) {
+            format!("incident {n} does not open dataset {dataset}")
+        } else if let Some(c) = d.body.scope.iter().find(|c| !fields.contains(&c.field)) {
+            format!(
+                "the scope of incident {n} names the field {}, which dataset {dataset} does not have",
+                c.field
+            )
+        } else if !d.body.purposes.is_empty()
+            && !purpose.is_some_and(|p| d.body.purposes.iter().any(|x| x == purpose_code(p)))
+        {
+            format!(
+                "incident {n} covers the purposes {}; state one of them",
+                d.body.purposes.join(", ")
+            )
+        } else {
+            return Some(Ok(()));
+        };
+        Some(Err(why))
+    }
+}
+
+/// The incident a query is asked under, as this owner sees it: the latest declaration
+/// it holds for the stated incident, and the time of the decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Incident<'a> {
+    /// The declaration in force for this (declarer, number), the latest issued.
+    pub declaration: &'a Declaration,
+    /// Now.
+    pub now: SystemTime,
 }
 
 /// How one dataset may be read under a permit.
@@ -56,6 +128,21 @@ pub struct Grant {
     pub dimensions: BTreeSet<String>,
     /// `verify`: fields that must be stated.
     pub keys: BTreeSet<String>,
+    /// Under an emergency rule: the incident's number and the rows its scope opens
+    /// (`field IN (values)`, all of them); the dataset's view holds only those rows.
+    pub incident: Option<Scope>,
+    /// Why the emergency rules before the granting one did not apply under the
+    /// incident the query stated (so a caller granted less knows why).
+    pub passed_over: Vec<String>,
+}
+
+/// The rows an incident opens, as a grant carries them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scope {
+    /// The incident's number.
+    pub number: String,
+    /// Conditions, each a field and its allowed values (compared as text).
+    pub conditions: Vec<(String, Vec<String>)>,
 }
 
 impl Grant {
@@ -72,7 +159,14 @@ impl Grant {
                 .collect(),
             dimensions: r.dimensions.iter().filter(|f| has(f)).cloned().collect(),
             keys: r.keys.iter().filter(|f| has(f)).cloned().collect(),
+            incident: None,
+            passed_over: Vec::new(),
         }
+    }
+
+    /// Whether the grant reads the dataset's view unchanged (rows, no mask, no scope).
+    pub fn is_plain(&self) -> bool {
+        self.level == AccessLevel::Rows && self.masks.is_empty() && self.incident.is_none()
     }
 
     /// The rule's name, `access[i]`.
@@ -92,7 +186,26 @@ impl Grant {
                 .collect();
             s.push_str(&format!(" masks[{}]", m.join(", ")));
         }
-        format!("{s} by {}", self.rule_name())
+        if let Some(scope) = &self.incident {
+            let conditions: Vec<crate::proto::v1::ScopeCondition> = scope
+                .conditions
+                .iter()
+                .map(|(f, v)| crate::proto::v1::ScopeCondition {
+                    field: f.clone(),
+                    values: v.clone(),
+                })
+                .collect();
+            s.push_str(&format!(
+                " under incident {} within {}",
+                scope.number,
+                crate::trust::incident::scope_text(&conditions)
+            ));
+        }
+        let mut s = format!("{s} by {}", self.rule_name());
+        if !self.passed_over.is_empty() {
+            s.push_str(&format!(" ({})", self.passed_over.join("; ")));
+        }
+        s
     }
 }
 
@@ -158,6 +271,9 @@ pub struct Denial {
     /// Gateways through which a rule would have applied, when the sub-query came
     /// through another.
     pub via: Vec<String>,
+    /// Why the emergency rules that name this caller did not apply under the incident
+    /// the query stated.
+    pub incident: Vec<String>,
 }
 
 impl std::fmt::Display for Denial {
@@ -186,6 +302,9 @@ impl std::fmt::Display for Denial {
                 self.purposes.join(", ")
             )?;
         }
+        for why in &self.incident {
+            write!(f, "; {why}")?;
+        }
         Ok(())
     }
 }
@@ -198,12 +317,23 @@ pub fn grant_for(
     via: Option<&Principal>,
     origin: &Principal,
     purpose: Option<&str>,
+    incident: Option<&Incident<'_>>,
     dataset: &str,
     fields: &[String],
 ) -> Result<Grant, Denial> {
     let mut wanted_purposes = Vec::new();
     let mut wanted_via = Vec::new();
+    let mut incident_notes = Vec::new();
     for r in rules.iter().filter(|r| r.covers(origin, dataset)) {
+        match r.incident_ok(incident, purpose, dataset, fields) {
+            None | Some(Ok(())) => {}
+            Some(Err(why)) => {
+                if !why.is_empty() {
+                    incident_notes.push(why);
+                }
+                continue;
+            }
+        }
         if !r.via_ok(via) {
             wanted_via.extend(r.via.iter().cloned());
             continue;
@@ -220,9 +350,26 @@ pub fn grant_for(
                 rule: Some(r.index),
                 purposes: wanted_purposes,
                 via: wanted_via,
+                incident: incident_notes,
             });
         }
-        return Ok(Grant::from_rule(r, fields));
+        let mut grant = Grant::from_rule(r, fields);
+        grant.passed_over = incident_notes;
+        if r.incident.is_some()
+            && let Some(i) = incident
+        {
+            grant.incident = Some(Scope {
+                number: i.declaration.number().to_string(),
+                conditions: i
+                    .declaration
+                    .body
+                    .scope
+                    .iter()
+                    .map(|c| (c.field.clone(), c.values.clone()))
+                    .collect(),
+            });
+        }
+        return Ok(grant);
     }
     wanted_purposes.dedup();
     wanted_via.dedup();
@@ -231,6 +378,7 @@ pub fn grant_for(
         rule: None,
         purposes: wanted_purposes,
         via: wanted_via,
+        incident: incident_notes,
     })
 }
 
@@ -244,13 +392,22 @@ pub fn authorize(
     forwarded: bool,
     origin: &Principal,
     purpose: Option<&str>,
+    incident: Option<&Incident<'_>>,
     datasets: &BTreeMap<String, Vec<String>>,
 ) -> Result<Permit, Denial> {
     let mut grants = BTreeMap::new();
     for (d, fields) in datasets {
         grants.insert(
             d.clone(),
-            grant_for(rules, forwarded.then_some(via), origin, purpose, d, fields)?,
+            grant_for(
+                rules,
+                forwarded.then_some(via),
+                origin,
+                purpose,
+                incident,
+                d,
+                fields,
+            )?,
         );
     }
     Ok(Permit {
@@ -279,6 +436,8 @@ pub fn owner_permit(owner: &Principal, datasets: &BTreeSet<String>) -> Permit {
                         masks: BTreeMap::new(),
                         dimensions: BTreeSet::new(),
                         keys: BTreeSet::new(),
+                        incident: None,
+                        passed_over: Vec::new(),
                     },
                 )
             })
@@ -301,6 +460,7 @@ mod tests {
             keys: BTreeSet::new(),
             purposes: Vec::new(),
             via: Vec::new(),
+            incident: None,
         }
     }
 
@@ -327,6 +487,7 @@ mod tests {
             true,
             &office,
             None,
+            None,
             &set(&["census", "divisions"]),
         )
         .unwrap();
@@ -334,11 +495,23 @@ mod tests {
         assert_eq!(p.grants().len(), 2);
         assert_eq!(p.grants()["census"].rule, 1);
 
-        let d = authorize(&rules, &via, true, &county, None, &set(&["census"])).unwrap_err();
+        let d = authorize(&rules, &via, true, &county, None, None, &set(&["census"])).unwrap_err();
         assert_eq!(d.rule, Some(0));
-        assert!(authorize(&rules, &via, true, &county, None, &set(&["divisions"])).is_ok());
+        assert!(
+            authorize(
+                &rules,
+                &via,
+                true,
+                &county,
+                None,
+                None,
+                &set(&["divisions"])
+            )
+            .is_ok()
+        );
 
-        let d = authorize(&rules, &via, true, &other, None, &set(&["divisions"])).unwrap_err();
+        let d =
+            authorize(&rules, &via, true, &other, None, None, &set(&["divisions"])).unwrap_err();
         assert_eq!(d.rule, None);
         assert!(d.to_string().contains("no access rule grants it"));
     }
@@ -358,10 +531,19 @@ mod tests {
         let county = Principal::parse("fedgate://yrd/county/anji").unwrap();
         let ds = set(&["enrollment"]);
 
-        let d = authorize(&rules, &county, false, &county, None, &ds).unwrap_err();
+        let d = authorize(&rules, &county, false, &county, None, None, &ds).unwrap_err();
         assert_eq!(d.rule, None);
         assert!(d.to_string().contains("insurance-transfer"), "{d}");
-        let d = authorize(&rules, &county, false, &county, Some("curiosity"), &ds).unwrap_err();
+        let d = authorize(
+            &rules,
+            &county,
+            false,
+            &county,
+            Some("curiosity"),
+            None,
+            &ds,
+        )
+        .unwrap_err();
         assert_eq!(d.purposes, vec!["insurance-transfer".to_string()]);
 
         let p = authorize(
@@ -370,6 +552,7 @@ mod tests {
             false,
             &county,
             Some("insurance-transfer: AJ-2026-17"),
+            None,
             &ds,
         )
         .unwrap();
@@ -389,9 +572,9 @@ mod tests {
         let city = Principal::parse("fedgate://yrd/city/hefei").unwrap();
         let ds = set(&["census"]);
         // Through the office's own gateway.
-        assert!(authorize(&rules, &office, true, &office, None, &ds).is_ok());
+        assert!(authorize(&rules, &office, true, &office, None, None, &ds).is_ok());
         // Through a city's gateway: refused, and the denial names the gateways.
-        let d = authorize(&rules, &city, true, &office, None, &ds).unwrap_err();
+        let d = authorize(&rules, &city, true, &office, None, None, &ds).unwrap_err();
         assert_eq!(d.rule, None);
         assert!(
             d.to_string()
@@ -399,7 +582,135 @@ mod tests {
             "{d}"
         );
         // Asked at this member's own gateway: no other gateway spoke for the caller.
-        assert!(authorize(&rules, &city, false, &office, None, &ds).is_ok());
+        assert!(authorize(&rules, &city, false, &office, None, None, &ds).is_ok());
+    }
+
+    #[test]
+    fn an_emergency_rule_applies_only_under_an_honoured_incident_in_force() {
+        use crate::proto::v1::{IncidentDeclaration, ScopeCondition};
+        use crate::trust::incident::Kind;
+        use crate::trust::statement::at_millis;
+        let mut emergency = rule(0, "fedgate://yrd/office/*", "pipes", AccessLevel::Rows);
+        emergency.incident = Some(crate::config::access::IncidentRule {
+            declarers: vec!["fedgate://yrd/office/command".into()],
+            max_window: std::time::Duration::from_secs(12 * 3600),
+        });
+        let peacetime = rule(
+            1,
+            "fedgate://yrd/office/*",
+            "pipes",
+            AccessLevel::Aggregate { min_group: 5 },
+        );
+        let both = vec![emergency.clone(), peacetime];
+        let alone = vec![emergency];
+        let office = Principal::parse("fedgate://yrd/office/command").unwrap();
+        let fields = vec!["road".to_string(), "id".to_string()];
+        let ds: BTreeMap<String, Vec<String>> = [("pipes".to_string(), fields.clone())].into();
+        let hour = 3_600_000;
+        let declared = Declaration {
+            body: IncidentDeclaration {
+                number: "HZ-7".into(),
+                kind: "declare".into(),
+                declarer: office.uri(),
+                summary: "collapse".into(),
+                datasets: vec!["pipes".into()],
+                scope: vec![ScopeCondition {
+                    field: "road".into(),
+                    values: vec!["Wen'er Rd".into()],
+                }],
+                purposes: vec!["emergency".into()],
+                starts_ms: hour,
+                ends_ms: 5 * hour,
+                issued_ms: hour,
+            },
+            kind: Kind::Declare,
+            declarer: office.clone(),
+            signed: Vec::new(),
+        };
+        fn at(d: &Declaration, ms: u64) -> Incident<'_> {
+            Incident {
+                declaration: d,
+                now: at_millis(ms),
+            }
+        }
+        let purpose = Some("emergency: HZ-7");
+        let decide = |rules: &[AccessRule], i: Option<&Incident<'_>>, purpose: Option<&str>| {
+            authorize(rules, &office, false, &office, purpose, i, &ds)
+        };
+        // Peacetime: the aggregate rule.
+        let p = decide(&both, None, purpose).unwrap();
+        assert_eq!(p.grants()["pipes"].rule, 1);
+        // In force: rows, within the declared scope, carried by the grant.
+        let p = decide(&both, Some(&at(&declared, 2 * hour)), purpose).unwrap();
+        let g = &p.grants()["pipes"];
+        assert_eq!((g.rule, g.level), (0, AccessLevel::Rows));
+        let scope = g.incident.as_ref().unwrap();
+        assert_eq!(scope.number, "HZ-7");
+        assert_eq!(
+            scope.conditions,
+            vec![("road".to_string(), vec!["Wen'er Rd".to_string()])]
+        );
+        assert!(!g.is_plain());
+        assert!(
+            p.describe()
+                .contains("under incident HZ-7 within road IN ('Wen''er Rd')")
+        );
+        // Each reason the emergency rule does not apply falls back to the peacetime
+        // rule, and alone is a denial that says why.
+        let mut other_declarer = declared.clone();
+        other_declarer.declarer = Principal::parse("fedgate://yrd/county/anji").unwrap();
+        let mut other_dataset = declared.clone();
+        other_dataset.body.datasets = vec!["census".into()];
+        let mut too_long = declared.clone();
+        too_long.body.ends_ms = 14 * hour;
+        let mut no_field = declared.clone();
+        no_field.body.scope[0].field = "county".into();
+        let mut ended = declared.clone();
+        ended.kind = Kind::End;
+        let cases: Vec<(&Declaration, u64, Option<&str>, &str)> = vec![
+            (&declared, 6 * hour, purpose, "is not in force"),
+            (&declared, hour / 2, purpose, "is not in force"),
+            (&ended, 2 * hour, purpose, "is not in force"),
+            (
+                &other_declarer,
+                2 * hour,
+                purpose,
+                "honours declarations of",
+            ),
+            (
+                &other_dataset,
+                2 * hour,
+                purpose,
+                "does not open dataset pipes",
+            ),
+            (&too_long, 2 * hour, purpose, "longer than the 12 h"),
+            (&no_field, 2 * hour, purpose, "names the field county"),
+            (
+                &declared,
+                2 * hour,
+                Some("curiosity: 1"),
+                "covers the purposes emergency",
+            ),
+            (&declared, 2 * hour, None, "covers the purposes emergency"),
+        ];
+        for (d, ms, purpose, why) in cases {
+            let p = decide(&both, Some(&at(d, ms)), purpose).unwrap();
+            assert_eq!(p.grants()["pipes"].rule, 1, "{why}");
+            assert!(p.grants()["pipes"].incident.is_none());
+            assert!(
+                p.grants()["pipes"]
+                    .passed_over
+                    .iter()
+                    .any(|n| n.contains(why)),
+                "the peacetime grant says why the emergency rule did not apply: {why}"
+            );
+            let denial = decide(&alone, Some(&at(d, ms)), purpose).unwrap_err();
+            assert_eq!(denial.rule, None);
+            assert!(
+                denial.to_string().contains(why),
+                "{denial} should say {why}"
+            );
+        }
     }
 
     #[test]

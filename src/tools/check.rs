@@ -148,8 +148,14 @@ async fn check_services(cfg: &Arc<MemberConfig>, r: &mut Report) {
         .and_then(|dir| {
             let audit = crate::ops::audit::AuditLog::open(&dir.path().join("check.log"))
                 .map_err(|e| e.to_string())?;
-            let c = crate::coordinator::Coordinator::new(cfg.clone(), None, &tls, Arc::new(audit))
-                .map_err(|e| e.to_string())?;
+            let c = crate::coordinator::Coordinator::new(
+                cfg.clone(),
+                None,
+                &tls,
+                Arc::new(audit),
+                Arc::new(crate::owner::incidents::Register::in_memory()),
+            )
+            .map_err(|e| e.to_string())?;
             Ok((dir, c))
         });
     let (_dir, coordinator) = match coordinator {

@@ -6,6 +6,7 @@
 pub mod check;
 pub mod client;
 pub mod demo;
+pub mod incident;
 pub mod loadgen;
 pub mod local_mariadb;
 pub mod local_postgres;

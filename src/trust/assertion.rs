@@ -20,16 +20,15 @@
 //! a member with a gateway (an endpoint in the region file). What a gateway holding a
 //! valid assertion can still do is written in ARCHITECTURE.md ("Origin trust").
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use prost::Message;
-use rustls::SignatureScheme;
-use rustls_pki_types::{CertificateDer, UnixTime};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::proto::v1::{OriginAssertion, SignedOriginAssertion};
-use crate::trust::identity::{Principal, principal_from_cert};
+use crate::proto::v1::{OriginAssertion, SignedOriginAssertion, SignedStatement};
+use crate::trust::identity::Principal;
+use crate::trust::statement::{self, millis};
 use crate::trust::tls::TlsMaterial;
 
 /// The gRPC metadata key a client sends an assertion under (binary metadata).
@@ -50,17 +49,10 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// The largest encoded assertion read (a chain of a few certificates fits easily).
 const MAX_ENCODED: usize = 32 * 1024;
 
-/// Prefixed to the body before signing, so that a signature made for anything else
-/// with the gateway's key (a TLS handshake) can never pass as an assertion.
-const CONTEXT: &[u8] = b"fedgate origin assertion v1\0";
-
-/// Schemes a gateway signs with, in order of preference.
-const SCHEMES: &[SignatureScheme] = &[
-    SignatureScheme::ECDSA_NISTP256_SHA256,
-    SignatureScheme::ECDSA_NISTP384_SHA384,
-    SignatureScheme::ED25519,
-    SignatureScheme::RSA_PSS_SHA256,
-];
+/// The context an assertion is signed under (see [`crate::trust::statement`]), so
+/// that a signature made for anything else with the gateway's key (a TLS handshake, an
+/// incident declaration) can never pass as an assertion.
+const CONTEXT: &str = "fedgate origin assertion v1";
 
 /// The digest an assertion binds a query by: SHA-256 of its SQL text.
 pub fn sql_digest(sql: &str) -> String {
@@ -72,12 +64,6 @@ pub fn service_digest(service: &str) -> String {
     sql_digest(&format!("service:{service}"))
 }
 
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Why an assertion is refused, worded for the caller and the audit record. It names
 /// identities and fields, never record values (an assertion holds none).
 fn refused(why: impl std::fmt::Display) -> Error {
@@ -87,24 +73,12 @@ fn refused(why: impl std::fmt::Display) -> Error {
 /// Signs `body` with the gateway's TLS key; the result is an encoded
 /// [`SignedOriginAssertion`].
 pub fn sign(material: &TlsMaterial, body: &OriginAssertion) -> Result<Vec<u8>> {
-    let body = body.encode_to_vec();
-    let key = material.signing_key()?;
-    let signer = key.choose_scheme(SCHEMES).ok_or_else(|| {
-        Error::Tls(format!(
-            "the key of {} supports none of the signature schemes {SCHEMES:?}",
-            material.principal
-        ))
-    })?;
-    let mut msg = CONTEXT.to_vec();
-    msg.extend_from_slice(&body);
-    let signature = signer
-        .sign(&msg)
-        .map_err(|e| Error::Tls(format!("signing an origin assertion: {e}")))?;
+    let signed = statement::sign(material, CONTEXT, body.encode_to_vec())?;
     Ok(SignedOriginAssertion {
-        body,
-        scheme: u32::from(u16::from(signer.scheme())),
-        signature,
-        chain: material.chain().iter().map(|c| c.to_vec()).collect(),
+        body: signed.body,
+        scheme: signed.scheme,
+        signature: signed.signature,
+        chain: signed.chain,
     }
     .encode_to_vec())
 }
@@ -175,43 +149,13 @@ pub fn verify(
     }
     let signed = SignedOriginAssertion::decode(encoded)
         .map_err(|e| refused(format!("it is not a signed origin assertion ({e})")))?;
-    let chain: Vec<CertificateDer<'_>> = signed
-        .chain
-        .iter()
-        .map(|c| CertificateDer::from(c.as_slice()))
-        .collect();
-    let at = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
-    material.verify_chain(&chain, at).map_err(|e| {
-        refused(format!(
-            "its signer's certificate is not accepted by the region CA ({e})"
-        ))
-    })?;
-    let end = webpki::EndEntityCert::try_from(&chain[0])
-        .map_err(|e| refused(format!("its signer's certificate is unreadable ({e})")))?;
-    let scheme = u16::try_from(signed.scheme)
-        .map(SignatureScheme::from)
-        .map_err(|_| refused(format!("unknown signature scheme {}", signed.scheme)))?;
-    let provider = crate::trust::tls::provider();
-    let algorithms = provider
-        .signature_verification_algorithms
-        .mapping
-        .iter()
-        .find(|(s, _)| *s == scheme)
-        .map(|(_, a)| *a)
-        .ok_or_else(|| refused(format!("signature scheme {scheme:?} is not accepted")))?;
-    let mut msg = CONTEXT.to_vec();
-    msg.extend_from_slice(&signed.body);
-    if !algorithms
-        .iter()
-        .any(|alg| end.verify_signature(*alg, &msg, &signed.signature).is_ok())
-    {
-        return Err(refused(
-            "its signature does not verify with its signer's certificate (it was altered, or \
-             signed with another key)",
-        ));
-    }
-    let signer = principal_from_cert(&chain[0])
-        .map_err(|e| refused(format!("its signer's certificate names no identity ({e})")))?;
+    let signed = SignedStatement {
+        body: signed.body,
+        scheme: signed.scheme,
+        signature: signed.signature,
+        chain: signed.chain,
+    };
+    let signer = statement::verify(material, CONTEXT, &signed, now).map_err(refused)?;
     let body = OriginAssertion::decode(signed.body.as_slice())
         .map_err(|e| refused(format!("its body is unreadable ({e})")))?;
     if body.origin != signer.uri() {

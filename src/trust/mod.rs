@@ -4,5 +4,7 @@
 
 pub mod assertion;
 pub mod identity;
+pub mod incident;
 pub mod pki;
+pub mod statement;
 pub mod tls;

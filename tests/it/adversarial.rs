@@ -483,10 +483,17 @@ async fn ask(
         query_id: "adversarial",
         sql,
         covered: None,
+        incident: None,
     };
-    let stream = fedgate::owner::answer(engine, audit, a, Default::default())
-        .await
-        .map_err(|e| e.to_string())?;
+    let stream = fedgate::owner::answer(
+        engine,
+        audit,
+        fedgate::owner::Emergency::none(),
+        a,
+        Default::default(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let batches: Vec<_> = stream
         .try_collect()
         .await

@@ -137,6 +137,7 @@ async fn a_refusal_is_never_covered_by_a_cached_answer() {
         m.access.insert(
             0,
             RawAccessRule {
+                incident: None,
                 principals: vec!["*".into()],
                 datasets: vec!["census".into()],
                 level: "deny".into(),

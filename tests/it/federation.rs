@@ -385,6 +385,7 @@ async fn peers_only_answer_member_gateways_and_only_over_canonical_datasets() {
         PeerClient::new(ch)
     };
     let req = |sql: &str, path: Vec<&str>| ExecuteRequest {
+        incident: Vec::new(),
         sql: sql.into(),
         origin: "fedgate://yrd/city/shanghai".into(),
         hops: path.len() as u32,

@@ -379,7 +379,14 @@ fn engines(
     let audit = Arc::new(fedgate::ops::audit::AuditLog::open(&dir.join("fuzz-audit.log")).unwrap());
     // Its member clients' channels need a runtime to exist in.
     let _inside = rt.enter();
-    let coordinator = Coordinator::new(config.clone(), Some(engine.clone()), &tls, audit).unwrap();
+    let coordinator = Coordinator::new(
+        config.clone(),
+        Some(engine.clone()),
+        &tls,
+        audit,
+        Arc::new(fedgate::owner::incidents::Register::in_memory()),
+    )
+    .unwrap();
     (config, engine, coordinator, tls)
 }
 
@@ -395,7 +402,7 @@ async fn owner_path(
         Ok(p) => p,
         Err(e) => return no_panic_reported(sql, e),
     };
-    let permit = match engine.authorize(via, origin, None, &prepared) {
+    let permit = match engine.authorize(via, origin, None, None, &prepared) {
         Ok(p) => p,
         Err(e) => return no_panic_reported(sql, e),
     };
@@ -461,6 +468,7 @@ fn fuzz_peer_requests_off_the_wire() {
     let (config, engine, _, tls) = engines(&rt, dir.path());
     // Real requests, encoded, then cut and flipped; and arbitrary bytes.
     let real = fedgate::proto::v1::ExecuteRequest {
+        incident: Vec::new(),
         sql: "SELECT member, count(*) FROM census GROUP BY member".into(),
         origin: "fedgate://yrd/county/anji".into(),
         path: vec!["fedgate://yrd/office/coordination".into()],

@@ -16,6 +16,7 @@ mod federation;
 mod flight_source;
 mod frontends;
 mod fuzz;
+mod incidents;
 mod lifecycle;
 mod loadgen;
 mod mysql;

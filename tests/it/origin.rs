@@ -47,6 +47,7 @@ fn peer_as(region: &Region, who: &str, target: &str) -> PeerClient<Channel> {
 
 fn request(sql: &str, origin: &str, via: &str, query_id: &str, a: Vec<u8>) -> ExecuteRequest {
     ExecuteRequest {
+        incident: Vec::new(),
         sql: sql.into(),
         origin: origin.into(),
         hops: 1,

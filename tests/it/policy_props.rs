@@ -55,6 +55,7 @@ fn policy() -> impl Strategy<Value = Policy> {
 
 fn rule(p: &Policy) -> RawAccessRule {
     let mut r = RawAccessRule {
+        incident: None,
         principals: vec!["fedgate://yrd/office/*".into()],
         datasets: vec!["enrollment".into()],
         level: String::new(),

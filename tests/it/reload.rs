@@ -39,6 +39,7 @@ fn keep_querying(
 
 fn deny_all(dataset: &str) -> RawAccessRule {
     RawAccessRule {
+        incident: None,
         principals: vec!["*".into()],
         datasets: vec![dataset.into()],
         level: "deny".into(),

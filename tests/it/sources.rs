@@ -119,10 +119,17 @@ async fn a_parquet_source_maps_like_a_csv_one() {
         query_id: "t",
         sql: "SELECT county_code, pop_total, share_65_plus_pct FROM census ORDER BY county_code",
         covered: None,
+        incident: None,
     };
-    let stream = fedgate::owner::answer(&engine, &audit, ask, Default::default())
-        .await
-        .unwrap();
+    let stream = fedgate::owner::answer(
+        &engine,
+        &audit,
+        fedgate::owner::Emergency::none(),
+        ask,
+        Default::default(),
+    )
+    .await
+    .unwrap();
     let batches: Vec<RecordBatch> = futures::TryStreamExt::try_collect(stream).await.unwrap();
     let log = fedgate::ops::audit::verify(audit.path()).unwrap();
     assert_eq!(log.records, 1, "the answer is on the record");

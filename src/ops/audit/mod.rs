@@ -90,6 +90,9 @@ pub enum EntryKind {
     /// or refused to. Nothing was read, but what a caller learns of the statements is
     /// on the record like an answer.
     Explain,
+    /// A member took an incident declaration (a declaration, renewal or end) into its
+    /// register: what it says is in [`AuditEntry::declaration`].
+    Declaration,
 }
 
 /// How a query or sub-query ended.
@@ -143,6 +146,39 @@ pub struct AuditEntry {
     pub bytes: u64,
     /// For client queries: which members were asked and how each answered.
     pub members: Vec<MemberOutcome>,
+    /// The incident the query was asked under (its number), whether or not it opened
+    /// anything; absent for queries asked under none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<String>,
+    /// For a `declaration` record: what the declaration says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declaration: Option<DeclarationRecord>,
+}
+
+/// An incident declaration as a member's audit log keeps it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeclarationRecord {
+    /// The incident's number.
+    pub number: String,
+    /// declare, renew or end.
+    pub kind: String,
+    /// The declarer's identity URI.
+    pub declarer: String,
+    /// What happened.
+    pub summary: String,
+    /// Datasets it opens.
+    pub datasets: Vec<String>,
+    /// Rows it opens, as text (`road IN ('...')`, or `all rows`).
+    pub scope: String,
+    /// Purpose codes it covers (empty: any).
+    pub purposes: Vec<String>,
+    /// Its window, RFC 3339 UTC.
+    pub starts: String,
+    /// The end of its window (for an end: when it ended).
+    pub ends: String,
+    /// When it was signed.
+    pub issued: String,
 }
 
 impl AuditEntry {

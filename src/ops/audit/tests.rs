@@ -25,6 +25,8 @@ fn entry(i: u64) -> AuditEntry {
         rows: i,
         bytes: i * 100,
         members: vec![],
+        incident: None,
+        declaration: None,
     }
 }
 
@@ -518,7 +520,7 @@ fn text() -> impl Strategy<Value = String> {
 prop_compose! {
     fn any_entry()(
         (kind, decision) in (
-            prop_oneof![Just(EntryKind::SubQuery), Just(EntryKind::Query), Just(EntryKind::Recovered), Just(EntryKind::Explain)],
+            prop_oneof![Just(EntryKind::SubQuery), Just(EntryKind::Query), Just(EntryKind::Recovered), Just(EntryKind::Explain), Just(EntryKind::Declaration)],
             prop_oneof![Just(Decision::Answered), Just(Decision::Refused), Just(Decision::Failed), Just(Decision::Cancelled)],
         ),
         (time, query_id, via, origin, sql) in (text(), text(), text(), text(), text()),
@@ -534,6 +536,7 @@ prop_compose! {
             (text(), text(), any::<u64>(), proptest::option::of("[0-9a-f]{64}")),
             0..3,
         ),
+        (incident, declared) in (proptest::option::of(text()), proptest::option::of((text(), text(), text()))),
     ) -> AuditEntry {
         AuditEntry {
             kind,
@@ -554,6 +557,13 @@ prop_compose! {
                 .into_iter()
                 .map(|(member, state, rows, audit_hash)| MemberOutcome { member, state, rows, audit_hash })
                 .collect(),
+            incident,
+            declaration: declared.map(|(number, scope, ends)| DeclarationRecord {
+                number,
+                scope,
+                ends,
+                ..DeclarationRecord::default()
+            }),
         }
     }
 }

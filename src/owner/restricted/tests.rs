@@ -88,6 +88,8 @@ fn grant(level: AccessLevel) -> Grant {
         masks: BTreeMap::new(),
         dimensions: ["county", "sex"].iter().map(|s| s.to_string()).collect(),
         keys: ["id"].iter().map(|s| s.to_string()).collect(),
+        incident: None,
+        passed_over: Vec::new(),
     }
 }
 
