@@ -72,7 +72,7 @@ impl AccessRule {
             )
         } else if !d.in_force(i.now) {
             format!(
-                "incident {n} is not in force here (its latest declaration, a {}, covers {} to {})",
+                "incident {n} is not in force here (its latest declaration here, kind {}, covers {} to {})",
                 d.kind.word(),
                 rfc3339(d.body.starts_ms),
                 rfc3339(d.body.ends_ms)

@@ -233,6 +233,11 @@ pub fn review(number: &str, logs: &[(String, PathBuf)]) -> Result<Review> {
             });
         }
     }
+    // In time order across the logs (each log's own order kept for equal times).
+    out.accesses
+        .sort_by(|a, b| a.entry.time.cmp(&b.entry.time).then(a.log.cmp(&b.log)));
+    out.declarations
+        .sort_by(|a, b| a.entry.time.cmp(&b.entry.time).then(a.log.cmp(&b.log)));
     Ok(out)
 }
 
