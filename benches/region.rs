@@ -670,7 +670,19 @@ async fn fed(
     requests: u64,
     seed: u64,
 ) -> Report {
-    let r = run_load(client, sql, range, requests, seed).await;
+    fed_with(client, sql, range, requests, seed, false).await
+}
+
+/// [`fed`], asking for a signed receipt with every answer when `receipt`.
+async fn fed_with(
+    client: &Client,
+    sql: &[String],
+    range: (i64, i64),
+    requests: u64,
+    seed: u64,
+    receipt: bool,
+) -> Report {
+    let r = run_load_with(client, sql, range, requests, seed, receipt).await;
     assert_eq!(r.failed(), 0, "{} failed: {:?}", sql[0], r.first_error);
     r
 }
@@ -681,6 +693,17 @@ async fn run_load(
     range: (i64, i64),
     requests: u64,
     seed: u64,
+) -> Report {
+    run_load_with(client, sql, range, requests, seed, false).await
+}
+
+async fn run_load_with(
+    client: &Client,
+    sql: &[String],
+    range: (i64, i64),
+    requests: u64,
+    seed: u64,
+    receipt: bool,
 ) -> Report {
     let load = Load {
         sql: sql.to_vec(),
@@ -696,6 +719,7 @@ async fn run_load(
         allow_partial: false,
         seed,
         service: None,
+        receipt,
     };
     let r = loadgen::run(client, &load).await.unwrap();
     assert_eq!(r.failed(), 0, "{} failed: {:?}", sql[0], r.first_error);
@@ -830,6 +854,75 @@ async fn hop(region: &Region, sizes: Sizes, out: &mut String) {
          CPU is its process's user and system time over the round divided by the queries.\n\n\
          | answer (medians of {} rounds) | direct p50 | through hub p50 | difference | ratio | hub CPU per query | target |\n\
          |---|---:|---:|---:|---:|---:|---|\n{}\n\n",
+        sizes.requests,
+        sizes.rounds,
+        rows.join("\n")
+    ));
+}
+
+/// What a signed receipt costs: the same queries through the hub with and without
+/// one, rounds interleaved (which goes first alternates).
+async fn receipts(region: &Region, sizes: Sizes, out: &mut String) {
+    let via = region.client("hub");
+    let fixed = vec![
+        "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id = 4242".to_string(),
+    ];
+    let large = vec![
+        "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id <= 2600".to_string(),
+    ];
+    let range = (1, FILE_ROWS);
+    for sql in [&fixed, &large] {
+        for receipt in [false, true] {
+            let r = run_load_with(&via, sql, range, 5, 99, receipt).await;
+            assert_eq!(r.failed(), 0);
+        }
+    }
+    let hub = region.proc("hub");
+    let solo = region.proc("solo");
+    let mut rows = Vec::new();
+    for (label, sql) in [
+        ("one-row answer", &fixed),
+        ("2,600-row answer (64 KiB)", &large),
+    ] {
+        let (mut without, mut with, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut cpu_without, mut cpu_with) = (Vec::new(), Vec::new());
+        for r in 0..sizes.rounds {
+            let (mut p_without, mut p_with) = (0.0, 0.0);
+            for receipt in [r % 2 == 0, r % 2 != 0] {
+                let before = hub.cpu() + solo.cpu();
+                let rep = fed_with(&via, sql, range, sizes.requests, r as u64 + 1, receipt).await;
+                let cpu = (hub.cpu() + solo.cpu() - before).as_secs_f64() * 1e6 / rep.ok as f64;
+                if receipt {
+                    p_with = rep.latency_us.p50 as f64;
+                    cpu_with.push(cpu);
+                } else {
+                    p_without = rep.latency_us.p50 as f64;
+                    cpu_without.push(cpu);
+                }
+            }
+            without.push(p_without);
+            with.push(p_with);
+            ratio.push(p_with / p_without);
+        }
+        rows.push(format!(
+            "| {label} | {} | {} | {:.2} | {:.0} µs | {:.0} µs |",
+            ms(median(without)),
+            ms(median(with)),
+            median(ratio),
+            median(cpu_without),
+            median(cpu_with),
+        ));
+    }
+    out.push_str(&format!(
+        "### Signed receipts\n\n\
+         The client asks `hub`, which forwards the sub-query to `solo` over mutual TLS; with a \
+         receipt, `solo` digests the rows it sends and signs its statement (ECDSA P-256), `hub` \
+         digests the rows it receives (checked against the statement) and those it sends, and signs \
+         its own. {} queries per variant per round, one at a time, which goes first alternating. \
+         CPU is the user and system time of both gateways' processes over the round divided by \
+         the queries.\n\n\
+         | answer (medians of {} rounds) | p50 without | p50 with receipt | ratio | CPU per query without | with |\n\
+         |---|---:|---:|---:|---:|---:|\n{}\n\n",
         sizes.requests,
         sizes.rounds,
         rows.join("\n")
@@ -1216,6 +1309,7 @@ async fn deadline_load(
         allow_partial: true,
         seed: 7,
         service: None,
+        receipt: false,
     };
     loadgen::run(client, &load).await.unwrap()
 }
@@ -1797,6 +1891,7 @@ async fn flood_and_county(
             allow_partial: false,
             seed: 3,
             service: None,
+            receipt: false,
         };
         tokio::spawn(async move { loadgen::run(&city, &load).await.unwrap() })
     });
@@ -1818,6 +1913,7 @@ async fn flood_and_county(
             param: "id".into(),
             text: false,
         }),
+        receipt: false,
     };
     let county = loadgen::run(county, &load).await.unwrap();
     let flood = match flood {
@@ -2018,6 +2114,7 @@ fn main() {
         "memory",
         "doors",
         "fairness",
+        "receipts",
     ];
     let only = arg("--only");
     let sections: Vec<&str> = all
@@ -2053,6 +2150,7 @@ fn main() {
                 "memory" => memory(&region, sizes, idle, &mut out).await,
                 "doors" => doors(&region, sizes, &mut out).await,
                 "fairness" => fairness(sizes, &mut out).await,
+                "receipts" => receipts(&region, sizes, &mut out).await,
                 _ => unreachable!(),
             }
             eprintln!("{s} done in {:.1} s", t.elapsed().as_secs_f64());

@@ -1,5 +1,5 @@
 //! `fedgate incident`: declare, renew, end, show and publish incident declarations;
-//! and `fedgate audit report --incident N`.
+//! `fedgate audit report --incident N`; and `fedgate receipt verify`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -258,6 +258,70 @@ pub(crate) fn report(number: &str, logs: &[String], json: bool) -> Result<ExitCo
         print!("{}", tool::review_text(&r));
     }
     Ok(if r.flagged() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[derive(clap::Subcommand)]
+pub(crate) enum ReceiptCommand {
+    /// Check a receipt offline against the region CA: every signature, that the
+    /// member statements are the ones the coordinator listed, and (with --answer) that
+    /// the answer is the one it was signed for. Exit 1 if anything fails.
+    Verify {
+        /// The region CA bundle (PEM).
+        #[arg(long, env = "FEDGATE_CA")]
+        ca: PathBuf,
+        /// Any certificate of the region with its key (only the CA is used to check).
+        #[arg(long, env = "FEDGATE_CERT")]
+        cert: PathBuf,
+        /// Its key.
+        #[arg(long, env = "FEDGATE_KEY")]
+        key: PathBuf,
+        /// The answer as `fedgate query --format arrow` wrote it.
+        #[arg(long)]
+        answer: Option<PathBuf>,
+        /// The receipt file.
+        file: PathBuf,
+    },
+}
+
+pub(crate) fn receipt(cmd: ReceiptCommand) -> Result<ExitCode> {
+    let ReceiptCommand::Verify {
+        ca,
+        cert,
+        key,
+        answer,
+        file,
+    } = cmd;
+    let m = TlsMaterial::load(&ca, &cert, &key)?;
+    let encoded = tool::read_file(&file)?;
+    let batches = match &answer {
+        Some(path) => {
+            let f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+            let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(f, None)
+                .with_context(|| format!("{} is not an Arrow IPC stream", path.display()))?;
+            Some(
+                reader
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let checks = fedgate::trust::receipt::verify(&m, &encoded, batches.as_deref());
+    let mut failed = false;
+    for c in &checks {
+        match &c.failure {
+            None => println!("ok      {}", c.what),
+            Some(why) => {
+                failed = true;
+                println!("FAILED  {}: {why}", c.what);
+            }
+        }
+    }
+    Ok(if failed {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

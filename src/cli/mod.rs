@@ -111,6 +111,11 @@ pub(crate) enum Command {
         /// member opens what its own emergency rules give under it, and no more.
         #[arg(long)]
         incident: Option<PathBuf>,
+        /// Ask for a signed receipt (each member's statement of what it answered and
+        /// the gateway's over the answer) and write it to this file; check it with
+        /// `fedgate receipt verify`.
+        #[arg(long)]
+        receipt: Option<PathBuf>,
         /// The SQL (canonical datasets; DataFusion dialect).
         sql: String,
     },
@@ -170,6 +175,11 @@ pub(crate) enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Signed receipts of answers (`fedgate query --receipt FILE`).
+    Receipt {
+        #[command(subcommand)]
+        command: incident::ReceiptCommand,
     },
     /// Incident declarations: time-boxed emergency access that each owner honours
     /// under its own emergency rules.
@@ -292,6 +302,7 @@ pub(crate) async fn run(cmd: Command) -> Result<ExitCode> {
             purpose,
             no_progress,
             incident,
+            receipt,
             sql,
         } => {
             let client = connect(&conn)?;
@@ -302,6 +313,7 @@ pub(crate) async fn run(cmd: Command) -> Result<ExitCode> {
             };
             let req = fedgate::proto::v1::QueryRequest {
                 incident,
+                receipt: receipt.is_some(),
                 sql,
                 allow_partial,
                 timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
@@ -310,7 +322,14 @@ pub(crate) async fn run(cmd: Command) -> Result<ExitCode> {
                 purpose: purpose.unwrap_or_default(),
                 progress,
             };
-            run_query(&client, Request::Query(req), format, progress).await
+            run_query(
+                &client,
+                Request::Query(req),
+                format,
+                progress,
+                receipt.as_deref(),
+            )
+            .await
         }
         Command::Call {
             conn,
@@ -332,7 +351,7 @@ pub(crate) async fn run(cmd: Command) -> Result<ExitCode> {
                 purpose: purpose.unwrap_or_default(),
                 progress,
             };
-            run_query(&client, Request::Invoke(req), format, progress).await
+            run_query(&client, Request::Invoke(req), format, progress, None).await
         }
         Command::Explain { conn, sql } => explain(&connect(&conn)?, &sql).await,
         Command::Describe { conn, purpose } => describe(&connect(&conn)?, purpose.as_deref()).await,
@@ -360,6 +379,7 @@ pub(crate) async fn run(cmd: Command) -> Result<ExitCode> {
                 },
         } => incident::report(&number, &logs, json),
         Command::Incident { command } => incident::incident(command).await,
+        Command::Receipt { command } => incident::receipt(command),
         Command::Bench {
             conn,
             sql,
@@ -392,6 +412,7 @@ pub(crate) async fn run(cmd: Command) -> Result<ExitCode> {
                 allow_partial,
                 seed,
                 service: None,
+                receipt: false,
             };
             bench(&connect(&conn)?, &load, json).await
         }

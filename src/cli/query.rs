@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::cli::EXIT_PARTIAL;
@@ -142,6 +142,7 @@ pub(crate) async fn run_query(
     req: Request,
     format: Format,
     progress: bool,
+    receipt: Option<&std::path::Path>,
 ) -> Result<ExitCode> {
     use std::io::{IsTerminal, Write};
     if matches!(format, Format::Arrow) && std::io::stdout().is_terminal() {
@@ -171,6 +172,21 @@ pub(crate) async fn run_query(
     match answer {
         Ok((schema, summary)) => {
             out.finish(schema, &summary)?;
+            if let Some(path) = receipt {
+                if summary.receipt.is_empty() {
+                    bail!("the gateway sent no receipt (the answer is partial)");
+                }
+                use base64::Engine as _;
+                std::fs::write(
+                    path,
+                    format!(
+                        "{}\n",
+                        base64::engine::general_purpose::STANDARD.encode(&summary.receipt)
+                    ),
+                )
+                .with_context(|| path.display().to_string())?;
+                eprintln!("receipt written to {}", path.display());
+            }
             Ok(if summary.partial {
                 ExitCode::from(EXIT_PARTIAL)
             } else {

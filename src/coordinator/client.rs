@@ -42,6 +42,8 @@ pub struct SubQuery {
     pub assertion: Option<Arc<Vec<u8>>>,
     /// The incident the caller asks under (a signed declaration).
     pub incident: Option<Arc<Vec<u8>>>,
+    /// Ask the member for a signed statement of its answer.
+    pub receipt: bool,
     /// Filled by the member: how it shared the data and its audit record's hash.
     pub note: Arc<Note>,
     /// The member call's span; its trace context goes with the request.
@@ -83,6 +85,7 @@ impl SubQuery {
                 .as_ref()
                 .map(|a| a.as_ref().clone())
                 .unwrap_or_default(),
+            receipt: self.receipt,
         });
         req.set_timeout(self.budget);
         crate::ops::telemetry::inject(&self.span, req.metadata_mut());
@@ -349,9 +352,37 @@ impl MemberClient {
                         .await
                         .map_err(|e| member_error(name, e))?;
                 let name = name.clone();
-                Ok(stream
-                    .map_err(move |e| member_error(&name, Error::from_datafusion(e)))
-                    .boxed())
+                let rows = stream.map_err({
+                    let name = name.clone();
+                    move |e| member_error(&name, Error::from_datafusion(e))
+                });
+                if !q.receipt {
+                    return Ok(rows.boxed());
+                }
+                // This gateway's own answer, stated and signed like any member's once
+                // its record is written (the stream's end).
+                let digest = Arc::new(Mutex::new(crate::trust::receipt::RowsDigest::default()));
+                let digesting = digest.clone();
+                let rows = rows.and_then(move |b| {
+                    let r = digesting
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .update(&b)
+                        .map(|()| b);
+                    async move { r }
+                });
+                let (tls, me) = (tls.clone(), me.clone());
+                let end = futures::stream::once(async move {
+                    let d = std::mem::take(&mut *digest.lock().unwrap_or_else(|p| p.into_inner()));
+                    let ask = q.ask(&me);
+                    let hash = q.note.audit_hash.get().cloned().unwrap_or_default();
+                    let st = owner::member_statement(&tls, &name, &ask, d.finish(), &hash)
+                        .map_err(|e| member_error(&name, e))?;
+                    let _ = q.note.statement.set(st);
+                    Ok(None)
+                })
+                .try_filter_map(|x: Option<RecordBatch>| async move { Ok(x) });
+                Ok(rows.chain(end).boxed())
             }
             MemberClient::Remote {
                 name,
@@ -384,9 +415,7 @@ impl MemberClient {
                             return Ok(remote_batches(
                                 name.clone(),
                                 endpoint.clone(),
-                                budget,
-                                q.received,
-                                q.note,
+                                q,
                                 health.clone(),
                                 response.into_inner(),
                             ));
@@ -443,18 +472,41 @@ impl MemberClient {
     }
 }
 
+/// Whether a member's signed statement (in its summary) states the rows received.
+fn statement_matches(
+    s: &ExecuteSummary,
+    received: crate::trust::receipt::RowsDigest,
+) -> std::result::Result<(), String> {
+    let (digest, rows) = received.finish();
+    let st = crate::trust::receipt::read_unchecked(&s.statement).map_err(|e| {
+        format!("the member's statement of its answer is missing or unreadable ({e})")
+    })?;
+    if st.rows_sha256 != digest || st.rows != rows {
+        return Err(
+            "the member's signed statement does not match the rows received (digest or count)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// Decodes a member's response stream. The member ends every complete answer with a
 /// summary giving its row count; a stream that ends without one, or with a different
 /// count, was cut short and is an error, never a silently short answer.
 fn remote_batches(
     name: String,
     endpoint: String,
-    budget: Duration,
-    received: Arc<std::sync::atomic::AtomicU64>,
-    note: Arc<Note>,
+    q: SubQuery,
     health: Arc<MemberHealth>,
     responses: tonic::Streaming<crate::proto::v1::ExecuteResponse>,
 ) -> MemberStream {
+    let SubQuery {
+        budget,
+        received,
+        note,
+        receipt,
+        ..
+    } = q;
     let summary: Arc<Mutex<Option<ExecuteSummary>>> = Arc::default();
     let seen = summary.clone();
     let (n1, e1, h1) = (name.clone(), endpoint.clone(), health.clone());
@@ -485,6 +537,9 @@ fn remote_batches(
                         if !s.audit_hash.is_empty() {
                             let _ = note.audit_hash.set(s.audit_hash.clone());
                         }
+                        if !s.statement.is_empty() {
+                            let _ = note.statement.set(s.statement.clone());
+                        }
                         *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
                         Ok(None)
                     }
@@ -501,20 +556,43 @@ fn remote_batches(
                 Decoded::Schema(_) => None,
             })
         });
-    // Count rows as they pass and check them against the summary at the end.
+    // Count rows as they pass and check them against the summary at the end; with a
+    // receipt asked for, digest them too, to check against the member's statement.
     let rows = Arc::new(Mutex::new(0u64));
     let counted = rows.clone();
-    let body = batches.inspect_ok(move |b| {
+    let digest = Arc::new(Mutex::new(
+        receipt.then(crate::trust::receipt::RowsDigest::default),
+    ));
+    let digesting = digest.clone();
+    let n3 = name.clone();
+    let body = batches.and_then(move |b| {
         *counted.lock().unwrap_or_else(|p| p.into_inner()) += b.num_rows() as u64;
+        let r = match digesting.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(d) => d.update(&b).map(|()| b).map_err(|e| member_error(&n3, e)),
+            None => Ok(b),
+        };
+        async move { r }
     });
     let check = futures::stream::once(async move {
         let got = *rows.lock().unwrap_or_else(|p| p.into_inner());
         let s = summary.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let digest = digest.lock().unwrap_or_else(|p| p.into_inner()).take();
         let reason = match s {
-            Some(s) if s.rows == got => {
-                health.success();
-                return Ok(None);
-            }
+            Some(s) if s.rows == got => match digest.map(|d| statement_matches(&s, d)) {
+                None | Some(Ok(())) => {
+                    health.success();
+                    return Ok(None);
+                }
+                // The member's link and gateway work; what it signed is not what it
+                // sent. No breaker failure, but no answer either.
+                Some(Err(why)) => {
+                    return Err(Error::Member {
+                        member: name.clone(),
+                        failure: MemberFailure::Failed,
+                        reason: why,
+                    });
+                }
+            },
             Some(s) => format!("answer cut short: received {got} of {} rows", s.rows),
             None => format!(
                 "answer from {endpoint} ended without its summary after {got} rows (connection cut midway)"

@@ -79,6 +79,8 @@ pub struct QueryOptions {
     /// The incident the query is asked under (a signed declaration), sent with every
     /// sub-query; each owner decides what it opens.
     pub incident: Option<Arc<Vec<u8>>>,
+    /// Ask every member for a signed statement of its answer.
+    pub receipt: bool,
     /// The query's span: member calls are its children, and its trace context
     /// travels with every sub-query.
     pub span: tracing::Span,
@@ -95,6 +97,7 @@ impl Default for QueryOptions {
             params: None,
             assertion: None,
             incident: None,
+            receipt: false,
             span: tracing::Span::none(),
         }
     }
@@ -630,6 +633,7 @@ impl Coordinator {
         state.purpose = opts.purpose.clone();
         state.assertion = opts.assertion.clone();
         state.incident = opts.incident.clone();
+        state.receipt = opts.receipt;
         state.span = opts.span.clone();
         Arc::new(state)
     }
@@ -903,6 +907,7 @@ impl Coordinator {
                     purpose: purpose.clone(),
                     assertion: assertion.clone(),
                     incident: None,
+                    receipt: false,
                     note: Default::default(),
                     span: tracing::Span::current(),
                 };

@@ -33,6 +33,10 @@ pub struct QueryState {
     /// The incident the query is asked under (an encoded signed declaration); it
     /// travels with every sub-query, and no answer under it is cached.
     pub incident: Option<Arc<Vec<u8>>>,
+    /// Whether members are asked for signed statements of their answers.
+    pub receipt: bool,
+    /// The members' signed statements received so far.
+    statements: Mutex<Vec<Vec<u8>>>,
     /// The query's span, parent of its member calls.
     pub span: tracing::Span,
     /// Region member names in file order, for a stable summary.
@@ -97,6 +101,8 @@ impl QueryState {
             purpose: None,
             assertion: None,
             incident: None,
+            receipt: false,
+            statements: Mutex::new(Vec::new()),
             span: tracing::Span::none(),
             order,
             members: Mutex::new(BTreeMap::new()),
@@ -246,6 +252,12 @@ impl QueryState {
         let access = note.access();
         let hash = note.audit_hash.get().cloned();
         let retries = note.retries();
+        if let Some(st) = note.statement.get() {
+            self.statements
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(st.clone());
+        }
         self.update(member, dataset, |e| {
             if !access.is_empty() {
                 e.access.insert(access);
@@ -253,6 +265,14 @@ impl QueryState {
             e.audit_hashes.extend(hash);
             e.retries.extend(retries);
         });
+    }
+
+    /// The members' signed statements of their answers (with a receipt asked for).
+    pub fn statements(&self) -> Vec<Vec<u8>> {
+        self.statements
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Adds Arrow IPC bytes received from `member`.

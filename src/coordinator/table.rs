@@ -485,6 +485,7 @@ impl ExecutionPlan for FederatedScanExec {
             purpose: state.purpose.clone(),
             assertion: state.assertion.clone(),
             incident: state.incident.clone(),
+            receipt: state.receipt,
             note: note.clone(),
         };
         let member = target.name().to_string();
@@ -498,12 +499,11 @@ impl ExecutionPlan for FederatedScanExec {
         // Answers are kept and reused only for this gateway's own identity: a member
         // answers any other origin on the strength of that query's assertion, which is
         // good for one query and must not stand behind a later one. Nor under an
-        // incident: what it opened must not be served after it ends.
-        if let Some((policy, results)) = self
-            .cache
-            .as_ref()
-            .filter(|_| state.origin == state.coordinator && state.incident.is_none())
-        {
+        // incident: what it opened must not be served after it ends. Nor with a
+        // receipt asked for: a cached answer has no member's statement of this query.
+        if let Some((policy, results)) = self.cache.as_ref().filter(|_| {
+            state.origin == state.coordinator && state.incident.is_none() && !state.receipt
+        }) {
             let key = ResultKey {
                 member: member.clone(),
                 sql: self.sql.clone(),

@@ -113,6 +113,7 @@ impl Federation for FederationService {
             purpose: q.purpose,
             assertion,
             incident: (!q.incident.is_empty()).then(|| std::sync::Arc::new(q.incident)),
+            receipt: q.receipt,
             ..Ask::default()
         };
         let started = self.start(origin, ask).await.map_err(|e| e.to_status())?;

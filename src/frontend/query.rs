@@ -45,6 +45,8 @@ pub struct Ask {
     pub assertion: Option<Arc<Vec<u8>>>,
     /// The incident the caller asks under (an encoded signed declaration).
     pub incident: Option<Arc<Vec<u8>>>,
+    /// Return a signed receipt with the answer.
+    pub receipt: bool,
 }
 
 /// The origin assertion a gRPC caller sent, if any.
@@ -178,7 +180,7 @@ impl FederationService {
         decision: crate::ops::audit::Decision,
         reason: Option<String>,
         summary: Option<&QuerySummary>,
-    ) -> Result<()> {
+    ) -> Result<String> {
         use crate::ops::audit::{AuditEntry, EntryKind, MemberOutcome, sql_hash};
         let members = summary
             .map(|s| {
@@ -211,7 +213,7 @@ impl FederationService {
             }),
             ..AuditEntry::default()
         };
-        let recorded = self.audit.append(&entry).map(|_| ());
+        let recorded = self.audit.append(&entry).map(|r| r.hash);
         self.observer.finished(
             &self.coordinator.config().region,
             crate::ops::observe::Finished {
@@ -249,10 +251,58 @@ impl FederationService {
             audience: None,
             purpose: &ask.purpose,
             query_sha256: Some(&digest),
+            incident_sha256: &crate::trust::assertion::incident_digest(
+                ask.incident.as_deref().map(Vec::as_slice),
+            ),
             now,
         })?;
         // Each query presents it once here; the owners bind it to the query id.
         self.nonces.bind(&v, &uuid::Uuid::new_v4().to_string())
+    }
+
+    /// The receipt of a complete answer: the members' statements and this gateway's
+    /// own over the client's query and the digest of the rows sent (`d`), naming its
+    /// audit record.
+    fn receipt(
+        &self,
+        origin: &Principal,
+        ask: &Ask,
+        state: &crate::coordinator::state::QueryState,
+        d: crate::trust::receipt::RowsDigest,
+        audit_hash: &str,
+    ) -> Result<Vec<u8>> {
+        use prost::Message;
+        let members = state.statements();
+        let (rows_sha256, rows) = d.finish();
+        let statement = crate::proto::v1::AnswerStatement {
+            kind: "coordinator".into(),
+            signer: self.tls.principal.uri(),
+            member: self.coordinator.config().member.name.clone(),
+            query_id: state.query_id.clone(),
+            origin: origin.uri(),
+            via: String::new(),
+            purpose: ask.purpose.clone(),
+            incident: ask
+                .incident
+                .as_deref()
+                .and_then(|d| crate::trust::incident::read_unchecked(d).ok())
+                .map(|d| d.number().to_string())
+                .unwrap_or_default(),
+            query_sha256: crate::ops::audit::sql_hash(&ask.audited_text()),
+            rows_sha256,
+            rows,
+            audit_hash: audit_hash.to_string(),
+            time_ms: crate::trust::receipt::now_ms(),
+            parts: members
+                .iter()
+                .map(|m| crate::trust::receipt::part_hash(m))
+                .collect(),
+        };
+        Ok(crate::proto::v1::Receipt {
+            coordinator: crate::trust::receipt::sign(&self.tls, &statement)?,
+            members,
+        }
+        .encode_to_vec())
     }
 
     /// Delivers a signed incident declaration to every member (`Federation.Declare`),
@@ -357,6 +407,15 @@ impl FederationService {
             datasets: datasets.into_iter().collect(),
             purpose: &purpose,
             query_sha256: digest,
+            incident_sha256: {
+                let i = &r.incident_sha256;
+                if !i.is_empty() && (i.len() != 64 || !i.chars().all(|c| c.is_ascii_hexdigit())) {
+                    return Err(Error::InvalidQuery(
+                        "incident_sha256 is not a SHA-256 in hex".into(),
+                    ));
+                }
+                i.to_ascii_lowercase()
+            },
             now: std::time::SystemTime::now(),
             validity,
         }
@@ -385,7 +444,7 @@ impl FederationService {
                 Some(e.to_string()),
                 None,
             ) {
-                Ok(()) => e,
+                Ok(_) => e,
                 Err(a) => a,
             }
         };
@@ -451,6 +510,7 @@ impl FederationService {
                     params: ask.params.clone(),
                     assertion: ask.assertion.clone(),
                     incident: ask.incident.clone(),
+                    receipt: ask.receipt,
                     span: span.clone(),
                 },
             )
@@ -480,6 +540,7 @@ impl FederationService {
                 let mut failure = None;
                 let mut gone = false;
                 let mut rows = 0u64;
+                let mut digest = ask.receipt.then(crate::trust::receipt::RowsDigest::default);
                 loop {
                     tokio::select! {
                         next = stream.next() => match next {
@@ -496,6 +557,12 @@ impl FederationService {
                                     break;
                                 }
                                 rows += n;
+                                if let Some(d) = &mut digest
+                                    && let Err(e) = d.update(&b)
+                                {
+                                    failure = Some(e);
+                                    break;
+                                }
                                 if batch_tx.send(b).await.is_err() {
                                     // The caller went away; dropping the stream cancels
                                     // the members. The query is still recorded.
@@ -511,7 +578,7 @@ impl FederationService {
                 }
                 drop(stream);
                 drop(batch_tx);
-                let summary = QuerySummary {
+                let mut summary = QuerySummary {
                     query_id: state.query_id.clone(),
                     rows,
                     elapsed_us: started.elapsed().as_micros() as u64,
@@ -521,6 +588,7 @@ impl FederationService {
                     bytes_received: state.bytes_received(),
                     plan_cached,
                     planning_us,
+                    receipt: Vec::new(),
                 };
                 tracing::info!(rows = summary.rows, partial = summary.partial, elapsed_us = summary.elapsed_us, "Query done");
                 let decision = if gone {
@@ -545,9 +613,21 @@ impl FederationService {
                             failure: Some(a),
                         }
                     }
-                    Ok(()) => {
+                    Ok(audit_hash) => {
                         if let Some(e) = &failure {
                             tracing::warn!(error = %e, "Query failed");
+                        }
+                        // A receipt only for a complete answer: it states what the
+                        // caller received, and every member's part of it.
+                        let mut failure = failure;
+                        if let Some(d) = digest
+                            && failure.is_none()
+                            && !summary.partial
+                        {
+                            match service.receipt(&origin, &ask, &state, d, &audit_hash) {
+                                Ok(r) => summary.receipt = r,
+                                Err(e) => failure = Some(e),
+                            }
                         }
                         Outcome {
                             summary: Some(summary),
@@ -606,7 +686,7 @@ impl FederationService {
             Some(e.to_string()),
             None,
         ) {
-            Ok(()) => e,
+            Ok(_) => e,
             Err(a) => a,
         }
     }

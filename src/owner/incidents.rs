@@ -26,6 +26,10 @@ use crate::trust::tls::TlsMaterial;
 /// and ends of held ones are still taken).
 const MAX_HELD: usize = 10_000;
 
+/// The most incidents one declarer may have held at a member, so that one honoured
+/// declarer cannot fill the register for the others.
+const MAX_PER_DECLARER: usize = 500;
+
 /// The declarations a member holds.
 #[derive(Debug)]
 pub struct Register {
@@ -81,9 +85,20 @@ impl Register {
     /// is not a readable declaration fails the start, naming the line.
     pub fn open(path: &Path) -> Result<Register> {
         let mut held = BTreeMap::new();
-        match std::fs::File::open(path) {
-            Ok(f) => {
-                for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                // A line cut short by a crash (or a full disk) while it was written was
+                // never taken: it is cut off, as the audit log does with its own.
+                let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                if whole < bytes.len() {
+                    tracing::warn!(path = %path.display(), bytes = bytes.len() - whole, "Cutting off a torn last line of the incident register");
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .and_then(|f| f.set_len(whole as u64).and_then(|()| f.sync_data()));
+                    f.map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+                }
+                for (i, line) in bytes[..whole].lines().enumerate() {
                     let bad = |why: String| {
                         Error::Config(format!(
                             "{} line {}: {why} (the incident register is written by this \
@@ -133,6 +148,13 @@ impl Register {
                 return Err(Error::Overloaded(format!(
                     "this member holds {MAX_HELD} incidents, as many as it keeps; ask its \
                      operators"
+                )));
+            }
+            None if held.keys().filter(|(who, _)| *who == k.0).count() >= MAX_PER_DECLARER => {
+                return Err(Error::Overloaded(format!(
+                    "this member holds {MAX_PER_DECLARER} incidents of {}, as many as it keeps \
+                     for one declarer; ask its operators",
+                    d.declarer
                 )));
             }
             _ => {}
@@ -256,8 +278,11 @@ mod tests {
             declarer: "fedgate://r/office/o".into(),
             summary: "s".into(),
             datasets: vec!["d".into()],
-            scope: Vec::new(),
-            purposes: Vec::new(),
+            scope: vec![crate::proto::v1::ScopeCondition {
+                field: "f".into(),
+                values: vec!["v".into()],
+            }],
+            purposes: vec!["p".into()],
             starts_ms: 1,
             ends_ms: 10,
             issued_ms,
@@ -295,7 +320,15 @@ mod tests {
         // Each taken declaration is on the audit record.
         let report = crate::ops::audit::verify(&dir.path().join("audit.log")).unwrap();
         assert_eq!(report.records, 2);
-        // A damaged file fails the start, naming the line.
+        // A torn last line is cut off; the lines before it stay.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let before = bytes.len();
+        bytes.extend_from_slice(b"{\"declaration\":\"QUJD");
+        std::fs::write(&path, &bytes).unwrap();
+        let torn = Register::open(&path).unwrap();
+        assert_eq!(torn.in_force(&first).kind, Kind::End);
+        assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, before);
+        // A damaged whole line fails the start, naming the line.
         std::fs::write(&path, "{\"declaration\":\"AAAA\"}\nnot json\n").unwrap();
         let e = Register::open(&path).unwrap_err().to_string();
         assert!(e.contains("line 1"), "{e}");

@@ -105,6 +105,37 @@ fn stated_incident(
     Ok(Some(emergency.register.in_force(&d)))
 }
 
+/// The member's signed statement of its answer to `ask` (see
+/// [`crate::trust::receipt`]): `rows` are the digest and count of the rows it sent,
+/// `audit_hash` its record's hash.
+pub fn member_statement(
+    tls: &crate::trust::tls::TlsMaterial,
+    member: &str,
+    ask: &SubQueryAsk<'_>,
+    rows: (String, u64),
+    audit_hash: &str,
+) -> Result<Vec<u8>> {
+    crate::trust::receipt::sign(
+        tls,
+        &crate::proto::v1::AnswerStatement {
+            kind: "member".into(),
+            signer: tls.principal.uri(),
+            member: member.to_string(),
+            query_id: ask.query_id.to_string(),
+            origin: ask.origin.uri(),
+            via: ask.via.uri(),
+            purpose: ask.purpose.unwrap_or_default().to_string(),
+            incident: stated_number(ask).unwrap_or_default(),
+            query_sha256: sql_hash(ask.sql),
+            rows_sha256: rows.0,
+            rows: rows.1,
+            audit_hash: audit_hash.to_string(),
+            time_ms: crate::trust::receipt::now_ms(),
+            parts: Vec::new(),
+        },
+    )
+}
+
 /// The number of the incident a sub-query states, for its record (read without
 /// checking: a refused declaration's number is recorded too, and is only ever a
 /// checked form of letters, digits and `-_.`).
@@ -145,6 +176,8 @@ pub struct Note {
     pub audit_hash: OnceLock<String>,
     /// Why earlier attempts of this sub-query failed, when the coordinator retried it.
     pub retried: Mutex<Vec<String>>,
+    /// The member's signed statement of its answer, when a receipt was asked for.
+    pub statement: OnceLock<Vec<u8>>,
 }
 
 impl Note {

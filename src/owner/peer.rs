@@ -118,6 +118,7 @@ impl PeerService {
             via,
             audience: Some(&self.config.member.principal),
             purpose: &q.purpose,
+            incident_sha256: &crate::trust::assertion::incident_digest(Some(&q.incident)),
             query_sha256: None,
             now,
         })?;
@@ -272,6 +273,7 @@ impl PeerService {
             self.observer.clone(),
         );
         let (register, tls) = (self.incidents.clone(), self.tls.clone());
+        let member = self.config.member.name.clone();
         lane.spawn(async move {
             let _slot = slot;
             let purpose = (!q.purpose.is_empty()).then_some(q.purpose.as_str());
@@ -310,6 +312,26 @@ impl PeerService {
                 // cancelled.
                 return;
             }
+            // With a receipt asked for, the rows are digested as they leave.
+            let digest = Arc::new(std::sync::Mutex::new(
+                q.receipt.then(crate::trust::receipt::RowsDigest::default),
+            ));
+            let digesting = digest.clone();
+            let stream: datafusion::execution::SendableRecordBatchStream = if q.receipt {
+                let schema = stream.schema();
+                Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                    schema,
+                    stream.map(move |b| {
+                        let b = b?;
+                        if let Some(d) = digesting.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                            d.update(&b).map_err(|e| e.into_datafusion())?;
+                        }
+                        Ok(b)
+                    }),
+                ))
+            } else {
+                stream
+            };
             let (chunks, rows) = counted_chunks(stream);
             tokio::pin!(chunks);
             let deadline = tokio::time::sleep(budget);
@@ -332,12 +354,36 @@ impl PeerService {
                     }
                 }
             }
+            let audit_hash = note.audit_hash.get().cloned().unwrap_or_default();
+            let taken = digest.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let statement = match taken {
+                None => Vec::new(),
+                Some(d) => {
+                    let ask = owner::SubQueryAsk {
+                        via: &via,
+                        origin: &origin,
+                        purpose: (!q.purpose.is_empty()).then_some(q.purpose.as_str()),
+                        query_id: &q.query_id,
+                        sql: &q.sql,
+                        covered: None,
+                        incident: (!q.incident.is_empty()).then_some(q.incident.as_slice()),
+                    };
+                    match owner::member_statement(&tls, &member, &ask, d.finish(), &audit_hash) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.to_status())).await;
+                            return;
+                        }
+                    }
+                }
+            };
             let summary = ExecuteSummary {
                 rows: rows.load(std::sync::atomic::Ordering::Relaxed),
                 elapsed_us: started.elapsed().as_micros() as u64,
                 config_version: version,
                 access: note.access(),
-                audit_hash: note.audit_hash.get().cloned().unwrap_or_default(),
+                audit_hash,
+                statement,
             };
             let _ = tx
                 .send(Ok(ExecuteResponse {

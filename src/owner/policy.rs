@@ -91,6 +91,35 @@ impl AccessRule {
                 "the scope of incident {n} names the field {}, which dataset {dataset} does not have",
                 c.field
             )
+        } else if let Some(c) = d
+            .body
+            .scope
+            .iter()
+            .find(|c| self.masks.contains_key(&c.field))
+        {
+            // A scope over a masked field would tell its values by which rows come back.
+            format!(
+                "the scope of incident {n} names the field {}, which {} masks",
+                c.field,
+                self.name()
+            )
+        } else if let Some(c) = d.body.scope.iter().find(|c| match self.level {
+            // Over whole cells only (no two scopes differ by less than a cell), and over
+            // the stated keys only.
+            AccessLevel::Aggregate { .. } => !self.dimensions.contains(&c.field),
+            AccessLevel::Verify => !self.keys.contains(&c.field),
+            _ => false,
+        }) {
+            format!(
+                "the scope of incident {n} names the field {}, which is not one of the {} of {}",
+                c.field,
+                if matches!(self.level, AccessLevel::Verify) {
+                    "keys"
+                } else {
+                    "dimensions"
+                },
+                self.name()
+            )
         } else if !d.body.purposes.is_empty()
             && !purpose.is_some_and(|p| d.body.purposes.iter().any(|x| x == purpose_code(p)))
         {
@@ -693,6 +722,23 @@ mod tests {
             ),
             (&declared, 2 * hour, None, "covers the purposes emergency"),
         ];
+        // A scope over a field the rule masks, or (aggregate) not over its dimensions,
+        // does not open anything either.
+        let mut masking = alone[0].clone();
+        masking.masks.insert("road".into(), Mask::Surname);
+        let mut cells = alone[0].clone();
+        cells.level = AccessLevel::Aggregate { min_group: 5 };
+        cells.dimensions = ["id".to_string()].into();
+        for (rule, why) in [
+            (masking, "which access[0] masks"),
+            (cells, "not one of the dimensions"),
+        ] {
+            let denial = decide(&[rule], Some(&at(&declared, 2 * hour)), purpose).unwrap_err();
+            assert!(
+                denial.to_string().contains(why),
+                "{denial} should say {why}"
+            );
+        }
         for (d, ms, purpose, why) in cases {
             let p = decide(&both, Some(&at(d, ms)), purpose).unwrap();
             assert_eq!(p.grants()["pipes"].rule, 1, "{why}");

@@ -135,6 +135,18 @@ impl Client {
         service: Option<&str>,
         purpose: &str,
     ) -> std::result::Result<Vec<u8>, tonic::Status> {
+        self.vouch_under(gateway, sql, service, purpose, None).await
+    }
+
+    /// [`Client::vouch`] for a query stating the incident `declaration`.
+    pub async fn vouch_under(
+        &self,
+        gateway: &str,
+        sql: Option<&str>,
+        service: Option<&str>,
+        purpose: &str,
+        declaration: Option<&[u8]>,
+    ) -> std::result::Result<Vec<u8>, tonic::Status> {
         Ok(self
             .inner
             .clone()
@@ -144,6 +156,7 @@ impl Client {
                 service: service.unwrap_or_default().to_string(),
                 purpose: purpose.to_string(),
                 validity_ms: 0,
+                incident_sha256: crate::trust::assertion::incident_digest(declaration),
             })
             .await?
             .into_inner()
@@ -157,9 +170,12 @@ impl Client {
         sql: Option<&str>,
         service: Option<&str>,
         purpose: &str,
+        declaration: Option<&[u8]>,
     ) -> std::result::Result<tonic::Request<T>, tonic::Status> {
         if let Some(home) = &self.home {
-            let a = home.vouch(&self.gateway, sql, service, purpose).await?;
+            let a = home
+                .vouch_under(&self.gateway, sql, service, purpose, declaration)
+                .await?;
             req.metadata_mut().insert_bin(
                 crate::trust::assertion::METADATA_KEY,
                 tonic::metadata::MetadataValue::from_bytes(&a),
@@ -230,9 +246,11 @@ impl Client {
         sink: impl FnMut(RecordBatch) -> std::result::Result<(), tonic::Status>,
         progress: impl Fn(&Progress) + Send + Sync + 'static,
     ) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
-        let (sql, purpose) = (q.sql.clone(), q.purpose.clone());
+        let (sql, purpose, incident) = (q.sql.clone(), q.purpose.clone(), q.incident.clone());
         let req = with_deadline(q.timeout_ms, q);
-        let req = self.vouched(req, Some(&sql), None, &purpose).await?;
+        let req = self
+            .vouched(req, Some(&sql), None, &purpose, Some(&incident))
+            .await?;
         let stream = self.inner.clone().query(req).await?.into_inner();
         read_answer(stream, sink, progress).await
     }
@@ -246,7 +264,9 @@ impl Client {
     ) -> std::result::Result<(SchemaRef, QuerySummary), Failure> {
         let (service, purpose) = (q.service.clone(), q.purpose.clone());
         let req = with_deadline(q.timeout_ms, q);
-        let req = self.vouched(req, None, Some(&service), &purpose).await?;
+        let req = self
+            .vouched(req, None, Some(&service), &purpose, None)
+            .await?;
         let stream = self.inner.clone().invoke(req).await?.into_inner();
         read_answer(stream, sink, progress).await
     }
@@ -257,7 +277,7 @@ impl Client {
             sql: sql.into(),
             purpose: String::new(),
         });
-        let req = self.vouched(req, Some(sql), None, "").await?;
+        let req = self.vouched(req, Some(sql), None, "", None).await?;
         Ok(self.inner.clone().explain(req).await?.into_inner())
     }
 

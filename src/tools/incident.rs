@@ -81,7 +81,10 @@ pub fn follow_up(
     body.issued_ms = millis(now).max(from.body.issued_ms + 1);
     match lasts {
         Some(d) => {
+            // A renewal's window starts when it is signed, so that each step is
+            // measured against an owner's longest window on its own.
             body.kind = Kind::Renew.word().into();
+            body.starts_ms = millis(now);
             body.ends_ms = millis(now) + d.as_millis() as u64;
         }
         None => {
@@ -268,6 +271,18 @@ fn outside(entry: &AuditEntry, declared: &[AuditEntry]) -> Vec<String> {
             }
         }
         _ => flags.push("its time or the declaration's window is unreadable".into()),
+    }
+    // The rows opened, as the access's record states them, against the declared scope.
+    if let Some(level) = &entry.level
+        && let Some(within) = level.split(" within ").nth(1)
+    {
+        let stated = within.split(" by access[").next().unwrap_or(within);
+        if stated != record.scope {
+            flags.push(format!(
+                "opened the rows {stated}, not the declared {}",
+                record.scope
+            ));
+        }
     }
     let opened: BTreeSet<&String> = record.datasets.iter().collect();
     let beyond: Vec<&String> = entry

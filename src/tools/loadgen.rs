@@ -68,6 +68,8 @@ pub struct Load {
     pub seed: u64,
     /// Call this published service instead of sending `sql`.
     pub service: Option<ServiceCall>,
+    /// Ask for a signed receipt with every answer.
+    pub receipt: bool,
 }
 
 /// A published service called with one parameter, a key drawn from the load's range
@@ -98,6 +100,7 @@ impl Default for Load {
             allow_partial: false,
             seed: 1,
             service: None,
+            receipt: false,
         }
     }
 }
@@ -197,6 +200,7 @@ async fn one(client: &Client, load: &Load, sql: String) -> Result<u64, (String, 
                 sql,
                 allow_partial: load.allow_partial,
                 timeout_ms: load.timeout.as_millis() as u64,
+                receipt: load.receipt,
                 ..Default::default()
             };
             client.query_each(q, sink).await

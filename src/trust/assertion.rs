@@ -59,6 +59,14 @@ pub fn sql_digest(sql: &str) -> String {
     hex::encode(Sha256::digest(sql.as_bytes()))
 }
 
+/// The digest an assertion binds a query's incident declaration by (empty: none).
+pub fn incident_digest(declaration: Option<&[u8]>) -> String {
+    declaration
+        .filter(|d| !d.is_empty())
+        .map(|d| hex::encode(Sha256::digest(d)))
+        .unwrap_or_default()
+}
+
 /// The digest an assertion binds a published service call by.
 pub fn service_digest(service: &str) -> String {
     sql_digest(&format!("service:{service}"))
@@ -98,6 +106,8 @@ pub struct Vouch<'a> {
     pub purpose: &'a str,
     /// [`sql_digest`] or [`service_digest`].
     pub query_sha256: String,
+    /// [`incident_digest`] of the declaration the query states.
+    pub incident_sha256: String,
     /// When it starts.
     pub now: SystemTime,
     /// How long it lasts (at most [`MAX_VALIDITY`]).
@@ -118,6 +128,7 @@ impl Vouch<'_> {
             nonce: uuid::Uuid::new_v4().simple().to_string(),
             not_before_ms: from,
             not_after_ms: from + self.validity.min(MAX_VALIDITY).as_millis() as u64,
+            incident_sha256: self.incident_sha256.clone(),
         }
     }
 }
@@ -185,6 +196,8 @@ pub struct Expected<'a> {
     pub purpose: &'a str,
     /// The query digest, where the checker sees the caller's query (the coordinator).
     pub query_sha256: Option<&'a str>,
+    /// [`incident_digest`] of the declaration the request states.
+    pub incident_sha256: &'a str,
     /// Now.
     pub now: SystemTime,
 }
@@ -221,6 +234,11 @@ impl Verified {
             && b.query_sha256 != q
         {
             return Err(refused("it was made for another query"));
+        }
+        if b.incident_sha256 != e.incident_sha256 {
+            return Err(refused(
+                "it was made for a query under another incident declaration, or none",
+            ));
         }
         let now = millis(e.now);
         let skew = CLOCK_SKEW.as_millis() as u64;
@@ -364,6 +382,7 @@ mod tests {
                 nonce: "n".into(),
                 not_before_ms,
                 not_after_ms,
+                incident_sha256: String::new(),
             },
             signer: Principal::parse("fedgate://r/office/o").unwrap(),
         }
@@ -385,6 +404,7 @@ mod tests {
             audience: Some(&w),
             purpose: "p: 1",
             query_sha256: Some(&digest),
+            incident_sha256: "",
             now,
         };
         v.covers(&ok).unwrap();
@@ -417,6 +437,13 @@ mod tests {
                     ..ok
                 },
                 "another query",
+            ),
+            (
+                Expected {
+                    incident_sha256: "ab",
+                    ..ok
+                },
+                "another incident declaration",
             ),
             (
                 Expected {

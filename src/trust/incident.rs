@@ -39,6 +39,9 @@ pub const MAX_ENCODED: usize = 64 * 1024;
 /// How far apart the declarer's and an owner's clocks may be.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
 
+/// The latest time a declaration may name: the end of the year 9999.
+const MAX_TIME_MS: u64 = 253_402_300_799_999;
+
 /// What a declaration does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
@@ -121,6 +124,20 @@ pub fn check_form(b: &IncidentDeclaration) -> std::result::Result<Kind, String> 
     if b.scope.len() > 16 {
         problems.push("its scope has more than 16 conditions".into());
     }
+    // A declaration opens named rows for named purposes: one that named none would
+    // open every row of its datasets, for anything.
+    if kind.is_some_and(|k| k != Kind::End) {
+        if b.scope.is_empty() {
+            problems.push(
+                "it names no rows: a declaration needs at least one scope condition \
+                 (FIELD=VALUE)"
+                    .into(),
+            );
+        }
+        if b.purposes.is_empty() {
+            problems.push("it names no purpose: a declaration covers at least one".into());
+        }
+    }
     for c in &b.scope {
         if !valid_name(&c.field) {
             problems.push("a scope condition names no valid field".into());
@@ -145,11 +162,22 @@ pub fn check_form(b: &IncidentDeclaration) -> std::result::Result<Kind, String> 
     if b.purposes.len() > 32 || b.purposes.iter().any(|p| !valid_name(&p.replace('-', "_"))) {
         problems.push("its purposes must be purpose codes (one word each)".into());
     }
-    if b.ends_ms < b.starts_ms {
+    let max_window = MAX_WINDOW.as_millis() as u64;
+    if [b.starts_ms, b.ends_ms, b.issued_ms]
+        .iter()
+        .any(|t| *t > MAX_TIME_MS)
+    {
+        problems.push("a time of it lies after the year 9999".into());
+    } else if b.ends_ms < b.starts_ms {
         problems.push("it ends before it starts".into());
-    } else if b.ends_ms - b.starts_ms > MAX_WINDOW.as_millis() as u64 {
+    } else if b.ends_ms - b.starts_ms > max_window {
         problems.push(format!(
             "its window is longer than {} days",
+            MAX_WINDOW.as_secs() / 86_400
+        ));
+    } else if b.ends_ms > b.issued_ms.saturating_add(max_window) {
+        problems.push(format!(
+            "it ends more than {} days after it was signed",
             MAX_WINDOW.as_secs() / 86_400
         ));
     }
@@ -188,11 +216,20 @@ pub fn verify(material: &TlsMaterial, encoded: &[u8], now: SystemTime) -> Result
             rfc3339(body.issued_ms)
         )));
     }
-    // A declaration is checked at the time it was signed: an end or a renewal signed
-    // while the declarer's certificate was valid stays valid evidence after it
-    // expires. A revoked certificate is refused whenever its declaration was signed.
+    // A declaration is checked at the time it says it was signed, and one that opens
+    // anything (declare, renew) also now: a key whose certificate has expired cannot
+    // open an incident by naming an earlier issue time. An end stays good evidence
+    // after its signer's certificate expires. A revoked certificate is refused either
+    // way.
     let declarer = statement::verify(material, CONTEXT, &signed, at_millis(body.issued_ms))
         .map_err(refused)?;
+    if kind != Kind::End {
+        statement::verify(material, CONTEXT, &signed, now).map_err(|e| {
+            refused(format!(
+                "{e}, now (a declaration that opens anything needs a current certificate)"
+            ))
+        })?;
+    }
     if body.declarer != declarer.uri() {
         return Err(refused(format!(
             "it is signed by {declarer}, not by the declarer it names ({})",
@@ -278,8 +315,13 @@ pub fn scope_text(scope: &[ScopeCondition]) -> String {
 
 /// An RFC 3339 UTC time for `ms` milliseconds after the epoch.
 pub fn rfc3339(ms: u64) -> String {
-    chrono::DateTime::<chrono::Utc>::from(at_millis(ms))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    match i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis)
+    {
+        Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        None => format!("{ms} ms after 1970"),
+    }
 }
 
 #[cfg(test)]
@@ -323,6 +365,32 @@ mod tests {
             check_form(&long)
                 .unwrap_err()
                 .contains("longer than 7 days")
+        );
+        // Opening every row, or for any purpose, is not a declaration.
+        let mut open = body();
+        open.scope.clear();
+        open.purposes.clear();
+        let e = check_form(&open).unwrap_err();
+        assert!(
+            e.contains("names no rows") && e.contains("names no purpose"),
+            "{e}"
+        );
+        // An end needs neither.
+        open.kind = "end".into();
+        assert_eq!(check_form(&open), Ok(Kind::End));
+        // Times past the year 9999 are refused (and never formatted by a panic).
+        let mut far = body();
+        far.issued_ms = u64::MAX;
+        assert!(check_form(&far).unwrap_err().contains("year 9999"));
+        assert!(rfc3339(u64::MAX).contains("ms after 1970"));
+        // A window reaching further than 7 days past its signing.
+        let mut late = body();
+        late.starts_ms = 6 * 86_400_000;
+        late.ends_ms = 9 * 86_400_000;
+        assert!(
+            check_form(&late)
+                .unwrap_err()
+                .contains("after it was signed")
         );
     }
 

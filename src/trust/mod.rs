@@ -6,5 +6,6 @@ pub mod assertion;
 pub mod identity;
 pub mod incident;
 pub mod pki;
+pub mod receipt;
 pub mod statement;
 pub mod tls;

@@ -386,6 +386,7 @@ async fn peers_only_answer_member_gateways_and_only_over_canonical_datasets() {
     };
     let req = |sql: &str, path: Vec<&str>| ExecuteRequest {
         incident: Vec::new(),
+        receipt: false,
         sql: sql.into(),
         origin: "fedgate://yrd/city/shanghai".into(),
         hops: path.len() as u32,

@@ -469,6 +469,7 @@ fn fuzz_peer_requests_off_the_wire() {
     // Real requests, encoded, then cut and flipped; and arbitrary bytes.
     let real = fedgate::proto::v1::ExecuteRequest {
         incident: Vec::new(),
+        receipt: false,
         sql: "SELECT member, count(*) FROM census GROUP BY member".into(),
         origin: "fedgate://yrd/county/anji".into(),
         path: vec!["fedgate://yrd/office/coordination".into()],

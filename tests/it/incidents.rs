@@ -440,11 +440,42 @@ async fn forged_altered_expired_and_unhonoured_declarations_open_nothing() {
                 purpose: PURPOSE.into(),
                 origin_assertion: Vec::new(),
                 incident: d.clone(),
+                receipt: false,
             })
             .await
             .unwrap_err();
         assert!(e.message().contains(want), "{}", e.message());
     }
+    // The compromised gateway holds the office's assertion for a query through it
+    // (made for no incident) and adds a genuine declaration: Hangzhou refuses, since
+    // the assertion binds the declaration the origin stated (here none).
+    let sql = "SELECT pipe_id FROM underground_pipelines";
+    let vouched = region
+        .client_as("coordination", "coordination")
+        .vouch("anji", Some(sql), None, PURPOSE)
+        .await
+        .unwrap();
+    let e = peer
+        .execute(ExecuteRequest {
+            sql: sql.into(),
+            origin: "fedgate://yrd/office/coordination".into(),
+            hops: 1,
+            path: vec!["fedgate://yrd/county/anji".into()],
+            budget_ms: 10_000,
+            query_id: "added-incident".into(),
+            purpose: PURPOSE.into(),
+            origin_assertion: vouched,
+            incident: genuine.clone(),
+            receipt: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("another incident declaration"),
+        "{}",
+        e.message()
+    );
+
     // Delivered directly too: refused, and nothing is kept.
     let e = peer
         .declare(DeclareRequest {

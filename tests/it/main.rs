@@ -26,6 +26,7 @@ mod pgdoor;
 mod planner;
 mod policy_props;
 mod postgres;
+mod receipts;
 mod reload;
 mod sources;
 mod sovereignty;

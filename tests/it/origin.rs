@@ -48,6 +48,7 @@ fn peer_as(region: &Region, who: &str, target: &str) -> PeerClient<Channel> {
 fn request(sql: &str, origin: &str, via: &str, query_id: &str, a: Vec<u8>) -> ExecuteRequest {
     ExecuteRequest {
         incident: Vec::new(),
+        receipt: false,
         sql: sql.into(),
         origin: origin.into(),
         hops: 1,
@@ -82,6 +83,7 @@ fn body(datasets: &[&str]) -> OriginAssertion {
         datasets: datasets.iter().map(|d| d.to_string()).collect(),
         purpose: "",
         query_sha256: assertion::sql_digest("SELECT count(*) FROM census"),
+        incident_sha256: String::new(),
         now: SystemTime::now(),
         validity: Duration::from_secs(60),
     }

@@ -1,0 +1,313 @@
+//! Signed receipts: evidence that a member answered exactly this, at that time.
+//!
+//! When a query asks for a receipt, each member signs, with its gateway key, an
+//! [`AnswerStatement`] of its answer to its sub-query (the query id, origin, purpose and
+//! incident, the sub-query's hash, the digest and count of the rows it sent, its audit
+//! record's hash, the time), and the coordinator signs its own over the client's query
+//! and the digest of the final answer, listing the hash of every member statement it
+//! includes. The [`Receipt`] travels in the query's summary; [`verify`] checks it
+//! offline against the region CA and, given the answer, its digest.
+//!
+//! The rows' digest ([`RowsDigest`]) is over values, not bytes on the wire: for every
+//! row, each column's value as Arrow displays it (or a null marker), so the same rows
+//! give the same digest however they were batched or encoded, and an answer saved by
+//! `fedgate query --format arrow` can be checked against its receipt.
+
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::proto::v1::{AnswerStatement, Receipt, SignedStatement};
+use crate::trust::statement::{self, at_millis};
+use crate::trust::tls::TlsMaterial;
+
+/// The context of a member's statement.
+pub const MEMBER_CONTEXT: &str = "fedgate answer statement v1 member";
+/// The context of the coordinator's statement.
+pub const COORDINATOR_CONTEXT: &str = "fedgate answer statement v1 coordinator";
+
+/// The largest receipt read.
+const MAX_RECEIPT: usize = 4 * 1024 * 1024;
+
+/// The digest of rows, fed batch by batch.
+pub struct RowsDigest {
+    hash: Sha256,
+    rows: u64,
+    text: String,
+}
+
+impl Default for RowsDigest {
+    fn default() -> Self {
+        RowsDigest {
+            hash: Sha256::new(),
+            rows: 0,
+            text: String::new(),
+        }
+    }
+}
+
+impl RowsDigest {
+    /// Adds a batch's rows: per row, per column, `0x00` for null or `0x01`, the value
+    /// as Arrow displays it and `0x1F`; `0x1E` ends the row.
+    pub fn update(&mut self, b: &RecordBatch) -> Result<()> {
+        let options = FormatOptions::default();
+        let formatters = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Internal(format!("digest of an answer: {e}")))?;
+        for row in 0..b.num_rows() {
+            for (c, f) in b.columns().iter().zip(&formatters) {
+                if c.is_null(row) {
+                    self.hash.update([0u8]);
+                } else {
+                    self.text.clear();
+                    write!(self.text, "{}", f.value(row))
+                        .map_err(|e| Error::Internal(format!("digest of an answer: {e}")))?;
+                    self.hash.update([1u8]);
+                    self.hash.update(self.text.as_bytes());
+                    self.hash.update([0x1fu8]);
+                }
+            }
+            self.hash.update([0x1eu8]);
+        }
+        self.rows += b.num_rows() as u64;
+        Ok(())
+    }
+
+    /// The digest (hex) and the number of rows.
+    pub fn finish(self) -> (String, u64) {
+        (hex::encode(self.hash.finalize()), self.rows)
+    }
+}
+
+/// The digest of `batches`.
+pub fn digest_of(batches: &[RecordBatch]) -> Result<(String, u64)> {
+    let mut d = RowsDigest::default();
+    for b in batches {
+        d.update(b)?;
+    }
+    Ok(d.finish())
+}
+
+/// Signs a statement with the gateway's key, under the context its kind names.
+pub fn sign(material: &TlsMaterial, st: &AnswerStatement) -> Result<Vec<u8>> {
+    let context = match st.kind.as_str() {
+        "member" => MEMBER_CONTEXT,
+        "coordinator" => COORDINATOR_CONTEXT,
+        other => return Err(Error::Internal(format!("statement kind {other:?}"))),
+    };
+    Ok(statement::sign(material, context, st.encode_to_vec())?.encode_to_vec())
+}
+
+/// Reads a statement without checking its signature (the coordinator, which received
+/// it from the member over mutual TLS, compares its digest with the rows it got).
+pub fn read_unchecked(encoded: &[u8]) -> std::result::Result<AnswerStatement, String> {
+    let signed = statement::decode(encoded, MAX_RECEIPT)?;
+    AnswerStatement::decode(signed.body.as_slice()).map_err(|e| e.to_string())
+}
+
+/// The SHA-256 (hex) of an encoded statement, as the coordinator lists it.
+pub fn part_hash(encoded: &[u8]) -> String {
+    hex::encode(Sha256::digest(encoded))
+}
+
+/// One check of [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked.
+    pub what: String,
+    /// What failed (`None`: it holds).
+    pub failure: Option<String>,
+}
+
+fn check(what: impl Into<String>, failure: Option<String>) -> Check {
+    Check {
+        what: what.into(),
+        failure,
+    }
+}
+
+/// A statement checked: signature, kind and signer.
+fn open(
+    material: &TlsMaterial,
+    encoded: &[u8],
+    kind: &str,
+) -> std::result::Result<AnswerStatement, String> {
+    let signed: SignedStatement = statement::decode(encoded, MAX_RECEIPT)?;
+    let body = AnswerStatement::decode(signed.body.as_slice())
+        .map_err(|e| format!("its body is unreadable ({e})"))?;
+    let context = if kind == "member" {
+        MEMBER_CONTEXT
+    } else {
+        COORDINATOR_CONTEXT
+    };
+    let signer = statement::verify(material, context, &signed, at_millis(body.time_ms))
+        .map_err(|e| e.to_string())?;
+    if body.kind != kind {
+        return Err(format!("it is a {} statement, not a {kind} one", body.kind));
+    }
+    if body.signer != signer.uri() {
+        return Err(format!(
+            "it is signed by {signer}, not by {} whom it names",
+            body.signer
+        ));
+    }
+    Ok(body)
+}
+
+/// Checks a receipt offline: every signature against the region CA (each at the time
+/// it was signed), that the member statements are exactly the ones the coordinator
+/// listed and speak of the same query, and, given the answer's rows, their digest.
+/// Every check is returned, passed or failed.
+pub fn verify(
+    material: &TlsMaterial,
+    encoded: &[u8],
+    answer: Option<&[RecordBatch]>,
+) -> Vec<Check> {
+    let mut out = Vec::new();
+    let receipt = match encoded.len() <= MAX_RECEIPT {
+        true => Receipt::decode(encoded).map_err(|e| format!("it is not a receipt ({e})")),
+        false => Err(format!("it is longer than {MAX_RECEIPT} bytes")),
+    };
+    let receipt = match receipt {
+        Ok(r) => r,
+        Err(e) => {
+            out.push(check("the receipt is readable", Some(e)));
+            return out;
+        }
+    };
+    let coordinator = match open(material, &receipt.coordinator, "coordinator") {
+        Ok(c) => {
+            out.push(check(
+                format!("the coordinator's statement, signed by {}", c.signer),
+                None,
+            ));
+            c
+        }
+        Err(e) => {
+            out.push(check("the coordinator's statement", Some(e)));
+            return out;
+        }
+    };
+    let listed: std::collections::BTreeSet<&String> = coordinator.parts.iter().collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, m) in receipt.members.iter().enumerate() {
+        let hash = part_hash(m);
+        let what = format!("member statement {}", i + 1);
+        match open(material, m, "member") {
+            Err(e) => out.push(check(what, Some(e))),
+            Ok(s) => {
+                let what = format!("{what}, signed by {} ({} rows)", s.signer, s.rows);
+                let mismatch = [
+                    ("query id", &s.query_id, &coordinator.query_id),
+                    ("origin", &s.origin, &coordinator.origin),
+                    ("purpose", &s.purpose, &coordinator.purpose),
+                    ("incident", &s.incident, &coordinator.incident),
+                    ("asking gateway", &s.via, &coordinator.signer),
+                ]
+                .into_iter()
+                .find(|(_, a, b)| a != b)
+                .map(|(field, a, b)| {
+                    format!("its {field} is {a:?}, the coordinator's statement says {b:?}")
+                });
+                let failure = mismatch.or_else(|| {
+                    (!listed.contains(&hash)).then(|| {
+                        "the coordinator's statement does not list it (added or altered)".into()
+                    })
+                });
+                out.push(check(what, failure));
+            }
+        }
+        seen.insert(hash);
+    }
+    let missing = coordinator
+        .parts
+        .iter()
+        .filter(|p| !seen.contains(*p))
+        .count();
+    out.push(check(
+        format!(
+            "every member statement the coordinator lists is present ({})",
+            coordinator.parts.len()
+        ),
+        (missing > 0).then(|| format!("{missing} listed statement(s) are missing")),
+    ));
+    if let Some(batches) = answer {
+        let failure = match digest_of(batches) {
+            Ok((d, rows)) if d == coordinator.rows_sha256 && rows == coordinator.rows => None,
+            Ok((_, rows)) if rows != coordinator.rows => Some(format!(
+                "the answer has {rows} rows, the receipt says {}",
+                coordinator.rows
+            )),
+            Ok(_) => Some("the answer's rows differ from those the receipt was signed for".into()),
+            Err(e) => Some(e.to_string()),
+        };
+        out.push(check(
+            "the answer matches the coordinator's digest",
+            failure,
+        ));
+    }
+    out
+}
+
+/// Now, in milliseconds, for statements.
+pub fn now_ms() -> u64 {
+    statement::millis(SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Float64Array, Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+
+    fn batch(ids: &[i64], names: &[Option<&str>], x: &[f64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+            Field::new("x", DataType::Float64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(ids.to_vec())),
+                Arc::new(StringArray::from(names.to_vec())),
+                Arc::new(Float64Array::from(x.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_digest_is_of_values_in_order_not_of_batching() {
+        let whole = batch(&[1, 2, 3], &[Some("a"), None, Some("")], &[0.1, 2.0, -0.0]);
+        let split = [
+            batch(&[1], &[Some("a")], &[0.1]),
+            batch(&[2, 3], &[None, Some("")], &[2.0, -0.0]),
+        ];
+        let a = digest_of(std::slice::from_ref(&whole)).unwrap();
+        assert_eq!(a, digest_of(&split).unwrap());
+        assert_eq!(a.1, 3);
+        // Null and the empty text differ; so do order and one changed digit.
+        let other = [
+            batch(
+                &[1, 2, 3],
+                &[Some("a"), Some(""), Some("")],
+                &[0.1, 2.0, -0.0],
+            ),
+            batch(&[2, 1, 3], &[None, Some("a"), Some("")], &[2.0, 0.1, -0.0]),
+            batch(&[1, 2, 3], &[Some("a"), None, Some("")], &[0.1, 2.0, 0.0]),
+        ];
+        for o in other {
+            assert_ne!(a, digest_of(&[o]).unwrap());
+        }
+    }
+}
