@@ -426,7 +426,7 @@ fn error_response(e: &Error, summary: Option<&QuerySummary>) -> Response {
 
 /// A query summary as JSON (the HTTP API and Flight SQL's summary message).
 pub fn summary_json(s: &QuerySummary) -> serde_json::Value {
-    json!({
+    let mut v = json!({
         "query_id": s.query_id,
         "rows": s.rows,
         "elapsed_ms": s.elapsed_us as f64 / 1000.0,
@@ -443,7 +443,13 @@ pub fn summary_json(s: &QuerySummary) -> serde_json::Value {
             "datasets": m.datasets,
             "access": m.access,
         })).collect::<Vec<_>>(),
-    })
+    });
+    // The signed receipt, when one was asked for (`fedgate receipt verify` reads it).
+    if !s.receipt.is_empty() {
+        use base64::Engine as _;
+        v["receipt"] = json!(base64::engine::general_purpose::STANDARD.encode(&s.receipt));
+    }
+    v
 }
 
 /// Refuses callers the region does not know, as the gRPC port does.
@@ -785,6 +791,9 @@ struct QueryBody {
     /// (standard base64).
     #[serde(default)]
     incident: Option<String>,
+    /// Return a signed receipt in the summary (`"receipt"`, base64).
+    #[serde(default)]
+    receipt: bool,
 }
 
 /// Options a service call may carry beside its parameters, as query-string
@@ -856,6 +865,7 @@ async fn query(
     let ask = Ask {
         assertion,
         incident,
+        receipt: q.receipt,
         allow_partial: q.allow_partial,
         timeouts: q
             .timeout_ms

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::ops::audit::{AuditEntry, AuditLog, Decision, DeclarationRecord, EntryKind};
 use crate::owner::policy::AccessRule;
 use crate::trust::identity::{Principal, matches_pattern};
-use crate::trust::incident::{self, Declaration, rfc3339};
+use crate::trust::incident::{self, Declaration, rfc3339, rfc3339_ms};
 use crate::trust::tls::TlsMaterial;
 
 /// The most incidents a member holds (past it, new incidents are refused; renewals
@@ -257,9 +257,9 @@ fn declaration_entry(d: &Declaration, via: &Principal) -> AuditEntry {
             datasets: d.body.datasets.clone(),
             scope: d.scope_text(),
             purposes: d.body.purposes.clone(),
-            starts: rfc3339(d.body.starts_ms),
-            ends: rfc3339(d.body.ends_ms),
-            issued: rfc3339(d.body.issued_ms),
+            starts: rfc3339_ms(d.body.starts_ms),
+            ends: rfc3339_ms(d.body.ends_ms),
+            issued: rfc3339_ms(d.body.issued_ms),
         }),
         ..AuditEntry::default()
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 
 use crate::error::{Error, Result};
-use crate::ops::audit::{AuditEntry, Decision, EntryKind};
+use crate::ops::audit::{AuditEntry, Decision, DeclarationRecord, EntryKind};
 use crate::proto::v1::{IncidentDeclaration, ScopeCondition};
 use crate::trust::incident::{self, Declaration, Kind};
 use crate::trust::statement::millis;
@@ -176,6 +176,20 @@ struct Line {
     entry: AuditEntry,
 }
 
+/// Whether `at` lies in the window of `record` (never for an end), with the clock
+/// skew an owner allows at its start (records written before times were kept to the
+/// millisecond are read to the second, hence the second's slack at the end).
+fn within(at: SystemTime, record: &DeclarationRecord) -> bool {
+    match (parse_time(&record.starts), parse_time(&record.ends)) {
+        (Some(starts), Some(ends)) => {
+            record.kind != "end"
+                && at + incident::CLOCK_SKEW >= starts
+                && at <= ends + Duration::from_secs(1)
+        }
+        _ => false,
+    }
+}
+
 fn parse_time(s: &str) -> Option<SystemTime> {
     chrono::DateTime::parse_from_rfc3339(s)
         .ok()
@@ -185,8 +199,10 @@ fn parse_time(s: &str) -> Option<SystemTime> {
 /// Reviews incident `number` over `logs` (each `(name, path)`): every record stating
 /// the incident, and every declaration of it a member took. An answer under the
 /// incident's emergency rule is flagged when, by that member's own record of the
-/// declarations, it came outside the window in force or read a dataset the
-/// declaration does not open. Refused attempts are listed, not flagged.
+/// declarations, it came outside the window in force, opened other rows than the
+/// declared scope or read a dataset the declaration does not open; and when, by the
+/// latest declaration any of the logs holds from before it, it came outside the
+/// window (a member an end did not reach). Refused attempts are listed, not flagged.
 pub fn review(number: &str, logs: &[(String, PathBuf)]) -> Result<Review> {
     let mut out = Review {
         incident: number.to_string(),
@@ -236,6 +252,38 @@ pub fn review(number: &str, logs: &[(String, PathBuf)]) -> Result<Review> {
             });
         }
     }
+    // Against the latest declaration issued before each access on any log.
+    let all: Vec<&DeclarationRecord> = out
+        .declarations
+        .iter()
+        .filter_map(|d| d.entry.declaration.as_ref())
+        .collect();
+    for a in &mut out.accesses {
+        let opened = a
+            .entry
+            .level
+            .as_deref()
+            .is_some_and(|l| l.contains(&marker));
+        if !opened || a.entry.decision == Decision::Refused || !a.flags.is_empty() {
+            continue;
+        }
+        let Some(at) = parse_time(&a.entry.time) else {
+            continue;
+        };
+        let latest = all
+            .iter()
+            .filter(|d| parse_time(&d.issued).is_some_and(|t| t <= at))
+            .max_by(|x, y| x.issued.cmp(&y.issued));
+        if let Some(d) = latest
+            && !within(at, d)
+        {
+            a.flags.push(format!(
+                "at {} outside the window of the latest declaration on any log ({} {} to {}): \
+                 this member had not taken it",
+                a.entry.time, d.kind, d.starts, d.ends
+            ));
+        }
+    }
     // In time order across the logs (each log's own order kept for equal times).
     out.accesses
         .sort_by(|a, b| a.entry.time.cmp(&b.entry.time).then(a.log.cmp(&b.log)));
@@ -261,9 +309,8 @@ fn outside(entry: &AuditEntry, declared: &[AuditEntry]) -> Vec<String> {
         parse_time(&record.ends),
     );
     match (at, starts, ends) {
-        (Some(at), Some(starts), Some(ends)) => {
-            let skew = incident::CLOCK_SKEW;
-            if record.kind == "end" || at + skew < starts || at > ends + Duration::from_secs(1) {
+        (Some(at), Some(_), Some(_)) => {
+            if !within(at, record) {
                 flags.push(format!(
                     "at {} outside the window in force ({} {} to {})",
                     entry.time, record.kind, record.starts, record.ends
@@ -452,7 +499,7 @@ mod tests {
         other.incident = Some("N-2".into());
         log.append(&other).unwrap();
         drop(log);
-        let r = review("N-1", &[("m".into(), path)]).unwrap();
+        let r = review("N-1", &[("m".into(), path.clone())]).unwrap();
         assert_eq!(r.declarations.len(), 2);
         assert_eq!(r.accesses.len(), 5, "every access of N-1, none of N-2");
         let flags: Vec<usize> = r.accesses.iter().map(|a| a.flags.len()).collect();
@@ -464,5 +511,31 @@ mod tests {
         let text = review_text(&r);
         assert!(text.contains("REFUSED"), "{text}");
         assert!(text.contains("3 access(es) outside"), "{text}");
+
+        // A second member that took the declaration but not the end, and answered
+        // after it: its own record finds nothing, the other log's end flags it.
+        let late = dir.path().join("late.log");
+        let log = AuditLog::open(&late).unwrap();
+        log.append(&record("declare", &s(8), &s(12), &s(8)))
+            .unwrap();
+        log.append(&access(&t(9), &["pipes"], Decision::Answered))
+            .unwrap();
+        log.append(&access(&t(11), &["pipes"], Decision::Answered))
+            .unwrap();
+        drop(log);
+        let alone = review("N-1", &[("late".into(), late.clone())]).unwrap();
+        assert!(!alone.flagged(), "{}", review_text(&alone));
+        let both = review("N-1", &[("m".into(), path), ("late".into(), late)]).unwrap();
+        let late_flags: Vec<&Vec<String>> = both
+            .accesses
+            .iter()
+            .filter(|a| a.log == "late")
+            .map(|a| &a.flags)
+            .collect();
+        assert_eq!(late_flags[0].len(), 0);
+        assert!(
+            late_flags[1][0].contains("had not taken it"),
+            "{late_flags:?}"
+        );
     }
 }

@@ -313,13 +313,23 @@ pub fn scope_text(scope: &[ScopeCondition]) -> String {
         .join(" AND ")
 }
 
-/// An RFC 3339 UTC time for `ms` milliseconds after the epoch.
+/// An RFC 3339 UTC time for `ms` milliseconds after the epoch, to the second.
 pub fn rfc3339(ms: u64) -> String {
+    format_ms(ms, chrono::SecondsFormat::Secs)
+}
+
+/// An RFC 3339 UTC time for `ms` milliseconds after the epoch, to the millisecond
+/// (as records keep it, so that their order is the order of events).
+pub fn rfc3339_ms(ms: u64) -> String {
+    format_ms(ms, chrono::SecondsFormat::Millis)
+}
+
+fn format_ms(ms: u64, precision: chrono::SecondsFormat) -> String {
     match i64::try_from(ms)
         .ok()
         .and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis)
     {
-        Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        Some(t) => t.to_rfc3339_opts(precision, true),
         None => format!("{ms} ms after 1970"),
     }
 }

@@ -541,7 +541,7 @@ async fn http_query(region: &Region, who: &str, gateway: &str, sql: &str) -> (u1
 
 /// One HTTP/1.1 request on `gateway`'s HTTP port as `who` (over mutual TLS when the
 /// port has TLS; a plain loopback port acts as the gateway's own member).
-async fn http_request(
+pub(crate) async fn http_request(
     region: &Region,
     who: &str,
     gateway: &str,

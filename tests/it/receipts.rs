@@ -267,3 +267,30 @@ async fn the_coordinators_own_data_is_stated_like_a_members() {
         vec!["fedgate://yrd/city/hangzhou", "fedgate://yrd/county/anji"]
     );
 }
+
+/// The JSON API returns the receipt in its summary when the body asks for one.
+#[tokio::test]
+async fn the_json_api_returns_a_receipt_when_asked() {
+    use base64::Engine as _;
+    let region = Region::start_only(Some(&["hangzhou"])).await;
+    let body = serde_json::json!({
+        "sql": "SELECT count(*) AS n FROM census WHERE member = 'hangzhou'",
+        "receipt": true,
+    })
+    .to_string();
+    let (status, text) =
+        crate::frontends::http_request(&region, OFFICE, OFFICE, "POST", "/v1/query", &body).await;
+    assert_eq!(status, 200, "{text}");
+    let json: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {text}"));
+    let encoded = base64::engine::general_purpose::STANDARD
+        .decode(json["summary"]["receipt"].as_str().expect("a receipt"))
+        .unwrap();
+    let checks = receipt::verify(&material(&region, "hangzhou"), &encoded, None);
+    assert_eq!(failures(&checks), Vec::<String>::new(), "{checks:#?}");
+    assert_eq!(
+        checks.len(),
+        3,
+        "the coordinator's, Hangzhou's, and the list: {checks:#?}"
+    );
+}
