@@ -52,8 +52,10 @@ impl Default for RowsDigest {
 }
 
 impl RowsDigest {
-    /// Adds a batch's rows: per row, per column, `0x00` for null or `0x01`, the value
-    /// as Arrow displays it and `0x1F`; `0x1E` ends the row.
+    /// Adds a batch's rows: per row, its number of columns (4 bytes, little-endian),
+    /// then per column `0x00` for null, or `0x01`, the length of the value as Arrow
+    /// displays it (8 bytes, little-endian) and that text. Every part has its length,
+    /// so no two different sequences of rows are fed alike.
     pub fn update(&mut self, b: &RecordBatch) -> Result<()> {
         let options = FormatOptions::default();
         let formatters = b
@@ -62,7 +64,9 @@ impl RowsDigest {
             .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| Error::Internal(format!("digest of an answer: {e}")))?;
+        let columns = (b.num_columns() as u32).to_le_bytes();
         for row in 0..b.num_rows() {
+            self.hash.update(columns);
             for (c, f) in b.columns().iter().zip(&formatters) {
                 if c.is_null(row) {
                     self.hash.update([0u8]);
@@ -71,11 +75,10 @@ impl RowsDigest {
                     write!(self.text, "{}", f.value(row))
                         .map_err(|e| Error::Internal(format!("digest of an answer: {e}")))?;
                     self.hash.update([1u8]);
+                    self.hash.update((self.text.len() as u64).to_le_bytes());
                     self.hash.update(self.text.as_bytes());
-                    self.hash.update([0x1fu8]);
                 }
             }
-            self.hash.update([0x1eu8]);
         }
         self.rows += b.num_rows() as u64;
         Ok(())
@@ -296,7 +299,14 @@ mod tests {
         let a = digest_of(std::slice::from_ref(&whole)).unwrap();
         assert_eq!(a, digest_of(&split).unwrap());
         assert_eq!(a.1, 3);
-        // Null and the empty text differ; so do order and one changed digit.
+        // Null and the empty text differ; so do order and one changed digit; and a
+        // value holding what looks like a boundary is still one value.
+        let tricky = batch(
+            &[1, 2, 3],
+            &[Some("a\u{1f}\u{1}b"), None, Some("")],
+            &[0.1, 2.0, -0.0],
+        );
+        assert_ne!(a, digest_of(&[tricky]).unwrap());
         let other = [
             batch(
                 &[1, 2, 3],
