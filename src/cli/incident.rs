@@ -279,6 +279,10 @@ pub(crate) enum ReceiptCommand {
         /// Its key.
         #[arg(long, env = "FEDGATE_KEY")]
         key: PathBuf,
+        /// The region's revocation lists (PEM), repeated for several: a statement
+        /// signed with a certificate they revoke is refused.
+        #[arg(long = "crl")]
+        crls: Vec<PathBuf>,
         /// The answer as `fedgate query --format arrow` wrote it.
         #[arg(long)]
         answer: Option<PathBuf>,
@@ -292,25 +296,32 @@ pub(crate) fn receipt(cmd: ReceiptCommand) -> Result<ExitCode> {
         ca,
         cert,
         key,
+        crls,
         answer,
         file,
     } = cmd;
-    let m = TlsMaterial::load(&ca, &cert, &key)?;
+    let m = TlsMaterial::load_with_crls(&ca, &crls, &cert, &key)?;
     let encoded = tool::read_file(&file)?;
     let batches = match &answer {
         Some(path) => {
             let f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
             let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(f, None)
                 .with_context(|| format!("{} is not an Arrow IPC stream", path.display()))?;
-            Some(
+            let schema = reader.schema();
+            Some((
+                schema,
                 reader
                     .collect::<std::result::Result<Vec<_>, _>>()
                     .with_context(|| format!("reading {}", path.display()))?,
-            )
+            ))
         }
         None => None,
     };
-    let checks = fedgate::trust::receipt::verify(&m, &encoded, batches.as_deref());
+    let checks = fedgate::trust::receipt::verify(
+        &m,
+        &encoded,
+        batches.as_ref().map(|(s, b)| (s.as_ref(), b.as_slice())),
+    );
     let mut failed = false;
     for c in &checks {
         match &c.failure {
@@ -320,6 +331,12 @@ pub(crate) fn receipt(cmd: ReceiptCommand) -> Result<ExitCode> {
                 println!("FAILED  {}: {why}", c.what);
             }
         }
+    }
+    if crls.is_empty() {
+        println!("note    no --crl given: revoked certificates are not refused");
+    }
+    if answer.is_none() {
+        println!("note    no --answer given: the answer itself is NOT checked");
     }
     Ok(if failed {
         ExitCode::from(1)

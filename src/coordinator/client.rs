@@ -352,6 +352,7 @@ impl MemberClient {
                         .await
                         .map_err(|e| member_error(name, e))?;
                 let name = name.clone();
+                let schema = stream.schema();
                 let rows = stream.map_err({
                     let name = name.clone();
                     move |e| member_error(&name, Error::from_datafusion(e))
@@ -361,19 +362,23 @@ impl MemberClient {
                 }
                 // This gateway's own answer, stated and signed like any member's once
                 // its record is written (the stream's end).
-                let digest = Arc::new(Mutex::new(crate::trust::receipt::RowsDigest::default()));
+                let digest = Arc::new(Mutex::new(Some(crate::trust::receipt::RowsDigest::new(
+                    &schema,
+                ))));
                 let digesting = digest.clone();
                 let rows = rows.and_then(move |b| {
-                    let r = digesting
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .update(&b)
-                        .map(|()| b);
+                    let r = match digesting.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                        Some(d) => d.update(&b).map(|()| b),
+                        None => Ok(b),
+                    };
                     async move { r }
                 });
                 let (tls, me) = (tls.clone(), me.clone());
                 let end = futures::stream::once(async move {
-                    let d = std::mem::take(&mut *digest.lock().unwrap_or_else(|p| p.into_inner()));
+                    let taken = digest.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    let Some(d) = taken else {
+                        return Ok(None);
+                    };
                     let ask = q.ask(&me);
                     let hash = q.note.audit_hash.get().cloned().unwrap_or_default();
                     let st = owner::member_statement(&tls, &name, &ask, d.finish(), &hash)
@@ -475,8 +480,11 @@ impl MemberClient {
 /// Whether a member's signed statement (in its summary) states the rows received.
 fn statement_matches(
     s: &ExecuteSummary,
-    received: crate::trust::receipt::RowsDigest,
+    received: Option<crate::trust::receipt::RowsDigest>,
 ) -> std::result::Result<(), String> {
+    let Some(received) = received else {
+        return Err("the member's answer announced no schema before its end".into());
+    };
     let (digest, rows) = received.finish();
     let st = crate::trust::receipt::read_unchecked(&s.statement).map_err(|e| {
         format!("the member's statement of its answer is missing or unreadable ({e})")
@@ -507,6 +515,7 @@ fn remote_batches(
         receipt,
         ..
     } = q;
+    let stated = note.clone();
     let summary: Arc<Mutex<Option<ExecuteSummary>>> = Arc::default();
     let seen = summary.clone();
     let (n1, e1, h1) = (name.clone(), endpoint.clone(), health.clone());
@@ -537,9 +546,6 @@ fn remote_batches(
                         if !s.audit_hash.is_empty() {
                             let _ = note.audit_hash.set(s.audit_hash.clone());
                         }
-                        if !s.statement.is_empty() {
-                            let _ = note.statement.set(s.statement.clone());
-                        }
                         *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
                         Ok(None)
                     }
@@ -547,22 +553,29 @@ fn remote_batches(
                 }
             }
         });
+    // With a receipt asked for, the rows are digested as they arrive (from the schema
+    // the member announces first), to check against the member's statement.
+    let digest: Arc<Mutex<Option<crate::trust::receipt::RowsDigest>>> = Arc::default();
+    let announced = digest.clone();
     let n2 = name.clone();
     let batches = arrow_ipc::decode(chunks)
         .map_err(move |e| member_error(&n2, e))
-        .try_filter_map(|d| async move {
-            Ok(match d {
+        .try_filter_map(move |d| {
+            let batch = match d {
                 Decoded::Batch(b) => Some(b),
-                Decoded::Schema(_) => None,
-            })
+                Decoded::Schema(s) => {
+                    if receipt {
+                        *announced.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(crate::trust::receipt::RowsDigest::new(&s));
+                    }
+                    None
+                }
+            };
+            async move { Ok(batch) }
         });
-    // Count rows as they pass and check them against the summary at the end; with a
-    // receipt asked for, digest them too, to check against the member's statement.
+    // Count rows as they pass and check them against the summary at the end.
     let rows = Arc::new(Mutex::new(0u64));
     let counted = rows.clone();
-    let digest = Arc::new(Mutex::new(
-        receipt.then(crate::trust::receipt::RowsDigest::default),
-    ));
     let digesting = digest.clone();
     let n3 = name.clone();
     let body = batches.and_then(move |b| {
@@ -578,9 +591,14 @@ fn remote_batches(
         let s = summary.lock().unwrap_or_else(|p| p.into_inner()).take();
         let digest = digest.lock().unwrap_or_else(|p| p.into_inner()).take();
         let reason = match s {
-            Some(s) if s.rows == got => match digest.map(|d| statement_matches(&s, d)) {
-                None | Some(Ok(())) => {
+            Some(s) if s.rows == got => match receipt.then(|| statement_matches(&s, digest)) {
+                None => {
                     health.success();
+                    return Ok(None);
+                }
+                Some(Ok(())) => {
+                    health.success();
+                    let _ = stated.statement.set(s.statement);
                     return Ok(None);
                 }
                 // The member's link and gateway work; what it signed is not what it

@@ -35,13 +35,25 @@ pub struct QueryState {
     pub incident: Option<Arc<Vec<u8>>>,
     /// Whether members are asked for signed statements of their answers.
     pub receipt: bool,
-    /// The members' signed statements received so far.
-    statements: Mutex<Vec<Vec<u8>>>,
+    /// With a receipt asked for: every member scan that ended, with the sub-query's
+    /// hash and the member's statement (none when its answer ended before it).
+    statements: Mutex<Vec<Stated>>,
     /// The query's span, parent of its member calls.
     pub span: tracing::Span,
     /// Region member names in file order, for a stable summary.
     order: Vec<String>,
     members: Mutex<BTreeMap<String, Entry>>,
+}
+
+/// One member scan's part of a receipt.
+#[derive(Debug, Clone)]
+pub struct Stated {
+    /// The member asked.
+    pub member: String,
+    /// SHA-256 of the sub-query sent.
+    pub sub_query_sha256: String,
+    /// Its signed statement, when its answer reached its end.
+    pub statement: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -252,11 +264,15 @@ impl QueryState {
         let access = note.access();
         let hash = note.audit_hash.get().cloned();
         let retries = note.retries();
-        if let Some(st) = note.statement.get() {
+        if self.receipt {
             self.statements
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(st.clone());
+                .push(Stated {
+                    member: member.to_string(),
+                    sub_query_sha256: note.sub_query_sha256.get().cloned().unwrap_or_default(),
+                    statement: note.statement.get().cloned(),
+                });
         }
         self.update(member, dataset, |e| {
             if !access.is_empty() {
@@ -267,8 +283,8 @@ impl QueryState {
         });
     }
 
-    /// The members' signed statements of their answers (with a receipt asked for).
-    pub fn statements(&self) -> Vec<Vec<u8>> {
+    /// Every member scan's statement of its answer (with a receipt asked for).
+    pub fn statements(&self) -> Vec<Stated> {
         self.statements
             .lock()
             .unwrap_or_else(|p| p.into_inner())

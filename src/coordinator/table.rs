@@ -468,6 +468,11 @@ impl ExecutionPlan for FederatedScanExec {
         let budget = state.member_deadline.saturating_duration_since(now);
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let note = Arc::new(crate::owner::Note::default());
+        if state.receipt {
+            let _ = note
+                .sub_query_sha256
+                .set(crate::ops::audit::sql_hash(&self.sql));
+        }
         let span = tracing::info_span!(
             parent: &state.span,
             "member_call",

@@ -272,7 +272,55 @@ impl FederationService {
         audit_hash: &str,
     ) -> Result<Vec<u8>> {
         use prost::Message;
-        let members = state.statements();
+        let me = self.tls.principal.uri();
+        let incident = ask
+            .incident
+            .as_deref()
+            .and_then(|d| crate::trust::incident::read_unchecked(d).ok())
+            .map(|d| d.number().to_string())
+            .unwrap_or_default();
+        let region = &self.coordinator.config().region;
+        let now = crate::trust::receipt::now_ms();
+        // Every member asked must have stated its answer, and each statement is
+        // checked in full before it is listed: the coordinator signs for what it lists.
+        let mut members = Vec::new();
+        for s in state.statements() {
+            let Some(st) = s.statement else {
+                return Err(Error::InvalidQuery(format!(
+                    "no receipt: the answer of member {} ended before it could state it (a \
+                     LIMIT met by other members' rows, or the caller stopped); ask without \
+                     LIMIT, or ask that member alone",
+                    s.member
+                )));
+            };
+            let signer = region
+                .members
+                .iter()
+                .find(|m| m.name == s.member)
+                .map(|m| m.principal.uri())
+                .unwrap_or_default();
+            crate::trust::receipt::check_member(
+                &self.tls,
+                &st,
+                &crate::trust::receipt::Expected {
+                    member: &s.member,
+                    signer: &signer,
+                    query_id: &state.query_id,
+                    origin: &origin.uri(),
+                    via: &me,
+                    purpose: &ask.purpose,
+                    incident: &incident,
+                    query_sha256: &s.sub_query_sha256,
+                },
+                now,
+            )
+            .map_err(|why| Error::Member {
+                member: s.member.clone(),
+                failure: crate::error::MemberFailure::Failed,
+                reason: format!("its statement of its answer does not hold: {why}"),
+            })?;
+            members.push(st);
+        }
         let (rows_sha256, rows) = d.finish();
         let statement = crate::proto::v1::AnswerStatement {
             kind: "coordinator".into(),
@@ -282,12 +330,7 @@ impl FederationService {
             origin: origin.uri(),
             via: String::new(),
             purpose: ask.purpose.clone(),
-            incident: ask
-                .incident
-                .as_deref()
-                .and_then(|d| crate::trust::incident::read_unchecked(d).ok())
-                .map(|d| d.number().to_string())
-                .unwrap_or_default(),
+            incident,
             query_sha256: crate::ops::audit::sql_hash(&ask.audited_text()),
             rows_sha256,
             rows,
@@ -527,6 +570,7 @@ impl FederationService {
         let version = self.coordinator.config().version.clone();
         let max_rows = self.coordinator.config().limits.max_rows;
         let schema = running.schema.clone();
+        let schema_for_digest = schema.clone();
         let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(8);
         let (done_tx, done_rx) = oneshot::channel();
         let task_state = state.clone();
@@ -540,7 +584,9 @@ impl FederationService {
                 let mut failure = None;
                 let mut gone = false;
                 let mut rows = 0u64;
-                let mut digest = ask.receipt.then(crate::trust::receipt::RowsDigest::default);
+                let mut digest = ask
+                    .receipt
+                    .then(|| crate::trust::receipt::RowsDigest::new(&schema_for_digest));
                 loop {
                     tokio::select! {
                         next = stream.next() => match next {

@@ -176,8 +176,11 @@ pub struct Note {
     pub audit_hash: OnceLock<String>,
     /// Why earlier attempts of this sub-query failed, when the coordinator retried it.
     pub retried: Mutex<Vec<String>>,
-    /// The member's signed statement of its answer, when a receipt was asked for.
+    /// The member's signed statement of its answer, when a receipt was asked for
+    /// (from another gateway: once its digest matched the rows received).
     pub statement: OnceLock<Vec<u8>>,
+    /// The SHA-256 of the sub-query sent, which the statement must name.
+    pub sub_query_sha256: OnceLock<String>,
 }
 
 impl Note {

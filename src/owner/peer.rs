@@ -314,7 +314,8 @@ impl PeerService {
             }
             // With a receipt asked for, the rows are digested as they leave.
             let digest = Arc::new(std::sync::Mutex::new(
-                q.receipt.then(crate::trust::receipt::RowsDigest::default),
+                q.receipt
+                    .then(|| crate::trust::receipt::RowsDigest::new(&stream.schema())),
             ));
             let digesting = digest.clone();
             let stream: datafusion::execution::SendableRecordBatchStream = if q.receipt {

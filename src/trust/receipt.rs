@@ -34,6 +34,14 @@ pub const COORDINATOR_CONTEXT: &str = "fedgate answer statement v1 coordinator";
 /// The largest receipt read.
 const MAX_RECEIPT: usize = 4 * 1024 * 1024;
 
+/// The largest member statement a coordinator takes into a receipt.
+pub const MAX_STATEMENT: usize = 16 * 1024;
+
+/// How far a member's statement may be from the coordinator's in time (the member
+/// signs first; an answer takes at most the longest deadline).
+const MEMBER_BEFORE: std::time::Duration = std::time::Duration::from_secs(3600);
+const SKEW_MS: u64 = 30_000;
+
 /// The digest of rows, fed batch by batch.
 pub struct RowsDigest {
     hash: Sha256,
@@ -41,17 +49,33 @@ pub struct RowsDigest {
     text: String,
 }
 
-impl Default for RowsDigest {
-    fn default() -> Self {
-        RowsDigest {
-            hash: Sha256::new(),
-            rows: 0,
-            text: String::new(),
-        }
+/// A column's type as the digest names it: a dictionary by its values' type (a
+/// dictionary may be unpacked on its way, and holds the same values).
+fn digest_type(t: &datafusion::arrow::datatypes::DataType) -> String {
+    match t {
+        datafusion::arrow::datatypes::DataType::Dictionary(_, v) => v.to_string(),
+        other => other.to_string(),
     }
 }
 
 impl RowsDigest {
+    /// A digest of rows of `schema`: its columns' names and types come first.
+    pub fn new(schema: &datafusion::arrow::datatypes::Schema) -> RowsDigest {
+        let mut hash = Sha256::new();
+        hash.update((schema.fields().len() as u32).to_le_bytes());
+        for f in schema.fields() {
+            for part in [f.name().clone(), digest_type(f.data_type())] {
+                hash.update((part.len() as u64).to_le_bytes());
+                hash.update(part.as_bytes());
+            }
+        }
+        RowsDigest {
+            hash,
+            rows: 0,
+            text: String::new(),
+        }
+    }
+
     /// Adds a batch's rows: per row, its number of columns (4 bytes, little-endian),
     /// then per column `0x00` for null, or `0x01`, the length of the value as Arrow
     /// displays it (8 bytes, little-endian) and that text. Every part has its length,
@@ -65,10 +89,11 @@ impl RowsDigest {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| Error::Internal(format!("digest of an answer: {e}")))?;
         let columns = (b.num_columns() as u32).to_le_bytes();
+        let nulls: Vec<_> = b.columns().iter().map(|c| c.logical_nulls()).collect();
         for row in 0..b.num_rows() {
             self.hash.update(columns);
-            for (c, f) in b.columns().iter().zip(&formatters) {
-                if c.is_null(row) {
+            for (f, n) in formatters.iter().zip(&nulls) {
+                if n.as_ref().is_some_and(|n| n.is_null(row)) {
                     self.hash.update([0u8]);
                 } else {
                     self.text.clear();
@@ -90,9 +115,12 @@ impl RowsDigest {
     }
 }
 
-/// The digest of `batches`.
-pub fn digest_of(batches: &[RecordBatch]) -> Result<(String, u64)> {
-    let mut d = RowsDigest::default();
+/// The digest of `batches` of `schema`.
+pub fn digest_of(
+    schema: &datafusion::arrow::datatypes::Schema,
+    batches: &[RecordBatch],
+) -> Result<(String, u64)> {
+    let mut d = RowsDigest::new(schema);
     for b in batches {
         d.update(b)?;
     }
@@ -109,11 +137,66 @@ pub fn sign(material: &TlsMaterial, st: &AnswerStatement) -> Result<Vec<u8>> {
     Ok(statement::sign(material, context, st.encode_to_vec())?.encode_to_vec())
 }
 
-/// Reads a statement without checking its signature (the coordinator, which received
-/// it from the member over mutual TLS, compares its digest with the rows it got).
+/// Reads a statement without checking its signature (the coordinator compares its
+/// digest with the rows it received as they end; [`check_member`] checks the rest
+/// before the statement goes into a receipt).
 pub fn read_unchecked(encoded: &[u8]) -> std::result::Result<AnswerStatement, String> {
-    let signed = statement::decode(encoded, MAX_RECEIPT)?;
+    let signed = statement::decode(encoded, MAX_STATEMENT)?;
     AnswerStatement::decode(signed.body.as_slice()).map_err(|e| e.to_string())
+}
+
+/// What a coordinator expects of a member's statement of its answer.
+pub struct Expected<'a> {
+    /// The member's name and its identity in the region file.
+    pub member: &'a str,
+    /// Its identity URI.
+    pub signer: &'a str,
+    /// The query's id, origin, purpose and incident number.
+    pub query_id: &'a str,
+    /// The caller.
+    pub origin: &'a str,
+    /// The coordinator (the asking gateway).
+    pub via: &'a str,
+    /// The purpose stated.
+    pub purpose: &'a str,
+    /// The incident number stated (empty for none).
+    pub incident: &'a str,
+    /// SHA-256 of the sub-query sent to the member.
+    pub query_sha256: &'a str,
+}
+
+/// Checks a member's statement before a coordinator lists it in a receipt: its size,
+/// signature (member context), signer and every field it binds, and its time (within
+/// the clock skew of now).
+pub fn check_member(
+    material: &TlsMaterial,
+    encoded: &[u8],
+    e: &Expected<'_>,
+    now_ms: u64,
+) -> std::result::Result<AnswerStatement, String> {
+    if encoded.len() > MAX_STATEMENT {
+        return Err(format!("it is longer than {MAX_STATEMENT} bytes"));
+    }
+    let s = open(material, encoded, "member")?;
+    let fields = [
+        ("member", s.member.as_str(), e.member),
+        ("signer", &s.signer, e.signer),
+        ("query id", &s.query_id, e.query_id),
+        ("origin", &s.origin, e.origin),
+        ("asking gateway", &s.via, e.via),
+        ("purpose", &s.purpose, e.purpose),
+        ("incident", &s.incident, e.incident),
+        ("sub-query hash", &s.query_sha256, e.query_sha256),
+    ];
+    if let Some((field, got, want)) = fields.into_iter().find(|(_, a, b)| a != b) {
+        return Err(format!("its {field} is {got:?}, not {want:?}"));
+    }
+    if s.time_ms > now_ms + SKEW_MS
+        || s.time_ms + MEMBER_BEFORE.as_millis() as u64 + SKEW_MS < now_ms
+    {
+        return Err("its time is not the time of this answer (check the member's clock)".into());
+    }
+    Ok(s)
 }
 
 /// The SHA-256 (hex) of an encoded statement, as the coordinator lists it.
@@ -172,7 +255,7 @@ fn open(
 pub fn verify(
     material: &TlsMaterial,
     encoded: &[u8],
-    answer: Option<&[RecordBatch]>,
+    answer: Option<(&datafusion::arrow::datatypes::Schema, &[RecordBatch])>,
 ) -> Vec<Check> {
     let mut out = Vec::new();
     let receipt = match encoded.len() <= MAX_RECEIPT {
@@ -199,6 +282,34 @@ pub fn verify(
             return out;
         }
     };
+    for (k, v) in [
+        ("query", &coordinator.query_id),
+        ("caller", &coordinator.origin),
+        ("purpose", &coordinator.purpose),
+        ("incident", &coordinator.incident),
+        ("query text's SHA-256", &coordinator.query_sha256),
+        ("answer's digest", &coordinator.rows_sha256),
+    ] {
+        out.push(check(format!("states {k}: {v}"), None));
+    }
+    out.push(check(
+        format!(
+            "states {} rows, at {}",
+            coordinator.rows,
+            crate::trust::incident::rfc3339_ms(coordinator.time_ms)
+        ),
+        None,
+    ));
+    if receipt.members.len() != coordinator.parts.len() {
+        out.push(check(
+            "as many member statements as the coordinator lists",
+            Some(format!(
+                "the receipt holds {} member statement(s), the coordinator lists {}",
+                receipt.members.len(),
+                coordinator.parts.len()
+            )),
+        ));
+    }
     let listed: std::collections::BTreeSet<&String> = coordinator.parts.iter().collect();
     let mut seen = std::collections::BTreeSet::new();
     for (i, m) in receipt.members.iter().enumerate() {
@@ -220,15 +331,30 @@ pub fn verify(
                 .map(|(field, a, b)| {
                     format!("its {field} is {a:?}, the coordinator's statement says {b:?}")
                 });
-                let failure = mismatch.or_else(|| {
-                    (!listed.contains(&hash)).then(|| {
-                        "the coordinator's statement does not list it (added or altered)".into()
+                let early = coordinator
+                    .time_ms
+                    .saturating_sub(MEMBER_BEFORE.as_millis() as u64 + SKEW_MS);
+                let failure = mismatch
+                    .or_else(|| {
+                        (!listed.contains(&hash)).then(|| {
+                            "the coordinator's statement does not list it (added or altered)".into()
+                        })
                     })
-                });
+                    .or_else(|| {
+                        (s.time_ms > coordinator.time_ms + SKEW_MS || s.time_ms < early)
+                            .then(|| "it was signed at a time apart from the coordinator's".into())
+                    })
+                    .or_else(|| (!seen.insert(hash.clone())).then(|| "it appears twice".into()));
                 out.push(check(what, failure));
             }
         }
         seen.insert(hash);
+    }
+    if receipt.members.is_empty() {
+        out.push(check(
+            "no member statement: no member's data is in this answer (every member was pruned)",
+            None,
+        ));
     }
     let missing = coordinator
         .parts
@@ -242,8 +368,8 @@ pub fn verify(
         ),
         (missing > 0).then(|| format!("{missing} listed statement(s) are missing")),
     ));
-    if let Some(batches) = answer {
-        let failure = match digest_of(batches) {
+    if let Some((schema, batches)) = answer {
+        let failure = match digest_of(schema, batches) {
             Ok((d, rows)) if d == coordinator.rows_sha256 && rows == coordinator.rows => None,
             Ok((_, rows)) if rows != coordinator.rows => Some(format!(
                 "the answer has {rows} rows, the receipt says {}",
@@ -296,8 +422,19 @@ mod tests {
             batch(&[1], &[Some("a")], &[0.1]),
             batch(&[2, 3], &[None, Some("")], &[2.0, -0.0]),
         ];
-        let a = digest_of(std::slice::from_ref(&whole)).unwrap();
-        assert_eq!(a, digest_of(&split).unwrap());
+        let schema = whole.schema();
+        let a = digest_of(&schema, std::slice::from_ref(&whole)).unwrap();
+        assert_eq!(a, digest_of(&schema, &split).unwrap());
+        // Other column names give another digest.
+        let renamed = Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("other", DataType::Utf8, true),
+            Field::new("x", DataType::Float64, false),
+        ]);
+        assert_ne!(
+            a,
+            digest_of(&renamed, std::slice::from_ref(&whole)).unwrap()
+        );
         assert_eq!(a.1, 3);
         // Null and the empty text differ; so do order and one changed digit; and a
         // value holding what looks like a boundary is still one value.
@@ -306,7 +443,7 @@ mod tests {
             &[Some("a\u{1f}\u{1}b"), None, Some("")],
             &[0.1, 2.0, -0.0],
         );
-        assert_ne!(a, digest_of(&[tricky]).unwrap());
+        assert_ne!(a, digest_of(&schema, &[tricky]).unwrap());
         let other = [
             batch(
                 &[1, 2, 3],
@@ -317,7 +454,7 @@ mod tests {
             batch(&[1, 2, 3], &[Some("a"), None, Some("")], &[0.1, 2.0, 0.0]),
         ];
         for o in other {
-            assert_ne!(a, digest_of(&[o]).unwrap());
+            assert_ne!(a, digest_of(&schema, &[o]).unwrap());
         }
     }
 }

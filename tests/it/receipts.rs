@@ -51,7 +51,7 @@ async fn a_receipt_verifies_offline_and_every_kind_of_tampering_is_found() {
         .unwrap();
     let encoded = a.summary.receipt.clone();
     assert!(!encoded.is_empty(), "a receipt was asked for");
-    let checks = receipt::verify(&ca, &encoded, Some(&a.batches));
+    let checks = receipt::verify(&ca, &encoded, Some((&a.schema, &a.batches)));
     assert_eq!(failures(&checks), Vec::<String>::new(), "{checks:#?}");
 
     // What it says: three members' statements, each of its own rows, and the
@@ -165,6 +165,14 @@ async fn a_receipt_verifies_offline_and_every_kind_of_tampering_is_found() {
             "missing",
         ),
         (
+            "a member's statement appended again",
+            tampered(&|r| {
+                r.members.push(first_member.clone());
+            }),
+            None,
+            "appears twice",
+        ),
+        (
             "the answer with a row dropped",
             encoded.clone(),
             Some({
@@ -208,7 +216,11 @@ async fn a_receipt_verifies_offline_and_every_kind_of_tampering_is_found() {
         ),
     ];
     for (name, bytes, answer, want) in cases {
-        let checks = receipt::verify(&ca, &bytes, answer.as_deref());
+        let checks = receipt::verify(
+            &ca,
+            &bytes,
+            answer.as_deref().map(|b| (a.schema.as_ref(), b)),
+        );
         let f = failures(&checks);
         assert!(
             f.iter().any(|x| x.contains(want)),
@@ -238,6 +250,32 @@ async fn a_receipt_verifies_offline_and_every_kind_of_tampering_is_found() {
     // Without asking, there is none.
     let plain = region.client(OFFICE).query(SQL, false, None).await.unwrap();
     assert!(plain.summary.receipt.is_empty());
+
+    // A member whose answer a LIMIT cut before its end signed nothing: no receipt
+    // claims its rows.
+    let cut = region
+        .client(OFFICE)
+        .query_with(QueryRequest {
+            sql: "SELECT county_code FROM census WHERE member IN ('hangzhou', 'suzhou', 'anji') \
+                  LIMIT 1"
+                .into(),
+            receipt: true,
+            ..QueryRequest::default()
+        })
+        .await;
+    match cut {
+        Err(f) => assert!(
+            f.status.message().contains("no receipt"),
+            "{}",
+            f.status.message()
+        ),
+        // Every member may have finished before the limit was met; then each stated
+        // its answer and the receipt holds.
+        Ok(a) => {
+            let checks = receipt::verify(&ca, &a.summary.receipt, Some((&a.schema, &a.batches)));
+            assert_eq!(failures(&checks), Vec::<String>::new());
+        }
+    }
 }
 
 /// At a gateway that is itself a member, its own answer is stated and signed like any
@@ -257,7 +295,7 @@ async fn the_coordinators_own_data_is_stated_like_a_members() {
         })
         .await
         .unwrap();
-    let checks = receipt::verify(&ca, &a.summary.receipt, Some(&a.batches));
+    let checks = receipt::verify(&ca, &a.summary.receipt, Some((&a.schema, &a.batches)));
     assert_eq!(failures(&checks), Vec::<String>::new(), "{checks:#?}");
     let r = Receipt::decode(a.summary.receipt.as_slice()).unwrap();
     let mut members: Vec<String> = r.members.iter().map(|m| statement(m).1.signer).collect();
@@ -289,7 +327,10 @@ async fn the_json_api_returns_a_receipt_when_asked() {
     let checks = receipt::verify(&material(&region, "hangzhou"), &encoded, None);
     assert_eq!(failures(&checks), Vec::<String>::new(), "{checks:#?}");
     assert_eq!(
-        checks.len(),
+        checks
+            .iter()
+            .filter(|c| c.what.contains("statement"))
+            .count(),
         3,
         "the coordinator's, Hangzhou's, and the list: {checks:#?}"
     );
