@@ -11,18 +11,35 @@ use fedgate::tools::client::Client;
 use fedgate::tools::incident::{self as tool, Draft};
 use fedgate::trust::tls::TlsMaterial;
 
-/// The signing identity: the declarer's certificate and key, and the region CA.
+/// A region identity: the CA bundle, a certificate and its key (to sign with, or,
+/// when only checking, to load the CA with).
 #[derive(clap::Args)]
-pub(crate) struct Signer {
+pub(crate) struct Identity {
     /// The region CA bundle (PEM).
     #[arg(long, env = "FEDGATE_CA")]
     ca: PathBuf,
-    /// The declarer's certificate (PEM).
+    /// The certificate (PEM): the declarer's when signing, any of the region's when
+    /// only checking.
     #[arg(long, env = "FEDGATE_CERT")]
     cert: PathBuf,
-    /// The declarer's private key (PEM).
+    /// Its private key (PEM).
     #[arg(long, env = "FEDGATE_KEY")]
     key: PathBuf,
+}
+
+impl Identity {
+    fn material(&self, crls: &[PathBuf]) -> Result<TlsMaterial> {
+        Ok(TlsMaterial::load_with_crls(
+            &self.ca, crls, &self.cert, &self.key,
+        )?)
+    }
+}
+
+/// The signing identity, and where to deliver what it signs.
+#[derive(clap::Args)]
+pub(crate) struct Signer {
+    #[command(flatten)]
+    id: Identity,
     /// A gateway to deliver the declaration to every member through (optional: the
     /// file can be delivered later with `fedgate incident publish`).
     #[arg(long, env = "FEDGATE_GATEWAY")]
@@ -90,15 +107,8 @@ pub(crate) enum IncidentCommand {
     },
     /// Check a declaration file offline against the region CA and print it.
     Show {
-        /// The region CA bundle (PEM).
-        #[arg(long, env = "FEDGATE_CA")]
-        ca: PathBuf,
-        /// Any certificate and key of the region (only the CA is used to check).
-        #[arg(long, env = "FEDGATE_CERT")]
-        cert: PathBuf,
-        /// Its key.
-        #[arg(long, env = "FEDGATE_KEY")]
-        key: PathBuf,
+        #[command(flatten)]
+        id: Identity,
         /// The declaration file.
         file: PathBuf,
     },
@@ -112,7 +122,7 @@ pub(crate) enum IncidentCommand {
 }
 
 fn material(s: &Signer) -> Result<TlsMaterial> {
-    Ok(TlsMaterial::load(&s.ca, &s.cert, &s.key)?)
+    s.id.material(&[])
 }
 
 fn write(out: &Path, signed: &[u8]) -> Result<()> {
@@ -123,7 +133,7 @@ async fn publish(s: &Signer, signed: &[u8]) -> Result<ExitCode> {
     let Some(gateway) = &s.gateway else {
         return Ok(ExitCode::SUCCESS);
     };
-    let client = Client::connect(gateway, &s.ca, &s.cert, &s.key)?;
+    let client = Client::connect(gateway, &s.id.ca, &s.id.cert, &s.id.key)?;
     let answer = client
         .raw()
         .declare(fedgate::proto::v1::DeclareRequest {
@@ -198,13 +208,8 @@ pub(crate) async fn incident(cmd: IncidentCommand) -> Result<ExitCode> {
             out,
         } => follow(&signer, &from, Some(lasts), &out, now).await,
         IncidentCommand::End { signer, from, out } => follow(&signer, &from, None, &out, now).await,
-        IncidentCommand::Show {
-            ca,
-            cert,
-            key,
-            file,
-        } => {
-            let m = TlsMaterial::load(&ca, &cert, &key)?;
+        IncidentCommand::Show { id, file } => {
+            let m = id.material(&[])?;
             println!("{}", show(&m, &tool::read_file(&file)?)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -270,15 +275,8 @@ pub(crate) enum ReceiptCommand {
     /// member statements are the ones the coordinator listed, and (with --answer) that
     /// the answer is the one it was signed for. Exit 1 if anything fails.
     Verify {
-        /// The region CA bundle (PEM).
-        #[arg(long, env = "FEDGATE_CA")]
-        ca: PathBuf,
-        /// Any certificate of the region with its key (only the CA is used to check).
-        #[arg(long, env = "FEDGATE_CERT")]
-        cert: PathBuf,
-        /// Its key.
-        #[arg(long, env = "FEDGATE_KEY")]
-        key: PathBuf,
+        #[command(flatten)]
+        id: Identity,
         /// The region's revocation lists (PEM), repeated for several: a statement
         /// signed with a certificate they revoke is refused.
         #[arg(long = "crl")]
@@ -293,14 +291,12 @@ pub(crate) enum ReceiptCommand {
 
 pub(crate) fn receipt(cmd: ReceiptCommand) -> Result<ExitCode> {
     let ReceiptCommand::Verify {
-        ca,
-        cert,
-        key,
+        id,
         crls,
         answer,
         file,
     } = cmd;
-    let m = TlsMaterial::load_with_crls(&ca, &crls, &cert, &key)?;
+    let m = id.material(&crls)?;
     let encoded = tool::read_file(&file)?;
     let batches = match &answer {
         Some(path) => {

@@ -206,11 +206,10 @@ impl FederationService {
             reason: reason.clone(),
             rows: summary.map(|s| s.rows).unwrap_or(0),
             members,
-            incident: ask.incident.as_deref().map(|d| {
-                crate::trust::incident::read_unchecked(d)
-                    .map(|d| d.number().to_string())
-                    .unwrap_or_else(|_| "(unreadable)".into())
-            }),
+            incident: ask
+                .incident
+                .as_deref()
+                .map(|d| crate::trust::incident::stated_number(d)),
             ..AuditEntry::default()
         };
         let recorded = self.audit.append(&entry).map(|r| r.hash);
@@ -276,8 +275,7 @@ impl FederationService {
         let incident = ask
             .incident
             .as_deref()
-            .and_then(|d| crate::trust::incident::read_unchecked(d).ok())
-            .map(|d| d.number().to_string())
+            .map(|d| crate::trust::incident::stated_number(d))
             .unwrap_or_default();
         let region = &self.coordinator.config().region;
         let now = crate::trust::receipt::now_ms();

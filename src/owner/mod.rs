@@ -136,15 +136,9 @@ pub fn member_statement(
     )
 }
 
-/// The number of the incident a sub-query states, for its record (read without
-/// checking: a refused declaration's number is recorded too, and is only ever a
-/// checked form of letters, digits and `-_.`).
+/// The number of the incident a sub-query states, for its record.
 fn stated_number(ask: &SubQueryAsk<'_>) -> Option<String> {
-    let bytes = ask.incident?;
-    Some(match crate::trust::incident::read_unchecked(bytes) {
-        Ok(d) => d.number().to_string(),
-        Err(_) => "(unreadable)".to_string(),
-    })
+    ask.incident.map(crate::trust::incident::stated_number)
 }
 
 /// Refuses a sub-query that reads a dataset its origin assertion does not cover.

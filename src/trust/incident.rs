@@ -268,6 +268,15 @@ pub fn read_unchecked(encoded: &[u8]) -> std::result::Result<Declaration, String
     })
 }
 
+/// The number of the incident an encoded declaration states, for records: read
+/// without checking its signature (a refused declaration's number is recorded too),
+/// and only ever a checked form of letters, digits and `-_.`.
+pub fn stated_number(encoded: &[u8]) -> String {
+    read_unchecked(encoded)
+        .map(|d| d.body.number)
+        .unwrap_or_else(|_| "(unreadable)".into())
+}
+
 impl Declaration {
     /// The number.
     pub fn number(&self) -> &str {

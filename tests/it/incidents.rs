@@ -25,13 +25,7 @@ const ROWS: &str = "SELECT pipe_id, department, county_code, road FROM undergrou
                     WHERE member = 'hangzhou' ORDER BY pipe_id";
 
 fn material(region: &Region, who: &str) -> TlsMaterial {
-    let certs = region.layout.dir.join("certs");
-    TlsMaterial::load(
-        &region.layout.ca,
-        &certs.join(format!("{who}.crt")),
-        &certs.join(format!("{who}.key")),
-    )
-    .unwrap()
+    region.material(who)
 }
 
 fn draft() -> Draft {

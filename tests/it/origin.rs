@@ -23,13 +23,7 @@ const ANJI_URI: &str = "fedgate://yrd/county/anji";
 const HANGZHOU_URI: &str = "fedgate://yrd/city/hangzhou";
 
 fn material(region: &Region, who: &str) -> TlsMaterial {
-    let certs = region.layout.dir.join("certs");
-    TlsMaterial::load(
-        &region.layout.ca,
-        &certs.join(format!("{who}.crt")),
-        &certs.join(format!("{who}.key")),
-    )
-    .unwrap()
+    region.material(who)
 }
 
 /// A `Peer` client of `target` holding `who`'s certificate.

@@ -13,13 +13,7 @@ const SQL: &str = "SELECT member, county_code, pop_total FROM census \
                    WHERE member IN ('hangzhou', 'suzhou', 'anji') ORDER BY county_code";
 
 fn material(region: &Region, who: &str) -> TlsMaterial {
-    let certs = region.layout.dir.join("certs");
-    TlsMaterial::load(
-        &region.layout.ca,
-        &certs.join(format!("{who}.crt")),
-        &certs.join(format!("{who}.key")),
-    )
-    .unwrap()
+    region.material(who)
 }
 
 fn failures(checks: &[Check]) -> Vec<String> {

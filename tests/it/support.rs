@@ -208,6 +208,17 @@ impl Region {
         self.layout.dir.join("audit").join(format!("{member}.log"))
     }
 
+    /// The certificate and key of region member `who`, with the region CA.
+    pub fn material(&self, who: &str) -> fedgate::trust::tls::TlsMaterial {
+        let certs = self.layout.dir.join("certs");
+        fedgate::trust::tls::TlsMaterial::load(
+            &self.layout.ca,
+            &certs.join(format!("{who}.crt")),
+            &certs.join(format!("{who}.key")),
+        )
+        .unwrap()
+    }
+
     /// The CA of the region, for issuing extra certificates.
     pub fn ca(&self) -> fedgate::trust::pki::Ca {
         let certs = self.layout.dir.join("certs");
