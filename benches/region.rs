@@ -211,8 +211,17 @@ fn free_port() -> u16 {
 
 /// Starts `fedgate serve` and waits until its port accepts connections.
 fn spawn(dir: &Path, name: &str, port: u16) -> Proc {
+    spawn_with(dir, name, port, None)
+}
+
+/// [`spawn`], with `preload` (a `malloc` library) loaded before the C library's.
+fn spawn_with(dir: &Path, name: &str, port: u16, preload: Option<&Path>) -> Proc {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(FEDGATE)
+    let mut command = Command::new(FEDGATE);
+    if let Some(lib) = preload {
+        command.env("LD_PRELOAD", lib);
+    }
+    let child = command
         .args(["serve", "--config"])
         .arg(dir.join(format!("{name}.toml")))
         .current_dir(dir)
@@ -835,13 +844,14 @@ async fn hop(region: &Region, sizes: Sizes, out: &mut String) {
             v50.push(via_p50);
         }
         let extra = median(diff);
+        let cpu = median(cpu);
         rows.push(format!(
-            "| {label} | {} | {} | {extra:+.0} µs | {:.2} | {:.0} µs | at most +50 µs: {} |",
+            "| {label} | {} | {} | {extra:+.0} µs | {:.2} | {cpu:.0} µs | at most +50 µs: {}; hub CPU at most 250 µs: {} |",
             ms(median(d50)),
             ms(median(v50)),
             median(ratio),
-            median(cpu),
-            verdict(extra <= 50.0)
+            verdict(extra <= 50.0),
+            verdict(cpu <= 250.0)
         ));
     }
     out.push_str(&format!(
@@ -854,6 +864,104 @@ async fn hop(region: &Region, sizes: Sizes, out: &mut String) {
          CPU is its process's user and system time over the round divided by the queries.\n\n\
          | answer (medians of {} rounds) | direct p50 | through hub p50 | difference | ratio | hub CPU per query | target |\n\
          |---|---:|---:|---:|---:|---:|---|\n{}\n\n",
+        sizes.requests,
+        sizes.rounds,
+        rows.join("\n")
+    ));
+}
+
+/// Allocators side by side: `hub` and `solo` restarted with each `malloc` (the C
+/// library's, jemalloc's and mimalloc's, loaded with `LD_PRELOAD`: the binary is the
+/// same) in every round, the order rotated, then the hop section's one-row lookups
+/// with a new key and its 64 KiB answer through `hub`.
+async fn allocator(region: &mut Region, sizes: Sizes, out: &mut String) {
+    let libs: Vec<(&str, Option<PathBuf>)> = vec![
+        ("the C library's (glibc)", None),
+        (
+            "jemalloc 5 (`libjemalloc2`)",
+            Some("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2".into()),
+        ),
+        (
+            "mimalloc 2 (`libmimalloc2.0`)",
+            Some("/usr/lib/x86_64-linux-gnu/libmimalloc.so.2".into()),
+        ),
+    ];
+    let (libs, missing): (Vec<_>, Vec<_>) = libs
+        .into_iter()
+        .partition(|(_, l)| l.as_ref().is_none_or(|l| l.exists()));
+    let lookup = vec![
+        "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id = {n}".to_string(),
+    ];
+    let large = vec![
+        "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id <= 2600".to_string(),
+    ];
+    let range = (1, FILE_ROWS);
+    let dir = region.dir.path().to_path_buf();
+    // (p50, CPU of hub and solo per query) per allocator and query.
+    let mut got: BTreeMap<(usize, usize), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for r in 0..sizes.rounds {
+        let mut order: Vec<usize> = (0..libs.len()).collect();
+        order.rotate_left(r % libs.len());
+        for a in order {
+            let preload = libs[a].1.as_deref();
+            for name in ["hub", "solo"] {
+                let port = region.procs[name].port;
+                drop(region.procs.remove(name));
+                let p = spawn_with(&dir, name, port, preload);
+                if let Some(lib) = preload {
+                    let maps = std::fs::read_to_string(format!("/proc/{}/maps", p.pid())).unwrap();
+                    let file = lib.file_name().unwrap().to_string_lossy();
+                    assert!(maps.contains(file.as_ref()), "{name} did not load {file}");
+                }
+                region.procs.insert(name.to_string(), p);
+            }
+            let via = region.client("hub");
+            warm(&via, &lookup, range, 50).await;
+            warm(&via, &large, range, 10).await;
+            for (q, sql) in [&lookup, &large].into_iter().enumerate() {
+                let before = region.proc("hub").cpu() + region.proc("solo").cpu();
+                let rep = fed(&via, sql, range, sizes.requests, r as u64 + 1).await;
+                let cpu = region.proc("hub").cpu() + region.proc("solo").cpu() - before;
+                let e = got.entry((a, q)).or_default();
+                e.0.push(rep.latency_us.p50 as f64);
+                e.1.push(cpu.as_secs_f64() * 1e6 / rep.ok as f64);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (a, (label, _)) in libs.iter().enumerate() {
+        let mut cells = Vec::new();
+        for q in 0..2 {
+            let (p50, cpu) = &got[&(a, q)];
+            let (base50, base_cpu) = &got[&(0, q)];
+            cells.push(format!(
+                "{} ({:.2}) | {:.0} µs ({:.2})",
+                ms(median(p50.clone())),
+                median(p50.clone()) / median(base50.clone()),
+                median(cpu.clone()),
+                median(cpu.clone()) / median(base_cpu.clone()),
+            ));
+        }
+        rows.push(format!("| {label} | {} |", cells.join(" | ")));
+    }
+    let missing = if missing.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " Not measured (library not installed): {}.",
+            missing.iter().map(|(l, _)| *l).collect::<Vec<_>>().join(", ")
+        )
+    };
+    out.push_str(&format!(
+        "### Allocators\n\n\
+         The same `fedgate` binary with each `malloc`: `hub` and `solo` are restarted with the \
+         library in `LD_PRELOAD` (checked in `/proc/PID/maps`) in every round, in rotated order, \
+         warmed up, then asked the hop section's one-row lookup with a new key and its 64 KiB \
+         answer through `hub`, {} queries each, one at a time. CPU is `hub`'s and `solo`'s user \
+         and system time over the queries divided by them. In parentheses: the ratio to the C \
+         library's allocator, medians of {} rounds.{missing}\n\n\
+         | allocator | one-row lookup p50 | its CPU per query | 64 KiB answer p50 | its CPU per query |\n\
+         |---|---:|---:|---:|---:|\n{}\n\n",
         sizes.requests,
         sizes.rounds,
         rows.join("\n")
@@ -929,6 +1037,28 @@ async fn receipts(region: &Region, sizes: Sizes, out: &mut String) {
     ));
 }
 
+/// PostgreSQL's own execution time of `sql` (`EXPLAIN ANALYZE`), median of 5 runs, ms.
+async fn execution_ms(db: &tokio_postgres::Client, sql: &str) -> f64 {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let lines = db
+            .query(&format!("EXPLAIN (ANALYZE, TIMING OFF) {sql}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("EXPLAIN ANALYZE {sql}: {e}"));
+        let ms = lines
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("Execution Time: ")
+                    .and_then(|t| t.trim_end_matches(" ms").parse::<f64>().ok())
+            })
+            .unwrap_or_else(|| panic!("no execution time for {sql}"));
+        times.push(ms);
+    }
+    median(times)
+}
+
 async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
     let pg = region.pg.as_ref().unwrap();
     let fedc = region.client("hub");
@@ -938,12 +1068,12 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
     // The lookup names the member holding the key, so fedgate asks only that member;
     // postgres_fdw prunes the other partitions by the key's range.
     let pk_fed: Vec<String> = (1..=4)
-        .map(|k| format!("SELECT id, county_code, x FROM pg_readings WHERE member = 'p{k}' AND id = {{n}} + {}", (k - 1) * n))
+        .map(|k| format!("SELECT id, county_code, x FROM pg_readings WHERE member = 'p{k}' AND id = {{n+{}}}", (k - 1) * n))
         .collect();
     let pk_pg: Vec<String> = (1..=4)
         .map(|k| {
             format!(
-                "SELECT id, county_code, x FROM readings WHERE id = {{n}} + {}",
+                "SELECT id, county_code, x FROM readings WHERE id = {{n+{}}}",
                 (k - 1) * n
             )
         })
@@ -951,7 +1081,7 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
     let pk_all: Vec<String> = (1..=4)
         .map(|k| {
             format!(
-                "SELECT id, county_code, x FROM pg_readings WHERE id = {{n}} + {}",
+                "SELECT id, county_code, x FROM pg_readings WHERE id = {{n+{}}}",
                 (k - 1) * n
             )
         })
@@ -972,8 +1102,11 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
         rows: usize,
         requests: u64,
         target: Option<f64>,
-        /// The same query written by hand for postgres_fdw, one part per partition.
+        /// The same query written by hand for postgres_fdw, one part per partition;
+        /// fedgate's target is to be no slower than it.
         rewrite: Option<String>,
+        /// At most this many times the time of the same query asked directly.
+        direct_target: Option<f64>,
     }
     let parts = |q: &str| -> Vec<String> {
         (1..=4)
@@ -1001,6 +1134,7 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             requests: sizes.requests,
             target: Some(1.0),
             rewrite: None,
+            direct_target: None,
         },
         Case {
             label: "primary-key lookup, fedgate asking all four members",
@@ -1010,6 +1144,7 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             requests: sizes.requests,
             target: None,
             rewrite: None,
+            direct_target: None,
         },
         Case {
             label: "selective filter",
@@ -1019,6 +1154,7 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             requests: sizes.requests / 4 + 1,
             target: None,
             rewrite: None,
+            direct_target: None,
         },
         Case {
             label: "GROUP BY county",
@@ -1028,6 +1164,7 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             requests: sizes.heavy_requests,
             target: Some(4.0),
             rewrite: Some(group_rewrite),
+            direct_target: None,
         },
         Case {
             label: "top-k (ORDER BY x DESC LIMIT 10)",
@@ -1037,10 +1174,28 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             requests: sizes.heavy_requests * 3,
             target: Some(2.0),
             rewrite: Some(topk_rewrite),
+            direct_target: Some(1.2),
         },
     ];
-    // Explain: what each side sends to the member databases.
+    // Explain: what each side sends to the member databases, and what one member
+    // database spends executing it (the profile of the databases' share).
+    let m1 = pg.connect("m1").await.unwrap();
+    let remote_sql = |sql: String| {
+        let coord = &coord;
+        async move {
+            coord
+                .query(&format!("EXPLAIN (VERBOSE, COSTS OFF) {sql}"), &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .find(|l| l.contains("Remote SQL"))
+                .map(|l| l.trim().trim_start_matches("Remote SQL: ").to_string())
+                .unwrap_or_else(|| "?".into())
+        }
+    };
     let mut shown = String::new();
+    let mut database_time = Vec::new();
     for c in &cases[2..] {
         let e = fedc.explain(&c.fed[0]).await.unwrap();
         let sql = e
@@ -1048,21 +1203,30 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             .first()
             .map(|s| s.sql.clone())
             .unwrap_or_default();
-        let fdw_plan: Vec<String> = coord
-            .query(&format!("EXPLAIN (VERBOSE, COSTS OFF) {}", c.pg[0]), &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .filter(|l| l.contains("Remote SQL"))
-            .take(1)
-            .collect();
+        let fdw_sql = remote_sql(c.pg[0].clone()).await;
         shown.push_str(&format!(
             "- {}: fedgate sends each member database `{}`; postgres_fdw sends each partition `{}`.\n",
-            c.label,
-            sql,
-            fdw_plan.first().map(|l| l.trim().trim_start_matches("Remote SQL: ")).unwrap_or("?")
+            c.label, sql, fdw_sql
         ));
+        let by_hand = match &c.rewrite {
+            Some(q) => Some(remote_sql(q.clone()).await),
+            None => None,
+        };
+        let mut cells = vec![
+            c.label.to_string(),
+            format!("{:.1} ms", execution_ms(&m1, &sql).await),
+            format!("{:.1} ms", execution_ms(&m1, &fdw_sql).await),
+        ];
+        cells.push(match &by_hand {
+            Some(q) => format!("{:.1} ms", execution_ms(&m1, q).await),
+            None => String::new(),
+        });
+        database_time.push(format!("| {} |", cells.join(" | ")));
+        if let Some(q) = by_hand {
+            shown.push_str(&format!(
+                "  Written by hand, postgres_fdw sends each partition `{q}`.\n"
+            ));
+        }
     }
     let range = (1, n);
     let mut rows = Vec::new();
@@ -1082,8 +1246,9 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             Vec::new(),
             Vec::new(),
         );
+        let mut vs_hand = Vec::new();
         for r in 0..sizes.rounds {
-            let (mut f, mut w, mut d) = (0.0, 0.0, 0.0);
+            let (mut f, mut w, mut d, mut h_round) = (0.0, 0.0, 0.0, None);
             for v in 0..4 {
                 let seed = r as u64 + 1;
                 match (v + r) % 4 {
@@ -1099,6 +1264,7 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
                             )
                             .await;
                             h50.push(h);
+                            h_round = Some(h);
                         }
                     }
                     0 => {
@@ -1115,12 +1281,38 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             d50.push(d);
             speedup.push(w / f);
             vs_direct.push(f / d);
+            if let Some(h) = h_round {
+                vs_hand.push(f / h);
+            }
         }
         let s = median(speedup);
-        let target = match c.target {
-            Some(1.0) => format!("no slower than postgres_fdw: {}", verdict(s >= 1.0)),
-            Some(t) => format!("at least {t}x faster: {}", verdict(s >= t)),
-            None => "(reported)".into(),
+        let mut targets = Vec::new();
+        match c.target {
+            Some(1.0) => targets.push(format!(
+                "no slower than postgres_fdw: {}",
+                verdict(s >= 1.0)
+            )),
+            Some(t) => targets.push(format!(
+                "at least {t}x faster than postgres_fdw: {}",
+                verdict(s >= t)
+            )),
+            None => {}
+        }
+        if !vs_hand.is_empty() {
+            let x = median(vs_hand);
+            targets.push(format!(
+                "at most 1.0x the hand-written SQL ({x:.2}x): {}",
+                verdict(x <= 1.0)
+            ));
+        }
+        if let Some(t) = c.direct_target {
+            let x = median(vs_direct.clone());
+            targets.push(format!("at most {t}x directly: {}", verdict(x <= t)));
+        }
+        let target = if targets.is_empty() {
+            "(reported)".to_string()
+        } else {
+            targets.join("; ")
         };
         rows.push(format!(
             "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {target} |",
@@ -1151,10 +1343,16 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
          per-partition ORDER BY ... LIMITs) to the same foreign tables.\n\n\
          | query (p50, medians of {} rounds) | fedgate | postgres_fdw | postgres_fdw, SQL rewritten by hand | directly | postgres_fdw / fedgate | fedgate / directly | target |\n\
          |---|---:|---:|---:|---:|---:|---:|---|\n{}\n\n\
-         What each sends to the member databases:\n\n{shown}\n",
+         What each sends to the member databases:\n\n{shown}\n\
+         What one member database (`m1`, {n} rows) spends executing each statement: PostgreSQL's \
+         own `Execution Time` from `EXPLAIN ANALYZE`, median of 5, run one at a time on an idle \
+         machine (the rest of each p50 is the gateways, the network and the merge):\n\n\
+         | query | fedgate's statement | postgres_fdw's | postgres_fdw's, SQL rewritten by hand |\n\
+         |---|---:|---:|---:|\n{}\n\n",
         4 * n,
         sizes.rounds,
-        rows.join("\n")
+        rows.join("\n"),
+        database_time.join("\n")
     ));
 }
 
@@ -1224,6 +1422,17 @@ async fn fanout(region: &Region, sizes: Sizes, out: &mut String) {
                 "| CPU per query: members together + coordinator (bare loopback) | {} | |",
                 cells.join(" | ")
             );
+            // What this machine can show of the coordinator's own share: its CPU per
+            // query divided by the members it asked.
+            let per_member: Vec<String> = sizes
+                .fanout
+                .iter()
+                .map(|k| format!("{:.0} µs", median(hub_cpu[k].clone()) * 1e3 / *k as f64))
+                .collect();
+            cpu_row.push_str(&format!(
+                "\n| coordinator CPU per query per member asked (bare loopback) | {} | (reported) |",
+                per_member.join(" | ")
+            ));
         }
         let cells: Vec<String> = sizes
             .fanout
@@ -2115,6 +2324,7 @@ fn main() {
         "doors",
         "fairness",
         "receipts",
+        "allocator",
     ];
     let only = arg("--only");
     let sections: Vec<&str> = all
@@ -2128,7 +2338,7 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(async {
         let t = Instant::now();
-        let region = start_region(sizes, &sections).await;
+        let mut region = start_region(sizes, &sections).await;
         let idle = region.proc("hub").rss_kib().0;
         eprintln!("region started in {:.1} s", t.elapsed().as_secs_f64());
         let mut out = format!(
@@ -2151,6 +2361,7 @@ fn main() {
                 "doors" => doors(&region, sizes, &mut out).await,
                 "fairness" => fairness(sizes, &mut out).await,
                 "receipts" => receipts(&region, sizes, &mut out).await,
+                "allocator" => allocator(&mut region, sizes, &mut out).await,
                 _ => unreachable!(),
             }
             eprintln!("{s} done in {:.1} s", t.elapsed().as_secs_f64());

@@ -114,6 +114,18 @@ struct PlanKey {
     pushdown: bool,
 }
 
+/// Where a query's physical plan came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PlanFrom {
+    /// The plan cache: the same query was planned before.
+    Cache,
+    /// A written plan of the same shape, bound to this query's values, then optimized
+    /// and planned physically.
+    Shape,
+    /// The query's text, planned from scratch.
+    Text,
+}
+
 /// A query whose plan is built and whose member scans start as the stream is read.
 pub struct RunningQuery {
     /// The answer's schema.
@@ -124,6 +136,10 @@ pub struct RunningQuery {
     pub state: Arc<QueryState>,
     /// Whether the plan came from the plan cache.
     pub plan_cached: bool,
+    /// Whether the plan was bound from a cached shape (the same query with other
+    /// constants, or a prepared statement with other values) instead of planned from
+    /// its text.
+    pub plan_bound: bool,
     /// Time from SQL text to a physical plan.
     pub planning: Duration,
 }
@@ -259,6 +275,11 @@ pub struct Coordinator {
     /// scans are bound to that query ([`bind`]), so queries sharing a plan share
     /// nothing at run time.
     plans: moka::future::Cache<PlanKey, Arc<dyn ExecutionPlan>>,
+    /// Written plans by shape (a query's text with its filter constants lifted out,
+    /// or a prepared statement's text), by configuration, caller and options: a query
+    /// of a known shape is bound, not planned from its text ([`crate::owner::shape`]).
+    /// `None` marks a shape the planner could not type, planned as written.
+    shapes: moka::future::Cache<PlanKey, Arc<Option<crate::owner::shape::Planned>>>,
     /// Task contexts for running plans of each planning session, made once: they
     /// hold no per-query data.
     tasks: [Arc<datafusion::execution::TaskContext>; 2],
@@ -407,6 +428,10 @@ impl Coordinator {
                 .max_capacity(1024)
                 .time_to_idle(Duration::from_secs(3600))
                 .build(),
+            shapes: moka::future::Cache::builder()
+                .max_capacity(1024)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
         })
     }
 
@@ -539,7 +564,7 @@ impl Coordinator {
         origin: &Principal,
         sql: &str,
         opts: &QueryOptions,
-    ) -> Result<(Arc<dyn ExecutionPlan>, bool)> {
+    ) -> Result<(Arc<dyn ExecutionPlan>, PlanFrom)> {
         let state = self.session(opts.pushdown);
         // The key holds everything that changes the plan: the query, the
         // configuration, the caller (whose access scope the plan is made for) and the
@@ -561,7 +586,7 @@ impl Coordinator {
         };
         let cache = opts.plan_cache;
         if cache && let Some(p) = self.plans.get(&exact).await {
-            return Ok((p, true));
+            return Ok((p, PlanFrom::Cache));
         }
         let (stmt, rewritten) = self.parse(state, sql)?;
         let sql = rewritten.as_deref().unwrap_or(sql);
@@ -572,20 +597,11 @@ impl Coordinator {
         };
         if cache && let Some(p) = self.plans.get(&key).await {
             self.plans.insert(exact, p.clone()).await;
-            return Ok((p, true));
+            return Ok((p, PlanFrom::Cache));
         }
         // A cached plan passed these checks when it was made.
         self.datasets_in(state, &stmt)?;
-        let plan = crate::owner::session::plan_query(state, stmt).await?;
-        // Bound values replace the placeholders as typed literals before anything is
-        // optimized or unparsed into member SQL, so a value is never SQL text.
-        let plan = match &opts.params {
-            Some(values) => plan
-                .with_param_values(values.clone())
-                .map_err(|e| Error::InvalidQuery(format!("binding parameters: {e}")))?,
-            None => plan,
-        };
-        let written = plan;
+        let (written, shaped) = self.written(state, stmt, opts, &key).await?;
         let mut plan = state.optimize(&written).map_err(Error::from_datafusion)?;
         // A whole query goes to its member as the text written, which for a published
         // service holds the `$name` placeholders, not the values: a member has no way
@@ -607,7 +623,86 @@ impl Coordinator {
             self.plans.insert(key, physical.clone()).await;
             self.plans.insert(exact, physical.clone()).await;
         }
-        Ok((physical, false))
+        let from = if shaped {
+            PlanFrom::Shape
+        } else {
+            PlanFrom::Text
+        };
+        Ok((physical, from))
+    }
+
+    /// The written (unoptimized) logical plan of `stmt` with every value bound, and
+    /// whether it came from the shape cache ([`crate::owner::shape`]): a query that
+    /// differs from an earlier one only in the constants of its filters, or a prepared
+    /// statement run with new values, is bound, not planned from its text again. The
+    /// bound plan is optimized and planned physically by the caller as any other, so
+    /// every decision that depends on a value (members pruned, sub-queries pushed)
+    /// sees the value.
+    async fn written(
+        &self,
+        state: &SessionState,
+        stmt: datafusion::sql::parser::Statement,
+        opts: &QueryOptions,
+        key: &PlanKey,
+    ) -> Result<(datafusion::logical_expr::LogicalPlan, bool)> {
+        use crate::owner::session::plan_query;
+        use crate::owner::shape;
+        // Bound values replace the placeholders as typed literals before anything is
+        // optimized or unparsed into member SQL, so a value is never SQL text.
+        let bind = |plan: datafusion::logical_expr::LogicalPlan,
+                    values: &datafusion::common::ParamValues| {
+            plan.with_param_values(values.clone())
+                .map_err(|e| Error::InvalidQuery(format!("binding parameters: {e}")))
+        };
+        if let Some(values) = &opts.params {
+            // A prepared statement is its own shape: its text without the values.
+            let shape_key = PlanKey {
+                sql: format!("prepared\u{0}{stmt}"),
+                ..key.clone()
+            };
+            if opts.plan_cache
+                && let Some(Some(planned)) = self.shapes.get(&shape_key).await.as_deref()
+            {
+                return Ok((bind(planned.plan.clone(), values)?, true));
+            }
+            let plan = plan_query(state, stmt).await?;
+            if opts.plan_cache {
+                // Typed by the caller's values when bound, not by constants.
+                let planned = shape::Planned::prepared(plan.clone());
+                self.shapes.insert(shape_key, Arc::new(Some(planned))).await;
+            }
+            return Ok((bind(plan, values)?, false));
+        }
+        if opts.plan_cache
+            && let Some(shaped) = shape::shape(&stmt)
+        {
+            let shape_key = PlanKey {
+                sql: format!("shape\u{0}{}", shaped.key()),
+                ..key.clone()
+            };
+            let (planned, known) = match self.shapes.get(&shape_key).await {
+                Some(p) => (p, true),
+                None => {
+                    // A shape the planner cannot type is remembered as such, and
+                    // queries of that shape are planned as written.
+                    let planned = plan_query(state, shaped.statement.clone())
+                        .await
+                        .ok()
+                        .and_then(|p| shape::Planned::new(p, shaped.literals.len()));
+                    let planned = Arc::new(planned);
+                    self.shapes.insert(shape_key, planned.clone()).await;
+                    (planned, false)
+                }
+            };
+            if let Some(plan) = planned
+                .as_ref()
+                .as_ref()
+                .and_then(|p| p.bind(&shaped.literals))
+            {
+                return Ok((plan, known));
+            }
+        }
+        Ok((plan_query(state, stmt).await?, false))
     }
 
     fn new_state(
@@ -787,7 +882,7 @@ impl Coordinator {
     ) -> Result<RunningQuery> {
         let state = self.new_state(uuid::Uuid::new_v4().to_string(), origin.clone(), &opts);
         let started = std::time::Instant::now();
-        let (physical, plan_cached) = self.plan(&origin, sql, &opts).await?;
+        let (physical, from) = self.plan(&origin, sql, &opts).await?;
         // Plans (cached or not) are never run themselves, only bound copies.
         let physical = bind(physical, &state)?;
         let planning = started.elapsed();
@@ -798,7 +893,8 @@ impl Coordinator {
             schema: stream.schema(),
             stream,
             state,
-            plan_cached,
+            plan_cached: from == PlanFrom::Cache,
+            plan_bound: from == PlanFrom::Shape,
             planning,
         })
     }

@@ -564,6 +564,7 @@ impl FederationService {
         let service = self.clone();
         let state = running.state.clone();
         let plan_cached = running.plan_cached;
+        let plan_bound = running.plan_bound;
         let planning_us = running.planning.as_micros() as u64;
         let version = self.coordinator.config().version.clone();
         let max_rows = self.coordinator.config().limits.max_rows;
@@ -631,6 +632,7 @@ impl FederationService {
                     members: state.statuses(),
                     bytes_received: state.bytes_received(),
                     plan_cached,
+                    plan_bound,
                     planning_us,
                     receipt: Vec::new(),
                 };

@@ -67,6 +67,14 @@ struct CachedPlan {
     plan_sha256: String,
 }
 
+/// A sub-query's shape planned in the context of its grants
+/// ([`crate::owner::shape`]): the written plan, before any value is bound and before
+/// the grants' rewrite, which runs on every bound copy.
+struct ShapedPlan {
+    granted: Granted,
+    planned: crate::owner::shape::Planned,
+}
+
 /// Plans kept per member. Sub-queries repeat (dashboards, the coordinator's own
 /// cached plans); a few hundred distinct ones cover a busy member.
 const PLAN_CACHE_ENTRIES: u64 = 512;
@@ -103,6 +111,9 @@ pub struct MemberEngine {
     granted: Mutex<HashMap<GrantKey, Granted>>,
     /// Physical plans of sub-queries planned before (see the module comment).
     plans: moka::future::Cache<MemberPlanKey, Arc<CachedPlan>>,
+    /// Written plans by shape (the sub-query's text with its filter constants lifted
+    /// out), with the same grants and files; `None` marks a shape planned as written.
+    shapes: moka::future::Cache<MemberPlanKey, Arc<Option<ShapedPlan>>>,
 }
 
 const MAX_GRANT_CONTEXTS: usize = 256;
@@ -141,6 +152,10 @@ impl MemberEngine {
             pending: tokio::sync::Mutex::new(BTreeMap::new()),
             granted: Mutex::new(HashMap::new()),
             plans: moka::future::Cache::builder()
+                .max_capacity(PLAN_CACHE_ENTRIES)
+                .time_to_idle(std::time::Duration::from_secs(600))
+                .build(),
+            shapes: moka::future::Cache::builder()
                 .max_capacity(PLAN_CACHE_ENTRIES)
                 .time_to_idle(std::time::Duration::from_secs(600))
                 .build(),
@@ -621,7 +636,13 @@ impl MemberEngine {
                 plan_sha256: cached.plan_sha256.clone(),
             });
         }
-        let (ctx, plan, plan_sha256, cells) = self.plan_under(permit, p, true).await?;
+        let (ctx, plan, plan_sha256, cells) = match self.bound_shape(permit, &p, &key).await {
+            Some((granted, plan)) => {
+                self.finish(permit, &p.datasets, granted, plan, true)
+                    .await?
+            }
+            None => self.plan_under(permit, p, true).await?,
+        };
         tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
         let physical = physical_plan(&ctx, &plan).await?;
         if cells {
@@ -738,15 +759,70 @@ impl MemberEngine {
                 "permit does not cover the query's datasets".into(),
             ));
         }
-        let Granted { ctx, restricted } = self.context_for(permit, materialize).await?;
-        let plan = plan_query(&ctx.state(), p.statement).await?;
+        let granted = self.context_for(permit, materialize).await?;
+        let plan = plan_query(&granted.ctx.state(), p.statement).await?;
+        self.finish(permit, &p.datasets, granted, plan, materialize)
+            .await
+    }
+
+    /// The written plan of a sub-query whose shape was planned before under the same
+    /// grants and files, bound to this sub-query's constants, with the context it was
+    /// planned in; `None` when the sub-query has no shape, the shape could not be
+    /// planned or typed, or a value cannot be bound (it is then planned as written).
+    /// Never under an incident: its context holds the scope's rows of this moment.
+    async fn bound_shape(
+        &self,
+        permit: &Permit,
+        p: &Prepared,
+        key: &MemberPlanKey,
+    ) -> Option<(Granted, LogicalPlan)> {
+        if permit.grants().values().any(|g| g.incident.is_some()) {
+            return None;
+        }
+        let shaped = crate::owner::shape::shape(&p.statement)?;
+        let key = MemberPlanKey {
+            sql: format!("shape\u{0}{}", shaped.key()),
+            ..key.clone()
+        };
+        let entry = match self.shapes.get(&key).await {
+            Some(entry) => entry,
+            None => {
+                let granted = self.context_for(permit, true).await.ok()?;
+                let planned = plan_query(&granted.ctx.state(), shaped.statement.clone())
+                    .await
+                    .ok()
+                    .and_then(|plan| {
+                        crate::owner::shape::Planned::new(plan, shaped.literals.len())
+                    });
+                let entry = Arc::new(planned.map(|planned| ShapedPlan { granted, planned }));
+                self.shapes.insert(key, entry.clone()).await;
+                entry
+            }
+        };
+        let shaped_plan = entry.as_ref().as_ref()?;
+        let plan = shaped_plan.planned.bind(&shaped.literals)?;
+        Some((shaped_plan.granted.clone(), plan))
+    }
+
+    /// The rest of planning a sub-query, from its written plan with every value in
+    /// place: the cells of `aggregate` grants computed (with `materialize`), the
+    /// grants' rewrite and checks, the plan's audit hash.
+    async fn finish(
+        &self,
+        permit: &Permit,
+        datasets: &BTreeSet<String>,
+        granted: Granted,
+        plan: LogicalPlan,
+        materialize: bool,
+    ) -> Result<(SessionContext, LogicalPlan, String, bool)> {
+        let Granted { ctx, restricted } = granted;
         let scoped = permit.grants().values().any(|g| g.incident.is_some());
         let cells = materialize
             && restricted
                 .iter()
-                .any(|(d, r)| p.datasets.contains(d) && matches!(r.owned, Owned::Cells { .. }));
+                .any(|(d, r)| datasets.contains(d) && matches!(r.owned, Owned::Cells { .. }));
         let restricted = if cells {
-            Arc::new(self.released_cells(&restricted, &p.datasets).await?)
+            Arc::new(self.released_cells(&restricted, datasets).await?)
         } else {
             restricted
         };

@@ -18,6 +18,7 @@ pub mod peer;
 pub mod policy;
 pub mod restricted;
 pub mod session;
+pub mod shape;
 pub mod source;
 
 use std::collections::BTreeSet;

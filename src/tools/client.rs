@@ -394,7 +394,13 @@ pub fn format_summary(s: &QuerySummary) -> String {
         s.planning_us,
         s.bytes_received,
         s.config_version,
-        if s.plan_cached { " · cached plan" } else { "" },
+        if s.plan_cached {
+            " · cached plan"
+        } else if s.plan_bound {
+            " · bound plan"
+        } else {
+            ""
+        },
         if s.partial { " · PARTIAL ANSWER" } else { "" }
     );
     let w = s

@@ -48,7 +48,8 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub struct Load {
     /// SQL templates, used in turn. `{n}` in a template is replaced by a number drawn
-    /// from `range` for every query (a different key per lookup, say).
+    /// from `range` for every query (a different key per lookup, say), `{n+K}` by
+    /// that number plus K.
     pub sql: Vec<String>,
     /// Range (inclusive) of `{n}`.
     pub range: (i64, i64),
@@ -259,11 +260,38 @@ async fn one(client: &Client, load: &Load, sql: String) -> Result<u64, (String, 
 /// The `i`-th query of a run: the templates in turn, `{n}` filled from `keys`.
 pub fn query_text(sql: &[String], range: (i64, i64), i: u64, keys: &mut Keys) -> String {
     let t = &sql[(i % sql.len() as u64) as usize];
-    if t.contains("{n}") {
-        t.replace("{n}", &keys.next(range).to_string())
+    if t.contains("{n") {
+        fill(t, keys.next(range))
     } else {
         t.clone()
     }
+}
+
+/// `t` with every `{n}` replaced by `n` and every `{n+K}` by `n + K` (one key range
+/// shifted per partition, written as the one number a client would write). Any other
+/// brace is left as it is.
+fn fill(t: &str, n: i64) -> String {
+    let mut out = String::with_capacity(t.len() + 8);
+    let mut rest = t;
+    while let Some(at) = rest.find("{n") {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let Some(end) = tail.find('}') else {
+            break;
+        };
+        let inner = &tail[2..end];
+        let shift = match inner {
+            "" => Some(0),
+            _ => inner.strip_prefix('+').and_then(|k| k.parse::<i64>().ok()),
+        };
+        match shift.and_then(|k| n.checked_add(k)) {
+            Some(v) => out.push_str(&v.to_string()),
+            None => out.push_str(&tail[..=end]),
+        }
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The `i`-th query's SQL, or in service mode its key.
@@ -447,6 +475,19 @@ pub async fn run(client: &Client, load: &Load) -> Result<Report, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn templates_fill_the_key_and_shifted_keys() {
+        assert_eq!(fill("id = {n}", 7), "id = 7");
+        assert_eq!(
+            fill("id = {n+250000} OR id = {n}", 7),
+            "id = 250007 OR id = 7"
+        );
+        assert_eq!(
+            fill("x = '{n' AND y = {m} {n+z}", 7),
+            "x = '{n' AND y = {m} {n+z}"
+        );
+    }
 
     #[test]
     fn keys_stay_in_range_and_repeat_with_the_seed() {

@@ -28,6 +28,7 @@ mod policy_props;
 mod postgres;
 mod receipts;
 mod reload;
+mod shapes;
 mod sources;
 mod sovereignty;
 mod tls;
