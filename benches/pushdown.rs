@@ -14,8 +14,9 @@
 //! Prints medians of per-round ratios as Markdown. Run: `cargo bench --bench pushdown`
 //! (`-- --rounds N` for more rounds).
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Int64Array, StringArray};
@@ -180,6 +181,60 @@ async fn run(client: &Client, sql: &str, no_pushdown: bool, no_plan_cache: bool)
     }
 }
 
+/// One phase of one plan: side, whether bound from a shape, the phase's place and
+/// name, µs.
+type Phase = (String, bool, usize, String, f64);
+
+/// The planning phases the gateways in this process report (`fedgate::planning`
+/// events), of each plan made since the last `take`.
+#[derive(Clone, Default)]
+struct Phases(Arc<Mutex<Vec<Phase>>>);
+
+impl Phases {
+    fn take(&self) -> Vec<Phase> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Phases {
+    fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        #[derive(Default)]
+        struct Fields {
+            side: String,
+            bound: bool,
+            phases: String,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_str(&mut self, f: &tracing::field::Field, v: &str) {
+                if f.name() == "side" {
+                    self.side = v.to_string();
+                }
+            }
+            fn record_bool(&mut self, f: &tracing::field::Field, v: bool) {
+                if f.name() == "bound" {
+                    self.bound = v;
+                }
+            }
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                match f.name() {
+                    "phases" => self.phases = format!("{v:?}"),
+                    "side" => self.side = format!("{v:?}"),
+                    _ => {}
+                }
+            }
+        }
+        let mut f = Fields::default();
+        e.record(&mut f);
+        let mut out = self.0.lock().unwrap();
+        for (i, part) in f.phases.split_whitespace().enumerate() {
+            if let Some((name, us)) = part.split_once('=') {
+                let us = us.parse().unwrap_or(0.0);
+                out.push((f.side.clone(), f.bound, i, name.to_string(), us));
+            }
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -191,6 +246,22 @@ fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(7);
+    let phases = Phases::default();
+    {
+        use tracing_subscriber::Layer;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::registry()
+            .with(
+                phases.clone().with_filter(
+                    tracing_subscriber::filter::Targets::new()
+                        .with_target("fedgate::planning", tracing::Level::DEBUG),
+                ),
+            )
+            .init();
+    }
+    // (side, bound, phase) -> µs of every plan measured.
+    let mut profile: BTreeMap<(String, bool, usize, String), Vec<f64>> = BTreeMap::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
@@ -232,8 +303,12 @@ fn main() {
             let (mut hit, mut miss) = (Duration::ZERO, Duration::ZERO);
             for _ in 0..20 {
                 let h = run(&client, small, false, false).await;
+                phases.take();
                 let m = run(&client, small, false, true).await;
                 let b = run(&client, &small_anew(), false, false).await;
+                for (side, bound, i, phase, us) in phases.take() {
+                    profile.entry((side, bound, i, phase)).or_default().push(us);
+                }
                 assert!(h.cached && !m.cached && !m.bound);
                 assert!(b.bound && !b.cached);
                 hit += h.elapsed;
@@ -262,5 +337,19 @@ fn main() {
             if cold <= 1000.0 { "**met**" } else { "**not met**" },
             if bound <= 1000.0 { "**met**" } else { "**not met**" }
         );
+        println!();
+        println!("Where that planning time goes (medians, µs; `fedgate::planning` events at `debug`, which is the recipe: `FEDGATE_LOG=fedgate::planning=debug`):");
+        println!();
+        let mut sides: BTreeMap<(String, bool), Vec<String>> = BTreeMap::new();
+        for ((side, bound, _, phase), v) in &profile {
+            sides
+                .entry((side.clone(), *bound))
+                .or_default()
+                .push(format!("{phase} {:.0}", median(v.clone())));
+        }
+        for ((side, bound), parts) in sides {
+            let how = if bound { "bound from its shape" } else { "planned from its text" };
+            println!("- {side}, {how}: {}", parts.join(", "));
+        }
     });
 }

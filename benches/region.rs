@@ -949,7 +949,11 @@ async fn allocator(region: &mut Region, sizes: Sizes, out: &mut String) {
     } else {
         format!(
             " Not measured (library not installed): {}.",
-            missing.iter().map(|(l, _)| *l).collect::<Vec<_>>().join(", ")
+            missing
+                .iter()
+                .map(|(l, _)| *l)
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     };
     out.push_str(&format!(

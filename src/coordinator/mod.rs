@@ -588,6 +588,7 @@ impl Coordinator {
         if cache && let Some(p) = self.plans.get(&exact).await {
             return Ok((p, PlanFrom::Cache));
         }
+        let mut phases = crate::owner::session::Phases::start();
         let (stmt, rewritten) = self.parse(state, sql)?;
         let sql = rewritten.as_deref().unwrap_or(sql);
         let key = PlanKey {
@@ -601,8 +602,11 @@ impl Coordinator {
         }
         // A cached plan passed these checks when it was made.
         self.datasets_in(state, &stmt)?;
+        phases.mark("parse");
         let (written, shaped) = self.written(state, stmt, opts, &key).await?;
+        phases.mark("written");
         let mut plan = state.optimize(&written).map_err(Error::from_datafusion)?;
+        phases.mark("optimize");
         // A whole query goes to its member as the text written, which for a published
         // service holds the `$name` placeholders, not the values: a member has no way
         // to be given them, and a value must never become SQL text by splicing. Such
@@ -614,11 +618,14 @@ impl Coordinator {
         {
             plan = whole;
         }
+        phases.mark("whole");
         let physical = state
             .query_planner()
             .create_physical_plan(&plan, state)
             .await
             .map_err(Error::from_datafusion)?;
+        phases.mark("physical");
+        phases.report("coordinator", shaped);
         if cache {
             self.plans.insert(key, physical.clone()).await;
             self.plans.insert(exact, physical.clone()).await;

@@ -636,15 +636,21 @@ impl MemberEngine {
                 plan_sha256: cached.plan_sha256.clone(),
             });
         }
-        let (ctx, plan, plan_sha256, cells) = match self.bound_shape(permit, &p, &key).await {
+        let mut phases = crate::owner::session::Phases::start();
+        let bound = self.bound_shape(permit, &p, &key).await;
+        let shaped = bound.is_some();
+        let (ctx, plan, plan_sha256, cells) = match bound {
             Some((granted, plan)) => {
                 self.finish(permit, &p.datasets, granted, plan, true)
                     .await?
             }
             None => self.plan_under(permit, p, true).await?,
         };
+        phases.mark("written_and_rewritten");
         tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
         let physical = physical_plan(&ctx, &plan).await?;
+        phases.mark("optimize_and_physical");
+        phases.report("member", shaped);
         if cells {
             // The plan holds this moment's cells or an incident's rows: it is never
             // reused.

@@ -201,6 +201,44 @@ pub(crate) fn context_with(config: SessionConfig) -> SessionContext {
     ctx
 }
 
+/// Where planning time goes, phase by phase, reported at `debug` on the target
+/// `fedgate::planning` (the planning profile's recipe: `FEDGATE_LOG=fedgate::planning=debug`,
+/// or a subscriber of its own, as `benches/pushdown.rs` has).
+pub struct Phases {
+    at: std::time::Instant,
+    done: Vec<(&'static str, u64)>,
+}
+
+impl Phases {
+    /// Starts the first phase now.
+    pub fn start() -> Phases {
+        Phases {
+            at: std::time::Instant::now(),
+            done: Vec::with_capacity(6),
+        }
+    }
+
+    /// Ends the phase `name` now.
+    pub fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done
+            .push((name, now.duration_since(self.at).as_micros() as u64));
+        self.at = now;
+    }
+
+    /// Reports the phases of one plan made at `side` (`coordinator` or `member`).
+    pub fn report(&self, side: &'static str, bound: bool) {
+        if tracing::enabled!(target: "fedgate::planning", tracing::Level::DEBUG) {
+            let phases: Vec<String> = self
+                .done
+                .iter()
+                .map(|(n, us)| format!("{n}={us}"))
+                .collect();
+            tracing::debug!(target: "fedgate::planning", side, bound, phases = %phases.join(" "), "Planned");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
