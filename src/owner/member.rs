@@ -639,6 +639,9 @@ impl MemberEngine {
         let mut phases = crate::owner::session::Phases::start();
         let bound = self.bound_shape(permit, &p, &key).await;
         let shaped = bound.is_some();
+        // With a shape, its written plan bound; then (without one, from the text) the
+        // grants' rewrite and the audit hash.
+        phases.mark("shape");
         let (ctx, plan, plan_sha256, cells) = match bound {
             Some((granted, plan)) => {
                 self.finish(permit, &p.datasets, granted, plan, true)
@@ -646,10 +649,9 @@ impl MemberEngine {
             }
             None => self.plan_under(permit, p, true).await?,
         };
-        phases.mark("written_and_rewritten");
+        phases.mark("rewrite");
         tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
-        let physical = physical_plan(&ctx, &plan).await?;
-        phases.mark("optimize_and_physical");
+        let physical = physical_plan_timed(&ctx, &plan, &mut phases).await?;
         phases.report("member", shaped);
         if cells {
             // The plan holds this moment's cells or an incident's rows: it is never
@@ -952,15 +954,28 @@ pub async fn physical_plan(
     ctx: &SessionContext,
     plan: &LogicalPlan,
 ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+    physical_plan_timed(ctx, plan, &mut crate::owner::session::Phases::start()).await
+}
+
+/// [`physical_plan`], each step's time marked in `phases`.
+async fn physical_plan_timed(
+    ctx: &SessionContext,
+    plan: &LogicalPlan,
+    phases: &mut crate::owner::session::Phases,
+) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
     let state = ctx.state();
     let optimized = state.optimize(plan).map_err(Error::from_datafusion)?;
+    phases.mark("optimize");
     let pushed =
         crate::owner::source::pushdown::push_into_databases(optimized).map_err(engine_failure)?;
-    state
+    phases.mark("databases");
+    let physical = state
         .query_planner()
         .create_physical_plan(&pushed, &state)
         .await
-        .map_err(engine_failure)
+        .map_err(engine_failure);
+    phases.mark("physical");
+    physical
 }
 
 /// A failure after the caller's plan was checked and optimized is the member's own:
