@@ -211,15 +211,30 @@ fn free_port() -> u16 {
 
 /// Starts `fedgate serve` and waits until its port accepts connections.
 fn spawn(dir: &Path, name: &str, port: u16) -> Proc {
-    spawn_with(dir, name, port, None)
+    spawn_with(dir, name, port, &Alloc::System(None))
 }
 
-/// [`spawn`], with `preload` (a `malloc` library) loaded before the C library's.
-fn spawn_with(dir: &Path, name: &str, port: u16, preload: Option<&Path>) -> Proc {
+/// Which `malloc` a gateway process runs with.
+enum Alloc {
+    /// mimalloc, built in (`FEDGATE_ALLOCATOR=mimalloc`).
+    BuiltIn,
+    /// The C library's (the default), or with a library loaded before it
+    /// (`LD_PRELOAD`).
+    System(Option<PathBuf>),
+}
+
+/// [`spawn`], with the allocator `alloc`.
+fn spawn_with(dir: &Path, name: &str, port: u16, alloc: &Alloc) -> Proc {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     let mut command = Command::new(FEDGATE);
-    if let Some(lib) = preload {
-        command.env("LD_PRELOAD", lib);
+    match alloc {
+        Alloc::BuiltIn => {
+            command.env("FEDGATE_ALLOCATOR", "mimalloc");
+        }
+        Alloc::System(Some(lib)) => {
+            command.env("LD_PRELOAD", lib);
+        }
+        Alloc::System(None) => {}
     }
     let child = command
         .args(["serve", "--config"])
@@ -871,24 +886,25 @@ async fn hop(region: &Region, sizes: Sizes, out: &mut String) {
 }
 
 /// Allocators side by side: `hub` and `solo` restarted with each `malloc` (the C
-/// library's, jemalloc's and mimalloc's, loaded with `LD_PRELOAD`: the binary is the
-/// same) in every round, the order rotated, then the hop section's one-row lookups
-/// with a new key and its 64 KiB answer through `hub`.
+/// library's, the built-in mimalloc, and jemalloc loaded with `LD_PRELOAD`: the binary
+/// is the same) in every round, the order rotated, then the hop section's one-row
+/// lookups with a new key and its 64 KiB answer through `hub`.
 async fn allocator(region: &mut Region, sizes: Sizes, out: &mut String) {
-    let libs: Vec<(&str, Option<PathBuf>)> = vec![
-        ("the C library's (glibc)", None),
+    let libs: Vec<(&str, Alloc)> = vec![
+        ("the C library's (glibc; the default)", Alloc::System(None)),
         (
-            "jemalloc 5 (`libjemalloc2`)",
-            Some("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2".into()),
+            "mimalloc, built in (`FEDGATE_ALLOCATOR=mimalloc`)",
+            Alloc::BuiltIn,
         ),
         (
-            "mimalloc 2 (`libmimalloc2.0`)",
-            Some("/usr/lib/x86_64-linux-gnu/libmimalloc.so.2".into()),
+            "jemalloc 5 (Debian's `libjemalloc2` in `LD_PRELOAD`)",
+            Alloc::System(Some("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2".into())),
         ),
     ];
-    let (libs, missing): (Vec<_>, Vec<_>) = libs
-        .into_iter()
-        .partition(|(_, l)| l.as_ref().is_none_or(|l| l.exists()));
+    let (libs, missing): (Vec<_>, Vec<_>) = libs.into_iter().partition(|(_, a)| match a {
+        Alloc::System(Some(l)) => l.exists(),
+        _ => true,
+    });
     let lookup = vec![
         "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id = {n}".to_string(),
     ];
@@ -903,12 +919,20 @@ async fn allocator(region: &mut Region, sizes: Sizes, out: &mut String) {
         let mut order: Vec<usize> = (0..libs.len()).collect();
         order.rotate_left(r % libs.len());
         for a in order {
-            let preload = libs[a].1.as_deref();
+            let alloc = &libs[a].1;
             for name in ["hub", "solo"] {
                 let port = region.procs[name].port;
                 drop(region.procs.remove(name));
-                let p = spawn_with(&dir, name, port, preload);
-                if let Some(lib) = preload {
+                let p = spawn_with(&dir, name, port, alloc);
+                // The gateway names its allocator when it starts; a preloaded library
+                // shows in its memory map.
+                let log = std::fs::read_to_string(&p.log).unwrap();
+                let said = match alloc {
+                    Alloc::BuiltIn => "(allocator mimalloc)",
+                    Alloc::System(_) => "(allocator system)",
+                };
+                assert!(log.contains(said), "{name} did not say {said}: {log}");
+                if let Alloc::System(Some(lib)) = alloc {
                     let maps = std::fs::read_to_string(format!("/proc/{}/maps", p.pid())).unwrap();
                     let file = lib.file_name().unwrap().to_string_lossy();
                     assert!(maps.contains(file.as_ref()), "{name} did not load {file}");
@@ -958,8 +982,9 @@ async fn allocator(region: &mut Region, sizes: Sizes, out: &mut String) {
     };
     out.push_str(&format!(
         "### Allocators\n\n\
-         The same `fedgate` binary with each `malloc`: `hub` and `solo` are restarted with the \
-         library in `LD_PRELOAD` (checked in `/proc/PID/maps`) in every round, in rotated order, \
+         The same `fedgate` binary with each `malloc`: `hub` and `solo` are restarted with each in \
+         every round, in rotated order (the gateway names its allocator in its log; a library in \
+         `LD_PRELOAD` is checked in `/proc/PID/maps`), \
          warmed up, then asked the hop section's one-row lookup with a new key and its 64 KiB \
          answer through `hub`, {} queries each, one at a time. CPU is `hub`'s and `solo`'s user \
          and system time over the queries divided by them. In parentheses: the ratio to the C \

@@ -11,8 +11,16 @@ use fedgate::config::MemberConfig;
 
 use cli::{Cli, Command, run};
 
+#[global_allocator]
+static ALLOCATOR: cli::allocator::Allocator = cli::allocator::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    // A misspelt allocator would otherwise be the default without a word.
+    if let Some(problem) = cli::allocator::problem() {
+        eprintln!("fedgate: {problem}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     let default_log = match cli.command {
         Command::Serve { .. } => "info",

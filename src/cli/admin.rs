@@ -112,8 +112,10 @@ pub(crate) async fn serve(config: &Path) -> Result<ExitCode> {
     let cfg = MemberConfig::load(config).map_err(|p| anyhow!("invalid configuration:\n{p}"))?;
     let mut gw = Gateway::start(Arc::new(cfg), None).await?;
     eprintln!(
-        "fedgate: member {} serving on https://{}",
-        gw.member, gw.addr
+        "fedgate: member {} serving on https://{} (allocator {})",
+        gw.member,
+        gw.addr,
+        super::allocator::name()
     );
     if let Some(h) = gw.http_addr {
         eprintln!("fedgate: status board, metrics and JSON API on {h}");

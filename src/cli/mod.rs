@@ -3,6 +3,7 @@
 //! [`admin`]: serve, check, pki, audit; [`demo`]: the sample region).
 
 mod admin;
+pub mod allocator;
 mod demo;
 mod incident;
 mod query;

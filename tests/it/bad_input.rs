@@ -212,3 +212,28 @@ async fn functions_asked_for_huge_values_are_refused_and_the_gateways_keep_servi
         .unwrap();
     assert!(a.summary.rows > 0);
 }
+
+/// The allocator is chosen by the environment before anything else runs: a value that
+/// names none stops the binary with the value named, and the two there are both run.
+#[test]
+fn an_allocator_the_binary_does_not_have_is_refused_by_name() {
+    let run = |value: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fedgate"))
+            .arg("--version")
+            .env("FEDGATE_ALLOCATOR", value)
+            .output()
+            .unwrap()
+    };
+    let bad = run("mimaloc");
+    assert_eq!(bad.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        said.contains("FEDGATE_ALLOCATOR=\"mimaloc\"") && said.contains("\"mimalloc\""),
+        "{said}"
+    );
+    for good in ["mimalloc", "system"] {
+        let out = run(good);
+        assert!(out.status.success(), "{good}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("fedgate"));
+    }
+}
