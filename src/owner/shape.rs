@@ -25,7 +25,7 @@
 //! decision that depends on a value (which members hold the key, what is pushed to a
 //! member, and at a data owner every rule applied to the query) sees the value.
 
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::sqlparser::ast::{
@@ -33,6 +33,9 @@ use datafusion::sql::sqlparser::ast::{
     visit_expressions_mut,
 };
 use std::ops::ControlFlow;
+
+/// The most constants a shape lifts; a statement with more is planned as written.
+pub const MAX_LITERALS: usize = 256;
 
 /// What kind of constant a placeholder stands for, as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +105,9 @@ pub fn shape(stmt: &datafusion::sql::parser::Statement) -> Option<Shaped> {
     let mut query = query.clone();
     let mut literals = Vec::new();
     lift_query(&mut query, &mut literals);
-    if literals.is_empty() {
+    // A long IN list is a shape of its own for every length: it is planned as written
+    // rather than cached with a placeholder per item.
+    if literals.is_empty() || literals.len() > MAX_LITERALS {
         return None;
     }
     Some(Shaped {
@@ -294,9 +299,12 @@ fn value_as(literal: &Literal, to: &DataType) -> Option<ScalarValue> {
             ScalarValue::Float64(Some(literal.text.parse().ok()?))
         }
         Kind::Text => {
+            // A string compared with a timestamp is compared in nanoseconds whatever
+            // the timestamp's unit; cast to a coarser unit it would lose its fraction
+            // (`'... 00:00:00.5'` against seconds), so only nanoseconds bind.
             let allowed = matches!(
                 to,
-                Utf8 | LargeUtf8 | Utf8View | Date32 | Date64 | Timestamp(..)
+                Utf8 | LargeUtf8 | Utf8View | Date32 | Date64 | Timestamp(TimeUnit::Nanosecond, _)
             );
             if !allowed {
                 return None;
@@ -373,6 +381,10 @@ mod tests {
         ] {
             assert!(shaped(sql).is_none(), "{sql}");
         }
+        let items = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+        let sql = |n: usize| format!("SELECT * FROM t WHERE k IN ({})", items(n));
+        assert!(shaped(&sql(MAX_LITERALS)).is_some());
+        assert!(shaped(&sql(MAX_LITERALS + 1)).is_none());
     }
 
     #[test]
@@ -429,6 +441,18 @@ mod tests {
                 .ok()
         );
         assert_eq!(value_as(&text("not a date"), &Date32), None);
+        // Seconds would cut the fraction the planner compares in nanoseconds.
+        let at = "2024-01-01 00:00:00.5";
+        assert_eq!(
+            value_as(&text(at), &Timestamp(TimeUnit::Second, None)),
+            None
+        );
+        assert_eq!(
+            value_as(&text(at), &Timestamp(TimeUnit::Nanosecond, None)),
+            ScalarValue::Utf8(Some(at.into()))
+                .cast_to(&Timestamp(TimeUnit::Nanosecond, None))
+                .ok()
+        );
         assert_eq!(value_as(&text("x"), &Boolean), None);
     }
 }

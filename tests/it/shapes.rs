@@ -69,8 +69,9 @@ async fn lookups_with_new_constants_are_bound_from_their_shape_and_answer_for_th
 
 /// The weakest useful grant, `verify`, under plans bound from a shape: each value is
 /// checked by the owner's rewrite as the constant it is (an ID enrolled here counts,
-/// one that is not counts nothing), and a constant of another kind or another operator
-/// is a shape of its own, refused as the text would be.
+/// one that is not counts nothing), and a constant of another kind (a number for a
+/// text key, which binding refuses, so the text is planned) or another operator is a
+/// shape of its own, and refused.
 #[tokio::test]
 async fn a_verify_grant_checks_every_bound_value_and_other_shapes_are_refused() {
     let region = Region::start().await;
