@@ -217,7 +217,7 @@ fn spawn(dir: &Path, name: &str, port: u16) -> Proc {
 /// Which `malloc` a gateway process runs with.
 enum Alloc {
     /// mimalloc, built in (`FEDGATE_ALLOCATOR=mimalloc`).
-    BuiltIn,
+    Mimalloc,
     /// The C library's (the default), or with a library loaded before it
     /// (`LD_PRELOAD`).
     System(Option<PathBuf>),
@@ -228,7 +228,7 @@ fn spawn_with(dir: &Path, name: &str, port: u16, alloc: &Alloc) -> Proc {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     let mut command = Command::new(FEDGATE);
     match alloc {
-        Alloc::BuiltIn => {
+        Alloc::Mimalloc => {
             command.env("FEDGATE_ALLOCATOR", "mimalloc");
         }
         Alloc::System(Some(lib)) => {
@@ -894,7 +894,7 @@ async fn allocator(region: &mut Region, sizes: Sizes, out: &mut String) {
         ("the C library's (glibc; the default)", Alloc::System(None)),
         (
             "mimalloc, built in (`FEDGATE_ALLOCATOR=mimalloc`)",
-            Alloc::BuiltIn,
+            Alloc::Mimalloc,
         ),
         (
             "jemalloc 5 (Debian's `libjemalloc2` in `LD_PRELOAD`)",
@@ -928,7 +928,7 @@ async fn allocator(region: &mut Region, sizes: Sizes, out: &mut String) {
                 // shows in its memory map.
                 let log = std::fs::read_to_string(&p.log).unwrap();
                 let said = match alloc {
-                    Alloc::BuiltIn => "(allocator mimalloc)",
+                    Alloc::Mimalloc => "(allocator mimalloc)",
                     Alloc::System(_) => "(allocator system)",
                 };
                 assert!(log.contains(said), "{name} did not say {said}: {log}");

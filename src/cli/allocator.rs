@@ -47,47 +47,36 @@ fn choice() -> u8 {
     c
 }
 
+/// The allocator [`choice`] made.
+#[inline]
+fn backend() -> &'static dyn GlobalAlloc {
+    match choice() {
+        MIMALLOC => &MiMalloc,
+        _ => &System,
+    }
+}
+
 // SAFETY: each method forwards to one allocator, the same for the process's whole life
 // (see `choice`), so every block is freed or resized by the allocator that made it.
 unsafe impl GlobalAlloc for Allocator {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        unsafe {
-            match choice() {
-                MIMALLOC => MiMalloc.alloc(layout),
-                _ => System.alloc(layout),
-            }
-        }
+        unsafe { backend().alloc(layout) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        unsafe {
-            match choice() {
-                MIMALLOC => MiMalloc.alloc_zeroed(layout),
-                _ => System.alloc_zeroed(layout),
-            }
-        }
+        unsafe { backend().alloc_zeroed(layout) }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe {
-            match choice() {
-                MIMALLOC => MiMalloc.dealloc(ptr, layout),
-                _ => System.dealloc(ptr, layout),
-            }
-        }
+        unsafe { backend().dealloc(ptr, layout) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        unsafe {
-            match choice() {
-                MIMALLOC => MiMalloc.realloc(ptr, layout, new_size),
-                _ => System.realloc(ptr, layout, new_size),
-            }
-        }
+        unsafe { backend().realloc(ptr, layout, new_size) }
     }
 }
 
