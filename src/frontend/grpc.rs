@@ -20,68 +20,95 @@ impl FederationService {
     /// messages if asked, then the summary, then the error if the answer is
     /// incomplete.
     fn respond(&self, started: Started, progress: bool) -> ResponseStream<QueryResponse> {
-        let observer = self.observer.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<QueryResponse, Status>>(8);
-        tokio::spawn(async move {
-            let Started {
-                schema,
-                batches,
-                outcome,
-                state,
-                started,
-            } = started;
-            let batches = tokio_stream::wrappers::ReceiverStream::new(batches).map(Ok);
-            let chunks = arrow_ipc::encode(schema, batches);
-            tokio::pin!(chunks);
-            // The first tick is one period away; a query that did not ask for progress
-            // never polls the timer, so it is never registered.
-            let mut tick = tokio::time::interval_at(
-                tokio::time::Instant::now() + PROGRESS_EVERY,
-                PROGRESS_EVERY,
-            );
-            loop {
-                tokio::select! {
-                    next = chunks.next() => match next {
-                        Some(Ok(c)) => {
-                            observer.bytes_sent("client", (c.header.len() + c.body.len()) as u64);
-                            let msg = QueryResponse { payload: Some(query_response::Payload::Arrow(c)) };
-                            if tx.send(Ok(msg)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Some(Err(e)) => {
-                            let _ = tx.send(Err(e.to_status())).await;
-                            return;
-                        }
-                        None => break,
-                    },
-                    _ = tick.tick(), if progress => {
-                        let msg = QueryResponse {
-                            payload: Some(query_response::Payload::Progress(Progress {
-                                elapsed_us: started.elapsed().as_micros() as u64,
-                                members: state.progress(),
-                            })),
-                        };
-                        if tx.send(Ok(msg)).await.is_err() {
-                            return;
-                        }
-                    }
+        // The answer is encoded as tonic polls for the next message, in the request's
+        // own task: no task and channel of its own between the query's driver and the
+        // connection (each was a wake-up of another task per message). Dropping the
+        // stream (the caller went away) drops the batches' receiver, which the
+        // driver records as a cancelled query.
+        let Started {
+            schema,
+            batches,
+            outcome,
+            state,
+            started,
+        } = started;
+        let batches = tokio_stream::wrappers::ReceiverStream::new(batches).map(Ok);
+        // The first tick is one period away; a query that did not ask for progress
+        // never polls the timer, so it is never registered.
+        let tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let answer = Answer {
+            chunks: Box::pin(arrow_ipc::encode(schema, batches)),
+            tick,
+            progress,
+            outcome: Some(outcome),
+            failure: None,
+            state,
+            started,
+            observer: self.observer.clone(),
+        };
+        Box::pin(futures::stream::unfold(answer, |mut a| async move {
+            let next = a.next().await?;
+            Some((next, a))
+        }))
+    }
+}
+
+/// A started query's answer as gRPC messages, in order: Arrow IPC chunks (with
+/// progress messages between them if asked for), the summary, then the error if
+/// the answer is incomplete. After an encoding error nothing follows it.
+struct Answer {
+    chunks: std::pin::Pin<Box<dyn futures::Stream<Item = crate::error::Result<ArrowChunk>> + Send>>,
+    tick: tokio::time::Interval,
+    progress: bool,
+    /// Taken when the chunks end; `None` after that (or after an error).
+    outcome: Option<super::query::PendingOutcome>,
+    /// The incomplete answer's error, sent after its summary.
+    failure: Option<Status>,
+    state: std::sync::Arc<crate::coordinator::state::QueryState>,
+    started: std::time::Instant,
+    observer: std::sync::Arc<crate::ops::observe::Observer>,
+}
+
+impl Answer {
+    async fn next(&mut self) -> Option<std::result::Result<QueryResponse, Status>> {
+        if let Some(e) = self.failure.take() {
+            return Some(Err(e));
+        }
+        let outcome = self.outcome.take()?;
+        // The next chunk or progress message; past the last chunk, the outcome.
+        tokio::select! {
+            next = self.chunks.next() => match next {
+                Some(Ok(c)) => {
+                    self.outcome = Some(outcome);
+                    self.observer.bytes_sent("client", (c.header.len() + c.body.len()) as u64);
+                    return Some(Ok(QueryResponse { payload: Some(query_response::Payload::Arrow(c)) }));
                 }
+                // Nothing follows an encoding error (the outcome stays taken).
+                Some(Err(e)) => return Some(Err(e.to_status())),
+                None => {}
+            },
+            _ = self.tick.tick(), if self.progress => {
+                self.outcome = Some(outcome);
+                return Some(Ok(QueryResponse {
+                    payload: Some(query_response::Payload::Progress(Progress {
+                        elapsed_us: self.started.elapsed().as_micros() as u64,
+                        members: self.state.progress(),
+                    })),
+                }));
             }
-            let Outcome { summary, failure } = outcome.wait().await;
-            if let Some(s) = summary {
-                let msg = QueryResponse {
+        }
+        let Outcome { summary, failure } = outcome.wait().await;
+        let failure = failure.map(|e| e.to_status());
+        match summary {
+            Some(s) => {
+                self.failure = failure;
+                Some(Ok(QueryResponse {
                     payload: Some(query_response::Payload::Summary(s)),
-                };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
-                }
+                }))
             }
-            if let Some(e) = failure {
-                let _ = tx.send(Err(e.to_status())).await;
-            }
-        });
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+            None => failure.map(Err),
+        }
     }
 }
 

@@ -126,6 +126,62 @@ async fn progress_messages_show_members_still_running() {
     assert_eq!(*quiet.lock().unwrap(), 0);
 }
 
+/// A caller that stops reading mid-answer (its stream dropped) cancels the query at
+/// the coordinator, which still records it, as cancelled, with the rows it had sent.
+#[tokio::test]
+async fn a_caller_that_goes_away_mid_answer_is_recorded_as_cancelled() {
+    let (region, proxies) = Region::start_behind_proxies(&["suzhou"], &|_| {}).await;
+    proxies["suzhou"].set(Fault::Delay(Duration::from_millis(900)));
+    let client = region.client("hangzhou");
+    let sql = "SELECT member, hospital_name FROM fever_clinics";
+    let before = crate::support::audit_records(&region.audit_log("hangzhou")).len();
+    let mut received = 0;
+    let e = client
+        .query_each(
+            fedgate::proto::v1::QueryRequest {
+                sql: sql.into(),
+                timeout_ms: 10_000,
+                ..Default::default()
+            },
+            |b| {
+                // The first batch comes from a member that answers at once; Suzhou's
+                // is still on its way when the caller goes.
+                received += b.num_rows();
+                Err(tonic::Status::cancelled("the caller stops reading"))
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("stops reading"), "{e}");
+    assert!(received > 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        let found = crate::support::audit_records(&region.audit_log("hangzhou"))
+            .into_iter()
+            .skip(before)
+            .find(|r| r["entry"]["kind"] == "query");
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned query was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(record["entry"]["decision"], "cancelled", "{record}");
+    assert_eq!(
+        record["entry"]["sql_sha256"],
+        fedgate::ops::audit::sql_hash(sql),
+        "{record}"
+    );
+    let rows = record["entry"]["rows"].as_u64().unwrap();
+    assert!(
+        rows >= received as u64,
+        "the record counts the {received} rows the caller saw: {record}"
+    );
+}
+
 #[tokio::test]
 async fn a_service_whose_placeholders_are_not_its_parameters_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
