@@ -31,6 +31,10 @@
 //! - `fairness`: a county portal's open-loop calls of a published service while one
 //!   city floods the data owner with heavy queries at rising concurrency, against an
 //!   owner with one pool of sub-query slots and an owner with shares per class.
+//! - `receipts`: the same queries through the hub with and without a signed receipt.
+//! - `allocator` and `workers`: `hub` and `solo` restarted with each `malloc`, and with
+//!   tokio's worker threads at one per core and at one, then the hop section's
+//!   lookup and 64 KiB answer.
 //!
 //! Run: `cargo bench --bench region` (`-- --rounds N`, `-- --only hop,fdw`,
 //! `-- --smoke` for a few seconds on tiny data, `-- --out FILE` to also write the
@@ -163,23 +167,62 @@ impl Proc {
             .unwrap_or_else(|e| panic!("clear_refs of {}: {e}", self.name));
     }
 
-    /// User plus system CPU time of the whole process (all threads, living and
-    /// ended), from `/proc/PID/stat`.
+    /// CPU time of the whole process (all threads, living and ended). Each living
+    /// thread's time is read from `/proc/PID/task/TID/schedstat` in nanoseconds: the
+    /// tick-sampled user and system times of `/proc/PID/stat` moved in steps of 50 µs
+    /// per query over a round of 200 queries, the size of the differences measured.
+    /// Threads that ended count with their ticks (the process's ticks less the living
+    /// threads'), so a thread ending within a round does not take its time with it.
     fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
+        let pid = self.pid();
+        let (mut live_ns, mut live_ticks) = (0u64, 0u64);
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let dir = task.path();
+            // A thread may end between listing and reading: it then counts as ended.
+            let (Ok(sched), Some(ticks)) = (
+                std::fs::read_to_string(dir.join("schedstat")),
+                stat_ticks(&dir.join("stat")),
+            ) else {
+                continue;
+            };
+            live_ns += sched
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap();
+            live_ticks += ticks;
+        }
+        let all_ticks = stat_ticks(std::path::Path::new(&format!("/proc/{pid}/stat"))).unwrap();
+        Duration::from_nanos(live_ns)
+            + Duration::from_secs_f64(
+                all_ticks.saturating_sub(live_ticks) as f64 / clock_ticks() as f64,
+            )
     }
 }
 
+/// User plus system time, in clock ticks, of a `/proc` `stat` file (a process's or a
+/// thread's); `None` when it cannot be read.
+fn stat_ticks(path: &std::path::Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?)
+}
+
+/// The kernel's clock ticks per second, asked once.
 fn clock_ticks() -> u64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output();
-    out.ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100)
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        let out = Command::new("getconf").arg("CLK_TCK").output();
+        out.ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+            .unwrap_or(100)
+    })
 }
 
 /// A port for a gateway process to listen on. Ports are picked below the kernel's
@@ -211,10 +254,19 @@ fn free_port() -> u16 {
 
 /// Starts `fedgate serve` and waits until its port accepts connections.
 fn spawn(dir: &Path, name: &str, port: u16) -> Proc {
-    spawn_with(dir, name, port, &Alloc::System(None))
+    spawn_with(
+        dir,
+        name,
+        port,
+        &Setup {
+            alloc: Alloc::System(None),
+            workers: None,
+        },
+    )
 }
 
 /// Which `malloc` a gateway process runs with.
+#[derive(Clone)]
 enum Alloc {
     /// mimalloc, built in (`FEDGATE_ALLOCATOR=mimalloc`).
     Mimalloc,
@@ -223,11 +275,18 @@ enum Alloc {
     System(Option<PathBuf>),
 }
 
-/// [`spawn`], with the allocator `alloc`.
-fn spawn_with(dir: &Path, name: &str, port: u16, alloc: &Alloc) -> Proc {
+/// How a gateway process is started: its allocator, and its runtime's worker threads
+/// (`None`: tokio's default, one per core).
+struct Setup {
+    alloc: Alloc,
+    workers: Option<usize>,
+}
+
+/// [`spawn`], set up as `setup` says.
+fn spawn_with(dir: &Path, name: &str, port: u16, setup: &Setup) -> Proc {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     let mut command = Command::new(FEDGATE);
-    match alloc {
+    match &setup.alloc {
         Alloc::Mimalloc => {
             command.env("FEDGATE_ALLOCATOR", "mimalloc");
         }
@@ -235,6 +294,9 @@ fn spawn_with(dir: &Path, name: &str, port: u16, alloc: &Alloc) -> Proc {
             command.env("LD_PRELOAD", lib);
         }
         Alloc::System(None) => {}
+    }
+    if let Some(w) = setup.workers {
+        command.env("TOKIO_WORKER_THREADS", w.to_string());
     }
     let child = command
         .args(["serve", "--config"])
@@ -905,69 +967,19 @@ async fn allocator(region: &mut Region, sizes: Sizes, out: &mut String) {
         Alloc::System(Some(l)) => l.exists(),
         _ => true,
     });
-    let lookup = vec![
-        "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id = {n}".to_string(),
-    ];
-    let large = vec![
-        "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id <= 2600".to_string(),
-    ];
-    let range = (1, FILE_ROWS);
-    let dir = region.dir.path().to_path_buf();
-    // (p50, CPU of hub and solo per query) per allocator and query.
-    let mut got: BTreeMap<(usize, usize), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
-    for r in 0..sizes.rounds {
-        let mut order: Vec<usize> = (0..libs.len()).collect();
-        order.rotate_left(r % libs.len());
-        for a in order {
-            let alloc = &libs[a].1;
-            for name in ["hub", "solo"] {
-                let port = region.procs[name].port;
-                drop(region.procs.remove(name));
-                let p = spawn_with(&dir, name, port, alloc);
-                // The gateway names its allocator when it starts; a preloaded library
-                // shows in its memory map.
-                let log = std::fs::read_to_string(&p.log).unwrap();
-                let said = match alloc {
-                    Alloc::Mimalloc => "(allocator mimalloc)",
-                    Alloc::System(_) => "(allocator system)",
-                };
-                assert!(log.contains(said), "{name} did not say {said}: {log}");
-                if let Alloc::System(Some(lib)) = alloc {
-                    let maps = std::fs::read_to_string(format!("/proc/{}/maps", p.pid())).unwrap();
-                    let file = lib.file_name().unwrap().to_string_lossy();
-                    assert!(maps.contains(file.as_ref()), "{name} did not load {file}");
-                }
-                region.procs.insert(name.to_string(), p);
-            }
-            let via = region.client("hub");
-            warm(&via, &lookup, range, 50).await;
-            warm(&via, &large, range, 10).await;
-            for (q, sql) in [&lookup, &large].into_iter().enumerate() {
-                let before = region.proc("hub").cpu() + region.proc("solo").cpu();
-                let rep = fed(&via, sql, range, sizes.requests, r as u64 + 1).await;
-                let cpu = region.proc("hub").cpu() + region.proc("solo").cpu() - before;
-                let e = got.entry((a, q)).or_default();
-                e.0.push(rep.latency_us.p50 as f64);
-                e.1.push(cpu.as_secs_f64() * 1e6 / rep.ok as f64);
-            }
-        }
-    }
-    let mut rows = Vec::new();
-    for (a, (label, _)) in libs.iter().enumerate() {
-        let mut cells = Vec::new();
-        for q in 0..2 {
-            let (p50, cpu) = &got[&(a, q)];
-            let (base50, base_cpu) = &got[&(0, q)];
-            cells.push(format!(
-                "{} ({:.2}) | {:.0} µs ({:.2})",
-                ms(median(p50.clone())),
-                median(p50.clone()) / median(base50.clone()),
-                median(cpu.clone()),
-                median(cpu.clone()) / median(base_cpu.clone()),
-            ));
-        }
-        rows.push(format!("| {label} | {} |", cells.join(" | ")));
-    }
+    let setups: Vec<(&str, Setup)> = libs
+        .into_iter()
+        .map(|(label, alloc)| {
+            (
+                label,
+                Setup {
+                    alloc,
+                    workers: None,
+                },
+            )
+        })
+        .collect();
+    let rows = restarted(region, sizes, &setups).await;
     let missing = if missing.is_empty() {
         String::new()
     } else {
@@ -995,6 +1007,119 @@ async fn allocator(region: &mut Region, sizes: Sizes, out: &mut String) {
         sizes.rounds,
         rows.join("\n")
     ));
+}
+
+/// Worker threads side by side: `hub` and `solo` restarted with tokio's default (one
+/// per core) and with one (`TOKIO_WORKER_THREADS=1`), as the allocators are.
+async fn workers(region: &mut Region, sizes: Sizes, out: &mut String) {
+    let setups = [
+        (
+            "one per core (tokio's default; 2 here)",
+            Setup {
+                alloc: Alloc::System(None),
+                workers: None,
+            },
+        ),
+        (
+            "one (`TOKIO_WORKER_THREADS=1`)",
+            Setup {
+                alloc: Alloc::System(None),
+                workers: Some(1),
+            },
+        ),
+    ];
+    let rows = restarted(region, sizes, &setups).await;
+    out.push_str(&format!(
+        "### Worker threads\n\n\
+         The same `fedgate` binary with its runtime's worker threads as tokio sets them (one per \
+         core) and with one: `hub` and `solo` are restarted with each in every round, in rotated \
+         order (the gateway names its count in its log), warmed up, then asked the hop section's \
+         one-row lookup with a new key and its 64 KiB answer through `hub`, {} queries each, one \
+         at a time. CPU is `hub`'s and `solo`'s user and system time over the queries divided by \
+         them. In parentheses: the ratio to the default, medians of {} rounds. One at a time is \
+         where a second worker only costs: each hand-over between tasks may wake the other \
+         thread. The fan-out, fairness and doors sections run with the default.\n\n\
+         | worker threads | one-row lookup p50 | its CPU per query | 64 KiB answer p50 | its CPU per query |\n\
+         |---|---:|---:|---:|---:|\n{}\n\n",
+        sizes.requests,
+        sizes.rounds,
+        rows.join("\n")
+    ));
+}
+
+/// Restarts `hub` and `solo` with each set-up in every round (rotated order), then
+/// asks the hop section's one-row lookup with a new key and its 64 KiB answer through
+/// `hub`. One table row per set-up: p50 and CPU of both gateways per query, each with
+/// its ratio to the first set-up's. The gateways are left running with the last.
+async fn restarted(region: &mut Region, sizes: Sizes, setups: &[(&str, Setup)]) -> Vec<String> {
+    let lookup = vec![
+        "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id = {n}".to_string(),
+    ];
+    let large = vec![
+        "SELECT id, county_code, x FROM readings WHERE member = 'solo' AND id <= 2600".to_string(),
+    ];
+    let range = (1, FILE_ROWS);
+    let dir = region.dir.path().to_path_buf();
+    // (p50, CPU of hub and solo per query) per set-up and query.
+    let mut got: BTreeMap<(usize, usize), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for r in 0..sizes.rounds {
+        let mut order: Vec<usize> = (0..setups.len()).collect();
+        order.rotate_left(r % setups.len());
+        for a in order {
+            let setup = &setups[a].1;
+            for name in ["hub", "solo"] {
+                let port = region.procs[name].port;
+                drop(region.procs.remove(name));
+                let p = spawn_with(&dir, name, port, setup);
+                // The gateway names its allocator and worker threads when it starts; a
+                // preloaded library shows in its memory map.
+                let log = std::fs::read_to_string(&p.log).unwrap();
+                let said = match &setup.alloc {
+                    Alloc::Mimalloc => "(allocator mimalloc,",
+                    Alloc::System(_) => "(allocator system,",
+                };
+                assert!(log.contains(said), "{name} did not say {said}: {log}");
+                if let Some(w) = setup.workers {
+                    let said = format!(", {w} worker threads)");
+                    assert!(log.contains(&said), "{name} did not say {said}: {log}");
+                }
+                if let Alloc::System(Some(lib)) = &setup.alloc {
+                    let maps = std::fs::read_to_string(format!("/proc/{}/maps", p.pid())).unwrap();
+                    let file = lib.file_name().unwrap().to_string_lossy();
+                    assert!(maps.contains(file.as_ref()), "{name} did not load {file}");
+                }
+                region.procs.insert(name.to_string(), p);
+            }
+            let via = region.client("hub");
+            warm(&via, &lookup, range, 50).await;
+            warm(&via, &large, range, 10).await;
+            for (q, sql) in [&lookup, &large].into_iter().enumerate() {
+                let before = region.proc("hub").cpu() + region.proc("solo").cpu();
+                let rep = fed(&via, sql, range, sizes.requests, r as u64 + 1).await;
+                let cpu = region.proc("hub").cpu() + region.proc("solo").cpu() - before;
+                let e = got.entry((a, q)).or_default();
+                e.0.push(rep.latency_us.p50 as f64);
+                e.1.push(cpu.as_secs_f64() * 1e6 / rep.ok as f64);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (a, (label, _)) in setups.iter().enumerate() {
+        let mut cells = Vec::new();
+        for q in 0..2 {
+            let (p50, cpu) = &got[&(a, q)];
+            let (base50, base_cpu) = &got[&(0, q)];
+            cells.push(format!(
+                "{} ({:.2}) | {:.0} µs ({:.2})",
+                ms(median(p50.clone())),
+                median(p50.clone()) / median(base50.clone()),
+                median(cpu.clone()),
+                median(cpu.clone()) / median(base_cpu.clone()),
+            ));
+        }
+        rows.push(format!("| {label} | {} |", cells.join(" | ")));
+    }
+    rows
 }
 
 /// What a signed receipt costs: the same queries through the hub with and without
@@ -2325,11 +2450,16 @@ fn machine() -> String {
         .and_then(|k| k.parse::<u64>().ok())
         .map(|k| format!("{:.0} GiB", k as f64 / 1048576.0))
         .unwrap_or_default();
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
+    // The cargo profile's folder holds the gateway binary: `release`, `profiling` (the
+    // release build with its symbols) or `debug`.
+    let profile = Path::new(FEDGATE)
+        .parent()
+        .and_then(|d| d.file_name())
+        .map(|d| match d.to_string_lossy().as_ref() {
+            "profiling" => "profiling (the release build with symbols)".to_string(),
+            other => other.to_string(),
+        })
+        .unwrap_or_else(|| "unknown".into());
     format!("{cores} vCPU {cpu}, {mem}, Linux, {profile} build")
 }
 
@@ -2354,6 +2484,7 @@ fn main() {
         "fairness",
         "receipts",
         "allocator",
+        "workers",
     ];
     let only = arg("--only");
     let sections: Vec<&str> = all
@@ -2391,6 +2522,7 @@ fn main() {
                 "fairness" => fairness(sizes, &mut out).await,
                 "receipts" => receipts(&region, sizes, &mut out).await,
                 "allocator" => allocator(&mut region, sizes, &mut out).await,
+                "workers" => workers(&mut region, sizes, &mut out).await,
                 _ => unreachable!(),
             }
             eprintln!("{s} done in {:.1} s", t.elapsed().as_secs_f64());

@@ -111,11 +111,14 @@ pub(crate) enum AuditCommand {
 pub(crate) async fn serve(config: &Path) -> Result<ExitCode> {
     let cfg = MemberConfig::load(config).map_err(|p| anyhow!("invalid configuration:\n{p}"))?;
     let mut gw = Gateway::start(Arc::new(cfg), None).await?;
+    // The runtime's worker threads are one per core unless TOKIO_WORKER_THREADS says
+    // otherwise (BENCHMARKS.md measures one against two); the line says which.
     eprintln!(
-        "fedgate: member {} serving on https://{} (allocator {})",
+        "fedgate: member {} serving on https://{} (allocator {}, {} worker threads)",
         gw.member,
         gw.addr,
-        super::allocator::name()
+        super::allocator::name(),
+        tokio::runtime::Handle::current().metrics().num_workers()
     );
     if let Some(h) = gw.http_addr {
         eprintln!("fedgate: status board, metrics and JSON API on {h}");
