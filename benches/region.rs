@@ -1012,9 +1012,11 @@ async fn allocator(region: &mut Region, sizes: Sizes, out: &mut String) {
 /// Worker threads side by side: `hub` and `solo` restarted with tokio's default (one
 /// per core) and with one (`TOKIO_WORKER_THREADS=1`), as the allocators are.
 async fn workers(region: &mut Region, sizes: Sizes, out: &mut String) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = format!("one per core (tokio's default; {cores} here)");
     let setups = [
         (
-            "one per core (tokio's default; 2 here)",
+            default.as_str(),
             Setup {
                 alloc: Alloc::System(None),
                 workers: None,
