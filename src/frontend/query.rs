@@ -608,11 +608,22 @@ impl FederationService {
                                     failure = Some(e);
                                     break;
                                 }
-                                if batch_tx.send(b).await.is_err() {
-                                    // The caller went away; dropping the stream cancels
-                                    // the members. The query is still recorded.
-                                    gone = true;
-                                    break;
+                                // A caller that stops reading (and keeps its stream)
+                                // blocks this send; the deadline still holds while it
+                                // does, or such a caller would keep the query, its
+                                // slot and the members' work for as long as it liked.
+                                tokio::select! {
+                                    sent = batch_tx.send(b) => if sent.is_err() {
+                                        // The caller went away; dropping the stream
+                                        // cancels the members. The query is still
+                                        // recorded.
+                                        gone = true;
+                                        break;
+                                    },
+                                    _ = &mut deadline => {
+                                        failure = Some(Error::DeadlineExceeded(timeout));
+                                        break;
+                                    }
                                 }
                             }
                             Some(Err(e)) => { failure = Some(Error::from_datafusion(e)); break; }

@@ -337,22 +337,30 @@ impl PeerService {
             tokio::pin!(chunks);
             let deadline = tokio::time::sleep(budget);
             tokio::pin!(deadline);
+            // Every send races the sub-query's deadline: a caller that stops reading
+            // and keeps its stream open would otherwise hold the sub-query, its slot and
+            // its databases' work for as long as it liked. Past the deadline the caller
+            // is told so if its channel has room, and the stream is dropped (which
+            // records the sub-query as cancelled).
+            let late = |tx: &tokio::sync::mpsc::Sender<std::result::Result<ExecuteResponse, Status>>| {
+                let _ = tx.try_send(Err(Error::DeadlineExceeded(budget).to_status()));
+            };
             loop {
                 tokio::select! {
                     next = chunks.next() => match next {
                         Some(Ok(c)) => {
                             observer.bytes_sent("peer", (c.header.len() + c.body.len()) as u64);
-                            if tx.send(Ok(ExecuteResponse { payload: Some(execute_response::Payload::Arrow(c)) })).await.is_err() {
-                                return;
+                            let m = Ok(ExecuteResponse { payload: Some(execute_response::Payload::Arrow(c)) });
+                            match send_by(&tx, m, deadline.as_mut()).await {
+                                Sent::Yes => {}
+                                Sent::Gone => return,
+                                Sent::Late => { late(&tx); return; }
                             }
                         }
-                        Some(Err(e)) => { let _ = tx.send(Err(e.to_status())).await; return; }
+                        Some(Err(e)) => { let _ = send_by(&tx, Err(e.to_status()), deadline.as_mut()).await; return; }
                         None => break,
                     },
-                    _ = &mut deadline => {
-                        let _ = tx.send(Err(Error::DeadlineExceeded(budget).to_status())).await;
-                        return;
-                    }
+                    _ = &mut deadline => { late(&tx); return; }
                 }
             }
             let audit_hash = note.audit_hash.get().cloned().unwrap_or_default();
@@ -372,7 +380,7 @@ impl PeerService {
                     match owner::member_statement(&tls, &member, &ask, d.finish(), &audit_hash) {
                         Ok(s) => s,
                         Err(e) => {
-                            let _ = tx.send(Err(e.to_status())).await;
+                            let _ = send_by(&tx, Err(e.to_status()), deadline.as_mut()).await;
                             return;
                         }
                     }
@@ -386,11 +394,12 @@ impl PeerService {
                 audit_hash,
                 statement,
             };
-            let _ = tx
-                .send(Ok(ExecuteResponse {
-                    payload: Some(execute_response::Payload::Summary(summary)),
-                }))
-                .await;
+            let m = Ok(ExecuteResponse {
+                payload: Some(execute_response::Payload::Summary(summary)),
+            });
+            if let Sent::Late = send_by(&tx, m, deadline.as_mut()).await {
+                late(&tx);
+            }
         }.instrument(span));
         match planned.await {
             Ok(Ok(())) => Ok(Response::new(Box::pin(
@@ -538,5 +547,27 @@ impl PeerService {
                 .map(|e| e.describe_access(&origin, purpose))
                 .unwrap_or_default(),
         }))
+    }
+}
+
+/// How a message handed to the caller's channel fared.
+enum Sent {
+    /// It is in the channel.
+    Yes,
+    /// The caller went away.
+    Gone,
+    /// The deadline passed while the channel was full.
+    Late,
+}
+
+/// Sends `m` to the caller's channel, unless `deadline` passes first.
+async fn send_by<T>(
+    tx: &tokio::sync::mpsc::Sender<T>,
+    m: T,
+    deadline: std::pin::Pin<&mut tokio::time::Sleep>,
+) -> Sent {
+    tokio::select! {
+        sent = tx.send(m) => if sent.is_ok() { Sent::Yes } else { Sent::Gone },
+        _ = deadline => Sent::Late,
     }
 }

@@ -2,6 +2,7 @@
 //! the members' own files (never from fedgate's output).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use fedgate::proto::v1::MemberState;
 
@@ -326,6 +327,73 @@ async fn describe_lists_datasets_fields_and_servers() {
     assert_eq!(fc.fields.last().unwrap().name, "member");
     let census = d.datasets.iter().find(|x| x.name == "census").unwrap();
     assert!(census.members.contains(&"hefei".to_string()));
+}
+
+/// A gateway that asks a data owner for a sub-query and then stops reading its answer
+/// (keeping the stream open) cannot hold the sub-query past its budget: the owner
+/// drops it at the deadline, even while it waits to hand over more rows, and records
+/// it as cancelled. The attacker here holds Hangzhou's certificate and asks Shanghai.
+#[tokio::test]
+async fn an_owner_drops_a_sub_query_whose_caller_stops_reading_at_its_deadline() {
+    use fedgate::proto::v1::ExecuteRequest;
+    use fedgate::proto::v1::peer_client::PeerClient;
+    use fedgate::trust::tls::Connector;
+    let region = Region::start().await;
+    let port = region
+        .endpoint("shanghai")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    let ch = Connector::new(
+        region.material("hangzhou").client_config().unwrap(),
+        "127.0.0.1",
+        port,
+        None,
+    )
+    .channel(Duration::from_secs(5))
+    .unwrap();
+    // Far more than the buffers between the owner and its caller hold (the answer's
+    // channel, HTTP/2's window, the sockets): about 80 MB.
+    let part = "SELECT repeat(hospital_name, 3000) AS r FROM fever_clinics";
+    let sql = [part; 8].join(" UNION ALL ");
+    let mut stream = PeerClient::new(ch)
+        .execute(ExecuteRequest {
+            incident: Vec::new(),
+            receipt: false,
+            sql: sql.clone(),
+            origin: "fedgate://yrd/city/hangzhou".into(),
+            hops: 1,
+            path: vec!["fedgate://yrd/city/hangzhou".into()],
+            budget_ms: 1_500,
+            query_id: "stalled-reader".into(),
+            purpose: String::new(),
+            origin_assertion: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The first message arrives; then the caller reads nothing more, and keeps the
+    // stream.
+    stream.message().await.unwrap().unwrap();
+    let log = region.audit_log("shanghai");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let record = loop {
+        let found = crate::support::sub_query_records(&log)
+            .into_iter()
+            .find(|r| r["entry"]["query_id"] == "stalled-reader");
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a caller that stopped reading held the sub-query 15 s past its 1.5 s budget"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(record["entry"]["decision"], "cancelled", "{record}");
+    drop(stream);
 }
 
 #[tokio::test]

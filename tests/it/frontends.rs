@@ -182,6 +182,61 @@ async fn a_caller_that_goes_away_mid_answer_is_recorded_as_cancelled() {
     );
 }
 
+/// A caller that keeps its stream open but stops reading cannot hold a query (its
+/// admission slot, the members' work) past the query's deadline: the coordinator
+/// gives up at the deadline, even while it waits to hand the caller more rows, and
+/// records the query as failed.
+#[tokio::test]
+async fn a_caller_that_stops_reading_does_not_hold_the_query_past_its_deadline() {
+    let region = Region::start().await;
+    // Far more than the buffers between the query and the caller hold (the batches'
+    // channel, HTTP/2's window, the sockets): about 10 MB per part, 24 batches.
+    let part = "SELECT repeat(hospital_name, 2000) AS r FROM fever_clinics";
+    let sql = [part; 6].join(" UNION ALL ");
+    let before = crate::support::audit_records(&region.audit_log(OFFICE)).len();
+    let mut stream = region
+        .client(OFFICE)
+        .raw()
+        .query(fedgate::proto::v1::QueryRequest {
+            sql: sql.clone(),
+            timeout_ms: 1_500,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The schema arrives; then the caller reads nothing more, and keeps the stream.
+    stream.message().await.unwrap().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let record = loop {
+        let found = crate::support::audit_records(&region.audit_log(OFFICE))
+            .into_iter()
+            .skip(before)
+            .find(|r| r["entry"]["kind"] == "query");
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a caller that stopped reading held the query 15 s past its 1.5 s deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(record["entry"]["decision"], "failed", "{record}");
+    assert!(
+        record["entry"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("deadline")),
+        "{record}"
+    );
+    assert_eq!(
+        record["entry"]["sql_sha256"],
+        fedgate::ops::audit::sql_hash(&sql),
+        "{record}"
+    );
+    drop(stream);
+}
+
 #[tokio::test]
 async fn a_service_whose_placeholders_are_not_its_parameters_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
