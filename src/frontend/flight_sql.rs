@@ -433,7 +433,7 @@ fn answer(started: Started, observer_bytes: impl Fn(u64) + Send + Sync + 'static
         outcome,
         ..
     } = started;
-    let batches = tokio_stream::wrappers::ReceiverStream::new(batches).map(Ok);
+    let batches = batches.map(Ok);
     let data = FlightDataEncoderBuilder::new()
         .with_schema(schema.clone())
         .build(batches)

@@ -32,7 +32,7 @@ impl FederationService {
             state,
             started,
         } = started;
-        let batches = tokio_stream::wrappers::ReceiverStream::new(batches).map(Ok);
+        let batches = batches.map(Ok);
         // The first tick is one period away; a query that did not ask for progress
         // never polls the timer, so it is never registered.
         let tick =

@@ -108,13 +108,41 @@ pub struct Started {
     pub schema: datafusion::arrow::datatypes::SchemaRef,
     /// The answer's batches; the channel closes at the end of the answer (complete
     /// or not: see `outcome`). Dropping it cancels the query.
-    pub batches: tokio::sync::mpsc::Receiver<datafusion::arrow::record_batch::RecordBatch>,
+    pub batches: Batches,
     /// Sent after the last batch, once the query is on the record.
     pub outcome: PendingOutcome,
     /// The per-member states, for progress reports.
     pub state: Arc<crate::coordinator::state::QueryState>,
     /// When the query arrived.
     pub started: Instant,
+}
+
+/// A started query's batches, as the front end reads them. The channel closes at the
+/// end of the answer (complete or not). It holds the query's admission slot with the
+/// driver: a caller that stops reading keeps its slot (and the answer's buffered
+/// batches) until it goes away, while the members' work ends at the deadline, so the
+/// memory such callers hold is bounded by the slots of their class.
+pub struct Batches {
+    rx: tokio::sync::mpsc::Receiver<datafusion::arrow::record_batch::RecordBatch>,
+    _slot: Arc<crate::ops::admission::Ticket>,
+}
+
+impl Batches {
+    /// The next batch; `None` at the end of the answer.
+    pub async fn recv(&mut self) -> Option<datafusion::arrow::record_batch::RecordBatch> {
+        self.rx.recv().await
+    }
+}
+
+impl futures::Stream for Batches {
+    type Item = datafusion::arrow::record_batch::RecordBatch;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
 }
 
 /// The client-facing service.
@@ -571,14 +599,19 @@ impl FederationService {
         let schema = running.schema.clone();
         let schema_for_digest = schema.clone();
         let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(8);
+        let slot = Arc::new(ticket);
+        let reader_slot = slot.clone();
         let (done_tx, done_rx) = oneshot::channel();
         let task_state = state.clone();
         tokio::spawn(
             async move {
                 let state = task_state;
-                let _ticket = ticket;
+                // The admission slot is held until both this driver and the caller's
+                // side of the answer are done (see `Batches`).
+                let _slot = slot;
                 let mut stream = running.stream;
-                let deadline = tokio::time::sleep(timeout);
+                // The deadline counts from the query's arrival, planning included.
+                let deadline = tokio::time::sleep_until(tokio::time::Instant::from_std(started) + timeout);
                 tokio::pin!(deadline);
                 let mut failure = None;
                 let mut gone = false;
@@ -601,7 +634,6 @@ impl FederationService {
                                     )));
                                     break;
                                 }
-                                rows += n;
                                 if let Some(d) = &mut digest
                                     && let Err(e) = d.update(&b)
                                 {
@@ -612,6 +644,8 @@ impl FederationService {
                                 // blocks this send; the deadline still holds while it
                                 // does, or such a caller would keep the query, its
                                 // slot and the members' work for as long as it liked.
+                                // Rows count once handed over: the summary and the
+                                // record say what the caller can have received.
                                 tokio::select! {
                                     sent = batch_tx.send(b) => if sent.is_err() {
                                         // The caller went away; dropping the stream
@@ -619,6 +653,8 @@ impl FederationService {
                                         // recorded.
                                         gone = true;
                                         break;
+                                    } else {
+                                        rows += n;
                                     },
                                     _ = &mut deadline => {
                                         failure = Some(Error::DeadlineExceeded(timeout));
@@ -698,7 +734,10 @@ impl FederationService {
         );
         Ok(Started {
             schema,
-            batches: batch_rx,
+            batches: Batches {
+                rx: batch_rx,
+                _slot: reader_slot,
+            },
             outcome: PendingOutcome(done_rx),
             state,
             started,

@@ -267,6 +267,13 @@ impl PeerService {
         let (ready, planned) = tokio::sync::oneshot::channel::<std::result::Result<(), Status>>();
         let (tx, rx) =
             tokio::sync::mpsc::channel::<std::result::Result<ExecuteResponse, Status>>(8);
+        // The answer's last message (its summary, or why it ends early) goes after the
+        // chunks without waiting for room: the sub-query never waits on its caller for
+        // it, and a caller that reads the chunks still in the channel then reads it.
+        let (last_tx, last_rx) =
+            tokio::sync::oneshot::channel::<std::result::Result<ExecuteResponse, Status>>();
+        // The budget counts from the sub-query's arrival, planning included.
+        let until = tokio::time::Instant::from_std(started) + budget;
         let (audit, version, observer) = (
             self.audit.clone(),
             self.config.version.clone(),
@@ -292,7 +299,7 @@ impl PeerService {
                 tls: Some(&tls),
             };
             let answer = owner::answer(&engine, &audit, emergency, ask, note.clone());
-            let stream = match tokio::time::timeout(budget, answer).await {
+            let stream = match tokio::time::timeout_at(until, answer).await {
                 Ok(Ok(a)) => a,
                 Ok(Err(e)) => {
                     // Already recorded by `owner::answer`.
@@ -335,16 +342,14 @@ impl PeerService {
             };
             let (chunks, rows) = counted_chunks(stream);
             tokio::pin!(chunks);
-            let deadline = tokio::time::sleep(budget);
+            let deadline = tokio::time::sleep_until(until);
             tokio::pin!(deadline);
-            // Every send races the sub-query's deadline: a caller that stops reading
-            // and keeps its stream open would otherwise hold the sub-query, its slot and
-            // its databases' work for as long as it liked. Past the deadline the caller
-            // is told so if its channel has room, and the stream is dropped (which
-            // records the sub-query as cancelled).
-            let late = |tx: &tokio::sync::mpsc::Sender<std::result::Result<ExecuteResponse, Status>>| {
-                let _ = tx.try_send(Err(Error::DeadlineExceeded(budget).to_status()));
-            };
+            // Every chunk's send races the sub-query's deadline: a caller that stops
+            // reading and keeps its stream open would otherwise hold the sub-query, its
+            // slot and its databases' work for as long as it liked. Past the deadline
+            // the stream is dropped (which records the sub-query as cancelled) and the
+            // caller is told why after the chunks it has not read.
+            let late = Err(Error::DeadlineExceeded(budget).to_status());
             loop {
                 tokio::select! {
                     next = chunks.next() => match next {
@@ -354,13 +359,13 @@ impl PeerService {
                             match send_by(&tx, m, deadline.as_mut()).await {
                                 Sent::Yes => {}
                                 Sent::Gone => return,
-                                Sent::Late => { late(&tx); return; }
+                                Sent::Late => { let _ = last_tx.send(late); return; }
                             }
                         }
-                        Some(Err(e)) => { let _ = send_by(&tx, Err(e.to_status()), deadline.as_mut()).await; return; }
+                        Some(Err(e)) => { let _ = last_tx.send(Err(e.to_status())); return; }
                         None => break,
                     },
-                    _ = &mut deadline => { late(&tx); return; }
+                    _ = &mut deadline => { let _ = last_tx.send(late); return; }
                 }
             }
             let audit_hash = note.audit_hash.get().cloned().unwrap_or_default();
@@ -380,7 +385,7 @@ impl PeerService {
                     match owner::member_statement(&tls, &member, &ask, d.finish(), &audit_hash) {
                         Ok(s) => s,
                         Err(e) => {
-                            let _ = send_by(&tx, Err(e.to_status()), deadline.as_mut()).await;
+                            let _ = last_tx.send(Err(e.to_status()));
                             return;
                         }
                     }
@@ -397,13 +402,13 @@ impl PeerService {
             let m = Ok(ExecuteResponse {
                 payload: Some(execute_response::Payload::Summary(summary)),
             });
-            if let Sent::Late = send_by(&tx, m, deadline.as_mut()).await {
-                late(&tx);
-            }
+            let _ = last_tx.send(m);
         }.instrument(span));
         match planned.await {
             Ok(Ok(())) => Ok(Response::new(Box::pin(
-                tokio_stream::wrappers::ReceiverStream::new(rx),
+                tokio_stream::wrappers::ReceiverStream::new(rx).chain(
+                    futures::stream::once(last_rx).filter_map(|m| std::future::ready(m.ok())),
+                ),
             ))),
             Ok(Err(status)) => Err(status),
             Err(_) => Err(Error::Internal(

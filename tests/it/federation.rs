@@ -393,7 +393,22 @@ async fn an_owner_drops_a_sub_query_whose_caller_stops_reading_at_its_deadline()
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(record["entry"]["decision"], "cancelled", "{record}");
-    drop(stream);
+    // Reading on, the caller gets the chunks that were already on their way, then why
+    // the answer ends, never a summary.
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(m)) => assert!(
+                !matches!(
+                    m.payload,
+                    Some(fedgate::proto::v1::execute_response::Payload::Summary(_))
+                ),
+                "a sub-query cut at its deadline has no summary"
+            ),
+            Ok(None) => panic!("the answer ended without saying why"),
+            Err(e) => break e,
+        }
+    };
+    assert!(end.message().contains("deadline"), "{end:?}");
 }
 
 #[tokio::test]

@@ -234,7 +234,28 @@ async fn a_caller_that_stops_reading_does_not_hold_the_query_past_its_deadline()
         fedgate::ops::audit::sql_hash(&sql),
         "{record}"
     );
-    drop(stream);
+    // Reading on, the caller gets what was already on its way, then the summary (not
+    // complete) and the deadline's error.
+    let mut summary = None;
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(m)) => {
+                if let Some(fedgate::proto::v1::query_response::Payload::Summary(s)) = m.payload {
+                    summary = Some(s);
+                }
+            }
+            Ok(None) => panic!("the answer ended without saying why"),
+            Err(e) => break e,
+        }
+    };
+    assert!(end.message().contains("deadline"), "{end:?}");
+    let summary = summary.expect("the summary comes before the error");
+    assert!(summary.partial, "{summary:?}");
+    assert_eq!(
+        Some(summary.rows),
+        record["entry"]["rows"].as_u64(),
+        "the summary and the record count the same rows"
+    );
 }
 
 #[tokio::test]

@@ -277,7 +277,7 @@ impl Door {
         let Started {
             batches, outcome, ..
         } = started;
-        let batches = tokio_stream::wrappers::ReceiverStream::new(batches).map(Ok);
+        let batches = batches.map(Ok);
         Ok(Response::Query(QueryResponse::new(
             fields.clone(),
             rows(
