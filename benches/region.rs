@@ -126,6 +126,8 @@ struct Proc {
     port: u16,
     /// Its standard error.
     log: PathBuf,
+    /// The CPU time last read of each of its threads, in nanoseconds (see `cpu`).
+    threads: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 impl Drop for Proc {
@@ -167,62 +169,28 @@ impl Proc {
             .unwrap_or_else(|e| panic!("clear_refs of {}: {e}", self.name));
     }
 
-    /// CPU time of the whole process (all threads, living and ended). Each living
-    /// thread's time is read from `/proc/PID/task/TID/schedstat` in nanoseconds: the
-    /// tick-sampled user and system times of `/proc/PID/stat` moved in steps of 50 µs
-    /// per query over a round of 200 queries, the size of the differences measured.
-    /// Threads that ended count with their ticks (the process's ticks less the living
-    /// threads'), so a thread ending within a round does not take its time with it.
+    /// CPU time of the process's threads, in nanoseconds, from
+    /// `/proc/PID/task/TID/schedstat`: the tick-sampled user and system times of
+    /// `/proc/PID/stat` moved in steps of 50 µs per query over a round of 200 queries,
+    /// the size of the differences measured. A thread that ended counts with the time
+    /// last read of it, so the figure never goes back; a thread that ends between two
+    /// reads loses only what it ran since the first (tokio's threads live through a
+    /// round; only idle blocking threads end).
     fn cpu(&self) -> Duration {
         let pid = self.pid();
-        let (mut live_ns, mut live_ticks) = (0u64, 0u64);
-        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .flatten()
-        {
-            let dir = task.path();
-            // A thread may end between listing and reading: it then counts as ended.
-            let (Ok(sched), Some(ticks)) = (
-                std::fs::read_to_string(dir.join("schedstat")),
-                stat_ticks(&dir.join("stat")),
-            ) else {
-                continue;
-            };
-            live_ns += sched
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap();
-            live_ticks += ticks;
+        let mut threads = self.threads.lock().unwrap();
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                // A thread may end between listing and reading: it keeps its last time.
+                if let Ok(sched) = std::fs::read_to_string(task.path().join("schedstat"))
+                    && let Some(ns) = sched.split_whitespace().next().and_then(|n| n.parse().ok())
+                {
+                    threads.insert(task.file_name().to_string_lossy().into_owned(), ns);
+                }
+            }
         }
-        let all_ticks = stat_ticks(std::path::Path::new(&format!("/proc/{pid}/stat"))).unwrap();
-        Duration::from_nanos(live_ns)
-            + Duration::from_secs_f64(
-                all_ticks.saturating_sub(live_ticks) as f64 / clock_ticks() as f64,
-            )
+        Duration::from_nanos(threads.values().sum())
     }
-}
-
-/// User plus system time, in clock ticks, of a `/proc` `stat` file (a process's or a
-/// thread's); `None` when it cannot be read.
-fn stat_ticks(path: &std::path::Path) -> Option<u64> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?)
-}
-
-/// The kernel's clock ticks per second, asked once.
-fn clock_ticks() -> u64 {
-    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        let out = Command::new("getconf").arg("CLK_TCK").output();
-        out.ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-            .unwrap_or(100)
-    })
 }
 
 /// A port for a gateway process to listen on. Ports are picked below the kernel's
@@ -312,6 +280,7 @@ fn spawn_with(dir: &Path, name: &str, port: u16, setup: &Setup) -> Proc {
         child,
         port,
         log: dir.join(format!("{name}.log")),
+        threads: std::sync::Mutex::new(BTreeMap::new()),
     };
     let t = Instant::now();
     // Ready when the gateway says it serves: a port that accepts connections is not
