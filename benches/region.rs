@@ -185,7 +185,11 @@ impl Proc {
                 if let Ok(sched) = std::fs::read_to_string(task.path().join("schedstat"))
                     && let Some(ns) = sched.split_whitespace().next().and_then(|n| n.parse().ok())
                 {
-                    threads.insert(task.file_name().to_string_lossy().into_owned(), ns);
+                    // Never less than read before, even if the thread's id were reused.
+                    let t = threads
+                        .entry(task.file_name().to_string_lossy().into_owned())
+                        .or_insert(0);
+                    *t = (*t).max(ns);
                 }
             }
         }
