@@ -370,11 +370,10 @@ async fn run(db: &PgDatabase, sql: &str, schema: SchemaRef, tx: &BatchSender) ->
         c = db.client() => c?,
         _ = tx.closed() => return Ok(()),
     };
-    let cancel = client.cancel_token();
     let started = tokio::select! {
         r = client.query_raw(sql, std::iter::empty::<i32>()) => r,
         _ = tx.closed() => {
-            cancel_query(db, cancel).await;
+            cancel_query(db, client).await;
             return Ok(());
         }
     };
@@ -385,7 +384,7 @@ async fn run(db: &PgDatabase, sql: &str, schema: SchemaRef, tx: &BatchSender) ->
         let next = tokio::select! {
             r = rows.next() => r,
             _ = tx.closed() => {
-                cancel_query(db, cancel).await;
+                cancel_query(db, client).await;
                 return Ok(());
             }
         };
@@ -397,7 +396,7 @@ async fn run(db: &PgDatabase, sql: &str, schema: SchemaRef, tx: &BatchSender) ->
                 if batch.full() {
                     let b = std::mem::replace(&mut batch, Batch::new(&schema)).finish(&schema)?;
                     if tx.send(Ok(b)).await.is_err() {
-                        cancel_query(db, cancel).await;
+                        cancel_query(db, client).await;
                         return Ok(());
                     }
                 }
@@ -410,7 +409,13 @@ async fn run(db: &PgDatabase, sql: &str, schema: SchemaRef, tx: &BatchSender) ->
     Ok(())
 }
 
-async fn cancel_query(db: &PgDatabase, token: tokio_postgres::CancelToken) {
+/// Cancels the statement running on `client` and closes its connection instead of
+/// handing it back to the pool: the cancel request reaches the backend on its own
+/// schedule, and on a pooled connection it could cancel the next statement run there
+/// ("canceling statement due to user request" in another query, seen under load).
+async fn cancel_query(db: &PgDatabase, client: deadpool_postgres::Object) {
+    let token = client.cancel_token();
+    drop(deadpool_postgres::Object::take(client));
     if let Err(e) = token.cancel_query(db.tls.clone()).await {
         tracing::warn!(database = %db.name, error = %e, "Could not cancel a database query");
     } else {
