@@ -238,7 +238,6 @@ fn spawn(dir: &Path, name: &str, port: u16) -> Proc {
 }
 
 /// Which `malloc` a gateway process runs with.
-#[derive(Clone)]
 enum Alloc {
     /// mimalloc, built in (`FEDGATE_ALLOCATOR=mimalloc`).
     Mimalloc,

@@ -14,13 +14,28 @@ use cli::{Cli, Command, run};
 #[global_allocator]
 static ALLOCATOR: cli::allocator::Allocator = cli::allocator::Allocator;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    // A misspelt allocator would otherwise be the default without a word.
-    if let Some(problem) = cli::allocator::problem() {
+fn main() -> ExitCode {
+    // A misspelt allocator would otherwise be the default without a word, and a bad
+    // worker thread count a panic of the runtime's: both are named and refused first.
+    if let Some(problem) = cli::allocator::problem().or_else(cli::worker_threads_problem) {
         eprintln!("fedgate: {problem}");
         return ExitCode::from(2);
     }
+    // The runtime as `#[tokio::main]` builds it: one worker thread per core, or
+    // `TOKIO_WORKER_THREADS` (checked above), which tokio reads itself.
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run_command()),
+        Err(e) => {
+            eprintln!("fedgate: starting the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_command() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.command {
         Command::Serve { .. } => "info",

@@ -56,6 +56,21 @@ pub(crate) enum SchemaOf {
 /// Exit code of a query whose answer is partial (some members are missing).
 pub(crate) const EXIT_PARTIAL: u8 = 3;
 
+/// Why `TOKIO_WORKER_THREADS` (the runtime's worker thread count, which tokio reads
+/// itself and would otherwise refuse with a panic) is not a count, if it is set and
+/// is not.
+pub(crate) fn worker_threads_problem() -> Option<String> {
+    const VARIABLE: &str = "TOKIO_WORKER_THREADS";
+    let value = std::env::var_os(VARIABLE)?;
+    match value.to_str().map(str::parse::<usize>) {
+        Some(Ok(n)) if n > 0 => None,
+        _ => Some(format!(
+            "{VARIABLE}={value:?} is not a number of worker threads: use a whole number of \
+             at least 1, or leave it unset for one per core"
+        )),
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "fedgate",

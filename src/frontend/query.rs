@@ -16,6 +16,7 @@ use crate::config::MemberConfig;
 use crate::coordinator::{Coordinator, QueryOptions};
 use crate::error::{Error, Result};
 use crate::ops::audit::AuditLog;
+use crate::owner::peer::{Sent, send_by};
 use crate::proto::v1::*;
 use crate::trust::identity::Principal;
 use crate::trust::tls::TlsMaterial;
@@ -646,17 +647,12 @@ impl FederationService {
                                 // slot and the members' work for as long as it liked.
                                 // Rows count once handed over: the summary and the
                                 // record say what the caller can have received.
-                                tokio::select! {
-                                    sent = batch_tx.send(b) => if sent.is_err() {
-                                        // The caller went away; dropping the stream
-                                        // cancels the members. The query is still
-                                        // recorded.
-                                        gone = true;
-                                        break;
-                                    } else {
-                                        rows += n;
-                                    },
-                                    _ = &mut deadline => {
+                                match send_by(&batch_tx, b, deadline.as_mut()).await {
+                                    Sent::Yes => rows += n,
+                                    // The caller went away; dropping the stream cancels
+                                    // the members. The query is still recorded.
+                                    Sent::Gone => { gone = true; break; }
+                                    Sent::Late => {
                                         failure = Some(Error::DeadlineExceeded(timeout));
                                         break;
                                     }

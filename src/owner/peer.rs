@@ -349,7 +349,7 @@ impl PeerService {
             // slot and its databases' work for as long as it liked. Past the deadline
             // the stream is dropped (which records the sub-query as cancelled) and the
             // caller is told why after the chunks it has not read.
-            let late = Err(Error::DeadlineExceeded(budget).to_status());
+            let late = || Err(Error::DeadlineExceeded(budget).to_status());
             loop {
                 tokio::select! {
                     next = chunks.next() => match next {
@@ -359,13 +359,13 @@ impl PeerService {
                             match send_by(&tx, m, deadline.as_mut()).await {
                                 Sent::Yes => {}
                                 Sent::Gone => return,
-                                Sent::Late => { let _ = last_tx.send(late); return; }
+                                Sent::Late => { let _ = last_tx.send(late()); return; }
                             }
                         }
                         Some(Err(e)) => { let _ = last_tx.send(Err(e.to_status())); return; }
                         None => break,
                     },
-                    _ = &mut deadline => { let _ = last_tx.send(late); return; }
+                    _ = &mut deadline => { let _ = last_tx.send(late()); return; }
                 }
             }
             let audit_hash = note.audit_hash.get().cloned().unwrap_or_default();
@@ -555,8 +555,8 @@ impl PeerService {
     }
 }
 
-/// How a message handed to the caller's channel fared.
-enum Sent {
+/// How a message handed to a caller's channel fared.
+pub(crate) enum Sent {
     /// It is in the channel.
     Yes,
     /// The caller went away.
@@ -565,8 +565,10 @@ enum Sent {
     Late,
 }
 
-/// Sends `m` to the caller's channel, unless `deadline` passes first.
-async fn send_by<T>(
+/// Sends `m` to a caller's channel, unless `deadline` passes first: a caller that stops
+/// reading must not hold a query past its deadline. The owner's sub-queries and the
+/// coordinator's query driver (`frontend::query`) hand over their answers through it.
+pub(crate) async fn send_by<T>(
     tx: &tokio::sync::mpsc::Sender<T>,
     m: T,
     deadline: std::pin::Pin<&mut tokio::time::Sleep>,

@@ -237,3 +237,28 @@ fn an_allocator_the_binary_does_not_have_is_refused_by_name() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("fedgate"));
     }
 }
+
+/// The runtime's worker thread count comes from the environment too: a value that is
+/// not a count stops the binary with the value named (not a panic), and a count runs.
+#[test]
+fn a_worker_thread_count_that_is_not_one_is_refused_by_name() {
+    let run = |value: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fedgate"))
+            .arg("--version")
+            .env("TOKIO_WORKER_THREADS", value)
+            .output()
+            .unwrap()
+    };
+    for bad in ["abc", "0", "-1"] {
+        let out = run(bad);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains(&format!("TOKIO_WORKER_THREADS=\"{bad}\"")) && !said.contains("panicked"),
+            "{said}"
+        );
+    }
+    let out = run("1");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("fedgate"));
+}

@@ -377,21 +377,14 @@ async fn an_owner_drops_a_sub_query_whose_caller_stops_reading_at_its_deadline()
     // The first message arrives; then the caller reads nothing more, and keeps the
     // stream.
     stream.message().await.unwrap().unwrap();
-    let log = region.audit_log("shanghai");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let record = loop {
-        let found = crate::support::sub_query_records(&log)
-            .into_iter()
-            .find(|r| r["entry"]["query_id"] == "stalled-reader");
-        if let Some(r) = found {
-            break r;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a caller that stopped reading held the sub-query 15 s past its 1.5 s budget"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let record = crate::support::awaited_record(
+        &region.audit_log("shanghai"),
+        0,
+        |r| r["entry"]["kind"] == "sub_query" && r["entry"]["query_id"] == "stalled-reader",
+        Duration::from_secs(15),
+        "a caller that stopped reading held the sub-query 15 s past its 1.5 s budget",
+    )
+    .await;
     assert_eq!(record["entry"]["decision"], "cancelled", "{record}");
     // Reading on, the caller gets the chunks that were already on their way, then why
     // the answer ends, never a summary.

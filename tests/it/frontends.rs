@@ -154,21 +154,14 @@ async fn a_caller_that_goes_away_mid_answer_is_recorded_as_cancelled() {
         .unwrap_err();
     assert!(e.to_string().contains("stops reading"), "{e}");
     assert!(received > 0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let record = loop {
-        let found = crate::support::audit_records(&region.audit_log("hangzhou"))
-            .into_iter()
-            .skip(before)
-            .find(|r| r["entry"]["kind"] == "query");
-        if let Some(r) = found {
-            break r;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the abandoned query was never recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let record = crate::support::awaited_record(
+        &region.audit_log("hangzhou"),
+        before,
+        |r| r["entry"]["kind"] == "query",
+        Duration::from_secs(10),
+        "the abandoned query was never recorded",
+    )
+    .await;
     assert_eq!(record["entry"]["decision"], "cancelled", "{record}");
     assert_eq!(
         record["entry"]["sql_sha256"],
@@ -207,21 +200,14 @@ async fn a_caller_that_stops_reading_does_not_hold_the_query_past_its_deadline()
         .into_inner();
     // The schema arrives; then the caller reads nothing more, and keeps the stream.
     stream.message().await.unwrap().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let record = loop {
-        let found = crate::support::audit_records(&region.audit_log(OFFICE))
-            .into_iter()
-            .skip(before)
-            .find(|r| r["entry"]["kind"] == "query");
-        if let Some(r) = found {
-            break r;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a caller that stopped reading held the query 15 s past its 1.5 s deadline"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let record = crate::support::awaited_record(
+        &region.audit_log(OFFICE),
+        before,
+        |r| r["entry"]["kind"] == "query",
+        Duration::from_secs(15),
+        "a caller that stopped reading held the query 15 s past its 1.5 s deadline",
+    )
+    .await;
     assert_eq!(record["entry"]["decision"], "failed", "{record}");
     assert!(
         record["entry"]["reason"]

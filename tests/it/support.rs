@@ -349,6 +349,26 @@ pub fn sub_query_records(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The first record after the first `skip` of an audit log that `pick` accepts,
+/// waiting for it up to `within` (records written when a query ends, which a test
+/// cannot await directly); panics with `what` if none comes.
+pub async fn awaited_record(
+    path: &Path,
+    skip: usize,
+    pick: impl Fn(&serde_json::Value) -> bool,
+    within: std::time::Duration,
+    what: &str,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(r) = audit_records(path).into_iter().skip(skip).find(&pick) {
+            return r;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Edits the materialized member file of `member` as its serde mirror.
 pub fn patch_member(
     layout: &Materialized,
