@@ -157,6 +157,7 @@ struct Run {
     planning_us: u64,
     cached: bool,
     bound: bool,
+    optimized: bool,
 }
 
 async fn run(client: &Client, sql: &str, no_pushdown: bool, no_plan_cache: bool) -> Run {
@@ -178,12 +179,13 @@ async fn run(client: &Client, sql: &str, no_pushdown: bool, no_plan_cache: bool)
         planning_us: a.summary.planning_us,
         cached: a.summary.plan_cached,
         bound: a.summary.plan_bound,
+        optimized: a.summary.plan_bound_optimized,
     }
 }
 
-/// One phase of one plan: side, whether bound from a shape, the phase's place and
-/// name, µs.
-type Phase = (String, bool, usize, String, f64);
+/// One phase of one plan: side, where the plan came from (`text`, `bound`, `bound
+/// optimized`), the phase's place and name, µs.
+type Phase = (String, String, usize, String, f64);
 
 /// The planning phases the gateways in this process report (`fedgate::planning`
 /// events), of each plan made since the last `take`.
@@ -201,24 +203,22 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Phases {
         #[derive(Default)]
         struct Fields {
             side: String,
-            bound: bool,
+            from: String,
             phases: String,
         }
         impl tracing::field::Visit for Fields {
             fn record_str(&mut self, f: &tracing::field::Field, v: &str) {
-                if f.name() == "side" {
-                    self.side = v.to_string();
-                }
-            }
-            fn record_bool(&mut self, f: &tracing::field::Field, v: bool) {
-                if f.name() == "bound" {
-                    self.bound = v;
+                match f.name() {
+                    "side" => self.side = v.to_string(),
+                    "from" => self.from = v.to_string(),
+                    _ => {}
                 }
             }
             fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
                 match f.name() {
                     "phases" => self.phases = format!("{v:?}"),
                     "side" => self.side = format!("{v:?}"),
+                    "from" => self.from = format!("{v:?}"),
                     _ => {}
                 }
             }
@@ -229,7 +229,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Phases {
         for (i, part) in f.phases.split_whitespace().enumerate() {
             if let Some((name, us)) = part.split_once('=') {
                 let us = us.parse().unwrap_or(0.0);
-                out.push((f.side.clone(), f.bound, i, name.to_string(), us));
+                out.push((f.side.clone(), f.from.clone(), i, name.to_string(), us));
             }
         }
     }
@@ -260,8 +260,8 @@ fn main() {
             )
             .init();
     }
-    // (side, bound, phase) -> µs of every plan measured.
-    let mut profile: BTreeMap<(String, bool, usize, String), Vec<f64>> = BTreeMap::new();
+    // (side, from, phase) -> µs of every plan measured.
+    let mut profile: BTreeMap<(String, String, usize, String), Vec<f64>> = BTreeMap::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
@@ -306,11 +306,11 @@ fn main() {
                 phases.take();
                 let m = run(&client, small, false, true).await;
                 let b = run(&client, &small_anew(), false, false).await;
-                for (side, bound, i, phase, us) in phases.take() {
-                    profile.entry((side, bound, i, phase)).or_default().push(us);
+                for (side, from, i, phase, us) in phases.take() {
+                    profile.entry((side, from, i, phase)).or_default().push(us);
                 }
                 assert!(h.cached && !m.cached && !m.bound);
-                assert!(b.bound && !b.cached);
+                assert!(b.bound && b.optimized && !b.cached);
                 hit += h.elapsed;
                 miss += m.elapsed;
                 warm.push(h.planning_us as f64);
@@ -340,15 +340,19 @@ fn main() {
         println!();
         println!("Where that planning time goes (medians, µs; `fedgate::planning` events at `debug`, which is the recipe: `FEDGATE_LOG=fedgate::planning=debug`):");
         println!();
-        let mut sides: BTreeMap<(String, bool), Vec<String>> = BTreeMap::new();
-        for ((side, bound, _, phase), v) in &profile {
+        let mut sides: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for ((side, from, _, phase), v) in &profile {
             sides
-                .entry((side.clone(), *bound))
+                .entry((side.clone(), from.clone()))
                 .or_default()
                 .push(format!("{phase} {:.0}", median(v.clone())));
         }
-        for ((side, bound), parts) in sides {
-            let how = if bound { "bound from its shape" } else { "planned from its text" };
+        for ((side, from), parts) in sides {
+            let how = match from.as_str() {
+                "bound optimized" => "bound into its shape's optimized plan",
+                "bound" => "bound from its shape's written plan",
+                _ => "planned from its text",
+            };
             println!("- {side}, {how}: {}", parts.join(", "));
         }
     });

@@ -122,8 +122,84 @@ enum PlanFrom {
     /// A written plan of the same shape, bound to this query's values, then optimized
     /// and planned physically.
     Shape,
+    /// The optimized plan of the same shape, bound to this query's values, then
+    /// planned physically: the optimizer did not run for this query.
+    ShapeOptimized,
     /// The query's text, planned from scratch.
     Text,
+}
+
+impl PlanFrom {
+    fn word(self) -> &'static str {
+        match self {
+            PlanFrom::Cache => "cache",
+            PlanFrom::Shape => "bound",
+            PlanFrom::ShapeOptimized => "bound optimized",
+            PlanFrom::Text => "text",
+        }
+    }
+}
+
+/// A shape's plans ([`crate::owner::shape`]): its written plan and, made the second
+/// time a query of the shape comes, its optimized plan with the placeholders still in
+/// place (`None` inside when the optimizer's output cannot take values: see
+/// [`Shape::optimized`]).
+#[derive(Debug)]
+struct Shape {
+    planned: crate::owner::shape::Planned,
+    optimized: std::sync::OnceLock<Option<datafusion::logical_expr::LogicalPlan>>,
+}
+
+impl Shape {
+    fn new(planned: crate::owner::shape::Planned) -> Shape {
+        Shape {
+            planned,
+            optimized: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The shape's optimized plan with `values` bound, or `None` when the shape's
+    /// plan cannot be optimized before its values are known.
+    ///
+    /// Optimizing with placeholders is sound for a shape because of what a shape
+    /// lifts: only constants compared in `WHERE` and `HAVING` (never a `LIMIT`, a
+    /// position, a select-list value), each bound as exactly its placeholder's type.
+    /// Every optimizer rule must keep a plan's meaning for any value of an expression
+    /// it cannot fold, and a placeholder is such an expression. What depends on the
+    /// value itself runs after binding: the members pruned by `member` and the
+    /// member SQL are made by physical planning from the bound filters, the scans the
+    /// pushdown rule made are written again from their bound plans
+    /// ([`pushdown::bind`]), and a whole query is sent ([`pushdown::push_whole_query`])
+    /// only as decided over the bound plan.
+    fn optimized(
+        &self,
+        state: &SessionState,
+        values: &datafusion::common::ParamValues,
+    ) -> Option<datafusion::logical_expr::LogicalPlan> {
+        let optimized = self
+            .optimized
+            .get_or_init(|| state.optimize(&self.planned.plan).ok())
+            .as_ref()?;
+        let bound = pushdown::bind(optimized.clone(), values).ok()?;
+        // Lifted constants are only compared, never copied into rows, so no optimizer
+        // rule of today moves one into an output column; the bound plan is checked
+        // as the optimizer's last rule checks every plan all the same, so the bound
+        // holds whatever a rule does.
+        crate::owner::bounded::check_projected_constants(&bound).ok()?;
+        Some(bound)
+    }
+}
+
+/// A query's logical plan as [`Coordinator::written`] gives it.
+enum Logical {
+    /// Every value in place, to be optimized.
+    Written(datafusion::logical_expr::LogicalPlan),
+    /// A shape's optimized plan with this query's values bound; `written` is the
+    /// shape's written plan, which names the datasets the text names.
+    Optimized {
+        written: datafusion::logical_expr::LogicalPlan,
+        optimized: datafusion::logical_expr::LogicalPlan,
+    },
 }
 
 /// A query whose plan is built and whose member scans start as the stream is read.
@@ -140,6 +216,9 @@ pub struct RunningQuery {
     /// constants, or a prepared statement with other values) instead of planned from
     /// its text.
     pub plan_bound: bool,
+    /// Whether the plan was bound from the optimized plan of its shape: only
+    /// physical planning ran for this query's values.
+    pub plan_bound_optimized: bool,
     /// Time from SQL text to a physical plan.
     pub planning: Duration,
 }
@@ -279,7 +358,7 @@ pub struct Coordinator {
     /// or a prepared statement's text), by configuration, caller and options: a query
     /// of a known shape is bound, not planned from its text ([`crate::owner::shape`]).
     /// `None` marks a shape the planner could not type, planned as written.
-    shapes: moka::future::Cache<PlanKey, Arc<Option<crate::owner::shape::Planned>>>,
+    shapes: moka::future::Cache<PlanKey, Arc<Option<Shape>>>,
     /// Task contexts for running plans of each planning session, made once: they
     /// hold no per-query data.
     tasks: [Arc<datafusion::execution::TaskContext>; 2],
@@ -603,9 +682,15 @@ impl Coordinator {
         // A cached plan passed these checks when it was made.
         self.datasets_in(state, &stmt)?;
         phases.mark("parse");
-        let (written, shaped) = self.written(state, stmt, opts, &key).await?;
+        let (logical, from) = self.written(state, stmt, opts, &key).await?;
         phases.mark("written");
-        let mut plan = state.optimize(&written).map_err(Error::from_datafusion)?;
+        let (written, mut plan) = match logical {
+            Logical::Written(written) => {
+                let plan = state.optimize(&written).map_err(Error::from_datafusion)?;
+                (written, plan)
+            }
+            Logical::Optimized { written, optimized } => (written, optimized),
+        };
         phases.mark("optimize");
         // A whole query goes to its member as the text written, which for a published
         // service holds the `$name` placeholders, not the values: a member has no way
@@ -625,33 +710,30 @@ impl Coordinator {
             .await
             .map_err(Error::from_datafusion)?;
         phases.mark("physical");
-        phases.report("coordinator", shaped);
+        phases.report("coordinator", from.word());
         if cache {
             self.plans.insert(key, physical.clone()).await;
             self.plans.insert(exact, physical.clone()).await;
         }
-        let from = if shaped {
-            PlanFrom::Shape
-        } else {
-            PlanFrom::Text
-        };
         Ok((physical, from))
     }
 
-    /// The written (unoptimized) logical plan of `stmt` with every value bound, and
-    /// whether it came from the shape cache ([`crate::owner::shape`]): a query that
-    /// differs from an earlier one only in the constants of its filters, or a prepared
-    /// statement run with new values, is bound, not planned from its text again. The
-    /// bound plan is optimized and planned physically by the caller as any other, so
-    /// every decision that depends on a value (members pruned, sub-queries pushed)
-    /// sees the value.
+    /// The logical plan of `stmt` with every value bound, and where it came from
+    /// ([`crate::owner::shape`]): a query that differs from an earlier one only in the
+    /// constants of its filters, or a prepared statement run with new values, is
+    /// bound, not planned from its text again. A prepared statement's written plan is
+    /// bound and then optimized by the caller (its placeholders may stand anywhere,
+    /// a `LIMIT` included, where the optimizer's choices depend on the value); a
+    /// shape's optimized plan is bound when it can be ([`Shape::optimized`]). Either
+    /// way every decision that depends on a value (members pruned, sub-queries
+    /// pushed) is made with the value.
     async fn written(
         &self,
         state: &SessionState,
         stmt: datafusion::sql::parser::Statement,
         opts: &QueryOptions,
         key: &PlanKey,
-    ) -> Result<(datafusion::logical_expr::LogicalPlan, bool)> {
+    ) -> Result<(Logical, PlanFrom)> {
         use crate::owner::session::plan_query;
         use crate::owner::shape;
         // Bound values replace the placeholders as typed literals before anything is
@@ -668,17 +750,20 @@ impl Coordinator {
                 ..key.clone()
             };
             if opts.plan_cache
-                && let Some(Some(planned)) = self.shapes.get(&shape_key).await.as_deref()
+                && let Some(Some(known)) = self.shapes.get(&shape_key).await.as_deref()
             {
-                return Ok((bind(planned.plan.clone(), values)?, true));
+                let plan = bind(known.planned.plan.clone(), values)?;
+                return Ok((Logical::Written(plan), PlanFrom::Shape));
             }
             let plan = plan_query(state, stmt).await?;
             if opts.plan_cache {
                 // Typed by the caller's values when bound, not by constants.
                 let planned = shape::Planned::prepared(plan.clone());
-                self.shapes.insert(shape_key, Arc::new(Some(planned))).await;
+                self.shapes
+                    .insert(shape_key, Arc::new(Some(Shape::new(planned))))
+                    .await;
             }
-            return Ok((bind(plan, values)?, false));
+            return Ok((Logical::Written(bind(plan, values)?), PlanFrom::Text));
         }
         if opts.plan_cache
             && let Some(shaped) = shape::shape(&stmt)
@@ -687,8 +772,8 @@ impl Coordinator {
                 sql: format!("shape\u{0}{}", shaped.key()),
                 ..key.clone()
             };
-            let (planned, known) = match self.shapes.get(&shape_key).await {
-                Some(p) => (p, true),
+            let (entry, known) = match self.shapes.get(&shape_key).await {
+                Some(entry) => (entry, true),
                 None => {
                     // A shape the planner cannot type is remembered as such, and
                     // queries of that shape are planned as written.
@@ -696,20 +781,38 @@ impl Coordinator {
                         .await
                         .ok()
                         .and_then(|p| shape::Planned::new(p, shaped.literals.len()));
-                    let planned = Arc::new(planned);
-                    self.shapes.insert(shape_key, planned.clone()).await;
-                    (planned, false)
+                    let entry = Arc::new(planned.map(Shape::new));
+                    self.shapes.insert(shape_key, entry.clone()).await;
+                    (entry, false)
                 }
             };
-            if let Some(plan) = planned
-                .as_ref()
-                .as_ref()
-                .and_then(|p| p.bind(&shaped.literals))
+            if let Some(shape) = entry.as_ref().as_ref()
+                && let Some(values) = shape.planned.values(&shaped.literals)
             {
-                return Ok((plan, known));
+                // The first query of a shape is optimized as written, as it would be
+                // without shapes; the optimizer runs over the shape itself only when
+                // a second one comes.
+                if known && let Some(optimized) = shape.optimized(state, &values) {
+                    let written = shape.planned.plan.clone();
+                    return Ok((
+                        Logical::Optimized { written, optimized },
+                        PlanFrom::ShapeOptimized,
+                    ));
+                }
+                if let Ok(plan) = shape.planned.plan.clone().with_param_values(values) {
+                    let from = if known {
+                        PlanFrom::Shape
+                    } else {
+                        PlanFrom::Text
+                    };
+                    return Ok((Logical::Written(plan), from));
+                }
             }
         }
-        Ok((plan_query(state, stmt).await?, false))
+        Ok((
+            Logical::Written(plan_query(state, stmt).await?),
+            PlanFrom::Text,
+        ))
     }
 
     fn new_state(
@@ -901,7 +1004,8 @@ impl Coordinator {
             stream,
             state,
             plan_cached: from == PlanFrom::Cache,
-            plan_bound: from == PlanFrom::Shape,
+            plan_bound: matches!(from, PlanFrom::Shape | PlanFrom::ShapeOptimized),
+            plan_bound_optimized: from == PlanFrom::ShapeOptimized,
             planning,
         })
     }

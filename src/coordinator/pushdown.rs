@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::Session;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, Result as DfResult, ScalarValue};
+use datafusion::common::{Column, ParamValues, Result as DfResult, ScalarValue, plan_err};
 use datafusion::datasource::{TableProvider, TableType, provider_as_source, source_as_provider};
 use datafusion::functions_aggregate::count::count_udaf;
 use datafusion::functions_aggregate::min_max::{max_udaf, min_udaf};
@@ -139,24 +139,39 @@ fn is_member_column(e: &Expr, input: &LogicalPlan) -> bool {
     }
 }
 
+/// The part of a plan each member runs, written as SQL.
+#[derive(Debug, Clone)]
+struct MemberSide {
+    /// The plan the SQL is written from. In a plan optimized from a shape it holds
+    /// the shape's placeholders, and [`bind`] writes the SQL again with the values.
+    plan: LogicalPlan,
+    /// Whether the SQL names its columns `c0, c1, ...` itself.
+    alias: bool,
+    sql: String,
+    /// The schema of the member's answer, columns named `c0, c1, ...` by position.
+    schema: SchemaRef,
+}
+
 /// The member-side plan as SQL, and the schema of its answer with columns named
 /// `c0, c1, ...` by position. With `alias`, the SQL itself names its columns so (an
 /// aggregate's output names are long expressions); without it, the plan is written as
 /// is (a sort must stay outermost so that its LIMIT stays in the same query).
-fn member_sql(plan: LogicalPlan, alias: bool) -> DfResult<(String, SchemaRef)> {
+fn member_sql(plan: LogicalPlan, alias: bool) -> DfResult<MemberSide> {
     let fields = plan.schema().fields().clone();
-    let plan = if alias {
+    let written = if alias {
         let exprs: Vec<Expr> = (0..fields.len())
             .map(|i| {
                 let (q, f) = plan.schema().qualified_field(i);
                 Expr::Column(Column::new(q.cloned(), f.name())).alias(format!("c{i}"))
             })
             .collect();
-        LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan))?)
+        LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan.clone()))?)
     } else {
-        plan
+        plan.clone()
     };
-    let sql = super::unparse::unparser().plan_to_sql(&plan)?.to_string();
+    let sql = super::unparse::unparser()
+        .plan_to_sql(&written)?
+        .to_string();
     let schema = Arc::new(Schema::new(
         fields
             .iter()
@@ -164,7 +179,12 @@ fn member_sql(plan: LogicalPlan, alias: bool) -> DfResult<(String, SchemaRef)> {
             .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
             .collect::<Vec<_>>(),
     ));
-    Ok((sql, schema))
+    Ok(MemberSide {
+        plan,
+        alias,
+        sql,
+        schema,
+    })
 }
 
 /// A scan of the pushed part, followed by a projection restoring the replaced
@@ -172,17 +192,17 @@ fn member_sql(plan: LogicalPlan, alias: bool) -> DfResult<(String, SchemaRef)> {
 fn pushed_scan(
     table: Arc<FederatedTable>,
     scan: &TableScan,
-    sql: String,
-    schema: SchemaRef,
+    side: MemberSide,
 ) -> DfResult<LogicalPlanBuilder> {
     let pruning: Vec<Expr> = scan.filters.clone();
     let provider = PushedTable {
         cache: table.dataset().cache,
         table,
-        sql,
-        schema,
+        sql: side.sql.clone(),
+        schema: side.schema.clone(),
         pruning,
         whole: None,
+        side: Some(side),
     };
     LogicalPlanBuilder::scan("pushed", provider_as_source(Arc::new(provider)), None)
 }
@@ -222,11 +242,16 @@ fn push_top_k(sort: &Sort) -> DfResult<Option<LogicalPlan>> {
         return Ok(None);
     };
     let member_plan = LogicalPlan::Sort(sort.clone());
-    let Ok((sql, schema)) = member_sql(member_plan, false) else {
+    let Ok(side) = member_sql(member_plan, false) else {
         return Ok(None);
     };
-    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-    let restored = restore_names(pushed_scan(table, scan, sql, schema)?, &sort.input, &names)?;
+    let names: Vec<String> = side
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let restored = restore_names(pushed_scan(table, scan, side)?, &sort.input, &names)?;
     Ok(Some(
         LogicalPlanBuilder::from(restored)
             .sort_with_limit(sort.expr.clone(), sort.fetch)?
@@ -284,12 +309,17 @@ fn push_aggregate(a: &Aggregate) -> DfResult<Option<LogicalPlan>> {
     let plan = LogicalPlan::Aggregate(a.clone());
     // Grouped by member: each member computes the whole aggregate.
     if a.group_expr.iter().any(|g| is_member_column(g, &a.input)) {
-        let Ok((sql, schema)) = member_sql(plan.clone(), true) else {
+        let Ok(side) = member_sql(plan.clone(), true) else {
             return Ok(None);
         };
-        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let names: Vec<String> = side
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         return Ok(Some(restore_names(
-            pushed_scan(table, scan, sql, schema)?,
+            pushed_scan(table, scan, side)?,
             &plan,
             &names,
         )?));
@@ -358,7 +388,7 @@ fn push_aggregate(a: &Aggregate) -> DfResult<Option<LogicalPlan>> {
         Ok(m) => LogicalPlan::Aggregate(m),
         Err(_) => return Ok(None),
     };
-    let Ok((sql, schema)) = member_sql(member_agg, true) else {
+    let Ok(side) = member_sql(member_agg, true) else {
         return Ok(None);
     };
     let g = groups.len();
@@ -397,7 +427,7 @@ fn push_aggregate(a: &Aggregate) -> DfResult<Option<LogicalPlan>> {
         })
         .collect();
     let final_groups: Vec<Expr> = (0..a.group_expr.len()).map(c).collect();
-    let combined = pushed_scan(table, scan, sql, schema)?.aggregate(final_groups, final_aggs)?;
+    let combined = pushed_scan(table, scan, side)?.aggregate(final_groups, final_aggs)?;
     let mut exprs: Vec<Expr> = (0..a.group_expr.len()).map(c).collect();
     exprs.extend(combine);
     Ok(Some(restore_exprs(combined, &plan, exprs)?))
@@ -492,6 +522,7 @@ pub fn push_whole_query(
         pruning: vec![],
         whole: Some((member, datasets.join("+"))),
         cache,
+        side: None,
     };
     let scan = LogicalPlanBuilder::scan("pushed", provider_as_source(Arc::new(provider)), None)?;
     Ok(Some(restore_names(scan, plan, &names)?))
@@ -510,6 +541,78 @@ pub struct PushedTable {
     whole: Option<(String, String)>,
     /// How long the members' answers may be reused.
     cache: Option<super::results::CachePolicy>,
+    /// What `sql` was written from (a whole query is sent as its text: none).
+    side: Option<MemberSide>,
+}
+
+impl PushedTable {
+    /// This scan with `values` bound: its member SQL written again from its bound
+    /// member-side plan, its pruning filters bound.
+    fn bind(&self, values: &ParamValues) -> DfResult<PushedTable> {
+        let Some(side) = &self.side else {
+            return plan_err!("a whole query's scan has no plan to bind values into");
+        };
+        let bound = member_sql(
+            side.plan.clone().with_param_values(values.clone())?,
+            side.alias,
+        )?;
+        if bound.schema != self.schema {
+            return plan_err!("binding values changed a member answer's schema");
+        }
+        Ok(PushedTable {
+            table: self.table.clone(),
+            sql: bound.sql.clone(),
+            schema: self.schema.clone(),
+            pruning: self
+                .pruning
+                .iter()
+                .map(|e| bind_expr(e.clone(), values))
+                .collect::<DfResult<_>>()?,
+            whole: None,
+            cache: self.cache,
+            side: Some(bound),
+        })
+    }
+}
+
+/// `e` with every placeholder replaced by its value.
+fn bind_expr(e: Expr, values: &ParamValues) -> DfResult<Expr> {
+    e.transform_up(|e| match e {
+        Expr::Placeholder(p) => {
+            let (value, metadata) = values.get_placeholders_with_values(&p.id)?.into_inner();
+            Ok(Transformed::yes(Expr::Literal(value, metadata)))
+        }
+        other => Ok(Transformed::no(other)),
+    })
+    .map(|t| t.data)
+}
+
+/// A plan optimized with placeholders in place (a shape's, [`crate::owner::shape`])
+/// with `values` bound wherever the placeholders went: the plan's own expressions
+/// (filters offered to scans included) and the member SQL and pruning filters of the
+/// scans this rule pushed, which are written again from their bound plans. Fails when
+/// a placeholder is left anywhere the plan shows.
+pub fn bind(plan: LogicalPlan, values: &ParamValues) -> DfResult<LogicalPlan> {
+    let plan = plan
+        .with_param_values(values.clone())?
+        .transform_up_with_subqueries(|node| {
+            let LogicalPlan::TableScan(mut scan) = node else {
+                return Ok(Transformed::no(node));
+            };
+            let any: Arc<dyn std::any::Any + Send + Sync> = source_as_provider(&scan.source)?;
+            match any.downcast::<PushedTable>() {
+                Ok(pushed) => {
+                    scan.source = provider_as_source(Arc::new(pushed.bind(values)?));
+                    Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+                }
+                Err(_) => Ok(Transformed::no(LogicalPlan::TableScan(scan))),
+            }
+        })?
+        .data;
+    if !plan.get_parameter_fields()?.is_empty() {
+        return plan_err!("a placeholder was left unbound");
+    }
+    Ok(plan)
 }
 
 #[async_trait]

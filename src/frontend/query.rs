@@ -594,6 +594,7 @@ impl FederationService {
         let state = running.state.clone();
         let plan_cached = running.plan_cached;
         let plan_bound = running.plan_bound;
+        let plan_bound_optimized = running.plan_bound_optimized;
         let planning_us = running.planning.as_micros() as u64;
         let version = self.coordinator.config().version.clone();
         let max_rows = self.coordinator.config().limits.max_rows;
@@ -676,6 +677,7 @@ impl FederationService {
                     bytes_received: state.bytes_received(),
                     plan_cached,
                     plan_bound,
+                    plan_bound_optimized,
                     planning_us,
                     receipt: Vec::new(),
                 };

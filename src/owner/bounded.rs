@@ -536,18 +536,25 @@ impl datafusion::optimizer::OptimizerRule for ProjectedConstants {
         _config: &dyn datafusion::optimizer::OptimizerConfig,
     ) -> DfResult<datafusion::common::tree_node::Transformed<datafusion::logical_expr::LogicalPlan>>
     {
-        let bytes = projected_constant_bytes(&plan)?;
-        if bytes > MAX_PROJECTED_CONSTANT_BYTES {
-            return Err(Error::TooLarge(format!(
-                "the query's output columns hold {} KiB of constant text, more than the {} KiB \
-                 a query may copy into every row it makes",
-                bytes >> 10,
-                MAX_PROJECTED_CONSTANT_BYTES >> 10
-            ))
-            .into_datafusion());
-        }
+        check_projected_constants(&plan)?;
         Ok(datafusion::common::tree_node::Transformed::no(plan))
     }
+}
+
+/// Refuses a plan whose projected constants exceed [`MAX_PROJECTED_CONSTANT_BYTES`]
+/// (what [`ProjectedConstants`] checks, for a plan made without the optimizer).
+pub fn check_projected_constants(plan: &datafusion::logical_expr::LogicalPlan) -> DfResult<()> {
+    let bytes = projected_constant_bytes(plan)?;
+    if bytes > MAX_PROJECTED_CONSTANT_BYTES {
+        return Err(Error::TooLarge(format!(
+            "the query's output columns hold {} KiB of constant text, more than the {} KiB \
+             a query may copy into every row it makes",
+            bytes >> 10,
+            MAX_PROJECTED_CONSTANT_BYTES >> 10
+        ))
+        .into_datafusion());
+    }
+    Ok(())
 }
 
 /// Bytes of text and binary constants in the expressions of the plan's projections,

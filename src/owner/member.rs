@@ -73,6 +73,42 @@ struct CachedPlan {
 struct ShapedPlan {
     granted: Granted,
     planned: crate::owner::shape::Planned,
+    /// Under grants that rewrite nothing (`rows`, masked or not), the shape's plan
+    /// optimized among the grants' views with its placeholders in place, made when
+    /// the second sub-query of the shape comes (`None` inside: it could not be).
+    optimized: std::sync::OnceLock<Option<LogicalPlan>>,
+}
+
+impl ShapedPlan {
+    /// The shape's optimized plan with `values` bound, or `None` when the grants
+    /// rewrite the plan (`aggregate`, `verify`: the rewrite and its checks work on the
+    /// written plan with every value in place) or the shape could not be optimized
+    /// with placeholders.
+    ///
+    /// A shape lifts only constants compared in `WHERE` and `HAVING`, bound as exactly
+    /// their placeholders' types, and every optimizer rule keeps a plan's meaning for
+    /// any value of an expression it cannot fold. The plan is optimized among the
+    /// views that apply the grants, as any sub-query is, so every expression the
+    /// caller wrote still sees masked values. What depends on a value runs after
+    /// binding: what goes into a database ([`crate::owner::source::pushdown`]) and
+    /// the pruning of files by their statistics (physical planning).
+    fn optimized(&self, values: &datafusion::common::ParamValues) -> Option<LogicalPlan> {
+        if !self.granted.restricted.is_empty() {
+            return None;
+        }
+        let optimized = self
+            .optimized
+            .get_or_init(|| self.granted.ctx.state().optimize(&self.planned.plan).ok())
+            .as_ref()?;
+        let bound = optimized.clone().with_param_values(values.clone()).ok()?;
+        if !bound.get_parameter_fields().ok()?.is_empty() {
+            return None;
+        }
+        // As the optimizer's last rule checks every plan (lifted constants are only
+        // compared, so no rule of today copies one into an output column).
+        crate::owner::bounded::check_projected_constants(&bound).ok()?;
+        Some(bound)
+    }
 }
 
 /// Plans kept per member. Sub-queries repeat (dashboards, the coordinator's own
@@ -638,21 +674,34 @@ impl MemberEngine {
         }
         let mut phases = crate::owner::session::Phases::start();
         let bound = self.bound_shape(permit, &p, &key).await;
-        let shaped = bound.is_some();
-        // With a shape, its written plan bound; then (without one, from the text) the
-        // grants' rewrite and the audit hash.
+        let from = match &bound {
+            Some((_, _, Some(_))) => "bound optimized",
+            Some(_) => "bound",
+            None => "text",
+        };
+        // With a shape, its written plan bound (and its optimized plan, when the
+        // grants rewrite nothing); then (without one, from the text) the grants'
+        // rewrite and the audit hash, over the written plan with its values.
         phases.mark("shape");
-        let (ctx, plan, plan_sha256, cells) = match bound {
-            Some((granted, plan)) => {
-                self.finish(permit, &p.datasets, granted, plan, true)
-                    .await?
+        let (ctx, plan, plan_sha256, cells, optimized) = match bound {
+            Some((granted, plan, optimized)) => {
+                let (ctx, plan, sha, cells) = self
+                    .finish(permit, &p.datasets, granted, plan, true)
+                    .await?;
+                (ctx, plan, sha, cells, optimized)
             }
-            None => self.plan_under(permit, p, true).await?,
+            None => {
+                let (ctx, plan, sha, cells) = self.plan_under(permit, p, true).await?;
+                (ctx, plan, sha, cells, None)
+            }
         };
         phases.mark("rewrite");
         tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
-        let physical = physical_plan_timed(&ctx, &plan, &mut phases).await?;
-        phases.report("member", shaped);
+        let physical = match optimized {
+            Some(optimized) => physical_plan_of_optimized(&ctx, optimized, &mut phases).await?,
+            None => physical_plan_timed(&ctx, &plan, &mut phases).await?,
+        };
+        phases.report("member", from);
         if cells {
             // The plan holds this moment's cells or an incident's rows: it is never
             // reused.
@@ -783,7 +832,7 @@ impl MemberEngine {
         permit: &Permit,
         p: &Prepared,
         key: &MemberPlanKey,
-    ) -> Option<(Granted, LogicalPlan)> {
+    ) -> Option<(Granted, LogicalPlan, Option<LogicalPlan>)> {
         if permit.grants().values().any(|g| g.incident.is_some()) {
             return None;
         }
@@ -792,8 +841,8 @@ impl MemberEngine {
             sql: format!("shape\u{0}{}", shaped.key()),
             ..key.clone()
         };
-        let entry = match self.shapes.get(&key).await {
-            Some(entry) => entry,
+        let (entry, known) = match self.shapes.get(&key).await {
+            Some(entry) => (entry, true),
             None => {
                 let granted = self.context_for(permit, true).await.ok()?;
                 let planned = plan_query(&granted.ctx.state(), shaped.statement.clone())
@@ -802,14 +851,31 @@ impl MemberEngine {
                     .and_then(|plan| {
                         crate::owner::shape::Planned::new(plan, shaped.literals.len())
                     });
-                let entry = Arc::new(planned.map(|planned| ShapedPlan { granted, planned }));
+                let entry = Arc::new(planned.map(|planned| ShapedPlan {
+                    granted,
+                    planned,
+                    optimized: std::sync::OnceLock::new(),
+                }));
                 self.shapes.insert(key, entry.clone()).await;
-                entry
+                (entry, false)
             }
         };
         let shaped_plan = entry.as_ref().as_ref()?;
-        let plan = shaped_plan.planned.bind(&shaped.literals)?;
-        Some((shaped_plan.granted.clone(), plan))
+        let values = shaped_plan.planned.values(&shaped.literals)?;
+        let plan = shaped_plan
+            .planned
+            .plan
+            .clone()
+            .with_param_values(values.clone())
+            .ok()?;
+        // The first sub-query of a shape is optimized as written; the optimizer runs
+        // over the shape itself only when a second one comes.
+        let optimized = if known {
+            shaped_plan.optimized(&values)
+        } else {
+            None
+        };
+        Some((shaped_plan.granted.clone(), plan, optimized))
     }
 
     /// The rest of planning a sub-query, from its written plan with every value in
@@ -969,6 +1035,26 @@ async fn physical_plan_timed(
     let pushed =
         crate::owner::source::pushdown::push_into_databases(optimized).map_err(engine_failure)?;
     phases.mark("databases");
+    let physical = state
+        .query_planner()
+        .create_physical_plan(&pushed, &state)
+        .await
+        .map_err(engine_failure);
+    phases.mark("physical");
+    physical
+}
+
+/// [`physical_plan`] of a plan already optimized (a shape's, bound to its values).
+async fn physical_plan_of_optimized(
+    ctx: &SessionContext,
+    optimized: LogicalPlan,
+    phases: &mut crate::owner::session::Phases,
+) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+    phases.mark("optimize");
+    let pushed =
+        crate::owner::source::pushdown::push_into_databases(optimized).map_err(engine_failure)?;
+    phases.mark("databases");
+    let state = ctx.state();
     let physical = state
         .query_planner()
         .create_physical_plan(&pushed, &state)

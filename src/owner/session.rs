@@ -227,14 +227,14 @@ impl Phases {
     }
 
     /// Reports the phases of one plan made at `side` (`coordinator` or `member`).
-    pub fn report(&self, side: &'static str, bound: bool) {
+    pub fn report(&self, side: &'static str, from: &'static str) {
         if tracing::enabled!(target: "fedgate::planning", tracing::Level::DEBUG) {
             let phases: Vec<String> = self
                 .done
                 .iter()
                 .map(|(n, us)| format!("{n}={us}"))
                 .collect();
-            tracing::debug!(target: "fedgate::planning", side, bound, phases = %phases.join(" "), "Planned");
+            tracing::debug!(target: "fedgate::planning", side, from, phases = %phases.join(" "), "Planned");
         }
     }
 }

@@ -21,9 +21,14 @@
 //! that does not fit, or a shape the planner cannot type makes the query plan as
 //! written: reuse is a shortcut that is never the only way to an answer.
 //!
-//! The bound plan is then optimized and planned physically as any other, so every
-//! decision that depends on a value (which members hold the key, what is pushed to a
-//! member, and at a data owner every rule applied to the query) sees the value.
+//! The first query of a shape binds its values into the written plan, which is then
+//! optimized and planned physically as any other. From the second on, the shape's
+//! own plan is optimized once with its placeholders in place and each query binds its
+//! values into that (at the coordinator; at a data owner only under grants that do
+//! not rewrite the plan), so only physical planning runs per value. Every decision
+//! that depends on a value is made after binding and sees the value: which members
+//! hold the key, the member SQL written, what a data owner sends to its databases and,
+//! under `aggregate` and `verify` grants, the owner's rewrite and its checks.
 
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::{ParamValues, ScalarValue};
@@ -260,9 +265,10 @@ impl Planned {
         }
     }
 
-    /// The written plan with `literals` bound, or `None` when a value cannot be
-    /// bound as its placeholder's type with the meaning the constant had.
-    pub fn bind(&self, literals: &[Literal]) -> Option<LogicalPlan> {
+    /// `literals` as the values of the placeholders, each of exactly its
+    /// placeholder's type, or `None` when a value cannot be bound as that type with
+    /// the meaning the constant had.
+    pub fn values(&self, literals: &[Literal]) -> Option<ParamValues> {
         if literals.len() != self.types.len() {
             return None;
         }
@@ -271,10 +277,7 @@ impl Planned {
             .zip(&self.types)
             .map(|(l, t)| value_as(l, t))
             .collect::<Option<Vec<ScalarValue>>>()?;
-        self.plan
-            .clone()
-            .with_param_values(ParamValues::from(values))
-            .ok()
+        Some(ParamValues::from(values))
     }
 }
 

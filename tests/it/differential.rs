@@ -246,43 +246,65 @@ fn ordered(sql: &str) -> bool {
         .is_some_and(|i| !sql[i..].contains(')'))
 }
 
+/// Asks `sql` at `client` and compares the answer with the reference's; a difference
+/// is added to `failures` and the answer's summary returned.
+async fn compare(
+    client: &fedgate::tools::client::Client,
+    reference: &SessionContext,
+    sql: &str,
+    pass: &str,
+    failures: &mut Vec<String>,
+) -> Option<fedgate::proto::v1::QuerySummary> {
+    let want = match reference.sql(sql).await {
+        Ok(df) => df.collect().await.map(|b| rows(&b)),
+        Err(e) => Err(e),
+    };
+    match (want, client.query(sql, false, None).await) {
+        (Ok(mut want), Ok(answer)) => {
+            assert!(!answer.summary.partial, "{sql}");
+            let mut got = rows(&answer.batches);
+            // Order matters only where the query fixes it completely; LIMIT without a
+            // total order is not used in the corpus.
+            if !ordered(sql) {
+                want.sort();
+                got.sort();
+            }
+            if want != got {
+                failures.push(format!("{sql} ({pass})\n  want {want:?}\n  got  {got:?}"));
+            }
+            Some(answer.summary)
+        }
+        (Err(e), _) => {
+            failures.push(format!("{sql}\n  reference failed: {e}"));
+            None
+        }
+        (_, Err(f)) => {
+            failures.push(format!("{sql} ({pass})\n  region failed: {f}"));
+            None
+        }
+    }
+}
+
+fn corpus() -> Vec<String> {
+    let mut corpus: Vec<String> = HAND_WRITTEN.iter().map(|s| s.to_string()).collect();
+    corpus.extend(generated());
+    assert!(corpus.len() >= 250);
+    corpus
+}
+
 #[tokio::test]
 async fn the_region_answers_like_one_database_holding_every_member() {
     let (region, reference) = setup().await;
     let gateways = ["shanghai", "hefei", "anji"];
-    let mut corpus: Vec<String> = HAND_WRITTEN.iter().map(|s| s.to_string()).collect();
-    corpus.extend(generated());
-    assert!(corpus.len() >= 250);
+    let corpus = corpus();
     let mut failures = Vec::new();
     for (i, sql) in corpus.iter().enumerate() {
         let client = region.client(gateways[i % gateways.len()]);
-        let want = match reference.sql(sql).await {
-            Ok(df) => df.collect().await.map(|b| rows(&b)),
-            Err(e) => Err(e),
-        };
         // Asked twice: the second time the plan comes from the coordinator's and the
         // members' plan caches and runs as a copy with fresh state, which must answer
         // exactly as the first run did.
         for pass in ["first", "again"] {
-            let got = client.query(sql, false, None).await;
-            match (&want, got) {
-                (Ok(want), Ok(answer)) => {
-                    assert!(!answer.summary.partial, "{sql}");
-                    let mut want = want.clone();
-                    let mut got = rows(&answer.batches);
-                    // Order matters only where the query fixes it completely; LIMIT
-                    // without a total order is not used in the corpus.
-                    if !ordered(sql) {
-                        want.sort();
-                        got.sort();
-                    }
-                    if want != got {
-                        failures.push(format!("{sql} ({pass})\n  want {want:?}\n  got  {got:?}"));
-                    }
-                }
-                (Err(e), _) => failures.push(format!("{sql}\n  reference failed: {e}")),
-                (_, Err(f)) => failures.push(format!("{sql} ({pass})\n  region failed: {f}")),
-            }
+            compare(&client, &reference, sql, pass, &mut failures).await;
         }
     }
     assert!(
@@ -292,4 +314,90 @@ async fn the_region_answers_like_one_database_holding_every_member() {
         corpus.len(),
         failures.join("\n")
     );
+}
+
+/// `sql` with every constant a shape lifts changed (a number plus one, a fraction
+/// with a digit more, a text with a letter more), or `None` when it has none: a query
+/// of the same shape ([`fedgate::owner::shape`]) with other values.
+fn with_other_constants(sql: &str) -> Option<String> {
+    use datafusion::sql::sqlparser::ast::{Expr, Value, visit_expressions_mut};
+    let state = SessionContext::new().state();
+    let stmt = fedgate::owner::session::parse_query(&state, sql).ok()?;
+    let shaped = fedgate::owner::shape::shape(&stmt)?;
+    let datafusion::sql::parser::Statement::Statement(mut inner) = shaped.statement else {
+        return None;
+    };
+    let _ = visit_expressions_mut(inner.as_mut(), |e| {
+        if let Expr::Value(v) = e
+            && let Value::Placeholder(p) = &v.value
+        {
+            let i: usize = p[1..].parse().unwrap();
+            let l = &shaped.literals[i - 1];
+            v.value = match l.kind {
+                fedgate::owner::shape::Kind::Integer => {
+                    Value::Number((l.text.parse::<i64>().unwrap() + 1).to_string(), false)
+                }
+                fedgate::owner::shape::Kind::Fraction => {
+                    Value::Number(format!("{}1", l.text), false)
+                }
+                fedgate::owner::shape::Kind::Text => {
+                    Value::SingleQuotedString(format!("{}x", l.text))
+                }
+            };
+        }
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    Some(inner.to_string())
+}
+
+/// Every query of the corpus that has constants to lift, asked after a query of its
+/// shape with other constants: it is bound into the shape's plan as the coordinator
+/// optimized it with placeholders in place (the summary says so), and answers like
+/// the reference; so does the query that came first.
+#[tokio::test]
+async fn queries_bound_into_their_shapes_optimized_plan_answer_like_one_database() {
+    let (region, reference) = setup().await;
+    let gateways = ["shanghai", "hefei", "anji"];
+    let mut corpus = corpus();
+    corpus.sort();
+    corpus.dedup();
+    let mut failures = Vec::new();
+    let mut optimized = 0;
+    for (i, sql) in corpus.iter().enumerate() {
+        let Some(first) = with_other_constants(sql) else {
+            continue;
+        };
+        let client = region.client(gateways[i % gateways.len()]);
+        compare(
+            &client,
+            &reference,
+            &first,
+            "first of its shape",
+            &mut failures,
+        )
+        .await;
+        let Some(summary) = compare(&client, &reference, sql, "bound", &mut failures).await else {
+            continue;
+        };
+        if summary.plan_cached {
+            // A query of the corpus whose text an earlier one's changed constants
+            // happened to write.
+            continue;
+        }
+        if summary.plan_bound_optimized {
+            optimized += 1;
+        } else {
+            failures.push(format!(
+                "{sql}\n  not bound into its shape's optimized plan"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} problems:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The hand-written and generated filters hold constants in most queries.
+    assert!(optimized >= 150, "only {optimized} queries were bound");
 }

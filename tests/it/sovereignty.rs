@@ -242,6 +242,35 @@ async fn filters_functions_and_orderings_over_masked_fields_reveal_nothing_hidde
     }
 }
 
+/// Lookups of one shape under a masked grant, from the second on bound into the
+/// shape's optimized plan at the coordinator and at the owners: each value is still
+/// compared with the masked field, as a constant written in the text is. A real ID
+/// finds nothing; the masked form of an ID finds the people whose IDs mask to it.
+#[tokio::test]
+async fn values_bound_into_an_optimized_shape_meet_only_masked_fields() {
+    let region = Region::start().await;
+    let people = people(&region).await;
+    let anji = region.client_as("anji", "anji");
+    let purpose = "insurance-transfer: AJ-2026-0117";
+    let seen = ok(&anji, "SELECT id_number FROM enrollment", purpose).await;
+    let masked = column_strings(&seen.batches, "id_number");
+    let m0 = masked[0].clone();
+    assert!(m0.contains("********"), "{m0}");
+    let want_m0 = masked.iter().filter(|m| **m == m0).count() as i64;
+    let cases = [
+        (people[0].id.clone(), 0),
+        (people[1].id.clone(), 0),
+        (m0, want_m0),
+        (people[2].id.clone(), 0),
+    ];
+    for (i, (value, want)) in cases.iter().enumerate() {
+        let sql = format!("SELECT count(*) AS n FROM enrollment WHERE id_number = '{value}'");
+        let a = ok(&anji, &sql, purpose).await;
+        assert_eq!(ints(&a.batches, "n"), vec![*want], "{sql}");
+        assert_eq!(a.summary.plan_bound_optimized, i > 0, "{sql}");
+    }
+}
+
 #[tokio::test]
 async fn purposes_are_required_checked_and_named_in_denials() {
     let region = Region::start().await;
