@@ -908,8 +908,8 @@ async fn hop(region: &Region, sizes: Sizes, out: &mut String) {
          The member `solo` holds the rows. Direct: the client asks `solo`, which answers from its own \
          data in process. Through a hop: the client asks `hub`, which forwards the sub-query to `solo` \
          over mutual TLS. Same SQL both ways, {} queries per variant per round, one at a time. A query \
-         sent again finds its plan in the coordinator's cache; a lookup with a new key is bound from the \
-         written plan of its shape, at the coordinator and at the member, then optimized and planned. The 64 KiB answer is {bytes} bytes of Arrow IPC. The hub's \
+         sent again finds its plan in the coordinator's cache; a lookup with a new key is bound into the \
+         plan of its shape as optimized with placeholders, at the coordinator and at the member, then planned physically. The 64 KiB answer is {bytes} bytes of Arrow IPC. The hub's \
          CPU is its process's user and system time over the round divided by the queries.\n\n\
          | answer (medians of {} rounds) | direct p50 | through hub p50 | difference | ratio | hub CPU per query | target |\n\
          |---|---:|---:|---:|---:|---:|---|\n{}\n\n",

@@ -147,14 +147,14 @@ impl PlanFrom {
 #[derive(Debug)]
 struct Shape {
     planned: crate::owner::shape::Planned,
-    optimized: std::sync::OnceLock<Option<datafusion::logical_expr::LogicalPlan>>,
+    optimized: tokio::sync::OnceCell<Option<datafusion::logical_expr::LogicalPlan>>,
 }
 
 impl Shape {
     fn new(planned: crate::owner::shape::Planned) -> Shape {
         Shape {
             planned,
-            optimized: std::sync::OnceLock::new(),
+            optimized: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -170,15 +170,27 @@ impl Shape {
     /// member SQL are made by physical planning from the bound filters, the scans the
     /// pushdown rule made are written again from their bound plans
     /// ([`pushdown::bind`]), and a whole query is sent ([`pushdown::push_whole_query`])
-    /// only as decided over the bound plan.
-    fn optimized(
+    /// only as decided over the bound plan. A shape that reads the clock
+    /// ([`crate::owner::session::reads_the_clock`]) is not reused.
+    async fn optimized(
         &self,
         state: &SessionState,
         values: &datafusion::common::ParamValues,
     ) -> Option<datafusion::logical_expr::LogicalPlan> {
         let optimized = self
             .optimized
-            .get_or_init(|| state.optimize(&self.planned.plan).ok())
+            .get_or_init(|| async {
+                if crate::owner::session::reads_the_clock(&self.planned.plan) {
+                    return None;
+                }
+                state
+                    .optimize(&self.planned.plan)
+                    .inspect_err(|e| {
+                        tracing::debug!(target: "fedgate::planning", error = %e, "A shape's plan could not be optimized with placeholders; its queries are optimized for their values")
+                    })
+                    .ok()
+            })
+            .await
             .as_ref()?;
         let bound = pushdown::bind(optimized.clone(), values).ok()?;
         // Lifted constants are only compared, never copied into rows, so no optimizer
@@ -684,6 +696,20 @@ impl Coordinator {
         phases.mark("parse");
         let (logical, from) = self.written(state, stmt, opts, &key).await?;
         phases.mark("written");
+        // A plan that reads the clock is this query's alone: optimized with this
+        // query's start time (a planning session keeps the time it was made at) and
+        // never cached. A shape's optimized plan never reads it.
+        let clock =
+            matches!(&logical, Logical::Written(w) if crate::owner::session::reads_the_clock(w));
+        let now;
+        let state = if clock {
+            let mut fresh = state.clone();
+            fresh.mark_start_execution();
+            now = fresh;
+            &now
+        } else {
+            state
+        };
         let (written, mut plan) = match logical {
             Logical::Written(written) => {
                 let plan = state.optimize(&written).map_err(Error::from_datafusion)?;
@@ -711,7 +737,7 @@ impl Coordinator {
             .map_err(Error::from_datafusion)?;
         phases.mark("physical");
         phases.report("coordinator", from.word());
-        if cache {
+        if cache && !clock {
             self.plans.insert(key, physical.clone()).await;
             self.plans.insert(exact, physical.clone()).await;
         }
@@ -792,7 +818,7 @@ impl Coordinator {
                 // The first query of a shape is optimized as written, as it would be
                 // without shapes; the optimizer runs over the shape itself only when
                 // a second one comes.
-                if known && let Some(optimized) = shape.optimized(state, &values) {
+                if known && let Some(optimized) = shape.optimized(state, &values).await {
                     let written = shape.planned.plan.clone();
                     return Ok((
                         Logical::Optimized { written, optimized },

@@ -552,13 +552,12 @@ impl PushedTable {
         let Some(side) = &self.side else {
             return plan_err!("a whole query's scan has no plan to bind values into");
         };
+        // A value missing for a placeholder fails the binding; each value is exactly
+        // its placeholder's type, so the answer's schema is the one planned.
         let bound = member_sql(
             side.plan.clone().with_param_values(values.clone())?,
             side.alias,
         )?;
-        if bound.schema != self.schema {
-            return plan_err!("binding values changed a member answer's schema");
-        }
         Ok(PushedTable {
             table: self.table.clone(),
             sql: bound.sql.clone(),
@@ -591,10 +590,9 @@ fn bind_expr(e: Expr, values: &ParamValues) -> DfResult<Expr> {
 /// with `values` bound wherever the placeholders went: the plan's own expressions
 /// (filters offered to scans included) and the member SQL and pruning filters of the
 /// scans this rule pushed, which are written again from their bound plans. Fails when
-/// a placeholder is left anywhere the plan shows.
+/// a placeholder has no value.
 pub fn bind(plan: LogicalPlan, values: &ParamValues) -> DfResult<LogicalPlan> {
-    let plan = plan
-        .with_param_values(values.clone())?
+    plan.with_param_values(values.clone())?
         .transform_up_with_subqueries(|node| {
             let LogicalPlan::TableScan(mut scan) = node else {
                 return Ok(Transformed::no(node));
@@ -607,12 +605,8 @@ pub fn bind(plan: LogicalPlan, values: &ParamValues) -> DfResult<LogicalPlan> {
                 }
                 Err(_) => Ok(Transformed::no(LogicalPlan::TableScan(scan))),
             }
-        })?
-        .data;
-    if !plan.get_parameter_fields()?.is_empty() {
-        return plan_err!("a placeholder was left unbound");
-    }
-    Ok(plan)
+        })
+        .map(|t| t.data)
 }
 
 #[async_trait]

@@ -91,4 +91,70 @@ mod tests {
             );
         }
     }
+
+    /// A filter is pushed into a member scan when its text can be written, which is
+    /// decided once with a placeholder in a shape's optimized plan; the member SQL is
+    /// written later with the value bound. Every value a shape binds must therefore be
+    /// writable, or a query would fail where its first of the shape did not.
+    #[test]
+    fn every_value_a_shape_binds_can_be_written_into_member_sql() {
+        use crate::owner::shape::{Kind, Literal, value_as};
+        use datafusion::arrow::datatypes::{DataType, TimeUnit};
+        use datafusion::logical_expr::{col, lit};
+        let literals = [
+            (Kind::Integer, "42"),
+            (Kind::Integer, "-7"),
+            (Kind::Fraction, "12.5"),
+            (Kind::Text, "O'Brien \\ 西湖区"),
+            (Kind::Text, "2024-02-29"),
+            (Kind::Text, "2024-02-29 12:30:00.5"),
+        ];
+        let types = [
+            DataType::Int8,
+            DataType::Int16,
+            DataType::Int32,
+            DataType::Int64,
+            DataType::UInt8,
+            DataType::UInt16,
+            DataType::UInt32,
+            DataType::UInt64,
+            DataType::Float16,
+            DataType::Float32,
+            DataType::Float64,
+            DataType::Decimal32(9, 2),
+            DataType::Decimal64(18, 2),
+            DataType::Decimal128(38, 4),
+            DataType::Decimal256(76, 4),
+            DataType::Utf8,
+            DataType::LargeUtf8,
+            DataType::Utf8View,
+            DataType::Date32,
+            DataType::Date64,
+            DataType::Timestamp(TimeUnit::Second, None),
+            DataType::Timestamp(TimeUnit::Nanosecond, None),
+            DataType::Timestamp(TimeUnit::Nanosecond, Some("+08:00".into())),
+            DataType::Boolean,
+            DataType::Binary,
+        ];
+        let mut bound = 0;
+        for (kind, text) in literals {
+            let literal = Literal {
+                kind,
+                text: text.into(),
+            };
+            for t in &types {
+                let Some(v) = value_as(&literal, t) else {
+                    continue;
+                };
+                bound += 1;
+                let e = col("x").eq(lit(v.clone()));
+                assert!(
+                    unparser().expr_to_sql(&e).is_ok(),
+                    "{v:?} as {t} cannot be written"
+                );
+            }
+        }
+        // Integers into every integer, decimal and float64 type, at least.
+        assert!(bound >= 20, "{bound}");
+    }
 }

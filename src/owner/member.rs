@@ -76,7 +76,7 @@ struct ShapedPlan {
     /// Under grants that rewrite nothing (`rows`, masked or not), the shape's plan
     /// optimized among the grants' views with its placeholders in place, made when
     /// the second sub-query of the shape comes (`None` inside: it could not be).
-    optimized: std::sync::OnceLock<Option<LogicalPlan>>,
+    optimized: tokio::sync::OnceCell<Option<LogicalPlan>>,
 }
 
 impl ShapedPlan {
@@ -91,19 +91,31 @@ impl ShapedPlan {
     /// views that apply the grants, as any sub-query is, so every expression the
     /// caller wrote still sees masked values. What depends on a value runs after
     /// binding: what goes into a database ([`crate::owner::source::pushdown`]) and
-    /// the pruning of files by their statistics (physical planning).
-    fn optimized(&self, values: &datafusion::common::ParamValues) -> Option<LogicalPlan> {
+    /// the pruning of files by their statistics (physical planning). A shape that
+    /// reads the clock ([`crate::owner::session::reads_the_clock`]) is not reused.
+    async fn optimized(&self, values: &datafusion::common::ParamValues) -> Option<LogicalPlan> {
         if !self.granted.restricted.is_empty() {
             return None;
         }
         let optimized = self
             .optimized
-            .get_or_init(|| self.granted.ctx.state().optimize(&self.planned.plan).ok())
+            .get_or_init(|| async {
+                if crate::owner::session::reads_the_clock(&self.planned.plan) {
+                    return None;
+                }
+                self.granted
+                    .ctx
+                    .state()
+                    .optimize(&self.planned.plan)
+                    .inspect_err(|e| {
+                        tracing::debug!(target: "fedgate::planning", error = %e, "A shape's plan could not be optimized with placeholders; its sub-queries are optimized for their values")
+                    })
+                    .ok()
+            })
+            .await
             .as_ref()?;
+        // A value missing for a placeholder fails the binding.
         let bound = optimized.clone().with_param_values(values.clone()).ok()?;
-        if !bound.get_parameter_fields().ok()?.is_empty() {
-            return None;
-        }
         // As the optimizer's last rule checks every plan (lifted constants are only
         // compared, so no rule of today copies one into an output column).
         crate::owner::bounded::check_projected_constants(&bound).ok()?;
@@ -147,8 +159,10 @@ pub struct MemberEngine {
     granted: Mutex<HashMap<GrantKey, Granted>>,
     /// Physical plans of sub-queries planned before (see the module comment).
     plans: moka::future::Cache<MemberPlanKey, Arc<CachedPlan>>,
-    /// Written plans by shape (the sub-query's text with its filter constants lifted
-    /// out), with the same grants and files; `None` marks a shape planned as written.
+    /// Plans by shape (the sub-query's text with its filter constants lifted out), with
+    /// the same grants and files: the written plan and, under grants that rewrite
+    /// nothing, its optimized form ([`ShapedPlan`]); `None` marks a shape planned as
+    /// written.
     shapes: moka::future::Cache<MemberPlanKey, Arc<Option<ShapedPlan>>>,
 }
 
@@ -702,9 +716,9 @@ impl MemberEngine {
             None => physical_plan_timed(&ctx, &plan, &mut phases).await?,
         };
         phases.report("member", from);
-        if cells {
-            // The plan holds this moment's cells or an incident's rows: it is never
-            // reused.
+        if cells || crate::owner::session::reads_the_clock(&plan) {
+            // The plan holds this moment's cells or an incident's rows, or this
+            // query's time: it is never reused.
             let stream =
                 datafusion::physical_plan::execute_stream(physical, self.bounded_task(&ctx)?)
                     .map_err(Error::from_datafusion)?;
@@ -854,7 +868,7 @@ impl MemberEngine {
                 let entry = Arc::new(planned.map(|planned| ShapedPlan {
                     granted,
                     planned,
-                    optimized: std::sync::OnceLock::new(),
+                    optimized: tokio::sync::OnceCell::new(),
                 }));
                 self.shapes.insert(key, entry.clone()).await;
                 (entry, false)
@@ -871,7 +885,7 @@ impl MemberEngine {
         // The first sub-query of a shape is optimized as written; the optimizer runs
         // over the shape itself only when a second one comes.
         let optimized = if known {
-            shaped_plan.optimized(&values)
+            shaped_plan.optimized(&values).await
         } else {
             None
         };

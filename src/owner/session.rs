@@ -149,6 +149,33 @@ pub fn session_config() -> SessionConfig {
     cfg
 }
 
+/// Whether `plan` calls a function whose value is fixed per query rather than per
+/// row: `now()`, `current_date`, `current_time` and the like (DataFusion's `Stable`
+/// functions), which the optimizer folds into the time its session says the query
+/// started. Such a plan belongs to its query alone: it is optimized with this query's
+/// start time and never cached or reused across constants, at coordinators and
+/// members alike. Views are part of a written plan, so a mapping that reads the clock
+/// counts.
+pub fn reads_the_clock(plan: &LogicalPlan) -> bool {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::{Expr, Volatility};
+    let mut found = false;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|x| {
+                if let Expr::ScalarFunction(f) = x
+                    && f.func.signature().volatility == Volatility::Stable
+                {
+                    found = true;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    found
+}
+
 /// DataFusion's physical optimizer rules, with projections embedded into filters
 /// before the sorts a plan needs are decided.
 ///

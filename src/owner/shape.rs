@@ -1,7 +1,7 @@
 //! Plans reused across literal values: a query's *shape* is its statement with the
 //! constants of its filters replaced by placeholders, so that two lookups that differ
-//! only in the key they look up share one written (unoptimized) logical plan, as a
-//! prepared statement would.
+//! only in the key they look up share one logical plan (written, and then optimized
+//! with its placeholders in place), as a prepared statement would.
 //!
 //! Only what is safe by construction is lifted out of the text:
 //!
@@ -283,7 +283,7 @@ impl Planned {
 
 /// `literal` as a value of type `to`, where that is what the planner's coercion
 /// would have compared: see the module's documentation.
-fn value_as(literal: &Literal, to: &DataType) -> Option<ScalarValue> {
+pub(crate) fn value_as(literal: &Literal, to: &DataType) -> Option<ScalarValue> {
     use DataType::*;
     let value = match literal.kind {
         Kind::Integer => {

@@ -137,3 +137,40 @@ async fn a_verify_grant_checks_every_bound_value_and_other_shapes_are_refused() 
         assert!(e.contains("verif"), "{sql}: {e}");
     }
 }
+
+/// Nanoseconds since the epoch, now.
+fn wall_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+/// `now()` is each query's own time, whatever plan the query reuses: the same text
+/// again (the plan caches), new constants (bound from the shape, then into its
+/// optimized plan), at the coordinator (which computes the select list of an
+/// aggregate over several members) and at a member answering the whole query.
+#[tokio::test]
+async fn now_is_each_querys_own_time_whatever_plan_it_reuses() {
+    let region = Region::start().await;
+    let office = region.client("hangzhou");
+    let templates = [
+        "SELECT CAST(now() AS BIGINT) AS t, count(*) AS n FROM census WHERE pop_total > {k}",
+        "SELECT CAST(now() AS BIGINT) AS t, count(*) AS n FROM census \
+         WHERE member = 'anji' AND pop_total > {k}",
+    ];
+    for template in templates {
+        for k in [1, 1, 2, 3, 3] {
+            let sql = template.replace("{k}", &k.to_string());
+            let before = wall_ns();
+            let a = office.query(&sql, false, None).await.unwrap();
+            let after = wall_ns();
+            let t: i64 = column_strings(&a.batches, "t")[0].parse().unwrap();
+            assert!(
+                before <= t && t <= after,
+                "{sql}: now() was {} ms before the query was sent",
+                (before - t) / 1_000_000
+            );
+        }
+    }
+}
