@@ -147,14 +147,74 @@ impl PlanFrom {
 #[derive(Debug)]
 struct Shape {
     planned: crate::owner::shape::Planned,
+    takes: Takes,
     optimized: tokio::sync::OnceCell<Option<datafusion::logical_expr::LogicalPlan>>,
+}
+
+/// What values a shape's optimized plan may be bound with.
+#[derive(Debug)]
+enum Takes {
+    /// A shape's constants, which `Planned::values` makes of exactly their
+    /// placeholders' types.
+    Constants,
+    /// A prepared statement's values, when every placeholder is only compared
+    /// ([`crate::owner::shape::placeholders_only_compared`]): each of exactly its
+    /// placeholder's type, one of the kinds member SQL holds as written
+    /// ([`crate::owner::shape::compared_kind`]).
+    Compared(HashMap<String, datafusion::arrow::datatypes::DataType>),
+    /// None: a prepared statement with a placeholder elsewhere (a `LIMIT`, a select
+    /// list), whose written plan is bound and optimized for each run's values.
+    Nothing,
 }
 
 impl Shape {
     fn new(planned: crate::owner::shape::Planned) -> Shape {
         Shape {
             planned,
+            takes: Takes::Constants,
             optimized: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// A prepared statement's shape: its written plan, and what its optimized plan
+    /// may be bound with.
+    fn prepared(
+        plan: datafusion::logical_expr::LogicalPlan,
+        stmt: &datafusion::sql::parser::Statement,
+    ) -> Shape {
+        let typed = || {
+            let mut types = HashMap::new();
+            for (id, field) in plan.get_parameter_fields().ok()? {
+                let field = field?;
+                let t = field.data_type();
+                if !field.metadata().is_empty() || !crate::owner::shape::compared_kind(t) {
+                    return None;
+                }
+                types.insert(id, t.clone());
+            }
+            Some(types)
+        };
+        let takes = match crate::owner::shape::placeholders_only_compared(stmt) {
+            true => typed().map_or(Takes::Nothing, Takes::Compared),
+            false => Takes::Nothing,
+        };
+        Shape {
+            planned: crate::owner::shape::Planned::prepared(plan),
+            takes,
+            optimized: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Whether `values` may be bound into the optimized plan.
+    fn takes(&self, values: &datafusion::common::ParamValues) -> bool {
+        match &self.takes {
+            Takes::Constants => true,
+            Takes::Nothing => false,
+            Takes::Compared(types) => types.iter().all(|(id, t)| {
+                values
+                    .get_placeholders_with_values(id)
+                    .is_ok_and(|v| v.value.data_type() == *t && v.metadata.is_none())
+            }),
         }
     }
 
@@ -177,6 +237,9 @@ impl Shape {
         state: &SessionState,
         values: &datafusion::common::ParamValues,
     ) -> Option<datafusion::logical_expr::LogicalPlan> {
+        if !self.takes(values) {
+            return None;
+        }
         let optimized = self
             .optimized
             .get_or_init(|| async {
@@ -747,12 +810,11 @@ impl Coordinator {
     /// The logical plan of `stmt` with every value bound, and where it came from
     /// ([`crate::owner::shape`]): a query that differs from an earlier one only in the
     /// constants of its filters, or a prepared statement run with new values, is
-    /// bound, not planned from its text again. A prepared statement's written plan is
-    /// bound and then optimized by the caller (its placeholders may stand anywhere,
-    /// a `LIMIT` included, where the optimizer's choices depend on the value); a
-    /// shape's optimized plan is bound when it can be ([`Shape::optimized`]). Either
-    /// way every decision that depends on a value (members pruned, sub-queries
-    /// pushed) is made with the value.
+    /// bound, not planned from its text again: into the shape's optimized plan when
+    /// it can be ([`Shape::optimized`]; for a prepared statement only when every
+    /// placeholder is only compared, see [`Takes`]), else into its written plan, which
+    /// the caller then optimizes. Either way every decision that depends on a value
+    /// (members pruned, sub-queries pushed) is made with the value.
     async fn written(
         &self,
         state: &SessionState,
@@ -778,16 +840,21 @@ impl Coordinator {
             if opts.plan_cache
                 && let Some(Some(known)) = self.shapes.get(&shape_key).await.as_deref()
             {
+                if let Some(optimized) = known.optimized(state, values).await {
+                    let written = known.planned.plan.clone();
+                    return Ok((
+                        Logical::Optimized { written, optimized },
+                        PlanFrom::ShapeOptimized,
+                    ));
+                }
                 let plan = bind(known.planned.plan.clone(), values)?;
                 return Ok((Logical::Written(plan), PlanFrom::Shape));
             }
-            let plan = plan_query(state, stmt).await?;
+            let plan = plan_query(state, stmt.clone()).await?;
             if opts.plan_cache {
                 // Typed by the caller's values when bound, not by constants.
-                let planned = shape::Planned::prepared(plan.clone());
-                self.shapes
-                    .insert(shape_key, Arc::new(Some(Shape::new(planned))))
-                    .await;
+                let shape = Shape::prepared(plan.clone(), &stmt);
+                self.shapes.insert(shape_key, Arc::new(Some(shape))).await;
             }
             return Ok((Logical::Written(bind(plan, values)?), PlanFrom::Text));
         }

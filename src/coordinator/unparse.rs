@@ -100,6 +100,7 @@ mod tests {
     fn every_value_a_shape_binds_can_be_written_into_member_sql() {
         use crate::owner::shape::{Kind, Literal, value_as};
         use datafusion::arrow::datatypes::{DataType, TimeUnit};
+        use datafusion::common::ScalarValue;
         use datafusion::logical_expr::{col, lit};
         let literals = [
             (Kind::Integer, "42"),
@@ -156,5 +157,28 @@ mod tests {
         }
         // Integers into every integer, decimal and float64 type, at least.
         assert!(bound >= 20, "{bound}");
+        // A prepared statement's values of the kinds it may bind as they are.
+        let mut kinds = 0;
+        for t in types
+            .iter()
+            .filter(|t| crate::owner::shape::compared_kind(t))
+        {
+            let v = ["1", "2024-02-29", "2024-02-29 12:30:00.5", "true"]
+                .iter()
+                .find_map(|s| {
+                    ScalarValue::Utf8(Some(s.to_string()))
+                        .cast_to(t)
+                        .ok()
+                        .filter(|v| !v.is_null())
+                })
+                .unwrap_or_else(|| panic!("no sample value of {t}"));
+            kinds += 1;
+            let e = col("x").eq(lit(v.clone()));
+            assert!(
+                unparser().expr_to_sql(&e).is_ok(),
+                "{v:?} as {t} cannot be written"
+            );
+        }
+        assert!(kinds >= 20, "{kinds}");
     }
 }

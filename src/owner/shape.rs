@@ -109,7 +109,7 @@ pub fn shape(stmt: &datafusion::sql::parser::Statement) -> Option<Shaped> {
     }
     let mut query = query.clone();
     let mut literals = Vec::new();
-    lift_query(&mut query, &mut literals);
+    lift_query(&mut query, &mut |e| lift(e, &mut literals));
     // A long IN list is a shape of its own for every length: it is planned as written
     // rather than cached with a placeholder per item.
     if literals.is_empty() || literals.len() > MAX_LITERALS {
@@ -121,49 +121,112 @@ pub fn shape(stmt: &datafusion::sql::parser::Statement) -> Option<Shaped> {
     })
 }
 
-fn lift_query(q: &mut Query, out: &mut Vec<Literal>) {
-    if let Some(with) = &mut q.with {
-        for cte in &mut with.cte_tables {
-            lift_query(&mut cte.query, out);
+/// Whether every placeholder of a prepared statement stands where a shape lifts a
+/// constant (one side of a comparison whose other side is not a constant, an `IN`
+/// list's item, a `BETWEEN` bound, in `WHERE` and `HAVING`). Its values are then only
+/// compared, as a shape's constants are, and a plan optimized with its placeholders in
+/// place holds for every value. A placeholder anywhere else (a select list, a
+/// `LIMIT`, a function's argument) makes it `false`.
+pub fn placeholders_only_compared(stmt: &datafusion::sql::parser::Statement) -> bool {
+    let datafusion::sql::parser::Statement::Statement(inner) = stmt else {
+        return false;
+    };
+    let Statement::Query(query) = inner.as_ref() else {
+        return false;
+    };
+    let is_placeholder =
+        |e: &Expr| matches!(e, Expr::Value(v) if matches!(v.value, Value::Placeholder(_)));
+    let mut query = query.clone();
+    let mut compared = 0;
+    // Each placeholder in a lifted position is replaced by a number, so that any left
+    // afterwards stands elsewhere.
+    lift_query(&mut query, &mut |e| {
+        if is_placeholder(e)
+            && let Expr::Value(v) = e
+        {
+            v.value = Value::Number("0".into(), false);
+            compared += 1;
         }
-    }
-    lift_set(&mut q.body, out);
+    });
+    let mut elsewhere = false;
+    let _ = visit_expressions(query.as_ref(), |e| {
+        if is_placeholder(e) {
+            elsewhere = true;
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    });
+    compared > 0 && !elsewhere
 }
 
-fn lift_set(s: &mut SetExpr, out: &mut Vec<Literal>) {
+/// Whether a prepared statement's value of type `t` may be bound into a plan optimized
+/// with its placeholder in place: the kinds a shape binds its constants as (numbers,
+/// text, dates, timestamps) and booleans, which member SQL writes as they are.
+pub fn compared_kind(t: &DataType) -> bool {
+    use DataType::*;
+    t.is_integer()
+        || matches!(
+            t,
+            Float32
+                | Float64
+                | Decimal32(..)
+                | Decimal64(..)
+                | Decimal128(..)
+                | Decimal256(..)
+                | Utf8
+                | LargeUtf8
+                | Utf8View
+                | Date32
+                | Date64
+                | Timestamp(..)
+                | Boolean
+        )
+}
+
+/// Calls `at` on every expression in a position a shape lifts a constant from.
+fn lift_query(q: &mut Query, at: &mut dyn FnMut(&mut Expr)) {
+    if let Some(with) = &mut q.with {
+        for cte in &mut with.cte_tables {
+            lift_query(&mut cte.query, at);
+        }
+    }
+    lift_set(&mut q.body, at);
+}
+
+fn lift_set(s: &mut SetExpr, at: &mut dyn FnMut(&mut Expr)) {
     match s {
         SetExpr::Select(select) => {
             for from in &mut select.from {
-                lift_table(&mut from.relation, out);
+                lift_table(&mut from.relation, at);
                 for join in &mut from.joins {
-                    lift_table(&mut join.relation, out);
+                    lift_table(&mut join.relation, at);
                 }
             }
             if let Some(e) = &mut select.selection {
-                lift_filter(e, out);
+                lift_filter(e, at);
             }
             if let Some(e) = &mut select.having {
-                lift_filter(e, out);
+                lift_filter(e, at);
             }
         }
-        SetExpr::Query(q) => lift_query(q, out),
+        SetExpr::Query(q) => lift_query(q, at),
         SetExpr::SetOperation { left, right, .. } => {
-            lift_set(left, out);
-            lift_set(right, out);
+            lift_set(left, at);
+            lift_set(right, at);
         }
         _ => {}
     }
 }
 
-fn lift_table(t: &mut TableFactor, out: &mut Vec<Literal>) {
+fn lift_table(t: &mut TableFactor, at: &mut dyn FnMut(&mut Expr)) {
     match t {
-        TableFactor::Derived { subquery, .. } => lift_query(subquery, out),
+        TableFactor::Derived { subquery, .. } => lift_query(subquery, at),
         TableFactor::NestedJoin {
             table_with_joins, ..
         } => {
-            lift_table(&mut table_with_joins.relation, out);
+            lift_table(&mut table_with_joins.relation, at);
             for join in &mut table_with_joins.joins {
-                lift_table(&mut join.relation, out);
+                lift_table(&mut join.relation, at);
             }
         }
         _ => {}
@@ -172,24 +235,24 @@ fn lift_table(t: &mut TableFactor, out: &mut Vec<Literal>) {
 
 /// Lifts the constants of one filter expression (subqueries within it included: their
 /// select lists name nothing the caller sees).
-fn lift_filter(e: &mut Expr, out: &mut Vec<Literal>) {
+fn lift_filter(e: &mut Expr, at: &mut dyn FnMut(&mut Expr)) {
     let _ = visit_expressions_mut(e, |e| {
         match e {
             Expr::BinaryOp { left, op, right } if is_comparison(op) => {
                 if !is_constant(left) {
-                    lift(right, out);
+                    at(right);
                 } else if !is_constant(right) {
-                    lift(left, out);
+                    at(left);
                 }
             }
             Expr::InList { expr, list, .. } if !is_constant(expr) => {
-                list.iter_mut().for_each(|item| lift(item, out));
+                list.iter_mut().for_each(&mut *at);
             }
             Expr::Between {
                 expr, low, high, ..
             } if !is_constant(expr) => {
-                lift(low, out);
-                lift(high, out);
+                at(low);
+                at(high);
             }
             _ => {}
         }
@@ -388,6 +451,34 @@ mod tests {
         let sql = |n: usize| format!("SELECT * FROM t WHERE k IN ({})", items(n));
         assert!(shaped(&sql(MAX_LITERALS)).is_some());
         assert!(shaped(&sql(MAX_LITERALS + 1)).is_none());
+    }
+
+    #[test]
+    fn prepared_statements_qualify_only_when_every_placeholder_is_compared() {
+        for sql in [
+            "SELECT * FROM t WHERE x = $1",
+            "SELECT * FROM t WHERE $1 < x AND y IN ($2, $3) AND z BETWEEN $4 AND $5",
+            "SELECT k, count(*) FROM t GROUP BY k HAVING count(*) > $1",
+            "WITH c AS (SELECT * FROM t WHERE x = $1) SELECT * FROM c",
+            "SELECT * FROM (SELECT * FROM t WHERE x <> $1) AS d WHERE y = $2",
+            "SELECT * FROM t WHERE x IN (SELECT y FROM u WHERE z = $1)",
+        ] {
+            assert!(placeholders_only_compared(&parse(sql)), "{sql}");
+        }
+        for sql in [
+            "SELECT * FROM t",
+            "SELECT * FROM t WHERE x = 1",
+            "SELECT $1 AS v FROM t WHERE x = $2",
+            "SELECT * FROM t WHERE x = $1 LIMIT $2",
+            "SELECT * FROM t WHERE x = $1 + 1",
+            "SELECT * FROM t WHERE x = lower($1)",
+            "SELECT * FROM t WHERE $1 = $2",
+            "SELECT * FROM t WHERE x LIKE $1",
+            "SELECT * FROM t ORDER BY x LIMIT $1",
+            "SELECT * FROM t WHERE x IN (SELECT $1 FROM u)",
+        ] {
+            assert!(!placeholders_only_compared(&parse(sql)), "{sql}");
+        }
     }
 
     #[test]

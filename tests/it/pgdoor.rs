@@ -96,6 +96,42 @@ fn code_of(e: &tokio_postgres::Error) -> SqlState {
         .unwrap_or_else(|| panic!("no SQLSTATE: {e:?}"))
 }
 
+/// A statement prepared once and run with new values (the extended protocol's Bind
+/// and Execute) whose placeholders are only compared is bound, from its second run on,
+/// into its plan as optimized with the placeholders in place (the summary notice's
+/// `plan` says so), and answers for each run's value: the counts come from the
+/// members' files.
+#[tokio::test]
+async fn prepared_runs_bind_their_values_into_the_optimized_plan() {
+    let region = Region::start().await;
+    let (client, notices) = connect_as(&region, "office", OFFICE).await;
+    let stmt = client
+        .prepare("SELECT count(*) AS n FROM fever_clinics WHERE member = $1")
+        .await
+        .unwrap();
+    for (i, member) in ["anji", "hangzhou", "shanghai", "suzhou"]
+        .into_iter()
+        .enumerate()
+    {
+        notices.lock().unwrap().clear();
+        let rows = client.query(&stmt, &[&member]).await.unwrap();
+        let n: i64 = rows[0].get("n");
+        let want = crate::support::read_csv(&region.data().join(member).join("fever_clinics.csv"))
+            .1
+            .len();
+        assert_eq!(n as usize, want, "{member}");
+        let summary = notices
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a summary notice");
+        let detail: serde_json::Value = serde_json::from_str(summary.detail().unwrap()).unwrap();
+        let expected = if i == 0 { "planned" } else { "bound optimized" };
+        assert_eq!(detail["plan"], expected, "{member}");
+    }
+}
+
 #[tokio::test]
 async fn psql_style_sessions_query_the_region_over_client_certificate_tls() {
     let region = Region::start().await;
