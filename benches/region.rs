@@ -1476,12 +1476,52 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
          own `Execution Time` from `EXPLAIN ANALYZE`, median of 5, run one at a time on an idle \
          machine (the rest of each p50 is the gateways, the network and the merge):\n\n\
          | query | fedgate's statement | postgres_fdw's | postgres_fdw's, SQL rewritten by hand |\n\
-         |---|---:|---:|---:|\n{}\n\n",
+         |---|---:|---:|---:|\n{}\n\n{}",
         4 * n,
         sizes.rounds,
         rows.join("\n"),
-        database_time.join("\n")
+        database_time.join("\n"),
+        lookup_breakdown(&fedc, n, sizes.requests).await,
     ));
+}
+
+/// Where the primary-key lookup's time goes, from the summaries of lookups through
+/// `hub` one at a time: the client's wall time, the hub's own time from the query's
+/// arrival to its summary, the hub's planning, and the hub's call to `p1` (from its
+/// start to the member's last message, which holds the member's planning, its
+/// database's round trips and its audit record, and the hop there and back).
+async fn lookup_breakdown(client: &Client, n: i64, requests: u64) -> String {
+    let (mut wall, mut hub, mut planning, mut call) = (vec![], vec![], vec![], vec![]);
+    let mut key: i64 = 7;
+    for _ in 0..requests.max(20) {
+        key = (key * 48_271) % n + 1;
+        let sql = format!("SELECT id, county_code, x FROM pg_readings WHERE member = 'p1' AND id = {key}");
+        let t = Instant::now();
+        let a = client.query(&sql, false, None).await.unwrap();
+        wall.push(t.elapsed().as_micros() as f64);
+        let s = &a.summary;
+        assert!(s.plan_bound_optimized, "{sql}: the lookup was not bound into its shape's plan");
+        hub.push(s.elapsed_us as f64);
+        planning.push(s.planning_us as f64);
+        call.push(s.members.iter().find(|m| m.member == "p1").map_or(0, |m| m.elapsed_us) as f64);
+    }
+    let count = wall.len();
+    let (wall, hub, planning, call) = (median(wall), median(hub), median(planning), median(call));
+    format!(
+        "Where the primary-key lookup's time goes ({count} lookups of a new key through `hub`, one \
+         at a time, each bound into its shape's optimized plan; medians from each answer's summary): \
+         at the client {}; at `hub` from the query's arrival to its summary {}, of which planning {} and \
+         the call to `p1` {} (the member's own planning, its database's round trips and its audit \
+         record, and the hop there and back). So the client's hop to `hub` and back is {}, and the \
+         hub's own work besides planning and the call (the member's answer read, the caller's \
+         written, the hub's record) {}.\n\n",
+        ms(wall),
+        ms(hub),
+        ms(planning),
+        ms(call),
+        ms(wall - hub),
+        ms(hub - planning - call),
+    )
 }
 
 async fn fanout(region: &Region, sizes: Sizes, out: &mut String) {
