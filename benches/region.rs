@@ -1516,9 +1516,10 @@ async fn lookup_breakdown(client: &Client, n: i64, requests: u64) -> String {
          before, found in the plan cache; medians from each answer's summary): \
          at the client {}; at `hub` from the query's arrival to its summary {}, of which planning {} and \
          the call to `p1` {} (the member's own planning, its database's round trips and its audit \
-         record, and the hop there and back). So the client's hop to `hub` and back is {}, and the \
-         hub's own work besides planning and the call (the member's answer read, the caller's \
-         written, the hub's record) {}.\n\n",
+         record, and the hop there and back). So the client's hop to `hub` and back, with the hub's \
+         durable record (written after the summary's time is read, before the summary is sent), \
+         is {}, and the hub's own work besides planning and the call (the member's answer read, \
+         the caller's answer written) {}.\n\n",
         ms(wall),
         ms(hub),
         ms(planning),
