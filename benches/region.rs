@@ -1496,17 +1496,27 @@ async fn lookup_breakdown(client: &Client, n: i64, requests: u64) -> String {
     let mut key: i64 = 7;
     for _ in 0..requests.max(20) {
         key = (key * 48_271) % n + 1;
-        let sql = format!("SELECT id, county_code, x FROM pg_readings WHERE member = 'p1' AND id = {key}");
+        let sql = format!(
+            "SELECT id, county_code, x FROM pg_readings WHERE member = 'p1' AND id = {key}"
+        );
         let t = Instant::now();
         let a = client.query(&sql, false, None).await.unwrap();
         wall.push(t.elapsed().as_micros() as f64);
         let s = &a.summary;
         // A key the section drew before finds its plan in the plan cache.
-        assert!(s.plan_bound_optimized || s.plan_cached, "{sql}: planned anew");
+        assert!(
+            s.plan_bound_optimized || s.plan_cached,
+            "{sql}: planned anew"
+        );
         bound += usize::from(s.plan_bound_optimized);
         hub.push(s.elapsed_us as f64);
         planning.push(s.planning_us as f64);
-        call.push(s.members.iter().find(|m| m.member == "p1").map_or(0, |m| m.elapsed_us) as f64);
+        call.push(
+            s.members
+                .iter()
+                .find(|m| m.member == "p1")
+                .map_or(0, |m| m.elapsed_us) as f64,
+        );
     }
     let count = wall.len();
     let (wall, hub, planning, call) = (median(wall), median(hub), median(planning), median(call));
