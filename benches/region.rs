@@ -1491,7 +1491,8 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
 /// start to the member's last message, which holds the member's planning, its
 /// database's round trips and its audit record, and the hop there and back).
 async fn lookup_breakdown(client: &Client, n: i64, requests: u64) -> String {
-    let (mut wall, mut hub, mut planning, mut call) = (vec![], vec![], vec![], vec![]);
+    let (mut wall, mut hub, mut planning, mut call, mut own) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let mut bound = 0;
     let mut key: i64 = 7;
     for _ in 0..requests.max(20) {
@@ -1511,22 +1512,21 @@ async fn lookup_breakdown(client: &Client, n: i64, requests: u64) -> String {
         bound += usize::from(s.plan_bound_optimized);
         hub.push(s.elapsed_us as f64);
         planning.push(s.planning_us as f64);
-        call.push(
-            s.members
-                .iter()
-                .find(|m| m.member == "p1")
-                .map_or(0, |m| m.elapsed_us) as f64,
-        );
+        let p1 = s.members.iter().find(|m| m.member == "p1").unwrap();
+        call.push(p1.elapsed_us as f64);
+        own.push(p1.member_elapsed_us as f64);
     }
     let count = wall.len();
     let (wall, hub, planning, call) = (median(wall), median(hub), median(planning), median(call));
+    let own = median(own);
     format!(
         "Where the primary-key lookup's time goes ({count} lookups through `hub`, one at a time, \
          {bound} of them bound into their shape's optimized plan and the others' keys drawn \
          before, found in the plan cache; medians from each answer's summary): \
          at the client {}; at `hub` from the query's arrival to its summary {}, of which planning {} and \
-         the call to `p1` {} (the member's own planning, its database's round trips and its audit \
-         record, and the hop there and back). So the client's hop to `hub` and back, with the hub's \
+         the call to `p1` {}, of which `p1`'s own time from the sub-query's arrival to its summary \
+         (its planning, its database's round trips and its audit record; as it reports it) {} and \
+         the hop from `hub` to `p1` and back {}. So the client's hop to `hub` and back, with the hub's \
          durable record (written after the summary's time is read, before the summary is sent), \
          is {}, and the hub's own work besides planning and the call (the member's answer read, \
          the caller's answer written) {}.\n\n",
@@ -1534,6 +1534,8 @@ async fn lookup_breakdown(client: &Client, n: i64, requests: u64) -> String {
         ms(hub),
         ms(planning),
         ms(call),
+        ms(own),
+        ms(call - own),
         ms(wall - hub),
         ms(hub - planning - call),
     )

@@ -546,6 +546,7 @@ fn remote_batches(
                         if !s.audit_hash.is_empty() {
                             let _ = note.audit_hash.set(s.audit_hash.clone());
                         }
+                        let _ = note.elapsed_us.set(s.elapsed_us);
                         *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
                         Ok(None)
                     }

@@ -66,6 +66,8 @@ struct Entry {
     datasets: BTreeSet<String>,
     access: BTreeSet<String>,
     audit_hashes: Vec<String>,
+    /// The member's own time as it reported it (the longest of its sub-queries).
+    member_elapsed_us: u64,
     /// Why earlier attempts failed, for sub-queries that were retried.
     retries: Vec<String>,
     /// Age of the oldest cached answer served for this member.
@@ -132,6 +134,7 @@ impl QueryState {
             datasets: BTreeSet::new(),
             access: BTreeSet::new(),
             audit_hashes: Vec::new(),
+            member_elapsed_us: 0,
             retries: Vec::new(),
             age: None,
             open: 0,
@@ -263,6 +266,7 @@ impl QueryState {
     pub fn noted(&self, member: &str, dataset: &str, note: &crate::owner::Note) {
         let access = note.access();
         let hash = note.audit_hash.get().cloned();
+        let member_elapsed_us = note.elapsed_us.get().copied().unwrap_or(0);
         let retries = note.retries();
         if self.receipt {
             self.statements
@@ -279,6 +283,7 @@ impl QueryState {
                 e.access.insert(access);
             }
             e.audit_hashes.extend(hash);
+            e.member_elapsed_us = e.member_elapsed_us.max(member_elapsed_us);
             e.retries.extend(retries);
         });
     }
@@ -365,6 +370,7 @@ impl QueryState {
                 access: e.access.iter().cloned().collect::<Vec<_>>().join("; "),
                 audit_hash: e.audit_hashes.join(","),
                 age_ms: e.age.map_or(0, |a| a.as_millis() as u64),
+                member_elapsed_us: e.member_elapsed_us,
             })
             .collect();
         v.sort_by_key(|s| (pos(&s.member), s.member.clone()));

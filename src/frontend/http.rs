@@ -451,6 +451,7 @@ pub fn summary_json(s: &QuerySummary) -> serde_json::Value {
             "elapsed_ms": m.elapsed_us as f64 / 1000.0,
             "reason": m.reason,
             "age_ms": m.age_ms,
+            "member_elapsed_ms": m.member_elapsed_us as f64 / 1000.0,
             "datasets": m.datasets,
             "access": m.access,
         })).collect::<Vec<_>>(),

@@ -176,6 +176,9 @@ pub struct Note {
     pub statement: OnceLock<Vec<u8>>,
     /// The SHA-256 of the sub-query sent, which the statement must name.
     pub sub_query_sha256: OnceLock<String>,
+    /// The member's own time for the sub-query in microseconds, from its arrival to
+    /// its summary (its audit record included), as another gateway reported it.
+    pub elapsed_us: OnceLock<u64>,
 }
 
 impl Note {

@@ -63,6 +63,18 @@ async fn hospitals_per_member_match_the_source_files_and_hefei_is_not_asked() {
         "{:?}",
         answer.summary.members
     );
+    // Each other gateway reports its own time, which the call as the coordinator
+    // saw it contains; the coordinator's own data reports none.
+    for m in &answer.summary.members {
+        if m.member == "shanghai" {
+            assert_eq!(m.member_elapsed_us, 0, "{m:?}");
+        } else {
+            assert!(
+                m.member_elapsed_us > 0 && m.member_elapsed_us <= m.elapsed_us,
+                "{m:?}"
+            );
+        }
+    }
 }
 
 #[tokio::test]
