@@ -243,15 +243,7 @@ impl Shape {
         let optimized = self
             .optimized
             .get_or_init(|| async {
-                if crate::owner::session::reads_the_clock(&self.planned.plan) {
-                    return None;
-                }
-                state
-                    .optimize(&self.planned.plan)
-                    .inspect_err(|e| {
-                        tracing::debug!(target: "fedgate::planning", error = %e, "A shape's plan could not be optimized with placeholders; its queries are optimized for their values")
-                    })
-                    .ok()
+                crate::owner::shape::optimize_with_placeholders(state, &self.planned.plan)
             })
             .await
             .as_ref()?;

@@ -100,17 +100,8 @@ impl ShapedPlan {
         let optimized = self
             .optimized
             .get_or_init(|| async {
-                if crate::owner::session::reads_the_clock(&self.planned.plan) {
-                    return None;
-                }
-                self.granted
-                    .ctx
-                    .state()
-                    .optimize(&self.planned.plan)
-                    .inspect_err(|e| {
-                        tracing::debug!(target: "fedgate::planning", error = %e, "A shape's plan could not be optimized with placeholders; its sub-queries are optimized for their values")
-                    })
-                    .ok()
+                let state = self.granted.ctx.state();
+                crate::owner::shape::optimize_with_placeholders(&state, &self.planned.plan)
             })
             .await
             .as_ref()?;
@@ -712,7 +703,7 @@ impl MemberEngine {
         phases.mark("rewrite");
         tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
         let physical = match optimized {
-            Some(optimized) => physical_plan_of_optimized(&ctx, optimized, &mut phases).await?,
+            Some(optimized) => physical_plan_of(&ctx.state(), optimized, &mut phases).await?,
             None => physical_plan_timed(&ctx, &plan, &mut phases).await?,
         };
         phases.report("member", from);
@@ -1045,22 +1036,13 @@ async fn physical_plan_timed(
 ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
     let state = ctx.state();
     let optimized = state.optimize(plan).map_err(Error::from_datafusion)?;
-    phases.mark("optimize");
-    let pushed =
-        crate::owner::source::pushdown::push_into_databases(optimized).map_err(engine_failure)?;
-    phases.mark("databases");
-    let physical = state
-        .query_planner()
-        .create_physical_plan(&pushed, &state)
-        .await
-        .map_err(engine_failure);
-    phases.mark("physical");
-    physical
+    physical_plan_of(&state, optimized, phases).await
 }
 
-/// [`physical_plan`] of a plan already optimized (a shape's, bound to its values).
-async fn physical_plan_of_optimized(
-    ctx: &SessionContext,
+/// [`physical_plan`] of a plan already optimized (a shape's, bound to its values):
+/// what goes into the member's databases, then the physical plan.
+async fn physical_plan_of(
+    state: &datafusion::execution::SessionState,
     optimized: LogicalPlan,
     phases: &mut crate::owner::session::Phases,
 ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
@@ -1068,10 +1050,9 @@ async fn physical_plan_of_optimized(
     let pushed =
         crate::owner::source::pushdown::push_into_databases(optimized).map_err(engine_failure)?;
     phases.mark("databases");
-    let state = ctx.state();
     let physical = state
         .query_planner()
-        .create_physical_plan(&pushed, &state)
+        .create_physical_plan(&pushed, state)
         .await
         .map_err(engine_failure);
     phases.mark("physical");

@@ -159,6 +159,26 @@ pub fn placeholders_only_compared(stmt: &datafusion::sql::parser::Statement) -> 
     compared > 0 && !elsewhere
 }
 
+/// A shape's plan optimized once with its placeholders in place, for its queries to
+/// bind their values into; `None` when the plan reads the clock (such a plan belongs to
+/// each query, [`crate::owner::session::reads_the_clock`]) or cannot be optimized
+/// before its values are known (logged at `debug`; its queries are then optimized for
+/// their values).
+pub fn optimize_with_placeholders(
+    state: &datafusion::execution::SessionState,
+    plan: &LogicalPlan,
+) -> Option<LogicalPlan> {
+    if crate::owner::session::reads_the_clock(plan) {
+        return None;
+    }
+    state
+        .optimize(plan)
+        .inspect_err(|e| {
+            tracing::debug!(target: "fedgate::planning", error = %e, "A shape's plan could not be optimized with placeholders; its queries are optimized for their values")
+        })
+        .ok()
+}
+
 /// Whether a prepared statement's value of type `t` may be bound into a plan optimized
 /// with its placeholder in place: the kinds a shape binds its constants as (numbers,
 /// text, dates, timestamps) and booleans, which member SQL writes as they are.
