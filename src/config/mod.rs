@@ -461,6 +461,7 @@ kind = "mysql"
 host = "127.0.0.1"
 dbname = "shop"
 dialect = "mysql"
+settings = { sql_mode = "ANSI" }
 [[databases]]
 name = "lake"
 kind = "flight-sql"
@@ -478,6 +479,13 @@ name = "pg"
 host = "127.0.0.1"
 dbname = "x"
 user = "u"
+settings = { max_parallel_workers_per_gather = "0", Work_Mem = "64 MB", enable_hashjoin = "off" }
+[[databases]]
+name = "pg2"
+host = "127.0.0.1"
+dbname = "x"
+user = "u"
+settings = { "work mem" = "1", TimeZone = "Asia/Shanghai", search_path = "x", work_mem = "", WORK_MEM = "1MB", JIT = "off", jit = "on" }
 [[sources]]
 name = "census"
 format = "postgres"
@@ -498,6 +506,12 @@ fields = { county_code = "code", pop = "pop" }
             "databases[1].dbname: a flight-sql database is reached with TLS",
             "databases[1].dialect: unknown dialect \"duckdb\"",
             "databases[2].kind: unknown kind \"oracle\"",
+            "databases[0].settings: settings are given to PostgreSQL sessions only; a mysql database",
+            "databases[4].settings.work mem: only settings of how PostgreSQL plans",
+            "databases[4].settings.TimeZone: only settings of how PostgreSQL plans",
+            "databases[4].settings.search_path: only settings of how PostgreSQL plans",
+            "databases[4].settings.work_mem: a setting's value must not be empty",
+            "databases[4].settings.jit: set twice",
             "sources[0].format: database \"shop\" is a mysql database, so this source's format is \"mysql\"",
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");

@@ -356,6 +356,10 @@ pub struct RawDatabase {
     /// How long to wait for a connection, e.g. `"5s"`; default 5s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,
+    /// PostgreSQL run-time settings every session of this gateway starts with, e.g.
+    /// `{ max_parallel_workers_per_gather = "0" }` (PostgreSQL databases only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<BTreeMap<String, String>>,
 }
 
 /// A code table: local names to canonical codes.

@@ -126,6 +126,112 @@ pub struct Database {
     pub pool_size: usize,
     /// How long to wait for a connection.
     pub connect_timeout: Duration,
+    /// PostgreSQL run-time settings each session starts with, by name (lower case),
+    /// checked: only settings of how a statement is planned and resourced.
+    pub settings: Vec<(String, String)>,
+}
+
+/// The PostgreSQL settings an operator may give a member's sessions: how the
+/// database plans a statement and what it may spend on it, never what a statement
+/// means. A setting outside the list could change a pushed statement's answer
+/// silently (`search_path` can put another `substr` or `date` before PostgreSQL's
+/// own, `IntervalStyle` and `bytea_output` change values read as text), so the list
+/// allows rather than forbids. The gateway's own settings (UTC, ISO dates, exact
+/// floats) are not on it either.
+fn settable(name: &str) -> bool {
+    const NAMES: [&str; 27] = [
+        "work_mem",
+        "hash_mem_multiplier",
+        "temp_buffers",
+        "effective_cache_size",
+        "effective_io_concurrency",
+        "random_page_cost",
+        "seq_page_cost",
+        "cpu_tuple_cost",
+        "cpu_index_tuple_cost",
+        "cpu_operator_cost",
+        "parallel_setup_cost",
+        "parallel_tuple_cost",
+        "parallel_leader_participation",
+        "min_parallel_table_scan_size",
+        "min_parallel_index_scan_size",
+        "max_parallel_workers_per_gather",
+        "default_statistics_target",
+        "from_collapse_limit",
+        "join_collapse_limit",
+        "cursor_tuple_fraction",
+        "plan_cache_mode",
+        "jit",
+        "jit_above_cost",
+        "jit_inline_above_cost",
+        "jit_optimize_above_cost",
+        "statement_timeout",
+        "lock_timeout",
+    ];
+    const PREFIXES: [&str; 2] = ["enable_", "geqo"];
+    NAMES.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// The `settings` of a `[[databases]]` entry, checked.
+fn database_settings(
+    path: &Path,
+    key: &str,
+    kind: DatabaseKind,
+    settings: Option<&BTreeMap<String, String>>,
+    pr: &mut Problems,
+) -> Vec<(String, String)> {
+    let Some(settings) = settings else {
+        return Vec::new();
+    };
+    if !matches!(kind, DatabaseKind::Postgres) {
+        pr.add(
+            path,
+            format!("{key}.settings"),
+            format!(
+                "settings are given to PostgreSQL sessions only; a {} database has none here",
+                kind.name()
+            ),
+        );
+        return Vec::new();
+    }
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (name, value) in settings {
+        let at = format!("{key}.settings.{name}");
+        // PostgreSQL reads names without regard to case.
+        let lower = name.to_ascii_lowercase();
+        let plain = lower
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !plain || !settable(&lower) {
+            pr.add(
+                path,
+                at,
+                "only settings of how PostgreSQL plans a statement and what it may spend on it \
+                 are given to the gateway's sessions (work_mem, max_parallel_workers_per_gather, \
+                 enable_*, jit, statement_timeout, ...): another could change what a statement \
+                 the gateway sends means",
+            );
+            continue;
+        }
+        if value.is_empty() || value.chars().any(char::is_control) {
+            pr.add(
+                path,
+                at,
+                "a setting's value must not be empty or hold control characters",
+            );
+            continue;
+        }
+        if out.iter().any(|(n, _)| *n == lower) {
+            pr.add(
+                path,
+                at,
+                "set twice (names are read without regard to case)",
+            );
+            continue;
+        }
+        out.push((lower, value.clone()));
+    }
+    out
 }
 
 /// How a gateway secures its connections to a database.
@@ -465,6 +571,7 @@ pub(super) fn validate_databases(
         if d.host.is_empty() {
             pr.add(path, format!("{key}.host"), "must not be empty");
         }
+        let settings = database_settings(path, &key, kind, d.settings.as_ref(), pr);
         let port = match (kind, d.port) {
             (_, Some(p)) => p,
             (DatabaseKind::Postgres, None) => 5432,
@@ -489,6 +596,7 @@ pub(super) fn validate_databases(
             tls,
             pool_size: pool_size.max(1),
             connect_timeout,
+            settings,
         });
     }
     out

@@ -29,6 +29,7 @@ fn config(region: &Region, ca: std::path::PathBuf) -> fedgate::config::Database 
         },
         pool_size: 2,
         connect_timeout: Duration::from_secs(5),
+        settings: Vec::new(),
     }
 }
 

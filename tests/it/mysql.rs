@@ -26,6 +26,7 @@ fn config(db: &LocalMariaDb, name: &str, dbname: &str) -> fedgate::config::Datab
         tls: fedgate::config::DatabaseTls::Disable,
         pool_size: 4,
         connect_timeout: Duration::from_secs(5),
+        settings: Vec::new(),
     }
 }
 

@@ -214,6 +214,7 @@ async fn column_types_map_faithfully() {
         tls: fedgate::config::DatabaseTls::Disable,
         pool_size: 2,
         connect_timeout: Duration::from_secs(5),
+        settings: Vec::new(),
     };
     // Without the password the server refuses, with a clear reason.
     let refused = fedgate::owner::source::open(&cfg).unwrap();
@@ -343,6 +344,47 @@ async fn column_types_map_faithfully() {
         .to_string();
     assert!(e.contains("more places") && e.contains("column c0"), "{e}");
     assert!(!e.contains("123456789012"), "{e}");
+
+    // The operator's settings reach every session, a value with white space intact,
+    // and the gateway's own settings stay as it needs them.
+    db.batch_execute(
+        "CREATE VIEW seen AS SELECT current_setting('max_parallel_workers_per_gather') AS workers, \
+           current_setting('statement_timeout') AS timeout, current_setting('TimeZone') AS tz",
+    )
+    .await
+    .unwrap();
+    let mut with = cfg.clone();
+    with.settings = vec![
+        ("max_parallel_workers_per_gather".into(), "0".into()),
+        ("statement_timeout".into(), "5 s".into()),
+    ];
+    for (name, cfg, workers, timeout) in [
+        ("seen_set", &with, "0", "5s"),
+        ("seen_default", &cfg, "2", "0"),
+    ] {
+        let seen = fedgate::owner::source::remote::RemoteTable::discover(
+            fedgate::owner::source::open(cfg).unwrap(),
+            "public",
+            "seen",
+        )
+        .await
+        .unwrap();
+        ctx.register_table(name, Arc::new(seen)).unwrap();
+        let plan = ctx
+            .state()
+            .create_logical_plan(&format!("SELECT workers, timeout, tz FROM {name}"))
+            .await
+            .unwrap();
+        let physical = fedgate::owner::member::physical_plan(&ctx, &plan)
+            .await
+            .unwrap();
+        let b = datafusion::physical_plan::collect(physical, ctx.task_ctx())
+            .await
+            .unwrap();
+        assert_eq!(column_strings(&b, "workers"), [workers], "{name}");
+        assert_eq!(column_strings(&b, "timeout"), [timeout], "{name}");
+        assert_eq!(column_strings(&b, "tz"), ["UTC"], "{name}");
+    }
 }
 
 /// A wrong password, a missing table and a missing column are each reported by
@@ -516,6 +558,7 @@ async fn tls_to_the_database_verifies_the_server() {
             tls: fedgate::config::DatabaseTls::VerifyFull { ca, client: None },
             pool_size: 1,
             connect_timeout: Duration::from_secs(5),
+            settings: Vec::new(),
         };
         async move {
             let db = fedgate::owner::source::open(&cfg).unwrap();

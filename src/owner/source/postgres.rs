@@ -63,7 +63,9 @@ impl PgDatabase {
             .connect_timeout(db.connect_timeout)
             // Canonical timestamps are UTC and dates are ISO: the session must agree
             // with DataFusion for casts pushed into the database to mean the same.
-            .options("-c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=3");
+            // The operator's own settings come first, so these win whatever they say
+            // (configuration refuses them anyway).
+            .options(session_options(&db.settings));
         if let Some(p) = db.password.expose() {
             cfg.password(p);
         }
@@ -316,6 +318,27 @@ fn pg_cast(t: &DataType) -> Option<String> {
     })
 }
 
+/// The startup `options` of a session: the operator's settings, then the gateway's
+/// own. PostgreSQL splits the string at white space and takes a backslash as escaping
+/// the next character, so both are escaped in values.
+fn session_options(settings: &[(String, String)]) -> String {
+    let mut out = String::new();
+    for (name, value) in settings {
+        out.push_str("-c ");
+        out.push_str(name);
+        out.push('=');
+        for c in value.chars() {
+            if c == '\\' || c.is_whitespace() {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push(' ');
+    }
+    out.push_str("-c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=3");
+    out
+}
+
 /// The SQL that reads `inner` (whose columns are, by position, `fields`) with every
 /// column cast to the type its field expects, optionally only `projection`.
 pub fn typed_select(
@@ -371,7 +394,12 @@ async fn run(db: &PgDatabase, sql: &str, schema: SchemaRef, tx: &BatchSender) ->
         _ = tx.closed() => return Ok(()),
     };
     let started = tokio::select! {
-        r = client.query_raw(sql, std::iter::empty::<i32>()) => r,
+        // Parse, bind and execute go in one message and one round trip: the statement
+        // has no parameters, so nothing needs describing first (`query_raw` would
+        // prepare it in a round trip of its own). Every column it returns is cast to
+        // a built-in type (`typed_select`; the sessions' search path cannot be set),
+        // so the client never has to look a type up while the rows wait behind it.
+        r = client.query_typed_raw(sql, std::iter::empty::<(&(dyn tokio_postgres::types::ToSql + Sync), Type)>()) => r,
         _ = tx.closed() => {
             cancel_query(db, client).await;
             return Ok(());
@@ -506,6 +534,22 @@ mod tests {
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
         );
         assert_eq!(arrow_type("jsonb", -1), DataType::Utf8);
+    }
+
+    #[test]
+    fn settings_come_first_escaped_and_the_gateways_own_last() {
+        let options = session_options(&[
+            ("statement_timeout".into(), "5 s".into()),
+            ("work_mem".into(), r"a\b".into()),
+        ]);
+        assert_eq!(
+            options,
+            r"-c statement_timeout=5\ s -c work_mem=a\\b -c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=3"
+        );
+        assert_eq!(
+            session_options(&[]),
+            "-c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=3"
+        );
     }
 
     #[test]
