@@ -317,11 +317,17 @@ impl MemberEngine {
 
     /// Parses a sub-query and finds the canonical datasets it reads.
     pub async fn prepare(&self, sql: &str) -> Result<Prepared> {
-        let state = self.public.state();
-        let statement = parse_query(&state, sql)?;
-        let refs = state
-            .resolve_table_references(&statement)
-            .map_err(Error::from_datafusion)?;
+        // Read in place: a copy of the session's state (its registries of functions
+        // and its configuration) would cost more than parsing a small query.
+        let (statement, refs) = {
+            let state = self.public.state_ref();
+            let state = state.read();
+            let statement = parse_query(&state, sql)?;
+            let refs = state
+                .resolve_table_references(&statement)
+                .map_err(Error::from_datafusion)?;
+            (statement, refs)
+        };
         let mut datasets = BTreeSet::new();
         for r in refs {
             let name = match &r {
@@ -654,6 +660,7 @@ impl MemberEngine {
     /// that apply the permit's grants, checks and rewrites it for `aggregate` and
     /// `verify` grants ([`crate::owner::restricted`]), and starts it.
     pub async fn execute(&self, permit: &Permit, p: Prepared) -> Result<Executed> {
+        let mut phases = crate::owner::session::Phases::start();
         if !p.datasets.is_subset(&permit.datasets()) {
             return Err(Error::Internal(
                 "permit does not cover the query's datasets".into(),
@@ -677,7 +684,7 @@ impl MemberEngine {
                 plan_sha256: cached.plan_sha256.clone(),
             });
         }
-        let mut phases = crate::owner::session::Phases::start();
+        phases.mark("key");
         let bound = self.bound_shape(permit, &p, &key).await;
         let from = match &bound {
             Some((_, _, Some(_))) => "bound optimized",
@@ -706,13 +713,14 @@ impl MemberEngine {
             Some(optimized) => physical_plan_of(&ctx.state(), optimized, &mut phases).await?,
             None => physical_plan_timed(&ctx, &plan, &mut phases).await?,
         };
-        phases.report("member", from);
         if cells || crate::owner::session::reads_the_clock(&plan) {
             // The plan holds this moment's cells or an incident's rows, or this
             // query's time: it is never reused.
             let stream =
                 datafusion::physical_plan::execute_stream(physical, self.bounded_task(&ctx)?)
                     .map_err(Error::from_datafusion)?;
+            phases.mark("start");
+            phases.report("member", from);
             return Ok(Executed {
                 stream,
                 plan_sha256,
@@ -729,8 +737,11 @@ impl MemberEngine {
             )
             .await;
         let physical = fresh_copy(physical)?;
+        phases.mark("cache");
         let stream = datafusion::physical_plan::execute_stream(physical, self.bounded_task(&ctx)?)
             .map_err(Error::from_datafusion)?;
+        phases.mark("start");
+        phases.report("member", from);
         Ok(Executed {
             stream,
             plan_sha256,
@@ -760,9 +771,9 @@ impl MemberEngine {
         )
         .build_arc()
         .map_err(Error::from_datafusion)?;
-        Ok(Arc::new(
-            datafusion::execution::TaskContext::from(&ctx.state()).with_runtime(runtime),
-        ))
+        // From the state in place, not a copy of it.
+        let task = datafusion::execution::TaskContext::from(&*ctx.state_ref().read());
+        Ok(Arc::new(task.with_runtime(runtime)))
     }
 
     /// Length and modification time of every file source (every entry of a folder

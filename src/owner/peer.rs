@@ -283,6 +283,9 @@ impl PeerService {
         let member = self.config.member.name.clone();
         lane.spawn(async move {
             let _slot = slot;
+            // Where the sub-query's time goes, from its arrival (reported at debug).
+            let mut phases = crate::owner::session::Phases::since(started);
+            phases.mark("lane");
             let purpose = (!q.purpose.is_empty()).then_some(q.purpose.as_str());
             let ask = owner::SubQueryAsk {
                 via: &via,
@@ -314,6 +317,7 @@ impl PeerService {
                     return;
                 }
             };
+            phases.mark("answer");
             if ready.send(Ok(())).is_err() {
                 // The caller is gone; dropping the stream records the sub-query as
                 // cancelled.
@@ -350,10 +354,14 @@ impl PeerService {
             // the stream is dropped (which records the sub-query as cancelled) and the
             // caller is told why after the chunks it has not read.
             let late = || Err(Error::DeadlineExceeded(budget).to_status());
+            let mut first = true;
             loop {
                 tokio::select! {
                     next = chunks.next() => match next {
                         Some(Ok(c)) => {
+                            if std::mem::take(&mut first) {
+                                phases.mark("first");
+                            }
                             observer.bytes_sent("peer", (c.header.len() + c.body.len()) as u64);
                             let m = Ok(ExecuteResponse { payload: Some(execute_response::Payload::Arrow(c)) });
                             match send_by(&tx, m, deadline.as_mut()).await {
@@ -368,6 +376,8 @@ impl PeerService {
                     _ = &mut deadline => { let _ = last_tx.send(late()); return; }
                 }
             }
+            // The rows' end includes the audit record, written when they end.
+            phases.mark("rest");
             let audit_hash = note.audit_hash.get().cloned().unwrap_or_default();
             let taken = digest.lock().unwrap_or_else(|p| p.into_inner()).take();
             let statement = match taken {
@@ -403,6 +413,8 @@ impl PeerService {
                 payload: Some(execute_response::Payload::Summary(summary)),
             });
             let _ = last_tx.send(m);
+            phases.mark("summary");
+            phases.report_sub_query();
         }.instrument(span));
         match planned.await {
             Ok(Ok(())) => Ok(Response::new(Box::pin(

@@ -245,6 +245,14 @@ impl Phases {
         }
     }
 
+    /// Starts the first phase at `at`.
+    pub fn since(at: std::time::Instant) -> Phases {
+        Phases {
+            at,
+            done: Vec::with_capacity(6),
+        }
+    }
+
     /// Ends the phase `name` now.
     pub fn mark(&mut self, name: &'static str) {
         let now = std::time::Instant::now();
@@ -262,6 +270,20 @@ impl Phases {
                 .map(|(n, us)| format!("{n}={us}"))
                 .collect();
             tracing::debug!(target: "fedgate::planning", side, from, phases = %phases.join(" "), "Planned");
+        }
+    }
+
+    /// Reports the phases of one sub-query answered by this data owner, on the target
+    /// `fedgate::phases` (with its audit records' write and wait: the recipe is
+    /// `FEDGATE_LOG=fedgate::phases=debug`).
+    pub fn report_sub_query(&self) {
+        if tracing::enabled!(target: "fedgate::phases", tracing::Level::DEBUG) {
+            let phases: Vec<String> = self
+                .done
+                .iter()
+                .map(|(n, us)| format!("{n}={us}"))
+                .collect();
+            tracing::debug!(target: "fedgate::phases", phases = %phases.join(" "), "Sub-query answered");
         }
     }
 }

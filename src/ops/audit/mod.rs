@@ -412,9 +412,22 @@ impl AuditLog {
     /// stops the log (no record after it is written, every append waiting on it
     /// fails), since the records it should have covered may never reach the disk.
     pub fn append(&self, entry: &AuditEntry) -> Result<Receipt> {
+        let timed = tracing::enabled!(target: "fedgate::phases", tracing::Level::DEBUG)
+            .then(std::time::Instant::now);
         let receipt = self.write(entry)?;
+        let written = timed.map(|at| at.elapsed());
         self.wait_durable(receipt.seq)?;
         self.written.fetch_add(1, Ordering::Relaxed);
+        if let (Some(at), Some(written)) = (timed, written) {
+            // The record's part of a query's time: writing it, then waiting for the
+            // disk (its own sync, or one another record started).
+            tracing::debug!(
+                target: "fedgate::phases",
+                write_us = written.as_micros() as u64,
+                durable_us = (at.elapsed() - written).as_micros() as u64,
+                "Recorded"
+            );
+        }
         Ok(receipt)
     }
 
