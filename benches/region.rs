@@ -273,7 +273,12 @@ fn spawn_with(dir: &Path, name: &str, port: u16, setup: &Setup) -> Proc {
         .args(["serve", "--config"])
         .arg(dir.join(format!("{name}.toml")))
         .current_dir(dir)
-        .env("FEDGATE_LOG", "warn")
+        // `FEDGATE_BENCH_LOG` sets the gateways' log filter, the recipe for phase
+        // timings (e.g. `warn,fedgate::phases=debug`); logging costs time of its own.
+        .env(
+            "FEDGATE_LOG",
+            std::env::var("FEDGATE_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -521,7 +526,7 @@ async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
             "hub" => "[]",
             "solo" if streams => "[\"readings\", \"big\"]",
             "solo" => "[\"readings\"]",
-            n if n.starts_with('p') => "[\"pg_readings\"]",
+            n if n.starts_with('p') => "[\"pg_readings\", \"pg_readings_parallel\"]",
             _ => "[\"readings\", \"readings_cached\"]",
         };
         region.push_str(&format!(
@@ -534,6 +539,11 @@ async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
     ));
     region.push_str(&format!(
         "[[datasets]]\nname = \"pg_readings\"\n{READINGS_FIELDS}\n"
+    ));
+    // The same rows read through sessions with the database's own settings (parallel
+    // workers allowed), measured beside `pg_readings` in the fdw section.
+    region.push_str(&format!(
+        "[[datasets]]\nname = \"pg_readings_parallel\"\n{READINGS_FIELDS}\n"
     ));
     // The same data with answers cached by coordinators (the resilience section).
     region.push_str(&format!(
@@ -603,13 +613,32 @@ async fn start_region(sizes: Sizes, sections: &[&str]) -> Region {
             cfg.push_str(&mapping("big", "big", &["id", "x"]));
         }
         if let (Some(pg), Some(k)) = (&pg, name.strip_prefix('p')) {
-            cfg.push_str(&format!(
-                "[[databases]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"m{k}\"\n\
-                 user = \"{}\"\npassword_file = \"db.password\"\n\
-                 [[sources]]\nname = \"readings\"\nformat = \"postgres\"\ndatabase = \"db\"\ntable = \"public.readings\"\n",
-                pg.port, pg.user
-            ));
-            cfg.push_str(&mapping("pg_readings", "readings", &readings));
+            // The four member databases share one server on this machine's cores, so
+            // `pg_readings` is read in sessions without parallel workers, as
+            // postgres_fdw's cursors are by construction; `pg_readings_parallel`
+            // reads the same table with the server's defaults.
+            for (db, settings, source, dataset) in [
+                (
+                    "db",
+                    "settings = { max_parallel_workers_per_gather = \"0\" }\n",
+                    "readings",
+                    "pg_readings",
+                ),
+                (
+                    "db_parallel",
+                    "",
+                    "readings_parallel",
+                    "pg_readings_parallel",
+                ),
+            ] {
+                cfg.push_str(&format!(
+                    "[[databases]]\nname = \"{db}\"\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"m{k}\"\n\
+                     user = \"{}\"\npassword_file = \"db.password\"\n{settings}\
+                     [[sources]]\nname = \"{source}\"\nformat = \"postgres\"\ndatabase = \"{db}\"\ntable = \"public.readings\"\n",
+                    pg.port, pg.user
+                ));
+                cfg.push_str(&mapping(dataset, source, &readings));
+            }
         }
         if name != "hub" {
             cfg.push_str(access);
@@ -1235,6 +1264,8 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
         rewrite: Option<String>,
         /// At most this many times the time of the same query asked directly.
         direct_target: Option<f64>,
+        /// The same query over the members' sessions with parallel workers allowed.
+        parallel: Option<Vec<String>>,
     }
     let parts = |q: &str| -> Vec<String> {
         (1..=4)
@@ -1263,6 +1294,7 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             target: Some(1.0),
             rewrite: None,
             direct_target: None,
+            parallel: None,
         },
         Case {
             label: "primary-key lookup, fedgate asking all four members",
@@ -1273,6 +1305,7 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             target: None,
             rewrite: None,
             direct_target: None,
+            parallel: None,
         },
         Case {
             label: "selective filter",
@@ -1283,6 +1316,7 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             target: None,
             rewrite: None,
             direct_target: None,
+            parallel: Some(on(filter, "pg_readings_parallel")),
         },
         Case {
             label: "GROUP BY county",
@@ -1293,6 +1327,7 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             target: Some(4.0),
             rewrite: Some(group_rewrite),
             direct_target: None,
+            parallel: Some(on(group, "pg_readings_parallel")),
         },
         Case {
             label: "top-k (ORDER BY x DESC LIMIT 10)",
@@ -1303,11 +1338,17 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             target: Some(2.0),
             rewrite: Some(topk_rewrite),
             direct_target: Some(1.2),
+            parallel: Some(on(topk, "pg_readings_parallel")),
         },
     ];
     // Explain: what each side sends to the member databases, and what one member
     // database spends executing it (the profile of the databases' share).
     let m1 = pg.connect("m1").await.unwrap();
+    // Without parallel workers, as fedgate's members and postgres_fdw's cursors run
+    // each statement here.
+    m1.batch_execute("SET max_parallel_workers_per_gather = 0")
+        .await
+        .unwrap();
     let remote_sql = |sql: String| {
         let coord = &coord;
         async move {
@@ -1361,6 +1402,9 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
     for c in &cases {
         // Warm-up of all three paths.
         warm(&fedc, &c.fed, range, 2).await;
+        if let Some(q) = &c.parallel {
+            warm(&fedc, q, range, 2).await;
+        }
         pg_p50(&coord, &c.pg, range, 2, 99, Some(c.rows)).await;
         pg_p50(&whole, &c.pg, range, 2, 99, Some(c.rows)).await;
         if let Some(q) = &c.rewrite {
@@ -1374,12 +1418,19 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             Vec::new(),
             Vec::new(),
         );
-        let mut vs_hand = Vec::new();
+        let (mut vs_hand, mut p50_parallel) = (Vec::new(), Vec::new());
         for r in 0..sizes.rounds {
             let (mut f, mut w, mut d, mut h_round) = (0.0, 0.0, 0.0, None);
-            for v in 0..4 {
+            for v in 0..5 {
                 let seed = r as u64 + 1;
-                match (v + r) % 4 {
+                match (v + r) % 5 {
+                    4 => {
+                        if let Some(q) = &c.parallel {
+                            let rep = fed(&fedc, q, range, c.requests, seed).await;
+                            assert_eq!(rep.rows, c.rows as u64 * rep.ok, "{}", c.label);
+                            p50_parallel.push(rep.latency_us.p50 as f64);
+                        }
+                    }
                     3 => {
                         if let Some(q) = &c.rewrite {
                             let h = pg_p50(
@@ -1443,9 +1494,14 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             targets.join("; ")
         };
         rows.push(format!(
-            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {target} |",
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {target} |",
             c.label,
             ms(median(f50)),
+            if p50_parallel.is_empty() {
+                "".to_string()
+            } else {
+                ms(median(p50_parallel))
+            },
             ms(median(w50)),
             if h50.is_empty() {
                 "".to_string()
@@ -1468,21 +1524,106 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
          row count is checked. postgres_fdw in PostgreSQL 15 cannot push a partial aggregate or a \
          LIMIT under an Append into its partitions, so the hand-written column shows what a user \
          gets by writing one sub-query per partition (a UNION ALL of per-partition GROUP BYs, and of \
-         per-partition ORDER BY ... LIMITs) to the same foreign tables.\n\n\
-         | query (p50, medians of {} rounds) | fedgate | postgres_fdw | postgres_fdw, SQL rewritten by hand | directly | postgres_fdw / fedgate | fedgate / directly | target |\n\
-         |---|---:|---:|---:|---:|---:|---:|---|\n{}\n\n\
+         per-partition ORDER BY ... LIMITs) to the same foreign tables. The four member databases \
+         share one server on this machine's cores, so fedgate's members start their sessions with \
+         `max_parallel_workers_per_gather = 0` (`settings` of `[[databases]]`), which postgres_fdw's \
+         cursors get by construction (PostgreSQL never runs a cursor's plan in parallel); the column \
+         after fedgate's is the same query read through sessions with the server's defaults, where \
+         each of the four statements may start a parallel worker.\n\n\
+         | query (p50, medians of {} rounds) | fedgate | fedgate, parallel workers allowed | postgres_fdw | postgres_fdw, SQL rewritten by hand | directly | postgres_fdw / fedgate | fedgate / directly | target |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---|\n{}\n\n\
          What each sends to the member databases:\n\n{shown}\n\
          What one member database (`m1`, {n} rows) spends executing each statement: PostgreSQL's \
          own `Execution Time` from `EXPLAIN ANALYZE`, median of 5, run one at a time on an idle \
-         machine (the rest of each p50 is the gateways, the network and the merge):\n\n\
+         machine without parallel workers (the rest of each p50 is the gateways, the network and the merge):\n\n\
          | query | fedgate's statement | postgres_fdw's | postgres_fdw's, SQL rewritten by hand |\n\
          |---|---:|---:|---:|\n{}\n\n{}",
         4 * n,
         sizes.rounds,
         rows.join("\n"),
         database_time.join("\n"),
-        lookup_breakdown(&fedc, n, sizes.requests).await,
+        {
+            let log = &region.proc("p1").log;
+            let from = std::fs::metadata(log).map_or(0, |m| m.len());
+            let mut told = lookup_breakdown(&fedc, n, sizes.requests).await;
+            told.push_str(&owner_phases(log, from));
+            told
+        },
     ));
+}
+
+/// The data owner's phases of the lookups above, from `p1`'s log past `from`, when
+/// its gateways ran with `FEDGATE_BENCH_LOG` showing `fedgate::phases` (and
+/// `fedgate::planning`) at debug; nothing otherwise.
+fn owner_phases(log: &Path, from: u64) -> String {
+    let text = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
+    // Values of `key=N` pairs in the lines holding `event`, by key.
+    let values = |event: &str| {
+        let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for line in text.lines().filter(|l| l.contains(event)) {
+            // Pairs stand alone or in a field of pairs (`phases=lane=5 answer=..`).
+            for word in line.split([' ', '"']) {
+                let parts: Vec<&str> = word.split('=').collect();
+                if let [.., k, v] = parts[..]
+                    && let Ok(v) = v.parse::<f64>()
+                {
+                    by.entry(k.to_string()).or_default().push(v);
+                }
+            }
+        }
+        by
+    };
+    let phases = values("Sub-query answered");
+    if phases.is_empty() {
+        return String::new();
+    }
+    let count = |by: &BTreeMap<String, Vec<f64>>| by.values().map(Vec::len).max().unwrap_or(0);
+    let (recorded, planned) = (values("Recorded"), values("Planned"));
+    let filter = std::env::var("FEDGATE_BENCH_LOG").unwrap_or_default();
+    let told = |by: &BTreeMap<String, Vec<f64>>, keys: &[&str]| {
+        keys.iter()
+            .filter_map(|k| Some(format!("{k} {:.0}", median(by.get(*k)?.clone()))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let one = |k: &str| {
+        phases
+            .get(k)
+            .map_or("?".to_string(), |v| format!("{:.0}", median(v.clone())))
+    };
+    format!(
+        "`p1`'s own phases of these lookups ({} sub-queries; this run's gateways logged with \
+         `FEDGATE_BENCH_LOG={filter}`, which costs time of its own, in every figure of this \
+         section; medians, µs): from the sub-query's arrival to its task on the lane (admission) {}; \
+         to its answer ready (parse, policy, planning) {}; to its first chunk (the answer's schema) \
+         {}; to the rows' end (the database's statement, its rows converted and encoded, and the \
+         audit record) {}; to the summary {}. Its audit records ({}, any sub-query's): {}. Its planning ({} plans; a \
+         plan found in the cache is not planned): {}.\n\n",
+        count(&phases),
+        one("lane"),
+        one("answer"),
+        one("first"),
+        one("rest"),
+        one("summary"),
+        count(&recorded),
+        told(&recorded, &["write_us", "durable_us"]),
+        count(&planned),
+        told(
+            // `p1` plans only as a data owner.
+            &planned,
+            &[
+                "key",
+                "shape",
+                "rewrite",
+                "optimize",
+                "databases",
+                "physical",
+                "cache",
+                "start"
+            ]
+        ),
+    )
 }
 
 /// Where the primary-key lookup's time goes, from the summaries of lookups through
