@@ -749,7 +749,7 @@ impl Coordinator {
         // A cached plan passed these checks when it was made.
         self.datasets_in(state, &stmt)?;
         phases.mark("parse");
-        let (logical, from) = self.written(state, stmt, opts, &key).await?;
+        let (logical, from) = self.written(state, stmt, opts, &key, &mut phases).await?;
         phases.mark("written");
         // A plan that reads the clock is this query's alone: optimized with this
         // query's start time (a planning session keeps the time it was made at) and
@@ -813,6 +813,7 @@ impl Coordinator {
         stmt: datafusion::sql::parser::Statement,
         opts: &QueryOptions,
         key: &PlanKey,
+        phases: &mut crate::owner::session::Phases,
     ) -> Result<(Logical, PlanFrom)> {
         use crate::owner::session::plan_query;
         use crate::owner::shape;
@@ -871,6 +872,8 @@ impl Coordinator {
                     (entry, false)
                 }
             };
+            // Lifting the constants and finding the shape; binding is the next phase.
+            phases.mark("shape");
             if let Some(shape) = entry.as_ref().as_ref()
                 && let Some(values) = shape.planned.values(&shaped.literals)
             {
