@@ -261,15 +261,20 @@ impl Phases {
         self.at = now;
     }
 
+    /// The phases as `name=µs` pairs, in order.
+    fn joined(&self) -> String {
+        let pairs: Vec<String> = self
+            .done
+            .iter()
+            .map(|(n, us)| format!("{n}={us}"))
+            .collect();
+        pairs.join(" ")
+    }
+
     /// Reports the phases of one plan made at `side` (`coordinator` or `member`).
     pub fn report(&self, side: &'static str, from: &'static str) {
         if tracing::enabled!(target: "fedgate::planning", tracing::Level::DEBUG) {
-            let phases: Vec<String> = self
-                .done
-                .iter()
-                .map(|(n, us)| format!("{n}={us}"))
-                .collect();
-            tracing::debug!(target: "fedgate::planning", side, from, phases = %phases.join(" "), "Planned");
+            tracing::debug!(target: "fedgate::planning", side, from, phases = %self.joined(), "Planned");
         }
     }
 
@@ -278,12 +283,7 @@ impl Phases {
     /// `FEDGATE_LOG=fedgate::phases=debug`).
     pub fn report_sub_query(&self) {
         if tracing::enabled!(target: "fedgate::phases", tracing::Level::DEBUG) {
-            let phases: Vec<String> = self
-                .done
-                .iter()
-                .map(|(n, us)| format!("{n}={us}"))
-                .collect();
-            tracing::debug!(target: "fedgate::phases", phases = %phases.join(" "), "Sub-query answered");
+            tracing::debug!(target: "fedgate::phases", phases = %self.joined(), "Sub-query answered");
         }
     }
 }

@@ -358,9 +358,21 @@ async fn column_types_map_faithfully() {
         ("max_parallel_workers_per_gather".into(), "0".into()),
         ("statement_timeout".into(), "5 s".into()),
     ];
-    for (name, cfg, workers, timeout) in [
-        ("seen_set", &with, "0", "5s"),
-        ("seen_default", &cfg, "2", "0"),
+    for (name, cfg, query, workers, timeout) in [
+        (
+            "seen_set",
+            &with,
+            "SELECT workers, timeout, tz FROM seen_set",
+            "0",
+            "5s",
+        ),
+        (
+            "seen_default",
+            &cfg,
+            "SELECT workers, timeout, tz FROM seen_default",
+            "2",
+            "0",
+        ),
     ] {
         let seen = fedgate::owner::source::remote::RemoteTable::discover(
             fedgate::owner::source::open(cfg).unwrap(),
@@ -370,17 +382,7 @@ async fn column_types_map_faithfully() {
         .await
         .unwrap();
         ctx.register_table(name, Arc::new(seen)).unwrap();
-        let plan = ctx
-            .state()
-            .create_logical_plan(&format!("SELECT workers, timeout, tz FROM {name}"))
-            .await
-            .unwrap();
-        let physical = fedgate::owner::member::physical_plan(&ctx, &plan)
-            .await
-            .unwrap();
-        let b = datafusion::physical_plan::collect(physical, ctx.task_ctx())
-            .await
-            .unwrap();
+        let (b, _) = run(query).await;
         assert_eq!(column_strings(&b, "workers"), [workers], "{name}");
         assert_eq!(column_strings(&b, "timeout"), [timeout], "{name}");
         assert_eq!(column_strings(&b, "tz"), ["UTC"], "{name}");
