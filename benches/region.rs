@@ -1599,7 +1599,8 @@ fn owner_phases(log: &Path, from: u64) -> String {
          to its answer ready (parse, policy, planning) {}; to its first chunk (the answer's schema) \
          {}; to the rows' end (the database's statement, its rows converted and encoded, and the \
          audit record) {}; to the summary {}. Its audit records ({}, any sub-query's): {}. Its planning ({} plans; a \
-         plan found in the cache is not planned): {}.\n\n",
+         plan found in the cache is not planned; `physical` is a physical plan made, `reused` one reused from \
+         the shape's with the plan's own statement, each over the plans that had it: {}): {}.\n\n",
         count(&phases),
         one("lane"),
         one("answer"),
@@ -1609,6 +1610,11 @@ fn owner_phases(log: &Path, from: u64) -> String {
         count(&recorded),
         told(&recorded, &["write_us", "durable_us"]),
         count(&planned),
+        ["physical", "reused"]
+            .iter()
+            .map(|k| format!("{k} {}", planned.get(*k).map_or(0, Vec::len)))
+            .collect::<Vec<_>>()
+            .join(", "),
         told(
             // `p1` plans only as a data owner.
             &planned,
@@ -1619,6 +1625,7 @@ fn owner_phases(log: &Path, from: u64) -> String {
                 "optimize",
                 "databases",
                 "physical",
+                "reused",
                 "cache",
                 "start"
             ]

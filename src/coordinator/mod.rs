@@ -426,9 +426,6 @@ pub struct Coordinator {
     /// of a known shape is bound, not planned from its text ([`crate::owner::shape`]).
     /// `None` marks a shape the planner could not type, planned as written.
     shapes: moka::future::Cache<PlanKey, Arc<Option<Shape>>>,
-    /// Task contexts for running plans of each planning session, made once: they
-    /// hold no per-query data.
-    tasks: [Arc<datafusion::execution::TaskContext>; 2],
     /// When the TLS material the clients use expires (for the metrics).
     expiries: crate::trust::tls::Expiries,
     /// Serial numbers the region's revocation lists name.
@@ -558,10 +555,6 @@ impl Coordinator {
             planning_session(&tables, true)?,
             planning_session(&tables, false)?,
         ];
-        let tasks = [
-            Arc::new(datafusion::execution::TaskContext::from(&sessions[0])),
-            Arc::new(datafusion::execution::TaskContext::from(&sessions[1])),
-        ];
         Ok(Coordinator {
             config,
             expiries: tls.expiries.clone(),
@@ -569,7 +562,6 @@ impl Coordinator {
             clients,
             tables,
             sessions,
-            tasks,
             plans: moka::future::Cache::builder()
                 .max_capacity(1024)
                 .time_to_idle(Duration::from_secs(3600))
@@ -1047,28 +1039,16 @@ impl Coordinator {
         futures::future::join_all(asks).await
     }
 
-    /// A task context for one query: the session's functions and configuration with a
-    /// memory pool of its own, so one query's merge cannot take the memory of others
-    /// (`limits.query_memory_bytes`). A query that needs more fails with a clear error.
-    /// Spilling is off: members' rows are never written to the coordinator's disk.
+    /// A task context for one query ([`crate::owner::session::query_task`]): the
+    /// session's configuration with a memory pool of its own, so one query's merge
+    /// cannot take the memory of others (`limits.query_memory_bytes`). A query that
+    /// needs more fails with a clear error. Spilling is off: members' rows are never
+    /// written to the coordinator's disk.
     fn task_for_query(&self, session: usize) -> Result<Arc<datafusion::execution::TaskContext>> {
-        let base = &self.tasks[session];
-        let pool = Arc::new(datafusion::execution::memory_pool::GreedyMemoryPool::new(
+        crate::owner::session::query_task(
+            &self.sessions[session],
             self.config.limits.query_memory_bytes as usize,
-        ));
-        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
-            &base.runtime_env(),
         )
-        .with_memory_pool(pool)
-        .with_disk_manager_builder(
-            datafusion::execution::disk_manager::DiskManagerBuilder::default()
-                .with_mode(datafusion::execution::disk_manager::DiskManagerMode::Disabled),
-        )
-        .build_arc()
-        .map_err(Error::from_datafusion)?;
-        Ok(Arc::new(
-            datafusion::execution::TaskContext::from(&self.sessions[session]).with_runtime(runtime),
-        ))
     }
 
     /// Plans `sql` for `origin` and returns the running query.

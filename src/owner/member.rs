@@ -77,6 +77,10 @@ struct ShapedPlan {
     /// optimized among the grants' views with its placeholders in place, made when
     /// the second sub-query of the shape comes (`None` inside: it could not be).
     optimized: tokio::sync::OnceCell<Option<LogicalPlan>>,
+    /// The physical plan of the first bound optimized plan that ran exactly one
+    /// statement in a database, which later ones differing only in that statement
+    /// reuse with their own ([`crate::owner::source::pushdown::ReusedStatement`]).
+    statement: std::sync::OnceLock<crate::owner::source::pushdown::ReusedStatement>,
 }
 
 impl ShapedPlan {
@@ -710,7 +714,10 @@ impl MemberEngine {
         phases.mark("rewrite");
         tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted");
         let physical = match optimized {
-            Some(optimized) => physical_plan_of(&ctx.state(), optimized, &mut phases).await?,
+            Some((optimized, shape)) => {
+                let statement = shape.as_ref().as_ref().map(|s| &s.statement);
+                physical_plan_of(&ctx.state(), optimized, statement, &mut phases).await?
+            }
             None => physical_plan_timed(&ctx, &plan, &mut phases).await?,
         };
         if cells || crate::owner::session::reads_the_clock(&plan) {
@@ -748,32 +755,19 @@ impl MemberEngine {
         })
     }
 
-    /// A task context for one sub-query in `ctx`, with a memory pool of its own
-    /// (`limits.query_memory_bytes`, as for a query at the coordinator): what one
-    /// sub-query's operators track (aggregates, sorts, joins) is bounded, and one that
-    /// needs more fails with the limit named. The process total is up to
-    /// `max_concurrent_subqueries` such pools. Spilling is off: records are never
-    /// written to disk on a caller's behalf.
+    /// A task context for one sub-query in `ctx` ([`crate::owner::session::query_task`]),
+    /// with a memory pool of `limits.query_memory_bytes`, as for a query at the
+    /// coordinator: one that needs more fails with the limit named. The process total
+    /// is up to `max_concurrent_subqueries` such pools.
     fn bounded_task(
         &self,
         ctx: &SessionContext,
     ) -> Result<Arc<datafusion::execution::TaskContext>> {
-        use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-        let pool = Arc::new(datafusion::execution::memory_pool::GreedyMemoryPool::new(
-            self.config.limits.query_memory_bytes as usize,
-        ));
-        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
-            &ctx.runtime_env(),
-        )
-        .with_memory_pool(pool)
-        .with_disk_manager_builder(
-            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-        )
-        .build_arc()
-        .map_err(Error::from_datafusion)?;
         // From the state in place, not a copy of it.
-        let task = datafusion::execution::TaskContext::from(&*ctx.state_ref().read());
-        Ok(Arc::new(task.with_runtime(runtime)))
+        crate::owner::session::query_task(
+            &ctx.state_ref().read(),
+            self.config.limits.query_memory_bytes as usize,
+        )
     }
 
     /// Length and modification time of every file source (every entry of a folder
@@ -848,7 +842,11 @@ impl MemberEngine {
         permit: &Permit,
         p: &Prepared,
         key: &MemberPlanKey,
-    ) -> Option<(Granted, LogicalPlan, Option<LogicalPlan>)> {
+    ) -> Option<(
+        Granted,
+        LogicalPlan,
+        Option<(LogicalPlan, Arc<Option<ShapedPlan>>)>,
+    )> {
         if permit.grants().values().any(|g| g.incident.is_some()) {
             return None;
         }
@@ -871,6 +869,7 @@ impl MemberEngine {
                     granted,
                     planned,
                     optimized: tokio::sync::OnceCell::new(),
+                    statement: std::sync::OnceLock::new(),
                 }));
                 self.shapes.insert(key, entry.clone()).await;
                 (entry, false)
@@ -887,7 +886,10 @@ impl MemberEngine {
         // The first sub-query of a shape is optimized as written; the optimizer runs
         // over the shape itself only when a second one comes.
         let optimized = if known {
-            shaped_plan.optimized(&values).await
+            shaped_plan
+                .optimized(&values)
+                .await
+                .map(|plan| (plan, entry.clone()))
         } else {
             None
         };
@@ -1047,27 +1049,45 @@ async fn physical_plan_timed(
 ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
     let state = ctx.state();
     let optimized = state.optimize(plan).map_err(Error::from_datafusion)?;
-    physical_plan_of(&state, optimized, phases).await
+    physical_plan_of(&state, optimized, None, phases).await
 }
 
 /// [`physical_plan`] of a plan already optimized (a shape's, bound to its values):
-/// what goes into the member's databases, then the physical plan.
+/// what goes into the member's databases, then the physical plan. With `statement` (a
+/// shape's), a plan that differs from the shape's first plan with one statement only
+/// in that statement's text reuses its physical plan with its own statement (the
+/// phase `reused` instead of `physical`); the first such plan is kept.
 async fn physical_plan_of(
     state: &datafusion::execution::SessionState,
     optimized: LogicalPlan,
+    statement: Option<&std::sync::OnceLock<crate::owner::source::pushdown::ReusedStatement>>,
     phases: &mut crate::owner::session::Phases,
 ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+    use crate::owner::source::pushdown::ReusedStatement;
     phases.mark("optimize");
     let pushed =
         crate::owner::source::pushdown::push_into_databases(optimized).map_err(engine_failure)?;
     phases.mark("databases");
+    if let Some(reused) = statement
+        .and_then(std::sync::OnceLock::get)
+        .and_then(|w| w.plan_for(&pushed))
+    {
+        phases.mark("reused");
+        return reused.map_err(engine_failure);
+    }
     let physical = state
         .query_planner()
         .create_physical_plan(&pushed, state)
         .await
-        .map_err(engine_failure);
+        .map_err(engine_failure)?;
+    if let Some(cell) = statement
+        && cell.get().is_none()
+        && let Some(w) = ReusedStatement::of(&pushed, &physical)
+    {
+        let _ = cell.set(w);
+    }
     phases.mark("physical");
-    physical
+    Ok(physical)
 }
 
 /// A failure after the caller's plan was checked and optimized is the member's own:

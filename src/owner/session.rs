@@ -149,6 +149,44 @@ pub fn session_config() -> SessionConfig {
     cfg
 }
 
+/// A task context to run one query's physical plan planned in `state`: a memory pool
+/// of its own (`pool_bytes`, which one query's operators track: aggregates, sorts,
+/// joins) and no disk (spilling off: records are never written to disk on a caller's
+/// behalf).
+///
+/// It holds no function maps. A physical plan holds every function it calls itself;
+/// DataFusion reads a task's maps only in its `information_schema` tables (off in every
+/// session fedgate builds, [`session_config`]) and when a plan is deserialized, which
+/// fedgate never does. Copying the session's maps (hundreds of functions, each named
+/// by a string of its own) was about a tenth of a member's time planning a small
+/// sub-query.
+pub fn query_task(
+    state: &datafusion::execution::SessionState,
+    pool_bytes: usize,
+) -> Result<Arc<datafusion::execution::TaskContext>> {
+    use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+    let pool = Arc::new(datafusion::execution::memory_pool::GreedyMemoryPool::new(
+        pool_bytes,
+    ));
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
+        state.runtime_env(),
+    )
+    .with_memory_pool(pool)
+    .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+    .build_arc()
+    .map_err(Error::from_datafusion)?;
+    Ok(Arc::new(datafusion::execution::TaskContext::new(
+        None,
+        state.session_id().to_string(),
+        state.config().clone(),
+        Default::default(),
+        Default::default(),
+        Default::default(),
+        Default::default(),
+        runtime,
+    )))
+}
+
 /// Whether `plan` calls a function whose value is fixed per query rather than per
 /// row: `now()`, `current_date`, `current_time` and the like (DataFusion's `Stable`
 /// functions), which the optimizer folds into the time its session says the query
@@ -291,6 +329,113 @@ impl Phases {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A minimum over a Parquet file in several row groups, run again and again from
+    /// copies of one physical plan made as cached plans are run (`reset_state` on every
+    /// node): every run answers the file's minimum and maximum.
+    #[tokio::test]
+    async fn copies_of_one_plan_answer_a_minimum_over_a_file_every_time() {
+        use datafusion::arrow::array::Int64Array;
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        use datafusion::common::tree_node::{Transformed, TreeNode};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.parquet");
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let props = datafusion::parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(10))
+            .build();
+        let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(&path).unwrap(),
+            schema.clone(),
+            Some(props),
+        )
+        .unwrap();
+        // Row groups of ten values each; the smallest value in the last, the largest
+        // in the first.
+        let values: Vec<i64> = (0..50).map(|i| 1000 - i * 7).collect();
+        let batch = datafusion::arrow::record_batch::RecordBatch::try_new(
+            schema,
+            vec![Arc::new(Int64Array::from(values.clone()))],
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let ctx = member_context();
+        ctx.register_parquet("t", path.to_str().unwrap(), Default::default())
+            .await
+            .unwrap();
+        let state = ctx.state();
+        let plan = state
+            .create_logical_plan("SELECT min(x) AS lo, max(x) AS hi FROM t")
+            .await
+            .unwrap();
+        let physical = state.create_physical_plan(&plan).await.unwrap();
+        let want = format!(
+            "{}|{}",
+            values.iter().min().unwrap(),
+            values.iter().max().unwrap()
+        );
+        for run in 0..4 {
+            let copy = physical
+                .clone()
+                .transform_up(|n| Ok(Transformed::yes(n.reset_state()?)))
+                .unwrap()
+                .data;
+            let got =
+                datafusion::physical_plan::collect(copy, query_task(&state, 1 << 24).unwrap())
+                    .await
+                    .unwrap();
+            let text = datafusion::arrow::util::pretty::pretty_format_batches(&got)
+                .unwrap()
+                .to_string();
+            let row: Vec<&str> = text
+                .lines()
+                .nth(3)
+                .unwrap()
+                .split('|')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect();
+            assert_eq!(row.join("|"), want, "run {run}:\n{text}");
+        }
+    }
+
+    /// A query's task holds no function maps, and plans calling scalar, aggregate and
+    /// window functions (fedgate's bounded ones too) still run in it and answer what
+    /// the session itself answers.
+    #[tokio::test]
+    async fn a_query_task_without_function_maps_runs_every_kind_of_function() {
+        let ctx = member_context();
+        let sql = "SELECT upper(a) AS u, repeat(a, 2) AS r, count(*) OVER () AS w, \
+                   sum(n) OVER (ORDER BY n) AS s, approx_distinct(n) OVER () AS d \
+                   FROM (VALUES ('x', 1), ('y', 2), ('x', 3)) AS t(a, n) ORDER BY n";
+        let expected = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        let grouped = "SELECT a, count(*) AS c, array_agg(n ORDER BY n) AS l \
+                       FROM (VALUES ('x', 1), ('y', 2), ('x', 3)) AS t(a, n) \
+                       GROUP BY a ORDER BY a";
+        let expected_grouped = ctx.sql(grouped).await.unwrap().collect().await.unwrap();
+        let state = ctx.state();
+        let task = query_task(&state, 1 << 20).unwrap();
+        assert!(task.scalar_functions().is_empty());
+        assert!(task.aggregate_functions().is_empty());
+        assert!(task.window_functions().is_empty());
+        for (sql, expected) in [(sql, expected), (grouped, expected_grouped)] {
+            let plan = state.create_logical_plan(sql).await.unwrap();
+            let physical = state.create_physical_plan(&plan).await.unwrap();
+            let got = datafusion::physical_plan::collect(physical, task.clone())
+                .await
+                .unwrap();
+            assert_eq!(
+                datafusion::arrow::util::pretty::pretty_format_batches(&got)
+                    .unwrap()
+                    .to_string(),
+                datafusion::arrow::util::pretty::pretty_format_batches(&expected)
+                    .unwrap()
+                    .to_string(),
+                "{sql}"
+            );
+        }
+    }
 
     /// An ORDER BY key made constant by a filter on a mapped expression, over a file
     /// read in two partitions: DataFusion alone fails its own ordering check here.

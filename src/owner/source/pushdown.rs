@@ -19,7 +19,6 @@
 //! written so that they mean the same (NULL ordering).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
@@ -73,9 +72,6 @@ impl Target {
     }
 }
 
-/// Names of the scans this rule creates; unique within a process.
-static SCANS: AtomicU64 = AtomicU64::new(0);
-
 /// Moves what it can of an optimized logical plan into the databases it reads. It
 /// runs after DataFusion's optimizer has finished (not as one of its rules), so that
 /// the sub-plans it hands to databases are already simplified, pruned and with
@@ -87,9 +83,12 @@ pub fn push_into_databases(plan: LogicalPlan) -> DfResult<LogicalPlan> {
             None => Ok(Transformed::no(node)),
         })?
         .data;
-    let (plan, owner) = push(plan)?;
+    // The scans this creates are numbered within the plan, so that two plans that
+    // differ only in their statements' text are equal (see `ReusedStatement`).
+    let mut scans = 0;
+    let (plan, owner) = push(plan, &mut scans)?;
     match owner {
-        Some(db) => remote_scan(plan, db),
+        Some(db) => remote_scan(plan, db, &mut scans),
         None => Ok(plan),
     }
 }
@@ -285,7 +284,7 @@ fn table_of(scan: &TableScan) -> Option<(Db, String, String)> {
 
 /// Rewrites the children of `plan` and says which database, if exactly one, could run
 /// all of `plan`.
-fn push(plan: LogicalPlan) -> DfResult<(LogicalPlan, Option<Db>)> {
+fn push(plan: LogicalPlan, scans: &mut u64) -> DfResult<(LogicalPlan, Option<Db>)> {
     if let LogicalPlan::TableScan(scan) = &plan {
         let owner = table_of(scan)
             .filter(|_| scan.filters.is_empty())
@@ -295,7 +294,7 @@ fn push(plan: LogicalPlan) -> DfResult<(LogicalPlan, Option<Db>)> {
     let mut owners: Vec<Option<Db>> = Vec::new();
     let plan = plan
         .map_children(|c| {
-            let (c, o) = push(c)?;
+            let (c, o) = push(c, scans)?;
             owners.push(o);
             Ok(Transformed::no(c))
         })?
@@ -318,7 +317,7 @@ fn push(plan: LogicalPlan) -> DfResult<(LogicalPlan, Option<Db>)> {
     let mut owners = owners.into_iter();
     let plan = plan
         .map_children(|c| match owners.next().flatten() {
-            Some(db) => Ok(Transformed::yes(remote_scan(c, db)?)),
+            Some(db) => Ok(Transformed::yes(remote_scan(c, db, scans)?)),
             None => Ok(Transformed::no(c)),
         })?
         .data;
@@ -724,7 +723,7 @@ fn aggregate_at_top(plan: &LogicalPlan) -> bool {
 }
 
 /// Replaces `plan`, which `db` can run entirely, with a scan of its answer there.
-fn remote_scan(plan: LogicalPlan, db: Db) -> DfResult<LogicalPlan> {
+fn remote_scan(plan: LogicalPlan, db: Db, scans: &mut u64) -> DfResult<LogicalPlan> {
     let schema = plan.schema().clone();
     // The result is read by position, so the SQL must list the columns in the plan's
     // order; the unparser writes an aggregate at the top with its aggregates before
@@ -753,7 +752,8 @@ fn remote_scan(plan: LogicalPlan, db: Db) -> DfResult<LogicalPlan> {
         .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), f.is_nullable()))
         .collect();
     let provider = RemoteQuery::new(db, sql, Arc::new(Schema::new(fields)));
-    let name = format!("__fedgate_db_{}", SCANS.fetch_add(1, Ordering::Relaxed));
+    let name = format!("__fedgate_db_{scans}");
+    *scans += 1;
     let scan =
         LogicalPlanBuilder::scan(name.as_str(), provider_as_source(Arc::new(provider)), None)?;
     // The scan's columns are renamed back to what the replaced plan produced, so the
@@ -770,6 +770,145 @@ fn remote_scan(plan: LogicalPlan, db: Db) -> DfResult<LogicalPlan> {
         })
         .collect();
     scan.project(exprs)?.build()
+}
+
+/// The physical plan of a member's plan that runs exactly one statement in a
+/// database, kept so that later plans differing from it only in that statement's text
+/// reuse it instead of being planned again: a shape's bound queries (`owner::member`)
+/// whose values all went into the statement.
+///
+/// Two plans after [`push_into_databases`] are equal (`LogicalPlan`'s own equality,
+/// which leaves out each scan's source) when every node, expression, value, schema and
+/// scan name is the same; the scans' sources are then compared here: each reads the
+/// same table, except the one statement, which must be of the same database with the
+/// same columns. Physical planning is a function of the plan and its sources, so such
+/// a plan gets the kept physical plan with its own SQL in the one statement. A value
+/// that stayed in the gateway (one the database's SQL cannot hold as written, say)
+/// makes the plans unequal, and the plan is planned as usual.
+pub struct ReusedStatement {
+    pushed: LogicalPlan,
+    physical: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+}
+
+impl ReusedStatement {
+    /// `physical`, planned from `pushed`, kept when both run exactly one statement in
+    /// a database.
+    pub fn of(
+        pushed: &LogicalPlan,
+        physical: &Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    ) -> Option<ReusedStatement> {
+        let sources = sources_of(pushed)?;
+        let queries: Vec<&RemoteQuery> = sources.iter().filter_map(as_query).collect();
+        let mut statements = Vec::new();
+        statements_in(physical.as_ref(), &mut statements);
+        // DataFusion's scalar subqueries keep their results in a container every copy
+        // of the plan shares (`reset_state` clears it for all of them), so such a plan
+        // is not kept for the queries of a whole shape to run at once.
+        let mut subquery = false;
+        let _ = physical.apply(|node| {
+            subquery |= node.name() == "ScalarSubqueryExec";
+            Ok(TreeNodeRecursion::Continue)
+        });
+        if subquery
+            || queries.len() != 1
+            || statements.len() != 1
+            || statements[0].read_schema() != queries[0].read_schema()
+        {
+            return None;
+        }
+        Some(ReusedStatement {
+            pushed: pushed.clone(),
+            physical: physical.clone(),
+        })
+    }
+
+    /// The physical plan of `pushed`, made from the one kept with `pushed`'s SQL in
+    /// its statement, when `pushed` differs from the kept plan only in that SQL;
+    /// `None` otherwise (it is then planned as usual).
+    pub fn plan_for(
+        &self,
+        pushed: &LogicalPlan,
+    ) -> Option<DfResult<Arc<dyn datafusion::physical_plan::ExecutionPlan>>> {
+        if pushed != &self.pushed {
+            return None;
+        }
+        let (ours, theirs) = (sources_of(&self.pushed)?, sources_of(pushed)?);
+        if ours.len() != theirs.len() {
+            return None;
+        }
+        let mut statement = None;
+        for (a, b) in ours.iter().zip(&theirs) {
+            match (as_query(a), as_query(b)) {
+                (Some(a), Some(b))
+                    if statement.is_none()
+                        && same(a.db(), b.db())
+                        && a.read_schema() == b.read_schema() =>
+                {
+                    statement = Some(b)
+                }
+                (None, None) if std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)) => {}
+                _ => return None,
+            }
+        }
+        let sql = statement?.sql();
+        Some(
+            self.physical
+                .clone()
+                .transform_up(|node| {
+                    let any: &dyn std::any::Any = node.as_ref();
+                    match any.downcast_ref::<super::remote::RemoteExec>() {
+                        Some(e) => Ok(Transformed::yes(Arc::new(
+                            e.with_inner(sql)
+                                .map_err(crate::error::Error::into_datafusion)?,
+                        )
+                            as Arc<dyn datafusion::physical_plan::ExecutionPlan>)),
+                        None => Ok(Transformed::no(node)),
+                    }
+                })
+                .map(|t| t.data),
+        )
+    }
+}
+
+/// The table behind every scan of `plan` (subqueries included), in the order of a
+/// walk of the plan; `None` when a scan's source is not a table.
+fn sources_of(plan: &LogicalPlan) -> Option<Vec<Arc<dyn datafusion::catalog::TableProvider>>> {
+    let mut out = Vec::new();
+    let mut all = true;
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            match source_as_provider(&scan.source) {
+                Ok(p) => out.push(p),
+                Err(_) => {
+                    all = false;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .ok()?;
+    all.then_some(out)
+}
+
+/// The database query a table is, if it is one.
+fn as_query(table: &Arc<dyn datafusion::catalog::TableProvider>) -> Option<&RemoteQuery> {
+    let any: &dyn std::any::Any = table.as_ref();
+    any.downcast_ref::<RemoteQuery>()
+}
+
+/// The statements a physical plan runs in databases.
+fn statements_in<'a>(
+    plan: &'a dyn datafusion::physical_plan::ExecutionPlan,
+    out: &mut Vec<&'a super::remote::RemoteExec>,
+) {
+    let any: &dyn std::any::Any = plan;
+    if let Some(e) = any.downcast_ref::<super::remote::RemoteExec>() {
+        out.push(e);
+    }
+    for child in plan.children() {
+        statements_in(child.as_ref(), out);
+    }
 }
 
 /// The SQL of a sub-plan in `dialect`: local table names become the database's,

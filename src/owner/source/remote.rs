@@ -201,6 +201,21 @@ impl RemoteQuery {
     pub fn new(db: Arc<dyn RemoteDatabase>, sql: String, schema: SchemaRef) -> RemoteQuery {
         RemoteQuery { db, sql, schema }
     }
+
+    /// The database it runs in.
+    pub(crate) fn db(&self) -> &Arc<dyn RemoteDatabase> {
+        &self.db
+    }
+
+    /// Its SQL, before the database's statement wraps it.
+    pub(crate) fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// What it answers, by position.
+    pub(crate) fn read_schema(&self) -> &SchemaRef {
+        &self.schema
+    }
 }
 
 #[async_trait]
@@ -286,6 +301,23 @@ impl RemoteExec {
             limit,
             props,
         })
+    }
+
+    /// The same statement around another query of the same columns (`inner`, as
+    /// [`RemoteQuery`] holds it), with the same projection and limit.
+    pub(crate) fn with_inner(&self, inner: &str) -> Result<RemoteExec> {
+        RemoteExec::try_new(
+            self.db.clone(),
+            inner,
+            self.read.clone(),
+            self.projection.clone(),
+            self.limit,
+        )
+    }
+
+    /// What the statement answers, by position.
+    pub(crate) fn read_schema(&self) -> &SchemaRef {
+        &self.read
     }
 
     /// The database this runs in.
