@@ -155,9 +155,10 @@ pub fn session_config() -> SessionConfig {
 /// behalf).
 ///
 /// It holds no function maps. A physical plan holds every function it calls itself;
-/// DataFusion reads a task's maps only in its `information_schema` tables (off in every
-/// session fedgate builds, [`session_config`]) and when a plan is deserialized, which
-/// fedgate never does. Copying the session's maps (hundreds of functions, each named
+/// DataFusion reads a task's maps only in its `information_schema` tables (off in the
+/// sessions whose plans run with this task, members' and coordinators',
+/// [`session_config`]; the PostgreSQL port's catalog session turns them on and runs
+/// with a task of its own) and when a plan is deserialized, which fedgate never does. Copying the session's maps (hundreds of functions, each named
 /// by a string of its own) was about a tenth of a member's time planning a small
 /// sub-query.
 pub fn query_task(

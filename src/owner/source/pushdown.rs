@@ -779,7 +779,9 @@ fn remote_scan(plan: LogicalPlan, db: Db, scans: &mut u64) -> DfResult<LogicalPl
 ///
 /// Two plans after [`push_into_databases`] are equal (`LogicalPlan`'s own equality,
 /// which leaves out each scan's source) when every node, expression, value, schema and
-/// scan name is the same; the scans' sources are then compared here: each reads the
+/// scan name is the same (it leaves out the statistics a scan is asked for too; both
+/// plans come from one optimized shape, which asks for the same); the scans' sources
+/// are then compared here: each reads the
 /// same table, except the one statement, which must be of the same database with the
 /// same columns. Physical planning is a function of the plan and its sources, so such
 /// a plan gets the kept physical plan with its own SQL in the one statement. A value
