@@ -146,6 +146,15 @@ pub fn session_config() -> SessionConfig {
     // from switching to the view variant so that every member returns the same types.
     cfg.options_mut().sql_parser.map_string_types_to_utf8view = false;
     cfg.options_mut().execution.parquet.schema_force_view_types = false;
+    // Plans are planned once and run many times, each run from a copy of the plan
+    // (`reset_state` on every node). DataFusion's physical scalar subquery keeps its
+    // results in a container that every copy shares and that a new copy clears, so a
+    // query started while another copy runs made the first fail ("evaluated before
+    // the subquery was executed"). Without it, an uncorrelated scalar subquery is
+    // planned as a join, whose copies share nothing.
+    cfg.options_mut()
+        .optimizer
+        .enable_physical_uncorrelated_scalar_subquery = false;
     cfg
 }
 
@@ -399,6 +408,63 @@ mod tests {
                 .collect();
             assert_eq!(row.join("|"), want, "run {run}:\n{text}");
         }
+    }
+
+    /// Two runs of one planned query with an uncorrelated scalar subquery, each from
+    /// its own copy of the plan (as cached plans run), the second started while the
+    /// first is midway: both answer every row they should.
+    #[tokio::test]
+    async fn copies_of_a_plan_with_a_scalar_subquery_run_at_once() {
+        use datafusion::arrow::array::Int64Array;
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        use datafusion::common::tree_node::{Transformed, TreeNode};
+        use futures::StreamExt;
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        // 0..400 in four batches: the average is 199.5, so 200 rows are above it.
+        let batches: Vec<_> = (0..4)
+            .map(|b| {
+                datafusion::arrow::record_batch::RecordBatch::try_new(
+                    schema.clone(),
+                    vec![Arc::new(Int64Array::from(
+                        (0..100).map(|i| b * 100 + i).collect::<Vec<i64>>(),
+                    ))],
+                )
+                .unwrap()
+            })
+            .collect();
+        let ctx = context_with(
+            session_config()
+                .with_target_partitions(1)
+                .with_batch_size(50),
+        );
+        let t = datafusion::datasource::MemTable::try_new(schema, vec![batches]).unwrap();
+        ctx.register_table("t", Arc::new(t)).unwrap();
+        let state = ctx.state();
+        let plan = state
+            .create_logical_plan("SELECT x FROM t WHERE x > (SELECT avg(x) FROM t)")
+            .await
+            .unwrap();
+        let physical = state.create_physical_plan(&plan).await.unwrap();
+        let copy = |p: &Arc<dyn datafusion::physical_plan::ExecutionPlan>| {
+            p.clone()
+                .transform_up(|n| Ok(Transformed::yes(n.reset_state()?)))
+                .unwrap()
+                .data
+        };
+        let run = |p| {
+            datafusion::physical_plan::execute_stream(p, query_task(&state, 1 << 24).unwrap())
+                .unwrap()
+        };
+        let mut first = run(copy(&physical));
+        let mut rows = first.next().await.unwrap().unwrap().num_rows();
+        let second = run(copy(&physical));
+        while let Some(b) = first.next().await {
+            rows += b.unwrap().num_rows();
+        }
+        assert_eq!(rows, 200);
+        let second: Vec<_> = second.collect().await;
+        let rows: usize = second.into_iter().map(|b| b.unwrap().num_rows()).sum();
+        assert_eq!(rows, 200);
     }
 
     /// A query's task holds no function maps, and plans calling scalar, aggregate and

@@ -803,16 +803,7 @@ impl ReusedStatement {
         let queries: Vec<&RemoteQuery> = sources.iter().filter_map(as_query).collect();
         let mut statements = Vec::new();
         statements_in(physical.as_ref(), &mut statements);
-        // DataFusion's scalar subqueries keep their results in a container every copy
-        // of the plan shares (`reset_state` clears it for all of them), so such a plan
-        // is not kept for the queries of a whole shape to run at once.
-        let mut subquery = false;
-        let _ = physical.apply(|node| {
-            subquery |= node.name() == "ScalarSubqueryExec";
-            Ok(TreeNodeRecursion::Continue)
-        });
-        if subquery
-            || queries.len() != 1
+        if queries.len() != 1
             || statements.len() != 1
             || statements[0].read_schema() != queries[0].read_schema()
         {
