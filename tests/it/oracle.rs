@@ -1117,15 +1117,15 @@ async fn lookups_of_one_shape_reuse_its_physical_plan_with_their_own_statement()
 
 /// A minimum and a maximum over a Parquet file, asked again and again: each run's
 /// answer is the file's, whichever plan it reuses (the member's cached plan, a
-/// shape's). DataFusion's aggregates keep the bound of their last run in a filter
-/// their copies share, and a file scan pruned by it would skip the rows that hold the
-/// answer.
+/// shape's). DataFusion's aggregates pushed their running bound into the file's scan
+/// as a filter that copies of the plan shared, so a query asked again found no row.
+/// The filters on `qty` keep the answers from coming from the file's statistics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minimum_over_a_file_is_right_every_time_its_plan_is_reused() {
     let w = world(5).await;
     for sql in [
-        "SELECT min(qty) AS lo, max(price) AS hi FROM shipments WHERE member = 'ningbo'",
-        "SELECT min(qty) AS lo, max(price) AS hi FROM shipments WHERE member = 'ningbo'",
+        "SELECT min(qty) AS lo, max(price) AS hi FROM shipments WHERE member = 'ningbo' AND qty % 7 <> 3",
+        "SELECT min(qty) AS lo, max(price) AS hi FROM shipments WHERE member = 'ningbo' AND qty % 7 <> 3",
         "SELECT min(qty) AS lo FROM shipments WHERE member = 'ningbo' AND qty > 0",
         "SELECT min(qty) AS lo FROM shipments WHERE member = 'ningbo' AND qty > 1",
         "SELECT min(qty) AS lo FROM shipments WHERE member = 'ningbo' AND qty > 2",
