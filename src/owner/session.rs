@@ -435,6 +435,90 @@ mod tests {
         }
     }
 
+    /// A join whose smaller side is read again at every run, from copies of one
+    /// physical plan made as cached plans are run: the dynamic filter DataFusion pushes
+    /// from the join into the larger side's scan follows the keys of each run, not the
+    /// first run's (here the smaller file stands for a database table whose rows change
+    /// between runs; a file's own changes give a member a new plan).
+    #[tokio::test]
+    async fn copies_of_a_join_follow_the_keys_of_each_run() {
+        use datafusion::arrow::array::Int64Array;
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        use datafusion::common::tree_node::{Transformed, TreeNode};
+        let dir = tempfile::tempdir().unwrap();
+        let write = |path: &std::path::Path, name: &str, values: Vec<i64>, rows: usize| {
+            let schema = Arc::new(Schema::new(vec![Field::new(name, DataType::Int64, false)]));
+            let props = datafusion::parquet::file::properties::WriterProperties::builder()
+                .set_max_row_group_row_count(Some(rows))
+                .build();
+            let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(
+                std::fs::File::create(path).unwrap(),
+                schema.clone(),
+                Some(props),
+            )
+            .unwrap();
+            let batch = datafusion::arrow::record_batch::RecordBatch::try_new(
+                schema,
+                vec![Arc::new(Int64Array::from(values))],
+            )
+            .unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+        };
+        let (big, small) = (
+            dir.path().join("big.parquet"),
+            dir.path().join("small.parquet"),
+        );
+        write(&big, "x", (0..100).collect(), 10);
+        write(&small, "k", vec![3, 5], 10);
+        let ctx = member_context();
+        ctx.register_parquet("big", big.to_str().unwrap(), Default::default())
+            .await
+            .unwrap();
+        ctx.register_parquet("small", small.to_str().unwrap(), Default::default())
+            .await
+            .unwrap();
+        let state = ctx.state();
+        let plan = state
+            .create_logical_plan("SELECT b.x FROM small s JOIN big b ON b.x = s.k ORDER BY b.x")
+            .await
+            .unwrap();
+        let physical = state.create_physical_plan(&plan).await.unwrap();
+        let shown = datafusion::physical_plan::displayable(physical.as_ref())
+            .indent(true)
+            .to_string();
+        assert!(
+            shown.contains("DynamicFilter"),
+            "the join's filter is pushed into the larger scan:\n{shown}"
+        );
+        // Two keys each time: the file keeps its length, which the plan read when it
+        // listed the file.
+        for keys in [vec![3, 5], vec![3, 5], vec![70, 90], vec![4, 41]] {
+            write(&small, "k", keys.clone(), 10);
+            let copy = physical
+                .clone()
+                .transform_up(|n| Ok(Transformed::yes(n.reset_state()?)))
+                .unwrap()
+                .data;
+            let got =
+                datafusion::physical_plan::collect(copy, query_task(&state, 1 << 24).unwrap())
+                    .await
+                    .unwrap();
+            let xs: Vec<i64> = got
+                .iter()
+                .flat_map(|b| {
+                    b.column(0)
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .unwrap()
+                        .values()
+                        .to_vec()
+                })
+                .collect();
+            assert_eq!(xs, keys);
+        }
+    }
+
     /// Two runs of one planned query with an uncorrelated scalar subquery, each from
     /// its own copy of the plan (as cached plans run), the second started while the
     /// first is midway: both answer every row they should.
