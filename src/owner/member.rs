@@ -677,7 +677,7 @@ impl MemberEngine {
         };
         if let Some(cached) = self.plans.get(&key).await {
             tracing::debug!(origin = %permit.origin(), via = %permit.via(), access = %permit.describe(), "Sub-query permitted (plan cached)");
-            let physical = fresh_copy(cached.plan.clone())?;
+            let physical = crate::owner::session::fresh_copy(cached.plan.clone())?;
             let stream = datafusion::physical_plan::execute_stream(
                 physical,
                 self.bounded_task(&cached.ctx)?,
@@ -743,7 +743,7 @@ impl MemberEngine {
                 }),
             )
             .await;
-        let physical = fresh_copy(physical)?;
+        let physical = crate::owner::session::fresh_copy(physical)?;
         phases.mark("cache");
         let stream = datafusion::physical_plan::execute_stream(physical, self.bounded_task(&ctx)?)
             .map_err(Error::from_datafusion)?;
@@ -805,8 +805,12 @@ impl MemberEngine {
     ) -> Result<Vec<(String, String)>> {
         let (ctx, plan, _, _) = self.plan_under(permit, p, false).await?;
         let physical = physical_plan(&ctx, &plan).await?;
-        let mut out = Vec::new();
-        collect_database_queries(physical.as_ref(), &mut out);
+        let mut statements = Vec::new();
+        crate::owner::source::pushdown::statements_in(physical.as_ref(), &mut statements);
+        let out = statements
+            .iter()
+            .map(|e| (e.database().to_string(), e.sql().to_string()))
+            .collect();
         Ok(out)
     }
 
@@ -1019,19 +1023,6 @@ impl MemberEngine {
     }
 }
 
-/// A copy of a physical plan with fresh execution state in every node
-/// (`reset_state`, as DataFusion does to run a plan again: file scans get a new
-/// shared work queue, for one). The plan given is not changed, so concurrent
-/// sub-queries can each run their own copy of one cached plan.
-fn fresh_copy(
-    plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
-) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
-    use datafusion::common::tree_node::{Transformed, TreeNode};
-    plan.transform_up(|node| Ok(Transformed::yes(node.reset_state()?)))
-        .map(|t| t.data)
-        .map_err(Error::from_datafusion)
-}
-
 /// Optimizes a checked plan, moves what it can into the member's databases
 /// ([`crate::owner::source::pushdown`]) and plans its execution.
 pub async fn physical_plan(
@@ -1106,19 +1097,6 @@ fn engine_failure(e: datafusion::error::DataFusionError) -> Error {
                     .into(),
             )
         }
-    }
-}
-
-fn collect_database_queries(
-    plan: &dyn datafusion::physical_plan::ExecutionPlan,
-    out: &mut Vec<(String, String)>,
-) {
-    let any: &dyn std::any::Any = plan;
-    if let Some(e) = any.downcast_ref::<crate::owner::source::remote::RemoteExec>() {
-        out.push((e.database().to_string(), e.sql().to_string()));
-    }
-    for child in plan.children() {
-        collect_database_queries(child.as_ref(), out);
     }
 }
 

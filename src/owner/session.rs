@@ -165,6 +165,20 @@ pub fn session_config() -> SessionConfig {
     cfg
 }
 
+/// A copy of a physical plan with fresh execution state in every node
+/// (`reset_state`, as DataFusion does to run a plan again: file scans get a new
+/// shared work queue, for one). The plan given is not changed, so concurrent
+/// queries can each run their own copy of one cached plan. What DataFusion keeps
+/// across such copies is turned off in [`session_config`].
+pub fn fresh_copy(
+    plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    plan.transform_up(|node| Ok(Transformed::yes(node.reset_state()?)))
+        .map(|t| t.data)
+        .map_err(Error::from_datafusion)
+}
+
 /// A task context to run one query's physical plan planned in `state`: a memory pool
 /// of its own (`pool_bytes`, which one query's operators track: aggregates, sorts,
 /// joins) and no disk (spilling off: records are never written to disk on a caller's
@@ -347,90 +361,110 @@ impl Phases {
 mod tests {
     use super::*;
 
-    /// Queries over a Parquet file in several row groups, each run again and again from
-    /// copies of one physical plan made as cached plans are run (`reset_state` on every
-    /// node): every run answers what the file holds. DataFusion's dynamic filters (an
-    /// aggregate's running minimum, a top-k's running threshold) are pushed into the
-    /// file's scan at planning; a copy kept the last run's, and a minimum asked again
-    /// found no row.
-    #[tokio::test]
-    async fn copies_of_one_plan_answer_over_a_file_every_time() {
-        use datafusion::arrow::array::Int64Array;
-        use datafusion::arrow::datatypes::{DataType, Field, Schema};
-        use datafusion::common::tree_node::{Transformed, TreeNode};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.parquet");
-        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+    use datafusion::arrow::array::{Array, Int64Array};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+    use datafusion::physical_plan::ExecutionPlan;
+
+    /// Writes `values` as a Parquet file of one column, in row groups of `rows`.
+    fn write_ints(path: &std::path::Path, column: &str, values: Vec<i64>, rows: usize) {
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            column,
+            DataType::Int64,
+            false,
+        )]));
         let props = datafusion::parquet::file::properties::WriterProperties::builder()
-            .set_max_row_group_row_count(Some(10))
+            .set_max_row_group_row_count(Some(rows))
             .build();
         let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(
-            std::fs::File::create(&path).unwrap(),
+            std::fs::File::create(path).unwrap(),
             schema.clone(),
             Some(props),
         )
         .unwrap();
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values))]).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+
+    /// Runs a copy of `physical` as a cached plan is run ([`fresh_copy`], in a query's
+    /// own task).
+    fn run_copy(
+        physical: &Arc<dyn ExecutionPlan>,
+        state: &datafusion::execution::SessionState,
+    ) -> datafusion::execution::SendableRecordBatchStream {
+        datafusion::physical_plan::execute_stream(
+            fresh_copy(physical.clone()).unwrap(),
+            query_task(state, 1 << 24).unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// Every cell of `batches` (integer columns), row by row.
+    async fn cells(stream: datafusion::execution::SendableRecordBatchStream) -> Vec<Option<i64>> {
+        let batches = datafusion::physical_plan::common::collect(stream)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for b in &batches {
+            for r in 0..b.num_rows() {
+                for c in b.columns() {
+                    let c = c.as_any().downcast_ref::<Int64Array>().unwrap();
+                    out.push(c.is_valid(r).then(|| c.value(r)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Plans `sql` in `state`.
+    async fn physical_of(
+        state: &datafusion::execution::SessionState,
+        sql: &str,
+    ) -> Arc<dyn ExecutionPlan> {
+        let plan = state.create_logical_plan(sql).await.unwrap();
+        state.create_physical_plan(&plan).await.unwrap()
+    }
+
+    /// Queries over a Parquet file in several row groups, each run again and again from
+    /// copies of one physical plan made as cached plans are run: every run answers
+    /// what the file holds. DataFusion's dynamic filters (an aggregate's running
+    /// minimum, a top-k's running threshold) are pushed into the file's scan at
+    /// planning; a copy kept the last run's, and a minimum asked again found no row.
+    #[tokio::test]
+    async fn copies_of_one_plan_answer_over_a_file_every_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.parquet");
         // Row groups of ten values each; the smallest values in the last, the
         // largest in the first.
         let values: Vec<i64> = (0..50).map(|i| 1000 - i * 7).collect();
-        let batch = datafusion::arrow::record_batch::RecordBatch::try_new(
-            schema,
-            vec![Arc::new(Int64Array::from(values.clone()))],
-        )
-        .unwrap();
-        w.write(&batch).unwrap();
-        w.close().unwrap();
+        write_ints(&path, "x", values.clone(), 10);
         let ctx = member_context();
         ctx.register_parquet("t", path.to_str().unwrap(), Default::default())
             .await
             .unwrap();
         let state = ctx.state();
         // The filter keeps the answers from coming from the file's statistics alone.
-        let kept: Vec<i64> = values.iter().copied().filter(|x| x % 7 != 3).collect();
-        let mut top: Vec<i64> = kept.clone();
-        top.sort_unstable_by(|a, b| b.cmp(a));
+        let mut kept: Vec<i64> = values.into_iter().filter(|x| x % 7 != 3).collect();
+        kept.sort_unstable_by(|a, b| b.cmp(a));
         let cases = [
             (
                 "SELECT min(x) AS lo, max(x) AS hi FROM t WHERE x % 7 <> 3",
-                format!(
-                    "{}|{}",
-                    kept.iter().min().unwrap(),
-                    kept.iter().max().unwrap()
-                ),
+                vec![kept.last().copied(), kept.first().copied()],
             ),
             (
                 "SELECT x FROM t WHERE x % 7 <> 3 ORDER BY x DESC LIMIT 3",
-                top[..3]
-                    .iter()
-                    .map(i64::to_string)
-                    .collect::<Vec<_>>()
-                    .join("|"),
+                kept[..3].iter().copied().map(Some).collect(),
             ),
         ];
         for (sql, want) in cases {
-            let plan = state.create_logical_plan(sql).await.unwrap();
-            let physical = state.create_physical_plan(&plan).await.unwrap();
+            let physical = physical_of(&state, sql).await;
             for run in 0..4 {
-                let copy = physical
-                    .clone()
-                    .transform_up(|n| Ok(Transformed::yes(n.reset_state()?)))
-                    .unwrap()
-                    .data;
-                let got =
-                    datafusion::physical_plan::collect(copy, query_task(&state, 1 << 24).unwrap())
-                        .await
-                        .unwrap();
-                let text = datafusion::arrow::util::pretty::pretty_format_batches(&got)
-                    .unwrap()
-                    .to_string();
-                // The rows' cells, in order, from the table's text.
-                let cells: Vec<&str> = text
-                    .lines()
-                    .skip(3)
-                    .filter(|l| l.starts_with('|'))
-                    .flat_map(|l| l.split('|').map(str::trim).filter(|c| !c.is_empty()))
-                    .collect();
-                assert_eq!(cells.join("|"), want, "{sql}, run {run}:\n{text}");
+                assert_eq!(
+                    cells(run_copy(&physical, &state)).await,
+                    want,
+                    "{sql}, run {run}"
+                );
             }
         }
     }
@@ -442,35 +476,13 @@ mod tests {
     /// between runs; a file's own changes give a member a new plan).
     #[tokio::test]
     async fn copies_of_a_join_follow_the_keys_of_each_run() {
-        use datafusion::arrow::array::Int64Array;
-        use datafusion::arrow::datatypes::{DataType, Field, Schema};
-        use datafusion::common::tree_node::{Transformed, TreeNode};
         let dir = tempfile::tempdir().unwrap();
-        let write = |path: &std::path::Path, name: &str, values: Vec<i64>, rows: usize| {
-            let schema = Arc::new(Schema::new(vec![Field::new(name, DataType::Int64, false)]));
-            let props = datafusion::parquet::file::properties::WriterProperties::builder()
-                .set_max_row_group_row_count(Some(rows))
-                .build();
-            let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(
-                std::fs::File::create(path).unwrap(),
-                schema.clone(),
-                Some(props),
-            )
-            .unwrap();
-            let batch = datafusion::arrow::record_batch::RecordBatch::try_new(
-                schema,
-                vec![Arc::new(Int64Array::from(values))],
-            )
-            .unwrap();
-            w.write(&batch).unwrap();
-            w.close().unwrap();
-        };
         let (big, small) = (
             dir.path().join("big.parquet"),
             dir.path().join("small.parquet"),
         );
-        write(&big, "x", (0..100).collect(), 10);
-        write(&small, "k", vec![3, 5], 10);
+        write_ints(&big, "x", (0..100).collect(), 10);
+        write_ints(&small, "k", vec![3, 5], 10);
         let ctx = member_context();
         ctx.register_parquet("big", big.to_str().unwrap(), Default::default())
             .await
@@ -479,11 +491,11 @@ mod tests {
             .await
             .unwrap();
         let state = ctx.state();
-        let plan = state
-            .create_logical_plan("SELECT b.x FROM small s JOIN big b ON b.x = s.k ORDER BY b.x")
-            .await
-            .unwrap();
-        let physical = state.create_physical_plan(&plan).await.unwrap();
+        let physical = physical_of(
+            &state,
+            "SELECT b.x FROM small s JOIN big b ON b.x = s.k ORDER BY b.x",
+        )
+        .await;
         let shown = datafusion::physical_plan::displayable(physical.as_ref())
             .indent(true)
             .to_string();
@@ -494,28 +506,9 @@ mod tests {
         // Two keys each time: the file keeps its length, which the plan read when it
         // listed the file.
         for keys in [vec![3, 5], vec![3, 5], vec![70, 90], vec![4, 41]] {
-            write(&small, "k", keys.clone(), 10);
-            let copy = physical
-                .clone()
-                .transform_up(|n| Ok(Transformed::yes(n.reset_state()?)))
-                .unwrap()
-                .data;
-            let got =
-                datafusion::physical_plan::collect(copy, query_task(&state, 1 << 24).unwrap())
-                    .await
-                    .unwrap();
-            let xs: Vec<i64> = got
-                .iter()
-                .flat_map(|b| {
-                    b.column(0)
-                        .as_any()
-                        .downcast_ref::<Int64Array>()
-                        .unwrap()
-                        .values()
-                        .to_vec()
-                })
-                .collect();
-            assert_eq!(xs, keys);
+            write_ints(&small, "k", keys.clone(), 10);
+            let want: Vec<Option<i64>> = keys.into_iter().map(Some).collect();
+            assert_eq!(cells(run_copy(&physical, &state)).await, want);
         }
     }
 
@@ -524,18 +517,15 @@ mod tests {
     /// first is midway: both answer every row they should.
     #[tokio::test]
     async fn copies_of_a_plan_with_a_scalar_subquery_run_at_once() {
-        use datafusion::arrow::array::Int64Array;
-        use datafusion::arrow::datatypes::{DataType, Field, Schema};
-        use datafusion::common::tree_node::{Transformed, TreeNode};
         use futures::StreamExt;
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
         // 0..400 in four batches: the average is 199.5, so 200 rows are above it.
         let batches: Vec<_> = (0..4)
             .map(|b| {
-                datafusion::arrow::record_batch::RecordBatch::try_new(
+                RecordBatch::try_new(
                     schema.clone(),
-                    vec![Arc::new(Int64Array::from(
-                        (0..100).map(|i| b * 100 + i).collect::<Vec<i64>>(),
+                    vec![Arc::new(Int64Array::from_iter_values(
+                        (0..100).map(|i| b * 100 + i),
                     ))],
                 )
                 .unwrap()
@@ -549,31 +539,16 @@ mod tests {
         let t = datafusion::datasource::MemTable::try_new(schema, vec![batches]).unwrap();
         ctx.register_table("t", Arc::new(t)).unwrap();
         let state = ctx.state();
-        let plan = state
-            .create_logical_plan("SELECT x FROM t WHERE x > (SELECT avg(x) FROM t)")
-            .await
-            .unwrap();
-        let physical = state.create_physical_plan(&plan).await.unwrap();
-        let copy = |p: &Arc<dyn datafusion::physical_plan::ExecutionPlan>| {
-            p.clone()
-                .transform_up(|n| Ok(Transformed::yes(n.reset_state()?)))
-                .unwrap()
-                .data
-        };
-        let run = |p| {
-            datafusion::physical_plan::execute_stream(p, query_task(&state, 1 << 24).unwrap())
-                .unwrap()
-        };
-        let mut first = run(copy(&physical));
+        let physical =
+            physical_of(&state, "SELECT x FROM t WHERE x > (SELECT avg(x) FROM t)").await;
+        let mut first = run_copy(&physical, &state);
         let mut rows = first.next().await.unwrap().unwrap().num_rows();
-        let second = run(copy(&physical));
+        let second = run_copy(&physical, &state);
         while let Some(b) = first.next().await {
             rows += b.unwrap().num_rows();
         }
         assert_eq!(rows, 200);
-        let second: Vec<_> = second.collect().await;
-        let rows: usize = second.into_iter().map(|b| b.unwrap().num_rows()).sum();
-        assert_eq!(rows, 200);
+        assert_eq!(cells(second).await.len(), 200);
     }
 
     /// A query's task holds no function maps, and plans calling scalar, aggregate and

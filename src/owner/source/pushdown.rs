@@ -789,6 +789,8 @@ fn remote_scan(plan: LogicalPlan, db: Db, scans: &mut u64) -> DfResult<LogicalPl
 /// makes the plans unequal, and the plan is planned as usual.
 pub struct ReusedStatement {
     pushed: LogicalPlan,
+    /// The tables `pushed` scans, in the order [`sources_of`] gives them.
+    sources: Vec<Arc<dyn datafusion::catalog::TableProvider>>,
     physical: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
 }
 
@@ -811,6 +813,7 @@ impl ReusedStatement {
         }
         Some(ReusedStatement {
             pushed: pushed.clone(),
+            sources,
             physical: physical.clone(),
         })
     }
@@ -825,12 +828,12 @@ impl ReusedStatement {
         if pushed != &self.pushed {
             return None;
         }
-        let (ours, theirs) = (sources_of(&self.pushed)?, sources_of(pushed)?);
-        if ours.len() != theirs.len() {
+        let theirs = sources_of(pushed)?;
+        if self.sources.len() != theirs.len() {
             return None;
         }
         let mut statement = None;
-        for (a, b) in ours.iter().zip(&theirs) {
+        for (a, b) in self.sources.iter().zip(&theirs) {
             match (as_query(a), as_query(b)) {
                 (Some(a), Some(b))
                     if statement.is_none()
@@ -890,8 +893,9 @@ fn as_query(table: &Arc<dyn datafusion::catalog::TableProvider>) -> Option<&Remo
     any.downcast_ref::<RemoteQuery>()
 }
 
-/// The statements a physical plan runs in databases.
-fn statements_in<'a>(
+/// The statements a physical plan runs in databases, in the order of a walk of the
+/// plan.
+pub(crate) fn statements_in<'a>(
     plan: &'a dyn datafusion::physical_plan::ExecutionPlan,
     out: &mut Vec<&'a super::remote::RemoteExec>,
 ) {
