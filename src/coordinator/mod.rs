@@ -143,12 +143,13 @@ impl PlanFrom {
 /// A shape's plans ([`crate::owner::shape`]): its written plan and, made the second
 /// time a query of the shape comes, its optimized plan with the placeholders still in
 /// place (`None` inside when the optimizer's output cannot take values: see
-/// [`Shape::optimized`]).
+/// [`Shape::optimized`]), and the physical plans of its queries sent whole.
 #[derive(Debug)]
 struct Shape {
     planned: crate::owner::shape::Planned,
     takes: Takes,
     optimized: tokio::sync::OnceCell<Option<datafusion::logical_expr::LogicalPlan>>,
+    whole: Arc<pushdown::WholePlans>,
 }
 
 /// What values a shape's optimized plan may be bound with.
@@ -173,6 +174,7 @@ impl Shape {
             planned,
             takes: Takes::Constants,
             optimized: tokio::sync::OnceCell::new(),
+            whole: Arc::default(),
         }
     }
 
@@ -202,6 +204,7 @@ impl Shape {
             planned: crate::owner::shape::Planned::prepared(plan),
             takes,
             optimized: tokio::sync::OnceCell::new(),
+            whole: Arc::default(),
         }
     }
 
@@ -228,9 +231,10 @@ impl Shape {
     /// it cannot fold, and a placeholder is such an expression. What depends on the
     /// value itself runs after binding: the members pruned by `member` and the
     /// member SQL are made by physical planning from the bound filters, the scans the
-    /// pushdown rule made are written again from their bound plans
-    /// ([`pushdown::bind`]), and a whole query is sent ([`pushdown::push_whole_query`])
-    /// only as decided over the bound plan. A shape that reads the clock
+    /// pushdown rule made are bound ([`pushdown::bind`]) and, unless the query is
+    /// sent whole, written again from their bound plans
+    /// ([`pushdown::write_member_sql`]), and a whole query is sent
+    /// ([`pushdown::push_whole_query`]) only as decided over the bound plan. A shape that reads the clock
     /// ([`crate::owner::session::reads_the_clock`]) is not reused.
     async fn optimized(
         &self,
@@ -261,11 +265,14 @@ impl Shape {
 enum Logical {
     /// Every value in place, to be optimized.
     Written(datafusion::logical_expr::LogicalPlan),
-    /// A shape's optimized plan with this query's values bound; `written` is the
-    /// shape's written plan, which names the datasets the text names.
+    /// A shape's optimized plan with this query's values bound, its member SQL not
+    /// written yet ([`pushdown::bind`]); `written` is the shape's written plan, which
+    /// names the datasets the text names; `whole` the shape's kept physical plans of
+    /// queries sent whole (none for a prepared statement, which is never sent whole).
     Optimized {
         written: datafusion::logical_expr::LogicalPlan,
         optimized: datafusion::logical_expr::LogicalPlan,
+        whole: Option<Arc<pushdown::WholePlans>>,
     },
 }
 
@@ -757,12 +764,16 @@ impl Coordinator {
         } else {
             state
         };
-        let (written, mut plan) = match logical {
+        let (written, mut plan, kept) = match logical {
             Logical::Written(written) => {
                 let plan = state.optimize(&written).map_err(Error::from_datafusion)?;
-                (written, plan)
+                (written, plan, None)
             }
-            Logical::Optimized { written, optimized } => (written, optimized),
+            Logical::Optimized {
+                written,
+                optimized,
+                whole,
+            } => (written, optimized, whole),
         };
         phases.mark("optimize");
         // A whole query goes to its member as the text written, which for a published
@@ -775,14 +786,30 @@ impl Coordinator {
                 .map_err(Error::from_datafusion)?
         {
             plan = whole;
+        } else {
+            // Every value a shape binds can be written (see the test
+            // `every_value_a_shape_binds_can_be_written_into_member_sql`).
+            plan = pushdown::write_member_sql(plan).map_err(Error::from_datafusion)?;
         }
         phases.mark("whole");
-        let physical = state
-            .query_planner()
-            .create_physical_plan(&plan, state)
-            .await
-            .map_err(Error::from_datafusion)?;
-        phases.mark("physical");
+        let physical = match kept.as_ref().and_then(|k| k.reuse(&plan)) {
+            Some(physical) => {
+                phases.mark("reused");
+                physical
+            }
+            None => {
+                let physical = state
+                    .query_planner()
+                    .create_physical_plan(&plan, state)
+                    .await
+                    .map_err(Error::from_datafusion)?;
+                if let Some(k) = &kept {
+                    k.keep(&plan, &physical);
+                }
+                phases.mark("physical");
+                physical
+            }
+        };
         phases.report("coordinator", from.word());
         if cache && !clock {
             self.plans.insert(key, physical.clone()).await;
@@ -828,7 +855,11 @@ impl Coordinator {
                 if let Some(optimized) = known.optimized(state, values).await {
                     let written = known.planned.plan.clone();
                     return Ok((
-                        Logical::Optimized { written, optimized },
+                        Logical::Optimized {
+                            written,
+                            optimized,
+                            whole: None,
+                        },
                         PlanFrom::ShapeOptimized,
                     ));
                 }
@@ -875,7 +906,11 @@ impl Coordinator {
                 if known && let Some(optimized) = shape.optimized(state, &values).await {
                     let written = shape.planned.plan.clone();
                     return Ok((
-                        Logical::Optimized { written, optimized },
+                        Logical::Optimized {
+                            written,
+                            optimized,
+                            whole: Some(shape.whole.clone()),
+                        },
                         PlanFrom::ShapeOptimized,
                     ));
                 }

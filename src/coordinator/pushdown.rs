@@ -26,7 +26,9 @@ use async_trait::async_trait;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::Session;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, ParamValues, Result as DfResult, ScalarValue, plan_err};
+use datafusion::common::{
+    Column, ParamValues, Result as DfResult, ScalarValue, internal_err, plan_err,
+};
 use datafusion::datasource::{TableProvider, TableType, provider_as_source, source_as_provider};
 use datafusion::functions_aggregate::count::count_udaf;
 use datafusion::functions_aggregate::min_max::{max_udaf, min_udaf};
@@ -143,7 +145,8 @@ fn is_member_column(e: &Expr, input: &LogicalPlan) -> bool {
 #[derive(Debug, Clone)]
 struct MemberSide {
     /// The plan the SQL is written from. In a plan optimized from a shape it holds
-    /// the shape's placeholders, and [`bind`] writes the SQL again with the values.
+    /// the shape's placeholders; [`bind`] binds the values into it and
+    /// [`write_member_sql`] writes the SQL again from it.
     plan: LogicalPlan,
     /// Whether the SQL names its columns `c0, c1, ...` itself.
     alias: bool,
@@ -198,7 +201,7 @@ fn pushed_scan(
     let provider = PushedTable {
         cache: table.dataset().cache,
         table,
-        sql: side.sql.clone(),
+        sql: Some(side.sql.clone()),
         schema: side.schema.clone(),
         pruning,
         whole: None,
@@ -517,7 +520,7 @@ pub fn push_whole_query(
         .and_then(|v| v.into_iter().reduce(|a, b| a.min(b)));
     let provider = PushedTable {
         table: first.clone(),
-        sql: sql.to_string(),
+        sql: Some(sql.to_string()),
         schema,
         pruning: vec![],
         whole: Some((member, datasets.join("+"))),
@@ -528,12 +531,120 @@ pub fn push_whole_query(
     Ok(Some(restore_names(scan, plan, &names)?))
 }
 
+/// The physical plans of a shape's queries sent whole ([`push_whole_query`]), one
+/// per member they went to: a later query of the shape sent whole to the same member
+/// runs its plan with its own text instead of being planned physically again.
+///
+/// A whole query's physical plan depends on its text only through the text each
+/// member is sent: its one member scan's other inputs (the dataset, the answer's
+/// schema, the member, its datasets, how long its answer may be reused) are compared
+/// here, and the nodes above the scan only rename its columns, which the logical
+/// plans' equality compares. Which member a query goes to depends on its values, so
+/// it is part of the key. There is one entry per member of the region at most.
+#[derive(Debug, Default)]
+pub struct WholePlans(std::sync::Mutex<std::collections::HashMap<String, KeptWhole>>);
+
+#[derive(Debug)]
+struct KeptWhole {
+    logical: LogicalPlan,
+    physical: Arc<dyn ExecutionPlan>,
+}
+
+impl WholePlans {
+    /// The kept physical plan of a query sent whole like `plan` (a whole query's
+    /// logical plan), sending `plan`'s own text; `None` when none is kept for its
+    /// member or the kept one differs from `plan` in more than its text.
+    pub fn reuse(&self, plan: &LogicalPlan) -> Option<Arc<dyn ExecutionPlan>> {
+        let scan = whole_scan(plan)?;
+        let (member, _) = scan.whole.as_ref()?;
+        let sql = scan.sql.clone()?;
+        let physical = {
+            let kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let kept = kept.get(member)?;
+            let same = kept.logical == *plan
+                && whole_scan(&kept.logical).is_some_and(|k| same_but_text(&k, &scan));
+            same.then(|| kept.physical.clone())?
+        };
+        with_member_sql(physical, sql)
+    }
+
+    /// Keeps `physical`, planned from `plan`, for the member `plan` was sent to,
+    /// unless a plan is kept for that member already.
+    pub fn keep(&self, plan: &LogicalPlan, physical: &Arc<dyn ExecutionPlan>) {
+        let Some(scan) = whole_scan(plan) else { return };
+        let Some((member, _)) = &scan.whole else {
+            return;
+        };
+        // Reuse swaps the text of exactly one member scan.
+        if with_member_sql(physical.clone(), String::new()).is_none() {
+            return;
+        }
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        kept.entry(member.clone()).or_insert_with(|| KeptWhole {
+            logical: plan.clone(),
+            physical: physical.clone(),
+        });
+    }
+}
+
+/// The one scan of a whole query's logical plan; `None` for any other plan.
+fn whole_scan(plan: &LogicalPlan) -> Option<Arc<PushedTable>> {
+    let mut scans = Vec::new();
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            let any: Arc<dyn std::any::Any + Send + Sync> = source_as_provider(&scan.source)?;
+            scans.push(any.downcast::<PushedTable>().ok());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .ok()?;
+    match scans.as_slice() {
+        [Some(scan)] if scan.whole.is_some() => Some(scan.clone()),
+        _ => None,
+    }
+}
+
+/// Whether two whole queries' scans ask the same of the same member, but for the
+/// text they send.
+fn same_but_text(a: &PushedTable, b: &PushedTable) -> bool {
+    Arc::ptr_eq(&a.table, &b.table)
+        && a.schema == b.schema
+        && a.pruning == b.pruning
+        && a.whole == b.whole
+        && a.cache == b.cache
+}
+
+/// `physical` with `sql` as the text of its one member scan; `None` unless it has
+/// exactly one.
+fn with_member_sql(
+    physical: Arc<dyn ExecutionPlan>,
+    sql: String,
+) -> Option<Arc<dyn ExecutionPlan>> {
+    let mut scans = 0;
+    let swapped = physical
+        .transform_up(|node| {
+            let any: &dyn std::any::Any = node.as_ref();
+            match any.downcast_ref::<super::table::FederatedScanExec>() {
+                Some(scan) => {
+                    scans += 1;
+                    let swapped: Arc<dyn ExecutionPlan> = Arc::new(scan.with_sql(sql.clone()));
+                    Ok(Transformed::yes(swapped))
+                }
+                None => Ok(Transformed::no(node)),
+            }
+        })
+        .ok()?
+        .data;
+    (scans == 1).then_some(swapped)
+}
+
 /// A member sub-query decided by the planner: the same SQL at every member serving
 /// the dataset (or, for a whole query, at one member), with a fixed answer schema.
 #[derive(Debug)]
 pub struct PushedTable {
     table: Arc<FederatedTable>,
-    sql: String,
+    /// `None` between [`bind`] and [`write_member_sql`].
+    sql: Option<String>,
     schema: SchemaRef,
     /// Filters of the original scan, used to prune members by `member`.
     pruning: Vec<Expr>,
@@ -546,21 +657,24 @@ pub struct PushedTable {
 }
 
 impl PushedTable {
-    /// This scan with `values` bound: its member SQL written again from its bound
-    /// member-side plan, its pruning filters bound.
+    /// This scan with `values` bound into its member-side plan and its pruning
+    /// filters. Its member SQL is written by [`write_member_sql`], only once the plan
+    /// is known not to be sent whole: a lookup's plan usually is, and its sub-query's
+    /// SQL would be written for nothing.
     fn bind(&self, values: &ParamValues) -> DfResult<PushedTable> {
         let Some(side) = &self.side else {
             return plan_err!("a whole query's scan has no plan to bind values into");
         };
         // A value missing for a placeholder fails the binding; each value is exactly
         // its placeholder's type, so the answer's schema is the one planned.
-        let bound = member_sql(
-            side.plan.clone().with_param_values(values.clone())?,
-            side.alias,
-        )?;
+        let bound = MemberSide {
+            plan: side.plan.clone().with_param_values(values.clone())?,
+            sql: String::new(),
+            ..side.clone()
+        };
         Ok(PushedTable {
             table: self.table.clone(),
-            sql: bound.sql.clone(),
+            sql: None,
             schema: self.schema.clone(),
             pruning: self
                 .pruning
@@ -571,6 +685,27 @@ impl PushedTable {
             cache: self.cache,
             side: Some(bound),
         })
+    }
+
+    /// This scan with its member SQL written from its bound member-side plan, when
+    /// [`bind`] left it unwritten.
+    fn written(&self) -> DfResult<Option<PushedTable>> {
+        if self.sql.is_some() {
+            return Ok(None);
+        }
+        let Some(side) = &self.side else {
+            return plan_err!("a bound scan without its member-side plan");
+        };
+        let side = member_sql(side.plan.clone(), side.alias)?;
+        Ok(Some(PushedTable {
+            table: self.table.clone(),
+            sql: Some(side.sql.clone()),
+            schema: self.schema.clone(),
+            pruning: self.pruning.clone(),
+            whole: None,
+            cache: self.cache,
+            side: Some(side),
+        }))
     }
 }
 
@@ -588,9 +723,11 @@ fn bind_expr(e: Expr, values: &ParamValues) -> DfResult<Expr> {
 
 /// A plan optimized with placeholders in place (a shape's, [`crate::owner::shape`])
 /// with `values` bound wherever the placeholders went: the plan's own expressions
-/// (filters offered to scans included) and the member SQL and pruning filters of the
-/// scans this rule pushed, which are written again from their bound plans. Fails when
-/// a placeholder has no value.
+/// (filters offered to scans included) and the member-side plans and pruning filters
+/// of the scans this rule pushed. Their member SQL is written again from their bound
+/// plans by [`write_member_sql`], which must run before the plan is planned
+/// physically unless the plan is replaced by a whole query. Fails when a placeholder
+/// has no value.
 pub fn bind(plan: LogicalPlan, values: &ParamValues) -> DfResult<LogicalPlan> {
     plan.with_param_values(values.clone())?
         .transform_up_with_subqueries(|node| {
@@ -607,6 +744,26 @@ pub fn bind(plan: LogicalPlan, values: &ParamValues) -> DfResult<LogicalPlan> {
             }
         })
         .map(|t| t.data)
+}
+
+/// `plan` (bound by [`bind`]) with the member SQL of every pushed scan written from
+/// its bound member-side plan.
+pub fn write_member_sql(plan: LogicalPlan) -> DfResult<LogicalPlan> {
+    plan.transform_up_with_subqueries(|node| {
+        let LogicalPlan::TableScan(mut scan) = node else {
+            return Ok(Transformed::no(node));
+        };
+        let any: Arc<dyn std::any::Any + Send + Sync> = source_as_provider(&scan.source)?;
+        match any.downcast::<PushedTable>().map(|p| p.written()) {
+            Ok(Ok(Some(written))) => {
+                scan.source = provider_as_source(Arc::new(written));
+                Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+            }
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(None)) | Err(_) => Ok(Transformed::no(LogicalPlan::TableScan(scan))),
+        }
+    })
+    .map(|t| t.data)
 }
 
 #[async_trait]
@@ -630,11 +787,14 @@ impl TableProvider for PushedTable {
             Some(p) => Arc::new(self.schema.project(p)?),
             None => self.schema.clone(),
         };
+        let Some(sql) = &self.sql else {
+            return internal_err!("a pushed scan planned before its member SQL was written");
+        };
         self.table.member_exec_for(
             state,
             &self.pruning,
             schema,
-            self.sql.clone(),
+            sql.clone(),
             projection.cloned(),
             self.whole.as_ref().map(|(m, l)| (m.as_str(), l.as_str())),
             self.cache,

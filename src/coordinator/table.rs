@@ -380,6 +380,22 @@ impl FederatedScanExec {
         }
     }
 
+    /// This scan sending `sql` instead of its own text (a whole query's kept plan run
+    /// for another query of its shape: [`super::pushdown::WholePlans`]).
+    pub(crate) fn with_sql(&self, sql: String) -> FederatedScanExec {
+        FederatedScanExec {
+            dataset: self.dataset.clone(),
+            schema: self.schema.clone(),
+            sql,
+            targets: self.targets.clone(),
+            pruned: self.pruned.clone(),
+            state: self.state.clone(),
+            properties: self.properties.clone(),
+            projection: self.projection.clone(),
+            cache: self.cache.clone(),
+        }
+    }
+
     /// The dataset scanned.
     pub fn dataset(&self) -> &str {
         &self.dataset

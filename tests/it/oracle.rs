@@ -1113,6 +1113,59 @@ async fn lookups_of_one_shape_reuse_its_physical_plan_with_their_own_statement()
         "{reused} physical plans reused; member planning events:\n{}",
         member_plans.collect::<Vec<_>>().join("\n")
     );
+    // The coordinator sends each of these queries whole to the member it names, and
+    // both kinds of query are one shape each across the three members (the member's
+    // name is a constant too). The shape's first query is planned as written; from
+    // its second on, the first query of the shape sent to each member is planned
+    // physically and kept, and the member's later ones reuse it with their own text:
+    // lookups 4 + 5 + 5 (the key asked again is in the plan cache), notes 3 + 4 + 4.
+    let coordinator_plans = log.lines().filter(|l| l.contains("side=\"coordinator\""));
+    let reused = coordinator_plans
+        .clone()
+        .filter(|l| l.contains(" reused="))
+        .count();
+    assert!(
+        reused >= 25,
+        "{reused} physical plans reused; coordinator planning events:\n{}",
+        coordinator_plans.collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// One shape whose queries the coordinator sends whole to one member for some values
+/// (the `IN` list names one member) and splits into per-dataset sub-queries for
+/// others (it names two, or none): each is answered as PostgreSQL answers it, so a
+/// query sent whole never runs another member's kept plan, and a split one's member
+/// SQL is written from its own values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shape_sent_whole_for_some_values_and_split_for_others_answers_each_right() {
+    let w = world(12).await;
+    let pairs = [
+        ("jiaxing", "jiaxing", 10),
+        ("jiaxing", "jiaxing", 20),
+        ("jiaxing", "shaoxing", 30),
+        ("shaoxing", "shaoxing", 40),
+        ("jiaxing", "jiaxing", 50),
+        ("taizhou", "ningbo", 60),
+        ("ningbo", "ningbo", 70),
+        ("wuxi", "wuxi", 80),
+        ("shaoxing", "shaoxing", 90),
+        ("nowhere", "nowhere", 10),
+        ("jiaxing", "jiaxing", 0),
+        ("wuxi", "jiaxing", 0),
+    ];
+    for (a, b, n) in pairs {
+        let case = Case {
+            sql: format!(
+                "SELECT member, count(*) AS n, sum(qty) AS q FROM shipments \
+                 WHERE member IN ('{a}', '{b}') AND qty > {n} GROUP BY member"
+            ),
+            ordered: false,
+            any_n: None,
+        };
+        if let Some(problem) = check(&w, &case).await {
+            panic!("{problem}");
+        }
+    }
 }
 
 /// A minimum and a maximum over a Parquet file, asked again and again: each run's
