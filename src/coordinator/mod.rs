@@ -262,6 +262,9 @@ impl Shape {
 }
 
 /// A query's logical plan as [`Coordinator::written`] gives it.
+// One per query, made and taken apart once: boxing the larger variant would only add
+// an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Logical {
     /// Every value in place, to be optimized.
     Written(datafusion::logical_expr::LogicalPlan),
@@ -273,6 +276,9 @@ enum Logical {
         written: datafusion::logical_expr::LogicalPlan,
         optimized: datafusion::logical_expr::LogicalPlan,
         whole: Option<Arc<pushdown::WholePlans>>,
+        /// The values bound, for planning `written` with them should the member SQL
+        /// not be writable.
+        values: datafusion::common::ParamValues,
     },
 }
 
@@ -748,7 +754,7 @@ impl Coordinator {
         // A cached plan passed these checks when it was made.
         self.datasets_in(state, &stmt)?;
         phases.mark("parse");
-        let (logical, from) = self.written(state, stmt, opts, &key, &mut phases).await?;
+        let (logical, mut from) = self.written(state, stmt, opts, &key, &mut phases).await?;
         phases.mark("written");
         // A plan that reads the clock is this query's alone: optimized with this
         // query's start time (a planning session keeps the time it was made at) and
@@ -764,33 +770,52 @@ impl Coordinator {
         } else {
             state
         };
-        let (written, mut plan, kept) = match logical {
+        let (written, plan, mut kept, values) = match logical {
             Logical::Written(written) => {
                 let plan = state.optimize(&written).map_err(Error::from_datafusion)?;
-                (written, plan, None)
+                (written, plan, None, None)
             }
             Logical::Optimized {
                 written,
                 optimized,
                 whole,
-            } => (written, optimized, whole),
+                values,
+            } => (written, optimized, whole, Some(values)),
         };
         phases.mark("optimize");
         // A whole query goes to its member as the text written, which for a published
         // service holds the `$name` placeholders, not the values: a member has no way
         // to be given them, and a value must never become SQL text by splicing. Such
         // a query goes as the per-dataset sub-queries unparsed from the bound plan.
-        if opts.pushdown
+        let whole = |plan: &datafusion::logical_expr::LogicalPlan| match opts.pushdown
             && opts.params.is_none()
-            && let Some(whole) = pushdown::push_whole_query(state, &written, &plan, sql)
-                .map_err(Error::from_datafusion)?
         {
-            plan = whole;
-        } else {
-            // Every value a shape binds can be written (see the test
-            // `every_value_a_shape_binds_can_be_written_into_member_sql`).
-            plan = pushdown::write_member_sql(plan).map_err(Error::from_datafusion)?;
-        }
+            true => pushdown::push_whole_query(state, &written, plan, sql)
+                .map_err(Error::from_datafusion),
+            false => Ok(None),
+        };
+        let plan = match whole(&plan)? {
+            Some(whole) => whole,
+            None => match (pushdown::write_member_sql(plan), values) {
+                (Ok(plan), _) => plan,
+                // Every value a shape binds can be written (the test
+                // `every_value_a_shape_binds_can_be_written_into_member_sql`). Were
+                // one not, the query is planned from its written plan with its values,
+                // as it would be without shapes: the pushdown rule then leaves in the
+                // coordinator what it cannot write.
+                (Err(_), Some(values)) => {
+                    kept = None;
+                    from = PlanFrom::Shape;
+                    let bound = written
+                        .clone()
+                        .with_param_values(values)
+                        .map_err(|e| Error::InvalidQuery(format!("binding parameters: {e}")))?;
+                    let plan = state.optimize(&bound).map_err(Error::from_datafusion)?;
+                    whole(&plan)?.unwrap_or(plan)
+                }
+                (Err(e), None) => return Err(Error::from_datafusion(e)),
+            },
+        };
         phases.mark("whole");
         let physical = match kept.as_ref().and_then(|k| k.reuse(&plan)) {
             Some(physical) => {
@@ -859,6 +884,7 @@ impl Coordinator {
                             written,
                             optimized,
                             whole: None,
+                            values: values.clone(),
                         },
                         PlanFrom::ShapeOptimized,
                     ));
@@ -910,6 +936,7 @@ impl Coordinator {
                             written,
                             optimized,
                             whole: Some(shape.whole.clone()),
+                            values,
                         },
                         PlanFrom::ShapeOptimized,
                     ));

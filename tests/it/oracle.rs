@@ -1135,7 +1135,9 @@ async fn lookups_of_one_shape_reuse_its_physical_plan_with_their_own_statement()
 /// (the `IN` list names one member) and splits into per-dataset sub-queries for
 /// others (it names two, or none): each is answered as PostgreSQL answers it, so a
 /// query sent whole never runs another member's kept plan, and a split one's member
-/// SQL is written from its own values.
+/// SQL is written from its own values. The coordinator's explanation of each (planned
+/// as the query is, through the shape) shows which way it went: whole, to its member
+/// only, with its own text; or split.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shape_sent_whole_for_some_values_and_split_for_others_answers_each_right() {
     let w = world(12).await;
@@ -1164,6 +1166,29 @@ async fn a_shape_sent_whole_for_some_values_and_split_for_others_answers_each_ri
         };
         if let Some(problem) = check(&w, &case).await {
             panic!("{problem}");
+        }
+        let e = w.client.explain(&case.sql).await.unwrap();
+        let subqueries: Vec<(Vec<String>, &str)> = e
+            .subqueries
+            .iter()
+            .map(|q| (q.members.clone(), q.sql.as_str()))
+            .collect();
+        if a == b && a != "nowhere" {
+            assert_eq!(
+                subqueries,
+                vec![(vec![a.to_string()], case.sql.as_str())],
+                "{}",
+                case.sql
+            );
+        } else {
+            assert!(
+                subqueries
+                    .iter()
+                    .all(|(members, sql)| *sql != case.sql
+                        && members.iter().all(|m| m == a || m == b)),
+                "{}: {subqueries:?}",
+                case.sql
+            );
         }
     }
 }
