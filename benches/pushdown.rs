@@ -9,7 +9,10 @@
 //!   `SELECT county_code, sum(x) ... GROUP BY county_code` with and without
 //!   aggregate pushdown;
 //! - planning time (SQL text to physical plan, as the gateway reports it) and latency
-//!   of a small query with its plan cached and planned anew.
+//!   of a small query with its plan cached and planned anew;
+//! - the coordinator's Arrow IPC encoding and decoding of an answer of one row and of
+//!   64 KiB, in process: what forwarding a member's answer without decoding and
+//!   encoding it again could save.
 //!
 //! Prints medians of per-round ratios as Markdown. Run: `cargo bench --bench pushdown`
 //! (`-- --rounds N` for more rounds).
@@ -235,6 +238,70 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Phases {
     }
 }
 
+/// An answer of `rows` rows shaped like the region benchmark's: a key, a county code
+/// and a 40-character note.
+fn answer(rows: usize) -> RecordBatch {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("county_code", DataType::Utf8, false),
+        Field::new("note", DataType::Utf8, true),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..rows as i64)),
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|i| format!("33{:04}", i % COUNTIES)),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|i| format!("{i:0>40}")),
+            )),
+        ],
+    )
+    .unwrap()
+}
+
+/// Medians over `rounds` rounds of 200 each of the µs to encode `batch` as the
+/// coordinator encodes an answer (`fedgate::arrow_ipc::encode`: its schema, then its
+/// rows), to decode those chunks again, and the chunks' bytes.
+fn ipc_costs(
+    rt: &tokio::runtime::Runtime,
+    batch: &RecordBatch,
+    rounds: usize,
+) -> (f64, f64, usize) {
+    use futures::StreamExt;
+    let encode = || {
+        let batches = futures::stream::iter(vec![Ok(batch.clone())]);
+        rt.block_on(fedgate::arrow_ipc::encode(batch.schema(), batches).collect::<Vec<_>>())
+            .into_iter()
+            .map(|c| c.unwrap())
+            .collect::<Vec<_>>()
+    };
+    let chunks = encode();
+    let bytes = chunks.iter().map(|c| c.header.len() + c.body.len()).sum();
+    let (mut enc, mut dec) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for _ in 0..200 {
+            std::hint::black_box(encode());
+        }
+        enc.push(t.elapsed().as_secs_f64() * 1e6 / 200.0);
+        let t = Instant::now();
+        for _ in 0..200 {
+            let decoded = rt.block_on(
+                fedgate::arrow_ipc::decode(futures::stream::iter(
+                    chunks.clone().into_iter().map(Ok),
+                ))
+                .collect::<Vec<_>>(),
+            );
+            assert_eq!(decoded.len(), 2);
+            std::hint::black_box(decoded);
+        }
+        dec.push(t.elapsed().as_secs_f64() * 1e6 / 200.0);
+    }
+    (median(enc), median(dec), bytes)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -356,4 +423,15 @@ fn main() {
             println!("- {side}, {how}: {}", parts.join(", "));
         }
     });
+    println!();
+    println!(
+        "Arrow IPC at the coordinator, in process (medians of {rounds} rounds of 200; forwarding a member's answer without decoding and encoding it would save at most the encoding, and a forward checked against what the coordinator counted still decodes):"
+    );
+    println!();
+    println!("| answer | IPC bytes | encode | decode |");
+    println!("|---|---:|---:|---:|");
+    for (what, rows) in [("one row", 1), ("1,000 rows", 1000)] {
+        let (enc, dec, bytes) = ipc_costs(&rt, &answer(rows), rounds);
+        println!("| {what} | {bytes} | {enc:.1} µs | {dec:.1} µs |");
+    }
 }
