@@ -540,7 +540,9 @@ pub fn push_whole_query(
 /// schema, the member, its datasets, how long its answer may be reused) are compared
 /// here, and the nodes above the scan only rename its columns, which the logical
 /// plans' equality compares. Which member a query goes to depends on its values, so
-/// it is part of the key. There is one entry per member of the region at most.
+/// it is part of the key. There is one entry per member of the region at most, and
+/// none holds the text of the query it was made for (a text may be a megabyte; each
+/// query sends its own).
 #[derive(Debug, Default)]
 pub struct WholePlans(std::sync::Mutex<std::collections::HashMap<String, KeptWhole>>);
 
@@ -576,15 +578,44 @@ impl WholePlans {
             return;
         };
         // Reuse swaps the text of exactly one member scan.
-        if with_member_sql(physical.clone(), String::new()).is_none() {
+        let Some(physical) = with_member_sql(physical.clone(), String::new()) else {
             return;
-        }
+        };
+        let Some(logical) = without_text(plan) else {
+            return;
+        };
         let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        kept.entry(member.clone()).or_insert_with(|| KeptWhole {
-            logical: plan.clone(),
-            physical: physical.clone(),
-        });
+        kept.entry(member.clone())
+            .or_insert(KeptWhole { logical, physical });
     }
+}
+
+/// A whole query's logical plan with the text its scan sends left out (equal to the
+/// plan as [`LogicalPlan`]'s equality compares, which leaves out scan sources).
+fn without_text(plan: &LogicalPlan) -> Option<LogicalPlan> {
+    plan.clone()
+        .transform_up(|node| {
+            let LogicalPlan::TableScan(mut scan) = node else {
+                return Ok(Transformed::no(node));
+            };
+            let any: Arc<dyn std::any::Any + Send + Sync> = source_as_provider(&scan.source)?;
+            let Ok(pushed) = any.downcast::<PushedTable>() else {
+                return plan_err!("a whole query scans only what it pushed");
+            };
+            let textless = PushedTable {
+                table: pushed.table.clone(),
+                sql: Some(String::new()),
+                schema: pushed.schema.clone(),
+                pruning: pushed.pruning.clone(),
+                whole: pushed.whole.clone(),
+                cache: pushed.cache,
+                side: None,
+            };
+            scan.source = provider_as_source(Arc::new(textless));
+            Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+        })
+        .ok()
+        .map(|t| t.data)
 }
 
 /// The one scan of a whole query's logical plan; `None` for any other plan.
