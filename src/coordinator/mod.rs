@@ -575,14 +575,12 @@ impl Coordinator {
             clients,
             tables,
             sessions,
-            plans: moka::future::Cache::builder()
-                .max_capacity(1024)
-                .time_to_idle(Duration::from_secs(3600))
-                .build(),
-            shapes: moka::future::Cache::builder()
-                .max_capacity(1024)
-                .time_to_idle(Duration::from_secs(3600))
-                .build(),
+            plans: crate::owner::session::plan_cache(1024, Duration::from_secs(3600), |k, _| {
+                k.sql.len() + k.scope.len()
+            }),
+            shapes: crate::owner::session::plan_cache(1024, Duration::from_secs(3600), |k, _| {
+                k.sql.len() + k.scope.len()
+            }),
         })
     }
 

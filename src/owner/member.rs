@@ -196,14 +196,16 @@ impl MemberEngine {
             databases,
             pending: tokio::sync::Mutex::new(BTreeMap::new()),
             granted: Mutex::new(HashMap::new()),
-            plans: moka::future::Cache::builder()
-                .max_capacity(PLAN_CACHE_ENTRIES)
-                .time_to_idle(std::time::Duration::from_secs(600))
-                .build(),
-            shapes: moka::future::Cache::builder()
-                .max_capacity(PLAN_CACHE_ENTRIES)
-                .time_to_idle(std::time::Duration::from_secs(600))
-                .build(),
+            plans: crate::owner::session::plan_cache(
+                PLAN_CACHE_ENTRIES,
+                std::time::Duration::from_secs(600),
+                |k, _| k.sql.len() + k.access.len(),
+            ),
+            shapes: crate::owner::session::plan_cache(
+                PLAN_CACHE_ENTRIES,
+                std::time::Duration::from_secs(600),
+                |k, _| k.sql.len() + k.access.len(),
+            ),
             config,
         };
         for ds in engine.config.member.serves.clone() {

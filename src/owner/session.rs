@@ -122,6 +122,39 @@ pub fn parse_query(
     Ok(stmt)
 }
 
+/// The least a plan cache ([`plan_cache`]) charges an entry, in bytes.
+pub const PLAN_ENTRY_BYTES: u64 = 64 * 1024;
+
+/// A cache of plans (at coordinators and members) holding at most `entries` plans of
+/// ordinary queries, and at most `entries` × [`PLAN_ENTRY_BYTES`] of charged bytes.
+/// An entry is charged three times its `text` (the bytes of caller text its key holds,
+/// as `text` counts them: the plans made from that text hold its constants and the
+/// SQL written from it) or `PLAN_ENTRY_BYTES`, whichever is more. A caller may send
+/// texts of up to [`MAX_QUERY_BYTES`]; counted by entries alone, a flood of such
+/// queries would keep gigabytes, and counted so it pushes other plans out instead.
+pub fn plan_cache<K, V>(
+    entries: u64,
+    idle: std::time::Duration,
+    text: fn(&K, &V) -> usize,
+) -> moka::future::Cache<K, V>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    moka::future::Cache::builder()
+        .max_capacity(entries * PLAN_ENTRY_BYTES)
+        .weigher(move |k, v| plan_charge(text(k, v)))
+        .time_to_idle(idle)
+        .build()
+}
+
+fn plan_charge(text: usize) -> u32 {
+    (text as u64)
+        .saturating_mul(3)
+        .max(PLAN_ENTRY_BYTES)
+        .min(u64::from(u32::MAX)) as u32
+}
+
 /// Plans a parsed query, refusing anything that is not read-only.
 pub async fn plan_query(
     state: &datafusion::execution::SessionState,
@@ -365,6 +398,38 @@ mod tests {
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
     use datafusion::arrow::record_batch::RecordBatch;
     use datafusion::physical_plan::ExecutionPlan;
+
+    /// A plan cache keeps as many ordinary entries as it is sized for, and a flood of
+    /// megabyte-long texts neither grows it past its bytes nor keeps more than a few
+    /// of them.
+    #[tokio::test]
+    async fn a_plan_cache_is_bounded_in_bytes_by_the_texts_it_holds() {
+        let cache =
+            plan_cache::<String, ()>(16, std::time::Duration::from_secs(60), |k, _| k.len());
+        for i in 0..16 {
+            cache.insert(format!("SELECT {i}"), ()).await;
+        }
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.entry_count(), 16);
+        for i in 0..64 {
+            let long = format!("SELECT '{}' -- {i}", "x".repeat(MAX_QUERY_BYTES - 32));
+            cache.insert(long, ()).await;
+            cache.run_pending_tasks().await;
+            assert!(
+                cache.weighted_size() <= 16 * PLAN_ENTRY_BYTES,
+                "{} bytes charged",
+                cache.weighted_size()
+            );
+        }
+        // A megabyte's text is charged three megabytes: none fits 16 × 64 KiB.
+        assert!(cache.entry_count() <= 16, "{} entries", cache.entry_count());
+        assert!(
+            !cache
+                .iter()
+                .any(|(k, _)| k.len() > PLAN_ENTRY_BYTES as usize),
+            "a megabyte-long text was kept"
+        );
+    }
 
     /// Writes `values` as a Parquet file of one column, in row groups of `rows`.
     fn write_ints(path: &std::path::Path, column: &str, values: Vec<i64>, rows: usize) {
