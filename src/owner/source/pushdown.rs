@@ -811,10 +811,40 @@ impl ReusedStatement {
         {
             return None;
         }
+        // The kept plans hold no statement text: each query runs its own, and the
+        // first one's (its constants in place, up to a megabyte) would be kept for as
+        // long as the shape is, uncounted by the cache that holds it.
+        let physical = physical
+            .clone()
+            .transform_up(|node| {
+                let any: &dyn std::any::Any = node.as_ref();
+                match any.downcast_ref::<super::remote::RemoteExec>() {
+                    Some(e) => Ok(Transformed::yes(Arc::new(
+                        e.with_inner("")
+                            .map_err(crate::error::Error::into_datafusion)?,
+                    )
+                        as Arc<dyn datafusion::physical_plan::ExecutionPlan>)),
+                    None => Ok(Transformed::no(node)),
+                }
+            })
+            .ok()?
+            .data;
+        let pushed = pushed
+            .clone()
+            .transform_up_with_subqueries(|node| {
+                let LogicalPlan::TableScan(mut scan) = node else {
+                    return Ok(Transformed::no(node));
+                };
+                let table = source_as_provider(&scan.source)?;
+                scan.source = provider_as_source(textless(&table));
+                Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+            })
+            .ok()?
+            .data;
         Some(ReusedStatement {
-            pushed: pushed.clone(),
-            sources,
-            physical: physical.clone(),
+            pushed,
+            sources: sources.iter().map(textless).collect(),
+            physical,
         })
     }
 
@@ -885,6 +915,20 @@ fn sources_of(plan: &LogicalPlan) -> Option<Vec<Arc<dyn datafusion::catalog::Tab
     })
     .ok()?;
     all.then_some(out)
+}
+
+/// `table`, or the same database query without its text if it is one.
+fn textless(
+    table: &Arc<dyn datafusion::catalog::TableProvider>,
+) -> Arc<dyn datafusion::catalog::TableProvider> {
+    match as_query(table) {
+        Some(q) => Arc::new(RemoteQuery::new(
+            q.db().clone(),
+            String::new(),
+            q.read_schema().clone(),
+        )),
+        None => table.clone(),
+    }
 }
 
 /// The database query a table is, if it is one.
