@@ -114,6 +114,15 @@ struct PlanKey {
     pushdown: bool,
 }
 
+/// A cached physical plan and an estimate of the bytes it holds, made from the
+/// logical plan it was planned from (a physical plan's expressions cannot be walked
+/// generically), for the cache's weigher.
+#[derive(Clone)]
+struct CachedPlan {
+    plan: Arc<dyn ExecutionPlan>,
+    bytes: usize,
+}
+
 /// Where a query's physical plan came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PlanFrom {
@@ -433,7 +442,7 @@ pub struct Coordinator {
     /// run itself: each query runs a copy with fresh execution state whose member
     /// scans are bound to that query ([`bind`]), so queries sharing a plan share
     /// nothing at run time.
-    plans: moka::future::Cache<PlanKey, Arc<dyn ExecutionPlan>>,
+    plans: moka::future::Cache<PlanKey, CachedPlan>,
     /// Written plans by shape (a query's text with its filter constants lifted out,
     /// or a prepared statement's text), by configuration, caller and options: a query
     /// of a known shape is bound, not planned from its text ([`crate::owner::shape`]).
@@ -575,11 +584,18 @@ impl Coordinator {
             clients,
             tables,
             sessions,
-            plans: crate::owner::session::plan_cache(1024, Duration::from_secs(3600), |k, _| {
-                k.sql.len() + k.scope.len()
+            plans: crate::owner::session::plan_cache(1024, Duration::from_secs(3600), |k, p| {
+                k.sql.len() + k.scope.len() + p.bytes
             }),
-            shapes: crate::owner::session::plan_cache(1024, Duration::from_secs(3600), |k, _| {
-                k.sql.len() + k.scope.len()
+            // A shape's optimized plan and its kept physical plans, made later, are
+            // charged as two more copies of its written plan (the kept plans hold no
+            // query's text).
+            shapes: crate::owner::session::plan_cache(1024, Duration::from_secs(3600), |k, s| {
+                k.sql.len()
+                    + k.scope.len()
+                    + s.as_ref().as_ref().map_or(0, |s| {
+                        3 * crate::owner::session::logical_plan_bytes(&s.planned.plan)
+                    })
             }),
         })
     }
@@ -735,7 +751,7 @@ impl Coordinator {
         };
         let cache = opts.plan_cache;
         if cache && let Some(p) = self.plans.get(&exact).await {
-            return Ok((p, PlanFrom::Cache));
+            return Ok((p.plan, PlanFrom::Cache));
         }
         let mut phases = crate::owner::session::Phases::start();
         let (stmt, rewritten) = self.parse(state, sql)?;
@@ -747,7 +763,7 @@ impl Coordinator {
         };
         if cache && let Some(p) = self.plans.get(&key).await {
             self.plans.insert(exact, p.clone()).await;
-            return Ok((p, PlanFrom::Cache));
+            return Ok((p.plan, PlanFrom::Cache));
         }
         // A cached plan passed these checks when it was made.
         self.datasets_in(state, &stmt)?;
@@ -835,8 +851,17 @@ impl Coordinator {
         };
         phases.report("coordinator", from.word());
         if cache && !clock {
-            self.plans.insert(key, physical.clone()).await;
-            self.plans.insert(exact, physical.clone()).await;
+            let cached = CachedPlan {
+                plan: physical.clone(),
+                bytes: crate::owner::session::logical_plan_bytes(&plan)
+                    + crate::owner::session::physical_plan_bytes(physical.as_ref(), |node| {
+                        let any: &dyn std::any::Any = node;
+                        any.downcast_ref::<table::FederatedScanExec>()
+                            .map_or(0, |s| s.member_sql().len())
+                    }),
+            };
+            self.plans.insert(key, cached.clone()).await;
+            self.plans.insert(exact, cached).await;
         }
         Ok((physical, from))
     }

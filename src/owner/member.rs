@@ -65,6 +65,9 @@ struct CachedPlan {
     ctx: SessionContext,
     plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
     plan_sha256: String,
+    /// An estimate of the bytes the plan holds, from the logical plan it was planned
+    /// from and its database statements, for the cache's weigher.
+    bytes: usize,
 }
 
 /// A sub-query's shape planned in the context of its grants
@@ -199,12 +202,21 @@ impl MemberEngine {
             plans: crate::owner::session::plan_cache(
                 PLAN_CACHE_ENTRIES,
                 std::time::Duration::from_secs(600),
-                |k, _| k.sql.len() + k.access.len(),
+                |k, p| k.sql.len() + k.access.len() + p.bytes,
             ),
+            // A shape's optimized plan and its kept statement plan, made later, are
+            // charged as two more copies of its written plan (the kept plan holds no
+            // statement text).
             shapes: crate::owner::session::plan_cache(
                 PLAN_CACHE_ENTRIES,
                 std::time::Duration::from_secs(600),
-                |k, _| k.sql.len() + k.access.len(),
+                |k, s| {
+                    k.sql.len()
+                        + k.access.len()
+                        + s.as_ref().as_ref().map_or(0, |s| {
+                            3 * crate::owner::session::logical_plan_bytes(&s.planned.plan)
+                        })
+                },
             ),
             config,
         };
@@ -742,6 +754,12 @@ impl MemberEngine {
                     ctx: ctx.clone(),
                     plan: physical.clone(),
                     plan_sha256: plan_sha256.clone(),
+                    bytes: crate::owner::session::logical_plan_bytes(&plan)
+                        + crate::owner::session::physical_plan_bytes(physical.as_ref(), |node| {
+                            let any: &dyn std::any::Any = node;
+                            any.downcast_ref::<crate::owner::source::remote::RemoteExec>()
+                                .map_or(0, |e| e.sql().len())
+                        }),
                 }),
             )
             .await;

@@ -127,15 +127,17 @@ pub const PLAN_ENTRY_BYTES: u64 = 64 * 1024;
 
 /// A cache of plans (at coordinators and members) holding at most `entries` plans of
 /// ordinary queries, and at most `entries` × [`PLAN_ENTRY_BYTES`] of charged bytes.
-/// An entry is charged three times its `text` (the bytes of caller text its key holds,
-/// as `text` counts them: the plans made from that text hold its constants and the
-/// SQL written from it) or `PLAN_ENTRY_BYTES`, whichever is more. A caller may send
-/// texts of up to [`MAX_QUERY_BYTES`]; counted by entries alone, a flood of such
-/// queries would keep gigabytes, and counted so it pushes other plans out instead.
+/// An entry is charged the bytes `weigh` estimates it holds (its key's text and its
+/// plans: [`logical_plan_bytes`], [`physical_plan_bytes`]) or `PLAN_ENTRY_BYTES`,
+/// whichever is more. A caller may send texts of up to [`MAX_QUERY_BYTES`], and a plan
+/// may be far larger than its text (a CTE is planned again at every reference);
+/// counted by entries alone, a flood of such queries would keep gigabytes, and
+/// weighed so they take the place of other plans instead. Parts of a value filled
+/// after it is stored are not weighed, so they must hold nothing a caller sizes.
 pub fn plan_cache<K, V>(
     entries: u64,
     idle: std::time::Duration,
-    text: fn(&K, &V) -> usize,
+    weigh: fn(&K, &V) -> usize,
 ) -> moka::future::Cache<K, V>
 where
     K: std::hash::Hash + Eq + Send + Sync + 'static,
@@ -143,16 +145,60 @@ where
 {
     moka::future::Cache::builder()
         .max_capacity(entries * PLAN_ENTRY_BYTES)
-        .weigher(move |k, v| plan_charge(text(k, v)))
+        .weigher(move |k, v| plan_charge(weigh(k, v)))
         .time_to_idle(idle)
         .build()
 }
 
-fn plan_charge(text: usize) -> u32 {
-    (text as u64)
-        .saturating_mul(3)
+fn plan_charge(bytes: usize) -> u32 {
+    (bytes as u64)
         .max(PLAN_ENTRY_BYTES)
         .min(u64::from(u32::MAX)) as u32
+}
+
+/// An estimate of the bytes a logical plan holds: a kilobyte per node, 128 bytes per
+/// expression node, and the bytes of its text and binary constants.
+pub fn logical_plan_bytes(plan: &LogicalPlan) -> usize {
+    use datafusion::common::ScalarValue;
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::Expr;
+    let mut bytes = 0usize;
+    let _ = plan.apply_with_subqueries(|node| {
+        bytes += 1024;
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                bytes += 128;
+                if let Expr::Literal(v, _) = e {
+                    bytes += match v {
+                        ScalarValue::Utf8(Some(s))
+                        | ScalarValue::LargeUtf8(Some(s))
+                        | ScalarValue::Utf8View(Some(s)) => s.len(),
+                        ScalarValue::Binary(Some(b))
+                        | ScalarValue::LargeBinary(Some(b))
+                        | ScalarValue::BinaryView(Some(b)) => b.len(),
+                        _ => 0,
+                    };
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })?;
+        Ok(TreeNodeRecursion::Continue)
+    });
+    bytes
+}
+
+/// An estimate of the bytes a physical plan holds: a kilobyte per node and the text
+/// `text` finds in each (the SQL a member scan or a database statement sends).
+pub fn physical_plan_bytes(
+    plan: &dyn datafusion::physical_plan::ExecutionPlan,
+    text: fn(&dyn datafusion::physical_plan::ExecutionPlan) -> usize,
+) -> usize {
+    1024 + text(plan)
+        + plan
+            .children()
+            .iter()
+            .map(|c| physical_plan_bytes(c.as_ref(), text))
+            .sum::<usize>()
 }
 
 /// Plans a parsed query, refusing anything that is not read-only.
@@ -400,35 +446,68 @@ mod tests {
     use datafusion::physical_plan::ExecutionPlan;
 
     /// A plan cache keeps as many ordinary entries as it is sized for, and a flood of
-    /// megabyte-long texts neither grows it past its bytes nor keeps more than a few
-    /// of them.
+    /// megabyte-long texts, each asked for before it is kept (so that the cache's
+    /// admission, which favours what is asked for often, takes it), never makes it
+    /// hold more than its bytes: one such text at a time fits a cache of 64 entries
+    /// when an entry is charged three times its text.
     #[tokio::test]
     async fn a_plan_cache_is_bounded_in_bytes_by_the_texts_it_holds() {
         let cache =
-            plan_cache::<String, ()>(16, std::time::Duration::from_secs(60), |k, _| k.len());
-        for i in 0..16 {
+            plan_cache::<String, ()>(64, std::time::Duration::from_secs(60), |k, _| 3 * k.len());
+        for i in 0..64 {
             cache.insert(format!("SELECT {i}"), ()).await;
         }
         cache.run_pending_tasks().await;
-        assert_eq!(cache.entry_count(), 16);
-        for i in 0..64 {
-            let long = format!("SELECT '{}' -- {i}", "x".repeat(MAX_QUERY_BYTES - 32));
-            cache.insert(long, ()).await;
+        assert_eq!(cache.entry_count(), 64);
+        let long = |i: usize| format!("SELECT '{}' -- {i}", "x".repeat(MAX_QUERY_BYTES - 32));
+        for i in 0..8 {
+            for _ in 0..4 {
+                assert!(cache.get(&long(i)).await.is_none());
+            }
+            cache.insert(long(i), ()).await;
             cache.run_pending_tasks().await;
             assert!(
-                cache.weighted_size() <= 16 * PLAN_ENTRY_BYTES,
+                cache.weighted_size() <= 64 * PLAN_ENTRY_BYTES,
                 "{} bytes charged",
                 cache.weighted_size()
             );
         }
-        // A megabyte's text is charged three megabytes: none fits 16 × 64 KiB.
-        assert!(cache.entry_count() <= 16, "{} entries", cache.entry_count());
+        let kept = cache
+            .iter()
+            .filter(|(k, _)| k.len() > PLAN_ENTRY_BYTES as usize)
+            .count();
+        // Charged three megabytes each against four: one is kept, having pushed
+        // ordinary entries out.
+        assert_eq!(kept, 1, "{} entries", cache.entry_count());
+        assert!(cache.entry_count() < 64, "{} entries", cache.entry_count());
+    }
+
+    /// A common table expression is planned again at every reference: the estimate of
+    /// a plan's bytes counts every copy, with its constants, where its text counts
+    /// them once.
+    #[tokio::test]
+    async fn a_plans_estimated_bytes_count_every_copy_of_a_common_table_expression() {
+        let ctx = SessionContext::new_with_config(session_config());
+        ctx.sql("CREATE TABLE t (k INT, note VARCHAR) AS VALUES (1, 'a')")
+            .await
+            .unwrap();
+        let list = (0..1000)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let note = "n".repeat(10_000);
+        let refs = vec!["SELECT * FROM a"; 40].join(" UNION ALL ");
+        let sql =
+            format!("WITH a AS (SELECT * FROM t WHERE k IN ({list}) AND note <> '{note}') {refs}");
+        let plan = ctx.state().create_logical_plan(&sql).await.unwrap();
+        let bytes = logical_plan_bytes(&plan);
+        // 40 copies, each of a thousand compared values and the 10 KB constant.
         assert!(
-            !cache
-                .iter()
-                .any(|(k, _)| k.len() > PLAN_ENTRY_BYTES as usize),
-            "a megabyte-long text was kept"
+            bytes > 40 * (1000 * 128 + 10_000),
+            "{bytes} bytes for {}",
+            sql.len()
         );
+        assert!(bytes > 20 * sql.len(), "{bytes} bytes for {}", sql.len());
     }
 
     /// Writes `values` as a Parquet file of one column, in row groups of `rows`.
