@@ -134,6 +134,10 @@ enum PlanFrom {
     /// The optimized plan of the same shape, bound to this query's values, then
     /// planned physically: the optimizer did not run for this query.
     ShapeOptimized,
+    /// As `ShapeOptimized`, and the physical plan was an earlier query's of the shape,
+    /// run with this query's member SQL ([`pushdown::KeptPlans`]): binding was all the
+    /// planning this query had.
+    ShapeReused,
     /// The query's text, planned from scratch.
     Text,
 }
@@ -143,7 +147,8 @@ impl PlanFrom {
         match self {
             PlanFrom::Cache => "cache",
             PlanFrom::Shape => "bound",
-            PlanFrom::ShapeOptimized => "bound optimized",
+            // The planning event's phases say `reused` for the physical plan.
+            PlanFrom::ShapeOptimized | PlanFrom::ShapeReused => "bound optimized",
             PlanFrom::Text => "text",
         }
     }
@@ -152,13 +157,14 @@ impl PlanFrom {
 /// A shape's plans ([`crate::owner::shape`]): its written plan and, made the second
 /// time a query of the shape comes, its optimized plan with the placeholders still in
 /// place (`None` inside when the optimizer's output cannot take values: see
-/// [`Shape::optimized`]), and the physical plans of its queries sent whole.
+/// [`Shape::optimized`]), and the physical plans kept for its queries
+/// ([`pushdown::KeptPlans`]).
 #[derive(Debug)]
 struct Shape {
     planned: crate::owner::shape::Planned,
     takes: Takes,
     optimized: tokio::sync::OnceCell<Option<datafusion::logical_expr::LogicalPlan>>,
-    whole: Arc<pushdown::WholePlans>,
+    kept: Arc<pushdown::KeptPlans>,
 }
 
 /// What values a shape's optimized plan may be bound with.
@@ -183,7 +189,7 @@ impl Shape {
             planned,
             takes: Takes::Constants,
             optimized: tokio::sync::OnceCell::new(),
-            whole: Arc::default(),
+            kept: Arc::default(),
         }
     }
 
@@ -213,7 +219,7 @@ impl Shape {
             planned: crate::owner::shape::Planned::prepared(plan),
             takes,
             optimized: tokio::sync::OnceCell::new(),
-            whole: Arc::default(),
+            kept: Arc::default(),
         }
     }
 
@@ -279,12 +285,11 @@ enum Logical {
     Written(datafusion::logical_expr::LogicalPlan),
     /// A shape's optimized plan with this query's values bound, its member SQL not
     /// written yet ([`pushdown::bind`]); `written` is the shape's written plan, which
-    /// names the datasets the text names; `whole` the shape's kept physical plans of
-    /// queries sent whole (none for a prepared statement, which is never sent whole).
+    /// names the datasets the text names; `kept` the shape's kept physical plans.
     Optimized {
         written: datafusion::logical_expr::LogicalPlan,
         optimized: datafusion::logical_expr::LogicalPlan,
-        whole: Option<Arc<pushdown::WholePlans>>,
+        kept: Option<Arc<pushdown::KeptPlans>>,
         /// The values bound, for planning `written` with them should the member SQL
         /// not be writable.
         values: datafusion::common::ParamValues,
@@ -308,6 +313,9 @@ pub struct RunningQuery {
     /// Whether the plan was bound from the optimized plan of its shape: only
     /// physical planning ran for this query's values.
     pub plan_bound_optimized: bool,
+    /// Whether, beyond that, the physical plan of an earlier query of the shape was
+    /// run with this query's member SQL: no planning ran but binding.
+    pub plan_reused: bool,
     /// Time from SQL text to a physical plan.
     pub planning: Duration,
 }
@@ -577,6 +585,9 @@ impl Coordinator {
             planning_session(&tables, true)?,
             planning_session(&tables, false)?,
         ];
+        // A shape keeps at most one physical plan per member for its queries sent
+        // whole and a few for its split ones ([`pushdown::KeptPlans`]).
+        let kept_plans = config.region.members.len() + pushdown::MOST_SPLIT_PLANS;
         Ok(Coordinator {
             config,
             expiries: tls.expiries.clone(),
@@ -584,19 +595,28 @@ impl Coordinator {
             clients,
             tables,
             sessions,
-            plans: crate::owner::session::plan_cache(1024, Duration::from_secs(3600), |k, p| {
-                k.sql.len() + k.scope.len() + p.bytes
-            }),
-            // A shape's optimized plan and its kept physical plans, made later, are
-            // charged as two more copies of its written plan (the kept plans hold no
-            // query's text).
-            shapes: crate::owner::session::plan_cache(1024, Duration::from_secs(3600), |k, s| {
-                k.sql.len()
-                    + k.scope.len()
-                    + s.as_ref().as_ref().map_or(0, |s| {
-                        3 * crate::owner::session::logical_plan_bytes(&s.planned.plan)
-                    })
-            }),
+            plans: crate::owner::session::plan_cache(
+                1024,
+                Duration::from_secs(3600),
+                |k: &PlanKey, p: &CachedPlan| k.sql.len() + k.scope.len() + p.bytes,
+            ),
+            // A shape's optimized plan and the physical plans it may keep, made later,
+            // are charged when it is cached, as one more copy of its written plan each
+            // (the kept plans hold no query's text; each holds a logical plan without
+            // the texts and a physical plan, which the estimate of the written plan's
+            // nodes covers).
+            shapes: crate::owner::session::plan_cache(
+                1024,
+                Duration::from_secs(3600),
+                move |k: &PlanKey, s: &Arc<Option<Shape>>| {
+                    k.sql.len()
+                        + k.scope.len()
+                        + s.as_ref().as_ref().map_or(0, |s| {
+                            (2 + kept_plans)
+                                * crate::owner::session::logical_plan_bytes(&s.planned.plan)
+                        })
+                },
+            ),
         })
     }
 
@@ -792,9 +812,9 @@ impl Coordinator {
             Logical::Optimized {
                 written,
                 optimized,
-                whole,
+                kept,
                 values,
-            } => (written, optimized, whole, Some(values)),
+            } => (written, optimized, kept, Some(values)),
         };
         phases.mark("optimize");
         // A whole query goes to its member as the text written, which for a published
@@ -831,8 +851,9 @@ impl Coordinator {
             },
         };
         phases.mark("whole");
-        let physical = match kept.as_ref().and_then(|k| k.reuse(&plan)) {
+        let physical = match kept.as_ref().and_then(|k| k.reuse(state, &plan)) {
             Some(physical) => {
+                from = PlanFrom::ShapeReused;
                 phases.mark("reused");
                 physical
             }
@@ -843,7 +864,7 @@ impl Coordinator {
                     .await
                     .map_err(Error::from_datafusion)?;
                 if let Some(k) = &kept {
-                    k.keep(&plan, &physical);
+                    k.keep(state, &plan, &physical);
                 }
                 phases.mark("physical");
                 physical
@@ -906,7 +927,7 @@ impl Coordinator {
                         Logical::Optimized {
                             written,
                             optimized,
-                            whole: None,
+                            kept: Some(known.kept.clone()),
                             values: values.clone(),
                         },
                         PlanFrom::ShapeOptimized,
@@ -958,7 +979,7 @@ impl Coordinator {
                         Logical::Optimized {
                             written,
                             optimized,
-                            whole: Some(shape.whole.clone()),
+                            kept: Some(shape.kept.clone()),
                             values,
                         },
                         PlanFrom::ShapeOptimized,
@@ -1157,8 +1178,12 @@ impl Coordinator {
             stream,
             state,
             plan_cached: from == PlanFrom::Cache,
-            plan_bound: matches!(from, PlanFrom::Shape | PlanFrom::ShapeOptimized),
-            plan_bound_optimized: from == PlanFrom::ShapeOptimized,
+            plan_bound: matches!(
+                from,
+                PlanFrom::Shape | PlanFrom::ShapeOptimized | PlanFrom::ShapeReused
+            ),
+            plan_bound_optimized: matches!(from, PlanFrom::ShapeOptimized | PlanFrom::ShapeReused),
+            plan_reused: from == PlanFrom::ShapeReused,
             planning,
         })
     }

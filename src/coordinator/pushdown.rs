@@ -531,76 +531,150 @@ pub fn push_whole_query(
     Ok(Some(restore_names(scan, plan, &names)?))
 }
 
-/// The physical plans of a shape's queries sent whole ([`push_whole_query`]), one
-/// per member they went to: a later query of the shape sent whole to the same member
-/// runs its plan with its own text instead of being planned physically again.
+/// The physical plans of a shape's queries, kept so that a later query of the shape
+/// whose plan differs from a kept one only in the text its member scans send runs the
+/// kept plan with its own texts instead of being planned physically again.
 ///
-/// A whole query's physical plan depends on its text only through the text each
-/// member is sent: its one member scan's other inputs (the dataset, the answer's
-/// schema, the member, its datasets, how long its answer may be reused) are compared
-/// here, and the nodes above the scan only rename its columns, which the logical
-/// plans' equality compares. Which member a query goes to depends on its values, so
-/// it is part of the key. There is one entry per member of the region at most, and
-/// none holds the text of the query it was made for (a text may be a megabyte; each
-/// query sends its own).
+/// A plan whose every scan is a pushed sub-query ([`PushedTable`]) depends on its texts
+/// only through the texts its member scans send: each member scan's other inputs (the
+/// dataset, the answer's schema, the members asked, the query's datasets when it is
+/// sent whole, how long the answers may be reused) are compared here, and every node
+/// above the scans the logical plans' equality compares, values included. Which
+/// members a scan asks depends on the query's values (a filter on `member` prunes
+/// them), so the members each scan asks are the key: one plan per member for queries
+/// sent whole ([`push_whole_query`]), and for split queries (prepared statements among
+/// them, which are never sent whole) one plan per set of members asked, at most
+/// [`MOST_SPLIT_PLANS`] of them. No kept plan holds the text of the query it was made
+/// for (a text may be a megabyte; each query sends its own).
 #[derive(Debug, Default)]
-pub struct WholePlans(std::sync::Mutex<std::collections::HashMap<String, KeptWhole>>);
+pub struct KeptPlans(std::sync::Mutex<std::collections::HashMap<String, KeptPlan>>);
+
+/// The most split plans a shape keeps: one per set of members its scans ask, and a
+/// shape whose values prune members in many ways plans the rarer ones physically.
+pub const MOST_SPLIT_PLANS: usize = 4;
 
 #[derive(Debug)]
-struct KeptWhole {
+struct KeptPlan {
+    /// The logical plan it was planned from, without its scans' texts.
     logical: LogicalPlan,
+    /// The physical plan, without its member scans' texts.
     physical: Arc<dyn ExecutionPlan>,
+    /// For each member scan of `physical`, in the order [`with_member_sql`] visits
+    /// them, the position of the pushed scan of `logical` it was planned from, in the
+    /// order [`pushed_scans`] lists them.
+    texts_from: Vec<usize>,
 }
 
-impl WholePlans {
-    /// The kept physical plan of a query sent whole like `plan` (a whole query's
-    /// logical plan), sending `plan`'s own text; `None` when none is kept for its
-    /// member or the kept one differs from `plan` in more than its text.
-    pub fn reuse(&self, plan: &LogicalPlan) -> Option<Arc<dyn ExecutionPlan>> {
-        let scan = whole_scan(plan)?;
-        let (member, _) = scan.whole.as_ref()?;
-        let sql = scan.sql.clone()?;
-        let physical = {
+impl KeptPlans {
+    /// The kept physical plan of a query like `plan` (a logical plan ready to be
+    /// planned physically), sending `plan`'s own texts; `None` when none is kept for
+    /// the members its scans ask or the kept one differs from `plan` in more than
+    /// its texts.
+    pub fn reuse(&self, state: &dyn Session, plan: &LogicalPlan) -> Option<Arc<dyn ExecutionPlan>> {
+        let scans = pushed_scans(plan)?;
+        let key = kept_key(state, &scans)?;
+        let texts: Vec<String> = scans.iter().map(|s| s.sql.clone()).collect::<Option<_>>()?;
+        let (physical, texts_from) = {
             let kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            let kept = kept.get(member)?;
+            let kept = kept.get(&key)?;
             let same = kept.logical == *plan
-                && whole_scan(&kept.logical).is_some_and(|k| same_but_text(&k, &scan));
-            same.then(|| kept.physical.clone())?
+                && pushed_scans(&kept.logical).is_some_and(|k| {
+                    k.len() == scans.len() && k.iter().zip(&scans).all(|(k, s)| same_but_text(k, s))
+                });
+            same.then(|| (kept.physical.clone(), kept.texts_from.clone()))?
         };
-        with_member_sql(physical, sql)
+        with_member_sql(physical, |i, _| texts.get(*texts_from.get(i)?).cloned())
     }
 
-    /// Keeps `physical`, planned from `plan`, for the member `plan` was sent to,
-    /// unless a plan is kept for that member already.
-    pub fn keep(&self, plan: &LogicalPlan, physical: &Arc<dyn ExecutionPlan>) {
-        let Some(scan) = whole_scan(plan) else { return };
-        let Some((member, _)) = &scan.whole else {
+    /// Keeps `physical`, planned from `plan`, for the members `plan`'s scans ask,
+    /// unless a plan is kept for them already (or the shape keeps as many split plans
+    /// as it may, or a member scan cannot be told from another by its text).
+    pub fn keep(&self, state: &dyn Session, plan: &LogicalPlan, physical: &Arc<dyn ExecutionPlan>) {
+        let Some(scans) = pushed_scans(plan) else {
             return;
         };
-        // Reuse swaps the text of exactly one member scan.
-        let Some(physical) = with_member_sql(physical.clone(), String::new()) else {
+        let Some(key) = kept_key(state, &scans) else {
+            return;
+        };
+        let full = |kept: &std::collections::HashMap<String, KeptPlan>| {
+            kept.contains_key(&key)
+                || (!key.starts_with(WHOLE_KEY)
+                    && kept.keys().filter(|k| !k.starts_with(WHOLE_KEY)).count()
+                        >= MOST_SPLIT_PLANS)
+        };
+        if full(&self.0.lock().unwrap_or_else(|p| p.into_inner())) {
+            return;
+        }
+        let Some(texts) = scans
+            .iter()
+            .map(|s| s.sql.as_deref())
+            .collect::<Option<Vec<_>>>()
+        else {
+            return;
+        };
+        // Each member scan was planned from the pushed scan with its text, which must
+        // be the only one with it: the kept plan's scans are told apart by position.
+        let mut texts_from = Vec::new();
+        let Some(physical) = with_member_sql(physical.clone(), |_, scan| {
+            let mut with = (0..texts.len()).filter(|&i| texts[i] == scan.member_sql());
+            let (Some(from), None) = (with.next(), with.next()) else {
+                return None;
+            };
+            texts_from.push(from);
+            Some(String::new())
+        }) else {
             return;
         };
         let Some(logical) = without_text(plan) else {
             return;
         };
         let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        kept.entry(member.clone())
-            .or_insert(KeptWhole { logical, physical });
+        if !full(&kept) {
+            kept.insert(
+                key,
+                KeptPlan {
+                    logical,
+                    physical,
+                    texts_from,
+                },
+            );
+        }
     }
 }
 
-/// A whole query's logical plan with the text its scan sends left out (equal to the
-/// plan as [`LogicalPlan`]'s equality compares, which leaves out scan sources).
+/// How the key of a plan sent whole begins.
+const WHOLE_KEY: &str = "whole\u{0}";
+
+/// What a kept plan is kept under: the member a whole query goes to, or the members
+/// each scan of a split one asks, in the order of its scans.
+fn kept_key(state: &dyn Session, scans: &[Arc<PushedTable>]) -> Option<String> {
+    if let [one] = scans
+        && let Some((member, _)) = &one.whole
+    {
+        return Some(format!("{WHOLE_KEY}{member}"));
+    }
+    let mut key = String::from("split");
+    for scan in scans {
+        if scan.whole.is_some() {
+            return None;
+        }
+        key.push('\u{0}');
+        key.push_str(&scan.table.targets(state, &scan.pruning).ok()?.join("\u{1}"));
+    }
+    Some(key)
+}
+
+/// A plan with the text its scans send left out (equal to the plan as
+/// [`LogicalPlan`]'s equality compares, which leaves out scan sources).
 fn without_text(plan: &LogicalPlan) -> Option<LogicalPlan> {
     plan.clone()
-        .transform_up(|node| {
+        .transform_up_with_subqueries(|node| {
             let LogicalPlan::TableScan(mut scan) = node else {
                 return Ok(Transformed::no(node));
             };
             let any: Arc<dyn std::any::Any + Send + Sync> = source_as_provider(&scan.source)?;
             let Ok(pushed) = any.downcast::<PushedTable>() else {
-                return plan_err!("a whole query scans only what it pushed");
+                return plan_err!("a kept plan scans only what it pushed");
             };
             let textless = PushedTable {
                 table: pushed.table.clone(),
@@ -618,38 +692,46 @@ fn without_text(plan: &LogicalPlan) -> Option<LogicalPlan> {
         .map(|t| t.data)
 }
 
-/// The one scan of a whole query's logical plan; `None` for any other plan.
-fn whole_scan(plan: &LogicalPlan) -> Option<Arc<PushedTable>> {
+/// Every scan of `plan`, in the order it is visited; `None` unless every scan is a
+/// pushed sub-query and there is one at least.
+fn pushed_scans(plan: &LogicalPlan) -> Option<Vec<Arc<PushedTable>>> {
     let mut scans = Vec::new();
+    let mut other = false;
     plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node {
             let any: Arc<dyn std::any::Any + Send + Sync> = source_as_provider(&scan.source)?;
-            scans.push(any.downcast::<PushedTable>().ok());
+            match any.downcast::<PushedTable>() {
+                Ok(pushed) => scans.push(pushed),
+                Err(_) => {
+                    other = true;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+            }
         }
         Ok(TreeNodeRecursion::Continue)
     })
     .ok()?;
-    match scans.as_slice() {
-        [Some(scan)] if scan.whole.is_some() => Some(scan.clone()),
-        _ => None,
-    }
+    (!other && !scans.is_empty()).then_some(scans)
 }
 
-/// Whether two whole queries' scans ask the same of the same member, but for the
-/// text they send.
+/// Whether two scans at the same place of equal plans ask the same of the same
+/// members, but for the text they send. The members a split scan asks are computed
+/// from its pruning filters, which hold its values, and compared in the key
+/// ([`kept_key`]) instead of the filters themselves.
 fn same_but_text(a: &PushedTable, b: &PushedTable) -> bool {
     Arc::ptr_eq(&a.table, &b.table)
         && a.schema == b.schema
-        && a.pruning == b.pruning
         && a.whole == b.whole
         && a.cache == b.cache
+        && (a.whole.is_none() || a.pruning == b.pruning)
 }
 
-/// `physical` with `sql` as the text of its one member scan; `None` unless it has
-/// exactly one.
+/// `physical` with each member scan's text replaced by `text` of the scan's position
+/// (in the order visited) and the scan; `None` if `text` gives none for a scan, or
+/// there is no member scan.
 fn with_member_sql(
     physical: Arc<dyn ExecutionPlan>,
-    sql: String,
+    mut text: impl FnMut(usize, &super::table::FederatedScanExec) -> Option<String>,
 ) -> Option<Arc<dyn ExecutionPlan>> {
     let mut scans = 0;
     let swapped = physical
@@ -657,8 +739,11 @@ fn with_member_sql(
             let any: &dyn std::any::Any = node.as_ref();
             match any.downcast_ref::<super::table::FederatedScanExec>() {
                 Some(scan) => {
+                    let Some(sql) = text(scans, scan) else {
+                        return internal_err!("no text for member scan {scans}");
+                    };
                     scans += 1;
-                    let swapped: Arc<dyn ExecutionPlan> = Arc::new(scan.with_sql(sql.clone()));
+                    let swapped: Arc<dyn ExecutionPlan> = Arc::new(scan.with_sql(sql));
                     Ok(Transformed::yes(swapped))
                 }
                 None => Ok(Transformed::no(node)),
@@ -666,7 +751,7 @@ fn with_member_sql(
         })
         .ok()?
         .data;
-    (scans == 1).then_some(swapped)
+    (scans > 0).then_some(swapped)
 }
 
 /// A member sub-query decided by the planner: the same SQL at every member serving

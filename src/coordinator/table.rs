@@ -380,8 +380,8 @@ impl FederatedScanExec {
         }
     }
 
-    /// This scan sending `sql` instead of its own text (a whole query's kept plan run
-    /// for another query of its shape: [`super::pushdown::WholePlans`]).
+    /// This scan sending `sql` instead of its own text (a shape's kept plan run for
+    /// another query of the shape: [`super::pushdown::KeptPlans`]).
     pub(crate) fn with_sql(&self, sql: String) -> FederatedScanExec {
         FederatedScanExec {
             dataset: self.dataset.clone(),

@@ -433,10 +433,13 @@ pub fn summary_json(s: &QuerySummary) -> serde_json::Value {
         "partial": s.partial,
         "config_version": s.config_version,
         "bytes_received": s.bytes_received,
-        // Where the plan came from: the plan cache, a shape's optimized or written
-        // plan bound to this query's values, or planned from the text.
+        // Where the plan came from: the plan cache, an earlier query's physical plan
+        // of the same shape run with this query's member SQL, a shape's optimized or
+        // written plan bound to this query's values, or planned from the text.
         "plan": if s.plan_cached {
             "cached"
+        } else if s.plan_reused {
+            "reused"
         } else if s.plan_bound_optimized {
             "bound optimized"
         } else if s.plan_bound {

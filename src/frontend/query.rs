@@ -595,6 +595,7 @@ impl FederationService {
         let plan_cached = running.plan_cached;
         let plan_bound = running.plan_bound;
         let plan_bound_optimized = running.plan_bound_optimized;
+        let plan_reused = running.plan_reused;
         let planning_us = running.planning.as_micros() as u64;
         let version = self.coordinator.config().version.clone();
         let max_rows = self.coordinator.config().limits.max_rows;
@@ -678,6 +679,7 @@ impl FederationService {
                     plan_cached,
                     plan_bound,
                     plan_bound_optimized,
+                    plan_reused,
                     planning_us,
                     receipt: Vec::new(),
                 };

@@ -202,7 +202,7 @@ impl MemberEngine {
             plans: crate::owner::session::plan_cache(
                 PLAN_CACHE_ENTRIES,
                 std::time::Duration::from_secs(600),
-                |k, p| k.sql.len() + k.access.len() + p.bytes,
+                |k: &MemberPlanKey, p: &Arc<CachedPlan>| k.sql.len() + k.access.len() + p.bytes,
             ),
             // A shape's optimized plan and its kept statement plan, made later, are
             // charged as two more copies of its written plan (the kept plan holds no
@@ -210,7 +210,7 @@ impl MemberEngine {
             shapes: crate::owner::session::plan_cache(
                 PLAN_CACHE_ENTRIES,
                 std::time::Duration::from_secs(600),
-                |k, s| {
+                |k: &MemberPlanKey, s: &Arc<Option<ShapedPlan>>| {
                     k.sql.len()
                         + k.access.len()
                         + s.as_ref().as_ref().map_or(0, |s| {

@@ -137,7 +137,7 @@ pub const PLAN_ENTRY_BYTES: u64 = 64 * 1024;
 pub fn plan_cache<K, V>(
     entries: u64,
     idle: std::time::Duration,
-    weigh: fn(&K, &V) -> usize,
+    weigh: impl Fn(&K, &V) -> usize + Send + Sync + 'static,
 ) -> moka::future::Cache<K, V>
 where
     K: std::hash::Hash + Eq + Send + Sync + 'static,

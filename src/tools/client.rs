@@ -396,6 +396,8 @@ pub fn format_summary(s: &QuerySummary) -> String {
         s.config_version,
         if s.plan_cached {
             " · cached plan"
+        } else if s.plan_reused {
+            " · reused plan"
         } else if s.plan_bound_optimized {
             " · bound optimized plan"
         } else if s.plan_bound {

@@ -1135,9 +1135,10 @@ async fn lookups_of_one_shape_reuse_its_physical_plan_with_their_own_statement()
 /// (the `IN` list names one member) and splits into per-dataset sub-queries for
 /// others (it names two, or none): each is answered as PostgreSQL answers it, so a
 /// query sent whole never runs another member's kept plan, and a split one's member
-/// SQL is written from its own values. The coordinator's explanation of each (planned
-/// as the query is, through the shape) shows which way it went: whole, to its member
-/// only, with its own text; or split.
+/// SQL is written from its own values, also when it runs the plan kept for the members
+/// it asks. The coordinator's explanation of each (the plan the query ran, from the
+/// plan cache) shows which way it went: whole, to its member only, with its own text;
+/// or split, with its own filter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shape_sent_whole_for_some_values_and_split_for_others_answers_each_right() {
     let w = world(12).await;
@@ -1154,6 +1155,12 @@ async fn a_shape_sent_whole_for_some_values_and_split_for_others_answers_each_ri
         ("nowhere", "nowhere", 10),
         ("jiaxing", "jiaxing", 0),
         ("wuxi", "jiaxing", 0),
+        // The members of a split query asked again with other values: the plan kept
+        // for them runs with each query's own member SQL.
+        ("shaoxing", "jiaxing", 35),
+        ("jiaxing", "shaoxing", 45),
+        ("ningbo", "taizhou", 65),
+        ("jiaxing", "wuxi", 5),
     ];
     for (a, b, n) in pairs {
         let case = Case {
@@ -1181,11 +1188,12 @@ async fn a_shape_sent_whole_for_some_values_and_split_for_others_answers_each_ri
                 case.sql
             );
         } else {
+            // Each member is sent this query's own filter on `qty`, whichever plan ran.
+            let filter = format!("> {n}");
             assert!(
-                subqueries
-                    .iter()
-                    .all(|(members, sql)| *sql != case.sql
-                        && members.iter().all(|m| m == a || m == b)),
+                subqueries.iter().all(|(members, sql)| *sql != case.sql
+                    && sql.contains(&filter)
+                    && members.iter().all(|m| m == a || m == b)),
                 "{}: {subqueries:?}",
                 case.sql
             );

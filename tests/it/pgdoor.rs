@@ -132,6 +132,72 @@ async fn prepared_runs_bind_their_values_into_the_optimized_plan() {
     }
 }
 
+/// A statement prepared once whose runs ask the same members with other values runs,
+/// from the second such run on, the physical plan the first was planned into, with
+/// its own values in the member SQL (the summary's `plan` says `reused`): one plan is
+/// kept per set of members asked, for four sets at most, so a run that asks others is
+/// planned for them. Each answer is the count in the asked members' files, so no run
+/// answers with another's values or members, and a value that would be SQL if spliced
+/// stays a value.
+#[tokio::test]
+async fn prepared_runs_asking_the_same_members_reuse_one_physical_plan() {
+    let region = Region::start().await;
+    let (client, notices) = connect_as(&region, "office", OFFICE).await;
+    let stmt = client
+        .prepare("SELECT count(*) AS n FROM fever_clinics WHERE member IN ($1, $2, $3)")
+        .await
+        .unwrap();
+    let rows_in = |member: &str| {
+        let file = region.data().join(member).join("fever_clinics.csv");
+        if file.exists() {
+            crate::support::read_csv(&file).1.len()
+        } else {
+            0
+        }
+    };
+    let cases: [([&str; 3], &str); 12] = [
+        (["anji", "hangzhou", "hangzhou"], "planned"),
+        (["hangzhou", "anji", "hangzhou"], "bound optimized"),
+        (["hangzhou", "hangzhou", "anji"], "reused"),
+        (["suzhou", "suzhou", "suzhou"], "bound optimized"),
+        (["anji", "anji", "hangzhou"], "reused"),
+        // Hefei serves no fever-clinic list: suzhou alone is asked, as before.
+        (["suzhou", "hefei", "suzhou"], "reused"),
+        (
+            ["hangzhou", "x' OR member <> 'x", "hangzhou"],
+            "bound optimized",
+        ),
+        (["hangzhou", "hangzhou", "y' OR '1'='1"], "reused"),
+        (["shanghai", "suzhou", "anji"], "bound optimized"),
+        // A fifth set of members: the statement keeps four split plans at most, so
+        // shanghai's runs are planned each time.
+        (["shanghai", "shanghai", "shanghai"], "bound optimized"),
+        (["shanghai", "hefei", "shanghai"], "bound optimized"),
+        (["anji", "hangzhou", "anji"], "reused"),
+    ];
+    for (values, expected) in cases {
+        notices.lock().unwrap().clear();
+        let rows = client
+            .query(&stmt, &[&values[0], &values[1], &values[2]])
+            .await
+            .unwrap();
+        let n: i64 = rows[0].get("n");
+        let mut asked: Vec<&str> = values.to_vec();
+        asked.sort();
+        asked.dedup();
+        let want: usize = asked.iter().map(|m| rows_in(m)).sum();
+        assert_eq!(n as usize, want, "{values:?}");
+        let summary = notices
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a summary notice");
+        let detail: serde_json::Value = serde_json::from_str(summary.detail().unwrap()).unwrap();
+        assert_eq!(detail["plan"], expected, "{values:?}");
+    }
+}
+
 #[tokio::test]
 async fn psql_style_sessions_query_the_region_over_client_certificate_tls() {
     let region = Region::start().await;
