@@ -1228,6 +1228,8 @@ async fn execution_ms(db: &tokio_postgres::Client, sql: &str) -> f64 {
 async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
     let pg = region.pg.as_ref().unwrap();
     let fedc = region.client("hub");
+    let hub_log = region.proc("hub").log.clone();
+    let hub_from = log_len(&hub_log);
     let coord = pg.connect("coord").await.unwrap();
     let whole = pg.connect("whole").await.unwrap();
     let n = sizes.pg_rows;
@@ -1522,6 +1524,8 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             median(vs_direct),
         ));
     }
+    // Counted before the breakdown below, whose lookups are all sent whole.
+    let hub_plans = plans_made(&hub_log, hub_from);
     out.push_str(&format!(
         "### Against postgres_fdw\n\n\
          Four member databases of {n} rows each in one PostgreSQL server. fedgate: the client asks \
@@ -1559,6 +1563,14 @@ async fn fdw(region: &Region, sizes: Sizes, out: &mut String) {
             told
         },
     ));
+    if let Some((physical, reused)) = hub_plans {
+        out.push_str(&format!(
+            "`hub`'s plans of the queries of the table above, warm-up included, that its plan \
+             cache did not hold (its `fedgate::planning` events): {physical} planned \
+             physically, {reused} run from a physical plan their shape kept, with their own \
+             member SQL.\n\n"
+        ));
+    }
 }
 
 /// The data owner's phases of the lookups above, from `p1`'s log past `from`, when
@@ -1640,6 +1652,30 @@ fn owner_phases(log: &Path, from: u64) -> String {
             ]
         ),
     )
+}
+
+/// How many plans a gateway made physically and how many it ran reused from its
+/// shape's kept ones, from its `fedgate::planning` events in `log` past `from`;
+/// `None` when its log has none (its filter leaves them out).
+fn plans_made(log: &Path, from: u64) -> Option<(usize, usize)> {
+    let text = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
+    let (mut physical, mut reused) = (0, 0);
+    for line in text.lines().filter(|l| l.contains("Planned")) {
+        // Each plan's phases end with the one that made its physical plan.
+        let words = || line.split([' ', '"']);
+        if words().any(|w| w.starts_with("reused=")) {
+            reused += 1;
+        } else if words().any(|w| w.starts_with("physical=")) {
+            physical += 1;
+        }
+    }
+    (physical + reused > 0).then_some((physical, reused))
+}
+
+/// The length of a gateway's log now, where [`plans_made`] starts reading.
+fn log_len(log: &Path) -> u64 {
+    std::fs::metadata(log).map_or(0, |m| m.len())
 }
 
 /// Where the primary-key lookup's time goes, from the summaries of lookups through
@@ -2198,6 +2234,7 @@ async fn doors(region: &Region, sizes: Sizes, out: &mut String) {
         flight: hub_flight_sql(region),
         pg: hub_postgres(region).await,
     };
+    let hub_log = region.proc("hub").log.clone();
     let all = [
         Door::Native,
         Door::FlightSql,
@@ -2233,6 +2270,8 @@ async fn doors(region: &Region, sizes: Sizes, out: &mut String) {
         }
         let mut p50s: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         let mut ratios: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        // Per door, `hub`'s plans of its lookups (physical, reused), when logged.
+        let mut made: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
         for r in 0..sizes.rounds {
             let mut this_round = [0.0f64; 4];
             // Every door in every round, the order rotated. Each door asks keys of its
@@ -2241,6 +2280,7 @@ async fn doors(region: &Region, sizes: Sizes, out: &mut String) {
             for i in 0..all.len() {
                 let which = (i + r) % all.len();
                 let mut times = Vec::new();
+                let from = log_len(&hub_log);
                 for j in 0..sizes.requests {
                     let asked = (r * all.len() + which) as u64 * sizes.requests + j;
                     let key = 11 + (asked % (FILE_ROWS as u64 - 10)) as i64;
@@ -2250,6 +2290,11 @@ async fn doors(region: &Region, sizes: Sizes, out: &mut String) {
                     assert_eq!(n, expect, "{sql}");
                 }
                 this_round[which] = median(times);
+                if let Some((physical, reused)) = plans_made(&hub_log, from) {
+                    let m = made.entry(which).or_default();
+                    m.0 += physical;
+                    m.1 += reused;
+                }
             }
             for (i, p) in this_round.iter().enumerate() {
                 p50s.entry(i).or_default().push(*p);
@@ -2259,9 +2304,13 @@ async fn doors(region: &Region, sizes: Sizes, out: &mut String) {
         for (i, door) in all.iter().enumerate() {
             let ratio = median(ratios[&i].clone());
             rows.push(format!(
-                "| {label} | {} | {} | {ratio:.2} |",
+                "| {label} | {} | {} | {ratio:.2} | {} |",
                 door.label(),
                 ms(median(p50s[&i].clone())),
+                made.get(&i)
+                    .map_or("not logged".to_string(), |(physical, reused)| {
+                        format!("{physical} / {reused}")
+                    }),
             ));
         }
     }
@@ -2300,8 +2349,13 @@ async fn doors(region: &Region, sizes: Sizes, out: &mut String) {
          protocol with the key in the text (as psql sends a query) and through a statement \
          prepared once and executed with the key bound (as JDBC and psycopg do); Flight SQL makes \
          two calls per query (`GetFlightInfo`, then `DoGet`), as its clients do. The ratio is \
-         against Flight SQL in the same round (median of {} rounds).\n\n\
-         | query | door | p50 | ratio to Flight SQL |\n|---|---|---:|---:|\n{}\n\n\
+         against Flight SQL in the same round (median of {} rounds). The last column counts \
+         `hub`'s plans of each door's lookups in all rounds, from its `fedgate::planning` \
+         events when `FEDGATE_BENCH_LOG` shows them: made physically, or run from a physical \
+         plan the query's shape kept with the query's own member SQL (a plan found in the plan \
+         cache is neither).\n\n\
+         | query | door | p50 | ratio to Flight SQL | `hub`'s plans: physical / reused |\n\
+         |---|---|---:|---:|---:|\n{}\n\n\
          Streaming {} rows (`SELECT id, x FROM big`) through the PostgreSQL port in portal \
          fetches of {fetch} rows took {:.1} s ({:.2} M rows/s); the coordinator's peak resident \
          memory (`VmHWM`, reset before; resident before: {:.1} MiB) was **{:.1} MiB**, target at \

@@ -557,6 +557,9 @@ pub const MOST_SPLIT_PLANS: usize = 4;
 struct KeptPlan {
     /// The logical plan it was planned from, without its scans' texts.
     logical: LogicalPlan,
+    /// The pushed scans of `logical`, in the order [`pushed_scans`] lists them (kept
+    /// so that a query compares its scans without walking `logical` again).
+    scans: Vec<Arc<PushedTable>>,
     /// The physical plan, without its member scans' texts.
     physical: Arc<dyn ExecutionPlan>,
     /// For each member scan of `physical`, in the order [`with_member_sql`] visits
@@ -577,10 +580,13 @@ impl KeptPlans {
         let (physical, texts_from) = {
             let kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
             let kept = kept.get(&key)?;
-            let same = kept.logical == *plan
-                && pushed_scans(&kept.logical).is_some_and(|k| {
-                    k.len() == scans.len() && k.iter().zip(&scans).all(|(k, s)| same_but_text(k, s))
-                });
+            let same = kept.scans.len() == scans.len()
+                && kept.logical == *plan
+                && kept
+                    .scans
+                    .iter()
+                    .zip(&scans)
+                    .all(|(k, s)| same_but_text(k, s));
             same.then(|| (kept.physical.clone(), kept.texts_from.clone()))?
         };
         with_member_sql(physical, |i, _| texts.get(*texts_from.get(i)?).cloned())
@@ -628,12 +634,16 @@ impl KeptPlans {
         let Some(logical) = without_text(plan) else {
             return;
         };
+        let Some(kept_scans) = pushed_scans(&logical) else {
+            return;
+        };
         let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if !full(&kept) {
             kept.insert(
                 key,
                 KeptPlan {
                     logical,
+                    scans: kept_scans,
                     physical,
                     texts_from,
                 },

@@ -557,6 +557,20 @@ pub fn check_projected_constants(plan: &datafusion::logical_expr::LogicalPlan) -
     Ok(())
 }
 
+/// The bytes of a text or binary constant's value; `None` for a constant of another
+/// type (or a null).
+pub fn literal_text_bytes(v: &ScalarValue) -> Option<usize> {
+    match v {
+        ScalarValue::Utf8(Some(s))
+        | ScalarValue::LargeUtf8(Some(s))
+        | ScalarValue::Utf8View(Some(s)) => Some(s.len()),
+        ScalarValue::Binary(Some(b))
+        | ScalarValue::LargeBinary(Some(b))
+        | ScalarValue::BinaryView(Some(b)) => Some(b.len()),
+        _ => None,
+    }
+}
+
 /// Bytes of text and binary constants in the expressions of the plan's projections,
 /// aggregates and windows (subqueries included).
 fn projected_constant_bytes(plan: &datafusion::logical_expr::LogicalPlan) -> DfResult<usize> {
@@ -568,15 +582,8 @@ fn projected_constant_bytes(plan: &datafusion::logical_expr::LogicalPlan) -> DfR
             node.apply_expressions(|e| {
                 e.apply(|x| {
                     if let Expr::Literal(v, _) = x {
-                        total = total.saturating_add(match v {
-                            ScalarValue::Utf8(Some(s))
-                            | ScalarValue::LargeUtf8(Some(s))
-                            | ScalarValue::Utf8View(Some(s)) => s.len(),
-                            ScalarValue::Binary(Some(b))
-                            | ScalarValue::LargeBinary(Some(b))
-                            | ScalarValue::BinaryView(Some(b)) => b.len(),
-                            other => other.size(),
-                        });
+                        total =
+                            total.saturating_add(literal_text_bytes(v).unwrap_or_else(|| v.size()));
                     }
                     Ok(TreeNodeRecursion::Continue)
                 })

@@ -159,7 +159,6 @@ fn plan_charge(bytes: usize) -> u32 {
 /// An estimate of the bytes a logical plan holds: a kilobyte per node, 128 bytes per
 /// expression node, and the bytes of its text and binary constants.
 pub fn logical_plan_bytes(plan: &LogicalPlan) -> usize {
-    use datafusion::common::ScalarValue;
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
     use datafusion::logical_expr::Expr;
     let mut bytes = 0usize;
@@ -169,15 +168,7 @@ pub fn logical_plan_bytes(plan: &LogicalPlan) -> usize {
             e.apply(|e| {
                 bytes += 128;
                 if let Expr::Literal(v, _) = e {
-                    bytes += match v {
-                        ScalarValue::Utf8(Some(s))
-                        | ScalarValue::LargeUtf8(Some(s))
-                        | ScalarValue::Utf8View(Some(s)) => s.len(),
-                        ScalarValue::Binary(Some(b))
-                        | ScalarValue::LargeBinary(Some(b))
-                        | ScalarValue::BinaryView(Some(b)) => b.len(),
-                        _ => 0,
-                    };
+                    bytes += crate::owner::bounded::literal_text_bytes(v).unwrap_or(0);
                 }
                 Ok(TreeNodeRecursion::Continue)
             })

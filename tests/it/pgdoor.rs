@@ -69,6 +69,19 @@ pub(crate) async fn connect_with(
     (client, notices)
 }
 
+/// How the last answer's plan was made, as its summary notice's `plan` says.
+fn summary_plan(notices: &Notices) -> serde_json::Value {
+    let summary = notices
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .expect("a summary notice");
+    let detail: serde_json::Value =
+        serde_json::from_str(summary.detail().expect("the summary's detail")).unwrap();
+    detail["plan"].clone()
+}
+
 /// The first column of every row of a simple query, as text.
 async fn simple_column(client: &Client, sql: &str) -> Vec<Option<String>> {
     client
@@ -120,15 +133,8 @@ async fn prepared_runs_bind_their_values_into_the_optimized_plan() {
             .1
             .len();
         assert_eq!(n as usize, want, "{member}");
-        let summary = notices
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .expect("a summary notice");
-        let detail: serde_json::Value = serde_json::from_str(summary.detail().unwrap()).unwrap();
         let expected = if i == 0 { "planned" } else { "bound optimized" };
-        assert_eq!(detail["plan"], expected, "{member}");
+        assert_eq!(summary_plan(&notices), expected, "{member}");
     }
 }
 
@@ -187,14 +193,7 @@ async fn prepared_runs_asking_the_same_members_reuse_one_physical_plan() {
         asked.dedup();
         let want: usize = asked.iter().map(|m| rows_in(m)).sum();
         assert_eq!(n as usize, want, "{values:?}");
-        let summary = notices
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .expect("a summary notice");
-        let detail: serde_json::Value = serde_json::from_str(summary.detail().unwrap()).unwrap();
-        assert_eq!(detail["plan"], expected, "{values:?}");
+        assert_eq!(summary_plan(&notices), expected, "{values:?}");
     }
 }
 
