@@ -197,6 +197,55 @@ async fn prepared_runs_asking_the_same_members_reuse_one_physical_plan() {
     }
 }
 
+/// A run whose values that stay at the coordinator (here a `HAVING` over the final
+/// count) hold more constant text than a kept plan may is planned physically each
+/// time: a kept plan holding it would be memory the shape cache never charged. The
+/// same statement with a short value reuses its plan, so the long value is what
+/// decides; every count is still the members' files'.
+#[tokio::test]
+async fn a_run_holding_a_long_value_at_the_coordinator_keeps_no_plan() {
+    let region = Region::start().await;
+    let (client, notices) = connect_as(&region, "office", OFFICE).await;
+    let stmt = client
+        .prepare(
+            "SELECT count(*) AS n FROM fever_clinics WHERE member IN ($1, $2, $3) \
+             HAVING CAST(count(*) AS VARCHAR) <> $4",
+        )
+        .await
+        .unwrap();
+    let want: usize = ["anji", "hangzhou"]
+        .iter()
+        .map(|m| {
+            crate::support::read_csv(&region.data().join(m).join("fever_clinics.csv"))
+                .1
+                .len()
+        })
+        .sum();
+    let long = "x".repeat(fedgate::coordinator::pushdown::MOST_KEPT_CONSTANT_BYTES + 1);
+    // Each run asks anji and hangzhou with values of its own (a run with the values
+    // of an earlier one would find that one's plan in the plan cache).
+    let cases: [([&str; 4], &str); 6] = [
+        (["anji", "hangzhou", "hangzhou", &long], "planned"),
+        (["hangzhou", "anji", "hangzhou", &long], "bound optimized"),
+        // Kept, this run would be `reused`: the same members and the same long value.
+        (["hangzhou", "hangzhou", "anji", &long], "bound optimized"),
+        (["anji", "anji", "hangzhou", "short"], "bound optimized"),
+        (["hangzhou", "anji", "anji", "short"], "reused"),
+        (["anji", "hangzhou", "anji", &long], "bound optimized"),
+    ];
+    for (values, expected) in cases {
+        notices.lock().unwrap().clear();
+        let rows = client
+            .query(&stmt, &[&values[0], &values[1], &values[2], &values[3]])
+            .await
+            .unwrap();
+        let n: i64 = rows[0].get("n");
+        let asked = (&values[..3], values[3].len());
+        assert_eq!(n as usize, want, "{asked:?}");
+        assert_eq!(summary_plan(&notices), expected, "{asked:?}");
+    }
+}
+
 #[tokio::test]
 async fn psql_style_sessions_query_the_region_over_client_certificate_tls() {
     let region = Region::start().await;
