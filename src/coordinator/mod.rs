@@ -604,7 +604,7 @@ impl Coordinator {
             // are charged when it is cached, as one more copy of its written plan each
             // (the kept plans hold no query's text; each holds a logical plan without
             // the texts and a physical plan, which the estimate of the written plan's
-            // nodes covers, and at most `pushdown::MOST_KEPT_CONSTANT_BYTES` of the
+            // nodes covers, and at most `owner::session::MOST_KEPT_CONSTANT_BYTES` of the
             // values that stay at the coordinator).
             shapes: crate::owner::session::plan_cache(
                 1024,

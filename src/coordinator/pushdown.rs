@@ -553,14 +553,6 @@ pub struct KeptPlans(std::sync::Mutex<std::collections::HashMap<String, KeptPlan
 /// shape whose values prune members in many ways plans the rarer ones physically.
 pub const MOST_SPLIT_PLANS: usize = 4;
 
-/// The most bytes of text and binary constants a kept plan may hold. A kept plan holds
-/// the values of its query that stay at the coordinator (a `HAVING` over a final
-/// aggregate, say), while the shape cache charges each plan a shape may keep as one
-/// copy of the shape's written plan, whose values are placeholders: a caller could
-/// otherwise park megabytes per plan, uncounted, for as long as the shape is cached.
-/// A query holding more is planned physically each time.
-pub const MOST_KEPT_CONSTANT_BYTES: usize = 4 << 10;
-
 #[derive(Debug)]
 struct KeptPlan {
     /// The logical plan it was planned from, without its scans' texts.
@@ -603,7 +595,8 @@ impl KeptPlans {
     /// Keeps `physical`, planned from `plan`, for the members `plan`'s scans ask,
     /// unless a plan is kept for them already (or the shape keeps as many split plans
     /// as it may, or a member scan cannot be told from another by its text, or `plan`
-    /// holds more than [`MOST_KEPT_CONSTANT_BYTES`] of constants).
+    /// holds more than [`crate::owner::session::MOST_KEPT_CONSTANT_BYTES`] of
+    /// constants).
     pub fn keep(&self, state: &dyn Session, plan: &LogicalPlan, physical: &Arc<dyn ExecutionPlan>) {
         let Some(scans) = pushed_scans(plan) else {
             return;
@@ -643,7 +636,12 @@ impl KeptPlans {
         let Some(logical) = without_text(plan) else {
             return;
         };
-        if constant_bytes(&logical) > MOST_KEPT_CONSTANT_BYTES {
+        // A kept plan holds the values of its query that stay at the coordinator (a
+        // `HAVING` over a final aggregate, say), which the shape cache's charge does
+        // not count.
+        if crate::owner::session::constant_bytes(&logical)
+            > crate::owner::session::MOST_KEPT_CONSTANT_BYTES
+        {
             return;
         }
         let Some(kept_scans) = pushed_scans(&logical) else {
@@ -684,24 +682,6 @@ fn kept_key(state: &dyn Session, scans: &[Arc<PushedTable>]) -> Option<String> {
         key.push_str(&scan.table.targets(state, &scan.pruning).ok()?.join("\u{1}"));
     }
     Some(key)
-}
-
-/// The bytes of the text and binary constants in `plan`'s expressions (its scans'
-/// sources, which [`without_text`] empties, are not expressions of the plan).
-fn constant_bytes(plan: &LogicalPlan) -> usize {
-    let mut bytes = 0usize;
-    let _ = plan.apply_with_subqueries(|node| {
-        node.apply_expressions(|e| {
-            e.apply(|e| {
-                if let Expr::Literal(v, _) = e {
-                    bytes = bytes
-                        .saturating_add(crate::owner::bounded::literal_text_bytes(v).unwrap_or(0));
-                }
-                Ok(TreeNodeRecursion::Continue)
-            })
-        })
-    });
-    bytes
 }
 
 /// A plan with the text its scans send left out (equal to the plan as

@@ -206,7 +206,8 @@ impl MemberEngine {
             ),
             // A shape's optimized plan and its kept statement plan, made later, are
             // charged as two more copies of its written plan (the kept plan holds no
-            // statement text).
+            // statement text, and at most `session::MOST_KEPT_CONSTANT_BYTES` of the
+            // values that stay in the gateway).
             shapes: crate::owner::session::plan_cache(
                 PLAN_CACHE_ENTRIES,
                 std::time::Duration::from_secs(600),

@@ -178,6 +178,36 @@ pub fn logical_plan_bytes(plan: &LogicalPlan) -> usize {
     bytes
 }
 
+/// The most bytes of text and binary constants a plan kept for a shape's later values
+/// may hold (a coordinator's `KeptPlans`, an owner's `ReusedStatement`). A kept plan
+/// holds the values of the query it was made for that stay in the gateway (a `HAVING`
+/// over a final aggregate, a comparison the database cannot be given), while the
+/// shape cache charges each plan a shape may keep as one copy of the shape's written
+/// plan, whose values are placeholders: without this bound a caller could park
+/// megabytes per kept plan, uncounted, for as long as the shape is cached. A query
+/// holding more is planned physically each time.
+pub const MOST_KEPT_CONSTANT_BYTES: usize = 4 << 10;
+
+/// The bytes of the text and binary constants in `plan`'s expressions, subqueries
+/// included (a scan's source is not an expression of the plan).
+pub fn constant_bytes(plan: &LogicalPlan) -> usize {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::Expr;
+    let mut bytes = 0usize;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                if let Expr::Literal(v, _) = e {
+                    bytes = bytes
+                        .saturating_add(crate::owner::bounded::literal_text_bytes(v).unwrap_or(0));
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    bytes
+}
+
 /// An estimate of the bytes a physical plan holds: a kilobyte per node and the text
 /// `text` finds in each (the SQL a member scan or a database statement sends).
 pub fn physical_plan_bytes(

@@ -1096,6 +1096,49 @@ async fn lookups_of_one_shape_reuse_its_physical_plan_with_their_own_statement()
         }
     }
     assert_eq!(asked, 36);
+    // A member keeps no plan holding more than `MOST_KEPT_CONSTANT_BYTES` of the values
+    // that stay in its gateway: uncounted by its shape cache, a caller could park them
+    // there. A projected text with a quote stays in the gateway while the key goes
+    // into the statement, so each tag is a shape whose plans differ only in their
+    // statement: a long tag's are planned each time, a short one's kept and reused.
+    // (The count of a window of the log is exact when the test runs in a process of
+    // its own, as `cargo nextest` runs each.)
+    let member_reuses = |from: usize| {
+        let log = captured.0.lock().unwrap();
+        String::from_utf8_lossy(&log[from..])
+            .lines()
+            .filter(|l| l.contains("side=\"member\"") && l.contains(" reused="))
+            .count()
+    };
+    let long = format!(
+        "it''s{}",
+        "x".repeat(fedgate::owner::session::MOST_KEPT_CONSTANT_BYTES)
+    );
+    let mut reuses = Vec::new();
+    for tag in [long.as_str(), "it''s"] {
+        let from = captured.0.lock().unwrap().len();
+        for k in [1, 2, 3, 4] {
+            let case = Case {
+                sql: format!(
+                    "SELECT id, qty, '{tag}' AS tag FROM shipments \
+                     WHERE member = 'jiaxing' AND id = {k}"
+                ),
+                ordered: false,
+                any_n: None,
+            };
+            if let Some(problem) = check(&w, &case).await {
+                panic!("{problem}");
+            }
+        }
+        reuses.push(member_reuses(from));
+    }
+    // Each tag's four: the shape's first plan, its second (kept for a short tag),
+    // then two that a kept plan serves.
+    assert_eq!(
+        reuses,
+        [0, 2],
+        "member plans reused with a long tag, a short one"
+    );
     let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     let member_plans = log.lines().filter(|l| l.contains("side=\"member\""));
     let reused = member_plans

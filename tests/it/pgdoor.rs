@@ -221,7 +221,7 @@ async fn a_run_holding_a_long_value_at_the_coordinator_keeps_no_plan() {
                 .len()
         })
         .sum();
-    let long = "x".repeat(fedgate::coordinator::pushdown::MOST_KEPT_CONSTANT_BYTES + 1);
+    let long = "x".repeat(fedgate::owner::session::MOST_KEPT_CONSTANT_BYTES + 1);
     // Each run asks anji and hangzhou with values of its own (a run with the values
     // of an earlier one would find that one's plan in the plan cache).
     let cases: [([&str; 4], &str); 6] = [

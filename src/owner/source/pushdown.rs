@@ -796,11 +796,19 @@ pub struct ReusedStatement {
 
 impl ReusedStatement {
     /// `physical`, planned from `pushed`, kept when both run exactly one statement in
-    /// a database.
+    /// a database and `pushed` holds at most
+    /// [`crate::owner::session::MOST_KEPT_CONSTANT_BYTES`] of constants.
     pub fn of(
         pushed: &LogicalPlan,
         physical: &Arc<dyn datafusion::physical_plan::ExecutionPlan>,
     ) -> Option<ReusedStatement> {
+        // The plan kept holds the values that stayed in the gateway, which the shape
+        // cache's charge does not count.
+        if crate::owner::session::constant_bytes(pushed)
+            > crate::owner::session::MOST_KEPT_CONSTANT_BYTES
+        {
+            return None;
+        }
         let sources = sources_of(pushed)?;
         let queries: Vec<&RemoteQuery> = sources.iter().filter_map(as_query).collect();
         let mut statements = Vec::new();
