@@ -1656,8 +1656,12 @@ fn owner_phases(log: &Path, from: u64) -> String {
 
 /// How many plans a gateway made physically and how many it ran reused from its
 /// shape's kept ones, from its `fedgate::planning` events in `log` past `from`;
-/// `None` when its log has none (its filter leaves them out).
+/// `None` when the gateways' log filter (`FEDGATE_BENCH_LOG`) leaves them out.
 fn plans_made(log: &Path, from: u64) -> Option<(usize, usize)> {
+    let filter = std::env::var("FEDGATE_BENCH_LOG").unwrap_or_default();
+    if !filter.contains("fedgate::planning=debug") {
+        return None;
+    }
     let text = std::fs::read(log).unwrap_or_default();
     let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
     let (mut physical, mut reused) = (0, 0);
@@ -1670,7 +1674,7 @@ fn plans_made(log: &Path, from: u64) -> Option<(usize, usize)> {
             physical += 1;
         }
     }
-    (physical + reused > 0).then_some((physical, reused))
+    Some((physical, reused))
 }
 
 /// The length of a gateway's log now, where [`plans_made`] starts reading.
