@@ -535,17 +535,20 @@ pub fn push_whole_query(
 /// whose plan differs from a kept one only in the text its member scans send runs the
 /// kept plan with its own texts instead of being planned physically again.
 ///
-/// A plan whose every scan is a pushed sub-query ([`PushedTable`]) depends on its texts
-/// only through the texts its member scans send: each member scan's other inputs (the
-/// dataset, the answer's schema, the members asked, the query's datasets when it is
-/// sent whole, how long the answers may be reused) are compared here, and every node
-/// above the scans the logical plans' equality compares, values included. Which
-/// members a scan asks depends on the query's values (a filter on `member` prunes
-/// them), so the members each scan asks are the key: one plan per member for queries
-/// sent whole ([`push_whole_query`]), and for split queries (prepared statements among
-/// them, which are never sent whole) one plan per set of members asked, at most
-/// [`MOST_SPLIT_PLANS`] of them. No kept plan holds the text of the query it was made
-/// for (a text may be a megabyte; each query sends its own).
+/// A plan whose every scan is a pushed sub-query ([`PushedTable`]) or a canonical
+/// dataset's own table ([`FederatedTable`], whose member SQL its projection, filters
+/// and limit make) depends on the values its scans hold only through the texts its
+/// member scans send and the members they ask: each member scan's other inputs (the
+/// dataset, the answer's schema, the query's datasets when it is sent whole, how long
+/// the answers may be reused, a dataset scan's projection and limit) are compared
+/// here, and every node above the scans the logical plans' equality compares, values
+/// included. Which members a scan asks depends on the query's values (a filter on
+/// `member` prunes them), so the members each scan asks are the key: one plan per
+/// member for queries sent whole ([`push_whole_query`]), and for split queries
+/// (prepared statements among them, which are never sent whole) one plan per set of
+/// members asked, at most [`MOST_SPLIT_PLANS`] of them. No kept plan holds the text
+/// of the query it was made for (a text may be a megabyte; each query sends its own),
+/// nor its scans' filters.
 #[derive(Debug, Default)]
 pub struct KeptPlans(std::sync::Mutex<std::collections::HashMap<String, KeptPlan>>);
 
@@ -555,17 +558,87 @@ pub const MOST_SPLIT_PLANS: usize = 4;
 
 #[derive(Debug)]
 struct KeptPlan {
-    /// The logical plan it was planned from, without its scans' texts.
+    /// The logical plan it was planned from, without its scans' texts and filters.
     logical: LogicalPlan,
-    /// The pushed scans of `logical`, in the order [`pushed_scans`] lists them (kept
-    /// so that a query compares its scans without walking `logical` again).
-    scans: Vec<Arc<PushedTable>>,
+    /// The scans of `logical`, in the order [`kept_scans`] lists them (kept so that a
+    /// query compares its scans without walking `logical` again).
+    scans: Vec<KeptScan>,
     /// The physical plan, without its member scans' texts.
     physical: Arc<dyn ExecutionPlan>,
     /// For each member scan of `physical`, in the order [`with_member_sql`] visits
-    /// them, the position of the pushed scan of `logical` it was planned from, in the
-    /// order [`pushed_scans`] lists them.
+    /// them, the position of the scan of `logical` it was planned from, in the order
+    /// [`kept_scans`] lists them.
     texts_from: Vec<usize>,
+}
+
+/// A scan of a plan that may be kept: a pushed sub-query, or a canonical dataset's own
+/// table with what DataFusion hands its `scan`.
+#[derive(Debug, Clone)]
+enum KeptScan {
+    Pushed(Arc<PushedTable>),
+    Dataset {
+        table: Arc<FederatedTable>,
+        projection: Option<Vec<usize>>,
+        filters: Vec<Expr>,
+        fetch: Option<usize>,
+    },
+}
+
+impl KeptScan {
+    /// The SQL its member scan sends.
+    fn text(&self) -> Option<String> {
+        match self {
+            KeptScan::Pushed(p) => p.sql.clone(),
+            KeptScan::Dataset {
+                table,
+                projection,
+                filters,
+                fetch,
+            } => table.scan_sql(projection.as_ref(), filters, *fetch).ok(),
+        }
+    }
+
+    /// The members it asks (those its filters on `member` keep), as the key lists
+    /// them; `None` for a query sent whole, which is kept under its member instead.
+    fn targets(&self, state: &dyn Session) -> Option<String> {
+        let targets = match self {
+            KeptScan::Pushed(p) if p.whole.is_some() => return None,
+            KeptScan::Pushed(p) => p.table.targets(state, &p.pruning),
+            KeptScan::Dataset { table, filters, .. } => table.targets(state, filters),
+        };
+        targets.ok().map(|t| t.join("\u{1}"))
+    }
+
+    /// Whether two scans at the same place of equal plans (their filters left out)
+    /// ask the same of the same members, but for the text they send. The members a
+    /// split scan asks are computed from its filters, which hold its values, and
+    /// compared in the key ([`kept_key`]) instead of the filters themselves.
+    fn same_but_text(&self, other: &KeptScan) -> bool {
+        match (self, other) {
+            (KeptScan::Pushed(a), KeptScan::Pushed(b)) => {
+                Arc::ptr_eq(&a.table, &b.table)
+                    && a.schema == b.schema
+                    && a.whole == b.whole
+                    && a.cache == b.cache
+                    && (a.whole.is_none() || a.pruning == b.pruning)
+            }
+            (
+                KeptScan::Dataset {
+                    table: a,
+                    projection: pa,
+                    fetch: fa,
+                    ..
+                },
+                KeptScan::Dataset {
+                    table: b,
+                    projection: pb,
+                    fetch: fb,
+                    ..
+                },
+            ) => Arc::ptr_eq(a, b) && pa == pb && fa == fb,
+            _ => false,
+        }
+    }
 }
 
 impl KeptPlans {
@@ -574,9 +647,21 @@ impl KeptPlans {
     /// the members its scans ask or the kept one differs from `plan` in more than
     /// its texts.
     pub fn reuse(&self, state: &dyn Session, plan: &LogicalPlan) -> Option<Arc<dyn ExecutionPlan>> {
-        let scans = pushed_scans(plan)?;
+        let scans = kept_scans(plan)?;
         let key = kept_key(state, &scans)?;
-        let texts: Vec<String> = scans.iter().map(|s| s.sql.clone()).collect::<Option<_>>()?;
+        let texts: Vec<String> = scans.iter().map(KeptScan::text).collect::<Option<_>>()?;
+        // A dataset scan's filters hold the query's values: the plans are compared
+        // without them (its texts and the key carry what they decide).
+        let filtered = scans
+            .iter()
+            .any(|s| matches!(s, KeptScan::Dataset { filters, .. } if !filters.is_empty()));
+        let without;
+        let plan = if filtered {
+            without = without_text(plan)?;
+            &without
+        } else {
+            plan
+        };
         let (physical, texts_from) = {
             let kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
             let kept = kept.get(&key)?;
@@ -586,7 +671,7 @@ impl KeptPlans {
                     .scans
                     .iter()
                     .zip(&scans)
-                    .all(|(k, s)| same_but_text(k, s));
+                    .all(|(k, s)| k.same_but_text(s));
             same.then(|| (kept.physical.clone(), kept.texts_from.clone()))?
         };
         with_member_sql(physical, |i, _| texts.get(*texts_from.get(i)?).cloned())
@@ -596,9 +681,9 @@ impl KeptPlans {
     /// unless a plan is kept for them already (or the shape keeps as many split plans
     /// as it may, or a member scan cannot be told from another by its text, or `plan`
     /// holds more than [`crate::owner::session::MOST_KEPT_CONSTANT_BYTES`] of
-    /// constants).
+    /// constants above its scans).
     pub fn keep(&self, state: &dyn Session, plan: &LogicalPlan, physical: &Arc<dyn ExecutionPlan>) {
-        let Some(scans) = pushed_scans(plan) else {
+        let Some(scans) = kept_scans(plan) else {
             return;
         };
         let Some(key) = kept_key(state, &scans) else {
@@ -613,15 +698,11 @@ impl KeptPlans {
         if full(&self.0.lock().unwrap_or_else(|p| p.into_inner())) {
             return;
         }
-        let Some(texts) = scans
-            .iter()
-            .map(|s| s.sql.as_deref())
-            .collect::<Option<Vec<_>>>()
-        else {
+        let Some(texts) = scans.iter().map(KeptScan::text).collect::<Option<Vec<_>>>() else {
             return;
         };
-        // Each member scan was planned from the pushed scan with its text, which must
-        // be the only one with it: the kept plan's scans are told apart by position.
+        // Each member scan was planned from the scan with its text, which must be the
+        // only one with it: the kept plan's scans are told apart by position.
         let mut texts_from = Vec::new();
         let Some(physical) = with_member_sql(physical.clone(), |_, scan| {
             let mut with = (0..texts.len()).filter(|&i| texts[i] == scan.member_sql());
@@ -644,7 +725,7 @@ impl KeptPlans {
         {
             return;
         }
-        let Some(kept_scans) = pushed_scans(&logical) else {
+        let Some(kept_scans) = kept_scans(&logical) else {
             return;
         };
         let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -667,27 +748,25 @@ const WHOLE_KEY: &str = "whole\u{0}";
 
 /// What a kept plan is kept under: the member a whole query goes to, or the members
 /// each scan of a split one asks, in the order of its scans.
-fn kept_key(state: &dyn Session, scans: &[Arc<PushedTable>]) -> Option<String> {
-    if let [one] = scans
+fn kept_key(state: &dyn Session, scans: &[KeptScan]) -> Option<String> {
+    if let [KeptScan::Pushed(one)] = scans
         && let Some((member, _)) = &one.whole
     {
         return Some(format!("{WHOLE_KEY}{member}"));
     }
     let mut key = String::from("split");
     for scan in scans {
-        if scan.whole.is_some() {
-            return None;
-        }
         key.push('\u{0}');
-        key.push_str(&scan.table.targets(state, &scan.pruning).ok()?.join("\u{1}"));
+        key.push_str(&scan.targets(state)?);
     }
     Some(key)
 }
 
 /// A plan with the text its scans send left out (equal to the plan as
-/// [`LogicalPlan`]'s equality compares, which leaves out scan sources), and with the
-/// pruning filters of split scans, which hold the query's values: a split scan's
-/// members are compared in the key ([`kept_key`]), not by its filters.
+/// [`LogicalPlan`]'s equality compares, which leaves out scan sources), and with what
+/// holds the query's values in its scans: the pruning filters of split pushed scans
+/// and the filters of dataset scans. The members a split scan asks are compared in
+/// the key ([`kept_key`]), and the rest of what its filters decide is in its text.
 fn without_text(plan: &LogicalPlan) -> Option<LogicalPlan> {
     plan.clone()
         .transform_up_with_subqueries(|node| {
@@ -695,8 +774,13 @@ fn without_text(plan: &LogicalPlan) -> Option<LogicalPlan> {
                 return Ok(Transformed::no(node));
             };
             let any: Arc<dyn std::any::Any + Send + Sync> = source_as_provider(&scan.source)?;
-            let Ok(pushed) = any.downcast::<PushedTable>() else {
-                return plan_err!("a kept plan scans only what it pushed");
+            let pushed = match any.downcast::<PushedTable>() {
+                Ok(pushed) => pushed,
+                Err(any) if any.is::<FederatedTable>() => {
+                    scan.filters = vec![];
+                    return Ok(Transformed::yes(LogicalPlan::TableScan(scan)));
+                }
+                Err(_) => return plan_err!("a kept plan scans only datasets and what it pushed"),
             };
             let textless = PushedTable {
                 table: pushed.table.clone(),
@@ -718,37 +802,33 @@ fn without_text(plan: &LogicalPlan) -> Option<LogicalPlan> {
 }
 
 /// Every scan of `plan`, in the order it is visited; `None` unless every scan is a
-/// pushed sub-query and there is one at least.
-fn pushed_scans(plan: &LogicalPlan) -> Option<Vec<Arc<PushedTable>>> {
+/// pushed sub-query or a canonical dataset and there is one at least.
+fn kept_scans(plan: &LogicalPlan) -> Option<Vec<KeptScan>> {
     let mut scans = Vec::new();
     let mut other = false;
     plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node {
             let any: Arc<dyn std::any::Any + Send + Sync> = source_as_provider(&scan.source)?;
             match any.downcast::<PushedTable>() {
-                Ok(pushed) => scans.push(pushed),
-                Err(_) => {
-                    other = true;
-                    return Ok(TreeNodeRecursion::Stop);
-                }
+                Ok(pushed) => scans.push(KeptScan::Pushed(pushed)),
+                Err(any) => match any.downcast::<FederatedTable>() {
+                    Ok(table) => scans.push(KeptScan::Dataset {
+                        table,
+                        projection: scan.projection.clone(),
+                        filters: scan.filters.clone(),
+                        fetch: scan.fetch,
+                    }),
+                    Err(_) => {
+                        other = true;
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                },
             }
         }
         Ok(TreeNodeRecursion::Continue)
     })
     .ok()?;
     (!other && !scans.is_empty()).then_some(scans)
-}
-
-/// Whether two scans at the same place of equal plans ask the same of the same
-/// members, but for the text they send. The members a split scan asks are computed
-/// from its pruning filters, which hold its values, and compared in the key
-/// ([`kept_key`]) instead of the filters themselves.
-fn same_but_text(a: &PushedTable, b: &PushedTable) -> bool {
-    Arc::ptr_eq(&a.table, &b.table)
-        && a.schema == b.schema
-        && a.whole == b.whole
-        && a.cache == b.cache
-        && (a.whole.is_none() || a.pruning == b.pruning)
 }
 
 /// `physical` with each member scan's text replaced by `text` of the scan's position

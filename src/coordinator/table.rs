@@ -192,6 +192,26 @@ impl TableProvider for FederatedTable {
             None => (0..full.fields().len()).collect(),
         };
         let schema = Arc::new(full.project(&indices)?);
+        let sql = self.scan_sql(projection, filters, limit)?;
+        self.member_exec(state, filters, schema, sql, None)
+    }
+}
+
+impl FederatedTable {
+    /// The SQL a scan of this dataset sends each member for `projection`, `filters`
+    /// and `limit` ([`TableProvider::scan`]'s; the coordinator's kept plans write a
+    /// later query's with it).
+    pub fn scan_sql(
+        &self,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<String> {
+        let full = &self.dataset.schema;
+        let indices: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..full.fields().len()).collect(),
+        };
         // With no columns wanted (count(*)), ask for `member` and keep only the row count.
         let cols: Vec<String> = if indices.is_empty() {
             vec![MEMBER_COLUMN.to_string()]
@@ -214,11 +234,9 @@ impl TableProvider for FederatedTable {
         if let Some(n) = limit {
             sql.push_str(&format!(" LIMIT {n}"));
         }
-        self.member_exec(state, filters, schema, sql, None)
+        Ok(sql)
     }
-}
 
-impl FederatedTable {
     /// The canonical dataset.
     pub fn dataset(&self) -> &Dataset {
         &self.dataset

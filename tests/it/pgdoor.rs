@@ -197,6 +197,74 @@ async fn prepared_runs_asking_the_same_members_reuse_one_physical_plan() {
     }
 }
 
+/// Prepared lookups of a dataset's own rows (a filter and a projection, no
+/// aggregate: the coordinator's scan is the dataset's table, whose member SQL its
+/// filters make) reuse the physical plan kept for the members they ask, each with its
+/// own filter in the member SQL: every answer is the asked members' rows in their
+/// files less the one hospital the run excludes, so no run answers with another's
+/// filter or members, and a value that would be SQL if spliced stays a value.
+#[tokio::test]
+async fn prepared_lookups_of_a_dataset_reuse_its_physical_plan_with_their_own_filters() {
+    let region = Region::start().await;
+    let (client, notices) = connect_as(&region, "office", OFFICE).await;
+    let stmt = client
+        .prepare(
+            "SELECT hospital_name FROM fever_clinics \
+             WHERE member IN ($1, $2, $3) AND hospital_name <> $4",
+        )
+        .await
+        .unwrap();
+    let file = |member: &str| region.data().join(member).join("fever_clinics.csv");
+    let rows_in = |member: &str| {
+        if file(member).exists() {
+            crate::support::read_csv(&file(member)).1.len()
+        } else {
+            0
+        }
+    };
+    // Anji's hospitals are named in its column `yymc`, each once.
+    let (header, anji) = crate::support::read_csv(&file("anji"));
+    let yymc = header
+        .iter()
+        .position(|h| h == "yymc")
+        .expect("anji's yymc");
+    let hospital = anji[0][yymc].as_str();
+    let cases: [([&str; 4], &str); 8] = [
+        (["anji", "hangzhou", "hangzhou", "none"], "planned"),
+        (
+            ["hangzhou", "anji", "hangzhou", hospital],
+            "bound optimized",
+        ),
+        (["hangzhou", "hangzhou", "anji", "none"], "reused"),
+        (["anji", "anji", "hangzhou", hospital], "reused"),
+        (["suzhou", "suzhou", "suzhou", "none"], "bound optimized"),
+        // Hefei serves no fever-clinic list: suzhou alone is asked, as before.
+        (["suzhou", "hefei", "suzhou", "x' OR '1'='1"], "reused"),
+        (["anji", "anji", "anji", hospital], "bound optimized"),
+        (["anji", "anji", "anji", "none"], "reused"),
+    ];
+    for (values, expected) in cases {
+        notices.lock().unwrap().clear();
+        let rows = client
+            .query(&stmt, &[&values[0], &values[1], &values[2], &values[3]])
+            .await
+            .unwrap();
+        let mut asked: Vec<&str> = values[..3].to_vec();
+        asked.sort();
+        asked.dedup();
+        let excluded = usize::from(asked.contains(&"anji") && values[3] == hospital);
+        let want = asked.iter().map(|m| rows_in(m)).sum::<usize>() - excluded;
+        assert_eq!(rows.len(), want, "{values:?}");
+        let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(
+            names.iter().any(|n| n == hospital),
+            asked.contains(&"anji") && excluded == 0,
+            "{values:?}"
+        );
+        assert_eq!(summary_plan(&notices), expected, "{values:?}");
+    }
+}
+
 /// A run whose values that stay at the coordinator (here a `HAVING` over the final
 /// count) hold more constant text than a kept plan may is planned physically each
 /// time: a kept plan holding it would be memory the shape cache never charged. The
