@@ -725,7 +725,10 @@ impl KeptPlans {
         {
             return;
         }
-        let Some(kept_scans) = kept_scans(&logical) else {
+        // The kept plan must list the scans the query lists (a filter holding a
+        // subquery, were one ever pushed into a scan, would lose its scans with the
+        // filters): a plan that no later query could match takes no place.
+        let Some(kept_scans) = kept_scans(&logical).filter(|k| k.len() == scans.len()) else {
             return;
         };
         let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
