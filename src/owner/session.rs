@@ -159,23 +159,7 @@ fn plan_charge(bytes: usize) -> u32 {
 /// An estimate of the bytes a logical plan holds: a kilobyte per node, 128 bytes per
 /// expression node, and the bytes of its text and binary constants.
 pub fn logical_plan_bytes(plan: &LogicalPlan) -> usize {
-    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-    use datafusion::logical_expr::Expr;
-    let mut bytes = 0usize;
-    let _ = plan.apply_with_subqueries(|node| {
-        bytes += 1024;
-        node.apply_expressions(|e| {
-            e.apply(|e| {
-                bytes += 128;
-                if let Expr::Literal(v, _) = e {
-                    bytes += crate::owner::bounded::literal_text_bytes(v).unwrap_or(0);
-                }
-                Ok(TreeNodeRecursion::Continue)
-            })
-        })?;
-        Ok(TreeNodeRecursion::Continue)
-    });
-    bytes
+    weighed(plan, 1024, 128)
 }
 
 /// The most bytes of text and binary constants a plan kept for a shape's later values
@@ -191,12 +175,20 @@ pub const MOST_KEPT_CONSTANT_BYTES: usize = 4 << 10;
 /// The bytes of the text and binary constants in `plan`'s expressions, subqueries
 /// included (a scan's source is not an expression of the plan).
 pub fn constant_bytes(plan: &LogicalPlan) -> usize {
+    weighed(plan, 0, 0)
+}
+
+/// `node` bytes per plan node (subqueries included), `expr` per expression node, and
+/// the bytes of every text and binary constant.
+fn weighed(plan: &LogicalPlan, node: usize, expr: usize) -> usize {
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
     use datafusion::logical_expr::Expr;
     let mut bytes = 0usize;
-    let _ = plan.apply_with_subqueries(|node| {
-        node.apply_expressions(|e| {
+    let _ = plan.apply_with_subqueries(|n| {
+        bytes = bytes.saturating_add(node);
+        n.apply_expressions(|e| {
             e.apply(|e| {
+                bytes = bytes.saturating_add(expr);
                 if let Expr::Literal(v, _) = e {
                     bytes = bytes
                         .saturating_add(crate::owner::bounded::literal_text_bytes(v).unwrap_or(0));

@@ -82,6 +82,24 @@ fn summary_plan(notices: &Notices) -> serde_json::Value {
     detail["plan"].clone()
 }
 
+/// The fever clinics a member's file lists (none for a member without one).
+fn clinics_in(region: &Region, member: &str) -> usize {
+    let file = region.data().join(member).join("fever_clinics.csv");
+    if file.exists() {
+        crate::support::read_csv(&file).1.len()
+    } else {
+        0
+    }
+}
+
+/// The members a run's `member IN (...)` values name, each once.
+fn named<'a>(values: &[&'a str]) -> Vec<&'a str> {
+    let mut members = values.to_vec();
+    members.sort();
+    members.dedup();
+    members
+}
+
 /// The first column of every row of a simple query, as text.
 async fn simple_column(client: &Client, sql: &str) -> Vec<Option<String>> {
     client
@@ -129,10 +147,7 @@ async fn prepared_runs_bind_their_values_into_the_optimized_plan() {
         notices.lock().unwrap().clear();
         let rows = client.query(&stmt, &[&member]).await.unwrap();
         let n: i64 = rows[0].get("n");
-        let want = crate::support::read_csv(&region.data().join(member).join("fever_clinics.csv"))
-            .1
-            .len();
-        assert_eq!(n as usize, want, "{member}");
+        assert_eq!(n as usize, clinics_in(&region, member), "{member}");
         let expected = if i == 0 { "planned" } else { "bound optimized" };
         assert_eq!(summary_plan(&notices), expected, "{member}");
     }
@@ -153,14 +168,6 @@ async fn prepared_runs_asking_the_same_members_reuse_one_physical_plan() {
         .prepare("SELECT count(*) AS n FROM fever_clinics WHERE member IN ($1, $2, $3)")
         .await
         .unwrap();
-    let rows_in = |member: &str| {
-        let file = region.data().join(member).join("fever_clinics.csv");
-        if file.exists() {
-            crate::support::read_csv(&file).1.len()
-        } else {
-            0
-        }
-    };
     let cases: [([&str; 3], &str); 12] = [
         (["anji", "hangzhou", "hangzhou"], "planned"),
         (["hangzhou", "anji", "hangzhou"], "bound optimized"),
@@ -188,10 +195,7 @@ async fn prepared_runs_asking_the_same_members_reuse_one_physical_plan() {
             .await
             .unwrap();
         let n: i64 = rows[0].get("n");
-        let mut asked: Vec<&str> = values.to_vec();
-        asked.sort();
-        asked.dedup();
-        let want: usize = asked.iter().map(|m| rows_in(m)).sum();
+        let want: usize = named(&values).iter().map(|m| clinics_in(&region, m)).sum();
         assert_eq!(n as usize, want, "{values:?}");
         assert_eq!(summary_plan(&notices), expected, "{values:?}");
     }
@@ -214,16 +218,9 @@ async fn prepared_lookups_of_a_dataset_reuse_its_physical_plan_with_their_own_fi
         )
         .await
         .unwrap();
-    let file = |member: &str| region.data().join(member).join("fever_clinics.csv");
-    let rows_in = |member: &str| {
-        if file(member).exists() {
-            crate::support::read_csv(&file(member)).1.len()
-        } else {
-            0
-        }
-    };
     // Anji's hospitals are named in its column `yymc`, each once.
-    let (header, anji) = crate::support::read_csv(&file("anji"));
+    let (header, anji) =
+        crate::support::read_csv(&region.data().join("anji").join("fever_clinics.csv"));
     let yymc = header
         .iter()
         .position(|h| h == "yymc")
@@ -249,11 +246,9 @@ async fn prepared_lookups_of_a_dataset_reuse_its_physical_plan_with_their_own_fi
             .query(&stmt, &[&values[0], &values[1], &values[2], &values[3]])
             .await
             .unwrap();
-        let mut asked: Vec<&str> = values[..3].to_vec();
-        asked.sort();
-        asked.dedup();
+        let asked = named(&values[..3]);
         let excluded = usize::from(asked.contains(&"anji") && values[3] == hospital);
-        let want = asked.iter().map(|m| rows_in(m)).sum::<usize>() - excluded;
+        let want = asked.iter().map(|m| clinics_in(&region, m)).sum::<usize>() - excluded;
         assert_eq!(rows.len(), want, "{values:?}");
         let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
         assert_eq!(
@@ -281,14 +276,7 @@ async fn a_run_holding_a_long_value_at_the_coordinator_keeps_no_plan() {
         )
         .await
         .unwrap();
-    let want: usize = ["anji", "hangzhou"]
-        .iter()
-        .map(|m| {
-            crate::support::read_csv(&region.data().join(m).join("fever_clinics.csv"))
-                .1
-                .len()
-        })
-        .sum();
+    let want = clinics_in(&region, "anji") + clinics_in(&region, "hangzhou");
     let long = "x".repeat(fedgate::owner::session::MOST_KEPT_CONSTANT_BYTES + 1);
     // Each run asks anji and hangzhou with values of its own (a run with the values
     // of an earlier one would find that one's plan in the plan cache).
